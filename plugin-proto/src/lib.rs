@@ -1,0 +1,25 @@
+//! plugin-proto: the wire protocol between the plugd supervisor and a plugin.
+//!
+//! This crate is the contract of the process boundary and nothing more: the
+//! message set ([`message`]), the framing ([`frame`]: `u32` little-endian
+//! length, then a bincode body), the one module that knows the serialization
+//! library ([`codec`]), and version negotiation ([`version`]). It holds no I/O
+//! policy and no async runtime types, so both the blocking plugin SDK and the
+//! tokio-based supervisor build on it.
+//!
+//! `PROTOCOL.md` beside this crate documents every byte, with golden vectors
+//! that `tests/golden.rs` checks; an SDK in another language is written from
+//! that document alone.
+
+pub mod codec;
+pub mod frame;
+pub mod message;
+pub mod version;
+
+pub use codec::CodecError;
+pub use frame::{FrameDecoder, FrameError, DEFAULT_MAX_FRAME, HEADER_LEN, MAX_FRAME_CEILING};
+pub use message::{
+    Call, CallError, ErrorCode, Hello, LogLevel, Message, Payload, PayloadCodec, Reply, Side,
+    Welcome,
+};
+pub use version::{negotiate, MAGIC, PROTO_MAX, PROTO_MIN};

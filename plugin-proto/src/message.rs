@@ -1,0 +1,336 @@
+//! The messages exchanged between the supervisor and a plugin.
+//!
+//! One enum carries both directions; [`Message::sent_by`] says which side may
+//! send each variant, so a receiver can treat a wrong-way message as a
+//! protocol violation. The variant order is the wire tag (bincode writes the
+//! variant index as a varint): never reorder, only append.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::codec::{self, CodecError};
+
+/// Which side of the socket may send a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The plugin process.
+    Plugin,
+    /// The supervisor (host) process.
+    Supervisor,
+    /// Either side.
+    Both,
+}
+
+/// A protocol message. See PROTOCOL.md for the byte layout of every variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// Tag 0, plugin → supervisor: the first frame, announcing who the plugin is.
+    Hello(Hello),
+    /// Tag 1, supervisor → plugin: the handshake is accepted.
+    Welcome(Welcome),
+    /// Tag 2, supervisor → plugin: the handshake is refused; the plugin should exit.
+    Reject {
+        /// Why, in words for the plugin author.
+        reason: String,
+    },
+    /// Tag 3, plugin → supervisor: `on_load` returned; calls may be routed.
+    Ready,
+    /// Tag 4, supervisor → plugin: invoke a method.
+    Call(Call),
+    /// Tag 5, plugin → supervisor: the final answer to a call.
+    Reply(Reply),
+    /// Tag 6, plugin → supervisor: one streamed piece of a call's answer, before its Reply.
+    Chunk {
+        /// The call this piece belongs to.
+        id: u64,
+        /// The piece.
+        payload: Payload,
+    },
+    /// Tag 7, supervisor → plugin: the caller no longer wants this call's answer.
+    Cancel {
+        /// The call to cancel.
+        id: u64,
+    },
+    /// Tag 8, either way: a one-way message that expects no reply.
+    Notify {
+        /// Method (or event) name.
+        method: String,
+        /// Its argument.
+        payload: Payload,
+    },
+    /// Tag 9, supervisor → plugin: liveness probe.
+    Ping {
+        /// Echoed back in the Pong.
+        seq: u64,
+    },
+    /// Tag 10, plugin → supervisor: answer to a Ping.
+    Pong {
+        /// The Ping's sequence number.
+        seq: u64,
+    },
+    /// Tag 11, supervisor → plugin: finish up and exit within `grace_ms`.
+    Shutdown {
+        /// Milliseconds before the supervisor escalates to SIGTERM.
+        grace_ms: u64,
+    },
+    /// Tag 12, plugin → supervisor: state to hand to the next instance of this plugin.
+    State {
+        /// Opaque to the supervisor.
+        #[serde(with = "serde_bytes")]
+        blob: Vec<u8>,
+    },
+    /// Tag 13, plugin → supervisor: the plugin is about to exit cleanly.
+    Goodbye,
+    /// Tag 14, plugin → supervisor: a log line for the host's log.
+    Log {
+        /// Severity.
+        level: LogLevel,
+        /// The text.
+        message: String,
+    },
+}
+
+impl Message {
+    /// Which side may send this message.
+    pub fn sent_by(&self) -> Side {
+        match self {
+            Message::Hello(_)
+            | Message::Ready
+            | Message::Reply(_)
+            | Message::Chunk { .. }
+            | Message::Pong { .. }
+            | Message::State { .. }
+            | Message::Goodbye
+            | Message::Log { .. } => Side::Plugin,
+            Message::Welcome(_)
+            | Message::Reject { .. }
+            | Message::Call(_)
+            | Message::Cancel { .. }
+            | Message::Ping { .. }
+            | Message::Shutdown { .. } => Side::Supervisor,
+            Message::Notify { .. } => Side::Both,
+        }
+    }
+
+    /// A short name of the variant, for error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Welcome(_) => "Welcome",
+            Message::Reject { .. } => "Reject",
+            Message::Ready => "Ready",
+            Message::Call(_) => "Call",
+            Message::Reply(_) => "Reply",
+            Message::Chunk { .. } => "Chunk",
+            Message::Cancel { .. } => "Cancel",
+            Message::Notify { .. } => "Notify",
+            Message::Ping { .. } => "Ping",
+            Message::Pong { .. } => "Pong",
+            Message::Shutdown { .. } => "Shutdown",
+            Message::State { .. } => "State",
+            Message::Goodbye => "Goodbye",
+            Message::Log { .. } => "Log",
+        }
+    }
+}
+
+/// The plugin's introduction, the first frame it sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Must equal [`crate::MAGIC`]; anything else is not a plugd plugin.
+    pub magic: u32,
+    /// Lowest protocol version the plugin speaks.
+    pub proto_min: u16,
+    /// Highest protocol version the plugin speaks.
+    pub proto_max: u16,
+    /// The plugin's name as it knows itself.
+    pub name: String,
+    /// The plugin's version (semver text).
+    pub version: String,
+    /// Method names the plugin handles (informational; calls to others get `UnknownMethod`).
+    pub methods: Vec<String>,
+    /// Name and version of the SDK that built this plugin, e.g. `plugin-runner/0.1.0`.
+    pub sdk: String,
+}
+
+/// The supervisor's acceptance of a Hello.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The protocol version both sides will speak.
+    pub proto: u16,
+    /// The `[config]` table of the manifest, as JSON text.
+    pub config_json: String,
+    /// How often the supervisor will Ping, in milliseconds (0 = never).
+    pub heartbeat_ms: u64,
+    /// Largest frame body either side may send, in bytes.
+    pub max_frame: u32,
+    /// State left by the previous instance of this plugin, if any.
+    #[serde(with = "serde_bytes")]
+    pub state: Option<Vec<u8>>,
+}
+
+/// A method invocation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Call {
+    /// Chosen by the supervisor, unique among calls in flight on this socket.
+    pub id: u64,
+    /// The method name.
+    pub method: String,
+    /// Time budget left when the call was sent, in microseconds (0 = no deadline).
+    pub deadline_us: u64,
+    /// The argument.
+    pub payload: Payload,
+}
+
+/// The final answer to a call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// The call's id.
+    pub id: u64,
+    /// The answer or the reason there is none.
+    pub result: Result<Payload, CallError>,
+}
+
+/// How a payload's bytes are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PayloadCodec {
+    /// Tag 0: bincode `standard()`, the fast path between Rust peers.
+    Bincode,
+    /// Tag 1: UTF-8 JSON, for tooling and other languages.
+    Json,
+}
+
+/// Bytes that carry their own codec, so a handler can decode either.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payload {
+    /// How `data` is encoded.
+    pub codec: PayloadCodec,
+    /// The encoded value.
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.codec {
+            PayloadCodec::Json => write!(f, "Json({})", String::from_utf8_lossy(&self.data)),
+            PayloadCodec::Bincode => write!(f, "Bincode({} bytes)", self.data.len()),
+        }
+    }
+}
+
+impl Payload {
+    /// Encodes `value` with bincode.
+    pub fn bincode<T: Serialize + ?Sized>(value: &T) -> Result<Self, CodecError> {
+        Ok(Self { codec: PayloadCodec::Bincode, data: codec::encode(value)? })
+    }
+
+    /// Encodes `value` as JSON.
+    pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Self, CodecError> {
+        Ok(Self { codec: PayloadCodec::Json, data: codec::json_encode(value)? })
+    }
+
+    /// Wraps bytes that are already encoded with `codec`.
+    pub fn raw(codec: PayloadCodec, data: Vec<u8>) -> Self {
+        Self { codec, data }
+    }
+
+    /// The empty bincode payload (the encoding of `()` is zero bytes).
+    pub fn empty() -> Self {
+        Self { codec: PayloadCodec::Bincode, data: Vec::new() }
+    }
+
+    /// Decodes the payload with whichever codec it carries.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, CodecError> {
+        match self.codec {
+            PayloadCodec::Bincode => codec::decode(&self.data),
+            PayloadCodec::Json => codec::json_decode(&self.data),
+        }
+    }
+
+    /// Encodes `value` with the same codec as this payload (reply in the caller's codec).
+    pub fn encode_like<T: Serialize + ?Sized>(&self, value: &T) -> Result<Self, CodecError> {
+        match self.codec {
+            PayloadCodec::Bincode => Self::bincode(value),
+            PayloadCodec::Json => Self::json(value),
+        }
+    }
+}
+
+/// Why a call has no answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallError {
+    /// The class of failure, for programs.
+    pub code: ErrorCode,
+    /// Details, for people.
+    pub message: String,
+}
+
+impl CallError {
+    /// Builds an error of class `code`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for CallError {}
+
+/// The class of a call failure. The variant order is the wire tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// Tag 0: the plugin is not Ready (starting, restarting, stopped, failed).
+    Unavailable,
+    /// Tag 1: the plugin has no handler for this method.
+    UnknownMethod,
+    /// Tag 2: the payload could not be decoded as the handler's argument type.
+    BadPayload,
+    /// Tag 3: the deadline passed before the reply arrived.
+    DeadlineExceeded,
+    /// Tag 4: the call was cancelled.
+    Cancelled,
+    /// Tag 5: the handler panicked.
+    Panicked,
+    /// Tag 6: the handler returned an error of its own.
+    Failed,
+    /// Tag 7: the plugin process exited or was killed while the call was in flight.
+    PluginExited,
+    /// Tag 8: anything else that went wrong inside plugd.
+    Internal,
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::UnknownMethod => "unknown method",
+            ErrorCode::BadPayload => "bad payload",
+            ErrorCode::DeadlineExceeded => "deadline exceeded",
+            ErrorCode::Cancelled => "cancelled",
+            ErrorCode::Panicked => "handler panicked",
+            ErrorCode::Failed => "failed",
+            ErrorCode::PluginExited => "plugin exited",
+            ErrorCode::Internal => "internal error",
+        };
+        f.write_str(s)
+    }
+}
+
+/// Severity of a Log message. The variant order is the wire tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum LogLevel {
+    /// Tag 0.
+    Error,
+    /// Tag 1.
+    Warn,
+    /// Tag 2.
+    Info,
+    /// Tag 3.
+    Debug,
+    /// Tag 4.
+    Trace,
+}

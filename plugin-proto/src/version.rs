@@ -1,0 +1,43 @@
+//! Protocol version negotiation.
+//!
+//! A plugin announces the range of protocol versions it speaks; the supervisor
+//! picks the highest version in both ranges, or rejects the plugin.
+
+/// `b"PLGD"` read as a little-endian u32: the first field of every Hello.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"PLGD");
+
+/// Lowest protocol version this crate speaks.
+pub const PROTO_MIN: u16 = 1;
+
+/// Highest protocol version this crate speaks.
+pub const PROTO_MAX: u16 = 1;
+
+/// Returns the highest version in both `ours` and `theirs`, if any.
+pub fn negotiate(ours: (u16, u16), theirs: (u16, u16)) -> Option<u16> {
+    let lo = ours.0.max(theirs.0);
+    let hi = ours.1.min(theirs.1);
+    (lo <= hi && theirs.0 <= theirs.1).then_some(hi)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_highest_common_version() {
+        assert_eq!(negotiate((1, 3), (2, 5)), Some(3));
+        assert_eq!(negotiate((1, 1), (1, 1)), Some(1));
+    }
+
+    #[test]
+    fn disjoint_or_inverted_ranges_fail() {
+        assert_eq!(negotiate((1, 1), (2, 4)), None);
+        assert_eq!(negotiate((3, 4), (1, 2)), None);
+        assert_eq!(negotiate((1, 5), (4, 2)), None);
+    }
+
+    #[test]
+    fn magic_spells_plgd() {
+        assert_eq!(MAGIC.to_le_bytes(), *b"PLGD");
+    }
+}

@@ -1,0 +1,144 @@
+//! Property tests: arbitrary bytes never panic the decoder, and encode→decode is identity.
+
+use plugin_proto::frame::{encode_frame, read_frame, FrameDecoder};
+use plugin_proto::*;
+use proptest::prelude::*;
+
+fn payload() -> impl Strategy<Value = Payload> {
+    (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..64)).prop_map(|(json, data)| {
+        Payload::raw(if json { PayloadCodec::Json } else { PayloadCodec::Bincode }, data)
+    })
+}
+
+fn error_code() -> impl Strategy<Value = ErrorCode> {
+    prop_oneof![
+        Just(ErrorCode::Unavailable),
+        Just(ErrorCode::UnknownMethod),
+        Just(ErrorCode::BadPayload),
+        Just(ErrorCode::DeadlineExceeded),
+        Just(ErrorCode::Cancelled),
+        Just(ErrorCode::Panicked),
+        Just(ErrorCode::Failed),
+        Just(ErrorCode::PluginExited),
+        Just(ErrorCode::Internal),
+    ]
+}
+
+fn level() -> impl Strategy<Value = LogLevel> {
+    prop_oneof![
+        Just(LogLevel::Error),
+        Just(LogLevel::Warn),
+        Just(LogLevel::Info),
+        Just(LogLevel::Debug),
+        Just(LogLevel::Trace),
+    ]
+}
+
+fn message() -> impl Strategy<Value = Message> {
+    let s = ".{0,16}";
+    prop_oneof![
+        (any::<u32>(), any::<u16>(), any::<u16>(), s, s, proptest::collection::vec(s, 0..4), s)
+            .prop_map(|(magic, proto_min, proto_max, name, version, methods, sdk)| {
+                Message::Hello(Hello { magic, proto_min, proto_max, name, version, methods, sdk })
+            }),
+        (
+            any::<u16>(),
+            s,
+            any::<u64>(),
+            any::<u32>(),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..32))
+        )
+            .prop_map(|(proto, config_json, heartbeat_ms, max_frame, state)| {
+                Message::Welcome(Welcome { proto, config_json, heartbeat_ms, max_frame, state })
+            }),
+        s.prop_map(|reason| Message::Reject { reason }),
+        Just(Message::Ready),
+        (any::<u64>(), s, any::<u64>(), payload()).prop_map(
+            |(id, method, deadline_us, payload)| {
+                Message::Call(Call { id, method, deadline_us, payload })
+            }
+        ),
+        (any::<u64>(), payload()).prop_map(|(id, p)| Message::Reply(Reply { id, result: Ok(p) })),
+        (any::<u64>(), error_code(), s).prop_map(|(id, code, m)| Message::Reply(Reply {
+            id,
+            result: Err(CallError::new(code, m))
+        })),
+        (any::<u64>(), payload()).prop_map(|(id, payload)| Message::Chunk { id, payload }),
+        any::<u64>().prop_map(|id| Message::Cancel { id }),
+        (s, payload()).prop_map(|(method, payload)| Message::Notify { method, payload }),
+        any::<u64>().prop_map(|seq| Message::Ping { seq }),
+        any::<u64>().prop_map(|seq| Message::Pong { seq }),
+        any::<u64>().prop_map(|grace_ms| Message::Shutdown { grace_ms }),
+        proptest::collection::vec(any::<u8>(), 0..64).prop_map(|blob| Message::State { blob }),
+        Just(Message::Goodbye),
+        (level(), s).prop_map(|(level, message)| Message::Log { level, message }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn encode_then_decode_is_identity(msg in message()) {
+        let mut buf = Vec::new();
+        encode_frame(&msg, &mut buf).unwrap();
+        let back = read_frame(&mut &buf[..], DEFAULT_MAX_FRAME).unwrap();
+        prop_assert_eq!(&back, &msg);
+        let mut stream = buf.clone();
+        stream.extend_from_slice(&buf);
+        let dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        prop_assert_eq!(dec.next(&mut stream).unwrap(), Some(msg.clone()));
+        prop_assert_eq!(dec.next(&mut stream).unwrap(), Some(msg));
+        prop_assert!(stream.is_empty());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = read_frame(&mut &bytes[..], DEFAULT_MAX_FRAME);
+        let mut buf = bytes.clone();
+        let dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        while let Ok(Some(_)) = dec.next(&mut buf) {}
+        let _ = plugin_proto::codec::decode::<Message>(&bytes);
+    }
+
+    #[test]
+    fn arbitrary_bodies_behind_a_valid_header_never_panic(body in proptest::collection::vec(any::<u8>(), 1..512)) {
+        let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        let _ = read_frame(&mut &frame[..], DEFAULT_MAX_FRAME);
+    }
+}
+
+#[test]
+fn a_four_gib_length_is_refused_before_reading_the_body() {
+    let header = u32::MAX.to_le_bytes();
+    let err = read_frame(&mut &header[..], DEFAULT_MAX_FRAME).unwrap_err();
+    assert!(matches!(err, FrameError::TooLarge { len: u32::MAX, .. }), "{err}");
+    assert!(err.is_protocol_violation());
+}
+
+#[test]
+fn a_lowered_limit_is_enforced() {
+    let mut buf = Vec::new();
+    encode_frame(&Message::State { blob: vec![0; 100] }, &mut buf).unwrap();
+    let err = read_frame(&mut &buf[..], 50).unwrap_err();
+    assert!(matches!(err, FrameError::TooLarge { max: 50, .. }), "{err}");
+}
+
+#[test]
+fn a_body_claiming_a_huge_string_is_malformed_not_fatal() {
+    // Reject { reason: <string claiming 2^32-1 bytes> } inside a 7-byte body.
+    let body = [2u8, 252, 0xff, 0xff, 0xff, 0xff, b'x'];
+    let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    let err = read_frame(&mut &frame[..], DEFAULT_MAX_FRAME).unwrap_err();
+    assert!(matches!(err, FrameError::Malformed(_)), "{err}");
+}
+
+#[test]
+fn end_of_stream_is_closed_or_truncated() {
+    assert!(matches!(read_frame(&mut &[][..], 100), Err(FrameError::Closed)));
+    assert!(matches!(read_frame(&mut &[5, 0][..], 100), Err(FrameError::Truncated { .. })));
+    assert!(matches!(
+        read_frame(&mut &[5, 0, 0, 0, 3][..], 100),
+        Err(FrameError::Truncated { .. })
+    ));
+}
