@@ -1,0 +1,241 @@
+//! The blocking run loop: handshake, dispatch, heartbeats, shutdown.
+
+use std::io::{BufReader, Write};
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
+
+use plugin_proto::frame::{encode_frame, read_frame};
+use plugin_proto::{
+    CallError, ErrorCode, FrameError, Hello, Message, Payload, Reply, DEFAULT_MAX_FRAME, MAGIC,
+    PROTO_MAX, PROTO_MIN,
+};
+use serde::de::DeserializeOwned;
+use tracing_subscriber::layer::SubscriberExt;
+
+use crate::logging::LogForwarder;
+use crate::{Methods, Plugin};
+
+/// Why [`serve_with`] stopped other than by a graceful shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The process was not started by plugd (no `PLUGD_FD`, or it is not a socket).
+    #[error("not started by a plugd supervisor: {0}. Run this plugin through plugd or a host that links the supervisor crate")]
+    NotSupervised(String),
+    /// The supervisor refused the handshake.
+    #[error("the supervisor rejected this plugin: {0}")]
+    Rejected(String),
+    /// `on_load` failed.
+    #[error("on_load failed: {0}")]
+    Load(String),
+    /// The socket failed or carried something that is not the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(#[from] FrameError),
+}
+
+/// Knobs for [`serve_with`].
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Name sent in Hello; defaults to `PLUGD_PLUGIN_NAME`, else the executable's name.
+    pub name: Option<String>,
+    /// Version sent in Hello; defaults to `PLUGD_PLUGIN_VERSION`, else "0.0.0".
+    pub version: Option<String>,
+    /// Turn a panicking handler into an error reply (true, the default) or let it kill the plugin.
+    pub catch_panics: bool,
+    /// Forward `tracing` events as Log frames (installs a global subscriber if none is set).
+    pub forward_logs: bool,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self { name: None, version: None, catch_panics: true, forward_logs: true }
+    }
+}
+
+/// What `on_load` receives: the manifest's `[config]` and any handed-over state.
+#[derive(Debug, Clone)]
+pub struct LoadContext {
+    config_json: String,
+    state: Option<Vec<u8>>,
+}
+
+impl LoadContext {
+    /// The `[config]` table decoded into `T`.
+    pub fn config<T: DeserializeOwned>(&self) -> Result<T, String> {
+        plugin_proto::codec::json_decode(self.config_json.as_bytes())
+            .map_err(|e| format!("bad [config] in plugin.toml: {e}"))
+    }
+
+    /// The `[config]` table as JSON text.
+    pub fn config_json(&self) -> &str {
+        &self.config_json
+    }
+
+    /// State the previous instance returned from `on_shutdown`, if any.
+    pub fn state(&self) -> Option<&[u8]> {
+        self.state.as_deref()
+    }
+}
+
+/// The writing half of the plugin socket, shared with the log forwarder.
+pub(crate) struct Wire {
+    stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl Wire {
+    /// Encodes and writes one frame with a single write.
+    pub(crate) fn send(&mut self, msg: &Message) -> Result<(), FrameError> {
+        self.buf.clear();
+        encode_frame(msg, &mut self.buf)?;
+        self.stream.write_all(&self.buf)?;
+        Ok(())
+    }
+}
+
+/// Serves `plugin` until the supervisor shuts it down, then exits the process.
+/// Exit status: 0 after a graceful shutdown or when the supervisor went away, 1 on error.
+pub fn serve<P: Plugin>(plugin: P) -> ! {
+    match serve_with(plugin, ServeOptions::default()) {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("plugin error: {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
+fn supervisor_socket() -> Result<UnixStream, ServeError> {
+    let fd: RawFd = std::env::var("PLUGD_FD")
+        .map_err(|_| ServeError::NotSupervised("PLUGD_FD is not set".into()))?
+        .parse()
+        .map_err(|_| ServeError::NotSupervised("PLUGD_FD is not a number".into()))?;
+    let is_socket = nix::sys::stat::fstat(fd)
+        .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
+        .unwrap_or(false);
+    if !is_socket {
+        return Err(ServeError::NotSupervised(format!("fd {fd} is not a socket")));
+    }
+    // Keep the fd out of anything the plugin itself spawns.
+    let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+    // SAFETY: fd is an open socket (checked above) that the supervisor passed to this
+    // process for the SDK alone; this is its only owner, taken once per process.
+    Ok(unsafe { UnixStream::from_raw_fd(fd) })
+}
+
+/// Serves `plugin` with explicit options; returns after a graceful shutdown.
+pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(), ServeError> {
+    let stream = supervisor_socket()?;
+    let mut methods = Methods::default();
+    P::methods(&mut methods);
+
+    let wire = Arc::new(Mutex::new(Wire {
+        stream: stream.try_clone().map_err(FrameError::Io)?,
+        buf: Vec::with_capacity(256),
+    }));
+    if options.forward_logs {
+        let subscriber = tracing_subscriber::registry().with(LogForwarder::new(wire.clone()));
+        let _ = tracing::subscriber::set_global_default(subscriber);
+    }
+    let send = |msg: &Message| -> Result<(), FrameError> {
+        // The lock is only poisoned if a log write panicked; the wire itself is still usable.
+        let mut w = wire.lock().unwrap_or_else(|p| p.into_inner());
+        w.send(msg)
+    };
+
+    let name = options
+        .name
+        .clone()
+        .or_else(|| std::env::var("PLUGD_PLUGIN_NAME").ok())
+        .or_else(|| {
+            std::env::current_exe().ok()?.file_name().map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default();
+    let version = options
+        .version
+        .clone()
+        .or_else(|| std::env::var("PLUGD_PLUGIN_VERSION").ok())
+        .unwrap_or_else(|| "0.0.0".into());
+    send(&Message::Hello(Hello {
+        magic: MAGIC,
+        proto_min: PROTO_MIN,
+        proto_max: PROTO_MAX,
+        name,
+        version,
+        methods: methods.names(),
+        sdk: concat!("plugin-runner/", env!("CARGO_PKG_VERSION")).into(),
+    }))?;
+
+    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+    let mut max_frame = DEFAULT_MAX_FRAME;
+    let welcome = match read_frame(&mut reader, max_frame)? {
+        Message::Welcome(w) => w,
+        Message::Reject { reason } => return Err(ServeError::Rejected(reason)),
+        other => {
+            return Err(ServeError::NotSupervised(format!(
+                "expected Welcome, got {}",
+                other.kind()
+            )))
+        }
+    };
+    max_frame = welcome.max_frame.min(DEFAULT_MAX_FRAME);
+    let ctx = LoadContext { config_json: welcome.config_json, state: welcome.state };
+    plugin.on_load(&ctx).map_err(ServeError::Load)?;
+    send(&Message::Ready)?;
+
+    loop {
+        let msg = match read_frame(&mut reader, max_frame) {
+            Ok(m) => m,
+            // The supervisor closed the socket: it is gone or dropped us; nothing to answer.
+            Err(FrameError::Closed) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        match msg {
+            Message::Call(call) => {
+                let result = run_handler(&mut methods, &mut plugin, &call.method, &call.payload, &options);
+                send(&Message::Reply(Reply { id: call.id, result }))?;
+            }
+            Message::Notify { method, payload } => {
+                let _ = run_handler(&mut methods, &mut plugin, &method, &payload, &options);
+            }
+            Message::Ping { seq } => send(&Message::Pong { seq })?,
+            // Calls are served in arrival order, so a cancelled call is either done or
+            // still unread; the supervisor drops a late reply, which is all cancel needs.
+            Message::Cancel { .. } => {}
+            Message::Shutdown { .. } => {
+                if let Some(blob) = plugin.on_shutdown() {
+                    send(&Message::State { blob })?;
+                }
+                send(&Message::Goodbye)?;
+                return Ok(());
+            }
+            other => {
+                tracing::warn!("ignoring unexpected {} from the supervisor", other.kind());
+            }
+        }
+    }
+}
+
+fn run_handler<P>(
+    methods: &mut Methods<P>,
+    plugin: &mut P,
+    method: &str,
+    payload: &Payload,
+    options: &ServeOptions,
+) -> Result<Payload, CallError> {
+    if !options.catch_panics {
+        return methods.dispatch(plugin, method, payload);
+    }
+    match catch_unwind(AssertUnwindSafe(|| methods.dispatch(plugin, method, payload))) {
+        Ok(result) => result,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic".into());
+            Err(CallError::new(ErrorCode::Panicked, format!("method {method} panicked: {what}")))
+        }
+    }
+}
