@@ -37,11 +37,11 @@ impl<P> Methods<P> {
                 let arg: A = payload.decode().map_err(|e| {
                     CallError::new(ErrorCode::BadPayload, format!("method {name}: {e}"))
                 })?;
-                let out = f(plugin, arg)
-                    .map_err(|e| CallError::new(ErrorCode::Failed, e.to_string()))?;
-                payload.encode_like(&out).map_err(|e| {
-                    CallError::new(ErrorCode::Internal, format!("method {name}: {e}"))
-                })
+                let out =
+                    f(plugin, arg).map_err(|e| CallError::new(ErrorCode::Failed, e.to_string()))?;
+                payload
+                    .encode_like(&out)
+                    .map_err(|e| CallError::new(ErrorCode::Internal, format!("method {name}: {e}")))
             }),
         );
         self

@@ -193,7 +193,8 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
         };
         match msg {
             Message::Call(call) => {
-                let result = run_handler(&mut methods, &mut plugin, &call.method, &call.payload, &options);
+                let result =
+                    run_handler(&mut methods, &mut plugin, &call.method, &call.payload, &options);
                 send(&Message::Reply(Reply { id: call.id, result }))?;
             }
             Message::Notify { method, payload } => {

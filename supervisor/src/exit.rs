@@ -1,0 +1,115 @@
+//! Why a plugin process ended, in words a user can act on.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// The classified end of one plugin process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ExitReason {
+    /// The process exited on its own with this status.
+    Exited {
+        /// Exit status.
+        code: i32,
+    },
+    /// The process was killed by a signal nobody in plugd sent.
+    Signaled {
+        /// Signal number.
+        signal: i32,
+        /// Whether it dumped core.
+        core_dumped: bool,
+    },
+    /// A requested stop; `forced` when it had to be killed after the grace period.
+    Stopped {
+        /// True if SIGTERM/SIGKILL were needed.
+        forced: bool,
+    },
+    /// The process could not be started at all.
+    SpawnFailed {
+        /// What the OS said.
+        detail: String,
+    },
+    /// No Ready within the start timeout.
+    StartupTimeout {
+        /// The timeout in milliseconds.
+        after_ms: u64,
+    },
+    /// The plugin sent something that is not the protocol (garbage, an oversized frame, a wrong-way message).
+    ProtocolViolation {
+        /// What it sent.
+        detail: String,
+    },
+    /// Missed heartbeats or call deadlines.
+    Hung {
+        /// Which.
+        detail: String,
+    },
+    /// No common protocol version, or wrong magic.
+    VersionMismatch {
+        /// The ranges.
+        detail: String,
+    },
+}
+
+impl ExitReason {
+    /// Whether this exit counts as a failure for the `on-failure` restart policy.
+    pub fn is_failure(&self) -> bool {
+        !matches!(self, ExitReason::Exited { code: 0 } | ExitReason::Stopped { .. })
+    }
+
+    /// A startup timeout of `after`.
+    pub fn startup_timeout(after: Duration) -> Self {
+        ExitReason::StartupTimeout { after_ms: after.as_millis() as u64 }
+    }
+}
+
+/// The conventional name of a signal number ("SIGSEGV"), or "signal N".
+pub fn signal_name(signal: i32) -> String {
+    nix::sys::signal::Signal::try_from(signal)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| format!("signal {signal}"))
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::Exited { code } => write!(f, "exited({code})"),
+            ExitReason::Signaled { signal, core_dumped } => {
+                write!(f, "crashed({})", signal_name(*signal))?;
+                if *core_dumped {
+                    f.write_str(", core dumped")?;
+                }
+                Ok(())
+            }
+            ExitReason::Stopped { forced: false } => f.write_str("stopped"),
+            ExitReason::Stopped { forced: true } => {
+                f.write_str("stopped (killed after the shutdown grace period)")
+            }
+            ExitReason::SpawnFailed { detail } => write!(f, "spawn failed: {detail}"),
+            ExitReason::StartupTimeout { after_ms } => {
+                write!(f, "startup timeout (not ready after {after_ms} ms)")
+            }
+            ExitReason::ProtocolViolation { detail } => write!(f, "protocol violation: {detail}"),
+            ExitReason::Hung { detail } => write!(f, "hung: {detail}"),
+            ExitReason::VersionMismatch { detail } => write!(f, "version mismatch: {detail}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_names_signals_and_failure_class() {
+        let r = ExitReason::Signaled { signal: 11, core_dumped: false };
+        assert_eq!(r.to_string(), "crashed(SIGSEGV)");
+        assert!(r.is_failure());
+        assert!(!ExitReason::Exited { code: 0 }.is_failure());
+        assert!(ExitReason::Exited { code: 3 }.is_failure());
+        assert!(!ExitReason::Stopped { forced: true }.is_failure());
+        assert_eq!(signal_name(99), "signal 99");
+    }
+}

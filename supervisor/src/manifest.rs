@@ -1,0 +1,835 @@
+//! `plugin.toml`: what a plugin folder declares, parsed and validated.
+//!
+//! Every problem is reported before anything is spawned, as
+//! `<file>: <key> <what is wrong>; <what would be right>`. Unknown keys are
+//! errors (a typo in a limit must never silently disable it).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::units::{parse_duration, parse_size};
+
+/// The plugin API version this supervisor implements; manifests state a semver requirement on it.
+pub const PLUGIN_API_VERSION: semver::Version = semver::Version::new(1, 0, 0);
+
+/// A manifest problem, naming the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The file could not be read.
+    #[error("cannot read plugin manifest {}: {source}", file.display())]
+    Read {
+        /// The manifest path.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not fit the schema (unknown key, wrong type, bad variant).
+    #[error("{}: {message}", file.display())]
+    Parse {
+        /// The manifest path.
+        file: PathBuf,
+        /// The parser's explanation, with line and column.
+        message: String,
+    },
+    /// A key has a value that parses but is not acceptable.
+    #[error("{}: `{key}` {problem}", file.display())]
+    Invalid {
+        /// The manifest path.
+        file: PathBuf,
+        /// The offending key, dotted (`timeouts.call`).
+        key: String,
+        /// What is wrong and what would be right.
+        problem: String,
+    },
+}
+
+/// What a plugin is for; shown in status, used by hosts to pick plugins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PluginKind {
+    /// Trading strategy (on_tick → decision).
+    Strategy,
+    /// Signal generator.
+    Signal,
+    /// Exchange or data adapter.
+    Adapter,
+    /// Execution or pricing engine.
+    Engine,
+    /// Anything else.
+    #[default]
+    Utility,
+}
+
+impl std::fmt::Display for PluginKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            PluginKind::Strategy => "strategy",
+            PluginKind::Signal => "signal",
+            PluginKind::Adapter => "adapter",
+            PluginKind::Engine => "engine",
+            PluginKind::Utility => "utility",
+        };
+        f.write_str(s)
+    }
+}
+
+/// When a plugin that exited is started again (OTP: permanent / transient / temporary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Restart after any exit, clean or not.
+    Always,
+    /// Restart only after a failure (crash, nonzero exit, hang, protocol violation, …).
+    #[default]
+    OnFailure,
+    /// Never restart.
+    Never,
+}
+
+/// How the plugin process is started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entrypoint {
+    /// A path relative to the plugin folder (or absolute).
+    Path(PathBuf),
+    /// A bare executable name, searched in the plugin folder, then in the supervisor's `bin_dirs`.
+    Name(String),
+    /// A command line: program (searched in `PATH` if bare) and arguments, run in the plugin folder.
+    Command(Vec<String>),
+}
+
+/// `requires = ["name", "name ^1.2"]`: another plugin that must be running first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requirement {
+    /// The required plugin's name.
+    pub name: String,
+    /// Versions of it that satisfy this plugin.
+    pub version: semver::VersionReq,
+}
+
+/// `[restart]`: restart policy, backoff and restart intensity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestartConfig {
+    /// When to restart.
+    pub policy: RestartPolicy,
+    /// More than this many restarts within `within` turns the plugin Failed.
+    pub max_restarts: u32,
+    /// The restart-intensity window.
+    pub within: Duration,
+    /// First backoff delay; doubles per consecutive restart.
+    pub backoff: Duration,
+    /// Backoff ceiling.
+    pub backoff_max: Duration,
+    /// Uptime after which the plugin counts as stable and backoff starts over.
+    pub reset_after: Duration,
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        Self {
+            policy: RestartPolicy::OnFailure,
+            max_restarts: 5,
+            within: Duration::from_secs(60),
+            backoff: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+            reset_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[timeouts]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timeouts {
+    /// Spawn → Ready.
+    pub start: Duration,
+    /// Default call deadline.
+    pub call: Duration,
+    /// How long in-flight calls may take to finish when the plugin is stopped.
+    pub drain: Duration,
+    /// After Shutdown, before SIGTERM.
+    pub shutdown: Duration,
+    /// After SIGTERM, before SIGKILL.
+    pub kill: Duration,
+    /// Ping interval (zero disables heartbeats).
+    pub heartbeat: Duration,
+    /// Unanswered pings in a row before the plugin is declared hung.
+    pub missed_heartbeats: u32,
+    /// Call deadlines missed in a row (no reply in between) before the plugin is declared hung.
+    pub missed_deadlines: u32,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            start: Duration::from_secs(10),
+            call: Duration::from_secs(5),
+            drain: Duration::from_secs(5),
+            shutdown: Duration::from_secs(5),
+            kill: Duration::from_secs(2),
+            heartbeat: Duration::from_secs(1),
+            missed_heartbeats: 3,
+            missed_deadlines: 3,
+        }
+    }
+}
+
+/// `[limits]`: resource caps. Parsed and validated here; see `sandbox` for what is enforced.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Limits {
+    /// Address-space / memory cap in bytes.
+    pub memory: Option<u64>,
+    /// Lifetime CPU time.
+    pub cpu_time: Option<Duration>,
+    /// Share of one CPU, in percent (cgroup `cpu.max`).
+    pub cpu_quota: Option<u32>,
+    /// Open file descriptors.
+    pub open_files: Option<u64>,
+    /// Processes (per uid; see the README's caveat).
+    pub processes: Option<u64>,
+    /// Largest file the plugin may write, in bytes.
+    pub file_size: Option<u64>,
+    /// CPUs the plugin is pinned to.
+    pub cpus: Option<Vec<usize>>,
+}
+
+/// `[sandbox]`: isolation layers. Parsed and validated here; see `sandbox` for what is enforced.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SandboxConfig {
+    /// "none" (own network namespace, no inet sockets) or "host".
+    pub network: String,
+    /// "default", "strict" or "off".
+    pub syscalls: String,
+    /// Whether the plugin may execve after its own start.
+    pub execve: bool,
+    /// Run as this user (when the supervisor is root).
+    pub user: Option<String>,
+    /// Run as this group (when the supervisor is root).
+    pub group: Option<String>,
+    /// Extra paths the plugin may read.
+    pub read_paths: Vec<PathBuf>,
+    /// Extra paths the plugin may write.
+    pub write_paths: Vec<PathBuf>,
+    /// Layers whose absence must fail the start instead of warning.
+    pub require: Vec<String>,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            network: "none".into(),
+            syscalls: "default".into(),
+            execve: false,
+            user: None,
+            group: None,
+            read_paths: Vec::new(),
+            write_paths: Vec::new(),
+            require: Vec::new(),
+        }
+    }
+}
+
+/// Sandbox layer names accepted in `sandbox.require`.
+pub const SANDBOX_LAYERS: &[&str] =
+    &["rlimits", "seccomp", "netns", "landlock", "cgroup", "no-new-privs", "user"];
+
+/// A validated `plugin.toml`.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    /// Unique plugin name: lowercase letters, digits, `-` and `_`.
+    pub name: String,
+    /// The plugin's own version.
+    pub version: semver::Version,
+    /// What the plugin is for.
+    pub kind: PluginKind,
+    /// Requirement on [`PLUGIN_API_VERSION`].
+    pub api_version: semver::VersionReq,
+    /// How to start it.
+    pub entrypoint: Entrypoint,
+    /// One line for people.
+    pub description: Option<String>,
+    /// Plugins that must run first.
+    pub requires: Vec<Requirement>,
+    /// `[restart]`.
+    pub restart: RestartConfig,
+    /// `[timeouts]`.
+    pub timeouts: Timeouts,
+    /// `[limits]`.
+    pub limits: Limits,
+    /// `[sandbox]`.
+    pub sandbox: SandboxConfig,
+    /// `[env]`: extra environment for the plugin.
+    pub env: BTreeMap<String, String>,
+    /// `[config]`: handed to `on_load` as JSON.
+    pub config: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    name: String,
+    version: String,
+    #[serde(default)]
+    kind: PluginKind,
+    api_version: String,
+    entrypoint: toml::Value,
+    description: Option<String>,
+    #[serde(default)]
+    requires: Vec<String>,
+    #[serde(default)]
+    restart: RawRestart,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    sandbox: RawSandbox,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    config: toml::Table,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRestart {
+    policy: Option<RestartPolicy>,
+    max_restarts: Option<u32>,
+    within: Option<String>,
+    backoff: Option<String>,
+    backoff_max: Option<String>,
+    reset_after: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    start: Option<String>,
+    call: Option<String>,
+    drain: Option<String>,
+    shutdown: Option<String>,
+    kill: Option<String>,
+    heartbeat: Option<String>,
+    missed_heartbeats: Option<u32>,
+    missed_deadlines: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    memory: Option<toml::Value>,
+    cpu_time: Option<String>,
+    cpu_quota: Option<String>,
+    open_files: Option<i64>,
+    processes: Option<i64>,
+    file_size: Option<toml::Value>,
+    cpus: Option<Vec<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSandbox {
+    network: Option<String>,
+    syscalls: Option<String>,
+    execve: Option<bool>,
+    user: Option<String>,
+    group: Option<String>,
+    read_paths: Option<Vec<PathBuf>>,
+    write_paths: Option<Vec<PathBuf>>,
+    require: Option<Vec<String>>,
+}
+
+/// Collects the key-level problems of one file.
+struct Check<'a> {
+    file: &'a Path,
+}
+
+impl Check<'_> {
+    fn bad(&self, key: &str, problem: impl Into<String>) -> ManifestError {
+        ManifestError::Invalid { file: self.file.into(), key: key.into(), problem: problem.into() }
+    }
+
+    fn duration(
+        &self,
+        key: &str,
+        v: &Option<String>,
+        default: Duration,
+    ) -> Result<Duration, ManifestError> {
+        match v {
+            None => Ok(default),
+            Some(t) => parse_duration(t).map_err(|e| self.bad(key, e)),
+        }
+    }
+
+    fn positive_duration(
+        &self,
+        key: &str,
+        v: &Option<String>,
+        default: Duration,
+    ) -> Result<Duration, ManifestError> {
+        let d = self.duration(key, v, default)?;
+        if d.is_zero() {
+            return Err(self.bad(key, "must be greater than zero"));
+        }
+        Ok(d)
+    }
+
+    fn size(&self, key: &str, v: &Option<toml::Value>) -> Result<Option<u64>, ManifestError> {
+        let bytes = match v {
+            None => return Ok(None),
+            Some(toml::Value::Integer(i)) if *i > 0 => *i as u64,
+            Some(toml::Value::Integer(i)) => {
+                return Err(self.bad(
+                    key,
+                    format!("= {i} is impossible; give a positive size such as \"256MiB\""),
+                ))
+            }
+            Some(toml::Value::String(s)) => parse_size(s).map_err(|e| self.bad(key, e))?,
+            Some(other) => {
+                return Err(self.bad(
+                    key,
+                    format!("must be a size such as \"256MiB\", not {}", other.type_str()),
+                ))
+            }
+        };
+        if bytes == 0 {
+            return Err(self.bad(key, "must be greater than zero"));
+        }
+        Ok(Some(bytes))
+    }
+
+    fn count(&self, key: &str, v: Option<i64>) -> Result<Option<u64>, ManifestError> {
+        match v {
+            None => Ok(None),
+            Some(n) if n > 0 => Ok(Some(n as u64)),
+            Some(n) => Err(self.bad(key, format!("= {n} is impossible; give a positive number"))),
+        }
+    }
+
+    fn one_of(
+        &self,
+        key: &str,
+        v: Option<String>,
+        allowed: &[&str],
+        default: &str,
+    ) -> Result<String, ManifestError> {
+        let v = v.unwrap_or_else(|| default.to_string());
+        if allowed.contains(&v.as_str()) {
+            Ok(v)
+        } else {
+            Err(self.bad(key, format!("= {v:?} is not one of {allowed:?}")))
+        }
+    }
+}
+
+impl Manifest {
+    /// Parses and validates manifest text; `file` is only used in error messages.
+    pub fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> {
+        let raw: RawManifest = toml::from_str(text).map_err(|e| ManifestError::Parse {
+            file: file.into(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let c = Check { file };
+
+        let name = raw.name;
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-' || ch == '_')
+        {
+            return Err(c.bad(
+                "name",
+                format!("= {name:?} is not a valid plugin name; use 1-64 lowercase letters, digits, '-' or '_'"),
+            ));
+        }
+        let version = semver::Version::parse(&raw.version).map_err(|e| {
+            c.bad(
+                "version",
+                format!("= {:?} is not a semver version ({e}); write e.g. \"1.2.0\"", raw.version),
+            )
+        })?;
+        let api_version = semver::VersionReq::parse(&raw.api_version).map_err(|e| {
+            c.bad(
+                "api_version",
+                format!(
+                    "= {:?} is not a semver requirement ({e}); write e.g. \"^1\"",
+                    raw.api_version
+                ),
+            )
+        })?;
+        if !api_version.matches(&PLUGIN_API_VERSION) {
+            return Err(c.bad(
+                "api_version",
+                format!(
+                    "= {:?} is not satisfied by this supervisor, which speaks plugin API {PLUGIN_API_VERSION}; write \"^1\" or rebuild the plugin for API {}",
+                    raw.api_version, PLUGIN_API_VERSION.major
+                ),
+            ));
+        }
+        let entrypoint = match raw.entrypoint {
+            toml::Value::String(s) if s.trim().is_empty() => {
+                return Err(c.bad("entrypoint", "is empty; give a path such as \"bin/my-plugin\""))
+            }
+            toml::Value::String(s) if s.contains('/') => Entrypoint::Path(PathBuf::from(s)),
+            toml::Value::String(s) => Entrypoint::Name(s),
+            toml::Value::Array(items) => {
+                let argv: Option<Vec<String>> =
+                    items.iter().map(|v| v.as_str().map(str::to_string)).collect();
+                match argv {
+                    Some(argv) if !argv.is_empty() && !argv[0].is_empty() => {
+                        Entrypoint::Command(argv)
+                    }
+                    _ => {
+                        return Err(c.bad(
+                            "entrypoint",
+                            "must be a non-empty array of strings, e.g. [\"python3\", \"main.py\"]",
+                        ))
+                    }
+                }
+            }
+            other => {
+                return Err(c.bad(
+                    "entrypoint",
+                    format!("must be a path string or a command array, not {}", other.type_str()),
+                ))
+            }
+        };
+        let mut requires = Vec::new();
+        for (i, r) in raw.requires.iter().enumerate() {
+            let mut parts = r.split_whitespace();
+            let rname = parts.next().unwrap_or_default().to_string();
+            let rest: Vec<&str> = parts.collect();
+            let req = if rest.is_empty() { "*".to_string() } else { rest.join(" ") };
+            let version = semver::VersionReq::parse(&req).map_err(|e| {
+                c.bad(
+                    &format!("requires[{i}]"),
+                    format!("= {r:?}: {e}; write \"name\" or \"name ^1.2\""),
+                )
+            })?;
+            if rname.is_empty() {
+                return Err(
+                    c.bad(&format!("requires[{i}]"), "is empty; write \"name\" or \"name ^1.2\"")
+                );
+            }
+            requires.push(Requirement { name: rname, version });
+        }
+
+        let d = RestartConfig::default();
+        let r = raw.restart;
+        let restart = RestartConfig {
+            policy: r.policy.unwrap_or(d.policy),
+            max_restarts: r.max_restarts.unwrap_or(d.max_restarts),
+            within: c.positive_duration("restart.within", &r.within, d.within)?,
+            backoff: c.duration("restart.backoff", &r.backoff, d.backoff)?,
+            backoff_max: c.duration("restart.backoff_max", &r.backoff_max, d.backoff_max)?,
+            reset_after: c.duration("restart.reset_after", &r.reset_after, d.reset_after)?,
+        };
+        if restart.backoff > restart.backoff_max {
+            return Err(c.bad("restart.backoff", "is larger than restart.backoff_max"));
+        }
+
+        let d = Timeouts::default();
+        let t = raw.timeouts;
+        let timeouts = Timeouts {
+            start: c.positive_duration("timeouts.start", &t.start, d.start)?,
+            call: c.positive_duration("timeouts.call", &t.call, d.call)?,
+            drain: c.duration("timeouts.drain", &t.drain, d.drain)?,
+            shutdown: c.duration("timeouts.shutdown", &t.shutdown, d.shutdown)?,
+            kill: c.duration("timeouts.kill", &t.kill, d.kill)?,
+            heartbeat: c.duration("timeouts.heartbeat", &t.heartbeat, d.heartbeat)?,
+            missed_heartbeats: t.missed_heartbeats.unwrap_or(d.missed_heartbeats).max(1),
+            missed_deadlines: t.missed_deadlines.unwrap_or(d.missed_deadlines),
+        };
+
+        let l = raw.limits;
+        let cpu_time = match &l.cpu_time {
+            None => None,
+            Some(_) => {
+                let d = c.positive_duration("limits.cpu_time", &l.cpu_time, Duration::ZERO)?;
+                if d < Duration::from_secs(1) {
+                    return Err(c.bad(
+                        "limits.cpu_time",
+                        "must be at least \"1s\" (the kernel counts whole seconds)",
+                    ));
+                }
+                Some(d)
+            }
+        };
+        let cpu_quota = match &l.cpu_quota {
+            None => None,
+            Some(q) => {
+                let pct = q.trim().strip_suffix('%').and_then(|n| n.trim().parse::<u32>().ok());
+                match pct {
+                    Some(p) if p > 0 => Some(p),
+                    _ => return Err(c.bad("limits.cpu_quota", format!("= {q:?} is not a positive percentage such as \"50%\" (200% = two CPUs)"))),
+                }
+            }
+        };
+        let cpus = match l.cpus {
+            None => None,
+            Some(list) => {
+                let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as i64;
+                if list.is_empty() || list.iter().any(|&cpu| cpu < 0 || cpu >= 1024) {
+                    return Err(c.bad(
+                        "limits.cpus",
+                        format!("= {list:?} must list CPU numbers (this machine has 0..{n})"),
+                    ));
+                }
+                Some(list.into_iter().map(|cpu| cpu as usize).collect())
+            }
+        };
+        let limits = Limits {
+            memory: c.size("limits.memory", &l.memory)?,
+            cpu_time,
+            cpu_quota,
+            open_files: c.count("limits.open_files", l.open_files)?,
+            processes: c.count("limits.processes", l.processes)?,
+            file_size: c.size("limits.file_size", &l.file_size)?,
+            cpus,
+        };
+
+        let s = raw.sandbox;
+        let require = s.require.unwrap_or_default();
+        for layer in &require {
+            if !SANDBOX_LAYERS.contains(&layer.as_str()) {
+                return Err(c.bad(
+                    "sandbox.require",
+                    format!("names unknown layer {layer:?}; known layers are {SANDBOX_LAYERS:?}"),
+                ));
+            }
+        }
+        let sandbox = SandboxConfig {
+            network: c.one_of("sandbox.network", s.network, &["none", "host"], "none")?,
+            syscalls: c.one_of(
+                "sandbox.syscalls",
+                s.syscalls,
+                &["default", "strict", "off"],
+                "default",
+            )?,
+            execve: s.execve.unwrap_or(false),
+            user: s.user,
+            group: s.group,
+            read_paths: s.read_paths.unwrap_or_default(),
+            write_paths: s.write_paths.unwrap_or_default(),
+            require,
+        };
+
+        let config = serde_json::to_value(&raw.config)
+            .map_err(|e| c.bad("config", format!("cannot be handed to the plugin as JSON: {e}")))?;
+        for key in raw.env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(
+                    c.bad(&format!("env.{key}"), "is not a valid environment variable name")
+                );
+            }
+        }
+
+        Ok(Manifest {
+            name,
+            version,
+            kind: raw.kind,
+            api_version,
+            entrypoint,
+            description: raw.description,
+            requires,
+            restart,
+            timeouts,
+            limits,
+            sandbox,
+            env: raw.env,
+            config,
+        })
+    }
+}
+
+/// A plugin ready to be loaded: its validated manifest and where it lives.
+#[derive(Debug, Clone)]
+pub struct PluginSpec {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// The plugin folder (the manifest's directory); the plugin's working directory.
+    pub dir: PathBuf,
+    /// The manifest file, for error messages.
+    pub manifest_path: PathBuf,
+}
+
+impl PluginSpec {
+    /// Reads and validates `plugin.toml` (or a folder containing one).
+    pub fn from_manifest(path: impl AsRef<Path>) -> Result<PluginSpec, ManifestError> {
+        let mut path = path.as_ref().to_path_buf();
+        if path.is_dir() {
+            path.push("plugin.toml");
+        }
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| ManifestError::Read { file: path.clone(), source })?;
+        let manifest = Manifest::parse(&text, &path)?;
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+        let spec = PluginSpec { manifest, dir, manifest_path: path };
+        if let Entrypoint::Path(p) = &spec.manifest.entrypoint {
+            check_executable(&spec.dir.join(p)).map_err(|problem| ManifestError::Invalid {
+                file: spec.manifest_path.clone(),
+                key: "entrypoint".into(),
+                problem,
+            })?;
+        }
+        Ok(spec)
+    }
+
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        &self.manifest.name
+    }
+}
+
+/// Ok if `path` is an executable regular file; otherwise says what is wrong and what to do.
+pub fn check_executable(path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| {
+        format!("= {:?} does not exist ({e}); build the plugin or fix the path (relative to the plugin folder)", path.display().to_string())
+    })?;
+    if !meta.is_file() {
+        return Err(format!("= {:?} is not a file", path.display().to_string()));
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err(format!(
+            "= {:?} is not executable; run chmod +x on it",
+            path.display().to_string()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+name = "tick-strategy"
+version = "1.2.0"
+kind = "strategy"
+api_version = "^1"
+entrypoint = "tick-strategy"
+"#;
+
+    fn parse(extra: &str) -> Result<Manifest, ManifestError> {
+        Manifest::parse(&format!("{MIN}{extra}"), Path::new("/p/plugin.toml"))
+    }
+
+    fn err(extra: &str) -> String {
+        parse(extra).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_manifest_gets_defaults() {
+        let m = parse("").unwrap();
+        assert_eq!(m.name, "tick-strategy");
+        assert_eq!(m.kind, PluginKind::Strategy);
+        assert_eq!(m.entrypoint, Entrypoint::Name("tick-strategy".into()));
+        assert_eq!(m.restart, RestartConfig::default());
+        assert_eq!(m.timeouts, Timeouts::default());
+        assert_eq!(m.sandbox.network, "none");
+    }
+
+    #[test]
+    fn full_manifest() {
+        let m = parse(
+            r#"
+requires = ["feed", "risk ^1.2"]
+[restart]
+policy = "always"
+max_restarts = 3
+within = "10s"
+backoff = "50ms"
+[timeouts]
+call = "2ms"
+heartbeat = "200ms"
+[limits]
+memory = "256MiB"
+cpu_time = "30s"
+file_size = 1048576
+cpus = [0]
+[sandbox]
+network = "host"
+require = ["seccomp"]
+[env]
+MODE = "paper"
+[config]
+threshold = 0.5
+symbols = ["BTC"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(m.restart.policy, RestartPolicy::Always);
+        assert_eq!(m.timeouts.call, Duration::from_millis(2));
+        assert_eq!(m.limits.memory, Some(256 << 20));
+        assert_eq!(m.limits.file_size, Some(1 << 20));
+        assert_eq!(m.requires[1].name, "risk");
+        assert!(m.requires[1].version.matches(&semver::Version::new(1, 3, 0)));
+        assert_eq!(m.config["threshold"], 0.5);
+        assert_eq!(m.env["MODE"], "paper");
+    }
+
+    #[test]
+    fn errors_name_file_key_and_fix() {
+        let e = err("colour = \"red\"\n");
+        assert!(e.contains("/p/plugin.toml") && e.contains("unknown field `colour`"), "{e}");
+        let e = err("[timeouts]\ncall = \"5\"\n");
+        assert!(e.contains("`timeouts.call`") && e.contains("no unit"), "{e}");
+        let e = err("[limits]\nmemory = -1\n");
+        assert!(e.contains("`limits.memory`") && e.contains("impossible"), "{e}");
+        let e = err("[limits]\nmemory = \"12 potatoes\"\n");
+        assert!(e.contains("`limits.memory`") && e.contains("unknown unit"), "{e}");
+        let e = err("[limits]\ncpu_time = \"0s\"\n");
+        assert!(e.contains("`limits.cpu_time`"), "{e}");
+        let e = err("[restart]\npolicy = \"sometimes\"\n");
+        assert!(e.contains("unknown variant `sometimes`") && e.contains("on-failure"), "{e}");
+        let e = err("[sandbox]\nrequire = [\"magic\"]\n");
+        assert!(e.contains("`sandbox.require`") && e.contains("magic"), "{e}");
+        let e = err("[sandbox]\nnetwork = \"some\"\n");
+        assert!(e.contains("`sandbox.network`"), "{e}");
+    }
+
+    #[test]
+    fn bad_versions_and_entrypoints() {
+        let bad = |text: &str| Manifest::parse(text, Path::new("m.toml")).unwrap_err().to_string();
+        let e = bad("name=\"a\"\nversion=\"1.x\"\napi_version=\"^1\"\nentrypoint=\"a\"");
+        assert!(e.contains("`version`") && e.contains("semver"), "{e}");
+        let e = bad("name=\"a\"\nversion=\"1.0.0\"\napi_version=\"^2\"\nentrypoint=\"a\"");
+        assert!(e.contains("`api_version`") && e.contains("plugin API 1.0.0"), "{e}");
+        let e = bad("name=\"a\"\nversion=\"1.0.0\"\napi_version=\"^1\"\nentrypoint=[]");
+        assert!(e.contains("`entrypoint`"), "{e}");
+        let e = bad("name=\"A B\"\nversion=\"1.0.0\"\napi_version=\"^1\"\nentrypoint=\"a\"");
+        assert!(e.contains("`name`"), "{e}");
+        let e = bad("name=\"a\"\nversion=\"1.0.0\"\napi_version=\"^1\"");
+        assert!(e.contains("missing field `entrypoint`"), "{e}");
+    }
+
+    #[test]
+    fn missing_or_non_executable_entrypoint_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |entry: &str| {
+            std::fs::write(
+                dir.path().join("plugin.toml"),
+                format!(
+                    "name=\"a\"\nversion=\"1.0.0\"\napi_version=\"^1\"\nentrypoint=\"{entry}\""
+                ),
+            )
+            .unwrap();
+        };
+        write("bin/a");
+        let e = PluginSpec::from_manifest(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("`entrypoint`") && e.contains("does not exist"), "{e}");
+        std::fs::create_dir(dir.path().join("bin")).unwrap();
+        std::fs::write(dir.path().join("bin/a"), "#!/bin/sh\n").unwrap();
+        let e = PluginSpec::from_manifest(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("not executable") && e.contains("chmod"), "{e}");
+        std::fs::set_permissions(dir.path().join("bin/a"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        assert!(PluginSpec::from_manifest(dir.path()).is_ok());
+        let e = PluginSpec::from_manifest(dir.path().join("nope.toml")).unwrap_err().to_string();
+        assert!(e.contains("cannot read plugin manifest"), "{e}");
+    }
+}
