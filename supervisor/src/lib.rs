@@ -1,5 +1,38 @@
 //! supervisor: the host side of plugd.
+//!
+//! A host — a trading engine, a service, or the `plugd` daemon — links this
+//! crate to run plugins as supervised child processes and call them:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use supervisor::{Deadline, PluginSpec, Supervisor, SupervisorConfig};
+//! let sup = Supervisor::new(SupervisorConfig::default())?;
+//! let echo = sup.load(PluginSpec::from_manifest("examples/plugins/echo/plugin.toml")?).await?;
+//! let back: String = echo.call("echo", "hello").await?;
+//! sup.unload("echo").await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Rooms: [`manifest`] (plugin.toml), [`spawn`] (fork/exec, pidfd, process
+//! groups), `instance` (the actor owning one plugin's socket), [`lifecycle`]
+//! (the pure restart state machine), `slot` (one task per plugin performing
+//! lifecycle actions), [`router`] (handles and call routing), [`logs`]
+//! (captured output), [`exit`] (classified exit reasons).
+
 pub mod exit;
+mod instance;
 pub mod lifecycle;
+pub mod logs;
 pub mod manifest;
+pub mod router;
+mod slot;
+pub mod spawn;
+mod supervisor;
 pub mod units;
+
+pub use exit::ExitReason;
+pub use lifecycle::State;
+pub use manifest::{Manifest, ManifestError, PluginKind, PluginSpec, RestartPolicy};
+pub use plugin_proto::{CallError, ErrorCode, Payload, PayloadCodec};
+pub use router::{Deadline, PluginHandle, PluginStatus};
+pub use supervisor::{Supervisor, SupervisorConfig, SupervisorError};

@@ -1,0 +1,61 @@
+//! crasher: dies on command, or after N ticks, in the way the config says.
+//!
+//! `[config]`: `crash_after` (ticks, 0 = never), `mode` ("abort" → SIGABRT,
+//! "segv" → SIGSEGV, "exit" → exit(3)), `fail_on_load` (on_load returns an error).
+
+use plugd_examples::{Order, Tick};
+use plugin_runner::{LoadContext, Methods, Plugin};
+use serde::Deserialize;
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Config {
+    crash_after: u64,
+    mode: String,
+    fail_on_load: bool,
+}
+
+#[derive(Default)]
+struct Crasher {
+    config: Config,
+    ticks: u64,
+}
+
+fn die(mode: &str) -> ! {
+    eprintln!("crasher: dying by {mode}");
+    match mode {
+        "segv" => {
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSEGV);
+            std::process::abort()
+        }
+        "exit" => std::process::exit(3),
+        _ => std::process::abort(),
+    }
+}
+
+impl Plugin for Crasher {
+    fn methods(m: &mut Methods<Self>) {
+        m.typed("on_tick", |c: &mut Crasher, _t: Tick| -> Result<Order, String> {
+            c.ticks += 1;
+            if c.config.crash_after > 0 && c.ticks >= c.config.crash_after {
+                die(&c.config.mode);
+            }
+            Ok(Order::Hold)
+        });
+        m.typed("crash", |_, mode: String| -> Result<(), String> { die(&mode) });
+        m.typed("panic", |_, what: String| -> Result<(), String> { panic!("{what}") });
+        m.typed("ping", |_, _: ()| -> Result<&'static str, String> { Ok("pong") });
+    }
+
+    fn on_load(&mut self, ctx: &LoadContext) -> Result<(), String> {
+        self.config = ctx.config()?;
+        if self.config.fail_on_load {
+            return Err("fail_on_load is set in [config]".into());
+        }
+        Ok(())
+    }
+}
+
+fn main() {
+    plugin_runner::serve(Crasher::default())
+}

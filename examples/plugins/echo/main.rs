@@ -1,0 +1,35 @@
+//! echo: answers every call with its argument, unchanged; plus a few probes tests use.
+
+use plugin_runner::{LoadContext, Methods, Payload, Plugin};
+
+#[derive(Default)]
+struct Echo {
+    config: String,
+}
+
+impl Plugin for Echo {
+    fn methods(m: &mut Methods<Self>) {
+        m.raw("echo", |_, p: &Payload| Ok(p.clone()));
+        m.typed("pid", |_, _: ()| -> Result<u32, String> { Ok(std::process::id()) });
+        m.typed("config", |me: &mut Echo, _: ()| -> Result<String, String> {
+            Ok(me.config.clone())
+        });
+        m.typed("env", |_, key: String| -> Result<Option<String>, String> {
+            Ok(std::env::var(key).ok())
+        });
+        m.typed("log", |_, text: String| -> Result<(), String> {
+            tracing::warn!("{text}");
+            println!("stdout: {text}");
+            Ok(())
+        });
+    }
+
+    fn on_load(&mut self, ctx: &LoadContext) -> Result<(), String> {
+        self.config = ctx.config_json().to_string();
+        Ok(())
+    }
+}
+
+fn main() {
+    plugin_runner::serve(Echo::default())
+}

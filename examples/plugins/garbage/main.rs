@@ -1,0 +1,73 @@
+//! garbage: writes bytes that are not the protocol, to prove the supervisor survives them.
+//!
+//! `GARBAGE_MODE` (set in the manifest's `[env]`): "noise" (random bytes
+//! instead of Hello), "oversized" (a 4 GiB length header), "after-ready"
+//! (a proper handshake, then random bytes on the first call), "wrong-way"
+//! (after Ready, sends a Call, which only the supervisor may send).
+
+use std::io::{BufReader, Write};
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
+
+use plugin_proto::frame::{read_frame, write_frame};
+use plugin_proto::*;
+
+fn noise(out: &mut UnixStream) {
+    let mut bytes = vec![0u8; 4096];
+    // A length header that is plausible (under the limit) followed by nonsense.
+    bytes[..4].copy_from_slice(&100u32.to_le_bytes());
+    for b in &mut bytes[4..] {
+        *b = fastrand::u8(..);
+    }
+    bytes[4] = 200; // no message has tag 200
+    let _ = out.write_all(&bytes);
+}
+
+fn main() {
+    let mode = std::env::var("GARBAGE_MODE").unwrap_or_else(|_| "noise".into());
+    // SAFETY: plugd passes the protocol socket as fd 3 and nothing else in this process uses it.
+    let mut sock = unsafe { UnixStream::from_raw_fd(3) };
+    let max = DEFAULT_MAX_FRAME;
+    match mode.as_str() {
+        "oversized" => {
+            let _ = sock.write_all(&0xFFFF_FFF0u32.to_le_bytes());
+        }
+        "after-ready" | "wrong-way" => {
+            let hello = Message::Hello(Hello {
+                magic: MAGIC,
+                proto_min: PROTO_MIN,
+                proto_max: PROTO_MAX,
+                name: "garbage".into(),
+                version: "0.1.0".into(),
+                methods: vec!["anything".into()],
+                sdk: "handmade".into(),
+            });
+            let mut reader = BufReader::new(sock.try_clone().expect("clone socket"));
+            write_frame(&mut sock, &hello, max).expect("send Hello");
+            let _welcome = read_frame(&mut reader, max).expect("read Welcome");
+            write_frame(&mut sock, &Message::Ready, max).expect("send Ready");
+            if mode == "wrong-way" {
+                let call = Message::Call(Call {
+                    id: 1,
+                    method: "x".into(),
+                    deadline_us: 0,
+                    payload: Payload::empty(),
+                });
+                let _ = write_frame(&mut sock, &call, max);
+            } else {
+                // Wait for the first call, then answer it with noise.
+                loop {
+                    match read_frame(&mut reader, max) {
+                        Ok(Message::Call(_)) => break,
+                        Ok(_) => continue,
+                        Err(_) => return,
+                    }
+                }
+                noise(&mut sock);
+            }
+        }
+        _ => noise(&mut sock),
+    }
+    // Stay alive: the supervisor must notice the garbage, not our exit.
+    std::thread::sleep(std::time::Duration::from_secs(3600));
+}

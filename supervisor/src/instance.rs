@@ -1,0 +1,628 @@
+//! One plugin process: the actor that owns its socket.
+//!
+//! The actor runs the handshake, then multiplexes calls from the plugin's
+//! handles onto the socket, matches replies by id, enforces call deadlines,
+//! sends heartbeats, and on a stop drains in-flight calls before sending
+//! Shutdown and escalating to SIGTERM and SIGKILL of the process group. It
+//! reports `Ready`, `Drained` and `Exited(reason)` to its plugin's slot task;
+//! it never decides about restarts (that is `lifecycle`).
+//!
+//! Nothing the plugin sends can panic this task: every frame is checked, and
+//! a bad one ends the instance with "protocol violation".
+
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use plugin_proto::frame::encode_frame;
+use plugin_proto::{
+    negotiate, Call, CallError, ErrorCode, FrameDecoder, LogLevel, Message, Payload, Side, Welcome,
+    MAGIC, PROTO_MAX, PROTO_MIN,
+};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{sleep_until, Instant};
+
+use crate::exit::ExitReason;
+use crate::logs::{capture, LogRing, LogSource};
+use crate::manifest::Timeouts;
+use crate::spawn::{Process, RawChild, WaitStatus};
+
+/// A call on its way to an instance.
+pub(crate) struct CallRequest {
+    pub method: String,
+    pub payload: Payload,
+    pub deadline: Option<Instant>,
+    pub reply: oneshot::Sender<Result<Payload, CallError>>,
+}
+
+/// Orders from the slot to its instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Control {
+    /// Drain, Shutdown, then escalate.
+    Stop,
+    /// Terminate now (a stop while still starting, or the supervisor is going away).
+    Kill,
+}
+
+/// Reports from an instance to its slot.
+#[derive(Debug)]
+pub(crate) enum InstanceEvent {
+    /// Handshake and `on_load` done.
+    Ready { pid: u32, sdk: String },
+    /// In-flight calls are done; Shutdown was sent.
+    Drained,
+    /// The process is gone.
+    Exited { reason: ExitReason, state: Option<Vec<u8>> },
+}
+
+/// What an instance needs besides its process.
+pub(crate) struct InstanceConfig {
+    pub name: String,
+    pub generation: u64,
+    pub timeouts: Timeouts,
+    pub config_json: String,
+    pub state: Option<Vec<u8>>,
+    pub max_frame: u32,
+    pub ring: LogRing,
+}
+
+struct Pending {
+    reply: oneshot::Sender<Result<Payload, CallError>>,
+    deadline: Option<Instant>,
+}
+
+/// Why the serving loop ended early with a kill.
+enum Fault {
+    Protocol(String),
+    Hung(String),
+}
+
+struct Instance {
+    cfg: InstanceConfig,
+    proc: Process,
+    sock: UnixStream,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    decoder: FrameDecoder,
+    pending: HashMap<u64, Pending>,
+    deadlines: BTreeSet<(Instant, u64)>,
+    next_id: u64,
+    state_blob: Option<Vec<u8>>,
+    eof: bool,
+    missed_pings: u32,
+    ping_outstanding: bool,
+    ping_seq: u64,
+    missed_deadlines: u32,
+    kill_reason: Option<ExitReason>,
+    stopping: bool,
+    escalated: bool,
+}
+
+/// Runs one instance to its end and reports `Exited`.
+pub(crate) async fn run(
+    raw: RawChild,
+    cfg: InstanceConfig,
+    calls: mpsc::Receiver<CallRequest>,
+    control: mpsc::Receiver<Control>,
+    events: mpsc::UnboundedSender<(u64, InstanceEvent)>,
+) {
+    let generation = cfg.generation;
+    let proc = match Process::attach(raw.pid, raw.pidfd) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(raw.pid), Signal::SIGKILL);
+            let reason = ExitReason::SpawnFailed { detail: format!("cannot watch process: {e}") };
+            let _ = events.send((generation, InstanceEvent::Exited { reason, state: None }));
+            return;
+        }
+    };
+    tokio::spawn(capture(raw.stdout, cfg.name.clone(), LogSource::Stdout, cfg.ring.clone()));
+    tokio::spawn(capture(raw.stderr, cfg.name.clone(), LogSource::Stderr, cfg.ring.clone()));
+    let sock = match raw.socket.set_nonblocking(true).and_then(|_| UnixStream::from_std(raw.socket))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            let reason =
+                ExitReason::SpawnFailed { detail: format!("cannot use plugin socket: {e}") };
+            drop(proc);
+            let _ = events.send((generation, InstanceEvent::Exited { reason, state: None }));
+            return;
+        }
+    };
+    let mut inst = Instance {
+        decoder: FrameDecoder::new(cfg.max_frame),
+        cfg,
+        proc,
+        sock,
+        rbuf: Vec::with_capacity(64 * 1024),
+        wbuf: Vec::with_capacity(4096),
+        pending: HashMap::new(),
+        deadlines: BTreeSet::new(),
+        next_id: 1,
+        state_blob: None,
+        eof: false,
+        missed_pings: 0,
+        ping_outstanding: false,
+        ping_seq: 0,
+        missed_deadlines: 0,
+        kill_reason: None,
+        stopping: false,
+        escalated: false,
+    };
+    let mut control = control;
+    let reason = match inst.handshake(&mut control).await {
+        Ok(sdk) => {
+            let pid = inst.proc.pid();
+            let _ = events.send((generation, InstanceEvent::Ready { pid, sdk }));
+            inst.serve(calls, &mut control, &events).await
+        }
+        Err(reason) => {
+            drop(calls);
+            reason
+        }
+    };
+    let _ =
+        events.send((generation, InstanceEvent::Exited { reason, state: inst.state_blob.take() }));
+}
+
+/// What woke the actor while it waited for a frame during the handshake.
+enum Wake {
+    Frame(Message),
+    Exited(WaitStatus),
+    Timeout,
+    Killed,
+}
+
+impl Instance {
+    fn log(&self, level: LogLevel, text: String) {
+        self.cfg.ring.push(&self.cfg.name, LogSource::Supervisor, level, text);
+    }
+
+    /// Encodes a frame into the write buffer and writes what the socket takes now.
+    fn queue(&mut self, msg: &Message) -> io::Result<()> {
+        encode_frame(msg, &mut self.wbuf).map_err(io::Error::other)?;
+        self.flush()
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        while !self.wbuf.is_empty() {
+            match self.sock.try_write(&self.wbuf) {
+                Ok(n) => {
+                    self.wbuf.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what is available; Ok(false) on end of stream.
+    fn fill(&mut self) -> io::Result<bool> {
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            match self.sock.try_read(&mut chunk) {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    self.rbuf.extend_from_slice(&chunk[..n]);
+                    if n < chunk.len() {
+                        return Ok(true);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Kills the process group for `reason` and waits for it to be gone.
+    async fn kill(&mut self, reason: ExitReason) -> ExitReason {
+        if self.kill_reason.is_none() {
+            self.log(LogLevel::Error, format!("killing plugin: {reason}"));
+            self.kill_reason = Some(reason);
+        }
+        self.proc.signal_group(Signal::SIGKILL);
+        let status = self.proc.wait().await;
+        self.exit_reason(status)
+    }
+
+    fn exit_reason(&self, status: WaitStatus) -> ExitReason {
+        if let Some(r) = &self.kill_reason {
+            return r.clone();
+        }
+        if self.stopping {
+            return match status {
+                WaitStatus::Exited(0) => ExitReason::Stopped { forced: self.escalated },
+                _ if self.escalated => ExitReason::Stopped { forced: true },
+                other => other.as_reason(),
+            };
+        }
+        status.as_reason()
+    }
+
+    /// Waits for one frame (handshake phase only), the process exit, a timeout or a kill order.
+    async fn wait_frame(
+        &mut self,
+        until: Instant,
+        control: &mut mpsc::Receiver<Control>,
+    ) -> Result<Wake, Fault> {
+        loop {
+            match self.decoder.next(&mut self.rbuf) {
+                Ok(Some(msg)) => return Ok(Wake::Frame(msg)),
+                Ok(None) => {}
+                Err(e) => return Err(Fault::Protocol(e.to_string())),
+            }
+            if !self.wbuf.is_empty() {
+                let _ = self.flush();
+            }
+            tokio::select! {
+                status = self.proc.wait() => return Ok(Wake::Exited(status)),
+                r = self.sock.readable(), if !self.eof => {
+                    if r.is_ok() {
+                        match self.fill() {
+                            Ok(true) => {}
+                            Ok(false) | Err(_) => self.eof = true,
+                        }
+                    }
+                }
+                _ = sleep_until(until) => return Ok(Wake::Timeout),
+                // A stop order, or the slot is gone: either way this start is over.
+                _ = control.recv() => return Ok(Wake::Killed),
+            }
+        }
+    }
+
+    /// Hello → Welcome → Ready. Returns the plugin's SDK string, or why it ended.
+    async fn handshake(
+        &mut self,
+        control: &mut mpsc::Receiver<Control>,
+    ) -> Result<String, ExitReason> {
+        let until = Instant::now() + self.cfg.timeouts.start;
+        let mut sdk: Option<String> = None;
+        loop {
+            let wake = match self.wait_frame(until, control).await {
+                Ok(w) => w,
+                Err(Fault::Protocol(d)) | Err(Fault::Hung(d)) => {
+                    return Err(self.kill(ExitReason::ProtocolViolation { detail: d }).await)
+                }
+            };
+            let msg = match wake {
+                Wake::Frame(m) => m,
+                Wake::Exited(status) => return Err(self.exit_reason(status)),
+                Wake::Timeout => {
+                    let reason = ExitReason::startup_timeout(self.cfg.timeouts.start);
+                    return Err(self.kill(reason).await);
+                }
+                Wake::Killed => {
+                    self.stopping = true;
+                    self.escalated = true;
+                    return Err(self.kill(ExitReason::Stopped { forced: true }).await);
+                }
+            };
+            match msg {
+                Message::Hello(h) if sdk.is_none() => {
+                    if h.magic != MAGIC {
+                        let detail = format!(
+                            "bad magic {:#010x} in Hello (expected {MAGIC:#010x}); this is not a plugd plugin",
+                            h.magic
+                        );
+                        return Err(self.reject(ExitReason::VersionMismatch { detail }).await);
+                    }
+                    let Some(proto) = negotiate((PROTO_MIN, PROTO_MAX), (h.proto_min, h.proto_max))
+                    else {
+                        let detail = format!(
+                            "plugin speaks protocol {}..={}, this supervisor speaks {PROTO_MIN}..={PROTO_MAX}; rebuild the plugin with a matching plugin-runner",
+                            h.proto_min, h.proto_max
+                        );
+                        return Err(self.reject(ExitReason::VersionMismatch { detail }).await);
+                    };
+                    if h.name != self.cfg.name {
+                        self.log(
+                            LogLevel::Warn,
+                            format!(
+                                "plugin calls itself {:?} in Hello; its manifest says {:?}",
+                                h.name, self.cfg.name
+                            ),
+                        );
+                    }
+                    let welcome = Message::Welcome(Welcome {
+                        proto,
+                        config_json: self.cfg.config_json.clone(),
+                        heartbeat_ms: self.cfg.timeouts.heartbeat.as_millis() as u64,
+                        max_frame: self.cfg.max_frame,
+                        state: self.cfg.state.take(),
+                    });
+                    // A failed write means the plugin is exiting; its exit status will say why.
+                    let _ = self.queue(&welcome);
+                    sdk = Some(h.sdk);
+                }
+                Message::Ready if sdk.is_some() => return Ok(sdk.unwrap_or_default()),
+                Message::Log { level, message } => {
+                    self.cfg.ring.push(&self.cfg.name, LogSource::Sdk, level, message)
+                }
+                other => {
+                    let detail = format!("unexpected {} during the handshake", other.kind());
+                    return Err(self.kill(ExitReason::ProtocolViolation { detail }).await);
+                }
+            }
+        }
+    }
+
+    /// Sends Reject, gives the plugin a moment to exit on its own, then kills it.
+    async fn reject(&mut self, reason: ExitReason) -> ExitReason {
+        self.log(LogLevel::Error, format!("rejecting plugin: {reason}"));
+        let text = reason.to_string();
+        self.kill_reason = Some(reason);
+        let _ = self.queue(&Message::Reject { reason: text });
+        let grace = self.cfg.timeouts.kill.min(Duration::from_secs(1));
+        if let Ok(status) = tokio::time::timeout(grace, self.proc.wait()).await {
+            return self.exit_reason(status);
+        }
+        let r = self.kill_reason.clone().unwrap_or(ExitReason::Stopped { forced: true });
+        self.kill(r).await
+    }
+
+    fn start_call(&mut self, req: CallRequest) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let now = Instant::now();
+        let deadline_us = match req.deadline {
+            Some(d) if d <= now => {
+                let _ = req.reply.send(Err(CallError::new(
+                    ErrorCode::DeadlineExceeded,
+                    format!("plugin {}: deadline passed before the call was sent", self.cfg.name),
+                )));
+                return;
+            }
+            Some(d) => (d - now).as_micros().max(1) as u64,
+            None => 0,
+        };
+        let msg = Message::Call(Call { id, method: req.method, deadline_us, payload: req.payload });
+        if let Err(e) = encode_frame(&msg, &mut self.wbuf) {
+            let _ = req.reply.send(Err(CallError::new(ErrorCode::Internal, e.to_string())));
+            return;
+        }
+        if let Some(d) = req.deadline {
+            self.deadlines.insert((d, id));
+        }
+        self.pending.insert(id, Pending { reply: req.reply, deadline: req.deadline });
+    }
+
+    /// Handles every whole frame in the read buffer.
+    fn on_frames(&mut self) -> Result<(), Fault> {
+        loop {
+            let msg = match self.decoder.next(&mut self.rbuf) {
+                Ok(Some(m)) => m,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(Fault::Protocol(e.to_string())),
+            };
+            self.missed_pings = 0;
+            if msg.sent_by() == Side::Supervisor {
+                return Err(Fault::Protocol(format!(
+                    "plugin sent {}, which only the supervisor may send",
+                    msg.kind()
+                )));
+            }
+            match msg {
+                Message::Reply(reply) => {
+                    if let Some(p) = self.pending.remove(&reply.id) {
+                        if let Some(d) = p.deadline {
+                            self.deadlines.remove(&(d, reply.id));
+                        }
+                        self.missed_deadlines = 0;
+                        let _ = p.reply.send(reply.result);
+                    } else if reply.id >= self.next_id {
+                        return Err(Fault::Protocol(format!(
+                            "reply to call {} that was never made",
+                            reply.id
+                        )));
+                    }
+                    // Otherwise a late reply to a call that already timed out: dropped.
+                }
+                Message::Pong { .. } => self.ping_outstanding = false,
+                Message::Log { level, message } => {
+                    self.cfg.ring.push(&self.cfg.name, LogSource::Sdk, level, message)
+                }
+                Message::State { blob } => self.state_blob = Some(blob),
+                Message::Goodbye => {}
+                // Streaming replies and plugin-initiated notifications have no consumer on
+                // this host API yet; they are legal and dropped.
+                Message::Chunk { .. } | Message::Notify { .. } => {}
+                other => {
+                    return Err(Fault::Protocol(format!(
+                        "unexpected {} after the handshake",
+                        other.kind()
+                    )))
+                }
+            }
+        }
+    }
+
+    fn expire_deadlines(&mut self) -> Result<(), Fault> {
+        let now = Instant::now();
+        while let Some(&(d, id)) = self.deadlines.first() {
+            if d > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            if let Some(p) = self.pending.remove(&id) {
+                let _ = p.reply.send(Err(CallError::new(
+                    ErrorCode::DeadlineExceeded,
+                    format!("plugin {} did not reply in time", self.cfg.name),
+                )));
+                let _ = encode_frame(&Message::Cancel { id }, &mut self.wbuf);
+                self.missed_deadlines += 1;
+                let limit = self.cfg.timeouts.missed_deadlines;
+                if limit > 0 && self.missed_deadlines >= limit {
+                    return Err(Fault::Hung(format!(
+                        "{limit} calls in a row missed their deadline"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn heartbeat(&mut self) -> Result<(), Fault> {
+        if self.ping_outstanding {
+            self.missed_pings += 1;
+            let limit = self.cfg.timeouts.missed_heartbeats;
+            if self.missed_pings >= limit {
+                return Err(Fault::Hung(format!(
+                    "no answer to {limit} heartbeats (every {} ms)",
+                    self.cfg.timeouts.heartbeat.as_millis()
+                )));
+            }
+            return Ok(());
+        }
+        self.ping_seq += 1;
+        self.ping_outstanding = true;
+        let _ = encode_frame(&Message::Ping { seq: self.ping_seq }, &mut self.wbuf);
+        Ok(())
+    }
+
+    fn fail_pending(&mut self, code: ErrorCode, why: &str) {
+        for (_, p) in self.pending.drain() {
+            let _ =
+                p.reply.send(Err(CallError::new(code, format!("plugin {}: {why}", self.cfg.name))));
+        }
+        self.deadlines.clear();
+    }
+
+    /// The Ready phase until the process is gone.
+    async fn serve(
+        &mut self,
+        mut calls: mpsc::Receiver<CallRequest>,
+        control: &mut mpsc::Receiver<Control>,
+        events: &mpsc::UnboundedSender<(u64, InstanceEvent)>,
+    ) -> ExitReason {
+        let t = self.cfg.timeouts.clone();
+        let far = Instant::now() + Duration::from_secs(86400 * 365);
+        let mut heartbeat = tokio::time::interval_at(
+            Instant::now() + t.heartbeat,
+            t.heartbeat.max(Duration::from_millis(1)),
+        );
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut calls_open = true;
+        let mut drain_until: Option<Instant> = None;
+        let mut shutdown_sent = false;
+        let mut escalate_at: Option<Instant> = None;
+        let mut eof_until: Option<Instant> = None;
+
+        let reason = loop {
+            if let Err(e) = self.flush() {
+                tracing::debug!(plugin = %self.cfg.name, "socket write failed: {e}");
+                self.wbuf.clear();
+                self.eof = true;
+            }
+            // Drained: nothing queued, nothing in flight → Shutdown.
+            if self.stopping && !shutdown_sent && !calls_open && self.pending.is_empty() {
+                shutdown_sent = true;
+                let grace = t.shutdown;
+                let _ = self.queue(&Message::Shutdown { grace_ms: grace.as_millis() as u64 });
+                escalate_at = Some(Instant::now() + grace);
+                let _ = events.send((self.cfg.generation, InstanceEvent::Drained));
+            }
+            if self.eof && eof_until.is_none() && !self.stopping {
+                eof_until = Some(Instant::now() + t.kill.max(Duration::from_millis(100)));
+            }
+            let next_deadline = self.deadlines.first().map(|(d, _)| *d).unwrap_or(far);
+            tokio::select! {
+                biased;
+                status = self.proc.wait() => break self.exit_reason(status),
+                r = self.sock.readable(), if !self.eof => {
+                    if r.is_err() { self.eof = true; continue; }
+                    match self.fill() {
+                        Ok(true) => {}
+                        Ok(false) | Err(_) => self.eof = true,
+                    }
+                    if let Err(fault) = self.on_frames() {
+                        break self.fault(fault).await;
+                    }
+                }
+                r = self.sock.writable(), if !self.wbuf.is_empty() && !self.eof => {
+                    if r.is_err() { self.eof = true; }
+                }
+                req = calls.recv(), if calls_open => match req {
+                    Some(req) => {
+                        self.start_call(req);
+                        // Take whatever else is already queued before writing: one write for a burst.
+                        while let Ok(req) = calls.try_recv() {
+                            self.start_call(req);
+                        }
+                    }
+                    None => calls_open = false,
+                },
+                c = control.recv() => match c {
+                    Some(Control::Stop) if !self.stopping => {
+                        self.stopping = true;
+                        calls.close();
+                        drain_until = Some(Instant::now() + t.drain);
+                    }
+                    Some(Control::Stop) => {}
+                    // Kill, or the slot is gone (the supervisor was dropped): nothing may outlive it.
+                    Some(Control::Kill) | None => {
+                        self.stopping = true;
+                        self.escalated = true;
+                        break self.kill(ExitReason::Stopped { forced: true }).await;
+                    }
+                },
+                _ = heartbeat.tick(), if !t.heartbeat.is_zero() && !self.stopping => {
+                    if let Err(fault) = self.heartbeat() {
+                        break self.fault(fault).await;
+                    }
+                }
+                _ = sleep_until(next_deadline), if next_deadline < far => {
+                    if let Err(fault) = self.expire_deadlines() {
+                        break self.fault(fault).await;
+                    }
+                }
+                _ = sleep_until(drain_until.unwrap_or(far)), if drain_until.is_some() && !shutdown_sent => {
+                    // Drain timeout: answer what is left and shut down anyway.
+                    self.log(LogLevel::Warn, format!("drain timeout: {} calls still in flight", self.pending.len()));
+                    self.fail_pending(ErrorCode::Unavailable, "stopped before it replied (drain timeout)");
+                    while let Ok(req) = calls.try_recv() {
+                        let _ = req.reply.send(Err(CallError::new(ErrorCode::Unavailable, "plugin is stopping")));
+                    }
+                    calls_open = false;
+                }
+                _ = sleep_until(escalate_at.unwrap_or(far)), if escalate_at.is_some() => {
+                    if !self.escalated {
+                        self.escalated = true;
+                        self.log(LogLevel::Warn, format!("no exit {} ms after Shutdown; sending SIGTERM", t.shutdown.as_millis()));
+                        self.proc.signal_group(Signal::SIGTERM);
+                        escalate_at = Some(Instant::now() + t.kill);
+                    } else {
+                        self.log(LogLevel::Warn, format!("no exit {} ms after SIGTERM; sending SIGKILL", t.kill.as_millis()));
+                        self.proc.signal_group(Signal::SIGKILL);
+                        escalate_at = None;
+                    }
+                }
+                _ = sleep_until(eof_until.unwrap_or(far)), if eof_until.is_some() => {
+                    break self.fault(Fault::Protocol("closed its socket but did not exit".into())).await;
+                }
+            }
+        };
+        self.fail_pending(ErrorCode::PluginExited, &format!("ended before it replied: {reason}"));
+        calls.close();
+        while let Ok(req) = calls.try_recv() {
+            let _ = req.reply.send(Err(CallError::new(
+                ErrorCode::Unavailable,
+                format!("plugin {} is not running: {reason}", self.cfg.name),
+            )));
+        }
+        reason
+    }
+
+    async fn fault(&mut self, fault: Fault) -> ExitReason {
+        let reason = match fault {
+            Fault::Protocol(detail) => ExitReason::ProtocolViolation { detail },
+            Fault::Hung(detail) => ExitReason::Hung { detail },
+        };
+        self.kill(reason).await
+    }
+}

@@ -1,0 +1,240 @@
+//! Routing calls to a plugin: [`PluginHandle`] and [`Deadline`].
+//!
+//! A handle holds an atomically swappable pointer to the current instance's
+//! call queue. The slot task stores it when the instance becomes Ready and
+//! clears it when routing stops; a call reads it without a lock. A call that
+//! finds no route fails fast with `Unavailable` (a stale tick is worthless).
+//! A call that races a route change (its queue closed under it) retries on
+//! the new route, so a switch of instances loses no call.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use plugin_proto::{CallError, ErrorCode, Payload};
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::exit::ExitReason;
+use crate::instance::CallRequest;
+use crate::lifecycle::State;
+use crate::logs::{LogLine, LogRing};
+use crate::manifest::PluginKind;
+
+/// When a call gives up waiting for its reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Deadline {
+    /// The manifest's `timeouts.call`.
+    #[default]
+    Default,
+    /// This long after the call is made.
+    After(Duration),
+    /// At this instant.
+    At(Instant),
+    /// Never (the plugin's hang detection still applies).
+    None,
+}
+
+impl Deadline {
+    /// A deadline `d` from now.
+    pub fn after(d: Duration) -> Self {
+        Deadline::After(d)
+    }
+
+    fn resolve(self, default: Duration) -> Option<Instant> {
+        match self {
+            Deadline::Default => Some(Instant::now() + default),
+            Deadline::After(d) => Some(Instant::now() + d),
+            Deadline::At(t) => Some(t),
+            Deadline::None => None,
+        }
+    }
+}
+
+/// A point-in-time view of one plugin, for status displays and scripts.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginStatus {
+    /// Plugin name.
+    pub name: String,
+    /// Running (or configured) version.
+    pub version: String,
+    /// What it is for.
+    pub kind: PluginKind,
+    /// Lifecycle state.
+    pub state: State,
+    /// Process id of the current instance.
+    pub pid: Option<u32>,
+    /// Restarts since it was loaded.
+    pub restarts: u32,
+    /// Why the last instance ended.
+    pub last_exit: Option<ExitReason>,
+    /// Time since the current instance became Ready, in milliseconds.
+    pub uptime_ms: Option<u64>,
+    /// Calls answered with a result.
+    pub calls_ok: u64,
+    /// Calls that failed (any error code).
+    pub calls_err: u64,
+    /// The SDK the plugin reported in its Hello.
+    pub sdk: Option<String>,
+    /// Sandbox layers actually in force for this plugin (empty: none).
+    pub sandbox: Vec<String>,
+}
+
+/// The parts of a status the slot task updates.
+#[derive(Debug, Clone)]
+pub(crate) struct LiveStatus {
+    pub state: State,
+    pub pid: Option<u32>,
+    pub restarts: u32,
+    pub last_exit: Option<ExitReason>,
+    pub ready_since: Option<Instant>,
+    pub sdk: Option<String>,
+}
+
+pub(crate) struct Shared {
+    pub name: String,
+    pub version: String,
+    pub kind: PluginKind,
+    pub default_deadline: Duration,
+    pub route: ArcSwapOption<mpsc::Sender<CallRequest>>,
+    pub calls_ok: AtomicU64,
+    pub calls_err: AtomicU64,
+    pub live: Mutex<LiveStatus>,
+    pub ring: LogRing,
+}
+
+/// A cheap, cloneable handle for calling one plugin by name.
+#[derive(Clone)]
+pub struct PluginHandle {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for PluginHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginHandle").field("name", &self.shared.name).finish()
+    }
+}
+
+impl PluginHandle {
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Calls `method` with a bincode-encoded argument and decodes the reply; the manifest's default deadline.
+    pub async fn call<A: Serialize + ?Sized, R: DeserializeOwned>(
+        &self,
+        method: &str,
+        arg: &A,
+    ) -> Result<R, CallError> {
+        self.call_with(method, arg, Deadline::Default).await
+    }
+
+    /// Like [`PluginHandle::call`] with an explicit deadline.
+    pub async fn call_with<A: Serialize + ?Sized, R: DeserializeOwned>(
+        &self,
+        method: &str,
+        arg: &A,
+        deadline: Deadline,
+    ) -> Result<R, CallError> {
+        let payload = Payload::bincode(arg).map_err(|e| {
+            CallError::new(ErrorCode::BadPayload, format!("cannot encode argument: {e}"))
+        })?;
+        let reply = self.call_raw(method, payload, deadline).await?;
+        reply.decode().map_err(|e| {
+            CallError::new(
+                ErrorCode::BadPayload,
+                format!("plugin {} method {method}: cannot decode reply: {e}", self.shared.name),
+            )
+        })
+    }
+
+    /// Calls `method` with an already-encoded payload (bincode or JSON) and returns the reply as sent.
+    pub async fn call_raw(
+        &self,
+        method: &str,
+        payload: Payload,
+        deadline: Deadline,
+    ) -> Result<Payload, CallError> {
+        let result = self.route(method, payload, deadline).await;
+        let counter = if result.is_ok() { &self.shared.calls_ok } else { &self.shared.calls_err };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    async fn route(
+        &self,
+        method: &str,
+        payload: Payload,
+        deadline: Deadline,
+    ) -> Result<Payload, CallError> {
+        let deadline = deadline.resolve(self.shared.default_deadline);
+        let (tx, rx) = oneshot::channel();
+        let mut req = CallRequest { method: method.to_string(), payload, deadline, reply: tx };
+        // A closed queue means routing moved while we sent; a few retries cover any swap.
+        for _ in 0..4 {
+            let Some(queue) = self.shared.route.load_full() else {
+                return Err(self.unavailable());
+            };
+            match queue.send(req).await {
+                Ok(()) => {
+                    return rx.await.unwrap_or_else(|_| {
+                        Err(CallError::new(
+                            ErrorCode::PluginExited,
+                            format!("plugin {} went away before replying", self.shared.name),
+                        ))
+                    })
+                }
+                Err(mpsc::error::SendError(back)) => {
+                    req = back;
+                    let now = self.shared.route.load();
+                    let moved = match now.as_ref() {
+                        Some(q) => !Arc::ptr_eq(q, &queue),
+                        None => false,
+                    };
+                    if !moved {
+                        return Err(self.unavailable());
+                    }
+                }
+            }
+        }
+        Err(self.unavailable())
+    }
+
+    fn unavailable(&self) -> CallError {
+        let live = self.shared.live.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut msg = format!("plugin {} is not ready (state: {}", self.shared.name, live.state);
+        if let Some(r) = &live.last_exit {
+            msg.push_str(&format!(", last exit: {r}"));
+        }
+        msg.push(')');
+        CallError::new(ErrorCode::Unavailable, msg)
+    }
+
+    /// A snapshot of the plugin's status.
+    pub fn status(&self) -> PluginStatus {
+        let s = &self.shared;
+        let live = s.live.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        PluginStatus {
+            name: s.name.clone(),
+            version: s.version.clone(),
+            kind: s.kind,
+            state: live.state,
+            pid: live.pid,
+            restarts: live.restarts,
+            last_exit: live.last_exit,
+            uptime_ms: live.ready_since.map(|t| t.elapsed().as_millis() as u64),
+            calls_ok: s.calls_ok.load(Ordering::Relaxed),
+            calls_err: s.calls_err.load(Ordering::Relaxed),
+            sdk: live.sdk,
+            sandbox: Vec::new(),
+        }
+    }
+
+    /// The plugin's last `n` log lines (stdout, stderr, SDK logs and supervisor notes), oldest first.
+    pub fn logs(&self, n: usize) -> Vec<LogLine> {
+        self.shared.ring.tail(n)
+    }
+}

@@ -1,0 +1,251 @@
+//! One task per loaded plugin: drives the lifecycle machine and performs its actions.
+//!
+//! The slot owns the plugin's current instance (its control queue and call
+//! queue), the restart timer and the handed-over state blob. It feeds every
+//! event — orders from the supervisor, reports from the instance, timers —
+//! through `lifecycle::transition` and then does what the returned actions
+//! say. When the slot's command queue closes (the supervisor was dropped), it
+//! kills its instance.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant as StdInstant;
+
+use plugin_proto::LogLevel;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{sleep_until, Instant};
+
+use crate::exit::ExitReason;
+use crate::instance::{self, CallRequest, Control, InstanceConfig, InstanceEvent};
+use crate::lifecycle::{transition, Action, Event, Machine, State};
+use crate::logs::LogSource;
+use crate::manifest::PluginSpec;
+use crate::router::Shared;
+use crate::spawn::{SpawnPlan, Spawner};
+
+/// Calls queued per instance before callers wait for room.
+const CALL_QUEUE: usize = 1024;
+
+/// Orders from the supervisor to a slot.
+pub(crate) enum SlotCommand {
+    /// Start; the reply comes when the instance is Ready or the start failed.
+    Start(oneshot::Sender<Result<(), ExitReason>>),
+    /// Graceful stop; the reply comes when no instance runs.
+    Stop(oneshot::Sender<()>),
+}
+
+struct Current {
+    generation: u64,
+    control: mpsc::Sender<Control>,
+    calls: Option<mpsc::Sender<CallRequest>>,
+}
+
+pub(crate) struct Slot {
+    pub spec: PluginSpec,
+    pub shared: Arc<Shared>,
+    pub spawner: Arc<Spawner>,
+    pub bin_dirs: Vec<PathBuf>,
+    pub max_frame: u32,
+}
+
+impl Slot {
+    fn note(&self, level: LogLevel, text: String) {
+        self.shared.ring.push(&self.shared.name, LogSource::Supervisor, level, text);
+    }
+
+    fn publish(&self, m: &Machine, pid: Option<u32>, sdk: Option<String>) {
+        let mut live = self.shared.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.state = m.state;
+        live.restarts = m.restarts;
+        live.last_exit = m.last_exit.clone();
+        live.ready_since = if m.state == State::Ready {
+            live.ready_since.or_else(|| Some(Instant::now()))
+        } else {
+            None
+        };
+        live.pid = pid;
+        if sdk.is_some() {
+            live.sdk = sdk;
+        }
+    }
+
+    /// Runs until the command queue closes.
+    pub async fn run(self, mut commands: mpsc::UnboundedReceiver<SlotCommand>) {
+        let mut machine = Machine::new(self.spec.manifest.restart.clone());
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<(u64, InstanceEvent)>();
+        let mut current: Option<Current> = None;
+        let mut generation = 0u64;
+        let mut pid: Option<u32> = None;
+        let mut restart_at: Option<Instant> = None;
+        let mut handover: Option<Vec<u8>> = None;
+        let mut start_waiters: Vec<oneshot::Sender<Result<(), ExitReason>>> = Vec::new();
+        let mut stop_waiters: Vec<oneshot::Sender<()>> = Vec::new();
+        let far = Instant::now() + std::time::Duration::from_secs(86400 * 365);
+
+        loop {
+            let mut sdk = None;
+            let event = tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(SlotCommand::Start(reply)) => {
+                        if machine.state == State::Ready {
+                            let _ = reply.send(Ok(()));
+                            continue;
+                        }
+                        start_waiters.push(reply);
+                        Event::Start
+                    }
+                    Some(SlotCommand::Stop(reply)) => {
+                        stop_waiters.push(reply);
+                        Event::Stop
+                    }
+                    None => break,
+                },
+                Some((gen, ev)) = ev_rx.recv() => {
+                    if current.as_ref().map(|c| c.generation) != Some(gen) {
+                        continue; // a report from an instance we already let go of
+                    }
+                    match ev {
+                        InstanceEvent::Ready { pid: p, sdk: s } => {
+                            pid = Some(p);
+                            sdk = Some(s);
+                            self.note(LogLevel::Info, format!("ready (pid {p})"));
+                            Event::Ready
+                        }
+                        InstanceEvent::Drained => Event::Drained,
+                        InstanceEvent::Exited { reason, state } => {
+                            if state.is_some() {
+                                handover = state;
+                            }
+                            current = None;
+                            pid = None;
+                            self.shared.route.store(None);
+                            let level = if reason.is_failure() { LogLevel::Error } else { LogLevel::Info };
+                            self.note(level, format!("instance ended: {reason}"));
+                            Event::ProcessExited(reason)
+                        }
+                    }
+                },
+                _ = sleep_until(restart_at.unwrap_or(far)), if restart_at.is_some() => {
+                    restart_at = None;
+                    Event::BackoffElapsed
+                }
+            };
+
+            let mut queue = vec![event];
+            while let Some(event) = queue.pop() {
+                let (next, actions) =
+                    transition(&machine, event, StdInstant::now(), fastrand::f64());
+                machine = next;
+                for action in actions {
+                    match action {
+                        Action::Spawn => {
+                            generation += 1;
+                            match self.spawn(generation, handover.take(), ev_tx.clone()).await {
+                                Ok(c) => current = Some(c),
+                                Err(reason) => {
+                                    self.note(LogLevel::Error, format!("start failed: {reason}"));
+                                    queue.push(Event::ProcessExited(reason));
+                                }
+                            }
+                        }
+                        Action::Route => {
+                            if let Some(calls) = current.as_ref().and_then(|c| c.calls.clone()) {
+                                self.shared.route.store(Some(Arc::new(calls)));
+                            }
+                        }
+                        Action::Unroute => {
+                            self.shared.route.store(None);
+                            if let Some(c) = current.as_mut() {
+                                c.calls = None;
+                            }
+                        }
+                        Action::GracefulStop => {
+                            if let Some(c) = &current {
+                                let _ = c.control.send(Control::Stop).await;
+                            }
+                        }
+                        Action::Kill => {
+                            if let Some(c) = &current {
+                                let _ = c.control.send(Control::Kill).await;
+                            }
+                        }
+                        Action::ScheduleRestart(d) => {
+                            self.note(
+                                LogLevel::Warn,
+                                format!("restarting in {} ms", d.as_millis()),
+                            );
+                            restart_at = Some(Instant::now() + d);
+                        }
+                        Action::CancelRestart => restart_at = None,
+                        Action::ReportFailed => {
+                            let r = &self.spec.manifest.restart;
+                            self.note(
+                                LogLevel::Error,
+                                format!(
+                                    "failed: more than {} restarts within {} s; not restarting until started by hand",
+                                    r.max_restarts,
+                                    r.within.as_secs_f64()
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+            self.publish(&machine, pid, sdk);
+
+            match machine.state {
+                State::Ready => {
+                    for w in start_waiters.drain(..) {
+                        let _ = w.send(Ok(()));
+                    }
+                }
+                State::Starting | State::Draining | State::Stopping => {}
+                _ => {
+                    let why =
+                        machine.last_exit.clone().unwrap_or(ExitReason::Stopped { forced: false });
+                    for w in start_waiters.drain(..) {
+                        let _ = w.send(Err(why.clone()));
+                    }
+                }
+            }
+            if current.is_none() && !matches!(machine.state, State::Starting | State::Ready) {
+                for w in stop_waiters.drain(..) {
+                    let _ = w.send(());
+                }
+            }
+        }
+        // The supervisor is gone: dropping the control queue makes the instance kill its group.
+        self.shared.route.store(None);
+        drop(current);
+    }
+
+    async fn spawn(
+        &self,
+        generation: u64,
+        state: Option<Vec<u8>>,
+        events: mpsc::UnboundedSender<(u64, InstanceEvent)>,
+    ) -> Result<Current, ExitReason> {
+        let plan = SpawnPlan::for_spec(&self.spec, &self.bin_dirs)
+            .map_err(|detail| ExitReason::SpawnFailed { detail })?;
+        let raw = self
+            .spawner
+            .spawn(plan)
+            .await
+            .map_err(|e| ExitReason::SpawnFailed { detail: e.to_string() })?;
+        self.note(LogLevel::Info, format!("started pid {}", raw.pid));
+        let (calls_tx, calls_rx) = mpsc::channel(CALL_QUEUE);
+        let (control_tx, control_rx) = mpsc::channel(4);
+        let m = &self.spec.manifest;
+        let cfg = InstanceConfig {
+            name: m.name.clone(),
+            generation,
+            timeouts: m.timeouts.clone(),
+            config_json: m.config.to_string(),
+            state,
+            max_frame: self.max_frame,
+            ring: self.shared.ring.clone(),
+        };
+        tokio::spawn(instance::run(raw, cfg, calls_rx, control_rx, events));
+        Ok(Current { generation, control: control_tx, calls: Some(calls_tx) })
+    }
+}

@@ -1,0 +1,268 @@
+//! [`Supervisor`]: load, call, stop and unload plugins.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwapOption;
+use plugin_proto::{LogLevel, DEFAULT_MAX_FRAME};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::exit::ExitReason;
+use crate::lifecycle::State;
+use crate::logs::{LogRing, LogSource};
+use crate::manifest::{ManifestError, PluginSpec};
+use crate::router::{LiveStatus, PluginHandle, PluginStatus, Shared};
+use crate::slot::{Slot, SlotCommand};
+use crate::spawn::Spawner;
+
+/// Settings of a supervisor (per host, not per plugin).
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// Where bare entrypoint names are looked up after the plugin folder.
+    /// Default: the directory of the running executable (where cargo puts sibling binaries).
+    pub bin_dirs: Vec<PathBuf>,
+    /// Largest frame either side may send (at most 16 MiB).
+    pub max_frame: u32,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        let bin_dirs = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.to_path_buf()))
+            .into_iter()
+            .collect();
+        Self { bin_dirs, max_frame: DEFAULT_MAX_FRAME }
+    }
+}
+
+/// What can go wrong when managing plugins.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// The manifest is invalid.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// A plugin of that name is already loaded.
+    #[error("plugin {name} is already loaded; unload it first or use another name")]
+    AlreadyLoaded {
+        /// The name.
+        name: String,
+    },
+    /// No plugin of that name is loaded.
+    #[error("no plugin named {name} is loaded (loaded: {loaded})")]
+    UnknownPlugin {
+        /// The name asked for.
+        name: String,
+        /// The names that are loaded, comma-separated.
+        loaded: String,
+    },
+    /// The first start of the plugin failed.
+    #[error("plugin {name} ({manifest}) failed to start: {reason}{}", tail_text(.log_tail))]
+    StartFailed {
+        /// The plugin.
+        name: String,
+        /// Its manifest file.
+        manifest: PathBuf,
+        /// Why.
+        reason: ExitReason,
+        /// Its last lines of output, which usually say why.
+        log_tail: Vec<String>,
+    },
+    /// The supervisor could not start its spawner thread.
+    #[error("cannot start the spawner thread: {0}")]
+    Spawner(std::io::Error),
+    /// The plugin's task is gone (the runtime is shutting down).
+    #[error("plugin {name} is no longer supervised (is the runtime shutting down?)")]
+    Gone {
+        /// The plugin.
+        name: String,
+    },
+}
+
+fn tail_text(lines: &[String]) -> String {
+    if lines.is_empty() {
+        String::new()
+    } else {
+        format!("\n  last output:\n    {}", lines.join("\n    "))
+    }
+}
+
+struct Loaded {
+    handle: PluginHandle,
+    commands: mpsc::UnboundedSender<SlotCommand>,
+    manifest: PathBuf,
+}
+
+/// Runs plugins as supervised child processes. Dropping it kills every plugin it started.
+pub struct Supervisor {
+    config: SupervisorConfig,
+    spawner: Arc<Spawner>,
+    /// Loaded plugins in load order (shutdown goes in reverse).
+    plugins: Mutex<Vec<Loaded>>,
+}
+
+impl Supervisor {
+    /// A supervisor with no plugins. Starts the spawner thread.
+    pub fn new(config: SupervisorConfig) -> Result<Supervisor, SupervisorError> {
+        let spawner = Arc::new(Spawner::start().map_err(SupervisorError::Spawner)?);
+        Ok(Supervisor { config, spawner, plugins: Mutex::new(Vec::new()) })
+    }
+
+    fn plugins(&self) -> std::sync::MutexGuard<'_, Vec<Loaded>> {
+        self.plugins.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn unknown(&self, name: &str) -> SupervisorError {
+        let loaded = self.plugins().iter().map(|l| l.handle.name().to_string()).collect::<Vec<_>>();
+        SupervisorError::UnknownPlugin { name: name.into(), loaded: loaded.join(", ") }
+    }
+
+    fn commands(&self, name: &str) -> Result<mpsc::UnboundedSender<SlotCommand>, SupervisorError> {
+        self.plugins()
+            .iter()
+            .find(|l| l.handle.name() == name)
+            .map(|l| l.commands.clone())
+            .ok_or_else(|| self.unknown(name))
+    }
+
+    /// Starts a plugin and waits until it is Ready. If its first start fails, it is not kept.
+    pub async fn load(&self, spec: PluginSpec) -> Result<PluginHandle, SupervisorError> {
+        let m = &spec.manifest;
+        let name = m.name.clone();
+        let shared = Arc::new(Shared {
+            name: name.clone(),
+            version: m.version.to_string(),
+            kind: m.kind,
+            default_deadline: m.timeouts.call,
+            route: ArcSwapOption::empty(),
+            calls_ok: AtomicU64::new(0),
+            calls_err: AtomicU64::new(0),
+            live: Mutex::new(LiveStatus {
+                state: State::Stopped,
+                pid: None,
+                restarts: 0,
+                last_exit: None,
+                ready_since: None,
+                sdk: None,
+            }),
+            ring: LogRing::default(),
+        });
+        if m.limits != Default::default() || m.sandbox != Default::default() {
+            shared.ring.push(
+                &name,
+                LogSource::Supervisor,
+                LogLevel::Warn,
+                "[limits] and [sandbox] are parsed but NOT enforced by this build; the plugin runs unconfined".into(),
+            );
+        }
+        let handle = PluginHandle { shared: shared.clone() };
+        let (tx, rx) = mpsc::unbounded_channel();
+        {
+            let mut plugins = self.plugins();
+            if plugins.iter().any(|l| l.handle.name() == name) {
+                return Err(SupervisorError::AlreadyLoaded { name });
+            }
+            plugins.push(Loaded {
+                handle: handle.clone(),
+                commands: tx.clone(),
+                manifest: spec.manifest_path.clone(),
+            });
+        }
+        let manifest = spec.manifest_path.clone();
+        let slot = Slot {
+            spec,
+            shared,
+            spawner: self.spawner.clone(),
+            bin_dirs: self.config.bin_dirs.clone(),
+            max_frame: self.config.max_frame,
+        };
+        tokio::spawn(slot.run(rx));
+        let (reply, wait) = oneshot::channel();
+        let _ = tx.send(SlotCommand::Start(reply));
+        let outcome = wait
+            .await
+            .unwrap_or(Err(ExitReason::SpawnFailed { detail: "supervisor task ended".into() }));
+        match outcome {
+            Ok(()) => Ok(handle),
+            Err(reason) => {
+                let _ = self.unload(&name).await;
+                let log_tail = handle
+                    .logs(6)
+                    .into_iter()
+                    .filter(|l| l.source != LogSource::Supervisor)
+                    .map(|l| l.text)
+                    .collect();
+                Err(SupervisorError::StartFailed { name, manifest, reason, log_tail })
+            }
+        }
+    }
+
+    /// The handle of a loaded plugin.
+    pub fn get(&self, name: &str) -> Option<PluginHandle> {
+        self.plugins().iter().find(|l| l.handle.name() == name).map(|l| l.handle.clone())
+    }
+
+    /// Status of every loaded plugin, in load order.
+    pub fn status(&self) -> Vec<PluginStatus> {
+        self.plugins().iter().map(|l| l.handle.status()).collect()
+    }
+
+    /// The manifest file a loaded plugin came from.
+    pub fn manifest_path(&self, name: &str) -> Option<PathBuf> {
+        self.plugins().iter().find(|l| l.handle.name() == name).map(|l| l.manifest.clone())
+    }
+
+    /// Gracefully stops a plugin (drain, Shutdown, TERM, KILL) but keeps it loaded.
+    pub async fn stop(&self, name: &str) -> Result<PluginStatus, SupervisorError> {
+        let commands = self.commands(name)?;
+        let (reply, wait) = oneshot::channel();
+        commands
+            .send(SlotCommand::Stop(reply))
+            .map_err(|_| SupervisorError::Gone { name: name.into() })?;
+        wait.await.map_err(|_| SupervisorError::Gone { name: name.into() })?;
+        Ok(self.get(name).map(|h| h.status()).ok_or_else(|| self.unknown(name))?)
+    }
+
+    /// Starts a loaded plugin that is stopped, exited or failed, and waits until it is Ready.
+    pub async fn start(&self, name: &str) -> Result<PluginStatus, SupervisorError> {
+        let commands = self.commands(name)?;
+        let (reply, wait) = oneshot::channel();
+        commands
+            .send(SlotCommand::Start(reply))
+            .map_err(|_| SupervisorError::Gone { name: name.into() })?;
+        let outcome = wait.await.map_err(|_| SupervisorError::Gone { name: name.into() })?;
+        let handle = self.get(name).ok_or_else(|| self.unknown(name))?;
+        match outcome {
+            Ok(()) => Ok(handle.status()),
+            Err(reason) => Err(SupervisorError::StartFailed {
+                name: name.into(),
+                manifest: self.manifest_path(name).unwrap_or_default(),
+                reason,
+                log_tail: handle.logs(6).into_iter().map(|l| l.text).collect(),
+            }),
+        }
+    }
+
+    /// Stops and starts a plugin.
+    pub async fn restart(&self, name: &str) -> Result<PluginStatus, SupervisorError> {
+        self.stop(name).await?;
+        self.start(name).await
+    }
+
+    /// Gracefully stops a plugin and forgets it. Returns its final status.
+    pub async fn unload(&self, name: &str) -> Result<PluginStatus, SupervisorError> {
+        let status = self.stop(name).await?;
+        self.plugins().retain(|l| l.handle.name() != name);
+        Ok(status)
+    }
+
+    /// Unloads every plugin, in reverse load order.
+    pub async fn shutdown(&self) {
+        let names: Vec<String> =
+            self.plugins().iter().rev().map(|l| l.handle.name().to_string()).collect();
+        for name in names {
+            let _ = self.unload(&name).await;
+        }
+    }
+}
