@@ -1,1 +1,353 @@
+//! End to end: load, call, crash, restart, fail, stop — with real plugin processes.
 
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use plugd_examples::{Order, Tick};
+use supervisor::{Deadline, ErrorCode, ExitReason, Payload, PayloadCodec, State, SupervisorError};
+
+fn tick(n: u64) -> Tick {
+    Tick {
+        symbol: "BTC-USD".into(),
+        bid: 100.0 + n as f64 * 0.01,
+        ask: 100.02 + n as f64 * 0.01,
+        ts: n,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_call_unload() {
+    let sup = supervisor();
+    let echo = sup.load(example("echo")).await.unwrap();
+    let st = echo.status();
+    assert_eq!((st.state, st.version.as_str(), st.restarts), (State::Ready, "1.0.0", 0));
+    let pid = st.pid.unwrap();
+    assert!(alive(pid));
+
+    let back: String = echo.call("echo", "hello").await.unwrap();
+    assert_eq!(back, "hello");
+    let config: String = echo.call("config", &()).await.unwrap();
+    assert_eq!(config, r#"{"greeting":"hello"}"#, "[config] reaches on_load as JSON");
+    let name: Option<String> = echo.call("env", "PLUGD_PLUGIN_NAME").await.unwrap();
+    assert_eq!(name.as_deref(), Some("echo"));
+    let home: Option<String> = echo.call("env", "HOME").await.unwrap();
+    assert_eq!(home, None, "the host environment is not leaked to plugins");
+    let plugin_pid: u32 = echo.call("pid", &()).await.unwrap();
+    assert_eq!(plugin_pid, pid);
+
+    let () = echo.call("log", "from the plugin").await.unwrap();
+    eventually("plugin output captured", || {
+        let logs = echo.logs(20);
+        logs.iter().any(|l| l.text == "from the plugin")
+            && logs.iter().any(|l| l.text == "stdout: from the plugin")
+    })
+    .await;
+
+    let st = sup.unload("echo").await.unwrap();
+    assert_eq!(st.state, State::Stopped);
+    assert_eq!(st.last_exit, Some(ExitReason::Stopped { forced: false }));
+    assert!(!alive(pid), "unload leaves no process");
+    assert!(sup.get("echo").is_none());
+    let err = echo.call::<_, String>("echo", "late").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::Unavailable);
+    let err = sup.unload("echo").await.unwrap_err();
+    assert!(matches!(err, SupervisorError::UnknownPlugin { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_and_raw_calls_to_the_strategy() {
+    let sup = supervisor();
+    let strat = sup.load(example("tick-strategy")).await.unwrap();
+    for n in 0..50 {
+        let _: Order = strat.call("on_tick", &tick(n)).await.unwrap();
+    }
+    // A sharp drop below the moving average must buy.
+    let dip = Tick { symbol: "BTC-USD".into(), bid: 90.0, ask: 90.02, ts: 99 };
+    let order: Order = strat.call("on_tick", &dip).await.unwrap();
+    assert!(
+        matches!(order, Order::Limit { side: plugd_examples::Side::Buy, qty: 1, .. }),
+        "{order:?}"
+    );
+
+    // Raw JSON in, JSON out (what tooling and other languages use).
+    let json = br#"{"symbol":"ETH-USD","bid":10.0,"ask":10.01,"ts":1}"#.to_vec();
+    let reply = strat
+        .call_raw(
+            "on_tick",
+            Payload::raw(PayloadCodec::Json, json),
+            Deadline::after(Duration::from_secs(2)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.codec, PayloadCodec::Json);
+    let text = String::from_utf8(reply.data).unwrap();
+    assert!(text == "\"Hold\"" || text.contains("Limit"), "{text}");
+
+    // Bad input is the caller's error, not a dead plugin.
+    let crossed = Tick { symbol: "X".into(), bid: 10.0, ask: 9.0, ts: 1 };
+    let err = strat.call::<_, Order>("on_tick", &crossed).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::Failed);
+    assert!(err.message.contains("crossed"), "{err}");
+    let err = strat.call::<_, Order>("on_tick", "not a tick").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::BadPayload);
+    let err = strat.call::<_, Order>("no_such_method", &()).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::UnknownMethod);
+    assert!(err.message.contains("on_tick"), "lists the methods it has: {err}");
+    let st = strat.status();
+    assert_eq!((st.state, st.restarts), (State::Ready, 0));
+    assert!(st.calls_ok >= 51 && st.calls_err == 3, "{st:?}");
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_calls_in_flight_are_all_answered() {
+    let sup = supervisor();
+    let echo = sup.load(example("echo")).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..1000u64 {
+        let echo = echo.clone();
+        tasks.push(tokio::spawn(async move {
+            let back: u64 =
+                echo.call_with("echo", &i, Deadline::after(Duration::from_secs(20))).await.unwrap();
+            assert_eq!(back, i, "each reply goes to its own caller");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(echo.status().calls_ok, 1000);
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_plugin_is_restarted_and_serves_again() {
+    let sup = supervisor();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = plugin(&dir, "crasher", "crasher", "[restart]\nbackoff = \"10ms\"\n");
+    let c = sup.load(spec).await.unwrap();
+    let pid = c.status().pid.unwrap();
+    let err = c.call::<_, ()>("crash", "segv").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::PluginExited, "{err}");
+    eventually("restarted", || c.status().state == State::Ready && c.status().pid != Some(pid))
+        .await;
+    let st = c.status();
+    assert_eq!(st.restarts, 1);
+    assert!(
+        matches!(st.last_exit, Some(ExitReason::Signaled { signal: 11, .. })),
+        "{:?}",
+        st.last_exit
+    );
+    assert_eq!(st.last_exit.unwrap().to_string(), "crashed(SIGSEGV)");
+    assert!(!alive(pid));
+    let pong: String = c.call("ping", &()).await.unwrap();
+    assert_eq!(pong, "pong");
+
+    // exit(3) is classified as an exit code, not a signal.
+    let _ = c.call::<_, ()>("crash", "exit").await;
+    eventually("restarted again", || c.status().restarts == 2 && c.status().state == State::Ready)
+        .await;
+    assert_eq!(c.status().last_exit, Some(ExitReason::Exited { code: 3 }));
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_an_error_reply_not_a_dead_plugin() {
+    let sup = supervisor();
+    let c = sup.load(example("crasher")).await.unwrap();
+    let pid = c.status().pid;
+    let err = c.call::<_, ()>("panic", "boom").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::Panicked);
+    assert!(err.message.contains("boom"), "{err}");
+    let pong: String = c.call("ping", &()).await.unwrap();
+    assert_eq!(pong, "pong");
+    assert_eq!(c.status().pid, pid);
+    assert_eq!(c.status().restarts, 0);
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_turns_failed_while_a_neighbour_keeps_answering() {
+    let sup = supervisor();
+    let echo = sup.load(example("echo")).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = plugin(
+        &dir,
+        "looper",
+        "crasher",
+        "[restart]\npolicy = \"always\"\nmax_restarts = 3\nwithin = \"60s\"\nbackoff = \"10ms\"\n",
+    );
+    let c = sup.load(spec).await.unwrap();
+    let mut crashes = 0;
+    let mut echoes = 0u64;
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while c.status().state != State::Failed {
+        assert!(Instant::now() < give_up, "never reached Failed: {:?}", c.status());
+        if c.status().state == State::Ready && c.call::<_, ()>("crash", "abort").await.is_err() {
+            crashes += 1;
+        }
+        let back: u64 =
+            echo.call("echo", &echoes).await.expect("the neighbour must keep answering");
+        assert_eq!(back, echoes);
+        echoes += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let st = c.status();
+    assert_eq!(crashes, 4, "3 restarts allowed, the 4th crash gives up");
+    assert_eq!(st.restarts, 3);
+    assert_eq!(st.pid, None);
+    assert_eq!(st.last_exit.unwrap().to_string(), "crashed(SIGABRT)");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(c.status().state, State::Failed, "a failed plugin stays down");
+    let err = c.call::<_, String>("ping", &()).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::Unavailable);
+    assert!(err.message.contains("failed") && err.message.contains("SIGABRT"), "{err}");
+    assert_eq!(echo.status().state, State::Ready);
+    assert_eq!(echo.status().restarts, 0);
+
+    // Started by hand, it serves again with a fresh intensity budget.
+    sup.start("looper").await.unwrap();
+    let pong: String = c.call("ping", &()).await.unwrap();
+    assert_eq!(pong, "pong");
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_fail_the_call_not_the_plugin() {
+    let sup = supervisor();
+    let slow = sup.load(example("slow")).await.unwrap();
+    let err = slow
+        .call_with::<_, u64>("slow", &500u64, Deadline::after(Duration::from_millis(50)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::DeadlineExceeded);
+    // The late reply is dropped; the next call gets its own answer.
+    let ms: u64 = slow.call("slow", &1u64).await.unwrap();
+    assert_eq!(ms, 1);
+    assert_eq!(slow.status().restarts, 0);
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_to_a_stopped_plugin_fail_fast_and_start_brings_it_back() {
+    let sup = supervisor();
+    let echo = sup.load(example("echo")).await.unwrap();
+    let pid = echo.status().pid.unwrap();
+    let st = sup.stop("echo").await.unwrap();
+    assert_eq!(st.state, State::Stopped);
+    assert!(!alive(pid));
+    let t0 = Instant::now();
+    let err = echo.call::<_, String>("echo", "x").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::Unavailable);
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "fails fast rather than waiting for the deadline"
+    );
+    assert!(err.message.contains("stopped"), "{err}");
+    sup.start("echo").await.unwrap();
+    let back: String = echo.call("echo", "again").await.unwrap();
+    assert_eq!(back, "again");
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_is_handed_to_the_next_instance() {
+    let sup = supervisor();
+    let strat = sup.load(example("tick-strategy")).await.unwrap();
+    let _: Order = strat.call("on_tick", &tick(0)).await.unwrap();
+    let dip = Tick { symbol: "BTC-USD".into(), bid: 90.0, ask: 90.02, ts: 1 };
+    let _: Order = strat.call("on_tick", &dip).await.unwrap();
+    let before: i64 = strat.call("position", &()).await.unwrap();
+    assert_eq!(before, 1);
+    let old = strat.status().pid;
+    sup.restart("tick-strategy").await.unwrap();
+    assert_ne!(strat.status().pid, old);
+    let after: i64 = strat.call("position", &()).await.unwrap();
+    assert_eq!(after, before, "on_shutdown's State blob reached the new on_load");
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_failures_say_why() {
+    let sup = supervisor();
+    let dir = tempfile::tempdir().unwrap();
+
+    let spec = plugin(&dir, "bad-load", "crasher", "[config]\nfail_on_load = true\n");
+    let err = sup.load(spec).await.unwrap_err().to_string();
+    assert!(err.contains("bad-load") && err.contains("failed to start"), "{err}");
+    assert!(
+        err.contains("exited(1)") && err.contains("fail_on_load is set"),
+        "shows the plugin's own words: {err}"
+    );
+    assert!(sup.get("bad-load").is_none(), "a plugin whose first start fails is not kept");
+
+    // A bare entrypoint that is nowhere to be found.
+    let folder = dir.path().join("ghost");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(
+        folder.join("plugin.toml"),
+        "name = \"ghost\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"no-such-binary\"\n",
+    )
+    .unwrap();
+    let spec = supervisor::PluginSpec::from_manifest(&folder).unwrap();
+    let err = sup.load(spec).await.unwrap_err().to_string();
+    assert!(
+        err.contains("ghost") && err.contains("no-such-binary") && err.contains("not found"),
+        "{err}"
+    );
+    assert!(err.contains("plugin.toml"), "names the manifest: {err}");
+
+    // A command that is not a plugd plugin at all: exits before Hello.
+    let folder = dir.path().join("not-a-plugin");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(
+        folder.join("plugin.toml"),
+        "name = \"not-a-plugin\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = [\"/bin/sh\", \"-c\", \"echo not a plugin >&2; exit 7\"]\n",
+    )
+    .unwrap();
+    let spec = supervisor::PluginSpec::from_manifest(&folder).unwrap();
+    let err = sup.load(spec).await.unwrap_err().to_string();
+    assert!(err.contains("exited(7)") && err.contains("not a plugin"), "{err}");
+
+    // Loading the same name twice.
+    sup.load(example("echo")).await.unwrap();
+    let err = sup.load(example("echo")).await.unwrap_err();
+    assert!(matches!(err, SupervisorError::AlreadyLoaded { .. }), "{err}");
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_with_mistakes_are_refused_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |text: &str| {
+        std::fs::write(dir.path().join("plugin.toml"), text).unwrap();
+        supervisor::PluginSpec::from_manifest(dir.path()).unwrap_err().to_string()
+    };
+    let base = "name = \"p\"\nversion = \"1.0.0\"\nentrypoint = \"p\"\n";
+    let e = write(&format!("{base}api_version = \"^2\"\n"));
+    assert!(
+        e.contains("plugin.toml") && e.contains("`api_version`") && e.contains("plugin API 1.0.0"),
+        "{e}"
+    );
+    let e = write(&format!("{base}api_version = \"^1\"\n[timeouts]\ncall = \"soon\"\n"));
+    assert!(e.contains("`timeouts.call`"), "{e}");
+    let e = write(&format!("{base}api_version = \"^1\"\n[limits]\nmemory = \"12 potatoes\"\n"));
+    assert!(e.contains("`limits.memory`") && e.contains("potatoes"), "{e}");
+    let e = write(&format!("{base}api_version = \"^1\"\nentrypoint2 = 1\n"));
+    assert!(e.contains("unknown field `entrypoint2`"), "{e}");
+    let e =
+        write("name = \"p\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"bin/p\"\n");
+    assert!(e.contains("`entrypoint`") && e.contains("does not exist"), "{e}");
+    let e = write("this is = not toml");
+    assert!(e.contains("plugin.toml") && e.contains("line 1"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_supervisor_kills_its_plugins() {
+    let sup = supervisor();
+    let echo = sup.load(example("echo")).await.unwrap();
+    let pid = echo.status().pid.unwrap();
+    drop(sup);
+    eventually("plugin killed after the supervisor was dropped", || !alive(pid)).await;
+}

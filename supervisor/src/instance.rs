@@ -533,7 +533,13 @@ impl Instance {
             let next_deadline = self.deadlines.first().map(|(d, _)| *d).unwrap_or(far);
             tokio::select! {
                 biased;
-                status = self.proc.wait() => break self.exit_reason(status),
+                status = self.proc.wait() => {
+                    // What it wrote before exiting (State, Goodbye, replies) is still in the socket.
+                    if !self.eof && self.fill().is_ok() {
+                        let _ = self.on_frames();
+                    }
+                    break self.exit_reason(status);
+                }
                 r = self.sock.readable(), if !self.eof => {
                     if r.is_err() { self.eof = true; continue; }
                     match self.fill() {

@@ -119,11 +119,10 @@ impl Supervisor {
     }
 
     fn commands(&self, name: &str) -> Result<mpsc::UnboundedSender<SlotCommand>, SupervisorError> {
-        self.plugins()
-            .iter()
-            .find(|l| l.handle.name() == name)
-            .map(|l| l.commands.clone())
-            .ok_or_else(|| self.unknown(name))
+        let found =
+            self.plugins().iter().find(|l| l.handle.name() == name).map(|l| l.commands.clone());
+        // The lock is released above: `unknown` takes it again.
+        found.ok_or_else(|| self.unknown(name))
     }
 
     /// Starts a plugin and waits until it is Ready. If its first start fails, it is not kept.

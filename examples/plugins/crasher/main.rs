@@ -25,7 +25,11 @@ fn die(mode: &str) -> ! {
     eprintln!("crasher: dying by {mode}");
     match mode {
         "segv" => {
-            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSEGV);
+            use nix::sys::signal::{raise, signal, SigHandler, Signal};
+            // Rust's runtime handles SIGSEGV (stack-overflow detection); restore the default first.
+            // SAFETY: installing SIG_DFL runs no handler code.
+            let _ = unsafe { signal(Signal::SIGSEGV, SigHandler::SigDfl) };
+            let _ = raise(Signal::SIGSEGV);
             std::process::abort()
         }
         "exit" => std::process::exit(3),

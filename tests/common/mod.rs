@@ -1,0 +1,76 @@
+//! Helpers shared by the end-to-end tests: real binaries, real processes.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use supervisor::{PluginSpec, Supervisor, SupervisorConfig};
+
+/// Where cargo put the example binaries.
+pub fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_echo")).parent().unwrap().to_path_buf()
+}
+
+/// A supervisor that finds the example binaries.
+pub fn supervisor() -> Supervisor {
+    Supervisor::new(SupervisorConfig { bin_dirs: vec![bin_dir()], ..Default::default() }).unwrap()
+}
+
+/// The bundled example plugin folder `name`.
+pub fn example(name: &str) -> PluginSpec {
+    PluginSpec::from_manifest(Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins").join(name))
+        .unwrap()
+}
+
+/// A plugin folder in a temp dir with this manifest (entrypoint is set to the example binary `bin`).
+pub fn plugin(dir: &tempfile::TempDir, name: &str, bin: &str, rest: &str) -> PluginSpec {
+    let folder = dir.path().join(name);
+    std::fs::create_dir_all(&folder).unwrap();
+    let exe = bin_dir().join(bin);
+    let text = format!(
+        "name = \"{name}\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"{}\"\n{rest}",
+        exe.display()
+    );
+    std::fs::write(folder.join("plugin.toml"), text).unwrap();
+    PluginSpec::from_manifest(&folder).unwrap()
+}
+
+/// True if `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state is the first field after the parenthesised command name.
+            let state = stat.rsplit(')').next().and_then(|s| s.trim_start().chars().next());
+            !matches!(state, Some('Z') | Some('X') | None)
+        }
+        Err(_) => false,
+    }
+}
+
+/// Polls `cond` until it holds or a generous deadline passes (only to avoid hanging).
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < give_up, "gave up waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Blocking flavour of [`eventually`] for tests without a runtime.
+pub fn eventually_blocking(what: &str, mut cond: impl FnMut() -> bool) {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < give_up, "gave up waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kills a spawned host process (and waits for it) when the test ends, pass or fail.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
