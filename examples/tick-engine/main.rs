@@ -18,15 +18,18 @@ struct Args {
     plugins: PathBuf,
     ticks: u64,
     rate: u64,
+    /// Extra plugin folders to load and keep running without feeding them ticks.
+    extra: Vec<PathBuf>,
 }
 
 fn usage() -> ! {
-    eprintln!("usage: tick-engine [--plugins DIR] [--ticks N (0 = run until killed)] [--rate TICKS_PER_SEC]");
+    eprintln!("usage: tick-engine [--plugins DIR] [--ticks N (0 = run until killed)] [--rate TICKS_PER_SEC] [--extra PLUGIN_DIR]...");
     std::process::exit(2)
 }
 
 fn parse_args() -> Args {
-    let mut args = Args { plugins: default_plugins_dir(), ticks: 3000, rate: 1000 };
+    let mut args =
+        Args { plugins: default_plugins_dir(), ticks: 3000, rate: 1000, extra: Vec::new() };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| usage());
@@ -34,6 +37,7 @@ fn parse_args() -> Args {
             "--plugins" => args.plugins = PathBuf::from(value()),
             "--ticks" => args.ticks = value().parse().unwrap_or_else(|_| usage()),
             "--rate" => args.rate = value().parse().unwrap_or_else(|_| usage()),
+            "--extra" => args.extra.push(PathBuf::from(value())),
             _ => usage(),
         }
     }
@@ -107,6 +111,12 @@ async fn main() -> Result<()> {
         let h = sup.load(spec).await.with_context(|| format!("loading strategy {name}"))?;
         println!("plugin {name} pid {}", h.status().pid.unwrap_or(0));
         handles.push(h);
+    }
+    for dir in &args.extra {
+        let spec = PluginSpec::from_manifest(dir)?;
+        let name = spec.name().to_string();
+        let h = sup.load(spec).await.with_context(|| format!("loading plugin {name}"))?;
+        println!("plugin {name} pid {}", h.status().pid.unwrap_or(0));
     }
     println!("engine ready: {} strategies, {} ticks at {}/s", handles.len(), args.ticks, args.rate);
 

@@ -55,15 +55,18 @@ fn main() {
                 });
                 let _ = write_frame(&mut sock, &call, max);
             } else {
-                // Wait for the first call, then answer it with noise.
+                // Wait for the first call, then answer it with noise. If the socket closes
+                // first, fall through to the sleep: this plugin ignores a vanished supervisor.
                 loop {
                     match read_frame(&mut reader, max) {
-                        Ok(Message::Call(_)) => break,
+                        Ok(Message::Call(_)) => {
+                            noise(&mut sock);
+                            break;
+                        }
                         Ok(_) => continue,
-                        Err(_) => return,
+                        Err(_) => break,
                     }
                 }
-                noise(&mut sock);
             }
         }
         _ => noise(&mut sock),
