@@ -572,7 +572,7 @@ impl Manifest {
             None => None,
             Some(list) => {
                 let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as i64;
-                if list.is_empty() || list.iter().any(|&cpu| cpu < 0 || cpu >= 1024) {
+                if list.is_empty() || list.iter().any(|cpu| !(0..1024).contains(cpu)) {
                     return Err(c.bad(
                         "limits.cpus",
                         format!("= {list:?} must list CPU numbers (this machine has 0..{n})"),

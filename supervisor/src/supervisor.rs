@@ -220,7 +220,7 @@ impl Supervisor {
             .send(SlotCommand::Stop(reply))
             .map_err(|_| SupervisorError::Gone { name: name.into() })?;
         wait.await.map_err(|_| SupervisorError::Gone { name: name.into() })?;
-        Ok(self.get(name).map(|h| h.status()).ok_or_else(|| self.unknown(name))?)
+        self.get(name).map(|h| h.status()).ok_or_else(|| self.unknown(name))
     }
 
     /// Starts a loaded plugin that is stopped, exited or failed, and waits until it is Ready.

@@ -1,0 +1,221 @@
+//! plugd-bench: the cost of a plugin call, as a ratio to the physical floor.
+//!
+//! In one run, on one machine, it measures
+//!
+//! 1. the floor: a raw blocking ping-pong of N bytes over a Unix socketpair
+//!    between this process and a child process (this binary re-executed with
+//!    `--raw-child`): no framing, no serde, no async runtime;
+//! 2. plugd: `PluginHandle::call` through the supervisor to a real plugin
+//!    process and back — `on_tick` on the tick-strategy example (typed,
+//!    bincode) and `echo` with N-byte payloads — on a tokio multi-thread
+//!    runtime, as a host would run it;
+//!
+//! and prints p50/p90/p99/p99.9/max of each with its ratio to the floor of
+//! the same message size. `--json FILE` writes every figure for scripts.
+//!
+//! Build everything first (the bench finds the plugins next to itself):
+//! `cargo build --release --workspace && target/release/plugd-bench`.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use plugd_examples::{Order, Tick};
+use serde::Serialize;
+use supervisor::{Deadline, Payload, PluginSpec, Supervisor, SupervisorConfig};
+
+#[derive(Debug, Clone, Serialize)]
+struct Stats {
+    name: String,
+    bytes: usize,
+    samples: usize,
+    p50_us: f64,
+    p90_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    max_us: f64,
+    /// Ratios to the floor of the same size, per percentile (absent for the floor itself).
+    ratio_p50: Option<f64>,
+    ratio_p99: Option<f64>,
+    ratio_p999: Option<f64>,
+}
+
+fn stats(name: &str, bytes: usize, mut ns: Vec<u64>) -> Stats {
+    ns.sort_unstable();
+    let at = |p: f64| ns[((ns.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
+    Stats {
+        name: name.into(),
+        bytes,
+        samples: ns.len(),
+        p50_us: at(0.5),
+        p90_us: at(0.9),
+        p99_us: at(0.99),
+        p999_us: at(0.999),
+        max_us: at(1.0),
+        ratio_p50: None,
+        ratio_p99: None,
+        ratio_p999: None,
+    }
+}
+
+fn with_ratio(mut s: Stats, floor: &Stats) -> Stats {
+    s.ratio_p50 = Some(s.p50_us / floor.p50_us);
+    s.ratio_p99 = Some(s.p99_us / floor.p99_us);
+    s.ratio_p999 = Some(s.p999_us / floor.p999_us);
+    s
+}
+
+/// The raw child: echo fixed-size messages on fd 3 until EOF.
+fn raw_child(size: usize) -> ! {
+    // SAFETY: the parent passed a socketpair end as fd 3 for this child alone.
+    let mut sock = unsafe { UnixStream::from_raw_fd(3) };
+    let mut buf = vec![0u8; size];
+    while sock.read_exact(&mut buf).is_ok() {
+        if sock.write_all(&buf).is_err() {
+            break;
+        }
+    }
+    std::process::exit(0)
+}
+
+fn raw_floor(size: usize, warmup: usize, samples: usize) -> Result<Stats> {
+    let (mut ours, theirs) = UnixStream::pair()?;
+    let theirs = OwnedFd::from(theirs);
+    let fd = theirs.as_raw_fd();
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["--raw-child", &size.to_string()]);
+    // SAFETY: dup2 is async-signal-safe and the closure captures only an integer.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::dup2(fd, 3)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("spawn the raw ping-pong child")?;
+    drop(theirs);
+    let msg = vec![7u8; size];
+    let mut back = vec![0u8; size];
+    let mut ns = Vec::with_capacity(samples);
+    for i in 0..warmup + samples {
+        let t0 = Instant::now();
+        ours.write_all(&msg)?;
+        ours.read_exact(&mut back)?;
+        if i >= warmup {
+            ns.push(t0.elapsed().as_nanos() as u64);
+        }
+    }
+    drop(ours);
+    child.wait()?;
+    Ok(stats(&format!("raw socketpair {size} B"), size, ns))
+}
+
+fn bin_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("executable has no directory")?.to_path_buf();
+    if !dir.join("tick-strategy").exists() || !dir.join("echo").exists() {
+        bail!(
+            "the example plugins are not built next to {}; run `cargo build --release --workspace` first",
+            exe.display()
+        );
+    }
+    Ok(dir)
+}
+
+fn plugins_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/plugins"))
+}
+
+async fn plugd_runs(warmup: usize, samples: usize, sizes: &[usize]) -> Result<Vec<Stats>> {
+    let sup =
+        Supervisor::new(SupervisorConfig { bin_dirs: vec![bin_dir()?], ..Default::default() })?;
+    let strat = sup.load(PluginSpec::from_manifest(plugins_dir().join("tick-strategy"))?).await?;
+    let echo = sup.load(PluginSpec::from_manifest(plugins_dir().join("echo"))?).await?;
+    let mut out = Vec::new();
+
+    let mut ns = Vec::with_capacity(samples);
+    let deadline = Deadline::after(Duration::from_secs(5));
+    for i in 0..warmup + samples {
+        let tick = Tick { symbol: "BTC-USD".into(), bid: 100.0, ask: 100.02, ts: i as u64 };
+        let t0 = Instant::now();
+        let _: Order = strat.call_with("on_tick", &tick, deadline).await?;
+        if i >= warmup {
+            ns.push(t0.elapsed().as_nanos() as u64);
+        }
+    }
+    let tick_bytes =
+        plugin_proto::codec::encode(&Tick { symbol: "BTC-USD".into(), bid: 1.0, ask: 1.0, ts: 1 })?
+            .len();
+    out.push(stats("plugd on_tick (typed)", tick_bytes, ns));
+
+    for &size in sizes {
+        let data = vec![7u8; size];
+        let mut ns = Vec::with_capacity(samples);
+        for i in 0..warmup + samples {
+            let payload = Payload::raw(supervisor::PayloadCodec::Bincode, data.clone());
+            let t0 = Instant::now();
+            let _ = echo.call_raw("echo", payload, deadline).await?;
+            if i >= warmup {
+                ns.push(t0.elapsed().as_nanos() as u64);
+            }
+        }
+        out.push(stats(&format!("plugd echo {size} B"), size, ns));
+    }
+    sup.shutdown().await;
+    Ok(out)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--raw-child") {
+        raw_child(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(64));
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let json =
+        args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).map(PathBuf::from);
+    let (warmup, samples) = if quick { (1_000, 5_000) } else { (10_000, 100_000) };
+    let sizes = [64usize, 4096];
+
+    let mut floors = Vec::new();
+    for &size in &sizes {
+        floors.push(raw_floor(size, warmup, samples)?);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let plugd = rt.block_on(plugd_runs(warmup, samples, &sizes))?;
+    let floor_for = |bytes: usize| {
+        floors.iter().min_by_key(|f| f.bytes.abs_diff(bytes)).cloned().expect("two floors measured")
+    };
+    let plugd: Vec<Stats> =
+        plugd.into_iter().map(|s| with_ratio(s.clone(), &floor_for(s.bytes))).collect();
+
+    println!("plugd-bench: {} samples each after {} warm-up, one run", samples, warmup);
+    println!(
+        "{:<24} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9}   {:>16}",
+        "", "bytes", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs", "×floor p50/p99/p99.9"
+    );
+    for s in floors.iter().chain(plugd.iter()) {
+        let ratio = match (s.ratio_p50, s.ratio_p99, s.ratio_p999) {
+            (Some(a), Some(b), Some(c)) => format!("{a:.2} / {b:.2} / {c:.2}"),
+            _ => "floor".into(),
+        };
+        println!(
+            "{:<24} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}   {:>16}",
+            s.name, s.bytes, s.p50_us, s.p90_us, s.p99_us, s.p999_us, s.max_us, ratio
+        );
+    }
+    if let Some(path) = json {
+        let machine = serde_json::json!({
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+            "cpu_model": std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines()
+                .find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).unwrap_or("").trim(),
+        });
+        let doc = serde_json::json!({ "quick": quick, "machine": machine, "floor": floors, "plugd": plugd });
+        std::fs::write(&path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(())
+}
