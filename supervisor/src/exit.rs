@@ -51,6 +51,26 @@ pub enum ExitReason {
         /// The ranges.
         detail: String,
     },
+    /// Ran out of its memory limit (allocation failed under RLIMIT_AS, or RSS over the limit).
+    MemoryLimit {
+        /// The limit in bytes.
+        limit_bytes: u64,
+    },
+    /// Used up its lifetime CPU time (SIGXCPU, then SIGKILL).
+    CpuTimeLimit {
+        /// The limit in seconds.
+        limit_secs: u64,
+    },
+    /// Wrote past its file size limit (SIGXFSZ).
+    FileSizeLimit {
+        /// The limit in bytes.
+        limit_bytes: u64,
+    },
+    /// Made a syscall its seccomp profile forbids (SIGSYS).
+    SandboxViolation {
+        /// The syscall's name, when the plugin's SDK reported it.
+        syscall: Option<String>,
+    },
 }
 
 impl ExitReason {
@@ -94,6 +114,19 @@ impl std::fmt::Display for ExitReason {
             ExitReason::ProtocolViolation { detail } => write!(f, "protocol violation: {detail}"),
             ExitReason::Hung { detail } => write!(f, "hung: {detail}"),
             ExitReason::VersionMismatch { detail } => write!(f, "version mismatch: {detail}"),
+            ExitReason::MemoryLimit { limit_bytes } => {
+                write!(f, "memory limit ({} MiB)", limit_bytes / (1 << 20))
+            }
+            ExitReason::CpuTimeLimit { limit_secs } => write!(f, "CPU-time limit ({limit_secs} s)"),
+            ExitReason::FileSizeLimit { limit_bytes } => {
+                write!(f, "file size limit ({limit_bytes} bytes)")
+            }
+            ExitReason::SandboxViolation { syscall: Some(name) } => {
+                write!(f, "sandbox violation: {name}")
+            }
+            ExitReason::SandboxViolation { syscall: None } => {
+                f.write_str("sandbox violation (SIGSYS; the plugin did not report which syscall)")
+            }
         }
     }
 }

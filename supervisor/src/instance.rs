@@ -25,8 +25,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 
 use crate::exit::ExitReason;
-use crate::logs::{capture, LogRing, LogSource};
-use crate::manifest::Timeouts;
+use crate::logs::{capture, LogRing, LogSource, Markers};
+use crate::manifest::{Limits, Timeouts};
+use crate::sandbox::seccomp::syscall_name;
 use crate::spawn::{Process, RawChild, WaitStatus};
 
 /// A call on its way to an instance.
@@ -49,8 +50,8 @@ pub(crate) enum Control {
 /// Reports from an instance to its slot.
 #[derive(Debug)]
 pub(crate) enum InstanceEvent {
-    /// Handshake and `on_load` done.
-    Ready { pid: u32, sdk: String },
+    /// Handshake and `on_load` done; `lockdown` lists layers the plugin applied to itself.
+    Ready { pid: u32, sdk: String, lockdown: Vec<String> },
     /// In-flight calls are done; Shutdown was sent.
     Drained,
     /// The process is gone.
@@ -66,7 +67,11 @@ pub(crate) struct InstanceConfig {
     pub state: Option<Vec<u8>>,
     pub max_frame: u32,
     pub ring: LogRing,
+    pub limits: Limits,
 }
+
+/// The Notify method an SDK uses to say which layers it applied to itself.
+pub(crate) const LOCKDOWN_NOTIFY: &str = "plugd.lockdown";
 
 struct Pending {
     reply: oneshot::Sender<Result<Payload, CallError>>,
@@ -77,6 +82,7 @@ struct Pending {
 enum Fault {
     Protocol(String),
     Hung(String),
+    Memory,
 }
 
 struct Instance {
@@ -98,6 +104,9 @@ struct Instance {
     kill_reason: Option<ExitReason>,
     stopping: bool,
     escalated: bool,
+    lockdown: Vec<String>,
+    markers: std::sync::Arc<Markers>,
+    stderr_done: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Runs one instance to its end and reports `Exited`.
@@ -118,8 +127,21 @@ pub(crate) async fn run(
             return;
         }
     };
-    tokio::spawn(capture(raw.stdout, cfg.name.clone(), LogSource::Stdout, cfg.ring.clone()));
-    tokio::spawn(capture(raw.stderr, cfg.name.clone(), LogSource::Stderr, cfg.ring.clone()));
+    let markers = std::sync::Arc::new(Markers::default());
+    tokio::spawn(capture(
+        raw.stdout,
+        cfg.name.clone(),
+        LogSource::Stdout,
+        cfg.ring.clone(),
+        markers.clone(),
+    ));
+    let stderr_done = tokio::spawn(capture(
+        raw.stderr,
+        cfg.name.clone(),
+        LogSource::Stderr,
+        cfg.ring.clone(),
+        markers.clone(),
+    ));
     let sock = match raw.socket.set_nonblocking(true).and_then(|_| UnixStream::from_std(raw.socket))
     {
         Ok(s) => s,
@@ -150,12 +172,16 @@ pub(crate) async fn run(
         kill_reason: None,
         stopping: false,
         escalated: false,
+        lockdown: Vec::new(),
+        markers,
+        stderr_done: Some(stderr_done),
     };
     let mut control = control;
     let reason = match inst.handshake(&mut control).await {
         Ok(sdk) => {
             let pid = inst.proc.pid();
-            let _ = events.send((generation, InstanceEvent::Ready { pid, sdk }));
+            let lockdown = inst.lockdown.clone();
+            let _ = events.send((generation, InstanceEvent::Ready { pid, sdk, lockdown }));
             inst.serve(calls, &mut control, &events).await
         }
         Err(reason) => {
@@ -163,6 +189,7 @@ pub(crate) async fn run(
             reason
         }
     };
+    let reason = inst.classify(reason).await;
     let _ =
         events.send((generation, InstanceEvent::Exited { reason, state: inst.state_blob.take() }));
 }
@@ -176,6 +203,46 @@ enum Wake {
 }
 
 impl Instance {
+    /// Turns a bare exit status into a limit or sandbox reason where the evidence says so.
+    async fn classify(&mut self, reason: ExitReason) -> ExitReason {
+        if !matches!(reason, ExitReason::Exited { .. } | ExitReason::Signaled { .. }) {
+            return reason;
+        }
+        // The stderr pipe closes when the process group is gone; its last lines carry the evidence.
+        if let Some(done) = self.stderr_done.take() {
+            let _ = tokio::time::timeout(Duration::from_millis(500), done).await;
+        }
+        let limits = &self.cfg.limits;
+        let signal = match reason {
+            ExitReason::Signaled { signal, .. } => Some(signal),
+            _ => None,
+        };
+        if signal == Some(libc::SIGSYS) {
+            let nr = *self.markers.syscall.lock().unwrap_or_else(|p| p.into_inner());
+            let syscall = nr.map(|nr| {
+                syscall_name(nr).map(str::to_string).unwrap_or_else(|| format!("syscall {nr}"))
+            });
+            return ExitReason::SandboxViolation { syscall };
+        }
+        if let Some(cpu) = limits.cpu_time {
+            let used_up = self.proc.cpu_secs().is_some_and(|used| used + 0.5 >= cpu.as_secs_f64());
+            if signal == Some(libc::SIGXCPU) || (signal == Some(libc::SIGKILL) && used_up) {
+                return ExitReason::CpuTimeLimit { limit_secs: cpu.as_secs() };
+            }
+        }
+        if let (Some(bytes), Some(libc::SIGXFSZ)) = (limits.file_size, signal) {
+            return ExitReason::FileSizeLimit { limit_bytes: bytes };
+        }
+        if let Some(bytes) = limits.memory {
+            if reason.is_failure()
+                && self.markers.out_of_memory.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                return ExitReason::MemoryLimit { limit_bytes: bytes };
+            }
+        }
+        reason
+    }
+
     fn log(&self, level: LogLevel, text: String) {
         self.cfg.ring.push(&self.cfg.name, LogSource::Supervisor, level, text);
     }
@@ -249,12 +316,12 @@ impl Instance {
         &mut self,
         until: Instant,
         control: &mut mpsc::Receiver<Control>,
-    ) -> Result<Wake, Fault> {
+    ) -> Result<Wake, String> {
         loop {
             match self.decoder.next(&mut self.rbuf) {
                 Ok(Some(msg)) => return Ok(Wake::Frame(msg)),
                 Ok(None) => {}
-                Err(e) => return Err(Fault::Protocol(e.to_string())),
+                Err(e) => return Err(e.to_string()),
             }
             if !self.wbuf.is_empty() {
                 let _ = self.flush();
@@ -286,8 +353,8 @@ impl Instance {
         loop {
             let wake = match self.wait_frame(until, control).await {
                 Ok(w) => w,
-                Err(Fault::Protocol(d)) | Err(Fault::Hung(d)) => {
-                    return Err(self.kill(ExitReason::ProtocolViolation { detail: d }).await)
+                Err(detail) => {
+                    return Err(self.kill(ExitReason::ProtocolViolation { detail }).await)
                 }
             };
             let msg = match wake {
@@ -341,6 +408,9 @@ impl Instance {
                     sdk = Some(h.sdk);
                 }
                 Message::Ready if sdk.is_some() => return Ok(sdk.unwrap_or_default()),
+                Message::Notify { method, payload } if method == LOCKDOWN_NOTIFY => {
+                    self.lockdown = payload.decode().unwrap_or_default();
+                }
                 Message::Log { level, message } => {
                     self.cfg.ring.push(&self.cfg.name, LogSource::Sdk, level, message)
                 }
@@ -431,6 +501,9 @@ impl Instance {
                 Message::Goodbye => {}
                 // Streaming replies and plugin-initiated notifications have no consumer on
                 // this host API yet; they are legal and dropped.
+                Message::Notify { method, payload } if method == LOCKDOWN_NOTIFY => {
+                    self.lockdown = payload.decode().unwrap_or_default();
+                }
                 Message::Chunk { .. } | Message::Notify { .. } => {}
                 other => {
                     return Err(Fault::Protocol(format!(
@@ -512,6 +585,10 @@ impl Instance {
         let mut shutdown_sent = false;
         let mut escalate_at: Option<Instant> = None;
         let mut eof_until: Option<Instant> = None;
+        // The last line of the memory limit: RLIMIT_AS stops most, this catches what it misses.
+        let mut rss_watch = tokio::time::interval(Duration::from_millis(250));
+        rss_watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let rss_limit = self.cfg.limits.memory;
 
         let reason = loop {
             if let Err(e) = self.flush() {
@@ -582,6 +659,13 @@ impl Instance {
                         break self.fault(fault).await;
                     }
                 }
+                _ = rss_watch.tick(), if rss_limit.is_some() => {
+                    if let (Some(limit), Some(rss)) = (rss_limit, self.proc.rss_bytes()) {
+                        if rss > limit {
+                            break self.fault(Fault::Memory).await;
+                        }
+                    }
+                }
                 _ = sleep_until(next_deadline), if next_deadline < far => {
                     if let Err(fault) = self.expire_deadlines() {
                         break self.fault(fault).await;
@@ -628,6 +712,9 @@ impl Instance {
         let reason = match fault {
             Fault::Protocol(detail) => ExitReason::ProtocolViolation { detail },
             Fault::Hung(detail) => ExitReason::Hung { detail },
+            Fault::Memory => {
+                ExitReason::MemoryLimit { limit_bytes: self.cfg.limits.memory.unwrap_or(0) }
+            }
         };
         self.kill(reason).await
     }

@@ -25,6 +25,7 @@ pub mod lifecycle;
 pub mod logs;
 pub mod manifest;
 pub mod router;
+pub mod sandbox;
 mod slot;
 pub mod spawn;
 mod supervisor;

@@ -88,8 +88,46 @@ impl LogRing {
     }
 }
 
+/// What the supervisor learns from a plugin's output about why it died.
+#[derive(Debug, Default)]
+pub struct Markers {
+    /// The syscall number the SDK reported just before a seccomp SIGSYS killed it.
+    pub syscall: Mutex<Option<i64>>,
+    /// An allocation failure was printed (Rust, Python and C++ runtimes' wording).
+    pub out_of_memory: std::sync::atomic::AtomicBool,
+}
+
+/// The line the SDK prints on SIGSYS; a plugin in another language may print it too.
+pub const VIOLATION_MARKER: &str = "plugd: sandbox violation: syscall ";
+
+impl Markers {
+    fn scan(&self, text: &str) {
+        if let Some(nr) = text.strip_prefix(VIOLATION_MARKER) {
+            if let Ok(nr) = nr.trim().parse() {
+                *self.syscall.lock().unwrap_or_else(|p| p.into_inner()) = Some(nr);
+            }
+        }
+        const OOM: &[&str] = &[
+            "memory allocation of",
+            "MemoryError",
+            "std::bad_alloc",
+            "out of memory",
+            "Cannot allocate memory",
+        ];
+        if OOM.iter().any(|m| text.contains(m)) {
+            self.out_of_memory.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 /// Reads a plugin's stdout or stderr pipe until it closes, recording each line.
-pub async fn capture(fd: OwnedFd, plugin: String, source: LogSource, ring: LogRing) {
+pub async fn capture(
+    fd: OwnedFd,
+    plugin: String,
+    source: LogSource,
+    ring: LogRing,
+    markers: Arc<Markers>,
+) {
     let level = if source == LogSource::Stderr { LogLevel::Warn } else { LogLevel::Info };
     let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
         return;
@@ -104,6 +142,7 @@ pub async fn capture(fd: OwnedFd, plugin: String, source: LogSource, ring: LogRi
         for &b in &buf[..n] {
             if b == b'\n' || line.len() >= MAX_LINE {
                 let text = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+                markers.scan(&text);
                 ring.push(&plugin, source, level, text);
                 line.clear();
                 if b == b'\n' {
@@ -114,7 +153,9 @@ pub async fn capture(fd: OwnedFd, plugin: String, source: LogSource, ring: LogRi
         }
     }
     if !line.is_empty() {
-        ring.push(&plugin, source, level, String::from_utf8_lossy(&line).into_owned());
+        let text = String::from_utf8_lossy(&line).into_owned();
+        markers.scan(&text);
+        ring.push(&plugin, source, level, text);
     }
 }
 

@@ -202,6 +202,8 @@ pub struct SandboxConfig {
     pub network: String,
     /// "default", "strict" or "off".
     pub syscalls: String,
+    /// "isolated" (Landlock: plugin folder read-only, state folder read-write) or "host".
+    pub filesystem: String,
     /// Whether the plugin may execve after its own start.
     pub execve: bool,
     /// Run as this user (when the supervisor is root).
@@ -221,6 +223,7 @@ impl Default for SandboxConfig {
         Self {
             network: "none".into(),
             syscalls: "default".into(),
+            filesystem: "isolated".into(),
             execve: false,
             user: None,
             group: None,
@@ -333,6 +336,7 @@ struct RawLimits {
 struct RawSandbox {
     network: Option<String>,
     syscalls: Option<String>,
+    filesystem: Option<String>,
     execve: Option<bool>,
     user: Option<String>,
     group: Option<String>,
@@ -608,6 +612,12 @@ impl Manifest {
                 s.syscalls,
                 &["default", "strict", "off"],
                 "default",
+            )?,
+            filesystem: c.one_of(
+                "sandbox.filesystem",
+                s.filesystem,
+                &["isolated", "host"],
+                "isolated",
             )?,
             execve: s.execve.unwrap_or(false),
             user: s.user,

@@ -78,8 +78,10 @@ pub struct PluginStatus {
     pub calls_err: u64,
     /// The SDK the plugin reported in its Hello.
     pub sdk: Option<String>,
-    /// Sandbox layers actually in force for this plugin (empty: none).
+    /// Sandbox layers actually in force for this plugin's current instance.
     pub sandbox: Vec<String>,
+    /// Layers the manifest asked for that this machine cannot provide, with the reason.
+    pub sandbox_unavailable: Vec<String>,
 }
 
 /// The parts of a status the slot task updates.
@@ -91,6 +93,7 @@ pub(crate) struct LiveStatus {
     pub last_exit: Option<ExitReason>,
     pub ready_since: Option<Instant>,
     pub sdk: Option<String>,
+    pub sandbox: crate::sandbox::SandboxReport,
 }
 
 pub(crate) struct Shared {
@@ -229,7 +232,8 @@ impl PluginHandle {
             calls_ok: s.calls_ok.load(Ordering::Relaxed),
             calls_err: s.calls_err.load(Ordering::Relaxed),
             sdk: live.sdk,
-            sandbox: Vec::new(),
+            sandbox: live.sandbox.in_force,
+            sandbox_unavailable: live.sandbox.unavailable,
         }
     }
 

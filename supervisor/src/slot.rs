@@ -21,6 +21,7 @@ use crate::lifecycle::{transition, Action, Event, Machine, State};
 use crate::logs::LogSource;
 use crate::manifest::PluginSpec;
 use crate::router::Shared;
+use crate::sandbox::{HostFacts, SandboxReport};
 use crate::spawn::{SpawnPlan, Spawner};
 
 /// Calls queued per instance before callers wait for room.
@@ -46,6 +47,8 @@ pub(crate) struct Slot {
     pub spawner: Arc<Spawner>,
     pub bin_dirs: Vec<PathBuf>,
     pub max_frame: u32,
+    pub state_root: PathBuf,
+    pub host: Arc<HostFacts>,
 }
 
 impl Slot {
@@ -105,9 +108,13 @@ impl Slot {
                         continue; // a report from an instance we already let go of
                     }
                     match ev {
-                        InstanceEvent::Ready { pid: p, sdk: s } => {
+                        InstanceEvent::Ready { pid: p, sdk: s, lockdown } => {
                             pid = Some(p);
                             sdk = Some(s);
+                            if !lockdown.is_empty() {
+                                let mut live = self.shared.live.lock().unwrap_or_else(|p| p.into_inner());
+                                live.sandbox.in_force.extend(lockdown.into_iter().map(|l| format!("{l}(sdk)")));
+                            }
                             self.note(LogLevel::Info, format!("ready (pid {p})"));
                             Event::Ready
                         }
@@ -225,8 +232,16 @@ impl Slot {
         state: Option<Vec<u8>>,
         events: mpsc::UnboundedSender<(u64, InstanceEvent)>,
     ) -> Result<Current, ExitReason> {
-        let plan = SpawnPlan::for_spec(&self.spec, &self.bin_dirs)
+        let plan = SpawnPlan::for_spec(&self.spec, &self.bin_dirs, &self.state_root, &self.host)
             .map_err(|detail| ExitReason::SpawnFailed { detail })?;
+        let report: SandboxReport = plan.sandbox.report.clone();
+        for missing in &report.unavailable {
+            self.note(
+                LogLevel::Warn,
+                format!("sandbox layer unavailable, running without it: {missing}"),
+            );
+        }
+        self.shared.live.lock().unwrap_or_else(|p| p.into_inner()).sandbox = report;
         let raw = self
             .spawner
             .spawn(plan)
@@ -244,6 +259,7 @@ impl Slot {
             state,
             max_frame: self.max_frame,
             ring: self.shared.ring.clone(),
+            limits: m.limits.clone(),
         };
         tokio::spawn(instance::run(raw, cfg, calls_rx, control_rx, events));
         Ok(Current { generation, control: control_tx, calls: Some(calls_tx) })

@@ -18,8 +18,9 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -27,12 +28,13 @@ use tokio::io::unix::AsyncFd;
 
 use crate::exit::ExitReason;
 use crate::manifest::{check_executable, Entrypoint, PluginSpec};
+use crate::sandbox::{explain_spawn_error, HostFacts, SandboxPlan};
 
 /// The file descriptor number the plugin finds its socket on.
 pub const PLUGIN_FD: RawFd = 3;
 
 /// Everything needed to exec one plugin, resolved before the fork.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SpawnPlan {
     /// Executable to run.
     pub program: PathBuf,
@@ -42,15 +44,23 @@ pub struct SpawnPlan {
     pub dir: PathBuf,
     /// The complete environment.
     pub env: Vec<(String, String)>,
+    /// The sandbox the child applies to itself before exec.
+    pub sandbox: Arc<SandboxPlan>,
 }
 
 /// Host variables a plugin inherits; everything else is cleared.
 const INHERITED_ENV: &[&str] = &["PATH", "LANG", "LC_ALL", "TZ", "RUST_BACKTRACE", "RUST_LOG"];
 
 impl SpawnPlan {
-    /// Resolves the manifest's entrypoint and builds the environment.
+    /// Resolves the manifest's entrypoint, prepares the plugin's state folder
+    /// (`<state_root>/<name>`), plans its sandbox and builds the environment.
     /// A bare name is looked up in the plugin folder, then in `bin_dirs`.
-    pub fn for_spec(spec: &PluginSpec, bin_dirs: &[PathBuf]) -> Result<SpawnPlan, String> {
+    pub fn for_spec(
+        spec: &PluginSpec,
+        bin_dirs: &[PathBuf],
+        state_root: &Path,
+        host: &HostFacts,
+    ) -> Result<SpawnPlan, String> {
         let m = &spec.manifest;
         let (program, args) = match &m.entrypoint {
             Entrypoint::Path(p) => {
@@ -74,6 +84,31 @@ impl SpawnPlan {
             }
             Entrypoint::Command(argv) => (PathBuf::from(&argv[0]), argv[1..].to_vec()),
         };
+        let state_dir = state_root.join(&m.name);
+        std::fs::create_dir_all(&state_dir)
+            .and_then(|_| {
+                std::fs::set_permissions(
+                    &state_dir,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o700),
+                )
+            })
+            .map_err(|e| format!("cannot create the state folder {}: {e}", state_dir.display()))?;
+        let resolved = if program.is_absolute() {
+            program.clone()
+        } else {
+            which(&program).unwrap_or_else(|| program.clone())
+        };
+        let sandbox = SandboxPlan::build(spec, &resolved, &state_dir, host)?;
+        if let Some((uid, gid)) = sandbox.run_as {
+            nix::unistd::chown(
+                &state_dir,
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+            )
+            .map_err(|e| {
+                format!("cannot hand {} to the plugin's user: {e}", state_dir.display())
+            })?;
+        }
         let mut env: Vec<(String, String)> = INHERITED_ENV
             .iter()
             .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
@@ -84,9 +119,23 @@ impl SpawnPlan {
         env.push(("PLUGD_FD".into(), PLUGIN_FD.to_string()));
         env.push(("PLUGD_PLUGIN_NAME".into(), m.name.clone()));
         env.push(("PLUGD_PLUGIN_VERSION".into(), m.version.to_string()));
+        env.push(("PLUGD_STATE_DIR".into(), state_dir.display().to_string()));
+        if !m.sandbox.execve {
+            // The SDK blocks execve for itself once it is running (see plugin-runner's lockdown).
+            env.push(("PLUGD_LOCK_EXEC".into(), "1".into()));
+        }
         env.extend(m.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-        Ok(SpawnPlan { program, args, dir: spec.dir.clone(), env })
+        Ok(SpawnPlan { program, args, dir: spec.dir.clone(), env, sandbox: Arc::new(sandbox) })
     }
+}
+
+/// Finds a bare program name in `PATH`, for Landlock's execute rule.
+fn which(program: &Path) -> Option<PathBuf> {
+    if program.components().count() > 1 {
+        return std::fs::canonicalize(program).ok();
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(program)).find(|p| check_executable(p).is_ok())
 }
 
 /// A freshly spawned process, before it is attached to the async runtime.
@@ -148,6 +197,7 @@ fn spawn_now(plan: &SpawnPlan) -> io::Result<RawChild> {
     )?;
     let child_fd = theirs.as_raw_fd();
     let parent = nix::unistd::getpid();
+    let sandbox = plan.sandbox.clone();
 
     let mut cmd = Command::new(&plan.program);
     cmd.args(&plan.args)
@@ -177,12 +227,13 @@ fn spawn_now(plan: &SpawnPlan) -> io::Result<RawChild> {
                 // dup2 leaves the new descriptor without FD_CLOEXEC, so it survives exec.
                 nix::unistd::dup2(child_fd, PLUGIN_FD)?;
             }
-            Ok(())
+            sandbox.apply_in_child()
         });
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| io::Error::new(e.kind(), format!("exec {}: {e}", plan.program.display())))?;
+    let mut child = cmd.spawn().map_err(|e| match explain_spawn_error(&e) {
+        Some(why) => io::Error::other(why),
+        None => io::Error::new(e.kind(), format!("exec {}: {e}", plan.program.display())),
+    })?;
     drop(theirs);
     let pid = child.id() as i32;
     let pidfd = match pidfd_open(pid) {
@@ -242,6 +293,7 @@ pub struct Process {
     pid: i32,
     pidfd: AsyncFd<OwnedFd>,
     reaped: Option<WaitStatus>,
+    cpu_secs: Option<f64>,
 }
 
 impl Process {
@@ -251,7 +303,7 @@ impl Process {
         // drops it, so the descriptor stays open and unchanged for the AsyncFd's lifetime.
         let pidfd =
             unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }?;
-        Ok(Process { pid, pidfd, reaped: None })
+        Ok(Process { pid, pidfd, reaped: None, cpu_secs: None })
     }
 
     /// Process id (and process group id).
@@ -262,6 +314,23 @@ impl Process {
     /// The exit status, once reaped.
     pub fn status(&self) -> Option<WaitStatus> {
         self.reaped
+    }
+
+    /// CPU seconds (user + system) the leader had used when it exited, read from its zombie.
+    pub fn cpu_secs(&self) -> Option<f64> {
+        self.cpu_secs
+    }
+
+    /// Resident memory of the running leader, in bytes (from /proc; None once gone).
+    pub fn rss_bytes(&self) -> Option<u64> {
+        if self.reaped.is_some() {
+            return None;
+        }
+        let statm = std::fs::read_to_string(format!("/proc/{}/statm", self.pid)).ok()?;
+        let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+        // SAFETY: sysconf with a constant name has no memory effects.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+        Some(pages * page)
     }
 
     /// Sends `signal` to the whole process group (plugin and everything it forked).
@@ -297,8 +366,9 @@ impl Process {
         loop {
             match self.pidfd.readable().await {
                 Ok(mut guard) => {
-                    if let Some(status) = try_reap(self.pidfd.get_ref().as_fd(), self.pid) {
+                    if let Some((status, cpu)) = try_reap(self.pidfd.get_ref().as_fd(), self.pid) {
                         self.reaped = Some(status);
+                        self.cpu_secs = cpu;
                         return status;
                     }
                     guard.clear_ready();
@@ -314,13 +384,27 @@ impl Process {
     }
 }
 
-/// Kills leftovers of the group, then reaps the exited leader; `None` if it is still running.
-fn try_reap(pidfd: std::os::fd::BorrowedFd<'_>, pid: i32) -> Option<WaitStatus> {
+/// Kills leftovers of the group, then reaps the exited leader (and returns the CPU
+/// seconds it used); `None` if it is still running.
+fn try_reap(pidfd: std::os::fd::BorrowedFd<'_>, pid: i32) -> Option<(WaitStatus, Option<f64>)> {
     waitid(pidfd, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT)?;
+    let cpu = zombie_cpu_secs(pid);
     // The leader has exited but is still a zombie: its group id is reserved, so
     // killing the group now cannot reach an unrelated process.
     let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
-    waitid(pidfd, libc::WEXITED)
+    waitid(pidfd, libc::WEXITED).map(|s| (s, cpu))
+}
+
+/// utime + stime of an exited, unreaped process, from /proc/<pid>/stat.
+fn zombie_cpu_secs(pid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // After the command name: state is field 3, utime field 14, stime field 15 (1-based).
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf with a constant name has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some((utime + stime) / hz)
 }
 
 fn reap_blocking(pidfd: std::os::fd::BorrowedFd<'_>, pid: i32) -> WaitStatus {

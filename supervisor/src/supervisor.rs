@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
-use plugin_proto::{LogLevel, DEFAULT_MAX_FRAME};
+use plugin_proto::DEFAULT_MAX_FRAME;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::exit::ExitReason;
@@ -13,6 +13,7 @@ use crate::lifecycle::State;
 use crate::logs::{LogRing, LogSource};
 use crate::manifest::{ManifestError, PluginSpec};
 use crate::router::{LiveStatus, PluginHandle, PluginStatus, Shared};
+use crate::sandbox::HostFacts;
 use crate::slot::{Slot, SlotCommand};
 use crate::spawn::Spawner;
 
@@ -24,6 +25,8 @@ pub struct SupervisorConfig {
     pub bin_dirs: Vec<PathBuf>,
     /// Largest frame either side may send (at most 16 MiB).
     pub max_frame: u32,
+    /// Where each plugin gets its private writable folder (`<state_dir>/<name>`).
+    pub state_dir: PathBuf,
 }
 
 impl Default for SupervisorConfig {
@@ -33,7 +36,11 @@ impl Default for SupervisorConfig {
             .and_then(|p| p.parent().map(|d| d.to_path_buf()))
             .into_iter()
             .collect();
-        Self { bin_dirs, max_frame: DEFAULT_MAX_FRAME }
+        let state_dir =
+            std::env::var_os("PLUGD_STATE_DIR").map(PathBuf::from).unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("plugd-{}", nix::unistd::geteuid())).join("state")
+            });
+        Self { bin_dirs, max_frame: DEFAULT_MAX_FRAME, state_dir }
     }
 }
 
@@ -98,6 +105,7 @@ struct Loaded {
 pub struct Supervisor {
     config: SupervisorConfig,
     spawner: Arc<Spawner>,
+    host: Arc<HostFacts>,
     /// Loaded plugins in load order (shutdown goes in reverse).
     plugins: Mutex<Vec<Loaded>>,
 }
@@ -106,7 +114,11 @@ impl Supervisor {
     /// A supervisor with no plugins. Starts the spawner thread.
     pub fn new(config: SupervisorConfig) -> Result<Supervisor, SupervisorError> {
         let spawner = Arc::new(Spawner::start().map_err(SupervisorError::Spawner)?);
-        Ok(Supervisor { config, spawner, plugins: Mutex::new(Vec::new()) })
+        let host = Arc::new(HostFacts::detect());
+        if let Err(why) = &host.cgroup {
+            tracing::info!("cgroup layer unavailable: {why}");
+        }
+        Ok(Supervisor { config, spawner, host, plugins: Mutex::new(Vec::new()) })
     }
 
     fn plugins(&self) -> std::sync::MutexGuard<'_, Vec<Loaded>> {
@@ -144,17 +156,10 @@ impl Supervisor {
                 last_exit: None,
                 ready_since: None,
                 sdk: None,
+                sandbox: Default::default(),
             }),
             ring: LogRing::default(),
         });
-        if m.limits != Default::default() || m.sandbox != Default::default() {
-            shared.ring.push(
-                &name,
-                LogSource::Supervisor,
-                LogLevel::Warn,
-                "[limits] and [sandbox] are parsed but NOT enforced by this build; the plugin runs unconfined".into(),
-            );
-        }
         let handle = PluginHandle { shared: shared.clone() };
         let (tx, rx) = mpsc::unbounded_channel();
         {
@@ -175,6 +180,8 @@ impl Supervisor {
             spawner: self.spawner.clone(),
             bin_dirs: self.config.bin_dirs.clone(),
             max_frame: self.config.max_frame,
+            state_root: self.config.state_dir.clone(),
+            host: self.host.clone(),
         };
         tokio::spawn(slot.run(rx));
         let (reply, wait) = oneshot::channel();
