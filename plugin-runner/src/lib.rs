@@ -28,6 +28,7 @@
 //!
 //! Everything here speaks the protocol documented in `plugin-proto/PROTOCOL.md`.
 
+mod lockdown;
 mod logging;
 mod methods;
 mod run;

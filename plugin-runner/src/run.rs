@@ -127,6 +127,7 @@ fn supervisor_socket() -> Result<UnixStream, ServeError> {
 /// Serves `plugin` with explicit options; returns after a graceful shutdown.
 pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(), ServeError> {
     let stream = supervisor_socket()?;
+    crate::lockdown::report_sigsys();
     let mut methods = Methods::default();
     P::methods(&mut methods);
 
@@ -182,6 +183,12 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
     max_frame = welcome.max_frame.min(DEFAULT_MAX_FRAME);
     let ctx = LoadContext { config_json: welcome.config_json, state: welcome.state };
     plugin.on_load(&ctx).map_err(ServeError::Load)?;
+    // Lock down after on_load (which may legitimately start helpers) and before Ready.
+    let layers = crate::lockdown::apply_requested().map_err(ServeError::Load)?;
+    if !layers.is_empty() {
+        let payload = Payload::json(&layers).map_err(FrameError::from)?;
+        send(&Message::Notify { method: "plugd.lockdown".into(), payload })?;
+    }
     send(&Message::Ready)?;
 
     loop {

@@ -30,6 +30,10 @@ use crate::manifest::{Limits, Timeouts};
 use crate::sandbox::seccomp::syscall_name;
 use crate::spawn::{Process, RawChild, WaitStatus};
 
+fn name_of(nr: i64) -> String {
+    syscall_name(nr).map(str::to_string).unwrap_or_else(|| format!("syscall {nr}"))
+}
+
 /// A call on its way to an instance.
 pub(crate) struct CallRequest {
     pub method: String,
@@ -83,6 +87,7 @@ enum Fault {
     Protocol(String),
     Hung(String),
     Memory,
+    Violation,
 }
 
 struct Instance {
@@ -659,6 +664,11 @@ impl Instance {
                         break self.fault(fault).await;
                     }
                 }
+                // Any process of the plugin's group that trips the seccomp profile (the plugin or
+                // a child it forked) ends the plugin: a forbidden syscall is not a recoverable error.
+                _ = self.markers.violation.notified() => {
+                    break self.fault(Fault::Violation).await;
+                }
                 _ = rss_watch.tick(), if rss_limit.is_some() => {
                     if let (Some(limit), Some(rss)) = (rss_limit, self.proc.rss_bytes()) {
                         if rss > limit {
@@ -714,6 +724,10 @@ impl Instance {
             Fault::Hung(detail) => ExitReason::Hung { detail },
             Fault::Memory => {
                 ExitReason::MemoryLimit { limit_bytes: self.cfg.limits.memory.unwrap_or(0) }
+            }
+            Fault::Violation => {
+                let nr = *self.markers.syscall.lock().unwrap_or_else(|p| p.into_inner());
+                ExitReason::SandboxViolation { syscall: nr.map(name_of) }
             }
         };
         self.kill(reason).await

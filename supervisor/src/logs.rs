@@ -95,6 +95,8 @@ pub struct Markers {
     pub syscall: Mutex<Option<i64>>,
     /// An allocation failure was printed (Rust, Python and C++ runtimes' wording).
     pub out_of_memory: std::sync::atomic::AtomicBool,
+    /// Woken when a violation is reported, even by a forked child of the plugin.
+    pub violation: tokio::sync::Notify,
 }
 
 /// The line the SDK prints on SIGSYS; a plugin in another language may print it too.
@@ -105,6 +107,7 @@ impl Markers {
         if let Some(nr) = text.strip_prefix(VIOLATION_MARKER) {
             if let Ok(nr) = nr.trim().parse() {
                 *self.syscall.lock().unwrap_or_else(|p| p.into_inner()) = Some(nr);
+                self.violation.notify_one();
             }
         }
         const OOM: &[&str] = &[
