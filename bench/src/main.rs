@@ -11,7 +11,8 @@
 //!    runtime, as a host would run it;
 //!
 //! and prints p50/p90/p99/p99.9/max of each with its ratio to the floor of
-//! the same message size. `--json FILE` writes every figure for scripts.
+//! the same message size. It then measures spawn→Ready of a plugin with the
+//! sandbox off and with the full default sandbox, as a ratio. `--json FILE` writes every figure for scripts.
 //!
 //! Build everything first (the bench finds the plugins next to itself):
 //! `cargo build --release --workspace && target/release/plugd-bench`.
@@ -168,6 +169,29 @@ async fn plugd_runs(warmup: usize, samples: usize, sizes: &[usize]) -> Result<Ve
     Ok(out)
 }
 
+/// spawn→Ready of the echo plugin, `n` times, with the manifest's `[sandbox]` section `sandbox`.
+async fn spawn_to_ready(n: usize, label: &str, sandbox: &str) -> Result<Stats> {
+    let dir = std::env::temp_dir().join(format!("plugd-bench-{}-{label}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let exe = bin_dir()?.join("echo");
+    std::fs::write(
+        dir.join("plugin.toml"),
+        format!("name = \"echo\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"{}\"\n[sandbox]\n{sandbox}\n", exe.display()),
+    )?;
+    let sup =
+        Supervisor::new(SupervisorConfig { bin_dirs: vec![bin_dir()?], ..Default::default() })?;
+    let mut ns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let spec = PluginSpec::from_manifest(&dir)?;
+        let t0 = Instant::now();
+        sup.load(spec).await?;
+        ns.push(t0.elapsed().as_nanos() as u64);
+        sup.unload("echo").await?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(stats(&format!("spawn→Ready, {label}"), 0, ns))
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--raw-child") {
@@ -190,6 +214,14 @@ fn main() -> Result<()> {
     };
     let plugd: Vec<Stats> =
         plugd.into_iter().map(|s| with_ratio(s.clone(), &floor_for(s.bytes))).collect();
+    let spawns = if quick { 10 } else { 100 };
+    let bare = rt.block_on(spawn_to_ready(
+        spawns,
+        "sandbox off",
+        "network = \"host\"\nfilesystem = \"host\"\nsyscalls = \"off\"\nexecve = true",
+    ))?;
+    let full = rt.block_on(spawn_to_ready(spawns, "full sandbox", "syscalls = \"default\""))?;
+    let full = with_ratio(full, &bare);
 
     println!("plugd-bench: {} samples each after {} warm-up, one run", samples, warmup);
     println!(
@@ -206,6 +238,22 @@ fn main() -> Result<()> {
             s.name, s.bytes, s.p50_us, s.p90_us, s.p99_us, s.p999_us, s.max_us, ratio
         );
     }
+    println!();
+    println!("{:<32} {:>9} {:>9} {:>9}   {:>16}", "", "p50 ms", "p99 ms", "max ms", "×off p50/p99");
+    for s in [&bare, &full] {
+        let ratio = match (s.ratio_p50, s.ratio_p99) {
+            (Some(a), Some(b)) => format!("{a:.2} / {b:.2}"),
+            _ => "baseline".into(),
+        };
+        println!(
+            "{:<32} {:>9.2} {:>9.2} {:>9.2}   {:>16}",
+            s.name,
+            s.p50_us / 1000.0,
+            s.p99_us / 1000.0,
+            s.max_us / 1000.0,
+            ratio
+        );
+    }
     if let Some(path) = json {
         let machine = serde_json::json!({
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -213,7 +261,10 @@ fn main() -> Result<()> {
             "cpu_model": std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines()
                 .find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).unwrap_or("").trim(),
         });
-        let doc = serde_json::json!({ "quick": quick, "machine": machine, "floor": floors, "plugd": plugd });
+        let doc = serde_json::json!({
+            "quick": quick, "machine": machine, "floor": floors, "plugd": plugd,
+            "spawn": [bare, full],
+        });
         std::fs::write(&path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("write {}", path.display()))?;
     }
