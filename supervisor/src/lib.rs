@@ -19,11 +19,16 @@
 //! lifecycle actions), [`router`] (handles and call routing), [`logs`]
 //! (captured output), [`exit`] (classified exit reasons).
 
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod discovery;
 pub mod exit;
 mod instance;
 pub mod lifecycle;
 pub mod logs;
 pub mod manifest;
+pub mod notify;
 pub mod router;
 pub mod sandbox;
 mod slot;

@@ -62,28 +62,7 @@ impl SpawnPlan {
         host: &HostFacts,
     ) -> Result<SpawnPlan, String> {
         let m = &spec.manifest;
-        let (program, args) = match &m.entrypoint {
-            Entrypoint::Path(p) => {
-                let full = spec.dir.join(p);
-                check_executable(&full)
-                    .map_err(|e| format!("{}: `entrypoint` {e}", spec.manifest_path.display()))?;
-                (full, Vec::new())
-            }
-            Entrypoint::Name(n) => {
-                let dirs: Vec<PathBuf> =
-                    std::iter::once(spec.dir.clone()).chain(bin_dirs.iter().cloned()).collect();
-                let found = dirs.iter().map(|d| d.join(n)).find(|p| check_executable(p).is_ok());
-                let full = found.ok_or_else(|| {
-                    format!(
-                        "{}: `entrypoint` = {n:?} was not found as an executable in {}; build it (cargo build --workspace) or give a path",
-                        spec.manifest_path.display(),
-                        dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
-                    )
-                })?;
-                (full, Vec::new())
-            }
-            Entrypoint::Command(argv) => (PathBuf::from(&argv[0]), argv[1..].to_vec()),
-        };
+        let (program, args) = entrypoint_program(spec, bin_dirs)?;
         let state_dir = state_root.join(&m.name);
         std::fs::create_dir_all(&state_dir)
             .and_then(|_| {
@@ -127,6 +106,37 @@ impl SpawnPlan {
         env.extend(m.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         Ok(SpawnPlan { program, args, dir: spec.dir.clone(), env, sandbox: Arc::new(sandbox) })
     }
+}
+
+/// The program and arguments a spec runs: a path relative to the plugin folder, a bare
+/// name found in the plugin folder or `bin_dirs`, or a command line.
+pub fn entrypoint_program(
+    spec: &PluginSpec,
+    bin_dirs: &[PathBuf],
+) -> Result<(PathBuf, Vec<String>), String> {
+    let m = &spec.manifest;
+    Ok(match &m.entrypoint {
+        Entrypoint::Path(p) => {
+            let full = spec.dir.join(p);
+            check_executable(&full)
+                .map_err(|e| format!("{}: `entrypoint` {e}", spec.manifest_path.display()))?;
+            (full, Vec::new())
+        }
+        Entrypoint::Name(n) => {
+            let dirs: Vec<PathBuf> =
+                std::iter::once(spec.dir.clone()).chain(bin_dirs.iter().cloned()).collect();
+            let found = dirs.iter().map(|d| d.join(n)).find(|p| check_executable(p).is_ok());
+            let full = found.ok_or_else(|| {
+                format!(
+                    "{}: `entrypoint` = {n:?} was not found as an executable in {}; build it (cargo build --workspace) or give a path",
+                    spec.manifest_path.display(),
+                    dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+                )
+            })?;
+            (full, Vec::new())
+        }
+        Entrypoint::Command(argv) => (PathBuf::from(&argv[0]), argv[1..].to_vec()),
+    })
 }
 
 /// Finds a bare program name in `PATH`, for Landlock's execute rule.

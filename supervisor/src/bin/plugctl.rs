@@ -1,0 +1,332 @@
+//! plugctl: control a running plugd over its control socket.
+//!
+//! Exit codes: 0 ok, 1 the operation failed, 2 usage error, 3 plugd not reachable.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use interprocess::local_socket::{prelude::*, GenericFilePath, Stream};
+use supervisor::control::{Reply, Request};
+
+/// Control a running plugd.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Control socket (default: $PLUGD_SOCKET, else $XDG_RUNTIME_DIR/plugd.sock or /tmp/plugd-<uid>/plugd.sock).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Show plugins: name, version, kind, state, pid, uptime, restarts, last exit, sandbox.
+    Status {
+        /// Only this plugin.
+        name: Option<String>,
+    },
+    /// Start a plugin.
+    Start {
+        /// The plugin.
+        name: String,
+    },
+    /// Stop a plugin gracefully.
+    Stop {
+        /// The plugin.
+        name: String,
+    },
+    /// Restart a plugin.
+    Restart {
+        /// The plugin.
+        name: String,
+    },
+    /// Re-read config and plugin folders and apply the difference (same as SIGHUP).
+    Reload,
+    /// Enable a plugin (persisted) and start it.
+    Enable {
+        /// The plugin.
+        name: String,
+    },
+    /// Stop a plugin and keep it disabled across daemon restarts.
+    Disable {
+        /// The plugin.
+        name: String,
+    },
+    /// Call METHOD on a plugin with a JSON argument and print the JSON reply.
+    Call {
+        /// The plugin.
+        name: String,
+        /// The method.
+        method: String,
+        /// The argument as JSON (default: null).
+        #[arg(default_value = "null", value_name = "JSON")]
+        arg: String,
+    },
+    /// Show a plugin's recent output and supervisor notes.
+    Logs {
+        /// The plugin.
+        name: String,
+        /// Keep printing new lines.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many lines.
+        #[arg(short, default_value_t = 50)]
+        n: usize,
+    },
+    /// Check a plugin folder without a daemon: manifest, entrypoint, and a real start and stop.
+    Validate {
+        /// The plugin folder (or its plugin.toml).
+        dir: PathBuf,
+    },
+    /// Stop every plugin and the daemon.
+    Shutdown,
+    /// Print shell completions.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+struct Client {
+    reader: BufReader<Stream>,
+}
+
+fn connect(socket: &std::path::Path) -> Result<Client, String> {
+    let name = socket.to_path_buf().to_fs_name::<GenericFilePath>().map_err(|e| e.to_string())?;
+    let stream = Stream::connect(name).map_err(|e| {
+        format!(
+            "cannot reach plugd at {}: {e}; is it running? (use --socket or PLUGD_SOCKET)",
+            socket.display()
+        )
+    })?;
+    Ok(Client { reader: BufReader::new(stream) })
+}
+
+impl Client {
+    fn ask(&mut self, req: &Request) -> Result<Reply, String> {
+        let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        self.reader
+            .get_mut()
+            .write_all(&line)
+            .map_err(|e| format!("plugd closed the connection: {e}"))?;
+        let mut answer = String::new();
+        self.reader
+            .read_line(&mut answer)
+            .map_err(|e| format!("plugd closed the connection: {e}"))?;
+        if answer.is_empty() {
+            return Err("plugd closed the connection without answering".into());
+        }
+        serde_json::from_str(&answer).map_err(|e| format!("plugd sent an unreadable answer: {e}"))
+    }
+}
+
+fn cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".into(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn uptime(v: &serde_json::Value) -> String {
+    match v.as_u64() {
+        None => "-".into(),
+        Some(ms) if ms < 60_000 => format!("{}s", ms / 1000),
+        Some(ms) if ms < 3_600_000 => format!("{}m", ms / 60_000),
+        Some(ms) => format!("{}h", ms / 3_600_000),
+    }
+}
+
+fn print_table(rows: &serde_json::Value) {
+    let rows = rows.as_array().cloned().unwrap_or_else(|| vec![rows.clone()]);
+    let table: Vec<[String; 9]> = rows
+        .iter()
+        .map(|r| {
+            let sandbox: Vec<String> =
+                r["sandbox"].as_array().map(|a| a.iter().map(cell).collect()).unwrap_or_default();
+            [
+                cell(&r["name"]),
+                cell(&r["version"]),
+                cell(&r["kind"]),
+                cell(&r["state"]),
+                cell(&r["pid"]),
+                uptime(&r["uptime_ms"]),
+                cell(&r["restarts"]),
+                cell(&r["last_exit"]),
+                if sandbox.is_empty() { "-".into() } else { sandbox.join(",") },
+            ]
+        })
+        .collect();
+    let head =
+        ["NAME", "VERSION", "KIND", "STATE", "PID", "UPTIME", "RESTARTS", "LAST EXIT", "SANDBOX"];
+    let mut width: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for row in &table {
+        for (i, c) in row.iter().enumerate().take(8) {
+            width[i] = width[i].max(c.chars().count().min(60));
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i == 8 {
+                s.push_str(c);
+            } else {
+                let c: String = c.chars().take(60).collect();
+                s.push_str(&format!("{c:<w$}  ", w = width[i]));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(head.iter().map(|h| h.to_string()).collect());
+    for row in table {
+        line(row.to_vec());
+    }
+}
+
+fn validate(dir: PathBuf, json: bool) -> Result<(), String> {
+    let spec = supervisor::PluginSpec::from_manifest(&dir).map_err(|e| e.to_string())?;
+    let name = spec.name().to_string();
+    let state = std::env::temp_dir().join(format!("plugctl-validate-{}", std::process::id()));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let result = rt.block_on(async {
+        let sup = supervisor::Supervisor::new(supervisor::SupervisorConfig {
+            state_dir: state.clone(),
+            ..Default::default()
+        })
+        .map_err(|e| e.to_string())?;
+        let h = sup.load(spec).await.map_err(|e| e.to_string())?;
+        let st = h.status();
+        sup.shutdown().await;
+        Ok::<_, String>(st)
+    });
+    let _ = std::fs::remove_dir_all(&state);
+    let st = result?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
+    } else {
+        println!(
+            "ok: {name} {} ({}) started, answered the handshake and stopped cleanly",
+            st.version, st.kind
+        );
+        println!("  sdk: {}", st.sdk.unwrap_or_default());
+        println!("  sandbox: {}", st.sandbox.join(", "));
+        for u in st.sandbox_unavailable {
+            println!("  unavailable here: {u}");
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let socket = args.socket.clone().unwrap_or_else(supervisor::config::default_socket);
+    let follow = matches!(args.cmd, Cmd::Logs { follow: true, .. });
+    let req = match args.cmd {
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Args::command(), "plugctl", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Cmd::Validate { dir } => {
+            return match validate(dir, args.json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("plugctl: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Cmd::Status { name } => Request::Status { name },
+        Cmd::Start { name } => Request::Start { name },
+        Cmd::Stop { name } => Request::Stop { name },
+        Cmd::Restart { name } => Request::Restart { name },
+        Cmd::Reload => Request::Reload,
+        Cmd::Enable { name } => Request::Enable { name },
+        Cmd::Disable { name } => Request::Disable { name },
+        Cmd::Call { name, method, arg } => Request::Call { name, method, json: arg },
+        Cmd::Logs { ref name, n, .. } => Request::Logs { name: name.clone(), n, since_ms: None },
+        Cmd::Shutdown => Request::Shutdown,
+    };
+    let mut client = match connect(&socket) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("plugctl: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let reply = match client.ask(&req) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("plugctl: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    if !reply.ok {
+        if args.json {
+            println!("{}", serde_json::to_string(&reply).unwrap_or_default());
+        }
+        eprintln!("plugctl: {}", reply.error.unwrap_or_default());
+        return ExitCode::from(1);
+    }
+    let data = reply.data.unwrap_or_default();
+    match &req {
+        Request::Logs { name, n, .. } => {
+            let mut last = 0u64;
+            let print = |lines: &serde_json::Value, last: &mut u64| {
+                for l in lines.as_array().cloned().unwrap_or_default() {
+                    *last = (*last).max(l["ts_ms"].as_u64().unwrap_or(0));
+                    if args.json {
+                        println!("{l}");
+                    } else {
+                        println!(
+                            "{} {:<10} {:<5} {}",
+                            l["ts_ms"],
+                            cell(&l["source"]),
+                            cell(&l["level"]),
+                            cell(&l["text"])
+                        );
+                    }
+                }
+            };
+            print(&data, &mut last);
+            // Follow until plugd goes away (then exit 3) or the user interrupts.
+            if follow {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                    match client.ask(&Request::Logs {
+                        name: name.clone(),
+                        n: *n,
+                        since_ms: Some(last),
+                    }) {
+                        Ok(Reply { ok: true, data: Some(d), .. }) => print(&d, &mut last),
+                        _ => return ExitCode::from(3),
+                    }
+                }
+            }
+        }
+        _ if args.json => println!("{}", serde_json::to_string_pretty(&data).unwrap_or_default()),
+        Request::Status { .. }
+        | Request::Start { .. }
+        | Request::Stop { .. }
+        | Request::Restart { .. }
+        | Request::Enable { .. }
+        | Request::Disable { .. } => print_table(&data),
+        _ => println!(
+            "{}",
+            match &data {
+                serde_json::Value::String(s) => s.clone(),
+                other => serde_json::to_string_pretty(other).unwrap_or_default(),
+            }
+        ),
+    }
+    ExitCode::SUCCESS
+}

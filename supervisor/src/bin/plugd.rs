@@ -1,0 +1,60 @@
+//! plugd: the plugin supervisor daemon. Thin: parse arguments, set up logging, run.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use supervisor::config::DaemonConfig;
+
+/// Runs plugins from the configured folders as sandboxed, supervised processes.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Config file (plugd.toml). Without it, the built-in default serves the bundled examples.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Refuse to start if any plugin folder has a problem (default: start the valid ones).
+    #[arg(long)]
+    strict: bool,
+    /// Override the config's log format.
+    #[arg(long, value_parser = ["text", "json"])]
+    log_format: Option<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let config = match &args.config {
+        Some(path) => match DaemonConfig::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("plugd: {e}");
+                return std::process::ExitCode::from(2);
+            }
+        },
+        None => DaemonConfig::builtin(),
+    };
+    let format = args.log_format.clone().unwrap_or_else(|| config.log_format.clone());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+    }
+    let result: anyhow::Result<()> = (|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        rt.block_on(supervisor::daemon::run(config, args.strict))?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("plugd: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! `plugd.toml`: the daemon's configuration.
+//!
+//! ```toml
+//! socket = "/run/plugd/plugd.sock"    # control socket (mode 0600)
+//! plugin_dirs = ["/etc/plugd/plugins", "~/.plugd/plugins"]
+//! state_dir = "/var/lib/plugd"        # enable/disable state and each plugin's state folder
+//! log_format = "text"                 # or "json"
+//! ```
+//!
+//! Relative paths are relative to the config file's folder. Without a file,
+//! the built-in default serves the bundled examples (so `plugd` runs on a
+//! fresh clone).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The daemon's settings, resolved to absolute paths.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonConfig {
+    /// Control socket path.
+    pub socket: PathBuf,
+    /// Folders scanned for plugin folders.
+    pub plugin_dirs: Vec<PathBuf>,
+    /// Persistent state (disabled plugins, per-plugin state folders).
+    pub state_dir: PathBuf,
+    /// "text" or "json".
+    pub log_format: String,
+    /// Where the config came from (None: built-in default).
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    socket: Option<PathBuf>,
+    plugin_dirs: Option<Vec<PathBuf>>,
+    state_dir: Option<PathBuf>,
+    log_format: Option<String>,
+}
+
+/// A config problem, naming the file.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {message}", file.display())]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// The control socket used when neither the config nor `PLUGD_SOCKET` names one.
+pub fn default_socket() -> PathBuf {
+    if let Some(p) = std::env::var_os("PLUGD_SOCKET") {
+        return PathBuf::from(p);
+    }
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("plugd-{}", nix::unistd::geteuid())));
+    base.join("plugd.sock")
+}
+
+fn default_state_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("plugd-{}", nix::unistd::geteuid())).join("state")
+}
+
+/// `examples/plugins` from the current folder, or found from `target/<profile>/plugd`.
+fn bundled_examples() -> PathBuf {
+    let here = PathBuf::from("examples/plugins");
+    if here.is_dir() {
+        return std::fs::canonicalize(&here).unwrap_or(here);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.ancestors().nth(3).map(|root| root.join("examples/plugins")))
+        .unwrap_or(here)
+}
+
+fn expand(base: &Path, p: &Path) -> PathBuf {
+    if let Ok(rest) = p.strip_prefix("~") {
+        if let Some(home) = std::env::var_os("HOME") {
+            return PathBuf::from(home).join(rest);
+        }
+    }
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+impl DaemonConfig {
+    /// The built-in default: serve the bundled examples.
+    pub fn builtin() -> DaemonConfig {
+        DaemonConfig {
+            socket: default_socket(),
+            plugin_dirs: vec![bundled_examples()],
+            state_dir: default_state_dir(),
+            log_format: "text".into(),
+            source: None,
+        }
+    }
+
+    /// Reads a config file.
+    pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
+        let err = |message: String| ConfigError { file: path.to_path_buf(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        Self::parse(&text, path).map_err(err)
+    }
+
+    /// Parses config text; relative paths are relative to `path`'s folder.
+    pub fn parse(text: &str, path: &Path) -> Result<DaemonConfig, String> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let base = std::fs::canonicalize(&base).unwrap_or(base);
+        let log_format = raw.log_format.unwrap_or_else(|| "text".into());
+        if log_format != "text" && log_format != "json" {
+            return Err(format!("`log_format` = {log_format:?} is not \"text\" or \"json\""));
+        }
+        let plugin_dirs = raw.plugin_dirs.unwrap_or_default();
+        if plugin_dirs.is_empty() {
+            return Err(
+                "`plugin_dirs` is missing or empty; list at least one folder of plugins".into()
+            );
+        }
+        Ok(DaemonConfig {
+            socket: raw.socket.map(|p| expand(&base, &p)).unwrap_or_else(default_socket),
+            plugin_dirs: plugin_dirs.iter().map(|p| expand(&base, p)).collect(),
+            state_dir: raw.state_dir.map(|p| expand(&base, &p)).unwrap_or_else(default_state_dir),
+            log_format,
+            source: Some(path.to_path_buf()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let c = DaemonConfig::parse(
+            "socket = \"run/p.sock\"\nplugin_dirs = [\"plugins\", \"/abs\"]\nstate_dir = \"state\"\n",
+            Path::new("/etc/plugd/plugd.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.socket, Path::new("/etc/plugd/run/p.sock"));
+        assert_eq!(c.plugin_dirs, vec![PathBuf::from("/etc/plugd/plugins"), PathBuf::from("/abs")]);
+        assert_eq!(c.state_dir, Path::new("/etc/plugd/state"));
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let e = DaemonConfig::parse("plugin_dir = [\"x\"]\n", Path::new("p.toml")).unwrap_err();
+        assert!(e.contains("unknown field `plugin_dir`"), "{e}");
+        let e = DaemonConfig::parse("plugin_dirs = []\n", Path::new("p.toml")).unwrap_err();
+        assert!(e.contains("`plugin_dirs`"), "{e}");
+        let e = DaemonConfig::parse(
+            "plugin_dirs = [\"x\"]\nlog_format = \"xml\"\n",
+            Path::new("p.toml"),
+        )
+        .unwrap_err();
+        assert!(e.contains("`log_format`"), "{e}");
+    }
+}

@@ -1,0 +1,123 @@
+//! The control protocol between `plugctl` and `plugd`: JSON lines over a local socket.
+//!
+//! One request per line, one reply per line:
+//!
+//! ```text
+//! → {"cmd":"status"}
+//! ← {"ok":true,"data":[{"name":"echo","state":"ready",…}]}
+//! → {"cmd":"call","name":"echo","method":"echo","json":"\"hi\""}
+//! ← {"ok":true,"data":"hi"}
+//! → {"cmd":"stop","name":"nope"}
+//! ← {"ok":false,"error":"no plugin named nope …"}
+//! ```
+//!
+//! The socket is created with mode 0600 and each connection's peer uid must
+//! be root or the daemon's own uid. A line longer than [`MAX_LINE`], bad
+//! JSON or an unknown command gets an error reply; none of it reaches a
+//! plugin or disturbs the daemon.
+
+use serde::{Deserialize, Serialize};
+
+/// Longest request line accepted.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// What `plugctl` can ask.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// Status of all plugins, or one.
+    Status {
+        /// Only this plugin.
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// Start a stopped, exited or failed plugin.
+    Start {
+        /// The plugin.
+        name: String,
+    },
+    /// Stop a plugin gracefully (it stays known).
+    Stop {
+        /// The plugin.
+        name: String,
+    },
+    /// Stop and start a plugin.
+    Restart {
+        /// The plugin.
+        name: String,
+    },
+    /// Re-read the config and plugin folders and apply the difference (as SIGHUP).
+    Reload,
+    /// Allow a plugin to run (persisted) and start it.
+    Enable {
+        /// The plugin.
+        name: String,
+    },
+    /// Stop a plugin and keep it stopped across daemon restarts (persisted).
+    Disable {
+        /// The plugin.
+        name: String,
+    },
+    /// Call a method with a JSON argument; the reply is the JSON result.
+    Call {
+        /// The plugin.
+        name: String,
+        /// The method.
+        method: String,
+        /// The argument, as JSON text.
+        json: String,
+    },
+    /// A plugin's recent log lines.
+    Logs {
+        /// The plugin.
+        name: String,
+        /// How many lines at most.
+        n: usize,
+        /// Only lines after this time (ms since the epoch), for following.
+        #[serde(default)]
+        since_ms: Option<u64>,
+    },
+    /// Stop every plugin and exit.
+    Shutdown,
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Whether the operation succeeded.
+    pub ok: bool,
+    /// The result, when ok.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+    /// Why not, when not ok.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Reply {
+    /// A success carrying `data`.
+    pub fn ok(data: serde_json::Value) -> Reply {
+        Reply { ok: true, data: Some(data), error: None }
+    }
+
+    /// A failure with a message.
+    pub fn err(error: impl Into<String>) -> Reply {
+        Reply { ok: false, data: None, error: Some(error.into()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_json_lines_with_a_cmd_tag() {
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"call","name":"e","method":"m","json":"1"}"#).unwrap();
+        assert_eq!(r, Request::Call { name: "e".into(), method: "m".into(), json: "1".into() });
+        let r: Request = serde_json::from_str(r#"{"cmd":"status"}"#).unwrap();
+        assert_eq!(r, Request::Status { name: None });
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"format_disk"}"#).is_err());
+        assert_eq!(serde_json::to_string(&Reply::err("x")).unwrap(), r#"{"ok":false,"error":"x"}"#);
+    }
+}

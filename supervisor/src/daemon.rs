@@ -1,0 +1,539 @@
+//! The `plugd` daemon: discovery, control socket, signals, systemd notification.
+//!
+//! [`Daemon`] wraps a [`Supervisor`] with what an operator needs: plugins
+//! found in configured folders and started in dependency order, a persisted
+//! enabled/disabled state, reload of the difference on SIGHUP, a graceful
+//! stop of everything (reverse order) on SIGTERM/SIGINT, and the JSON-lines
+//! control socket `plugctl` talks to. [`run`] is the whole daemon main loop.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use interprocess::local_socket::tokio::prelude::*;
+use interprocess::local_socket::{GenericFilePath, ListenerOptions};
+use interprocess::os::unix::local_socket::ListenerOptionsExt;
+use plugin_proto::{Payload, PayloadCodec};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::DaemonConfig;
+use crate::control::{Reply, Request, MAX_LINE};
+use crate::discovery::{discover, fingerprint};
+use crate::manifest::PluginSpec;
+use crate::notify::Notifier;
+use crate::router::Deadline;
+use crate::spawn::entrypoint_program;
+use crate::supervisor::{Supervisor, SupervisorConfig};
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Another plugd already answers on the socket.
+    #[error("another plugd is already running on {0}; stop it or set a different `socket` in the config")]
+    AlreadyRunning(PathBuf),
+    /// The control socket could not be created.
+    #[error("cannot create the control socket {path}: {source}")]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `--strict` and discovery found problems.
+    #[error("refusing to start (--strict) because of {0} problem(s) listed above")]
+    Strict(usize),
+    /// The supervisor could not start.
+    #[error(transparent)]
+    Supervisor(#[from] crate::supervisor::SupervisorError),
+}
+
+struct Known {
+    spec: PluginSpec,
+    fingerprint: String,
+}
+
+/// The daemon's state beside the supervisor.
+pub struct Daemon {
+    sup: Supervisor,
+    config: Mutex<DaemonConfig>,
+    bin_dirs: Vec<PathBuf>,
+    /// Discovered valid plugins, in start order.
+    known: Mutex<Vec<(String, Known)>>,
+    disabled: Mutex<BTreeSet<String>>,
+    start_errors: Mutex<BTreeMap<String, String>>,
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct ReloadReport {
+    /// Plugins started because they are new.
+    pub added: Vec<String>,
+    /// Plugins stopped because their folder is gone.
+    pub removed: Vec<String>,
+    /// Plugins restarted because their manifest or binary changed.
+    pub restarted: Vec<String>,
+    /// Plugins left untouched.
+    pub unchanged: Vec<String>,
+    /// Discovery problems.
+    pub problems: Vec<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Daemon {
+    /// Builds the daemon (starts nothing yet).
+    pub fn new(config: DaemonConfig) -> Result<Daemon, DaemonError> {
+        let sup_config =
+            SupervisorConfig { state_dir: config.state_dir.join("plugins"), ..Default::default() };
+        let bin_dirs = sup_config.bin_dirs.clone();
+        let disabled = std::fs::read_to_string(config.state_dir.join("disabled.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        Ok(Daemon {
+            sup: Supervisor::new(sup_config)?,
+            config: Mutex::new(config),
+            bin_dirs,
+            known: Mutex::new(Vec::new()),
+            disabled: Mutex::new(disabled),
+            start_errors: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn persist_disabled(&self) -> Result<(), String> {
+        let dir = lock(&self.config).state_dir.clone();
+        let list: Vec<String> = lock(&self.disabled).iter().cloned().collect();
+        std::fs::create_dir_all(&dir)
+            .and_then(|_| {
+                std::fs::write(
+                    dir.join("disabled.json"),
+                    serde_json::to_string(&list).unwrap_or_default(),
+                )
+            })
+            .map_err(|e| format!("cannot save {}/disabled.json: {e}", dir.display()))
+    }
+
+    fn fingerprint_of(&self, spec: &PluginSpec) -> String {
+        let program = entrypoint_program(spec, &self.bin_dirs).ok().map(|(p, _)| p);
+        fingerprint(spec, program.as_deref())
+    }
+
+    async fn load(&self, spec: PluginSpec) {
+        let name = spec.name().to_string();
+        match self.sup.load(spec).await {
+            Ok(_) => {
+                lock(&self.start_errors).remove(&name);
+            }
+            Err(e) => {
+                tracing::error!(plugin = %name, "{e}");
+                lock(&self.start_errors).insert(name, e.to_string());
+            }
+        }
+    }
+
+    /// Discovers plugins and starts the enabled ones in dependency order.
+    /// Returns the discovery problems (already logged).
+    pub async fn start_all(&self, strict: bool) -> Result<Vec<String>, DaemonError> {
+        let dirs = lock(&self.config).plugin_dirs.clone();
+        let d = discover(&dirs);
+        for p in &d.problems {
+            tracing::error!("{p}");
+        }
+        if strict && !d.problems.is_empty() {
+            return Err(DaemonError::Strict(d.problems.len()));
+        }
+        let mut known = Vec::new();
+        for spec in d.plugins {
+            let fp = self.fingerprint_of(&spec);
+            known.push((spec.name().to_string(), Known { spec, fingerprint: fp }));
+        }
+        *lock(&self.known) = known;
+        let order: Vec<(String, PluginSpec)> =
+            lock(&self.known).iter().map(|(n, k)| (n.clone(), k.spec.clone())).collect();
+        for (name, spec) in order {
+            if lock(&self.disabled).contains(&name) {
+                tracing::info!(plugin = %name, "disabled; not starting");
+                continue;
+            }
+            self.load(spec).await;
+        }
+        Ok(d.problems)
+    }
+
+    /// Re-reads the config (if from a file) and the plugin folders; applies only the difference.
+    pub async fn reload(&self) -> ReloadReport {
+        let mut report = ReloadReport::default();
+        let source = lock(&self.config).source.clone();
+        if let Some(path) = source {
+            match DaemonConfig::load(&path) {
+                Ok(mut fresh) => {
+                    let mut cfg = lock(&self.config);
+                    // The socket and state folder stay as started; the rest takes effect now.
+                    fresh.socket = cfg.socket.clone();
+                    fresh.state_dir = cfg.state_dir.clone();
+                    *cfg = fresh;
+                }
+                Err(e) => report.problems.push(format!("{e}; keeping the previous config")),
+            }
+        }
+        let dirs = lock(&self.config).plugin_dirs.clone();
+        let d = discover(&dirs);
+        report.problems.extend(d.problems);
+        let old: Vec<(String, String)> =
+            lock(&self.known).iter().map(|(n, k)| (n.clone(), k.fingerprint.clone())).collect();
+        let new_names: BTreeSet<String> = d.plugins.iter().map(|s| s.name().to_string()).collect();
+        for (name, _) in old.iter().rev() {
+            if !new_names.contains(name) {
+                let _ = self.sup.unload(name).await;
+                lock(&self.start_errors).remove(name);
+                report.removed.push(name.clone());
+            }
+        }
+        let mut known = Vec::new();
+        for spec in d.plugins {
+            let name = spec.name().to_string();
+            let fp = self.fingerprint_of(&spec);
+            let disabled = lock(&self.disabled).contains(&name);
+            match old.iter().find(|(n, _)| *n == name) {
+                None => {
+                    if !disabled {
+                        self.load(spec.clone()).await;
+                    }
+                    report.added.push(name.clone());
+                }
+                Some((_, old_fp)) if *old_fp != fp => {
+                    // Until hot update lands, a changed plugin is replaced by stop-then-start.
+                    let _ = self.sup.unload(&name).await;
+                    if !disabled {
+                        self.load(spec.clone()).await;
+                    }
+                    report.restarted.push(name.clone());
+                }
+                Some(_) => report.unchanged.push(name.clone()),
+            }
+            known.push((name, Known { spec, fingerprint: fp }));
+        }
+        *lock(&self.known) = known;
+        for p in &report.problems {
+            tracing::error!("{p}");
+        }
+        tracing::info!(
+            "reload: added {:?}, removed {:?}, restarted {:?}, unchanged {}",
+            report.added,
+            report.removed,
+            report.restarted,
+            report.unchanged.len()
+        );
+        report
+    }
+
+    /// Status of every known plugin (or one), as stable JSON objects.
+    pub fn status(&self, only: Option<&str>) -> Result<serde_json::Value, String> {
+        let known: Vec<(String, String, String, String)> = lock(&self.known)
+            .iter()
+            .map(|(n, k)| {
+                (
+                    n.clone(),
+                    k.spec.manifest.version.to_string(),
+                    k.spec.manifest.kind.to_string(),
+                    k.spec.manifest_path.display().to_string(),
+                )
+            })
+            .collect();
+        let mut out = Vec::new();
+        for (name, version, kind, manifest) in known {
+            if only.is_some_and(|o| o != name) {
+                continue;
+            }
+            let mut v = match self.sup.get(&name) {
+                Some(h) => {
+                    let st = h.status();
+                    let mut v = serde_json::to_value(&st).unwrap_or_default();
+                    v["last_exit"] = st.last_exit.as_ref().map(|r| r.to_string()).into();
+                    v["last_exit_detail"] = serde_json::to_value(&st.last_exit).unwrap_or_default();
+                    v
+                }
+                None => {
+                    let disabled = lock(&self.disabled).contains(&name);
+                    let error = lock(&self.start_errors).get(&name).cloned();
+                    serde_json::json!({
+                        "name": name, "version": version, "kind": kind,
+                        "state": if disabled { "disabled" } else if error.is_some() { "failed" } else { "stopped" },
+                        "pid": null, "restarts": 0, "last_exit": error, "uptime_ms": null,
+                        "calls_ok": 0, "calls_err": 0, "sandbox": [], "sandbox_unavailable": [],
+                    })
+                }
+            };
+            v["enabled"] = (!lock(&self.disabled).contains(&name)).into();
+            v["manifest"] = manifest.into();
+            out.push(v);
+        }
+        if let Some(o) = only {
+            if out.is_empty() {
+                return Err(self.unknown(o));
+            }
+        }
+        Ok(serde_json::Value::Array(out))
+    }
+
+    fn unknown(&self, name: &str) -> String {
+        let names: Vec<String> = lock(&self.known).iter().map(|(n, _)| n.clone()).collect();
+        format!("no plugin named {name}; known plugins: {}", names.join(", "))
+    }
+
+    fn spec(&self, name: &str) -> Result<PluginSpec, String> {
+        let found = lock(&self.known).iter().find(|(n, _)| n == name).map(|(_, k)| k.spec.clone());
+        // The lock is released above: `unknown` takes it again.
+        found.ok_or_else(|| self.unknown(name))
+    }
+
+    /// A one-line summary for systemd's STATUS=.
+    pub fn summary(&self) -> String {
+        let v = self.status(None).unwrap_or_default();
+        let all = v.as_array().cloned().unwrap_or_default();
+        let count = |s: &str| all.iter().filter(|p| p["state"] == s).count();
+        format!(
+            "{} plugins: {} ready, {} failed, {} disabled",
+            all.len(),
+            count("ready"),
+            count("failed") + count("exited"),
+            count("disabled")
+        )
+    }
+
+    async fn start_one(&self, name: &str) -> Result<serde_json::Value, String> {
+        if lock(&self.disabled).contains(name) {
+            return Err(format!("plugin {name} is disabled; run `plugctl enable {name}` first"));
+        }
+        if self.sup.get(name).is_some() {
+            self.sup.start(name).await.map_err(|e| e.to_string())?;
+        } else {
+            let spec = self.spec(name)?;
+            self.sup.load(spec).await.map_err(|e| {
+                lock(&self.start_errors).insert(name.to_string(), e.to_string());
+                e.to_string()
+            })?;
+            lock(&self.start_errors).remove(name);
+        }
+        self.status(Some(name))
+    }
+
+    /// Handles one control request.
+    pub async fn handle(&self, req: Request) -> Reply {
+        let result = match req {
+            Request::Status { name } => self.status(name.as_deref()),
+            Request::Start { name } => self.start_one(&name).await,
+            Request::Stop { name } => match self.sup.get(&name) {
+                Some(_) => match self.sup.stop(&name).await {
+                    Ok(_) => self.status(Some(&name)),
+                    Err(e) => Err(e.to_string()),
+                },
+                None => self.spec(&name).and_then(|_| self.status(Some(&name))),
+            },
+            Request::Restart { name } => {
+                if self.sup.get(&name).is_some() {
+                    let _ = self.sup.stop(&name).await;
+                }
+                self.start_one(&name).await
+            }
+            Request::Reload => Ok(serde_json::to_value(self.reload().await).unwrap_or_default()),
+            Request::Enable { name } => match self.spec(&name) {
+                Err(e) => Err(e),
+                Ok(_) => {
+                    lock(&self.disabled).remove(&name);
+                    match self.persist_disabled() {
+                        Err(e) => Err(e),
+                        Ok(()) => self.start_one(&name).await,
+                    }
+                }
+            },
+            Request::Disable { name } => match self.spec(&name) {
+                Err(e) => Err(e),
+                Ok(_) => {
+                    lock(&self.disabled).insert(name.clone());
+                    if self.sup.get(&name).is_some() {
+                        let _ = self.sup.unload(&name).await;
+                    }
+                    self.persist_disabled().and_then(|_| self.status(Some(&name)))
+                }
+            },
+            Request::Call { name, method, json } => self.call(&name, &method, json).await,
+            Request::Logs { name, n, since_ms } => match self.sup.get(&name) {
+                Some(h) => {
+                    let lines: Vec<_> = h
+                        .logs(n.min(crate::logs::RING_LINES))
+                        .into_iter()
+                        .filter(|l| since_ms.is_none_or(|s| l.ts_ms > s))
+                        .collect();
+                    Ok(serde_json::to_value(lines).unwrap_or_default())
+                }
+                None => self.spec(&name).map(|_| serde_json::json!([])),
+            },
+            Request::Shutdown => Ok(serde_json::json!("shutting down")),
+        };
+        match result {
+            Ok(v) => Reply::ok(v),
+            Err(e) => Reply::err(e),
+        }
+    }
+
+    async fn call(
+        &self,
+        name: &str,
+        method: &str,
+        json: String,
+    ) -> Result<serde_json::Value, String> {
+        if let Err(e) = serde_json::from_str::<serde_json::Value>(&json) {
+            return Err(format!("the argument is not valid JSON: {e}"));
+        }
+        let h = self.sup.get(name).ok_or_else(|| match self.spec(name) {
+            Ok(_) => format!("plugin {name} is not running; `plugctl start {name}`"),
+            Err(e) => e,
+        })?;
+        let reply = h
+            .call_raw(
+                method,
+                Payload::raw(PayloadCodec::Json, json.into_bytes()),
+                Deadline::Default,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        match reply.codec {
+            PayloadCodec::Json => serde_json::from_slice(&reply.data)
+                .map_err(|e| format!("plugin {name} replied with invalid JSON: {e}")),
+            PayloadCodec::Bincode => Err(format!(
+                "plugin {name} replied in bincode ({} bytes), which plugctl cannot show",
+                reply.data.len()
+            )),
+        }
+    }
+
+    /// Stops every plugin, in reverse start order.
+    pub async fn shutdown(&self) {
+        self.sup.shutdown().await;
+    }
+}
+
+/// Creates the control socket (mode 0600), refusing if another daemon answers on it.
+fn listen(path: &std::path::Path) -> Result<LocalSocketListener, DaemonError> {
+    let sock_err = |source| DaemonError::Socket { path: path.to_path_buf(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(sock_err)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::AlreadyRunning(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(sock_err)?;
+    }
+    let name = path.to_fs_name::<GenericFilePath>().map_err(sock_err)?;
+    ListenerOptions::new().name(name).mode(0o600).create_tokio().map_err(sock_err)
+}
+
+async fn serve_connection(
+    daemon: Arc<Daemon>,
+    conn: LocalSocketStream,
+    stop: Arc<tokio::sync::Notify>,
+) {
+    let me = nix::unistd::geteuid().as_raw();
+    let peer = conn.peer_creds().ok().and_then(|c| c.euid());
+    let mut send = &conn;
+    if !matches!(peer, Some(uid) if uid == 0 || uid == me) {
+        let reply = Reply::err(format!(
+            "permission denied: uid {} may not control this plugd (only root and uid {me})",
+            peer.map(|u| u.to_string()).unwrap_or_else(|| "unknown".into())
+        ));
+        let _ = send
+            .write_all(
+                format!("{}\n", serde_json::to_string(&reply).unwrap_or_default()).as_bytes(),
+            )
+            .await;
+        return;
+    }
+    let mut reader = BufReader::new(&conn);
+    loop {
+        let mut line = Vec::new();
+        match (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let reply = if line.len() > MAX_LINE {
+            Reply::err(format!("request longer than {MAX_LINE} bytes"))
+        } else {
+            match serde_json::from_slice::<Request>(&line) {
+                Ok(Request::Shutdown) => {
+                    stop.notify_one();
+                    Reply::ok(serde_json::json!("shutting down"))
+                }
+                Ok(req) => daemon.handle(req).await,
+                Err(e) => Reply::err(format!("bad request: {e}")),
+            }
+        };
+        let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+        out.push(b'\n');
+        if send.write_all(&out).await.is_err()
+            || line.len() > MAX_LINE
+            || !reply.ok && reply.error.as_deref().is_some_and(|e| e.starts_with("bad request"))
+        {
+            return;
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM, SIGINT or `plugctl shutdown`: start plugins,
+/// serve the control socket, reload on SIGHUP, notify systemd, stop everything in reverse.
+pub async fn run(config: DaemonConfig, strict: bool) -> Result<(), DaemonError> {
+    let notifier = Notifier::from_env();
+    let socket = config.socket.clone();
+    let listener = listen(&socket)?;
+    let daemon = Arc::new(Daemon::new(config)?);
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| DaemonError::Socket { path: socket.clone(), source: e })?;
+    let mut int = signal(SignalKind::interrupt())
+        .map_err(|e| DaemonError::Socket { path: socket.clone(), source: e })?;
+    let mut hup = signal(SignalKind::hangup())
+        .map_err(|e| DaemonError::Socket { path: socket.clone(), source: e })?;
+    daemon.start_all(strict).await?;
+    tracing::info!("plugd ready on {}: {}", socket.display(), daemon.summary());
+    notifier.ready(&daemon.summary());
+
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let slots = Arc::new(tokio::sync::Semaphore::new(64));
+    let watchdog = notifier.watchdog_interval();
+    let mut dog = tokio::time::interval(watchdog.unwrap_or(std::time::Duration::from_secs(3600)));
+    loop {
+        tokio::select! {
+            conn = listener.accept() => match conn {
+                Ok(conn) => {
+                    // A flood of clients waits for a slot instead of growing without bound.
+                    let Ok(permit) = slots.clone().acquire_owned().await else { continue };
+                    let (d, s) = (daemon.clone(), stop.clone());
+                    tokio::spawn(async move {
+                        serve_connection(d, conn, s).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => tracing::warn!("control socket accept failed: {e}"),
+            },
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading");
+                notifier.reloading();
+                daemon.reload().await;
+                notifier.ready(&daemon.summary());
+            }
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
+            _ = stop.notified() => { tracing::info!("shutdown requested over the control socket"); break; }
+            _ = dog.tick(), if watchdog.is_some() => notifier.send("WATCHDOG=1"),
+        }
+    }
+    notifier.stopping();
+    daemon.shutdown().await;
+    drop(listener);
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("plugd stopped");
+    Ok(())
+}

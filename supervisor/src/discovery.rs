@@ -1,0 +1,208 @@
+//! Finding plugins in folders and checking them as a set before anything starts.
+//!
+//! Each subfolder of a plugin directory that holds a `plugin.toml` is a
+//! plugin. The set is checked as a whole — duplicate names, `requires` that
+//! are missing or not satisfied by the version present, dependency cycles —
+//! and every problem goes into one report. What remains valid is returned in
+//! dependency order (a plugin after everything it requires); stopping goes in
+//! reverse.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use crate::manifest::PluginSpec;
+
+/// The outcome of scanning plugin directories.
+#[derive(Debug, Default)]
+pub struct Discovery {
+    /// Valid plugins, in start order.
+    pub plugins: Vec<PluginSpec>,
+    /// One line per problem, each naming the file and the fix.
+    pub problems: Vec<String>,
+}
+
+/// Scans `dirs` (missing directories are reported, not fatal) and checks the set.
+pub fn discover(dirs: &[PathBuf]) -> Discovery {
+    let mut found = Vec::new();
+    let mut problems = Vec::new();
+    for dir in dirs {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) => {
+                problems.push(format!(
+                    "plugin directory {}: {e}; create it or remove it from the config",
+                    dir.display()
+                ));
+                continue;
+            }
+        };
+        let mut folders: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join("plugin.toml").is_file())
+            .collect();
+        folders.sort();
+        for folder in folders {
+            match PluginSpec::from_manifest(&folder) {
+                Ok(spec) => found.push(spec),
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+    }
+    let mut d = check(found);
+    problems.append(&mut d.problems);
+    d.problems = problems;
+    d
+}
+
+/// Checks a set of specs: duplicates, requirements, cycles; orders the valid ones.
+pub fn check(specs: Vec<PluginSpec>) -> Discovery {
+    let mut problems = Vec::new();
+    let mut by_name: BTreeMap<String, PluginSpec> = BTreeMap::new();
+    for spec in specs {
+        if let Some(first) = by_name.get(spec.name()) {
+            problems.push(format!(
+                "{}: plugin name {:?} is already used by {}; rename one of them",
+                spec.manifest_path.display(),
+                spec.name(),
+                first.manifest_path.display()
+            ));
+            continue;
+        }
+        by_name.insert(spec.name().to_string(), spec);
+    }
+    // Drop plugins whose requirements are missing or unsatisfied, until nothing changes
+    // (dropping one can break another that required it).
+    loop {
+        let mut bad: Vec<(String, String)> = Vec::new();
+        for spec in by_name.values() {
+            for req in &spec.manifest.requires {
+                match by_name.get(&req.name) {
+                    None => bad.push((spec.name().to_string(), format!(
+                        "{}: requires plugin {:?}, which is not available; install it or remove it from `requires`",
+                        spec.manifest_path.display(), req.name
+                    ))),
+                    Some(dep) if !req.version.matches(&dep.manifest.version) => bad.push((spec.name().to_string(), format!(
+                        "{}: requires {} {}, but version {} is installed; install a matching version or relax the requirement",
+                        spec.manifest_path.display(), req.name, req.version, dep.manifest.version
+                    ))),
+                    Some(_) => {}
+                }
+            }
+        }
+        if bad.is_empty() {
+            break;
+        }
+        for (name, why) in bad {
+            if by_name.remove(&name).is_some() {
+                problems.push(why);
+            }
+        }
+    }
+    // Topological order (Kahn); what is left over sits on a cycle.
+    let mut order = Vec::new();
+    let mut placed: BTreeSet<String> = BTreeSet::new();
+    loop {
+        let ready: Vec<String> = by_name
+            .values()
+            .filter(|s| !placed.contains(s.name()))
+            .filter(|s| s.manifest.requires.iter().all(|r| placed.contains(&r.name)))
+            .map(|s| s.name().to_string())
+            .collect();
+        if ready.is_empty() {
+            break;
+        }
+        for name in ready {
+            placed.insert(name.clone());
+            order.push(name);
+        }
+    }
+    let cyclic: Vec<&PluginSpec> =
+        by_name.values().filter(|s| !placed.contains(s.name())).collect();
+    if !cyclic.is_empty() {
+        let names: Vec<&str> = cyclic.iter().map(|s| s.name()).collect();
+        for s in &cyclic {
+            problems.push(format!(
+                "{}: part of a `requires` cycle among {}; break the cycle",
+                s.manifest_path.display(),
+                names.join(", ")
+            ));
+        }
+    }
+    let plugins = order.into_iter().filter_map(|n| by_name.remove(&n)).collect();
+    Discovery { plugins, problems }
+}
+
+/// A fingerprint of what a plugin would run: manifest text and entrypoint file metadata.
+/// A change means SIGHUP must restart the plugin.
+pub fn fingerprint(spec: &PluginSpec, program: Option<&Path>) -> String {
+    let manifest = std::fs::read(&spec.manifest_path).unwrap_or_default();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(&manifest, &mut h);
+    if let Some(meta) = program.and_then(|p| std::fs::metadata(p).ok()) {
+        std::hash::Hash::hash(&meta.len(), &mut h);
+        std::hash::Hash::hash(&meta.modified().ok(), &mut h);
+    }
+    format!("{:016x}", std::hash::Hasher::finish(&h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(root: &Path, name: &str, version: &str, requires: &[&str]) {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let reqs: Vec<String> = requires.iter().map(|r| format!("{r:?}")).collect();
+        std::fs::write(
+            dir.join("plugin.toml"),
+            format!("name = {name:?}\nversion = {version:?}\napi_version = \"^1\"\nentrypoint = \"x\"\nrequires = [{}]\n", reqs.join(", ")),
+        )
+        .unwrap();
+    }
+
+    fn names(d: &Discovery) -> Vec<&str> {
+        d.plugins.iter().map(|p| p.name()).collect()
+    }
+
+    #[test]
+    fn orders_by_requirements() {
+        let t = tempfile::tempdir().unwrap();
+        write(t.path(), "a-strategy", "1.0.0", &["feed ^1", "risk"]);
+        write(t.path(), "feed", "1.2.0", &[]);
+        write(t.path(), "risk", "0.3.0", &["feed"]);
+        let d = discover(&[t.path().to_path_buf()]);
+        assert!(d.problems.is_empty(), "{:?}", d.problems);
+        assert_eq!(names(&d), vec!["feed", "risk", "a-strategy"]);
+    }
+
+    #[test]
+    fn reports_every_problem_and_keeps_the_valid_rest() {
+        let t = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        write(t.path(), "ok", "1.0.0", &[]);
+        write(t.path(), "needs-ghost", "1.0.0", &["ghost"]);
+        write(t.path(), "needs-new-feed", "1.0.0", &["feed ^2"]);
+        write(t.path(), "feed", "1.0.0", &[]);
+        write(t.path(), "needs-broken", "1.0.0", &["needs-ghost"]);
+        write(t.path(), "cyc-a", "1.0.0", &["cyc-b"]);
+        write(t.path(), "cyc-b", "1.0.0", &["cyc-a"]);
+        write(other.path(), "ok", "2.0.0", &[]);
+        std::fs::create_dir_all(t.path().join("broken")).unwrap();
+        std::fs::write(t.path().join("broken/plugin.toml"), "name = 1").unwrap();
+        let d =
+            discover(&[t.path().to_path_buf(), other.path().to_path_buf(), t.path().join("nope")]);
+        assert_eq!(names(&d), vec!["feed", "ok"]);
+        let all = d.problems.join("\n");
+        for want in [
+            "requires plugin \"ghost\", which is not available",
+            "requires feed ^2, but version 1.0.0 is installed",
+            "requires plugin \"needs-ghost\"",
+            "part of a `requires` cycle among cyc-a, cyc-b",
+            "plugin name \"ok\" is already used by",
+            "broken/plugin.toml",
+            "plugin directory",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in:\n{all}");
+        }
+    }
+}
