@@ -1,0 +1,413 @@
+//! End to end: the plugd daemon and plugctl, with real processes and real signals.
+//!
+//! These are the supervisor package's integration tests (so CARGO_BIN_EXE_plugd and
+//! _plugctl exist); the example plugins are found next to them, built by the same
+//! `cargo test --workspace`.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+fn bin_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_plugd")).parent().unwrap().to_path_buf();
+    assert!(
+        dir.join("echo").exists(),
+        "example plugins are not built; run `cargo test --workspace`"
+    );
+    dir
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/plugins")
+}
+
+/// Writes plugin folder `name` under `dir`: the example's manifest with an absolute entrypoint.
+fn add_plugin(dir: &Path, example: &str, name: &str, extra: &str) {
+    let text = std::fs::read_to_string(examples().join(example).join("plugin.toml")).unwrap();
+    let mut out = String::new();
+    for line in text.lines() {
+        if line.starts_with("entrypoint") {
+            out.push_str(&format!("entrypoint = \"{}\"\n", bin_dir().join(example).display()));
+        } else if line.starts_with("name =") {
+            out.push_str(&format!("name = \"{name}\"\n"));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push_str(extra);
+    std::fs::create_dir_all(dir.join(name)).unwrap();
+    std::fs::write(dir.join(name).join("plugin.toml"), out).unwrap();
+}
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !matches!(
+                s.rsplit(')').next().and_then(|r| r.trim_start().chars().next()),
+                Some('Z') | None
+            )
+        })
+        .unwrap_or(false)
+}
+
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < give_up, "gave up waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(30));
+    }
+}
+
+struct Plugd {
+    child: Child,
+    socket: PathBuf,
+    root: tempfile::TempDir,
+}
+
+impl Drop for Plugd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Plugd {
+    fn plugins(&self) -> PathBuf {
+        self.root.path().join("plugins")
+    }
+
+    fn start_with(root: tempfile::TempDir, env: &[(&str, String)]) -> Plugd {
+        let socket = root.path().join("run/plugd.sock");
+        let config = root.path().join("plugd.toml");
+        std::fs::write(
+            &config,
+            "socket = \"run/plugd.sock\"\nplugin_dirs = [\"plugins\"]\nstate_dir = \"state\"\n",
+        )
+        .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_plugd"));
+        cmd.arg("--config").arg(&config).stdout(Stdio::null()).stderr(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let p = Plugd { child, socket, root };
+        eventually("plugd answers", || p.ctl(&["status"]).status.code() == Some(0));
+        p
+    }
+
+    fn start(setup: impl FnOnce(&Path)) -> Plugd {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("plugins")).unwrap();
+        setup(&root.path().join("plugins"));
+        Plugd::start_with(root, &[])
+    }
+
+    fn restart(mut self) -> Plugd {
+        self.signal(Signal::SIGTERM);
+        assert!(self.child.wait().unwrap().success());
+        // Same folder (config, plugins, state) for the next daemon.
+        let root = std::mem::replace(&mut self.root, tempfile::tempdir().unwrap());
+        Plugd::start_with(root, &[])
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_plugctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.ctl(&a);
+        assert!(out.status.success(), "plugctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn status(&self) -> Vec<Value> {
+        self.json(&["status"]).as_array().unwrap().clone()
+    }
+
+    fn plugin(&self, name: &str) -> Value {
+        self.status().into_iter().find(|p| p["name"] == name).unwrap_or(Value::Null)
+    }
+
+    fn pid(&self, name: &str) -> u64 {
+        self.plugin(name)["pid"].as_u64().unwrap_or(0)
+    }
+
+    fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    fn all_ready(&self, names: &[&str]) -> bool {
+        let st = self.status();
+        names.iter().all(|n| st.iter().any(|p| p["name"] == *n && p["state"] == "ready"))
+    }
+}
+
+#[test]
+fn plugctl_drives_a_running_daemon() {
+    let d = Plugd::start(|dir| {
+        add_plugin(dir, "echo", "echo", "");
+        add_plugin(dir, "tick-strategy", "tick-strategy", "");
+        add_plugin(dir, "crasher", "crasher", "");
+    });
+    eventually("all ready", || d.all_ready(&["echo", "tick-strategy", "crasher"]));
+    let st = d.status();
+    for p in &st {
+        for key in ["name", "version", "kind", "state", "pid", "restarts", "last_exit"] {
+            assert!(p.get(key).is_some(), "status --json lacks {key}: {p}");
+        }
+    }
+    let table = String::from_utf8(d.ctl(&["status"]).stdout).unwrap();
+    assert!(
+        table.starts_with("NAME") && table.contains("tick-strategy") && table.contains("ready"),
+        "{table}"
+    );
+
+    // call: JSON in, JSON out; errors exit 1 with the reason.
+    let out = d.ctl(&["call", "echo", "echo", r#"{"x":[1,2]}"#]);
+    assert!(out.status.success());
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+        serde_json::json!({"x":[1,2]})
+    );
+    let out = d.ctl(&["call", "echo", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown method"));
+    let out = d.ctl(&["call", "ghost", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no plugin named ghost"));
+    let out = d.ctl(&["call", "echo", "echo", "{not json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = d.ctl(&["frobnicate"]);
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+
+    // stop / start / restart.
+    let pid = d.pid("echo");
+    assert!(d.ctl(&["stop", "echo"]).status.success());
+    assert_eq!(d.plugin("echo")["state"], "stopped");
+    assert!(!alive(pid));
+    assert!(d.ctl(&["start", "echo"]).status.success());
+    let pid2 = d.pid("echo");
+    assert!(pid2 != 0 && pid2 != pid);
+    assert!(d.ctl(&["restart", "echo"]).status.success());
+    assert_ne!(d.pid("echo"), pid2);
+
+    // logs.
+    let logs = String::from_utf8(d.ctl(&["logs", "echo", "-n", "5"]).stdout).unwrap();
+    assert!(logs.contains("ready (pid"), "{logs}");
+
+    // disable survives a daemon restart.
+    let crasher = d.pid("crasher");
+    assert!(d.ctl(&["disable", "crasher"]).status.success());
+    assert!(!alive(crasher));
+    let d = d.restart();
+    eventually("ready again", || d.all_ready(&["echo", "tick-strategy"]));
+    assert_eq!(d.plugin("crasher")["state"], "disabled");
+    assert_eq!(d.plugin("crasher")["enabled"], false);
+    assert!(d.ctl(&["enable", "crasher"]).status.success());
+    assert_eq!(d.plugin("crasher")["state"], "ready");
+
+    // SIGTERM: everything stops, exit 0.
+    let pids: Vec<u64> = d.status().iter().filter_map(|p| p["pid"].as_u64()).collect();
+    assert_eq!(pids.len(), 3);
+    let mut d = d;
+    d.signal(Signal::SIGTERM);
+    let status = d.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    for pid in pids {
+        assert!(!alive(pid), "plugin {pid} outlived plugd");
+    }
+    assert!(!d.socket.exists(), "the control socket is removed on exit");
+}
+
+#[test]
+fn sighup_applies_only_the_difference() {
+    let d = Plugd::start(|dir| {
+        add_plugin(dir, "echo", "echo", "");
+        add_plugin(dir, "tick-strategy", "tick-strategy", "");
+        add_plugin(dir, "slow", "slow", "");
+    });
+    eventually("all ready", || d.all_ready(&["echo", "tick-strategy", "slow"]));
+    let (echo, strat) = (d.pid("echo"), d.pid("tick-strategy"));
+    // Change echo's manifest, remove slow, add crasher.
+    let manifest = d.plugins().join("echo/plugin.toml");
+    let text = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .replace("greeting = \"hello\"", "greeting = \"bonjour\"");
+    std::fs::write(&manifest, text).unwrap();
+    std::fs::remove_dir_all(d.plugins().join("slow")).unwrap();
+    add_plugin(&d.plugins(), "crasher", "crasher", "");
+    d.signal(Signal::SIGHUP);
+    eventually("reload applied", || {
+        let st = d.status();
+        st.iter().any(|p| p["name"] == "crasher" && p["state"] == "ready")
+            && !st.iter().any(|p| p["name"] == "slow")
+    });
+    eventually("echo replaced", || d.pid("echo") != echo && d.pid("echo") != 0);
+    assert_eq!(d.pid("tick-strategy"), strat, "an unchanged plugin keeps its process");
+    let out = d.ctl(&["call", "echo", "config"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("bonjour"),
+        "the new manifest is in force"
+    );
+    // plugctl reload does the same and reports the difference.
+    let report = d.json(&["reload"]);
+    assert_eq!(report["added"], serde_json::json!([]));
+    assert_eq!(report["unchanged"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn sigkill_of_plugd_leaves_no_plugin_alive() {
+    let mut d = Plugd::start(|dir| {
+        add_plugin(dir, "echo", "echo", "");
+        // garbage ignores a closed socket and sleeps: only the parent-death signal ends it.
+        add_plugin(dir, "garbage", "garbage", "");
+    });
+    eventually("all ready", || d.all_ready(&["echo", "garbage"]));
+    let pids: Vec<u64> = d.status().iter().filter_map(|p| p["pid"].as_u64()).collect();
+    assert_eq!(pids.len(), 2);
+    d.signal(Signal::SIGKILL);
+    let _ = d.child.wait();
+    eventually("no plugin survives plugd", || pids.iter().all(|&p| !alive(p)));
+}
+
+#[test]
+fn systemd_notify_sequence_over_a_real_datagram_socket() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("plugins")).unwrap();
+    add_plugin(&root.path().join("plugins"), "echo", "echo", "");
+    let notify_path = root.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let d = Plugd::start_with(
+        root,
+        &[("NOTIFY_SOCKET", notify_path.display().to_string()), ("WATCHDOG_USEC", "200000".into())],
+    );
+    let next = || {
+        let mut buf = [0u8; 4096];
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    // Skip watchdog pings while looking for a given message.
+    let expect = |key: &str| -> String {
+        loop {
+            let m = next();
+            if m.contains(key) {
+                return m;
+            }
+            assert!(m == "WATCHDOG=1", "unexpected notification {m:?} while waiting for {key}");
+        }
+    };
+    let ready = expect("READY=1");
+    assert!(ready.contains("STATUS=1 plugins: 1 ready, 0 failed, 0 disabled"), "{ready}");
+    assert!(ready.contains(&format!("MAINPID={}", d.child.id())), "{ready}");
+    assert_eq!(expect("WATCHDOG=1"), "WATCHDOG=1");
+    d.signal(Signal::SIGHUP);
+    let reloading = expect("RELOADING=1");
+    let usec: u64 = reloading
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .expect("MONOTONIC_USEC")
+        .parse()
+        .unwrap();
+    assert!(usec > 0);
+    expect("READY=1");
+    d.signal(Signal::SIGTERM);
+    expect("STOPPING=1");
+}
+
+#[test]
+fn the_control_socket_shrugs_off_garbage_and_strangers() {
+    let d = Plugd::start(|dir| add_plugin(dir, "echo", "echo", ""));
+    eventually("ready", || d.all_ready(&["echo"]));
+    let echo = d.pid("echo");
+    let mode = std::fs::metadata(&d.socket)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        .unwrap();
+    assert_eq!(mode, 0o600);
+
+    // Garbage, an oversized line, and a client that hangs up mid-request.
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    s.write_all(b"\x00\xffnot json at all\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(s.try_clone().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.contains("\"ok\":false") && line.contains("bad request"), "{line}");
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    let _ = s.write_all(&vec![b'x'; 2 << 20]);
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    s.write_all(br#"{"cmd":"sta"#).unwrap();
+    drop(s);
+    assert_eq!(d.pid("echo"), echo, "the daemon and its plugins are undisturbed");
+
+    // Another uid: refused by the socket's mode, and by the peer check when the mode is opened up.
+    let as_nobody = |d: &Plugd| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_plugctl"));
+        cmd.arg("--socket").arg(&d.socket).arg("status").uid(65534).gid(65534);
+        cmd.output().unwrap()
+    };
+    // The socket's folders must be traversable for the stranger to reach the socket at all.
+    for dir in [d.root.path(), &d.root.path().join("run")] {
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let out = as_nobody(&d);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
+    std::fs::set_permissions(&d.socket, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .unwrap();
+    let out = as_nobody(&d);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("uid 65534 may not control"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn plugctl_without_a_daemon_exits_3_and_names_the_socket() {
+    let out = Command::new(env!("CARGO_BIN_EXE_plugctl"))
+        .args(["--socket", "/nonexistent/plugd.sock", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/plugd.sock"));
+}
+
+#[test]
+fn validate_checks_a_folder_without_a_daemon() {
+    let out = Command::new(env!("CARGO_BIN_EXE_plugctl"))
+        .arg("validate")
+        .arg(examples().join("echo"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: echo 1.0.0"));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("plugin.toml"),
+        "name = \"x\"\nversion = \"1\"\napi_version = \"^1\"\nentrypoint = \"x\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_plugctl"))
+        .arg("validate")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`version`"));
+}
