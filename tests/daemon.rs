@@ -85,6 +85,10 @@ impl Plugd {
     }
 
     fn start_with(root: tempfile::TempDir, env: &[(&str, String)]) -> Plugd {
+        Plugd::start_exe(Path::new(env!("CARGO_BIN_EXE_plugd")), root, env)
+    }
+
+    fn start_exe(exe: &Path, root: tempfile::TempDir, env: &[(&str, String)]) -> Plugd {
         let socket = root.path().join("run/plugd.sock");
         let config = root.path().join("plugd.toml");
         std::fs::write(
@@ -92,8 +96,9 @@ impl Plugd {
             "socket = \"run/plugd.sock\"\nplugin_dirs = [\"plugins\"]\nstate_dir = \"state\"\n",
         )
         .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_plugd"));
-        cmd.arg("--config").arg(&config).stdout(Stdio::null()).stderr(Stdio::null());
+        let log = std::fs::File::create(root.path().join("plugd.log")).unwrap();
+        let mut cmd = Command::new(exe);
+        cmd.arg("--config").arg(&config).stdout(Stdio::null()).stderr(log);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -410,4 +415,109 @@ fn validate_checks_a_folder_without_a_daemon() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`version`"));
+}
+
+fn info(d: &Plugd) -> Value {
+    d.json(&["info"])
+}
+
+/// A copy of plugd in the test's folder, so the test may replace "the installed binary".
+fn plugd_copy(root: &Path) -> PathBuf {
+    let exe = root.join("plugd");
+    std::fs::copy(env!("CARGO_BIN_EXE_plugd"), &exe).unwrap();
+    exe
+}
+
+#[test]
+fn sigusr2_upgrades_in_place_without_restarting_plugins_or_losing_calls() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("plugins")).unwrap();
+    add_plugin(&root.path().join("plugins"), "echo", "echo", "");
+    // garbage ignores a closed socket: only the parent-death signal can end it (checked below).
+    add_plugin(&root.path().join("plugins"), "garbage", "garbage", "");
+    let exe = plugd_copy(root.path());
+    let mut d = Plugd::start_exe(&exe, root, &[]);
+    eventually("all ready", || d.all_ready(&["echo", "garbage"]));
+    let before = info(&d);
+    assert_eq!(before["generation"], 0);
+    let pids: Vec<u64> = d.status().iter().map(|p| p["pid"].as_u64().unwrap()).collect();
+
+    // Calls in a loop, from another thread, across the upgrade.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let caller = {
+        let (stop, socket) = (stop.clone(), d.socket.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = Command::new(env!("CARGO_BIN_EXE_plugctl"))
+                    .arg("--socket")
+                    .arg(&socket)
+                    .args(["call", "echo", "echo", &i.to_string()])
+                    .output()
+                    .unwrap();
+                if out.status.success()
+                    && String::from_utf8_lossy(&out.stdout).trim() == i.to_string()
+                {
+                    ok += 1;
+                } else {
+                    failed.push(format!("call {i}: {}", String::from_utf8_lossy(&out.stderr)));
+                }
+                i += 1;
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    d.signal(Signal::SIGUSR2);
+    eventually("the new generation answers", || {
+        d.ctl(&["info"]).status.success() && info(&d)["generation"] == 1
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = caller.join().unwrap();
+    assert!(failed.is_empty(), "calls lost across the upgrade: {failed:?}");
+    assert!(ok > 5, "too few calls made across the upgrade: {ok}");
+
+    let after = info(&d);
+    assert_eq!(
+        after["pid"], before["pid"],
+        "exec in place keeps plugd's pid (systemd's MAINPID stays valid)"
+    );
+    let now: Vec<u64> = d.status().iter().map(|p| p["pid"].as_u64().unwrap_or(0)).collect();
+    assert_eq!(now, pids, "no plugin was restarted");
+    assert!(d.status().iter().all(|p| p["state"] == "ready" && p["restarts"] == 0));
+    let out = d.ctl(&["call", "echo", "echo", "\"still\""]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "still");
+
+    // The parent-death signal still binds the plugins to the re-executed plugd.
+    d.signal(Signal::SIGKILL);
+    let _ = d.child.wait();
+    eventually("no plugin survives the upgraded plugd", || pids.iter().all(|&p| !alive(p)));
+}
+
+#[test]
+fn a_broken_new_binary_leaves_the_old_plugd_running() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("plugins")).unwrap();
+    add_plugin(&root.path().join("plugins"), "echo", "echo", "");
+    let exe = plugd_copy(root.path());
+    let d = Plugd::start_exe(&exe, root, &[]);
+    eventually("ready", || d.all_ready(&["echo"]));
+    let pid = d.pid("echo");
+    // "Install" a broken build over the binary (a rename, as package managers do).
+    let broken = d.root.path().join("plugd.new");
+    std::fs::write(&broken, "#!/bin/sh\necho this build is broken >&2\nexit 1\n").unwrap();
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&broken, &exe).unwrap();
+    d.signal(Signal::SIGUSR2);
+    let log = d.root.path().join("plugd.log");
+    eventually("the failed upgrade is reported", || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("not upgrading")
+    });
+    assert!(std::fs::read_to_string(&log).unwrap().contains("this build is broken"));
+    assert_eq!(info(&d)["generation"], 0);
+    assert_eq!(d.pid("echo"), pid);
+    let out = d.ctl(&["call", "echo", "echo", "1"]);
+    assert!(out.status.success());
 }

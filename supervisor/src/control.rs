@@ -79,6 +79,8 @@ pub enum Request {
     },
     /// Stop every plugin and exit.
     Shutdown,
+    /// The daemon's own pid, exec generation (bumped by each SIGUSR2 upgrade) and version.
+    Info,
 }
 
 /// The daemon's answer.

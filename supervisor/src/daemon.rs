@@ -7,6 +7,7 @@
 //! control socket `plugctl` talks to. [`run`] is the whole daemon main loop.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -20,11 +21,52 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::config::DaemonConfig;
 use crate::control::{Reply, Request, MAX_LINE};
 use crate::discovery::{discover, fingerprint};
+use crate::instance::Frozen;
 use crate::manifest::PluginSpec;
 use crate::notify::Notifier;
 use crate::router::Deadline;
-use crate::spawn::entrypoint_program;
+use crate::sandbox::SandboxReport;
+use crate::slot::FrozenPlugin;
+use crate::spawn::{entrypoint_program, ExecRequest};
 use crate::supervisor::{Supervisor, SupervisorConfig};
+
+/// The control socket listener (a Unix domain socket; its descriptor survives an upgrade).
+type Listener = interprocess::os::unix::uds_local_socket::tokio::Listener;
+
+/// Environment variable naming the handover file of an in-place upgrade.
+const UPGRADE_ENV: &str = "PLUGD_UPGRADE";
+
+/// One plugin handed over across exec: descriptor numbers valid in the new image.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct HandoverPlugin {
+    name: String,
+    manifest: PathBuf,
+    pid: i32,
+    pidfd: RawFd,
+    socket: RawFd,
+    stdout: Option<RawFd>,
+    stderr: Option<RawFd>,
+    unread: Vec<u8>,
+    sdk: String,
+    lockdown: Vec<String>,
+    restarts: u32,
+    sandbox: SandboxReport,
+}
+
+/// What a plugd passes to the plugd that replaces it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Handover {
+    generation: u64,
+    listener: RawFd,
+    plugins: Vec<HandoverPlugin>,
+}
+
+/// Takes ownership of a descriptor number inherited across exec.
+fn inherited(fd: RawFd) -> OwnedFd {
+    // SAFETY: the predecessor cleared close-on-exec on exactly these descriptors and wrote
+    // their numbers into the handover file; nothing else in this process owns them.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +104,8 @@ pub struct Daemon {
     known: Mutex<Vec<(String, Known)>>,
     disabled: Mutex<BTreeSet<String>>,
     start_errors: Mutex<BTreeMap<String, String>>,
+    /// How many in-place upgrades this daemon's pid has been through.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// What a reload changed.
@@ -100,6 +144,7 @@ impl Daemon {
             known: Mutex::new(Vec::new()),
             disabled: Mutex::new(disabled),
             start_errors: Mutex::new(BTreeMap::new()),
+            generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -137,6 +182,16 @@ impl Daemon {
     /// Discovers plugins and starts the enabled ones in dependency order.
     /// Returns the discovery problems (already logged).
     pub async fn start_all(&self, strict: bool) -> Result<Vec<String>, DaemonError> {
+        self.start_all_adopting(strict, Vec::new()).await
+    }
+
+    /// Like [`Daemon::start_all`], but plugins handed over by a predecessor are adopted
+    /// (same process, no restart) instead of started.
+    async fn start_all_adopting(
+        &self,
+        strict: bool,
+        mut handed: Vec<HandoverPlugin>,
+    ) -> Result<Vec<String>, DaemonError> {
         let dirs = lock(&self.config).plugin_dirs.clone();
         let d = discover(&dirs);
         for p in &d.problems {
@@ -154,11 +209,37 @@ impl Daemon {
         let order: Vec<(String, PluginSpec)> =
             lock(&self.known).iter().map(|(n, k)| (n.clone(), k.spec.clone())).collect();
         for (name, spec) in order {
+            if let Some(i) = handed.iter().position(|h| h.name == name) {
+                let h = handed.remove(i);
+                match self.sup.adopt(spec, thaw(h)).await {
+                    Ok(_) => tracing::info!(plugin = %name, "adopted from the previous plugd"),
+                    Err(e) => tracing::error!(plugin = %name, "cannot adopt: {e}"),
+                }
+                continue;
+            }
             if lock(&self.disabled).contains(&name) {
                 tracing::info!(plugin = %name, "disabled; not starting");
                 continue;
             }
             self.load(spec).await;
+        }
+        // Handed-over plugins whose folder vanished meanwhile: adopted from their old manifest
+        // if it still parses (so nothing is orphaned), else stopped.
+        for h in handed {
+            let name = h.name.clone();
+            match PluginSpec::from_manifest(&h.manifest) {
+                Ok(spec) => {
+                    let _ = self.sup.adopt(spec, thaw(h)).await;
+                    let _ = self.sup.unload(&name).await;
+                }
+                Err(_) => {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(h.pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    drop(thaw(h));
+                }
+            }
         }
         Ok(d.problems)
     }
@@ -373,6 +454,11 @@ impl Daemon {
                 None => self.spec(&name).map(|_| serde_json::json!([])),
             },
             Request::Shutdown => Ok(serde_json::json!("shutting down")),
+            Request::Info => Ok(serde_json::json!({
+                "pid": std::process::id(),
+                "generation": self.generation.load(std::sync::atomic::Ordering::Relaxed),
+                "version": env!("CARGO_PKG_VERSION"),
+            })),
         };
         match result {
             Ok(v) => Reply::ok(v),
@@ -417,8 +503,146 @@ impl Daemon {
     }
 }
 
+/// Rebuilds a handed-over plugin from inherited descriptors.
+fn thaw(h: HandoverPlugin) -> FrozenPlugin {
+    FrozenPlugin {
+        instance: Frozen {
+            pid: h.pid,
+            pidfd: inherited(h.pidfd),
+            socket: inherited(h.socket),
+            stdout: h.stdout.map(inherited),
+            stderr: h.stderr.map(inherited),
+            unread: h.unread,
+            sdk: h.sdk,
+            lockdown: h.lockdown,
+        },
+        restarts: h.restarts,
+        sandbox: h.sandbox,
+    }
+}
+
+/// In-place upgrade (SIGUSR2): check that the binary starts, let control requests in
+/// flight finish, freeze every plugin, write the handover, and exec the binary in this
+/// same pid. Returns only if the upgrade did not happen; then everything is running again.
+async fn upgrade(
+    daemon: &Daemon,
+    listener: &Listener,
+    slots: &tokio::sync::Semaphore,
+    exe: &std::path::Path,
+) -> String {
+    // 1. The new binary must at least start, or we keep running as we are.
+    match tokio::process::Command::new(exe).arg("--version").output().await {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            return format!(
+                "{} --version failed ({}): {}; not upgrading",
+                exe.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        }
+        Err(e) => return format!("cannot run {}: {e}; not upgrading", exe.display()),
+    }
+    // 2. Control requests in flight finish (new connections wait in the listen backlog).
+    let permits =
+        tokio::time::timeout(std::time::Duration::from_secs(2), slots.acquire_many(64)).await;
+    // 3. Every Ready plugin finishes its in-flight calls and is handed over.
+    let frozen = daemon.sup.freeze().await;
+    let mut plugins = Vec::new();
+    let mut keep: Vec<OwnedFd> = Vec::new();
+    let manifests: BTreeMap<String, PathBuf> = lock(&daemon.known)
+        .iter()
+        .map(|(n, k)| (n.clone(), k.spec.manifest_path.clone()))
+        .collect();
+    for (name, result) in frozen {
+        let f = match result {
+            Ok(f) => f,
+            Err(why) => {
+                tracing::warn!(plugin = %name, "not handed over ({why}); the new plugd starts it afresh");
+                let _ = daemon.sup.unload(&name).await;
+                continue;
+            }
+        };
+        let i = f.instance;
+        let raw = |fd: &OwnedFd| fd.as_raw_fd();
+        plugins.push(HandoverPlugin {
+            manifest: manifests.get(&name).cloned().unwrap_or_default(),
+            name,
+            pid: i.pid,
+            pidfd: raw(&i.pidfd),
+            socket: raw(&i.socket),
+            stdout: i.stdout.as_ref().map(raw),
+            stderr: i.stderr.as_ref().map(raw),
+            unread: i.unread,
+            sdk: i.sdk,
+            lockdown: i.lockdown,
+            restarts: f.restarts,
+            sandbox: f.sandbox,
+        });
+        keep.push(i.pidfd);
+        keep.push(i.socket);
+        keep.extend(i.stdout);
+        keep.extend(i.stderr);
+    }
+    let generation = daemon.generation.load(std::sync::atomic::Ordering::Relaxed) + 1;
+    let handover = Handover { generation, listener: listener.as_fd().as_raw_fd(), plugins };
+    let state_dir = lock(&daemon.config).state_dir.clone();
+    let file = state_dir.join("upgrade.json");
+    let written = std::fs::create_dir_all(&state_dir)
+        .and_then(|_| std::fs::write(&file, serde_json::to_vec(&handover).unwrap_or_default()));
+    let error = match written {
+        Err(e) => format!("cannot write {}: {e}", file.display()),
+        Ok(()) => {
+            let cstr = |s: &std::ffi::OsStr| std::ffi::CString::new(s.as_encoded_bytes()).ok();
+            let argv: Vec<std::ffi::CString> =
+                std::env::args_os().filter_map(|a| cstr(&a)).collect();
+            let mut env: Vec<std::ffi::CString> = std::env::vars_os()
+                .filter(|(k, _)| k != UPGRADE_ENV)
+                .filter_map(|(k, v)| {
+                    let mut kv = k;
+                    kv.push("=");
+                    kv.push(v);
+                    cstr(&kv)
+                })
+                .collect();
+            env.extend(cstr(std::ffi::OsStr::new(&format!("{UPGRADE_ENV}={}", file.display()))));
+            let mut keep_fds: Vec<RawFd> = keep.iter().map(|f| f.as_raw_fd()).collect();
+            keep_fds.push(handover.listener);
+            match cstr(exe.as_os_str()) {
+                None => "the executable path contains a NUL byte".to_string(),
+                Some(program) => {
+                    tracing::info!(
+                        "SIGUSR2: handing {} plugins over to {} (generation {generation})",
+                        handover.plugins.len(),
+                        exe.display()
+                    );
+                    daemon.sup.exec(ExecRequest { program, argv, env, keep_fds }).await.to_string()
+                }
+            }
+        }
+    };
+    // 4. Still here: the exec failed. Take everything back and carry on.
+    let _ = std::fs::remove_file(&file);
+    std::mem::forget(keep); // the descriptors now belong to the records below
+    for h in handover.plugins {
+        let name = h.name.clone();
+        match PluginSpec::from_manifest(&h.manifest) {
+            Ok(spec) => {
+                if let Err(e) = daemon.sup.adopt(spec, thaw(h)).await {
+                    tracing::error!(plugin = %name, "cannot take back after a failed upgrade: {e}");
+                }
+            }
+            Err(e) => {
+                tracing::error!(plugin = %name, "cannot take back after a failed upgrade: {e}")
+            }
+        }
+    }
+    drop(permits);
+    format!("upgrade failed, still running the old binary: {error}")
+}
+
 /// Creates the control socket (mode 0600), refusing if another daemon answers on it.
-fn listen(path: &std::path::Path) -> Result<LocalSocketListener, DaemonError> {
+fn listen(path: &std::path::Path) -> Result<Listener, DaemonError> {
     let sock_err = |source| DaemonError::Socket { path: path.to_path_buf(), source };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(sock_err)?;
@@ -430,7 +654,7 @@ fn listen(path: &std::path::Path) -> Result<LocalSocketListener, DaemonError> {
         std::fs::remove_file(path).map_err(sock_err)?;
     }
     let name = path.to_fs_name::<GenericFilePath>().map_err(sock_err)?;
-    ListenerOptions::new().name(name).mode(0o600).create_tokio().map_err(sock_err)
+    ListenerOptions::new().name(name).mode(0o600).create_tokio_as::<Listener>().map_err(sock_err)
 }
 
 async fn serve_connection(
@@ -488,16 +712,43 @@ async fn serve_connection(
 pub async fn run(config: DaemonConfig, strict: bool) -> Result<(), DaemonError> {
     let notifier = Notifier::from_env();
     let socket = config.socket.clone();
-    let listener = listen(&socket)?;
+    // The binary to re-exec on SIGUSR2: the path we were started from (a new build put there
+    // replaces us; /proc/self/exe would still name the old, deleted file).
+    let exe = std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| if p.components().count() > 1 { std::fs::canonicalize(p).ok() } else { None })
+        .or_else(|| std::env::current_exe().ok())
+        .unwrap_or_default();
+    let handover: Option<Handover> = std::env::var_os(UPGRADE_ENV).and_then(|path| {
+        let text = std::fs::read(&path).ok();
+        let _ = std::fs::remove_file(&path);
+        text.and_then(|t| serde_json::from_slice(&t).ok())
+    });
+    let (listener, handed, generation) = match handover {
+        Some(h) => {
+            let l = Listener::try_from(inherited(h.listener))
+                .map_err(|e| DaemonError::Socket { path: socket.clone(), source: e })?;
+            (l, h.plugins, h.generation)
+        }
+        None => (listen(&socket)?, Vec::new(), 0),
+    };
     let daemon = Arc::new(Daemon::new(config)?);
+    daemon.generation.store(generation, std::sync::atomic::Ordering::Relaxed);
     let mut term = signal(SignalKind::terminate())
         .map_err(|e| DaemonError::Socket { path: socket.clone(), source: e })?;
     let mut int = signal(SignalKind::interrupt())
         .map_err(|e| DaemonError::Socket { path: socket.clone(), source: e })?;
     let mut hup = signal(SignalKind::hangup())
         .map_err(|e| DaemonError::Socket { path: socket.clone(), source: e })?;
-    daemon.start_all(strict).await?;
-    tracing::info!("plugd ready on {}: {}", socket.display(), daemon.summary());
+    let mut usr2 = signal(SignalKind::user_defined2())
+        .map_err(|e| DaemonError::Socket { path: socket.clone(), source: e })?;
+    daemon.start_all_adopting(strict, handed).await?;
+    tracing::info!(
+        "plugd ready on {} (generation {generation}): {}",
+        socket.display(),
+        daemon.summary()
+    );
     notifier.ready(&daemon.summary());
 
     let stop = Arc::new(tokio::sync::Notify::new());
@@ -512,7 +763,7 @@ pub async fn run(config: DaemonConfig, strict: bool) -> Result<(), DaemonError> 
                     let Ok(permit) = slots.clone().acquire_owned().await else { continue };
                     let (d, s) = (daemon.clone(), stop.clone());
                     tokio::spawn(async move {
-                        serve_connection(d, conn, s).await;
+                        serve_connection(d, conn.into(), s).await;
                         drop(permit);
                     });
                 }
@@ -522,6 +773,13 @@ pub async fn run(config: DaemonConfig, strict: bool) -> Result<(), DaemonError> 
                 tracing::info!("SIGHUP: reloading");
                 notifier.reloading();
                 daemon.reload().await;
+                notifier.ready(&daemon.summary());
+            }
+            _ = usr2.recv() => {
+                tracing::info!("SIGUSR2: upgrading in place");
+                notifier.reloading();
+                let why = upgrade(&daemon, &listener, &slots, &exe).await;
+                tracing::error!("{why}");
                 notifier.ready(&daemon.summary());
             }
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }

@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
+use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -43,12 +44,14 @@ pub(crate) struct CallRequest {
 }
 
 /// Orders from the slot to its instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum Control {
     /// Drain, Shutdown, then escalate.
     Stop,
     /// Terminate now (a stop while still starting, or the supervisor is going away).
     Kill,
+    /// Finish in-flight calls, then hand the live process over (in-place upgrade).
+    Freeze(oneshot::Sender<Result<Frozen, String>>),
 }
 
 /// Reports from an instance to its slot.
@@ -111,79 +114,150 @@ struct Instance {
     escalated: bool,
     lockdown: Vec<String>,
     markers: std::sync::Arc<Markers>,
-    stderr_done: Option<tokio::task::JoinHandle<()>>,
+    stdout: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<Option<OwnedFd>>)>,
+    stderr: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<Option<OwnedFd>>)>,
+    sdk: String,
+    freeze: Option<oneshot::Sender<Result<Frozen, String>>>,
 }
 
-/// Runs one instance to its end and reports `Exited`.
-pub(crate) async fn run(
-    raw: RawChild,
-    cfg: InstanceConfig,
-    calls: mpsc::Receiver<CallRequest>,
-    control: mpsc::Receiver<Control>,
-    events: mpsc::UnboundedSender<(u64, InstanceEvent)>,
-) {
+/// A Ready instance taken apart for a successor process (plugd's in-place upgrade):
+/// everything needed to carry on talking to the same plugin process.
+#[derive(Debug)]
+pub struct Frozen {
+    /// The plugin's pid.
+    pub pid: i32,
+    /// Its pidfd.
+    pub pidfd: OwnedFd,
+    /// The supervisor's end of its socket.
+    pub socket: OwnedFd,
+    /// Its stdout pipe, if the capture handed it back.
+    pub stdout: Option<OwnedFd>,
+    /// Its stderr pipe, if the capture handed it back.
+    pub stderr: Option<OwnedFd>,
+    /// Bytes read from the socket but not yet decoded (part of a frame).
+    pub unread: Vec<u8>,
+    /// The SDK it reported.
+    pub sdk: String,
+    /// Layers it applied to itself.
+    pub lockdown: Vec<String>,
+}
+
+/// The channels an instance talks through.
+pub(crate) struct Wiring {
+    pub calls: mpsc::Receiver<CallRequest>,
+    pub control: mpsc::Receiver<Control>,
+    pub events: mpsc::UnboundedSender<(u64, InstanceEvent)>,
+}
+
+fn start_capture(
+    fd: Option<OwnedFd>,
+    cfg: &InstanceConfig,
+    source: LogSource,
+    markers: &std::sync::Arc<Markers>,
+) -> Option<(oneshot::Sender<()>, tokio::task::JoinHandle<Option<OwnedFd>>)> {
+    let fd = fd?;
+    let (stop, stopped) = oneshot::channel();
+    let task = tokio::spawn(capture(
+        fd,
+        cfg.name.clone(),
+        source,
+        cfg.ring.clone(),
+        markers.clone(),
+        stopped,
+    ));
+    Some((stop, task))
+}
+
+impl Instance {
+    /// Wraps a live process, its socket and output pipes into an actor.
+    fn build(
+        pid: i32,
+        pidfd: OwnedFd,
+        socket: std::os::unix::net::UnixStream,
+        pipes: (Option<OwnedFd>, Option<OwnedFd>),
+        cfg: InstanceConfig,
+    ) -> Result<Instance, ExitReason> {
+        let proc = Process::attach(pid, pidfd).map_err(|e| {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+            ExitReason::SpawnFailed { detail: format!("cannot watch process: {e}") }
+        })?;
+        let sock =
+            socket.set_nonblocking(true).and_then(|_| UnixStream::from_std(socket)).map_err(
+                |e| ExitReason::SpawnFailed { detail: format!("cannot use plugin socket: {e}") },
+            )?;
+        let markers = std::sync::Arc::new(Markers::default());
+        let stdout = start_capture(pipes.0, &cfg, LogSource::Stdout, &markers);
+        let stderr = start_capture(pipes.1, &cfg, LogSource::Stderr, &markers);
+        Ok(Instance {
+            decoder: FrameDecoder::new(cfg.max_frame),
+            cfg,
+            proc,
+            sock,
+            rbuf: Vec::with_capacity(64 * 1024),
+            wbuf: Vec::with_capacity(4096),
+            pending: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            next_id: 1,
+            state_blob: None,
+            eof: false,
+            missed_pings: 0,
+            ping_outstanding: false,
+            ping_seq: 0,
+            missed_deadlines: 0,
+            kill_reason: None,
+            stopping: false,
+            escalated: false,
+            lockdown: Vec::new(),
+            markers,
+            stdout,
+            stderr,
+            sdk: String::new(),
+            freeze: None,
+        })
+    }
+
+    /// Takes the actor apart for a successor process.
+    async fn into_frozen(mut self) -> std::io::Result<Frozen> {
+        let mut pipes = [None, None];
+        for (slot, capture) in pipes.iter_mut().zip([self.stdout.take(), self.stderr.take()]) {
+            if let Some((stop, task)) = capture {
+                let _ = stop.send(());
+                if let Ok(Ok(fd)) = tokio::time::timeout(Duration::from_secs(1), task).await {
+                    *slot = fd;
+                }
+            }
+        }
+        let [stdout, stderr] = pipes;
+        let socket = OwnedFd::from(self.sock.into_std()?);
+        let (pid, pidfd) = self.proc.release()?;
+        Ok(Frozen {
+            pid,
+            pidfd,
+            socket,
+            stdout,
+            stderr,
+            unread: self.rbuf,
+            sdk: self.sdk,
+            lockdown: self.lockdown,
+        })
+    }
+}
+
+/// Runs one freshly spawned instance: handshake, serve, and report `Exited` (or hand it over).
+pub(crate) async fn run(raw: RawChild, cfg: InstanceConfig, wiring: Wiring) {
+    let Wiring { calls, mut control, events } = wiring;
     let generation = cfg.generation;
-    let proc = match Process::attach(raw.pid, raw.pidfd) {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(raw.pid), Signal::SIGKILL);
-            let reason = ExitReason::SpawnFailed { detail: format!("cannot watch process: {e}") };
+    let pipes = (Some(raw.stdout), Some(raw.stderr));
+    let mut inst = match Instance::build(raw.pid, raw.pidfd, raw.socket, pipes, cfg) {
+        Ok(i) => i,
+        Err(reason) => {
             let _ = events.send((generation, InstanceEvent::Exited { reason, state: None }));
             return;
         }
     };
-    let markers = std::sync::Arc::new(Markers::default());
-    tokio::spawn(capture(
-        raw.stdout,
-        cfg.name.clone(),
-        LogSource::Stdout,
-        cfg.ring.clone(),
-        markers.clone(),
-    ));
-    let stderr_done = tokio::spawn(capture(
-        raw.stderr,
-        cfg.name.clone(),
-        LogSource::Stderr,
-        cfg.ring.clone(),
-        markers.clone(),
-    ));
-    let sock = match raw.socket.set_nonblocking(true).and_then(|_| UnixStream::from_std(raw.socket))
-    {
-        Ok(s) => s,
-        Err(e) => {
-            let reason =
-                ExitReason::SpawnFailed { detail: format!("cannot use plugin socket: {e}") };
-            drop(proc);
-            let _ = events.send((generation, InstanceEvent::Exited { reason, state: None }));
-            return;
-        }
-    };
-    let mut inst = Instance {
-        decoder: FrameDecoder::new(cfg.max_frame),
-        cfg,
-        proc,
-        sock,
-        rbuf: Vec::with_capacity(64 * 1024),
-        wbuf: Vec::with_capacity(4096),
-        pending: HashMap::new(),
-        deadlines: BTreeSet::new(),
-        next_id: 1,
-        state_blob: None,
-        eof: false,
-        missed_pings: 0,
-        ping_outstanding: false,
-        ping_seq: 0,
-        missed_deadlines: 0,
-        kill_reason: None,
-        stopping: false,
-        escalated: false,
-        lockdown: Vec::new(),
-        markers,
-        stderr_done: Some(stderr_done),
-    };
-    let mut control = control;
-    let reason = match inst.handshake(&mut control).await {
+    let end = match inst.handshake(&mut control).await {
         Ok(sdk) => {
+            inst.sdk = sdk.clone();
             let pid = inst.proc.pid();
             let lockdown = inst.lockdown.clone();
             let _ = events.send((generation, InstanceEvent::Ready { pid, sdk, lockdown }));
@@ -191,12 +265,66 @@ pub(crate) async fn run(
         }
         Err(reason) => {
             drop(calls);
-            reason
+            Some(reason)
         }
     };
-    let reason = inst.classify(reason).await;
-    let _ =
-        events.send((generation, InstanceEvent::Exited { reason, state: inst.state_blob.take() }));
+    finish(inst, end, &events).await;
+}
+
+/// Carries on with a Ready instance handed over by a predecessor process.
+pub(crate) async fn run_adopted(frozen: Frozen, cfg: InstanceConfig, wiring: Wiring) {
+    let Wiring { calls, mut control, events } = wiring;
+    let generation = cfg.generation;
+    let socket = std::os::unix::net::UnixStream::from(frozen.socket);
+    let mut inst = match Instance::build(
+        frozen.pid,
+        frozen.pidfd,
+        socket,
+        (frozen.stdout, frozen.stderr),
+        cfg,
+    ) {
+        Ok(i) => i,
+        Err(reason) => {
+            let _ = events.send((generation, InstanceEvent::Exited { reason, state: None }));
+            return;
+        }
+    };
+    inst.rbuf = frozen.unread;
+    inst.sdk = frozen.sdk.clone();
+    inst.lockdown = frozen.lockdown.clone();
+    let pid = inst.proc.pid();
+    let _ = events.send((
+        generation,
+        InstanceEvent::Ready { pid, sdk: frozen.sdk, lockdown: frozen.lockdown },
+    ));
+    let end = inst.serve(calls, &mut control, &events).await;
+    finish(inst, end, &events).await;
+}
+
+async fn finish(
+    mut inst: Instance,
+    end: Option<ExitReason>,
+    events: &mpsc::UnboundedSender<(u64, InstanceEvent)>,
+) {
+    let generation = inst.cfg.generation;
+    match end {
+        Some(reason) => {
+            let reason = inst.classify(reason).await;
+            let state = inst.state_blob.take();
+            let _ = events.send((generation, InstanceEvent::Exited { reason, state }));
+        }
+        None => {
+            let Some(reply) = inst.freeze.take() else { return };
+            match inst.into_frozen().await {
+                Ok(frozen) => {
+                    let _ = reply.send(Ok(frozen));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
 }
 
 /// What woke the actor while it waited for a frame during the handshake.
@@ -214,7 +342,7 @@ impl Instance {
             return reason;
         }
         // The stderr pipe closes when the process group is gone; its last lines carry the evidence.
-        if let Some(done) = self.stderr_done.take() {
+        if let Some((_keep_running, done)) = self.stderr.take() {
             let _ = tokio::time::timeout(Duration::from_millis(500), done).await;
         }
         let limits = &self.cfg.limits;
@@ -577,7 +705,7 @@ impl Instance {
         mut calls: mpsc::Receiver<CallRequest>,
         control: &mut mpsc::Receiver<Control>,
         events: &mpsc::UnboundedSender<(u64, InstanceEvent)>,
-    ) -> ExitReason {
+    ) -> Option<ExitReason> {
         let t = self.cfg.timeouts.clone();
         let far = Instant::now() + Duration::from_secs(86400 * 365);
         let mut heartbeat = tokio::time::interval_at(
@@ -608,6 +736,14 @@ impl Instance {
                 let _ = self.queue(&Message::Shutdown { grace_ms: grace.as_millis() as u64 });
                 escalate_at = Some(Instant::now() + grace);
                 let _ = events.send((self.cfg.generation, InstanceEvent::Drained));
+            }
+            // Frozen: nothing queued, nothing in flight, nothing unwritten → hand over.
+            if self.freeze.is_some()
+                && !calls_open
+                && self.pending.is_empty()
+                && self.wbuf.is_empty()
+            {
+                return None;
             }
             if self.eof && eof_until.is_none() && !self.stopping {
                 eof_until = Some(Instant::now() + t.kill.max(Duration::from_millis(100)));
@@ -652,6 +788,14 @@ impl Instance {
                         drain_until = Some(Instant::now() + t.drain);
                     }
                     Some(Control::Stop) => {}
+                    Some(Control::Freeze(reply)) => {
+                        if self.stopping || self.freeze.is_some() {
+                            let _ = reply.send(Err("the plugin is stopping".into()));
+                        } else {
+                            self.freeze = Some(reply);
+                            calls.close();
+                        }
+                    }
                     // Kill, or the slot is gone (the supervisor was dropped): nothing may outlive it.
                     Some(Control::Kill) | None => {
                         self.stopping = true;
@@ -659,7 +803,7 @@ impl Instance {
                         break self.kill(ExitReason::Stopped { forced: true }).await;
                     }
                 },
-                _ = heartbeat.tick(), if !t.heartbeat.is_zero() && !self.stopping => {
+                _ = heartbeat.tick(), if !t.heartbeat.is_zero() && !self.stopping && self.freeze.is_none() => {
                     if let Err(fault) = self.heartbeat() {
                         break self.fault(fault).await;
                     }
@@ -715,7 +859,10 @@ impl Instance {
                 format!("plugin {} is not running: {reason}", self.cfg.name),
             )));
         }
-        reason
+        if let Some(reply) = self.freeze.take() {
+            let _ = reply.send(Err(format!("the plugin ended while freezing: {reason}")));
+        }
+        Some(reason)
     }
 
     async fn fault(&mut self, fault: Fault) -> ExitReason {

@@ -37,8 +37,10 @@ mod supervisor;
 pub mod units;
 
 pub use exit::ExitReason;
+pub use instance::Frozen;
 pub use lifecycle::State;
 pub use manifest::{Manifest, ManifestError, PluginKind, PluginSpec, RestartPolicy};
 pub use plugin_proto::{CallError, ErrorCode, Payload, PayloadCodec};
 pub use router::{Deadline, PluginHandle, PluginStatus};
+pub use slot::FrozenPlugin;
 pub use supervisor::{Supervisor, SupervisorConfig, SupervisorError};

@@ -124,23 +124,35 @@ impl Markers {
 }
 
 /// Reads a plugin's stdout or stderr pipe until it closes, recording each line.
+/// When `stop` fires, returns the pipe (for a successor process) instead.
 pub async fn capture(
     fd: OwnedFd,
     plugin: String,
     source: LogSource,
     ring: LogRing,
     markers: Arc<Markers>,
-) {
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Option<OwnedFd> {
     let level = if source == LogSource::Stderr { LogLevel::Warn } else { LogLevel::Info };
     let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
-        return;
+        return None;
     };
+    let mut stop_open = true;
     let mut buf = vec![0u8; 4096];
     let mut line: Vec<u8> = Vec::new();
     loop {
-        let n = match pipe.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+        let n = tokio::select! {
+            r = pipe.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            },
+            r = &mut stop, if stop_open => {
+                if r.is_ok() {
+                    return pipe.into_nonblocking_fd().ok();
+                }
+                stop_open = false; // nobody will ask for the pipe back
+                continue;
+            }
         };
         for &b in &buf[..n] {
             if b == b'\n' || line.len() >= MAX_LINE {
@@ -160,6 +172,7 @@ pub async fn capture(
         markers.scan(&text);
         ring.push(&plugin, source, level, text);
     }
+    None
 }
 
 #[cfg(test)]

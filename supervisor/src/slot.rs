@@ -33,6 +33,19 @@ pub(crate) enum SlotCommand {
     Start(oneshot::Sender<Result<(), ExitReason>>),
     /// Graceful stop; the reply comes when no instance runs.
     Stop(oneshot::Sender<()>),
+    /// Hand the Ready instance's live process over (in-place upgrade); the slot then ends.
+    Freeze(oneshot::Sender<Result<FrozenPlugin, String>>),
+}
+
+/// A plugin handed over to a successor process: its live instance plus its bookkeeping.
+#[derive(Debug)]
+pub struct FrozenPlugin {
+    /// The live instance's parts.
+    pub instance: instance::Frozen,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// The sandbox layers it runs under.
+    pub sandbox: SandboxReport,
 }
 
 struct Current {
@@ -72,12 +85,30 @@ impl Slot {
         }
     }
 
-    /// Runs until the command queue closes.
-    pub async fn run(self, mut commands: mpsc::UnboundedReceiver<SlotCommand>) {
+    /// Runs until the command queue closes (or the plugin is handed over). With `adopt`,
+    /// starts from a live instance a predecessor process handed over instead of spawning.
+    pub async fn run(
+        self,
+        mut commands: mpsc::UnboundedReceiver<SlotCommand>,
+        adopt: Option<FrozenPlugin>,
+    ) {
         let mut machine = Machine::new(self.spec.manifest.restart.clone());
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<(u64, InstanceEvent)>();
         let mut current: Option<Current> = None;
         let mut generation = 0u64;
+        if let Some(frozen) = adopt {
+            generation = 1;
+            machine.restarts = frozen.restarts;
+            // Starting: the instance reports Ready at once, and the machine routes to it.
+            machine.state = State::Starting;
+            let (calls_tx, calls_rx) = mpsc::channel(CALL_QUEUE);
+            let (control_tx, control_rx) = mpsc::channel(4);
+            let cfg = self.instance_config(generation, None);
+            let wiring =
+                instance::Wiring { calls: calls_rx, control: control_rx, events: ev_tx.clone() };
+            tokio::spawn(instance::run_adopted(frozen.instance, cfg, wiring));
+            current = Some(Current { generation, control: control_tx, calls: Some(calls_tx) });
+        }
         let mut pid: Option<u32> = None;
         let mut restart_at: Option<Instant> = None;
         let mut handover: Option<Vec<u8>> = None;
@@ -97,6 +128,32 @@ impl Slot {
                         start_waiters.push(reply);
                         Event::Start
                     }
+                    Some(SlotCommand::Freeze(reply)) => {
+                        let Some(c) = current.as_ref().filter(|_| machine.state == State::Ready) else {
+                            let _ = reply.send(Err(format!("not ready ({})", machine.state)));
+                            continue;
+                        };
+                        self.shared.route.store(None);
+                        let (tx, rx) = oneshot::channel();
+                        let _ = c.control.send(Control::Freeze(tx)).await;
+                        match rx.await {
+                            Ok(Ok(instance)) => {
+                                let sandbox = self.shared.live.lock().unwrap_or_else(|p| p.into_inner()).sandbox.clone();
+                                let _ = reply.send(Ok(FrozenPlugin { instance, restarts: machine.restarts, sandbox }));
+                                return; // the process now belongs to the successor
+                            }
+                            other => {
+                                let why = match other {
+                                    Ok(Err(e)) => e,
+                                    _ => "the instance ended".into(),
+                                };
+                                let _ = reply.send(Err(why.clone()));
+                                current = None;
+                                pid = None;
+                                Event::ProcessExited(ExitReason::SpawnFailed { detail: format!("handover failed: {why}") })
+                            }
+                        }
+                    }
                     Some(SlotCommand::Stop(reply)) => {
                         stop_waiters.push(reply);
                         Event::Stop
@@ -113,7 +170,11 @@ impl Slot {
                             sdk = Some(s);
                             if !lockdown.is_empty() {
                                 let mut live = self.shared.live.lock().unwrap_or_else(|p| p.into_inner());
-                                live.sandbox.in_force.extend(lockdown.into_iter().map(|l| format!("{l}(sdk)")));
+                                for layer in lockdown.into_iter().map(|l| format!("{l}(sdk)")) {
+                                    if !live.sandbox.in_force.contains(&layer) {
+                                        live.sandbox.in_force.push(layer);
+                                    }
+                                }
                             }
                             self.note(LogLevel::Info, format!("ready (pid {p})"));
                             Event::Ready
@@ -226,6 +287,20 @@ impl Slot {
         drop(current);
     }
 
+    fn instance_config(&self, generation: u64, state: Option<Vec<u8>>) -> InstanceConfig {
+        let m = &self.spec.manifest;
+        InstanceConfig {
+            name: m.name.clone(),
+            generation,
+            timeouts: m.timeouts.clone(),
+            config_json: m.config.to_string(),
+            state,
+            max_frame: self.max_frame,
+            ring: self.shared.ring.clone(),
+            limits: m.limits.clone(),
+        }
+    }
+
     async fn spawn(
         &self,
         generation: u64,
@@ -250,18 +325,9 @@ impl Slot {
         self.note(LogLevel::Info, format!("started pid {}", raw.pid));
         let (calls_tx, calls_rx) = mpsc::channel(CALL_QUEUE);
         let (control_tx, control_rx) = mpsc::channel(4);
-        let m = &self.spec.manifest;
-        let cfg = InstanceConfig {
-            name: m.name.clone(),
-            generation,
-            timeouts: m.timeouts.clone(),
-            config_json: m.config.to_string(),
-            state,
-            max_frame: self.max_frame,
-            ring: self.shared.ring.clone(),
-            limits: m.limits.clone(),
-        };
-        tokio::spawn(instance::run(raw, cfg, calls_rx, control_rx, events));
+        let cfg = self.instance_config(generation, state);
+        let wiring = instance::Wiring { calls: calls_rx, control: control_rx, events };
+        tokio::spawn(instance::run(raw, cfg, wiring));
         Ok(Current { generation, control: control_tx, calls: Some(calls_tx) })
     }
 }

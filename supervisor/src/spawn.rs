@@ -162,7 +162,22 @@ pub struct RawChild {
     pub stderr: OwnedFd,
 }
 
-type Job = (SpawnPlan, tokio::sync::oneshot::Sender<io::Result<RawChild>>);
+/// Replacing the whole process image (plugd's in-place upgrade).
+pub struct ExecRequest {
+    /// The program to exec.
+    pub program: std::ffi::CString,
+    /// argv, including argv[0].
+    pub argv: Vec<std::ffi::CString>,
+    /// The complete environment, as `KEY=value`.
+    pub env: Vec<std::ffi::CString>,
+    /// Descriptors that must survive the exec (their close-on-exec flag is cleared).
+    pub keep_fds: Vec<RawFd>,
+}
+
+enum Job {
+    Spawn(SpawnPlan, tokio::sync::oneshot::Sender<io::Result<RawChild>>),
+    Exec(ExecRequest, tokio::sync::oneshot::Sender<io::Error>),
+}
 
 /// The long-lived thread that forks every plugin (see the module doc for why).
 pub struct Spawner {
@@ -175,8 +190,16 @@ impl Spawner {
     pub fn start() -> io::Result<Spawner> {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new().name("plugd-spawner".into()).spawn(move || {
-            for (plan, reply) in rx {
-                let _ = reply.send(spawn_now(&plan));
+            for job in rx {
+                match job {
+                    Job::Spawn(plan, reply) => {
+                        let _ = reply.send(spawn_now(&plan));
+                    }
+                    // Only returns if the exec failed.
+                    Job::Exec(req, reply) => {
+                        let _ = reply.send(exec_now(&req));
+                    }
+                }
             }
         })?;
         Ok(Spawner { jobs: tx })
@@ -186,10 +209,44 @@ impl Spawner {
     pub async fn spawn(&self, plan: SpawnPlan) -> io::Result<RawChild> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.jobs
-            .send((plan, tx))
+            .send(Job::Spawn(plan, tx))
             .map_err(|_| io::Error::other("the spawner thread has stopped"))?;
         rx.await.map_err(|_| io::Error::other("the spawner thread has stopped"))?
     }
+}
+
+impl Spawner {
+    /// Replaces this process's image from the spawner thread, so that the plugins it
+    /// forked keep their parent (PR_SET_PDEATHSIG follows the forking thread, and the
+    /// thread that calls execve is the one that survives it). Returns only on failure.
+    pub async fn exec(&self, req: ExecRequest) -> io::Error {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.jobs.send(Job::Exec(req, tx)).is_err() {
+            return io::Error::other("the spawner thread has stopped");
+        }
+        rx.await.unwrap_or_else(|_| io::Error::other("the spawner thread has stopped"))
+    }
+}
+
+fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    let flags = if on { nix::fcntl::FdFlag::FD_CLOEXEC } else { nix::fcntl::FdFlag::empty() };
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(flags)).map(|_| ()).map_err(io::Error::from)
+}
+
+fn exec_now(req: &ExecRequest) -> io::Error {
+    for &fd in &req.keep_fds {
+        if let Err(e) = set_cloexec(fd, false) {
+            return io::Error::new(e.kind(), format!("keeping fd {fd} across exec: {e}"));
+        }
+    }
+    let err = match nix::unistd::execve(&req.program, &req.argv, &req.env) {
+        Err(e) => io::Error::from(e),
+        Ok(never) => match never {},
+    };
+    for &fd in &req.keep_fds {
+        let _ = set_cloexec(fd, true);
+    }
+    io::Error::new(err.kind(), format!("execve {:?}: {err}", req.program))
 }
 
 fn step<T>(what: &str, r: Result<T, impl Into<io::Error>>) -> io::Result<T> {
@@ -304,6 +361,8 @@ pub struct Process {
     pidfd: AsyncFd<OwnedFd>,
     reaped: Option<WaitStatus>,
     cpu_secs: Option<f64>,
+    /// Handed over to a successor (in-place upgrade): dropping must not kill it.
+    released: bool,
 }
 
 impl Process {
@@ -313,7 +372,7 @@ impl Process {
         // drops it, so the descriptor stays open and unchanged for the AsyncFd's lifetime.
         let pidfd =
             unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }?;
-        Ok(Process { pid, pidfd, reaped: None, cpu_secs: None })
+        Ok(Process { pid, pidfd, reaped: None, cpu_secs: None, released: false })
     }
 
     /// Process id (and process group id).
@@ -324,6 +383,14 @@ impl Process {
     /// The exit status, once reaped.
     pub fn status(&self) -> Option<WaitStatus> {
         self.reaped
+    }
+
+    /// Gives up ownership without killing: returns the pid and a duplicate of the pidfd
+    /// (for a successor process to adopt).
+    pub fn release(mut self) -> io::Result<(i32, OwnedFd)> {
+        let fd = self.pidfd.get_ref().try_clone()?;
+        self.released = true;
+        Ok((self.pid, fd))
     }
 
     /// CPU seconds (user + system) the leader had used when it exited, read from its zombie.
@@ -452,7 +519,7 @@ fn waitid(pidfd: std::os::fd::BorrowedFd<'_>, flags: libc::c_int) -> Option<Wait
 
 impl Drop for Process {
     fn drop(&mut self) {
-        if self.reaped.is_some() {
+        if self.reaped.is_some() || self.released {
             return;
         }
         // Nobody waited for this process: kill its group and reap it off-thread,

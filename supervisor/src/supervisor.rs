@@ -14,7 +14,7 @@ use crate::logs::{LogRing, LogSource};
 use crate::manifest::{ManifestError, PluginSpec};
 use crate::router::{LiveStatus, PluginHandle, PluginStatus, Shared};
 use crate::sandbox::HostFacts;
-use crate::slot::{Slot, SlotCommand};
+use crate::slot::{FrozenPlugin, Slot, SlotCommand};
 use crate::spawn::Spawner;
 
 /// Settings of a supervisor (per host, not per plugin).
@@ -139,6 +139,54 @@ impl Supervisor {
 
     /// Starts a plugin and waits until it is Ready. If its first start fails, it is not kept.
     pub async fn load(&self, spec: PluginSpec) -> Result<PluginHandle, SupervisorError> {
+        self.insert(spec, None).await
+    }
+
+    /// Takes over a plugin process handed over by a predecessor (see [`Supervisor::freeze`]):
+    /// no new process, no handshake; calls are routed to it as soon as it is attached.
+    pub async fn adopt(
+        &self,
+        spec: PluginSpec,
+        frozen: FrozenPlugin,
+    ) -> Result<PluginHandle, SupervisorError> {
+        self.insert(spec, Some(frozen)).await
+    }
+
+    /// Hands every Ready plugin over for an in-place upgrade: in-flight calls finish, routing
+    /// stops, and each live process is returned (not stopped). Plugins that are not Ready stay
+    /// here and are reported with the reason.
+    pub async fn freeze(&self) -> Vec<(String, Result<FrozenPlugin, String>)> {
+        let all: Vec<(String, mpsc::UnboundedSender<SlotCommand>)> = self
+            .plugins()
+            .iter()
+            .map(|l| (l.handle.name().to_string(), l.commands.clone()))
+            .collect();
+        let mut out = Vec::new();
+        for (name, commands) in all {
+            let (reply, wait) = oneshot::channel();
+            let result = match commands.send(SlotCommand::Freeze(reply)) {
+                Ok(()) => wait.await.unwrap_or_else(|_| Err("the plugin's task ended".into())),
+                Err(_) => Err("the plugin's task ended".into()),
+            };
+            if result.is_ok() {
+                self.plugins().retain(|l| l.handle.name() != name);
+            }
+            out.push((name, result));
+        }
+        out
+    }
+
+    /// Replaces this process's image (in-place upgrade) from the thread that forked the
+    /// plugins, so their parent-death signal does not fire. Returns only on failure.
+    pub async fn exec(&self, req: crate::spawn::ExecRequest) -> std::io::Error {
+        self.spawner.exec(req).await
+    }
+
+    async fn insert(
+        &self,
+        spec: PluginSpec,
+        adopt: Option<FrozenPlugin>,
+    ) -> Result<PluginHandle, SupervisorError> {
         let m = &spec.manifest;
         let name = m.name.clone();
         let shared = Arc::new(Shared {
@@ -183,7 +231,11 @@ impl Supervisor {
             state_root: self.config.state_dir.clone(),
             host: self.host.clone(),
         };
-        tokio::spawn(slot.run(rx));
+        if let Some(f) = &adopt {
+            handle.shared.live.lock().unwrap_or_else(|p| p.into_inner()).sandbox =
+                f.sandbox.clone();
+        }
+        tokio::spawn(slot.run(rx, adopt));
         let (reply, wait) = oneshot::channel();
         let _ = tx.send(SlotCommand::Start(reply));
         let outcome = wait

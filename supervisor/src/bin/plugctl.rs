@@ -86,6 +86,8 @@ enum Cmd {
     },
     /// Stop every plugin and the daemon.
     Shutdown,
+    /// The daemon's pid, exec generation (bumped by each SIGUSR2 upgrade) and version.
+    Info,
     /// Print shell completions.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -228,6 +230,11 @@ fn validate(dir: PathBuf, json: bool) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    // Printing into a closed pipe (`plugctl status | head`) should end quietly, as in C tools.
+    // SAFETY: restoring the default disposition of SIGPIPE runs no handler code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args = Args::parse();
     let socket = args.socket.clone().unwrap_or_else(supervisor::config::default_socket);
     let follow = matches!(args.cmd, Cmd::Logs { follow: true, .. });
@@ -255,6 +262,7 @@ fn main() -> ExitCode {
         Cmd::Call { name, method, arg } => Request::Call { name, method, json: arg },
         Cmd::Logs { ref name, n, .. } => Request::Logs { name: name.clone(), n, since_ms: None },
         Cmd::Shutdown => Request::Shutdown,
+        Cmd::Info => Request::Info,
     };
     let mut client = match connect(&socket) {
         Ok(c) => c,

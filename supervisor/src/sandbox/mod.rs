@@ -56,7 +56,7 @@ pub fn explain_spawn_error(e: &io::Error) -> Option<String> {
 }
 
 /// Which layers a plugin runs under, and which it asked for but cannot have here.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SandboxReport {
     /// Layers the supervisor applies, e.g. `landlock(abi 7)`, `seccomp(default)`.
     pub in_force: Vec<String>,
