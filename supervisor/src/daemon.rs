@@ -531,7 +531,18 @@ async fn upgrade(
     exe: &std::path::Path,
 ) -> String {
     // 1. The new binary must at least start, or we keep running as we are.
-    match tokio::process::Command::new(exe).arg("--version").output().await {
+    let mut check = tokio::process::Command::new(exe).arg("--version").output().await;
+    for _ in 0..5 {
+        // A binary that was just written may still be open for writing somewhere (ETXTBSY).
+        match &check {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                check = tokio::process::Command::new(exe).arg("--version").output().await;
+            }
+            _ => break,
+        }
+    }
+    match check {
         Ok(out) if out.status.success() => {}
         Ok(out) => {
             return format!(
@@ -666,6 +677,15 @@ async fn serve_connection(
     let peer = conn.peer_creds().ok().and_then(|c| c.euid());
     let mut send = &conn;
     if !matches!(peer, Some(uid) if uid == 0 || uid == me) {
+        // Read (and ignore) the request first, so the client gets the refusal as an answer
+        // rather than a broken pipe.
+        let mut line = Vec::new();
+        let mut reader = BufReader::new(&conn);
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut line),
+        )
+        .await;
         let reply = Reply::err(format!(
             "permission denied: uid {} may not control this plugd (only root and uid {me})",
             peer.map(|u| u.to_string()).unwrap_or_else(|| "unknown".into())
