@@ -91,9 +91,11 @@ impl Plugd {
     fn start_exe(exe: &Path, root: tempfile::TempDir, env: &[(&str, String)]) -> Plugd {
         let socket = root.path().join("run/plugd.sock");
         let config = root.path().join("plugd.toml");
+        // A test may leave extra config (e.g. [defaults]) in `extra.toml` beside it.
+        let extra = std::fs::read_to_string(root.path().join("extra.toml")).unwrap_or_default();
         std::fs::write(
             &config,
-            "socket = \"run/plugd.sock\"\nplugin_dirs = [\"plugins\"]\nstate_dir = \"state\"\n",
+            format!("socket = \"run/plugd.sock\"\nplugin_dirs = [\"plugins\"]\nstate_dir = \"state\"\n{extra}"),
         )
         .unwrap();
         let log = std::fs::File::create(root.path().join("plugd.log")).unwrap();
@@ -531,4 +533,32 @@ fn a_broken_new_binary_leaves_the_old_plugd_running() {
     assert_eq!(d.pid("echo"), pid);
     let out = d.ctl(&["call", "echo", "echo", "1"]);
     assert!(out.status.success());
+}
+
+#[test]
+fn operator_defaults_apply_to_every_plugin() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("plugins")).unwrap();
+    add_plugin(&root.path().join("plugins"), "echo", "echo", "");
+    add_plugin(&root.path().join("plugins"), "bigfile", "bigfile", "");
+    std::fs::write(
+        root.path().join("extra.toml"),
+        "[defaults]\nlimits = { open_files = 64, file_size = \"2MiB\" }\n",
+    )
+    .unwrap();
+    let d = Plugd::start_with(root, &[]);
+    eventually("ready", || d.all_ready(&["echo", "bigfile"]));
+    let layers = |name: &str| d.plugin(name)["sandbox"][0].as_str().unwrap_or_default().to_string();
+    assert_eq!(
+        layers("echo"),
+        "rlimits(core=0,nofile,fsize)",
+        "defaults reach a plugin that sets no limits"
+    );
+    // bigfile sets its own file_size (1MiB): it keeps it, and gets the default open_files.
+    assert_eq!(layers("bigfile"), "rlimits(core=0,nofile,fsize)");
+    let out = d.ctl(&["call", "bigfile", "write", "4194304"]);
+    assert_eq!(out.status.code(), Some(1));
+    eventually("bigfile stopped at its own 1 MiB", || {
+        d.plugin("bigfile")["last_exit"] == "file size limit (1048576 bytes)"
+    });
 }

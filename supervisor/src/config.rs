@@ -5,6 +5,10 @@
 //! plugin_dirs = ["/etc/plugd/plugins", "~/.plugd/plugins"]
 //! state_dir = "/var/lib/plugd"        # enable/disable state and each plugin's state folder
 //! log_format = "text"                 # or "json"
+//!
+//! [defaults]                           # applied to every plugin.toml, which may override them
+//! limits = { memory = "512MiB" }
+//! sandbox = { syscalls = "default" }
 //! ```
 //!
 //! Relative paths are relative to the config file's folder. Without a file,
@@ -26,6 +30,8 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     /// "text" or "json".
     pub log_format: String,
+    /// `[defaults]`: sections applied to every plugin.toml under the keys it does not set.
+    pub defaults: toml::Table,
     /// Where the config came from (None: built-in default).
     pub source: Option<PathBuf>,
 }
@@ -37,6 +43,8 @@ struct RawConfig {
     plugin_dirs: Option<Vec<PathBuf>>,
     state_dir: Option<PathBuf>,
     log_format: Option<String>,
+    #[serde(default)]
+    defaults: toml::Table,
 }
 
 /// A config problem, naming the file.
@@ -97,6 +105,7 @@ impl DaemonConfig {
             plugin_dirs: vec![bundled_examples()],
             state_dir: default_state_dir(),
             log_format: "text".into(),
+            defaults: toml::Table::new(),
             source: None,
         }
     }
@@ -124,7 +133,16 @@ impl DaemonConfig {
                 "`plugin_dirs` is missing or empty; list at least one folder of plugins".into()
             );
         }
+        for (key, value) in &raw.defaults {
+            if !crate::manifest::DEFAULTABLE.contains(&key.as_str()) || !value.is_table() {
+                return Err(format!(
+                    "`defaults.{key}` is not a plugin.toml section that takes defaults; use one of {:?}",
+                    crate::manifest::DEFAULTABLE
+                ));
+            }
+        }
         Ok(DaemonConfig {
+            defaults: raw.defaults,
             socket: raw.socket.map(|p| expand(&base, &p)).unwrap_or_else(default_socket),
             plugin_dirs: plugin_dirs.iter().map(|p| expand(&base, p)).collect(),
             state_dir: raw.state_dir.map(|p| expand(&base, &p)).unwrap_or_else(default_state_dir),

@@ -163,7 +163,9 @@ impl Daemon {
 
     fn fingerprint_of(&self, spec: &PluginSpec) -> String {
         let program = entrypoint_program(spec, &self.bin_dirs).ok().map(|(p, _)| p);
-        fingerprint(spec, program.as_deref())
+        // Operator defaults are part of what the plugin runs with: a change restarts it too.
+        let defaults = lock(&self.config).defaults.to_string();
+        format!("{}:{}", fingerprint(spec, program.as_deref()), defaults.len() ^ fxhash(&defaults))
     }
 
     async fn load(&self, spec: PluginSpec) {
@@ -192,8 +194,11 @@ impl Daemon {
         strict: bool,
         mut handed: Vec<HandoverPlugin>,
     ) -> Result<Vec<String>, DaemonError> {
-        let dirs = lock(&self.config).plugin_dirs.clone();
-        let d = discover(&dirs);
+        let (dirs, defaults) = {
+            let c = lock(&self.config);
+            (c.plugin_dirs.clone(), c.defaults.clone())
+        };
+        let d = discover(&dirs, &defaults);
         for p in &d.problems {
             tracing::error!("{p}");
         }
@@ -260,8 +265,11 @@ impl Daemon {
                 Err(e) => report.problems.push(format!("{e}; keeping the previous config")),
             }
         }
-        let dirs = lock(&self.config).plugin_dirs.clone();
-        let d = discover(&dirs);
+        let (dirs, defaults) = {
+            let c = lock(&self.config);
+            (c.plugin_dirs.clone(), c.defaults.clone())
+        };
+        let d = discover(&dirs, &defaults);
         report.problems.extend(d.problems);
         let old: Vec<(String, String)> =
             lock(&self.known).iter().map(|(n, k)| (n.clone(), k.fingerprint.clone())).collect();
@@ -501,6 +509,13 @@ impl Daemon {
     pub async fn shutdown(&self) {
         self.sup.shutdown().await;
     }
+}
+
+fn fxhash(s: &str) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish() as usize
 }
 
 /// Rebuilds a handed-over plugin from inherited descriptors.

@@ -21,8 +21,9 @@ pub struct Discovery {
     pub problems: Vec<String>,
 }
 
-/// Scans `dirs` (missing directories are reported, not fatal) and checks the set.
-pub fn discover(dirs: &[PathBuf]) -> Discovery {
+/// Scans `dirs` (missing directories are reported, not fatal) and checks the set;
+/// `defaults` (plugd.toml `[defaults]`) fill what each manifest leaves out.
+pub fn discover(dirs: &[PathBuf], defaults: &toml::Table) -> Discovery {
     let mut found = Vec::new();
     let mut problems = Vec::new();
     for dir in dirs {
@@ -42,7 +43,7 @@ pub fn discover(dirs: &[PathBuf]) -> Discovery {
             .collect();
         folders.sort();
         for folder in folders {
-            match PluginSpec::from_manifest(&folder) {
+            match PluginSpec::from_manifest_with_defaults(&folder, defaults) {
                 Ok(spec) => found.push(spec),
                 Err(e) => problems.push(e.to_string()),
             }
@@ -170,7 +171,7 @@ mod tests {
         write(t.path(), "a-strategy", "1.0.0", &["feed ^1", "risk"]);
         write(t.path(), "feed", "1.2.0", &[]);
         write(t.path(), "risk", "0.3.0", &["feed"]);
-        let d = discover(&[t.path().to_path_buf()]);
+        let d = discover(&[t.path().to_path_buf()], &Default::default());
         assert!(d.problems.is_empty(), "{:?}", d.problems);
         assert_eq!(names(&d), vec!["feed", "risk", "a-strategy"]);
     }
@@ -189,8 +190,10 @@ mod tests {
         write(other.path(), "ok", "2.0.0", &[]);
         std::fs::create_dir_all(t.path().join("broken")).unwrap();
         std::fs::write(t.path().join("broken/plugin.toml"), "name = 1").unwrap();
-        let d =
-            discover(&[t.path().to_path_buf(), other.path().to_path_buf(), t.path().join("nope")]);
+        let d = discover(
+            &[t.path().to_path_buf(), other.path().to_path_buf(), t.path().join("nope")],
+            &Default::default(),
+        );
         assert_eq!(names(&d), vec!["feed", "ok"]);
         let all = d.problems.join("\n");
         for want in [

@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// Sections of plugin.toml an operator may give defaults for in plugd.toml.
+pub const DEFAULTABLE: &[&str] = &["restart", "timeouts", "limits", "sandbox", "env"];
+
 use crate::units::{parse_duration, parse_size};
 
 /// The plugin API version this supervisor implements; manifests state a semver requirement on it.
@@ -431,10 +434,51 @@ impl Check<'_> {
 impl Manifest {
     /// Parses and validates manifest text; `file` is only used in error messages.
     pub fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> {
-        let raw: RawManifest = toml::from_str(text).map_err(|e| ManifestError::Parse {
+        Self::parse_with_defaults(text, file, &toml::Table::new())
+    }
+
+    /// Like [`Manifest::parse`], with operator defaults (plugd.toml `[defaults]`) filled in
+    /// under every section key the manifest does not set itself.
+    pub fn parse_with_defaults(
+        text: &str,
+        file: &Path,
+        defaults: &toml::Table,
+    ) -> Result<Manifest, ManifestError> {
+        // Parse the file alone first, so its own mistakes are reported with line and column.
+        let mut raw: RawManifest = toml::from_str(text).map_err(|e| ManifestError::Parse {
             file: file.into(),
             message: e.to_string().trim_end().to_string(),
         })?;
+        if !defaults.is_empty() {
+            let mut table: toml::Table =
+                toml::from_str(text).map_err(|e| ManifestError::Parse {
+                    file: file.into(),
+                    message: e.to_string().trim_end().to_string(),
+                })?;
+            for (section, value) in defaults {
+                let (Some(ours), toml::Value::Table(theirs)) = (
+                    table
+                        .entry(section.clone())
+                        .or_insert_with(|| toml::Value::Table(Default::default()))
+                        .as_table_mut(),
+                    value,
+                ) else {
+                    continue;
+                };
+                for (k, v) in theirs {
+                    ours.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+            }
+            raw = RawManifest::deserialize(toml::Value::Table(table)).map_err(|e| {
+                ManifestError::Parse {
+                    file: file.into(),
+                    message: format!(
+                        "with the [defaults] of plugd.toml applied: {}",
+                        e.to_string().trim_end()
+                    ),
+                }
+            })?;
+        }
         let c = Check { file };
 
         let name = raw.name;
@@ -669,13 +713,21 @@ pub struct PluginSpec {
 impl PluginSpec {
     /// Reads and validates `plugin.toml` (or a folder containing one).
     pub fn from_manifest(path: impl AsRef<Path>) -> Result<PluginSpec, ManifestError> {
+        Self::from_manifest_with_defaults(path, &toml::Table::new())
+    }
+
+    /// Like [`PluginSpec::from_manifest`], with operator defaults (plugd.toml `[defaults]`).
+    pub fn from_manifest_with_defaults(
+        path: impl AsRef<Path>,
+        defaults: &toml::Table,
+    ) -> Result<PluginSpec, ManifestError> {
         let mut path = path.as_ref().to_path_buf();
         if path.is_dir() {
             path.push("plugin.toml");
         }
         let text = std::fs::read_to_string(&path)
             .map_err(|source| ManifestError::Read { file: path.clone(), source })?;
-        let manifest = Manifest::parse(&text, &path)?;
+        let manifest = Manifest::parse_with_defaults(&text, &path, defaults)?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
         let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
         let spec = PluginSpec { manifest, dir, manifest_path: path };
@@ -800,6 +852,23 @@ symbols = ["BTC"]
         assert!(e.contains("`sandbox.require`") && e.contains("magic"), "{e}");
         let e = err("[sandbox]\nnetwork = \"some\"\n");
         assert!(e.contains("`sandbox.network`"), "{e}");
+    }
+
+    #[test]
+    fn operator_defaults_fill_what_the_manifest_leaves_out() {
+        let defaults: toml::Table = toml::from_str(
+            "[limits]\nmemory = \"64MiB\"\nfile_size = \"1MiB\"\n[timeouts]\ncall = \"1s\"\n",
+        )
+        .unwrap();
+        let text = format!("{MIN}[limits]\nmemory = \"32MiB\"\n");
+        let m = Manifest::parse_with_defaults(&text, Path::new("p.toml"), &defaults).unwrap();
+        assert_eq!(m.limits.memory, Some(32 << 20), "the manifest wins");
+        assert_eq!(m.limits.file_size, Some(1 << 20), "the default fills the gap");
+        assert_eq!(m.timeouts.call, Duration::from_secs(1));
+        let bad: toml::Table = toml::from_str("[limits]\nmemroy = 1\n").unwrap();
+        let e =
+            Manifest::parse_with_defaults(MIN, Path::new("p.toml"), &bad).unwrap_err().to_string();
+        assert!(e.contains("[defaults]") && e.contains("memroy"), "{e}");
     }
 
     #[test]
