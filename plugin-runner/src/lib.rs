@@ -50,8 +50,14 @@ pub trait Plugin: Sized + 'static {
     }
 
     /// Runs on a graceful shutdown. A returned blob is handed to the next
-    /// instance of this plugin in [`LoadContext::state`].
+    /// instance of this plugin: in [`LoadContext::state`] after a restart, or in
+    /// [`Plugin::restore_state`] after a hot update (the new instance is already
+    /// loaded then; it receives the blob before its first call).
     fn on_shutdown(&mut self) -> Option<Vec<u8>> {
         None
     }
+
+    /// Receives the state the previous instance returned from `on_shutdown` during a hot
+    /// update, before this instance serves any call.
+    fn restore_state(&mut self, _blob: &[u8]) {}
 }

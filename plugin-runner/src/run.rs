@@ -204,6 +204,9 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
                     run_handler(&mut methods, &mut plugin, &call.method, &call.payload, &options);
                 send(&Message::Reply(Reply { id: call.id, result }))?;
             }
+            Message::Notify { method, payload } if method == "plugd.state" => {
+                plugin.restore_state(&payload.data);
+            }
             Message::Notify { method, payload } => {
                 let _ = run_handler(&mut methods, &mut plugin, &method, &payload, &options);
             }

@@ -52,7 +52,13 @@ pub(crate) enum Control {
     Kill,
     /// Finish in-flight calls, then hand the live process over (in-place upgrade).
     Freeze(oneshot::Sender<Result<Frozen, String>>),
+    /// Start serving calls (an instance started for a hot update holds them until the
+    /// old instance has handed over its state, which is delivered first).
+    Release(Option<Vec<u8>>),
 }
+
+/// The Notify method that carries handed-over state to a running instance.
+pub(crate) const STATE_NOTIFY: &str = "plugd.state";
 
 /// Reports from an instance to its slot.
 #[derive(Debug)]
@@ -75,6 +81,8 @@ pub(crate) struct InstanceConfig {
     pub max_frame: u32,
     pub ring: LogRing,
     pub limits: Limits,
+    /// Hold calls until `Control::Release` (hot update).
+    pub hold: bool,
 }
 
 /// The Notify method an SDK uses to say which layers it applied to itself.
@@ -714,6 +722,7 @@ impl Instance {
         );
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut calls_open = true;
+        let mut holding = self.cfg.hold;
         let mut drain_until: Option<Instant> = None;
         let mut shutdown_sent = false;
         let mut escalate_at: Option<Instant> = None;
@@ -771,7 +780,7 @@ impl Instance {
                 r = self.sock.writable(), if !self.wbuf.is_empty() && !self.eof => {
                     if r.is_err() { self.eof = true; }
                 }
-                req = calls.recv(), if calls_open => match req {
+                req = calls.recv(), if calls_open && !holding => match req {
                     Some(req) => {
                         self.start_call(req);
                         // Take whatever else is already queued before writing: one write for a burst.
@@ -788,6 +797,13 @@ impl Instance {
                         drain_until = Some(Instant::now() + t.drain);
                     }
                     Some(Control::Stop) => {}
+                    Some(Control::Release(state)) => {
+                        if let Some(blob) = state {
+                            let payload = Payload::raw(plugin_proto::PayloadCodec::Bincode, blob);
+                            let _ = self.queue(&Message::Notify { method: STATE_NOTIFY.into(), payload });
+                        }
+                        holding = false;
+                    }
                     Some(Control::Freeze(reply)) => {
                         if self.stopping || self.freeze.is_some() {
                             let _ = reply.send(Err("the plugin is stopping".into()));

@@ -60,6 +60,8 @@ pub struct PluginStatus {
     pub name: String,
     /// Running (or configured) version.
     pub version: String,
+    /// During a hot update: the version being started beside the running one.
+    pub updating_to: Option<String>,
     /// What it is for.
     pub kind: PluginKind,
     /// Lifecycle state.
@@ -94,11 +96,12 @@ pub(crate) struct LiveStatus {
     pub ready_since: Option<Instant>,
     pub sdk: Option<String>,
     pub sandbox: crate::sandbox::SandboxReport,
+    pub version: String,
+    pub updating_to: Option<String>,
 }
 
 pub(crate) struct Shared {
     pub name: String,
-    pub version: String,
     pub kind: PluginKind,
     pub default_deadline: Duration,
     pub route: ArcSwapOption<mpsc::Sender<CallRequest>>,
@@ -222,7 +225,8 @@ impl PluginHandle {
         let live = s.live.lock().unwrap_or_else(|p| p.into_inner()).clone();
         PluginStatus {
             name: s.name.clone(),
-            version: s.version.clone(),
+            version: live.version.clone(),
+            updating_to: live.updating_to.clone(),
             kind: s.kind,
             state: live.state,
             pid: live.pid,

@@ -35,6 +35,19 @@ pub(crate) enum SlotCommand {
     Stop(oneshot::Sender<()>),
     /// Hand the Ready instance's live process over (in-place upgrade); the slot then ends.
     Freeze(oneshot::Sender<Result<FrozenPlugin, String>>),
+    /// Hot update to this spec; the reply comes once the new instance serves (or failed).
+    Update(Box<PluginSpec>, oneshot::Sender<Result<(), String>>),
+}
+
+/// A hot update in progress.
+struct Update {
+    spec: PluginSpec,
+    reply: oneshot::Sender<Result<(), String>>,
+    /// The new instance (starting, then serving once released).
+    new: Current,
+    /// Once switched: the old instance, draining (its control queue must stay open, or it
+    /// would take the closed queue as an order to die).
+    retiring: Option<Current>,
 }
 
 /// A plugin handed over to a successor process: its live instance plus its bookkeeping.
@@ -88,7 +101,7 @@ impl Slot {
     /// Runs until the command queue closes (or the plugin is handed over). With `adopt`,
     /// starts from a live instance a predecessor process handed over instead of spawning.
     pub async fn run(
-        self,
+        mut self,
         mut commands: mpsc::UnboundedReceiver<SlotCommand>,
         adopt: Option<FrozenPlugin>,
     ) {
@@ -103,7 +116,7 @@ impl Slot {
             machine.state = State::Starting;
             let (calls_tx, calls_rx) = mpsc::channel(CALL_QUEUE);
             let (control_tx, control_rx) = mpsc::channel(4);
-            let cfg = self.instance_config(generation, None);
+            let cfg = self.instance_config(&self.spec, generation, None, false);
             let wiring =
                 instance::Wiring { calls: calls_rx, control: control_rx, events: ev_tx.clone() };
             tokio::spawn(instance::run_adopted(frozen.instance, cfg, wiring));
@@ -114,6 +127,7 @@ impl Slot {
         let mut handover: Option<Vec<u8>> = None;
         let mut start_waiters: Vec<oneshot::Sender<Result<(), ExitReason>>> = Vec::new();
         let mut stop_waiters: Vec<oneshot::Sender<()>> = Vec::new();
+        let mut update: Option<Update> = None;
         let far = Instant::now() + std::time::Duration::from_secs(86400 * 365);
 
         loop {
@@ -127,6 +141,25 @@ impl Slot {
                         }
                         start_waiters.push(reply);
                         Event::Start
+                    }
+                    Some(SlotCommand::Update(spec, reply)) => {
+                        if machine.state != State::Ready || update.is_some() {
+                            let why = if update.is_some() { "another update is in progress".to_string() } else { format!("it is not ready ({})", machine.state) };
+                            let _ = reply.send(Err(why));
+                            continue;
+                        }
+                        generation += 1;
+                        match self.spawn(&spec, generation, None, true, ev_tx.clone()).await {
+                            Ok(new) => {
+                                self.note(LogLevel::Info, format!("updating to {} beside the running instance", spec.manifest.version));
+                                self.shared.live.lock().unwrap_or_else(|p| p.into_inner()).updating_to = Some(spec.manifest.version.to_string());
+                                update = Some(Update { spec: *spec, reply, new, retiring: None });
+                            }
+                            Err(reason) => {
+                                let _ = reply.send(Err(reason.to_string()));
+                            }
+                        }
+                        continue;
                     }
                     Some(SlotCommand::Freeze(reply)) => {
                         let Some(c) = current.as_ref().filter(|_| machine.state == State::Ready) else {
@@ -161,6 +194,55 @@ impl Slot {
                     None => break,
                 },
                 Some((gen, ev)) = ev_rx.recv() => {
+                    if let Some(u) = update.as_mut() {
+                        let new_gen = u.new.generation;
+                        match (&ev, u.retiring.as_ref().map(|c| c.generation)) {
+                            // The new instance is Ready: switch routing to it (it holds calls until
+                            // released), and retire the old one, which drains and hands over its state.
+                            (InstanceEvent::Ready { pid: p, sdk: s, .. }, None) if gen == new_gen => {
+                                let calls = u.new.calls.clone();
+                                if let Some(calls) = calls {
+                                    self.shared.route.store(Some(Arc::new(calls)));
+                                }
+                                let old = current.replace(Current { generation: new_gen, control: u.new.control.clone(), calls: u.new.calls.take() });
+                                if let Some(mut old) = old {
+                                    old.calls = None;
+                                    let _ = old.control.send(Control::Stop).await;
+                                    u.retiring = Some(old);
+                                }
+                                pid = Some(*p);
+                                let mut live = self.shared.live.lock().unwrap_or_else(|p| p.into_inner());
+                                live.pid = pid;
+                                live.sdk = Some(s.clone());
+                                live.version = u.spec.manifest.version.to_string();
+                                live.ready_since = Some(Instant::now());
+                                continue;
+                            }
+                            // The new instance died before it was Ready: the old one keeps serving.
+                            (InstanceEvent::Exited { reason, .. }, None) if gen == new_gen => {
+                                let why = format!("the new instance did not start: {reason}");
+                                self.note(LogLevel::Error, format!("update failed, still serving the running version: {why}"));
+                                self.shared.live.lock().unwrap_or_else(|p| p.into_inner()).updating_to = None;
+                                if let Some(u) = update.take() {
+                                    let _ = u.reply.send(Err(why));
+                                }
+                                continue;
+                            }
+                            // The old instance is gone: hand its state to the new one and release it.
+                            (InstanceEvent::Exited { state, reason }, Some(old)) if gen == old => {
+                                let _ = u.new.control.send(Control::Release(state.clone())).await;
+                                self.note(LogLevel::Info, format!("updated to {} (old instance: {reason})", u.spec.manifest.version));
+                                self.shared.live.lock().unwrap_or_else(|p| p.into_inner()).updating_to = None;
+                                if let Some(u) = update.take() {
+                                    self.spec = u.spec;
+                                    let _ = u.reply.send(Ok(()));
+                                }
+                                continue;
+                            }
+                            (_, Some(old)) if gen == old => continue, // the old one's Drained
+                            _ => {}
+                        }
+                    }
                     if current.as_ref().map(|c| c.generation) != Some(gen) {
                         continue; // a report from an instance we already let go of
                     }
@@ -208,7 +290,16 @@ impl Slot {
                     match action {
                         Action::Spawn => {
                             generation += 1;
-                            match self.spawn(generation, handover.take(), ev_tx.clone()).await {
+                            match self
+                                .spawn(
+                                    &self.spec,
+                                    generation,
+                                    handover.take(),
+                                    false,
+                                    ev_tx.clone(),
+                                )
+                                .await
+                            {
                                 Ok(c) => current = Some(c),
                                 Err(reason) => {
                                     self.note(LogLevel::Error, format!("start failed: {reason}"));
@@ -287,8 +378,14 @@ impl Slot {
         drop(current);
     }
 
-    fn instance_config(&self, generation: u64, state: Option<Vec<u8>>) -> InstanceConfig {
-        let m = &self.spec.manifest;
+    fn instance_config(
+        &self,
+        spec: &PluginSpec,
+        generation: u64,
+        state: Option<Vec<u8>>,
+        hold: bool,
+    ) -> InstanceConfig {
+        let m = &spec.manifest;
         InstanceConfig {
             name: m.name.clone(),
             generation,
@@ -298,16 +395,19 @@ impl Slot {
             max_frame: self.max_frame,
             ring: self.shared.ring.clone(),
             limits: m.limits.clone(),
+            hold,
         }
     }
 
     async fn spawn(
         &self,
+        spec: &PluginSpec,
         generation: u64,
         state: Option<Vec<u8>>,
+        hold: bool,
         events: mpsc::UnboundedSender<(u64, InstanceEvent)>,
     ) -> Result<Current, ExitReason> {
-        let plan = SpawnPlan::for_spec(&self.spec, &self.bin_dirs, &self.state_root, &self.host)
+        let plan = SpawnPlan::for_spec(spec, &self.bin_dirs, &self.state_root, &self.host)
             .map_err(|detail| ExitReason::SpawnFailed { detail })?;
         let report: SandboxReport = plan.sandbox.report.clone();
         for missing in &report.unavailable {
@@ -325,7 +425,7 @@ impl Slot {
         self.note(LogLevel::Info, format!("started pid {}", raw.pid));
         let (calls_tx, calls_rx) = mpsc::channel(CALL_QUEUE);
         let (control_tx, control_rx) = mpsc::channel(4);
-        let cfg = self.instance_config(generation, state);
+        let cfg = self.instance_config(spec, generation, state, hold);
         let wiring = instance::Wiring { calls: calls_rx, control: control_rx, events };
         tokio::spawn(instance::run(raw, cfg, wiring));
         Ok(Current { generation, control: control_tx, calls: Some(calls_tx) })

@@ -2,7 +2,7 @@
 //!
 //! The order is fixed and every failing step is named: resolve the
 //! entrypoint → socketpair → (fork) own process group → parent-death signal →
-//! protocol socket on fd 3 → exec. Everything the child runs between fork and
+//! sandbox (see `sandbox`) → protocol socket on fd 3 → exec. Everything the child runs between fork and
 //! exec is prepared before the fork and is async-signal-safe.
 //!
 //! Processes are tracked by pidfd: we wait for exit by polling the pidfd and
@@ -285,6 +285,9 @@ fn spawn_now(plan: &SpawnPlan) -> io::Result<RawChild> {
             if nix::unistd::getppid() != parent {
                 return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
+            // The sandbox goes first: it refers to descriptors by number (the Landlock
+            // ruleset), and one of them may be 3, which the dup2 below would overwrite.
+            sandbox.apply_in_child()?;
             if child_fd == PLUGIN_FD {
                 nix::fcntl::fcntl(
                     PLUGIN_FD,
@@ -294,7 +297,7 @@ fn spawn_now(plan: &SpawnPlan) -> io::Result<RawChild> {
                 // dup2 leaves the new descriptor without FD_CLOEXEC, so it survives exec.
                 nix::unistd::dup2(child_fd, PLUGIN_FD)?;
             }
-            sandbox.apply_in_child()
+            Ok(())
         });
     }
     let mut child = cmd.spawn().map_err(|e| match explain_spawn_error(&e) {

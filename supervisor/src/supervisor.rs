@@ -76,6 +76,14 @@ pub enum SupervisorError {
         /// Its last lines of output, which usually say why.
         log_tail: Vec<String>,
     },
+    /// A hot update did not happen; the old instance is still serving.
+    #[error("update of plugin {name} failed, the running version keeps serving: {reason}")]
+    UpdateFailed {
+        /// The plugin.
+        name: String,
+        /// Why.
+        reason: String,
+    },
     /// The supervisor could not start its spawner thread.
     #[error("cannot start the spawner thread: {0}")]
     Spawner(std::io::Error),
@@ -191,7 +199,6 @@ impl Supervisor {
         let name = m.name.clone();
         let shared = Arc::new(Shared {
             name: name.clone(),
-            version: m.version.to_string(),
             kind: m.kind,
             default_deadline: m.timeouts.call,
             route: ArcSwapOption::empty(),
@@ -205,6 +212,8 @@ impl Supervisor {
                 ready_since: None,
                 sdk: None,
                 sandbox: Default::default(),
+                version: m.version.to_string(),
+                updating_to: None,
             }),
             ring: LogRing::default(),
         });
@@ -299,6 +308,30 @@ impl Supervisor {
                 reason,
                 log_tail: handle.logs(6).into_iter().map(|l| l.text).collect(),
             }),
+        }
+    }
+
+    /// Hot update: starts `spec` beside the running instance, waits until it is Ready,
+    /// switches routing to it, lets the old instance finish its in-flight calls and shut
+    /// down (its `State` is handed to the new one before the new one serves a call). No call
+    /// is lost or refused meanwhile. If the new instance does not get Ready, the old one
+    /// keeps serving and the error says why.
+    pub async fn update(&self, spec: PluginSpec) -> Result<PluginStatus, SupervisorError> {
+        let name = spec.name().to_string();
+        let new_manifest = spec.manifest_path.clone();
+        let commands = self.commands(&name)?;
+        let (reply, wait) = oneshot::channel();
+        commands
+            .send(SlotCommand::Update(Box::new(spec), reply))
+            .map_err(|_| SupervisorError::Gone { name: name.clone() })?;
+        match wait.await.map_err(|_| SupervisorError::Gone { name: name.clone() })? {
+            Ok(()) => {
+                if let Some(l) = self.plugins().iter_mut().find(|l| l.handle.name() == name) {
+                    l.manifest = new_manifest;
+                }
+                self.get(&name).map(|h| h.status()).ok_or_else(|| self.unknown(&name))
+            }
+            Err(reason) => Err(SupervisorError::UpdateFailed { name, reason }),
         }
     }
 

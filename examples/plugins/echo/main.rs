@@ -11,6 +11,10 @@ impl Plugin for Echo {
     fn methods(m: &mut Methods<Self>) {
         m.raw("echo", |_, p: &Payload| Ok(p.clone()));
         m.typed("pid", |_, _: ()| -> Result<u32, String> { Ok(std::process::id()) });
+        // Echo tagged with the version that answered (for hot-update tests).
+        m.typed("tagged", |_, n: u64| -> Result<(u64, String), String> {
+            Ok((n, std::env::var("PLUGD_PLUGIN_VERSION").unwrap_or_default()))
+        });
         m.typed("config", |me: &mut Echo, _: ()| -> Result<String, String> {
             Ok(me.config.clone())
         });

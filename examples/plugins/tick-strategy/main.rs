@@ -58,6 +58,9 @@ impl Plugin for Strategy {
     fn methods(m: &mut Methods<Self>) {
         m.typed("on_tick", Strategy::on_tick);
         m.typed("position", |s: &mut Strategy, _: ()| -> Result<i64, String> { Ok(s.position) });
+        m.typed("version", |_, _: ()| -> Result<String, String> {
+            std::env::var("PLUGD_PLUGIN_VERSION").map_err(|e| e.to_string())
+        });
     }
 
     fn on_load(&mut self, ctx: &LoadContext) -> Result<(), String> {
@@ -72,6 +75,13 @@ impl Plugin for Strategy {
 
     fn on_shutdown(&mut self) -> Option<Vec<u8>> {
         Some(self.position.to_le_bytes().to_vec())
+    }
+
+    fn restore_state(&mut self, blob: &[u8]) {
+        if let Ok(bytes) = <[u8; 8]>::try_from(blob) {
+            self.position = i64::from_le_bytes(bytes);
+            tracing::info!("position {} handed over by the previous version", self.position);
+        }
     }
 }
 
