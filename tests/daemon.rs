@@ -562,3 +562,42 @@ fn operator_defaults_apply_to_every_plugin() {
         d.plugin("bigfile")["last_exit"] == "file size limit (1048576 bytes)"
     });
 }
+
+#[test]
+fn plugctl_update_hot_swaps_to_the_folder_contents() {
+    let d = Plugd::start(|dir| add_plugin(dir, "tick-strategy", "tick-strategy", ""));
+    eventually("ready", || d.all_ready(&["tick-strategy"]));
+    let tick = |bid: f64| format!(r#"{{"symbol":"X","bid":{bid},"ask":{},"ts":1}}"#, bid + 0.02);
+    assert!(d.ctl(&["call", "tick-strategy", "on_tick", &tick(100.0)]).status.success());
+    assert!(d.ctl(&["call", "tick-strategy", "on_tick", &tick(90.0)]).status.success());
+    let pos = |d: &Plugd| {
+        String::from_utf8(d.ctl(&["call", "tick-strategy", "position"]).stdout).unwrap()
+    };
+    assert_eq!(pos(&d).trim(), "1");
+    let old = d.pid("tick-strategy");
+    let manifest = d.plugins().join("tick-strategy/plugin.toml");
+    let text = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .replace("version = \"1.2.0\"", "version = \"1.3.0\"");
+    std::fs::write(&manifest, text).unwrap();
+    let st = d.json(&["update", "tick-strategy"]);
+    assert_eq!(st[0]["version"], "1.3.0");
+    assert_eq!(st[0]["restarts"], 0);
+    assert_ne!(d.pid("tick-strategy"), old);
+    assert_eq!(pos(&d).trim(), "1", "the position survives the update");
+    // A new version that cannot start: the running one keeps serving, and plugctl says why.
+    let text = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .replace("version = \"1.3.0\"", "version = \"1.4.0\"")
+        + "\n[env]\nPLUGD_FD = \"99\"\n";
+    std::fs::write(&manifest, text).unwrap();
+    let out = d.ctl(&["update", "tick-strategy"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("keeps serving"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.plugin("tick-strategy")["version"], "1.3.0");
+    assert_eq!(pos(&d).trim(), "1");
+}

@@ -48,6 +48,11 @@ pub enum Request {
     },
     /// Re-read the config and plugin folders and apply the difference (as SIGHUP).
     Reload,
+    /// Re-read one plugin's folder and hot-swap the running instance to it.
+    Update {
+        /// The plugin.
+        name: String,
+    },
     /// Allow a plugin to run (persisted) and start it.
     Enable {
         /// The plugin.

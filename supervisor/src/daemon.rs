@@ -115,7 +115,9 @@ pub struct ReloadReport {
     pub added: Vec<String>,
     /// Plugins stopped because their folder is gone.
     pub removed: Vec<String>,
-    /// Plugins restarted because their manifest or binary changed.
+    /// Running plugins hot-updated because their manifest or binary changed.
+    pub updated: Vec<String>,
+    /// Plugins that were not running, started again with their changed manifest or binary.
     pub restarted: Vec<String>,
     /// Plugins left untouched.
     pub unchanged: Vec<String>,
@@ -294,12 +296,24 @@ impl Daemon {
                     report.added.push(name.clone());
                 }
                 Some((_, old_fp)) if *old_fp != fp => {
-                    // Until hot update lands, a changed plugin is replaced by stop-then-start.
-                    let _ = self.sup.unload(&name).await;
-                    if !disabled {
-                        self.load(spec.clone()).await;
+                    // A running plugin is hot-updated (no call lost; the old one keeps serving
+                    // if the new one fails); one that is not running is simply (re)started.
+                    let running = self
+                        .sup
+                        .get(&name)
+                        .is_some_and(|h| h.status().state == crate::State::Ready);
+                    if running {
+                        match self.sup.update(spec.clone()).await {
+                            Ok(_) => report.updated.push(name.clone()),
+                            Err(e) => report.problems.push(e.to_string()),
+                        }
+                    } else {
+                        let _ = self.sup.unload(&name).await;
+                        if !disabled {
+                            self.load(spec.clone()).await;
+                        }
+                        report.restarted.push(name.clone());
                     }
-                    report.restarted.push(name.clone());
                 }
                 Some(_) => report.unchanged.push(name.clone()),
             }
@@ -310,9 +324,10 @@ impl Daemon {
             tracing::error!("{p}");
         }
         tracing::info!(
-            "reload: added {:?}, removed {:?}, restarted {:?}, unchanged {}",
+            "reload: added {:?}, removed {:?}, updated {:?}, restarted {:?}, unchanged {}",
             report.added,
             report.removed,
+            report.updated,
             report.restarted,
             report.unchanged.len()
         );
@@ -450,6 +465,7 @@ impl Daemon {
                 }
             },
             Request::Call { name, method, json } => self.call(&name, &method, json).await,
+            Request::Update { name } => self.update_one(&name).await,
             Request::Logs { name, n, since_ms } => match self.sup.get(&name) {
                 Some(h) => {
                     let lines: Vec<_> = h
@@ -472,6 +488,37 @@ impl Daemon {
             Ok(v) => Reply::ok(v),
             Err(e) => Reply::err(e),
         }
+    }
+
+    /// Re-reads one plugin's folder and hot-swaps the running instance to it.
+    async fn update_one(&self, name: &str) -> Result<serde_json::Value, String> {
+        let (path, defaults) = {
+            let known = lock(&self.known);
+            let path =
+                known.iter().find(|(n, _)| n == name).map(|(_, k)| k.spec.manifest_path.clone());
+            (path, lock(&self.config).defaults.clone())
+        };
+        let path = path.ok_or_else(|| self.unknown(name))?;
+        let spec =
+            PluginSpec::from_manifest_with_defaults(&path, &defaults).map_err(|e| e.to_string())?;
+        if spec.name() != name {
+            return Err(format!(
+                "{} now names the plugin {:?}; use `plugctl reload` to pick up a rename",
+                path.display(),
+                spec.name()
+            ));
+        }
+        if self.sup.get(name).is_none_or(|h| h.status().state != crate::State::Ready) {
+            return Err(format!(
+                "plugin {name} is not running; `plugctl start {name}` runs the new version"
+            ));
+        }
+        let fp = self.fingerprint_of(&spec);
+        self.sup.update(spec.clone()).await.map_err(|e| e.to_string())?;
+        if let Some((_, k)) = lock(&self.known).iter_mut().find(|(n, _)| n == name) {
+            *k = Known { spec, fingerprint: fp };
+        }
+        self.status(Some(name))
     }
 
     async fn call(

@@ -48,6 +48,11 @@ enum Cmd {
     },
     /// Re-read config and plugin folders and apply the difference (same as SIGHUP).
     Reload,
+    /// Hot-swap a running plugin to what its folder holds now (no call is lost).
+    Update {
+        /// The plugin.
+        name: String,
+    },
     /// Enable a plugin (persisted) and start it.
     Enable {
         /// The plugin.
@@ -257,6 +262,7 @@ fn main() -> ExitCode {
         Cmd::Stop { name } => Request::Stop { name },
         Cmd::Restart { name } => Request::Restart { name },
         Cmd::Reload => Request::Reload,
+        Cmd::Update { name } => Request::Update { name },
         Cmd::Enable { name } => Request::Enable { name },
         Cmd::Disable { name } => Request::Disable { name },
         Cmd::Call { name, method, arg } => Request::Call { name, method, json: arg },
@@ -323,6 +329,7 @@ fn main() -> ExitCode {
         }
         _ if args.json => println!("{}", serde_json::to_string_pretty(&data).unwrap_or_default()),
         Request::Status { .. }
+        | Request::Update { .. }
         | Request::Start { .. }
         | Request::Stop { .. }
         | Request::Restart { .. }
