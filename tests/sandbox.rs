@@ -98,6 +98,7 @@ async fn memhog_hits_its_memory_limit() {
         .await
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::PluginExited, "{err}");
+    assert!(err.message.contains("memory limit (128 MiB)"), "the caller learns why: {err}");
     let reason = exit_of(&hog).await;
     assert_eq!(reason, ExitReason::MemoryLimit { limit_bytes: 128 << 20 });
     assert_eq!(reason.to_string(), "memory limit (128 MiB)");

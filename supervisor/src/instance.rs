@@ -867,6 +867,9 @@ impl Instance {
                 }
             }
         };
+        // Callers waiting on this instance learn the classified reason ("memory limit"), not
+        // just the signal.
+        let reason = self.classify(reason).await;
         self.fail_pending(ErrorCode::PluginExited, &format!("ended before it replied: {reason}"));
         calls.close();
         while let Ok(req) = calls.try_recv() {
