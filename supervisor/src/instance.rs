@@ -344,6 +344,12 @@ enum Wake {
 }
 
 impl Instance {
+    /// A sandbox violation, naming the syscall the SDK reported (if any).
+    fn violation(&self) -> ExitReason {
+        let nr = *self.markers.syscall.lock().unwrap_or_else(|p| p.into_inner());
+        ExitReason::SandboxViolation { syscall: nr.map(name_of) }
+    }
+
     /// Turns a bare exit status into a limit or sandbox reason where the evidence says so.
     async fn classify(&mut self, reason: ExitReason) -> ExitReason {
         if !matches!(reason, ExitReason::Exited { .. } | ExitReason::Signaled { .. }) {
@@ -359,11 +365,7 @@ impl Instance {
             _ => None,
         };
         if signal == Some(libc::SIGSYS) {
-            let nr = *self.markers.syscall.lock().unwrap_or_else(|p| p.into_inner());
-            let syscall = nr.map(|nr| {
-                syscall_name(nr).map(str::to_string).unwrap_or_else(|| format!("syscall {nr}"))
-            });
-            return ExitReason::SandboxViolation { syscall };
+            return self.violation();
         }
         if let Some(cpu) = limits.cpu_time {
             let used_up = self.proc.cpu_secs().is_some_and(|used| used + 0.5 >= cpu.as_secs_f64());
@@ -891,10 +893,7 @@ impl Instance {
             Fault::Memory => {
                 ExitReason::MemoryLimit { limit_bytes: self.cfg.limits.memory.unwrap_or(0) }
             }
-            Fault::Violation => {
-                let nr = *self.markers.syscall.lock().unwrap_or_else(|p| p.into_inner());
-                ExitReason::SandboxViolation { syscall: nr.map(name_of) }
-            }
+            Fault::Violation => self.violation(),
         };
         self.kill(reason).await
     }
