@@ -325,3 +325,29 @@ async fn a_required_layer_that_is_missing_fails_the_start() {
     sup.load(spec).await.expect("layers this machine has are satisfied");
     sup.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_cpus_pins_the_plugin() {
+    let sup = supervisor();
+    let dir = tempfile::tempdir().unwrap();
+    let pinned = sup.load(plugin(&dir, "pinned", "echo", "[limits]\ncpus = [0]\n")).await.unwrap();
+    assert!(
+        pinned.status().sandbox.iter().any(|l| l == "cpus(0)"),
+        "{:?}",
+        pinned.status().sandbox
+    );
+    let pid = pinned.status().pid.unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let allowed = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim();
+    assert_eq!(allowed, "0");
+    let back: u64 = pinned.call("echo", &7u64).await.unwrap();
+    assert_eq!(back, 7);
+    // The supervisor itself is not pinned.
+    let ours = std::fs::read_to_string("/proc/self/status").unwrap();
+    let ours =
+        ours.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string();
+    if std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) > 1 {
+        assert_ne!(ours, "0");
+    }
+    sup.shutdown().await;
+}

@@ -30,8 +30,15 @@ use seccompiler::BpfProgram;
 use crate::manifest::PluginSpec;
 
 /// Steps of the child-side sequence, in order; the index is encoded in a failure.
-pub const STEPS: &[&str] =
-    &["rlimits", "cgroup", "netns", "drop ids", "no_new_privs", "landlock", "seccomp"];
+pub const STEPS: &[&str] = &[
+    "rlimits and cpu affinity",
+    "cgroup",
+    "netns",
+    "drop ids",
+    "no_new_privs",
+    "landlock",
+    "seccomp",
+];
 
 /// Errors from the child carry `STEP_BASE + step * 1000 + errno`, so the parent can name the step.
 const STEP_BASE: i32 = 100_000;
@@ -90,6 +97,7 @@ impl HostFacts {
 #[derive(Debug, Default)]
 pub struct SandboxPlan {
     rlimits: Vec<rlimit::Rlimit>,
+    cpus: Option<nix::sched::CpuSet>,
     cgroup_procs: Option<CString>,
     netns: bool,
     ids: Option<(u32, u32)>,
@@ -132,6 +140,23 @@ impl SandboxPlan {
             })
             .collect();
         plan.report.in_force.push(format!("rlimits({})", names.join(",")));
+        if let Some(cpus) = &m.limits.cpus {
+            let mut set = nix::sched::CpuSet::new();
+            let online = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            let mut bad = Vec::new();
+            for &cpu in cpus {
+                if cpu >= online || set.set(cpu).is_err() {
+                    bad.push(cpu);
+                }
+            }
+            if bad.is_empty() {
+                plan.cpus = Some(set);
+                let list: Vec<String> = cpus.iter().map(|c| c.to_string()).collect();
+                plan.report.in_force.push(format!("cpus({})", list.join(",")));
+            } else {
+                missing(&mut plan, "cpus", format!("CPUs {bad:?} do not exist here (0..{online})"));
+            }
+        }
         if m.limits.processes.is_some() && host.is_root && sb.user.is_none() {
             missing(
                 &mut plan,
@@ -273,6 +298,10 @@ impl SandboxPlan {
     /// Async-signal-safe: single syscalls on data prepared before the fork.
     pub fn apply_in_child(&self) -> io::Result<()> {
         rlimit::apply(&self.rlimits).map_err(|e| step_err(0, e))?;
+        if let Some(set) = &self.cpus {
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), set)
+                .map_err(|e| step_err(0, e.into()))?;
+        }
         if let Some(procs) = &self.cgroup_procs {
             join_cgroup(procs).map_err(|e| step_err(1, e))?;
         }
