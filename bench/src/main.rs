@@ -17,6 +17,8 @@
 //! Build everything first (the bench finds the plugins next to itself):
 //! `cargo build --release --workspace && target/release/plugd-bench`.
 
+mod extra;
+
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -30,7 +32,7 @@ use serde::Serialize;
 use supervisor::{Deadline, Payload, PluginSpec, Supervisor, SupervisorConfig};
 
 #[derive(Debug, Clone, Serialize)]
-struct Stats {
+pub struct Stats {
     name: String,
     bytes: usize,
     samples: usize,
@@ -45,7 +47,7 @@ struct Stats {
     ratio_p999: Option<f64>,
 }
 
-fn stats(name: &str, bytes: usize, mut ns: Vec<u64>) -> Stats {
+pub fn stats(name: &str, bytes: usize, mut ns: Vec<u64>) -> Stats {
     ns.sort_unstable();
     let at = |p: f64| ns[((ns.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
     Stats {
@@ -63,7 +65,7 @@ fn stats(name: &str, bytes: usize, mut ns: Vec<u64>) -> Stats {
     }
 }
 
-fn with_ratio(mut s: Stats, floor: &Stats) -> Stats {
+pub fn with_ratio(mut s: Stats, floor: &Stats) -> Stats {
     s.ratio_p50 = Some(s.p50_us / floor.p50_us);
     s.ratio_p99 = Some(s.p99_us / floor.p99_us);
     s.ratio_p999 = Some(s.p999_us / floor.p999_us);
@@ -114,7 +116,7 @@ fn raw_floor(size: usize, warmup: usize, samples: usize) -> Result<Stats> {
     Ok(stats(&format!("raw socketpair {size} B"), size, ns))
 }
 
-fn bin_dir() -> Result<PathBuf> {
+pub fn bin_dir() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("executable has no directory")?.to_path_buf();
     if !dir.join("tick-strategy").exists() || !dir.join("echo").exists() {
@@ -222,13 +224,31 @@ fn main() -> Result<()> {
     ))?;
     let full = rt.block_on(spawn_to_ready(spawns, "full sandbox", "syscalls = \"default\""))?;
     let full = with_ratio(full, &bare);
+    let (pipe_total, fan_samples, scale_n, idle) = if quick {
+        (20_000, 2_000, 50, Duration::from_secs(2))
+    } else {
+        (200_000, 20_000, 200, Duration::from_secs(10))
+    };
+    let pipelined = rt.block_on(extra::pipelined(&[1, 16, 256], pipe_total))?;
+    let (single, fan) = rt.block_on(extra::fan_out(8, warmup.min(1000), fan_samples))?;
+    let fan = with_ratio(fan, &single);
+    let scale = rt.block_on(extra::scale(scale_n, idle))?;
+    drop(rt);
+    // Pinned last: from here on this thread and everything it starts run on CPU 0.
+    extra::pin_to_cpu0()?;
+    let floor_pinned = raw_floor(64, warmup, samples)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let tick_pinned =
+        with_ratio(rt.block_on(extra::on_tick_pinned(warmup, samples))?, &floor_pinned);
 
     println!("plugd-bench: {} samples each after {} warm-up, one run", samples, warmup);
     println!(
         "{:<24} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9}   {:>16}",
         "", "bytes", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs", "×floor p50/p99/p99.9"
     );
-    for s in floors.iter().chain(plugd.iter()) {
+    let mut floor_pinned = floor_pinned;
+    floor_pinned.name = "raw 64 B, pinned".into();
+    for s in floors.iter().chain(plugd.iter()).chain([&floor_pinned, &tick_pinned]) {
         let ratio = match (s.ratio_p50, s.ratio_p99, s.ratio_p999) {
             (Some(a), Some(b), Some(c)) => format!("{a:.2} / {b:.2} / {c:.2}"),
             _ => "floor".into(),
@@ -254,6 +274,26 @@ fn main() -> Result<()> {
             ratio
         );
     }
+    println!();
+    println!(
+        "{:<24} {:>14} {:>14} {:>8}",
+        "pipelined, in flight", "raw msg/s", "plugd calls/s", "ratio"
+    );
+    for p in &pipelined {
+        println!("{:<24} {:>14.0} {:>14.0} {:>8.2}", p.k, p.raw_per_s, p.plugd_per_s, p.ratio);
+    }
+    println!();
+    println!(
+        "fan-out of one tick to 8 strategies: p50 {:.1} µs, p99 {:.1} µs; one strategy alone p50 {:.1} µs ({:.2}× at p50)",
+        fan.p50_us,
+        fan.p99_us,
+        single.p50_us,
+        fan.ratio_p50.unwrap_or(0.0)
+    );
+    println!(
+        "{} idle plugins: started in {:.0} ms, stopped in {:.0} ms, supervisor +{:.0} KiB RSS per plugin, {:.2} % of one CPU idle (supervisor + plugins, over {} s)",
+        scale.plugins, scale.start_all_ms, scale.stop_all_ms, scale.supervisor_rss_kib_per_plugin, scale.idle_cpu_percent, scale.idle_secs
+    );
     if let Some(path) = json {
         let machine = serde_json::json!({
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -264,6 +304,12 @@ fn main() -> Result<()> {
         let doc = serde_json::json!({
             "quick": quick, "machine": machine, "floor": floors, "plugd": plugd,
             "spawn": [bare, full],
+            "pinned": [floor_pinned, tick_pinned],
+            "pipelined": pipelined,
+            "fan_out": { "single": single, "eight": fan },
+            "scale": scale,
+            "commit": std::process::Command::new("git").args(["rev-parse", "HEAD"]).output().ok()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()),
         });
         std::fs::write(&path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("write {}", path.display()))?;

@@ -1,0 +1,246 @@
+//! The rest of the suite: pinned runs, pipelined throughput, fan-out, and scale.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use plugd_examples::{Order, Tick};
+use serde::Serialize;
+use supervisor::{Deadline, Payload, PayloadCodec, PluginSpec, Supervisor, SupervisorConfig};
+
+use crate::{bin_dir, stats, Stats};
+
+/// A plugin folder `dir/name` running example binary `bin`, with extra manifest text.
+pub fn temp_plugin(dir: &Path, name: &str, bin: &str, extra: &str) -> Result<PluginSpec> {
+    let folder = dir.join(name);
+    std::fs::create_dir_all(&folder)?;
+    std::fs::write(
+        folder.join("plugin.toml"),
+        format!(
+            "name = \"{name}\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"{}\"\n{extra}",
+            bin_dir()?.join(bin).display()
+        ),
+    )?;
+    Ok(PluginSpec::from_manifest(&folder)?)
+}
+
+fn supervisor() -> Result<Supervisor> {
+    Ok(Supervisor::new(SupervisorConfig { bin_dirs: vec![bin_dir()?], ..Default::default() })?)
+}
+
+/// Pins the calling thread (and every thread or process it starts from now on) to CPU 0.
+pub fn pin_to_cpu0() -> Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(0)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+    Ok(())
+}
+
+/// on_tick through the supervisor with the plugin pinned to CPU 0 (the caller must be pinned too).
+pub async fn on_tick_pinned(warmup: usize, samples: usize) -> Result<Stats> {
+    let dir = tempfile::tempdir()?;
+    let sup = supervisor()?;
+    let config = "[limits]\ncpus = [0]\n[config]\nmax_position = 10\n";
+    let strat = sup.load(temp_plugin(dir.path(), "strat", "tick-strategy", config)?).await?;
+    let mut ns = Vec::with_capacity(samples);
+    for i in 0..warmup + samples {
+        let tick = Tick { symbol: "BTC-USD".into(), bid: 100.0, ask: 100.02, ts: i as u64 };
+        let t0 = Instant::now();
+        let _: Order =
+            strat.call_with("on_tick", &tick, Deadline::after(Duration::from_secs(5))).await?;
+        if i >= warmup {
+            ns.push(t0.elapsed().as_nanos() as u64);
+        }
+    }
+    sup.shutdown().await;
+    Ok(stats("plugd on_tick, pinned", 25, ns))
+}
+
+/// Throughput with `k` requests in flight: raw pipelined socketpair vs plugd calls.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pipelined {
+    /// Requests in flight.
+    pub k: usize,
+    /// Raw socketpair messages per second.
+    pub raw_per_s: f64,
+    /// plugd calls per second.
+    pub plugd_per_s: f64,
+    /// plugd / raw.
+    pub ratio: f64,
+}
+
+fn raw_pipelined(k: usize, total: usize) -> Result<f64> {
+    let size = 64;
+    let (mut ours, theirs) = UnixStream::pair()?;
+    let theirs = OwnedFd::from(theirs);
+    let fd = theirs.as_raw_fd();
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["--raw-child", &size.to_string()]);
+    // SAFETY: dup2 is async-signal-safe and the closure captures only an integer.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::dup2(fd, 3)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("spawn the raw ping-pong child")?;
+    drop(theirs);
+    let batch = vec![7u8; size * k];
+    let mut back = vec![0u8; size * k];
+    let t0 = Instant::now();
+    for _ in 0..total / k {
+        ours.write_all(&batch)?;
+        ours.read_exact(&mut back)?;
+    }
+    let rate = (total / k * k) as f64 / t0.elapsed().as_secs_f64();
+    drop(ours);
+    child.wait()?;
+    Ok(rate)
+}
+
+/// Pipelined throughput for each `k`.
+pub async fn pipelined(ks: &[usize], total: usize) -> Result<Vec<Pipelined>> {
+    let dir = tempfile::tempdir()?;
+    let sup = supervisor()?;
+    let echo = sup.load(temp_plugin(dir.path(), "echo", "echo", "")?).await?;
+    let mut out = Vec::new();
+    for &k in ks {
+        let raw_per_s = raw_pipelined(k, total)?;
+        let t0 = Instant::now();
+        let per_task = total / k;
+        let mut tasks = Vec::new();
+        for _ in 0..k {
+            let echo = echo.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..per_task {
+                    let p = Payload::raw(PayloadCodec::Bincode, vec![7u8; 64]);
+                    echo.call_raw("echo", p, Deadline::after(Duration::from_secs(30))).await?;
+                }
+                Ok::<_, supervisor::CallError>(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        let plugd_per_s = (per_task * k) as f64 / t0.elapsed().as_secs_f64();
+        out.push(Pipelined { k, raw_per_s, plugd_per_s, ratio: plugd_per_s / raw_per_s });
+    }
+    sup.shutdown().await;
+    Ok(out)
+}
+
+/// One tick to `n` strategies at once, time until all replied; and one strategy alone.
+pub async fn fan_out(n: usize, warmup: usize, samples: usize) -> Result<(Stats, Stats)> {
+    let dir = tempfile::tempdir()?;
+    let sup = supervisor()?;
+    let mut strats = Vec::new();
+    for i in 0..n {
+        strats.push(
+            sup.load(temp_plugin(dir.path(), &format!("strat-{i}"), "tick-strategy", "")?).await?,
+        );
+    }
+    let deadline = Deadline::after(Duration::from_secs(5));
+    let mut single = Vec::with_capacity(samples);
+    let mut all = Vec::with_capacity(samples);
+    for i in 0..warmup + samples {
+        let tick = Tick { symbol: "BTC-USD".into(), bid: 100.0, ask: 100.02, ts: i as u64 };
+        let t0 = Instant::now();
+        let _: Order = strats[0].call_with("on_tick", &tick, deadline).await?;
+        let one = t0.elapsed();
+        let t0 = Instant::now();
+        let calls: Vec<_> = strats
+            .iter()
+            .map(|s| {
+                let (s, tick) = (s.clone(), tick.clone());
+                tokio::spawn(
+                    async move { s.call_with::<_, Order>("on_tick", &tick, deadline).await },
+                )
+            })
+            .collect();
+        for c in calls {
+            c.await??;
+        }
+        if i >= warmup {
+            single.push(one.as_nanos() as u64);
+            all.push(t0.elapsed().as_nanos() as u64);
+        }
+    }
+    sup.shutdown().await;
+    Ok((stats("single strategy on_tick", 25, single), stats(&format!("fan-out to {n}"), 25, all)))
+}
+
+/// What `n` idle plugins cost.
+#[derive(Debug, Clone, Serialize)]
+pub struct Scale {
+    /// Plugins loaded.
+    pub plugins: usize,
+    /// Time to load them all (one after another), in ms.
+    pub start_all_ms: f64,
+    /// Time to unload them all, in ms.
+    pub stop_all_ms: f64,
+    /// Supervisor RSS growth per plugin, in KiB.
+    pub supervisor_rss_kib_per_plugin: f64,
+    /// CPU used by supervisor + all plugins while idle, as a percent of one CPU.
+    pub idle_cpu_percent: f64,
+    /// Over how many seconds.
+    pub idle_secs: f64,
+}
+
+fn rss_kib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .map(|v| v.trim().trim_end_matches("kB").trim().to_string())
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let get = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+/// Loads `n` echo plugins, measures their idle cost, unloads them.
+pub async fn scale(n: usize, idle: Duration) -> Result<Scale> {
+    let dir = tempfile::tempdir()?;
+    let sup = supervisor()?;
+    let before = rss_kib();
+    let t0 = Instant::now();
+    let mut pids = Vec::new();
+    for i in 0..n {
+        let h = sup.load(temp_plugin(dir.path(), &format!("echo-{i}"), "echo", "")?).await?;
+        pids.push(h.status().pid.unwrap_or(0));
+    }
+    let start_all_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let rss = (rss_kib() - before) / n as f64;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let me = std::process::id();
+    let sum = |pids: &[u32]| cpu_ticks(me) + pids.iter().map(|&p| cpu_ticks(p)).sum::<u64>();
+    let c0 = sum(&pids);
+    tokio::time::sleep(idle).await;
+    let c1 = sum(&pids);
+    // SAFETY: sysconf with a constant name has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let idle_cpu_percent = (c1 - c0) as f64 / hz / idle.as_secs_f64() * 100.0;
+    let t0 = Instant::now();
+    sup.shutdown().await;
+    let stop_all_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    Ok(Scale {
+        plugins: n,
+        start_all_ms,
+        stop_all_ms,
+        supervisor_rss_kib_per_plugin: rss,
+        idle_cpu_percent,
+        idle_secs: idle.as_secs_f64(),
+    })
+}
