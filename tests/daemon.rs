@@ -589,7 +589,10 @@ fn plugctl_update_hot_swaps_to_the_folder_contents() {
     let text = std::fs::read_to_string(&manifest)
         .unwrap()
         .replace("version = \"1.3.0\"", "version = \"1.4.0\"")
-        + "\n[env]\nPLUGD_FD = \"99\"\n";
+        .lines()
+        .map(|l| if l.starts_with("entrypoint") { "entrypoint = \"no-such-binary\"" } else { l })
+        .collect::<Vec<_>>()
+        .join("\n");
     std::fs::write(&manifest, text).unwrap();
     let out = d.ctl(&["update", "tick-strategy"]);
     assert_eq!(out.status.code(), Some(1));

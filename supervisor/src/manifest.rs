@@ -679,6 +679,12 @@ impl Manifest {
                     c.bad(&format!("env.{key}"), "is not a valid environment variable name")
                 );
             }
+            if key.starts_with("PLUGD_") {
+                return Err(c.bad(
+                    &format!("env.{key}"),
+                    "uses the PLUGD_ prefix, which plugd sets itself (PLUGD_FD, PLUGD_STATE_DIR, …); choose another name",
+                ));
+            }
         }
 
         Ok(Manifest {
@@ -850,6 +856,8 @@ symbols = ["BTC"]
         assert!(e.contains("unknown variant `sometimes`") && e.contains("on-failure"), "{e}");
         let e = err("[sandbox]\nrequire = [\"magic\"]\n");
         assert!(e.contains("`sandbox.require`") && e.contains("magic"), "{e}");
+        let e = err("[env]\nPLUGD_FD = \"9\"\n");
+        assert!(e.contains("`env.PLUGD_FD`") && e.contains("prefix"), "{e}");
         let e = err("[sandbox]\nnetwork = \"some\"\n");
         assert!(e.contains("`sandbox.network`"), "{e}");
     }
