@@ -240,21 +240,28 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let tick_pinned =
         with_ratio(rt.block_on(extra::on_tick_pinned(warmup, samples))?, &floor_pinned);
+    drop(rt);
+    // The same, with the host on a current-thread runtime: no cross-thread wake-ups at all.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut tick_pinned_ct =
+        with_ratio(rt.block_on(extra::on_tick_pinned(warmup, samples))?, &floor_pinned);
+    tick_pinned_ct.name = "plugd on_tick, pinned, current-thread".into();
 
     println!("plugd-bench: {} samples each after {} warm-up, one run", samples, warmup);
     println!(
-        "{:<24} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9}   {:>16}",
+        "{:<38} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9}   {:>16}",
         "", "bytes", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs", "×floor p50/p99/p99.9"
     );
     let mut floor_pinned = floor_pinned;
     floor_pinned.name = "raw 64 B, pinned".into();
-    for s in floors.iter().chain(plugd.iter()).chain([&floor_pinned, &tick_pinned]) {
+    for s in floors.iter().chain(plugd.iter()).chain([&floor_pinned, &tick_pinned, &tick_pinned_ct])
+    {
         let ratio = match (s.ratio_p50, s.ratio_p99, s.ratio_p999) {
             (Some(a), Some(b), Some(c)) => format!("{a:.2} / {b:.2} / {c:.2}"),
             _ => "floor".into(),
         };
         println!(
-            "{:<24} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}   {:>16}",
+            "{:<38} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}   {:>16}",
             s.name, s.bytes, s.p50_us, s.p90_us, s.p99_us, s.p999_us, s.max_us, ratio
         );
     }
@@ -304,7 +311,7 @@ fn main() -> Result<()> {
         let doc = serde_json::json!({
             "quick": quick, "machine": machine, "floor": floors, "plugd": plugd,
             "spawn": [bare, full],
-            "pinned": [floor_pinned, tick_pinned],
+            "pinned": [floor_pinned, tick_pinned, tick_pinned_ct],
             "pipelined": pipelined,
             "fan_out": { "single": single, "eight": fan },
             "scale": scale,
