@@ -156,7 +156,12 @@ async fn forkbomb_is_capped_and_its_children_die_with_it() {
     let out: Outcome = bomb.call("bomb", &10_000u32).await.unwrap();
     assert!(out.forked < 16, "{out:?}");
     assert!(out.error.contains("Resource temporarily unavailable"), "{out:?}");
-    assert!(group_members(pid) > 1, "the children run in the plugin's process group");
+    // RLIMIT_NPROC counts every process of the user, so how many forks succeed depends on
+    // what else runs as nobody; all that did succeed sit in the plugin's process group.
+    assert!(
+        group_members(pid) > out.forked as usize,
+        "the children run in the plugin's process group"
+    );
     sup.unload("forkbomb").await.unwrap();
     eventually("every forked child is gone", || group_members(pid) == 0).await;
     neighbour.finish().await;
