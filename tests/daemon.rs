@@ -604,3 +604,93 @@ fn plugctl_update_hot_swaps_to_the_folder_contents() {
     assert_eq!(d.plugin("tick-strategy")["version"], "1.3.0");
     assert_eq!(pos(&d).trim(), "1");
 }
+
+/// A plugin source folder for `greeter` at `version` (the echo binary, copied in as bin/greeter).
+fn greeter_source(dir: &Path, version: &str) -> PathBuf {
+    let src = dir.join(format!("greeter-{version}"));
+    std::fs::create_dir_all(src.join("bin")).unwrap();
+    std::fs::copy(bin_dir().join("echo"), src.join("bin/greeter")).unwrap();
+    std::fs::write(
+        src.join("plugin.toml"),
+        format!("name = \"greeter\"\nversion = \"{version}\"\napi_version = \"^1\"\nentrypoint = \"bin/greeter\"\n"),
+    )
+    .unwrap();
+    src
+}
+
+#[test]
+fn install_versions_update_rollback_uninstall() {
+    let d = Plugd::start(|dir| add_plugin(dir, "echo", "echo", ""));
+    eventually("ready", || d.all_ready(&["echo"]));
+    let src = tempfile::tempdir().unwrap();
+    let (v1, v2) = (greeter_source(src.path(), "1.0.0"), greeter_source(src.path(), "2.0.0"));
+    let installed = d.root.path().join("state/installed/greeter");
+
+    // A broken folder is refused before anything is copied.
+    let bad = src.path().join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(
+        bad.join("plugin.toml"),
+        "name = \"greeter\"\nversion = \"x\"\napi_version = \"^1\"\nentrypoint = \"bin/g\"\n",
+    )
+    .unwrap();
+    let out = d.ctl(&["install", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`version`"));
+    assert!(!installed.exists(), "nothing half-installed");
+
+    // First install: copied, current, started.
+    let st = d.json(&["install", v1.to_str().unwrap()]);
+    assert_eq!(
+        (st[0]["version"].as_str(), st[0]["state"].as_str()),
+        (Some("1.0.0"), Some("ready"))
+    );
+    assert!(installed.join("1.0.0/bin/greeter").is_file());
+    let out = d.ctl(&["install", v1.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already installed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(d.ctl(&["install", "--force", v1.to_str().unwrap()]).status.success());
+
+    // A second version is installed beside the running one, which keeps running.
+    let pid = d.pid("greeter");
+    assert!(d.ctl(&["install", v2.to_str().unwrap()]).status.success());
+    assert_eq!(d.plugin("greeter")["version"], "1.0.0");
+    assert_eq!(d.pid("greeter"), pid);
+    let versions = d.json(&["versions", "greeter"]);
+    assert_eq!(
+        versions,
+        serde_json::json!([{"version":"1.0.0","current":true},{"version":"2.0.0","current":false}])
+    );
+
+    // update NAME VERSION hot-swaps; rollback goes back.
+    let st = d.json(&["update", "greeter", "2.0.0"]);
+    assert_eq!(st[0]["version"], "2.0.0");
+    assert_ne!(d.pid("greeter"), pid);
+    let st = d.json(&["rollback", "greeter"]);
+    assert_eq!(st[0]["version"], "1.0.0");
+    let out = d.ctl(&["call", "greeter", "echo", "\"hi\""]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hi");
+
+    // The current version survives a daemon restart.
+    let d = d.restart();
+    eventually("greeter back", || d.all_ready(&["echo", "greeter"]));
+    assert_eq!(d.plugin("greeter")["version"], "1.0.0");
+
+    // Uninstall: one version, then the whole plugin with its state.
+    let out = d.ctl(&["uninstall", "greeter", "--version", "1.0.0"]);
+    assert_eq!(out.status.code(), Some(1), "the current version cannot be removed alone");
+    assert!(d.ctl(&["uninstall", "greeter", "--version", "2.0.0"]).status.success());
+    assert!(!installed.join("2.0.0").exists());
+    let state = d.root.path().join("state/plugins/greeter");
+    assert!(state.exists());
+    let gpid = d.pid("greeter");
+    assert!(d.ctl(&["uninstall", "greeter", "--purge"]).status.success());
+    assert!(!installed.exists() && !state.exists());
+    assert!(!alive(gpid));
+    assert!(d.status().iter().all(|p| p["name"] != "greeter"));
+    assert_eq!(d.plugin("echo")["state"], "ready", "nothing else touched");
+}

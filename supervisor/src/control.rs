@@ -48,10 +48,49 @@ pub enum Request {
     },
     /// Re-read the config and plugin folders and apply the difference (as SIGHUP).
     Reload,
-    /// Re-read one plugin's folder and hot-swap the running instance to it.
+    /// Hot-swap the running instance to what its folder holds now, or to another
+    /// installed version.
     Update {
         /// The plugin.
         name: String,
+        /// An installed version to switch to.
+        #[serde(default)]
+        version: Option<String>,
+    },
+    /// Install a plugin from a local folder under the state folder.
+    Install {
+        /// The plugin folder to copy.
+        source: String,
+        /// Replace an installed name@version.
+        #[serde(default)]
+        force: bool,
+        /// Clear a persisted disable.
+        #[serde(default)]
+        enable: bool,
+    },
+    /// Installed versions of a plugin.
+    Versions {
+        /// The plugin.
+        name: String,
+    },
+    /// Hot-swap back to an installed version (default: the newest below the current one).
+    Rollback {
+        /// The plugin.
+        name: String,
+        /// The version to go back to.
+        #[serde(default)]
+        version: Option<String>,
+    },
+    /// Remove an installed plugin (or one of its versions).
+    Uninstall {
+        /// The plugin.
+        name: String,
+        /// Only this version (it must not be the current one).
+        #[serde(default)]
+        version: Option<String>,
+        /// Also remove the plugin's state folder.
+        #[serde(default)]
+        purge: bool,
     },
     /// Allow a plugin to run (persisted) and start it.
     Enable {

@@ -150,6 +150,145 @@ impl Daemon {
         })
     }
 
+    /// Configured plugin folders plus the installed plugins, and the operator defaults.
+    fn dirs_and_defaults(&self) -> (Vec<PathBuf>, toml::Table) {
+        let c = lock(&self.config);
+        let mut dirs = c.plugin_dirs.clone();
+        dirs.push(crate::install::root(&c.state_dir));
+        (dirs, c.defaults.clone())
+    }
+
+    fn installed_root(&self) -> PathBuf {
+        crate::install::root(&lock(&self.config).state_dir)
+    }
+
+    /// Installs a plugin folder; starts it if it is new, else keeps the running version.
+    async fn install(
+        &self,
+        source: &str,
+        force: bool,
+        enable: bool,
+    ) -> Result<serde_json::Value, String> {
+        let source = PathBuf::from(source);
+        if !source.is_dir() {
+            return Err(format!(
+                "{} is not a plugin folder; archives and git URLs are not supported yet, give a local folder",
+                source.display()
+            ));
+        }
+        let (_, defaults) = self.dirs_and_defaults();
+        let spec = PluginSpec::from_manifest_with_defaults(&source, &defaults)
+            .map_err(|e| e.to_string())?;
+        entrypoint_program(&spec, &self.bin_dirs)?;
+        let name = spec.name().to_string();
+        let version = spec.manifest.version.to_string();
+        let root = self.installed_root();
+        let elsewhere = lock(&self.known)
+            .iter()
+            .find(|(n, k)| *n == name && !k.spec.manifest_path.starts_with(&root))
+            .map(|(_, k)| k.spec.manifest_path.clone());
+        if let Some(other) = elsewhere {
+            return Err(format!(
+                "a plugin named {name} already comes from {}; rename one of them",
+                other.display()
+            ));
+        }
+        let (_, current) = crate::install::versions(&root, &name);
+        crate::install::place(&root, &name, &version, &source, force)?;
+        if enable && lock(&self.disabled).remove(&name) {
+            self.persist_disabled()?;
+        }
+        match current {
+            None => {
+                crate::install::set_current(&root, &name, &version)?;
+                self.reload().await;
+                self.status(Some(&name))
+            }
+            Some(running) => Ok(serde_json::json!(format!(
+                "installed {name} {version} beside {running}; `plugctl update {name} {version}` switches to it"
+            ))),
+        }
+    }
+
+    /// Installed versions of `name`.
+    fn versions(&self, name: &str) -> Result<serde_json::Value, String> {
+        let (all, current) = crate::install::versions(&self.installed_root(), name);
+        if all.is_empty() {
+            return Err(format!(
+                "plugin {name} is not installed (plugins from configured folders have no versions)"
+            ));
+        }
+        let list: Vec<serde_json::Value> = all
+            .iter()
+            .map(|v| serde_json::json!({"version": v.to_string(), "current": current.as_ref() == Some(v)}))
+            .collect();
+        Ok(serde_json::Value::Array(list))
+    }
+
+    /// Switches `current` to `version` and hot-swaps the running plugin to it.
+    async fn switch_version(&self, name: &str, version: &str) -> Result<serde_json::Value, String> {
+        let root = self.installed_root();
+        let (all, current) = crate::install::versions(&root, name);
+        let target = semver::Version::parse(version)
+            .map_err(|e| format!("{version:?} is not a version: {e}"))?;
+        if !all.contains(&target) {
+            let have: Vec<String> = all.iter().map(|v| v.to_string()).collect();
+            return Err(format!(
+                "{name} {version} is not installed (installed: {})",
+                have.join(", ")
+            ));
+        }
+        crate::install::set_current(&root, name, version)?;
+        match self.update_one(name).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if let Some(back) = current {
+                    let _ = crate::install::set_current(&root, name, &back.to_string());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops and removes an installed plugin (or one non-current version of it).
+    async fn uninstall(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        purge: bool,
+    ) -> Result<serde_json::Value, String> {
+        let root = self.installed_root();
+        let (all, current) = crate::install::versions(&root, name);
+        if all.is_empty() {
+            return Err(format!("plugin {name} is not installed; plugins from configured folders are removed by deleting their folder"));
+        }
+        if let Some(v) = version {
+            if current.as_ref().map(|c| c.to_string()).as_deref() == Some(v) {
+                return Err(format!("{name} {v} is the current version; update or roll back first, or uninstall the whole plugin"));
+            }
+            if !all.iter().any(|x| x.to_string() == v) {
+                return Err(format!("{name} {v} is not installed"));
+            }
+            std::fs::remove_dir_all(root.join(name).join(v)).map_err(|e| e.to_string())?;
+            return self.versions(name);
+        }
+        if self.sup.get(name).is_some() {
+            let _ = self.sup.unload(name).await;
+        }
+        std::fs::remove_dir_all(root.join(name))
+            .map_err(|e| format!("remove {}: {e}", root.join(name).display()))?;
+        lock(&self.known).retain(|(n, _)| n != name);
+        lock(&self.start_errors).remove(name);
+        if purge {
+            let state = lock(&self.config).state_dir.join("plugins").join(name);
+            let _ = std::fs::remove_dir_all(&state);
+        }
+        Ok(serde_json::json!(format!(
+            "uninstalled {name}{}",
+            if purge { " and its state" } else { "" }
+        )))
+    }
+
     fn persist_disabled(&self) -> Result<(), String> {
         let dir = lock(&self.config).state_dir.clone();
         let list: Vec<String> = lock(&self.disabled).iter().cloned().collect();
@@ -196,10 +335,7 @@ impl Daemon {
         strict: bool,
         mut handed: Vec<HandoverPlugin>,
     ) -> Result<Vec<String>, DaemonError> {
-        let (dirs, defaults) = {
-            let c = lock(&self.config);
-            (c.plugin_dirs.clone(), c.defaults.clone())
-        };
+        let (dirs, defaults) = self.dirs_and_defaults();
         let d = discover(&dirs, &defaults);
         for p in &d.problems {
             tracing::error!("{p}");
@@ -267,10 +403,7 @@ impl Daemon {
                 Err(e) => report.problems.push(format!("{e}; keeping the previous config")),
             }
         }
-        let (dirs, defaults) = {
-            let c = lock(&self.config);
-            (c.plugin_dirs.clone(), c.defaults.clone())
-        };
+        let (dirs, defaults) = self.dirs_and_defaults();
         let d = discover(&dirs, &defaults);
         report.problems.extend(d.problems);
         let old: Vec<(String, String)> =
@@ -465,7 +598,32 @@ impl Daemon {
                 }
             },
             Request::Call { name, method, json } => self.call(&name, &method, json).await,
-            Request::Update { name } => self.update_one(&name).await,
+            Request::Update { name, version: None } => self.update_one(&name).await,
+            Request::Update { name, version: Some(v) } => self.switch_version(&name, &v).await,
+            Request::Install { source, force, enable } => {
+                self.install(&source, force, enable).await
+            }
+            Request::Versions { name } => self.versions(&name),
+            Request::Rollback { name, version } => {
+                let (all, current) = crate::install::versions(&self.installed_root(), &name);
+                let target = match version {
+                    Some(v) => Some(v),
+                    None => all
+                        .iter()
+                        .rev()
+                        .find(|v| Some(*v) < current.as_ref())
+                        .map(|v| v.to_string()),
+                };
+                match target {
+                    Some(v) => self.switch_version(&name, &v).await,
+                    None => Err(format!(
+                        "{name} has no installed version below the current one to roll back to"
+                    )),
+                }
+            }
+            Request::Uninstall { name, version, purge } => {
+                self.uninstall(&name, version.as_deref(), purge).await
+            }
             Request::Logs { name, n, since_ms } => match self.sup.get(&name) {
                 Some(h) => {
                     let lines: Vec<_> = h

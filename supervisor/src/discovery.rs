@@ -37,9 +37,18 @@ pub fn discover(dirs: &[PathBuf], defaults: &toml::Table) -> Discovery {
                 continue;
             }
         };
+        // A plugin folder, or an installed plugin: `<name>/current` → the active version.
         let mut folders: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.join("plugin.toml").is_file())
+            .filter_map(|p| {
+                if p.join("plugin.toml").is_file() {
+                    Some(p)
+                } else if p.join("current/plugin.toml").is_file() {
+                    Some(p.join("current"))
+                } else {
+                    None
+                }
+            })
             .collect();
         folders.sort();
         for folder in folders {

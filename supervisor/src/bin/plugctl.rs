@@ -48,10 +48,46 @@ enum Cmd {
     },
     /// Re-read config and plugin folders and apply the difference (same as SIGHUP).
     Reload,
-    /// Hot-swap a running plugin to what its folder holds now (no call is lost).
+    /// Hot-swap a running plugin to what its folder holds now, or to an installed VERSION (no call is lost).
     Update {
         /// The plugin.
         name: String,
+        /// An installed version to switch to.
+        version: Option<String>,
+    },
+    /// Install a plugin from a local folder (validated, copied, started if new).
+    Install {
+        /// The plugin folder.
+        source: PathBuf,
+        /// Replace an installed name@version.
+        #[arg(long)]
+        force: bool,
+        /// Clear a persisted disable.
+        #[arg(long)]
+        enable: bool,
+    },
+    /// List a plugin's installed versions.
+    Versions {
+        /// The plugin.
+        name: String,
+    },
+    /// Hot-swap back to an installed version (default: the newest below the current one).
+    Rollback {
+        /// The plugin.
+        name: String,
+        /// The version.
+        version: Option<String>,
+    },
+    /// Stop and remove an installed plugin, or one of its non-current versions.
+    Uninstall {
+        /// The plugin.
+        name: String,
+        /// Only this version.
+        #[arg(long)]
+        version: Option<String>,
+        /// Also remove its state folder.
+        #[arg(long)]
+        purge: bool,
     },
     /// Enable a plugin (persisted) and start it.
     Enable {
@@ -262,7 +298,15 @@ fn main() -> ExitCode {
         Cmd::Stop { name } => Request::Stop { name },
         Cmd::Restart { name } => Request::Restart { name },
         Cmd::Reload => Request::Reload,
-        Cmd::Update { name } => Request::Update { name },
+        Cmd::Update { name, version } => Request::Update { name, version },
+        Cmd::Install { source, force, enable } => {
+            // The daemon resolves the path, so make it absolute here.
+            let source = std::fs::canonicalize(&source).unwrap_or(source);
+            Request::Install { source: source.display().to_string(), force, enable }
+        }
+        Cmd::Versions { name } => Request::Versions { name },
+        Cmd::Rollback { name, version } => Request::Rollback { name, version },
+        Cmd::Uninstall { name, version, purge } => Request::Uninstall { name, version, purge },
         Cmd::Enable { name } => Request::Enable { name },
         Cmd::Disable { name } => Request::Disable { name },
         Cmd::Call { name, method, arg } => Request::Call { name, method, json: arg },
@@ -328,8 +372,24 @@ fn main() -> ExitCode {
             }
         }
         _ if args.json => println!("{}", serde_json::to_string_pretty(&data).unwrap_or_default()),
+        Request::Versions { .. } => {
+            for v in data.as_array().cloned().unwrap_or_default() {
+                println!(
+                    "{}{}",
+                    cell(&v["version"]),
+                    if v["current"] == true { "  (current)" } else { "" }
+                );
+            }
+        }
+        Request::Install { .. } | Request::Rollback { .. } | Request::Update { .. }
+            if !data.is_array() =>
+        {
+            println!("{}", cell(&data))
+        }
         Request::Status { .. }
         | Request::Update { .. }
+        | Request::Install { .. }
+        | Request::Rollback { .. }
         | Request::Start { .. }
         | Request::Stop { .. }
         | Request::Restart { .. }
