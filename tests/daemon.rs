@@ -694,3 +694,66 @@ fn install_versions_update_rollback_uninstall() {
     assert!(d.status().iter().all(|p| p["name"] != "greeter"));
     assert_eq!(d.plugin("echo")["state"], "ready", "nothing else touched");
 }
+
+#[test]
+fn install_from_a_tar_gz_and_from_a_git_repository() {
+    let d = Plugd::start(|_| {});
+    let src = tempfile::tempdir().unwrap();
+    let folder = greeter_source(src.path(), "1.0.0");
+
+    // A .tar.gz with the plugin in a subfolder, as release archives usually are.
+    let archive = src.path().join("greeter-1.0.0.tar.gz");
+    let gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&archive).unwrap(),
+        flate2::Compression::fast(),
+    );
+    let mut tar = tar::Builder::new(gz);
+    tar.append_dir_all("greeter-1.0.0", &folder).unwrap();
+    tar.into_inner().unwrap().finish().unwrap();
+    let st = d.json(&["install", archive.to_str().unwrap()]);
+    assert_eq!((st[0]["name"].as_str(), st[0]["state"].as_str()), (Some("greeter"), Some("ready")));
+    assert!(d.ctl(&["uninstall", "greeter"]).status.success());
+
+    // A git repository (file:// here; https works the same through the git binary).
+    let repo = src.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let v2 = greeter_source(src.path(), "2.0.0");
+    for entry in ["plugin.toml", "bin"] {
+        Command::new("cp").arg("-r").arg(v2.join(entry)).arg(&repo).status().unwrap();
+    }
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .args([
+                "-c",
+                "user.email=t@example.invalid",
+                "-c",
+                "user.name=t",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(&repo)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "greeter 2.0.0"]);
+    git(&["tag", "v2"]);
+    let url = format!("git+file://{}#v2", repo.display());
+    let st = d.json(&["install", &url]);
+    assert_eq!(st[0]["version"], "2.0.0");
+    let installed = d.root.path().join("state/installed/greeter/2.0.0");
+    assert!(installed.join("bin/greeter").is_file() && !installed.join(".git").exists());
+    let out = d.ctl(&["install", "git+file:///nonexistent/repo"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("git clone"));
+    // Nothing is left behind by fetches.
+    let leftovers: Vec<_> = std::fs::read_dir(d.root.path().join("state/installed"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use interprocess::local_socket::tokio::prelude::*;
@@ -162,17 +162,76 @@ impl Daemon {
         crate::install::root(&lock(&self.config).state_dir)
     }
 
-    /// Installs a plugin folder; starts it if it is new, else keeps the running version.
+    /// Installs a plugin from a folder, a `.tar.gz` or a `git+…` URL.
     async fn install(
         &self,
         source: &str,
         force: bool,
         enable: bool,
     ) -> Result<serde_json::Value, String> {
-        let source = PathBuf::from(source);
+        let root = self.installed_root();
+        std::fs::create_dir_all(&root).map_err(|e| format!("create {}: {e}", root.display()))?;
+        let scratch = root.join(format!(".fetch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&scratch);
+        let folder = if let Some(url) = source.strip_prefix("git+") {
+            let (url, reference) = match url.split_once('#') {
+                Some((u, r)) => (u, Some(r)),
+                None => (url, None),
+            };
+            let mut git = tokio::process::Command::new("git");
+            git.args(["clone", "--quiet", "--depth", "1"]);
+            if let Some(r) = reference {
+                git.args(["--branch", r]);
+            }
+            git.arg(url).arg(&scratch).kill_on_drop(true);
+            let out = tokio::time::timeout(std::time::Duration::from_secs(300), git.output())
+                .await
+                .map_err(|_| format!("git clone {url} took longer than 5 minutes"))?
+                .map_err(|e| {
+                    format!("cannot run git: {e}; install git to install from a repository")
+                })?;
+            if !out.status.success() {
+                let _ = std::fs::remove_dir_all(&scratch);
+                return Err(format!(
+                    "git clone {url} failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            let _ = std::fs::remove_dir_all(scratch.join(".git"));
+            Some(crate::install::plugin_folder(&scratch))
+        } else if source.ends_with(".tar.gz") || source.ends_with(".tgz") {
+            Some(
+                crate::install::unpack_tar_gz(Path::new(source), &scratch)
+                    .and_then(|_| crate::install::plugin_folder(&scratch)),
+            )
+        } else if source.starts_with("http://")
+            || source.starts_with("https://")
+            || source.ends_with(".zip")
+        {
+            return Err(format!("{source}: archive URLs and .zip files are not supported yet; download it and give a .tar.gz or a folder"));
+        } else {
+            None
+        };
+        let result = match folder {
+            Some(Ok(f)) => self.install_folder(&f, force, enable).await,
+            Some(Err(e)) => Err(format!("{source}: {e}")),
+            None => self.install_folder(Path::new(source), force, enable).await,
+        };
+        let _ = std::fs::remove_dir_all(&scratch);
+        result
+    }
+
+    /// Installs a plugin folder; starts it if it is new, else keeps the running version.
+    async fn install_folder(
+        &self,
+        source: &Path,
+        force: bool,
+        enable: bool,
+    ) -> Result<serde_json::Value, String> {
+        let source = source.to_path_buf();
         if !source.is_dir() {
             return Err(format!(
-                "{} is not a plugin folder; archives and git URLs are not supported yet, give a local folder",
+                "{} is not a plugin folder (nor a .tar.gz or git+ URL)",
                 source.display()
             ));
         }

@@ -97,6 +97,112 @@ pub fn set_current(root: &Path, name: &str, version: &str) -> Result<(), String>
         .map_err(|e| format!("switch {}/current: {e}", dir.display()))
 }
 
+/// Limits on what an archive may unpack to.
+pub const MAX_ENTRIES: usize = 10_000;
+/// Largest total unpacked size of an archive.
+pub const MAX_BYTES: u64 = 256 << 20;
+
+/// Unpacks a `.tar.gz` into `into`, refusing anything that could write outside it or
+/// be more than a plugin: absolute paths, `..`, symlinks and hard links, device files,
+/// and archives over [`MAX_ENTRIES`] entries or [`MAX_BYTES`] bytes. Each refusal names
+/// the entry.
+pub fn unpack_tar_gz(archive: &Path, into: &Path) -> Result<(), String> {
+    let file =
+        std::fs::File::open(archive).map_err(|e| format!("open {}: {e}", archive.display()))?;
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    let entries =
+        tar.entries().map_err(|e| format!("{}: not a .tar.gz ({e})", archive.display()))?;
+    std::fs::create_dir_all(into).map_err(|e| format!("create {}: {e}", into.display()))?;
+    let (mut count, mut total) = (0usize, 0u64);
+    for entry in entries {
+        let mut entry =
+            entry.map_err(|e| format!("{}: damaged archive ({e})", archive.display()))?;
+        count += 1;
+        if count > MAX_ENTRIES {
+            return Err(format!("{}: more than {MAX_ENTRIES} entries", archive.display()));
+        }
+        let raw = entry.path_bytes().into_owned();
+        let shown = String::from_utf8_lossy(&raw).into_owned();
+        let path = PathBuf::from(String::from_utf8_lossy(&raw).into_owned());
+        use std::path::Component;
+        if path.is_absolute()
+            || path.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+        {
+            return Err(format!(
+                "{}: entry {shown:?} points outside the plugin folder (absolute or ..)",
+                archive.display()
+            ));
+        }
+        let kind = entry.header().entry_type();
+        total += entry.header().size().unwrap_or(0);
+        if total > MAX_BYTES {
+            return Err(format!(
+                "{}: unpacks to more than {} MiB (at {shown:?})",
+                archive.display(),
+                MAX_BYTES >> 20
+            ));
+        }
+        let dst = into.join(&path);
+        match kind {
+            tar::EntryType::Directory => {
+                std::fs::create_dir_all(&dst)
+                    .map_err(|e| format!("create {}: {e}", dst.display()))?;
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                if let Some(parent) = dst.parent() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|e| format!("create {}: {e}", parent.display()))?;
+                }
+                let mut out = std::fs::File::create(&dst)
+                    .map_err(|e| format!("create {}: {e}", dst.display()))?;
+                std::io::copy(&mut entry, &mut out)
+                    .map_err(|e| format!("unpack {shown:?}: {e}"))?;
+                let mode = entry.header().mode().unwrap_or(0o644) & 0o755;
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| e.to_string())?;
+            }
+            tar::EntryType::Symlink | tar::EntryType::Link => {
+                return Err(format!(
+                    "{}: entry {shown:?} is a link; plugin archives must hold real files",
+                    archive.display()
+                ));
+            }
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                return Err(format!("{}: entry {shown:?} is a device or fifo", archive.display()));
+            }
+            // pax and GNU extension headers are metadata the tar crate already applied.
+            tar::EntryType::XHeader
+            | tar::EntryType::XGlobalHeader
+            | tar::EntryType::GNULongName => {}
+            other => {
+                return Err(format!(
+                    "{}: entry {shown:?} has an unsupported type {other:?}",
+                    archive.display()
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The plugin folder inside an unpacked archive or a clone: the top, or its single subfolder.
+pub fn plugin_folder(top: &Path) -> Result<PathBuf, String> {
+    if top.join("plugin.toml").is_file() {
+        return Ok(top.to_path_buf());
+    }
+    let subs: Vec<PathBuf> = std::fs::read_dir(top)
+        .map_err(|e| e.to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("plugin.toml").is_file())
+        .collect();
+    match subs.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err("no plugin.toml at the top or in a single subfolder".into()),
+        _ => Err("several subfolders hold a plugin.toml; install one folder at a time".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +230,80 @@ mod tests {
             .file_name()
             .to_string_lossy()
             .starts_with(".incoming")));
+    }
+
+    /// Writes a .tar.gz whose single entry has a raw name and type, bypassing the tar
+    /// crate's own path checks (a malicious archive would).
+    fn evil_archive(dir: &Path, name: &[u8], kind: tar::EntryType, link: Option<&str>) -> PathBuf {
+        let path = dir.join("evil.tar.gz");
+        let gz = flate2::write::GzEncoder::new(
+            std::fs::File::create(&path).unwrap(),
+            flate2::Compression::fast(),
+        );
+        let mut b = tar::Builder::new(gz);
+        let mut h = tar::Header::new_old();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_entry_type(kind);
+        h.set_mode(0o644);
+        if let Some(l) = link {
+            h.as_old_mut().linkname[..l.len()].copy_from_slice(l.as_bytes());
+        }
+        let data = b"payload";
+        h.set_size(if kind == tar::EntryType::Regular { data.len() as u64 } else { 0 });
+        h.set_cksum();
+        let body: &[u8] = if kind == tar::EntryType::Regular { data } else { &[] };
+        b.append(&h, body).unwrap();
+        b.into_inner().unwrap().finish().unwrap();
+        path
+    }
+
+    #[test]
+    fn malicious_archives_are_refused_naming_the_entry() {
+        let cases: &[(&[u8], tar::EntryType, Option<&str>, &str)] = &[
+            (b"../evil", tar::EntryType::Regular, None, "outside"),
+            (b"/tmp/plugd-evil", tar::EntryType::Regular, None, "outside"),
+            (b"plugin/../../evil", tar::EntryType::Regular, None, "outside"),
+            (b"link", tar::EntryType::Symlink, Some("/etc/passwd"), "is a link"),
+            (b"hard", tar::EntryType::Link, Some("/etc/passwd"), "is a link"),
+            (b"dev", tar::EntryType::Char, None, "device"),
+        ];
+        for (name, kind, link, want) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let archive = evil_archive(dir.path(), name, *kind, *link);
+            let into = dir.path().join("out");
+            let e = unpack_tar_gz(&archive, &into).unwrap_err();
+            let shown = String::from_utf8_lossy(name);
+            assert!(e.contains(want) && e.contains(&*shown), "{shown}: {e}");
+            assert!(!dir.path().join("evil").exists() && !Path::new("/tmp/plugd-evil").exists());
+        }
+    }
+
+    #[test]
+    fn a_good_archive_unpacks_with_its_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("good.tar.gz");
+        let gz = flate2::write::GzEncoder::new(
+            std::fs::File::create(&path).unwrap(),
+            flate2::Compression::fast(),
+        );
+        let mut b = tar::Builder::new(gz);
+        for (name, mode) in [("p-1.0/plugin.toml", 0o644), ("p-1.0/bin/p", 0o755)] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(3);
+            h.set_mode(mode);
+            h.set_cksum();
+            b.append_data(&mut h, name, &b"abc"[..]).unwrap();
+        }
+        b.into_inner().unwrap().finish().unwrap();
+        let into = dir.path().join("out");
+        unpack_tar_gz(&path, &into).unwrap();
+        let folder = plugin_folder(&into).unwrap();
+        assert_eq!(folder, into.join("p-1.0"));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(folder.join("bin/p")).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
     }
 
     #[test]
