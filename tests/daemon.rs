@@ -37,12 +37,19 @@ fn add_plugin(dir: &Path, example: &str, name: &str, extra: &str) {
             out.push_str(&format!("entrypoint = \"{}\"\n", bin_dir().join(example).display()));
         } else if line.starts_with("name =") {
             out.push_str(&format!("name = \"{name}\"\n"));
+            // Top-level keys of `extra` (before its first table) must precede the tables.
+            for l in extra.lines().take_while(|l| !l.starts_with('[')) {
+                out.push_str(l);
+                out.push('\n');
+            }
         } else {
             out.push_str(line);
             out.push('\n');
         }
     }
-    out.push_str(extra);
+    let tables: Vec<&str> = extra.lines().skip_while(|l| !l.starts_with('[')).collect();
+    out.push_str(&tables.join("\n"));
+    out.push('\n');
     std::fs::create_dir_all(dir.join(name)).unwrap();
     std::fs::write(dir.join(name).join("plugin.toml"), out).unwrap();
 }
@@ -756,4 +763,37 @@ fn install_from_a_tar_gz_and_from_a_git_repository() {
         .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn update_checks_requires_and_dry_run_shows_the_change() {
+    let d = Plugd::start(|dir| {
+        add_plugin(dir, "echo", "feed", "");
+        add_plugin(dir, "echo", "strat", "requires = [\"feed ^1\"]\n");
+    });
+    eventually("ready", || d.all_ready(&["feed", "strat"]));
+    let manifest = d.plugins().join("feed/plugin.toml");
+    let text = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .replace("version = \"1.0.0\"", "version = \"2.0.0\"")
+        + "[limits]\nopen_files = 64\n";
+    std::fs::write(&manifest, text).unwrap();
+
+    let plan = d.json(&["update", "feed", "--dry-run"]);
+    assert_eq!((plan["from"].as_str(), plan["to"].as_str()), (Some("1.0.0"), Some("2.0.0")));
+    assert!(
+        plan["changes"]["limits"]["to"].as_str().unwrap().contains("open_files: Some(64)"),
+        "{plan}"
+    );
+    let problem = plan["problems"][0].as_str().unwrap();
+    assert!(problem.contains("would break strat") && problem.contains("feed ^1"), "{problem}");
+    assert_eq!(d.plugin("feed")["version"], "1.0.0", "a dry run changes nothing");
+
+    let out = d.ctl(&["update", "feed"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("would break strat") && err.contains("--force"), "{err}");
+    assert_eq!(d.plugin("feed")["version"], "1.0.0");
+    let st = d.json(&["update", "feed", "--force"]);
+    assert_eq!(st[0]["version"], "2.0.0");
 }

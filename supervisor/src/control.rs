@@ -56,6 +56,12 @@ pub enum Request {
         /// An installed version to switch to.
         #[serde(default)]
         version: Option<String>,
+        /// Update even if it breaks another plugin's `requires`.
+        #[serde(default)]
+        force: bool,
+        /// Only show what would change.
+        #[serde(default)]
+        dry_run: bool,
     },
     /// Install a plugin from a local folder under the state folder.
     Install {

@@ -285,7 +285,13 @@ impl Daemon {
     }
 
     /// Switches `current` to `version` and hot-swaps the running plugin to it.
-    async fn switch_version(&self, name: &str, version: &str) -> Result<serde_json::Value, String> {
+    async fn switch_version(
+        &self,
+        name: &str,
+        version: &str,
+        force: bool,
+        dry_run: bool,
+    ) -> Result<serde_json::Value, String> {
         let root = self.installed_root();
         let (all, current) = crate::install::versions(&root, name);
         let target = semver::Version::parse(version)
@@ -297,8 +303,23 @@ impl Daemon {
                 have.join(", ")
             ));
         }
+        if dry_run {
+            return self
+                .update_from(name, &root.join(name).join(version).join("plugin.toml"), force, true)
+                .await;
+        }
+        let (_, plan) = {
+            let defaults = lock(&self.config).defaults.clone();
+            let spec =
+                PluginSpec::from_manifest_with_defaults(root.join(name).join(version), &defaults)
+                    .map_err(|e| e.to_string())?;
+            self.update_plan(name, &spec)
+        };
+        if !plan.is_empty() && !force {
+            return Err(format!("{}; use --force to update anyway", plan.join("; ")));
+        }
         crate::install::set_current(&root, name, version)?;
-        match self.update_one(name).await {
+        match self.update_one(name, true, false).await {
             Ok(v) => Ok(v),
             Err(e) => {
                 if let Some(back) = current {
@@ -657,8 +678,12 @@ impl Daemon {
                 }
             },
             Request::Call { name, method, json } => self.call(&name, &method, json).await,
-            Request::Update { name, version: None } => self.update_one(&name).await,
-            Request::Update { name, version: Some(v) } => self.switch_version(&name, &v).await,
+            Request::Update { name, version: None, force, dry_run } => {
+                self.update_one(&name, force, dry_run).await
+            }
+            Request::Update { name, version: Some(v), force, dry_run } => {
+                self.switch_version(&name, &v, force, dry_run).await
+            }
             Request::Install { source, force, enable } => {
                 self.install(&source, force, enable).await
             }
@@ -674,7 +699,7 @@ impl Daemon {
                         .map(|v| v.to_string()),
                 };
                 match target {
-                    Some(v) => self.switch_version(&name, &v).await,
+                    Some(v) => self.switch_version(&name, &v, false, false).await,
                     None => Err(format!(
                         "{name} has no installed version below the current one to roll back to"
                     )),
@@ -708,22 +733,116 @@ impl Daemon {
     }
 
     /// Re-reads one plugin's folder and hot-swaps the running instance to it.
-    async fn update_one(&self, name: &str) -> Result<serde_json::Value, String> {
-        let (path, defaults) = {
-            let known = lock(&self.known);
-            let path =
-                known.iter().find(|(n, _)| n == name).map(|(_, k)| k.spec.manifest_path.clone());
-            (path, lock(&self.config).defaults.clone())
-        };
+    async fn update_one(
+        &self,
+        name: &str,
+        force: bool,
+        dry_run: bool,
+    ) -> Result<serde_json::Value, String> {
+        let path = lock(&self.known)
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, k)| k.spec.manifest_path.clone());
         let path = path.ok_or_else(|| self.unknown(name))?;
+        self.update_from(name, &path, force, dry_run).await
+    }
+
+    /// What would change, and which `requires` would break, if `name` became `new`.
+    fn update_plan(&self, name: &str, new: &PluginSpec) -> (serde_json::Value, Vec<String>) {
+        let known = lock(&self.known);
+        let old = known.iter().find(|(n, _)| n == name).map(|(_, k)| k.spec.clone());
+        let version = &new.manifest.version;
+        let mut problems = Vec::new();
+        for (other, k) in known.iter().filter(|(n, _)| n != name) {
+            for req in k.spec.manifest.requires.iter().filter(|r| r.name == name) {
+                if !req.version.matches(version) {
+                    problems.push(format!("updating {name} to {version} would break {other}, which requires {name} {}", req.version));
+                }
+            }
+        }
+        for req in &new.manifest.requires {
+            match known.iter().find(|(n, _)| *n == req.name) {
+                None => problems.push(format!(
+                    "{name} {version} requires {}, which is not installed",
+                    req.name
+                )),
+                Some((_, k)) if !req.version.matches(&k.spec.manifest.version) => {
+                    problems.push(format!(
+                        "{name} {version} requires {} {}, but {} is installed",
+                        req.name, req.version, k.spec.manifest.version
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        let mut changes = serde_json::Map::new();
+        if let Some(old) = &old {
+            let (o, n) = (&old.manifest, &new.manifest);
+            let sections: [(&str, String, String); 7] = [
+                ("entrypoint", format!("{:?}", o.entrypoint), format!("{:?}", n.entrypoint)),
+                (
+                    "requires",
+                    format!(
+                        "{:?}",
+                        o.requires
+                            .iter()
+                            .map(|r| format!("{} {}", r.name, r.version))
+                            .collect::<Vec<_>>()
+                    ),
+                    format!(
+                        "{:?}",
+                        n.requires
+                            .iter()
+                            .map(|r| format!("{} {}", r.name, r.version))
+                            .collect::<Vec<_>>()
+                    ),
+                ),
+                ("limits", format!("{:?}", o.limits), format!("{:?}", n.limits)),
+                ("sandbox", format!("{:?}", o.sandbox), format!("{:?}", n.sandbox)),
+                ("restart", format!("{:?}", o.restart), format!("{:?}", n.restart)),
+                ("timeouts", format!("{:?}", o.timeouts), format!("{:?}", n.timeouts)),
+                ("config", o.config.to_string(), n.config.to_string()),
+            ];
+            for (key, from, to) in sections {
+                if from != to {
+                    changes.insert(key.into(), serde_json::json!({"from": from, "to": to}));
+                }
+            }
+        }
+        let plan = serde_json::json!({
+            "name": name,
+            "from": old.map(|o| o.manifest.version.to_string()),
+            "to": version.to_string(),
+            "changes": changes,
+            "problems": problems,
+        });
+        (plan, problems)
+    }
+
+    /// Hot-swaps `name` to the manifest at `path` (after checking `requires`, unless forced).
+    async fn update_from(
+        &self,
+        name: &str,
+        path: &Path,
+        force: bool,
+        dry_run: bool,
+    ) -> Result<serde_json::Value, String> {
+        let defaults = lock(&self.config).defaults.clone();
         let spec =
-            PluginSpec::from_manifest_with_defaults(&path, &defaults).map_err(|e| e.to_string())?;
+            PluginSpec::from_manifest_with_defaults(path, &defaults).map_err(|e| e.to_string())?;
         if spec.name() != name {
             return Err(format!(
                 "{} now names the plugin {:?}; use `plugctl reload` to pick up a rename",
                 path.display(),
                 spec.name()
             ));
+        }
+        let (plan, problems) = self.update_plan(name, &spec);
+        if dry_run {
+            return Ok(plan);
+        }
+        if !problems.is_empty() && !force {
+            return Err(format!("{}; use --force to update anyway", problems.join("; ")));
         }
         if self.sup.get(name).is_none_or(|h| h.status().state != crate::State::Ready) {
             return Err(format!(
@@ -732,7 +851,11 @@ impl Daemon {
         }
         let fp = self.fingerprint_of(&spec);
         self.sup.update(spec.clone()).await.map_err(|e| e.to_string())?;
+        // Keep the manifest path the plugin was known by (`current/…` for installed ones).
         if let Some((_, k)) = lock(&self.known).iter_mut().find(|(n, _)| n == name) {
+            let keep = k.spec.manifest_path.clone();
+            let mut spec = spec;
+            spec.manifest_path = keep;
             *k = Known { spec, fingerprint: fp };
         }
         self.status(Some(name))

@@ -54,6 +54,12 @@ enum Cmd {
         name: String,
         /// An installed version to switch to.
         version: Option<String>,
+        /// Update even if it breaks another plugin's `requires`.
+        #[arg(long)]
+        force: bool,
+        /// Only show what would change (version, manifest sections, broken requires).
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Install a plugin from a local folder (validated, copied, started if new).
     Install {
@@ -298,7 +304,9 @@ fn main() -> ExitCode {
         Cmd::Stop { name } => Request::Stop { name },
         Cmd::Restart { name } => Request::Restart { name },
         Cmd::Reload => Request::Reload,
-        Cmd::Update { name, version } => Request::Update { name, version },
+        Cmd::Update { name, version, force, dry_run } => {
+            Request::Update { name, version, force, dry_run }
+        }
         Cmd::Install { source, force, enable } => {
             // The daemon resolves the path, so make it absolute here.
             let source = std::fs::canonicalize(&source).unwrap_or(source);
