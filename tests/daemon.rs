@@ -143,6 +143,12 @@ impl Plugd {
         Plugd::start_with(root, &[])
     }
 
+    /// Starts a new plugd on the same folder after this one was killed.
+    fn restart_after_kill(mut self) -> Plugd {
+        let root = std::mem::replace(&mut self.root, tempfile::tempdir().unwrap());
+        Plugd::start_with(root, &[])
+    }
+
     fn ctl(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_plugctl"))
             .arg("--socket")
@@ -796,4 +802,61 @@ fn update_checks_requires_and_dry_run_shows_the_change() {
     assert_eq!(d.plugin("feed")["version"], "1.0.0");
     let st = d.json(&["update", "feed", "--force"]);
     assert_eq!(st[0]["version"], "2.0.0");
+}
+
+#[test]
+fn sigkill_during_an_install_leaves_the_old_state_or_the_new_one() {
+    let mut d = Plugd::start(|_| {});
+    let src = tempfile::tempdir().unwrap();
+    let folder = greeter_source(src.path(), "1.0.0");
+    // Enough files that the copy takes a while.
+    std::fs::create_dir_all(folder.join("data")).unwrap();
+    for i in 0..3000 {
+        std::fs::write(folder.join("data").join(format!("{i}.txt")), "some data\n").unwrap();
+    }
+    let installer = {
+        let (socket, folder) = (d.socket.clone(), folder.clone());
+        std::thread::spawn(move || {
+            Command::new(env!("CARGO_BIN_EXE_plugctl"))
+                .arg("--socket")
+                .arg(&socket)
+                .arg("install")
+                .arg(&folder)
+                .output()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(40));
+    d.signal(Signal::SIGKILL);
+    let _ = d.child.wait();
+    let _ = installer.join();
+    let d = d.restart_after_kill();
+    let installed = d.root.path().join("state/installed");
+    let leftovers: Vec<String> =
+        walk_names(&installed).into_iter().filter(|n| n.starts_with('.')).collect();
+    assert!(leftovers.is_empty(), "half-done files remain: {leftovers:?}");
+    let version = installed.join("greeter/1.0.0");
+    if version.exists() {
+        // The new state: complete, current, and running.
+        assert_eq!(std::fs::read_dir(version.join("data")).unwrap().count(), 3000);
+        assert_eq!(
+            std::fs::read_link(installed.join("greeter/current")).unwrap(),
+            Path::new("1.0.0")
+        );
+        eventually("installed plugin runs", || d.all_ready(&["greeter"]));
+    } else {
+        // The old state: nothing installed, and installing again works.
+        assert!(d.status().iter().all(|p| p["name"] != "greeter"));
+        assert!(d.ctl(&["install", folder.to_str().unwrap()]).status.success());
+    }
+}
+
+fn walk_names(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        out.push(e.file_name().to_string_lossy().into_owned());
+        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) && e.file_name() != "data" {
+            out.extend(walk_names(&e.path()));
+        }
+    }
+    out
 }

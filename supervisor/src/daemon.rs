@@ -415,6 +415,7 @@ impl Daemon {
         strict: bool,
         mut handed: Vec<HandoverPlugin>,
     ) -> Result<Vec<String>, DaemonError> {
+        crate::install::recover(&self.installed_root());
         let (dirs, defaults) = self.dirs_and_defaults();
         let d = discover(&dirs, &defaults);
         for p in &d.problems {

@@ -97,6 +97,38 @@ pub fn set_current(root: &Path, name: &str, version: &str) -> Result<(), String>
         .map_err(|e| format!("switch {}/current: {e}", dir.display()))
 }
 
+/// Finishes or discards what an interrupted install left behind (run at daemon start):
+/// half-copied folders are removed, and a plugin whose versions exist but whose
+/// `current` was never set gets its newest version (every version folder is complete,
+/// since it only ever appears by rename).
+pub fn recover(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            let _ = std::fs::remove_dir_all(&path);
+            continue;
+        }
+        if let Ok(inner) = std::fs::read_dir(&path) {
+            for e in inner.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with(".incoming-") || n.starts_with(".replaced-") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                } else if n == ".current.new" {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let (all, current) = versions(root, &name);
+        if current.is_none() {
+            if let Some(newest) = all.last() {
+                let _ = set_current(root, &name, &newest.to_string());
+            }
+        }
+    }
+}
+
 /// Limits on what an archive may unpack to.
 pub const MAX_ENTRIES: usize = 10_000;
 /// Largest total unpacked size of an archive.
