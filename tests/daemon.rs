@@ -860,3 +860,35 @@ fn walk_names(dir: &Path) -> Vec<String> {
     }
     out
 }
+
+#[test]
+fn install_runs_the_build_step_and_a_failed_build_installs_nothing() {
+    let d = Plugd::start(|_| {});
+    let src = tempfile::tempdir().unwrap();
+    let make = |tag: &str, build: &str| {
+        let dir = src.path().join(tag);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(bin_dir().join("echo"), dir.join("payload")).unwrap();
+        std::fs::write(
+            dir.join("plugin.toml"),
+            format!("name = \"built\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"bin/built\"\n[build]\ncommand = {build}\n"),
+        )
+        .unwrap();
+        dir
+    };
+    let broken =
+        make("broken", r#"["sh", "-c", "echo 'error[E0308]: mismatched types' >&2; exit 2"]"#);
+    let out = d.ctl(&["install", broken.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("build command") && err.contains("mismatched types"), "{err}");
+    assert!(!d.root.path().join("state/installed/built").join("1.0.0").exists());
+
+    let good = make(
+        "good",
+        r#"["sh", "-c", "mkdir -p bin && cp payload bin/built && chmod +x bin/built"]"#,
+    );
+    let st = d.json(&["install", good.to_str().unwrap()]);
+    assert_eq!(st[0]["state"], "ready");
+    assert!(!good.join("bin").exists(), "the build ran in the installed copy, not in the source");
+}

@@ -236,11 +236,16 @@ impl Daemon {
             ));
         }
         let (_, defaults) = self.dirs_and_defaults();
-        let spec = PluginSpec::from_manifest_with_defaults(&source, &defaults)
-            .map_err(|e| e.to_string())?;
-        entrypoint_program(&spec, &self.bin_dirs)?;
-        let name = spec.name().to_string();
-        let version = spec.manifest.version.to_string();
+        // Everything but the entrypoint is checked on the source: a [build] may produce it.
+        let manifest_path = source.join("plugin.toml");
+        let text = std::fs::read_to_string(&manifest_path)
+            .map_err(|e| format!("cannot read {}: {e}", manifest_path.display()))?;
+        let manifest =
+            crate::manifest::Manifest::parse_with_defaults(&text, &manifest_path, &defaults)
+                .map_err(|e| e.to_string())?;
+        let name = manifest.name.clone();
+        let version = manifest.version.to_string();
+        let build = manifest.build.clone();
         let root = self.installed_root();
         let elsewhere = lock(&self.known)
             .iter()
@@ -253,7 +258,21 @@ impl Daemon {
             ));
         }
         let (_, current) = crate::install::versions(&root, &name);
-        crate::install::place(&root, &name, &version, &source, force)?;
+        // Build (if asked) and validate the copy before it is renamed into place.
+        let bin_dirs = self.bin_dirs.clone();
+        let (r, n, v) = (root.clone(), name.clone(), version.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::install::place(&r, &n, &v, &source, force, |tmp| {
+                if let Some(cmd) = &build {
+                    crate::install::run_build(cmd, tmp)?;
+                }
+                let spec = PluginSpec::from_manifest_with_defaults(tmp, &defaults)
+                    .map_err(|e| e.to_string())?;
+                entrypoint_program(&spec, &bin_dirs).map(|_| ())
+            })
+        })
+        .await
+        .map_err(|e| format!("install task failed: {e}"))??;
         if enable && lock(&self.disabled).remove(&name) {
             self.persist_disabled()?;
         }

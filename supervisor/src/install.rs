@@ -55,13 +55,15 @@ pub fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Copies `source` into `<root>/<name>/<version>` atomically (temp folder, then rename).
+/// Copies `source` into `<root>/<name>/<version>` atomically (temp folder, then rename);
+/// `prepare` runs on the temp copy first (build, validate) and can veto the install.
 pub fn place(
     root: &Path,
     name: &str,
     version: &str,
     source: &Path,
     force: bool,
+    prepare: impl FnOnce(&Path) -> Result<(), String>,
 ) -> Result<PathBuf, String> {
     let target = root.join(name).join(version);
     if target.exists() && !force {
@@ -72,7 +74,7 @@ pub fn place(
     }
     let tmp = root.join(name).join(format!(".incoming-{}-{version}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    if let Err(e) = copy_tree(source, &tmp) {
+    if let Err(e) = copy_tree(source, &tmp).and_then(|_| prepare(&tmp)) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
@@ -84,6 +86,25 @@ pub fn place(
     }
     std::fs::rename(&tmp, &target).map_err(|e| format!("rename into {}: {e}", target.display()))?;
     Ok(target)
+}
+
+/// Runs a plugin's `[build] command` in `dir`; on failure, the error carries its last output.
+/// The build runs with plugd's own privileges, outside any sandbox.
+pub fn run_build(command: &[String], dir: &Path) -> Result<(), String> {
+    let out = std::process::Command::new(&command[0])
+        .args(&command[1..])
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run the build command {command:?}: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let tail: Vec<&str> =
+        text.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
+    Err(format!("the build command {command:?} failed ({}):\n{}", out.status, tail.join("\n")))
 }
 
 /// Points `<root>/<name>/current` at `version`, atomically.
@@ -247,11 +268,16 @@ mod tests {
         std::fs::write(src.path().join("bin/tool"), "y").unwrap();
         let state = tempfile::tempdir().unwrap();
         let root = root(state.path());
-        place(&root, "p", "1.0.0", src.path(), false).unwrap();
-        place(&root, "p", "1.2.0", src.path(), false).unwrap();
-        let e = place(&root, "p", "1.0.0", src.path(), false).unwrap_err();
+        let ok = |_: &Path| Ok(());
+        place(&root, "p", "1.0.0", src.path(), false, ok).unwrap();
+        place(&root, "p", "1.2.0", src.path(), false, ok).unwrap();
+        let e = place(&root, "p", "1.0.0", src.path(), false, ok).unwrap_err();
         assert!(e.contains("already installed") && e.contains("--force"), "{e}");
-        place(&root, "p", "1.0.0", src.path(), true).unwrap();
+        place(&root, "p", "1.0.0", src.path(), true, ok).unwrap();
+        let e =
+            place(&root, "p", "1.3.0", src.path(), false, |_| Err("vetoed".into())).unwrap_err();
+        assert_eq!(e, "vetoed");
+        assert!(!root.join("p/1.3.0").exists());
         assert!(root.join("p/1.0.0/bin/tool").is_file());
         set_current(&root, "p", "1.2.0").unwrap();
         let (all, current) = versions(&root, "p");
@@ -345,7 +371,7 @@ mod tests {
         std::os::unix::fs::symlink("/etc/passwd", src.path().join("sneaky")).unwrap();
         let state = tempfile::tempdir().unwrap();
         let root = root(state.path());
-        let e = place(&root, "p", "1.0.0", src.path(), false).unwrap_err();
+        let e = place(&root, "p", "1.0.0", src.path(), false, |_| Ok(())).unwrap_err();
         assert!(e.contains("sneaky") && e.contains("symlink"), "{e}");
         assert!(!root.join("p/1.0.0").exists());
         assert_eq!(std::fs::read_dir(root.join("p")).unwrap().count(), 0);

@@ -270,6 +270,8 @@ pub struct Manifest {
     pub env: BTreeMap<String, String>,
     /// `[config]`: handed to `on_load` as JSON.
     pub config: serde_json::Value,
+    /// `[build] command = [...]`: run in the plugin folder at install time (e.g. to build the entrypoint).
+    pub build: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -296,6 +298,14 @@ struct RawManifest {
     env: BTreeMap<String, String>,
     #[serde(default)]
     config: toml::Table,
+    #[serde(default)]
+    build: Option<RawBuild>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBuild {
+    command: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -687,7 +697,18 @@ impl Manifest {
             }
         }
 
+        let build = match raw.build {
+            None => None,
+            Some(b) if b.command.is_empty() || b.command[0].is_empty() => {
+                return Err(c.bad(
+                    "build.command",
+                    "must be a non-empty array, e.g. [\"cargo\", \"build\", \"--release\"]",
+                ))
+            }
+            Some(b) => Some(b.command),
+        };
         Ok(Manifest {
+            build,
             name,
             version,
             kind: raw.kind,
