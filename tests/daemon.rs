@@ -892,3 +892,55 @@ fn install_runs_the_build_step_and_a_failed_build_installs_nothing() {
     assert_eq!(st[0]["state"], "ready");
     assert!(!good.join("bin").exists(), "the build ran in the installed copy, not in the source");
 }
+
+#[test]
+fn install_from_an_http_url() {
+    let d = Plugd::start(|_| {});
+    let src = tempfile::tempdir().unwrap();
+    let folder = greeter_source(src.path(), "3.0.0");
+    let mut bytes = Vec::new();
+    {
+        let gz = flate2::write::GzEncoder::new(&mut bytes, flate2::Compression::fast());
+        let mut tar = tar::Builder::new(gz);
+        tar.append_dir_all("greeter", &folder).unwrap();
+        tar.into_inner().unwrap().finish().unwrap();
+    }
+    // A one-file HTTP server on loopback, for two requests (one good path, one missing).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for _ in 0..2 {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut req = [0u8; 4096];
+            let n = conn.read(&mut req).unwrap();
+            let good = String::from_utf8_lossy(&req[..n]).starts_with("GET /greeter-3.0.0.tar.gz ");
+            if good {
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    bytes.len()
+                );
+                conn.write_all(head.as_bytes()).unwrap();
+                conn.write_all(&bytes).unwrap();
+            } else {
+                conn.write_all(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                )
+                .unwrap();
+            }
+        }
+    });
+    let st = d.json(&["install", &format!("http://127.0.0.1:{port}/greeter-3.0.0.tar.gz")]);
+    assert_eq!(
+        (st[0]["version"].as_str(), st[0]["state"].as_str()),
+        (Some("3.0.0"), Some("ready"))
+    );
+    let out = d.ctl(&["install", &format!("http://127.0.0.1:{port}/missing.tar.gz")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("404"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.join().unwrap();
+}

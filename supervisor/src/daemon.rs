@@ -199,16 +199,52 @@ impl Daemon {
             }
             let _ = std::fs::remove_dir_all(scratch.join(".git"));
             Some(crate::install::plugin_folder(&scratch))
+        } else if source.starts_with("http://") || source.starts_with("https://") {
+            if !(source.ends_with(".tar.gz") || source.ends_with(".tgz")) {
+                return Err(format!("{source}: only .tar.gz archives can be installed from a URL"));
+            }
+            std::fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
+            let download = scratch.join("download.tar.gz");
+            let mut curl = tokio::process::Command::new("curl");
+            curl.args([
+                "--fail",
+                "--silent",
+                "--show-error",
+                "--location",
+                "--proto",
+                "=http,https",
+            ])
+            .arg("--max-filesize")
+            .arg(crate::install::MAX_BYTES.to_string())
+            .arg("--output")
+            .arg(&download)
+            .arg(source)
+            .kill_on_drop(true);
+            let out = tokio::time::timeout(std::time::Duration::from_secs(300), curl.output())
+                .await
+                .map_err(|_| format!("downloading {source} took longer than 5 minutes"))?
+                .map_err(|e| format!("cannot run curl: {e}; install curl to install from a URL"))?;
+            if !out.status.success() {
+                let _ = std::fs::remove_dir_all(&scratch);
+                return Err(format!(
+                    "downloading {source} failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            let unpacked = scratch.join("unpacked");
+            Some(
+                crate::install::unpack_tar_gz(&download, &unpacked)
+                    .and_then(|_| crate::install::plugin_folder(&unpacked)),
+            )
         } else if source.ends_with(".tar.gz") || source.ends_with(".tgz") {
             Some(
                 crate::install::unpack_tar_gz(Path::new(source), &scratch)
                     .and_then(|_| crate::install::plugin_folder(&scratch)),
             )
-        } else if source.starts_with("http://")
-            || source.starts_with("https://")
-            || source.ends_with(".zip")
-        {
-            return Err(format!("{source}: archive URLs and .zip files are not supported yet; download it and give a .tar.gz or a folder"));
+        } else if source.ends_with(".zip") {
+            return Err(format!(
+                "{source}: .zip archives are not supported yet; give a .tar.gz or a folder"
+            ));
         } else {
             None
         };
