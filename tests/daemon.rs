@@ -944,3 +944,42 @@ fn install_from_an_http_url() {
     );
     server.join().unwrap();
 }
+
+#[test]
+fn install_from_a_zip_and_refuse_unmet_requires() {
+    let d = Plugd::start(|dir| add_plugin(dir, "echo", "echo", ""));
+    eventually("ready", || d.all_ready(&["echo"]));
+    let src = tempfile::tempdir().unwrap();
+    let folder = greeter_source(src.path(), "1.0.0");
+    let archive = src.path().join("greeter.zip");
+    {
+        use std::io::Write;
+        let mut z = zip::ZipWriter::new(std::fs::File::create(&archive).unwrap());
+        let opts = zip::write::SimpleFileOptions::default().unix_permissions(0o755);
+        z.start_file("greeter/plugin.toml", opts).unwrap();
+        z.write_all(&std::fs::read(folder.join("plugin.toml")).unwrap()).unwrap();
+        z.start_file("greeter/bin/greeter", opts).unwrap();
+        z.write_all(&std::fs::read(folder.join("bin/greeter")).unwrap()).unwrap();
+        z.finish().unwrap();
+    }
+    let st = d.json(&["install", archive.to_str().unwrap()]);
+    assert_eq!(st[0]["state"], "ready");
+
+    // A plugin whose requires are not met is refused before anything is copied.
+    let needy = src.path().join("needy");
+    std::fs::create_dir_all(needy.join("bin")).unwrap();
+    std::fs::copy(bin_dir().join("echo"), needy.join("bin/needy")).unwrap();
+    std::fs::write(
+        needy.join("plugin.toml"),
+        "name = \"needy\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"bin/needy\"\nrequires = [\"echo ^2\", \"price-feed\"]\n",
+    )
+    .unwrap();
+    let out = d.ctl(&["install", needy.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("requires echo ^2, but 1.0.0 is installed") && err.contains("price-feed"),
+        "{err}"
+    );
+    assert!(!d.root.path().join("state/installed/needy").exists());
+}

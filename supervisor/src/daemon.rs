@@ -200,11 +200,14 @@ impl Daemon {
             let _ = std::fs::remove_dir_all(scratch.join(".git"));
             Some(crate::install::plugin_folder(&scratch))
         } else if source.starts_with("http://") || source.starts_with("https://") {
-            if !(source.ends_with(".tar.gz") || source.ends_with(".tgz")) {
-                return Err(format!("{source}: only .tar.gz archives can be installed from a URL"));
+            let zip = source.ends_with(".zip");
+            if !(zip || source.ends_with(".tar.gz") || source.ends_with(".tgz")) {
+                return Err(format!(
+                    "{source}: only .tar.gz and .zip archives can be installed from a URL"
+                ));
             }
             std::fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
-            let download = scratch.join("download.tar.gz");
+            let download = scratch.join(if zip { "download.zip" } else { "download.tar.gz" });
             let mut curl = tokio::process::Command::new("curl");
             curl.args([
                 "--fail",
@@ -232,9 +235,10 @@ impl Daemon {
                 ));
             }
             let unpacked = scratch.join("unpacked");
+            let unpack =
+                if zip { crate::install::unpack_zip } else { crate::install::unpack_tar_gz };
             Some(
-                crate::install::unpack_tar_gz(&download, &unpacked)
-                    .and_then(|_| crate::install::plugin_folder(&unpacked)),
+                unpack(&download, &unpacked).and_then(|_| crate::install::plugin_folder(&unpacked)),
             )
         } else if source.ends_with(".tar.gz") || source.ends_with(".tgz") {
             Some(
@@ -242,9 +246,10 @@ impl Daemon {
                     .and_then(|_| crate::install::plugin_folder(&scratch)),
             )
         } else if source.ends_with(".zip") {
-            return Err(format!(
-                "{source}: .zip archives are not supported yet; give a .tar.gz or a folder"
-            ));
+            Some(
+                crate::install::unpack_zip(Path::new(source), &scratch)
+                    .and_then(|_| crate::install::plugin_folder(&scratch)),
+            )
         } else {
             None
         };
@@ -282,6 +287,30 @@ impl Daemon {
         let name = manifest.name.clone();
         let version = manifest.version.to_string();
         let build = manifest.build.clone();
+        // Its requirements must be met by what is already here.
+        let unmet: Vec<String> = {
+            let known = lock(&self.known);
+            manifest
+                .requires
+                .iter()
+                .filter_map(|req| match known.iter().find(|(n, _)| *n == req.name) {
+                    None => Some(format!("requires {}, which is not installed", req.name)),
+                    Some((_, k)) if !req.version.matches(&k.spec.manifest.version) => {
+                        Some(format!(
+                            "requires {} {}, but {} is installed",
+                            req.name, req.version, k.spec.manifest.version
+                        ))
+                    }
+                    Some(_) => None,
+                })
+                .collect()
+        };
+        if !unmet.is_empty() && !force {
+            return Err(format!(
+                "{name} {version} {}; install those first (or use --force)",
+                unmet.join("; ")
+            ));
+        }
         let root = self.installed_root();
         let elsewhere = lock(&self.known)
             .iter()

@@ -7,6 +7,7 @@
 //! `installed/<name>` (and, with purge, the plugin's own state folder) is ever
 //! removed.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// The folder of installed plugins under a state folder.
@@ -239,6 +240,71 @@ pub fn unpack_tar_gz(archive: &Path, into: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Unpacks a `.zip` into `into` with the same refusals as [`unpack_tar_gz`].
+pub fn unpack_zip(archive: &Path, into: &Path) -> Result<(), String> {
+    let file =
+        std::fs::File::open(archive).map_err(|e| format!("open {}: {e}", archive.display()))?;
+    let mut zip = zip::ZipArchive::new(file)
+        .map_err(|e| format!("{}: not a .zip ({e})", archive.display()))?;
+    if zip.len() > MAX_ENTRIES {
+        return Err(format!("{}: more than {MAX_ENTRIES} entries", archive.display()));
+    }
+    std::fs::create_dir_all(into).map_err(|e| format!("create {}: {e}", into.display()))?;
+    let mut total = 0u64;
+    for i in 0..zip.len() {
+        let mut entry =
+            zip.by_index(i).map_err(|e| format!("{}: damaged archive ({e})", archive.display()))?;
+        let shown = entry.name().to_string();
+        let raw_hostile = shown.starts_with('/') || shown.split(['/', '\\']).any(|c| c == "..");
+        let Some(path) = entry.enclosed_name().filter(|_| !raw_hostile) else {
+            return Err(format!(
+                "{}: entry {shown:?} points outside the plugin folder (absolute or ..)",
+                archive.display()
+            ));
+        };
+        if entry.is_symlink() {
+            return Err(format!(
+                "{}: entry {shown:?} is a link; plugin archives must hold real files",
+                archive.display()
+            ));
+        }
+        let kind = entry.unix_mode().map(|m| m & 0o170000);
+        if matches!(kind, Some(k) if k != 0 && k != 0o100000 && k != 0o040000) {
+            return Err(format!("{}: entry {shown:?} is a device or fifo", archive.display()));
+        }
+        total += entry.size();
+        if total > MAX_BYTES {
+            return Err(format!(
+                "{}: unpacks to more than {} MiB (at {shown:?})",
+                archive.display(),
+                MAX_BYTES >> 20
+            ));
+        }
+        let dst = into.join(path);
+        if entry.is_dir() {
+            std::fs::create_dir_all(&dst).map_err(|e| format!("create {}: {e}", dst.display()))?;
+            continue;
+        }
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("create {}: {e}", parent.display()))?;
+        }
+        let mut out =
+            std::fs::File::create(&dst).map_err(|e| format!("create {}: {e}", dst.display()))?;
+        // Never trust the declared size alone: stop copying at the cap.
+        let copied = std::io::copy(&mut (&mut entry).take(MAX_BYTES + 1), &mut out)
+            .map_err(|e| format!("unpack {shown:?}: {e}"))?;
+        if copied > MAX_BYTES {
+            return Err(format!("{}: entry {shown:?} is larger than declared", archive.display()));
+        }
+        let mode = entry.unix_mode().unwrap_or(0o644) & 0o755;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 /// The plugin folder inside an unpacked archive or a clone: the top, or its single subfolder.
 pub fn plugin_folder(top: &Path) -> Result<PathBuf, String> {
     if top.join("plugin.toml").is_file() {
@@ -362,6 +428,58 @@ mod tests {
             std::fs::metadata(folder.join("bin/p")).unwrap().permissions().mode() & 0o777,
             0o755
         );
+    }
+
+    #[test]
+    fn zip_archives_get_the_same_refusals() {
+        use std::io::Write;
+        let write = |dir: &Path, f: &dyn Fn(&mut zip::ZipWriter<std::fs::File>)| {
+            let path = dir.join("a.zip");
+            let mut z = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+            f(&mut z);
+            z.finish().unwrap();
+            path
+        };
+        let opts = || zip::write::SimpleFileOptions::default().unix_permissions(0o755);
+        let dir = tempfile::tempdir().unwrap();
+        let good = write(dir.path(), &|z| {
+            z.start_file("p/plugin.toml", opts()).unwrap();
+            z.write_all(b"x").unwrap();
+            z.start_file("p/bin/p", opts()).unwrap();
+            z.write_all(b"y").unwrap();
+        });
+        unpack_zip(&good, &dir.path().join("out")).unwrap();
+        assert_eq!(plugin_folder(&dir.path().join("out")).unwrap(), dir.path().join("out/p"));
+        for (name, link) in [("../evil", false), ("/tmp/plugd-evil-zip", false), ("sneaky", true)] {
+            let dir = tempfile::tempdir().unwrap();
+            let bad = write(dir.path(), &|z| {
+                if link {
+                    z.add_symlink(name, "/etc/passwd", opts()).unwrap();
+                } else {
+                    z.start_file(name, opts()).unwrap();
+                    z.write_all(b"x").unwrap();
+                }
+            });
+            // The writer may store a sanitized name; what matters is the name in the file.
+            let stored = zip::ZipArchive::new(std::fs::File::open(&bad).unwrap())
+                .unwrap()
+                .by_index(0)
+                .unwrap()
+                .name()
+                .to_string();
+            let hostile = link || stored.starts_with('/') || stored.split('/').any(|c| c == "..");
+            let result = unpack_zip(&bad, &dir.path().join("out"));
+            if hostile {
+                let e = result.unwrap_err();
+                assert!(
+                    e.contains(&stored) && (e.contains("outside") || e.contains("link")),
+                    "{stored}: {e}"
+                );
+            }
+            assert!(
+                !dir.path().join("evil").exists() && !Path::new("/tmp/plugd-evil-zip").exists()
+            );
+        }
     }
 
     #[test]
