@@ -1,13 +1,10 @@
 //! The rest of the suite: pinned runs, pipelined throughput, fan-out, and scale.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use plugd_examples::{Order, Tick};
 use serde::Serialize;
 use supervisor::{Deadline, Payload, PayloadCodec, PluginSpec, Supervisor, SupervisorConfig};
@@ -75,20 +72,7 @@ pub struct Pipelined {
 
 fn raw_pipelined(k: usize, total: usize) -> Result<f64> {
     let size = 64;
-    let (mut ours, theirs) = UnixStream::pair()?;
-    let theirs = OwnedFd::from(theirs);
-    let fd = theirs.as_raw_fd();
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(["--raw-child", &size.to_string()]);
-    // SAFETY: dup2 is async-signal-safe and the closure captures only an integer.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::unistd::dup2(fd, 3)?;
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().context("spawn the raw ping-pong child")?;
-    drop(theirs);
+    let (mut ours, mut child) = crate::spawn_raw_child(size)?;
     let batch = vec![7u8; size * k];
     let mut back = vec![0u8; size * k];
     let t0 = Instant::now();

@@ -85,8 +85,9 @@ fn raw_child(size: usize) -> ! {
     std::process::exit(0)
 }
 
-fn raw_floor(size: usize, warmup: usize, samples: usize) -> Result<Stats> {
-    let (mut ours, theirs) = UnixStream::pair()?;
+/// Starts the raw echo child (this binary with `--raw-child`) on a fresh socketpair.
+pub fn spawn_raw_child(size: usize) -> Result<(UnixStream, std::process::Child)> {
+    let (ours, theirs) = UnixStream::pair()?;
     let theirs = OwnedFd::from(theirs);
     let fd = theirs.as_raw_fd();
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
@@ -98,8 +99,12 @@ fn raw_floor(size: usize, warmup: usize, samples: usize) -> Result<Stats> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().context("spawn the raw ping-pong child")?;
-    drop(theirs);
+    let child = cmd.spawn().context("spawn the raw ping-pong child")?;
+    Ok((ours, child))
+}
+
+fn raw_floor(size: usize, warmup: usize, samples: usize) -> Result<Stats> {
+    let (mut ours, mut child) = spawn_raw_child(size)?;
     let msg = vec![7u8; size];
     let mut back = vec![0u8; size];
     let mut ns = Vec::with_capacity(samples);
