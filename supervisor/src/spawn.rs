@@ -6,9 +6,9 @@
 //! exec is prepared before the fork and is async-signal-safe.
 //!
 //! Processes are tracked by pidfd: we wait for exit by polling the pidfd and
-//! signal the leader through it, so a recycled PID can never be hit. The
-//! process group is signalled with `killpg` only while the leader is not yet
-//! reaped — a zombie leader keeps its group id reserved, so that is safe too.
+//! reap through it. Signals go to the whole process group with `killpg`, and
+//! only while the leader is not yet reaped — a live or zombie leader keeps its
+//! pid and group id reserved, so a recycled PID can never be hit.
 //!
 //! `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits,
 //! not the process. All forks therefore happen on one dedicated spawner
@@ -418,23 +418,6 @@ impl Process {
         if self.reaped.is_none() {
             // The leader is not reaped, so the group id cannot have been reused.
             let _ = nix::sys::signal::killpg(Pid::from_raw(self.pid), signal);
-        }
-    }
-
-    /// Sends `signal` to the leader through its pidfd.
-    pub fn signal(&self, signal: Signal) {
-        if self.reaped.is_none() {
-            // SAFETY: pidfd_send_signal takes a descriptor we own, a signal number, a null
-            // siginfo pointer (allowed: the kernel fills in a default) and zero flags.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    self.pidfd.as_raw_fd(),
-                    signal as libc::c_int,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                );
-            }
         }
     }
 

@@ -50,18 +50,6 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     value.checked_mul(mult).ok_or_else(|| format!("{text:?} is too large"))
 }
 
-/// Formats a duration the way manifests write them.
-pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms == 0 {
-        format!("{}us", d.as_micros())
-    } else if ms % 1000 != 0 {
-        format!("{ms}ms")
-    } else {
-        format!("{}s", ms / 1000)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,7 +62,6 @@ mod tests {
         assert!(parse_duration("5").unwrap_err().contains("no unit"));
         assert!(parse_duration("5 parsecs").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("-1s").is_err());
-        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
     }
 
     #[test]
