@@ -1,0 +1,295 @@
+"""The plugd plugin protocol on the wire: frames and bincode 2 ``standard()`` bodies.
+
+This is a transcription of ``plugin-proto/PROTOCOL.md``; the golden vectors in
+``plugin-proto/golden/vectors.txt`` are checked against it by
+``tests/test_wire.py``. Standard library only.
+"""
+
+import struct
+from collections import namedtuple
+
+MAGIC = 0x4447_4C50  # "PLGD" little-endian
+PROTO_MIN = 1
+PROTO_MAX = 1
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+
+CODEC_BINCODE = 0
+CODEC_JSON = 1
+
+# ErrorCode tags (PROTOCOL.md section 3).
+UNAVAILABLE, UNKNOWN_METHOD, BAD_PAYLOAD, DEADLINE_EXCEEDED, CANCELLED, PANICKED, FAILED, \
+    PLUGIN_EXITED, INTERNAL = range(9)
+
+# LogLevel tags.
+LOG_ERROR, LOG_WARN, LOG_INFO, LOG_DEBUG, LOG_TRACE = range(5)
+
+
+class ProtocolError(Exception):
+    """Bytes that are not a valid plugd frame or message."""
+
+
+Payload = namedtuple("Payload", "codec data")
+CallError = namedtuple("CallError", "code message")
+
+Hello = namedtuple("Hello", "magic proto_min proto_max name version methods sdk")
+Welcome = namedtuple("Welcome", "proto config_json heartbeat_ms max_frame state")
+Reject = namedtuple("Reject", "reason")
+Ready = namedtuple("Ready", "")
+Call = namedtuple("Call", "id method deadline_us payload")
+# result is a Payload (Ok) or a CallError (Err).
+Reply = namedtuple("Reply", "id result")
+Chunk = namedtuple("Chunk", "id payload")
+Cancel = namedtuple("Cancel", "id")
+Notify = namedtuple("Notify", "method payload")
+Ping = namedtuple("Ping", "seq")
+Pong = namedtuple("Pong", "seq")
+Shutdown = namedtuple("Shutdown", "grace_ms")
+State = namedtuple("State", "blob")
+Goodbye = namedtuple("Goodbye", "")
+Log = namedtuple("Log", "level message")
+
+# The wire tag of a message is its index here: append only, never reorder.
+MESSAGES = [Hello, Welcome, Reject, Ready, Call, Reply, Chunk, Cancel, Notify, Ping, Pong,
+            Shutdown, State, Goodbye, Log]
+
+# Field types, in order, of every message.
+FIELDS = {
+    Hello: ("u32", "u16", "u16", "str", "str", "strs", "str"),
+    Welcome: ("u16", "str", "u64", "u32", "optbytes"),
+    Reject: ("str",),
+    Ready: (),
+    Call: ("u64", "str", "u64", "payload"),
+    Reply: ("u64", "result"),
+    Chunk: ("u64", "payload"),
+    Cancel: ("u64",),
+    Notify: ("str", "payload"),
+    Ping: ("u64",),
+    Pong: ("u64",),
+    Shutdown: ("u64",),
+    State: ("bytes",),
+    Goodbye: (),
+    Log: ("u8tag", "str"),
+}
+
+_WIDTH = {"u16": 16, "u32": 32, "u64": 64}
+
+
+# ---- primitive encoding -------------------------------------------------------------------
+
+def put_varint(out, value, bits=64):
+    """Appends an unsigned integer as a bincode varint (checked against its width)."""
+    if value < 0 or value >= 1 << bits:
+        raise ProtocolError("integer %d does not fit in u%d" % (value, bits))
+    if value < 251:
+        out.append(value)
+    elif value < 1 << 16:
+        out.append(251)
+        out += struct.pack("<H", value)
+    elif value < 1 << 32:
+        out.append(252)
+        out += struct.pack("<I", value)
+    else:
+        out.append(253)
+        out += struct.pack("<Q", value)
+
+
+def put_bytes(out, data):
+    """Appends a length-prefixed byte string."""
+    put_varint(out, len(data))
+    out += data
+
+
+def put_str(out, text):
+    """Appends a length-prefixed UTF-8 string."""
+    put_bytes(out, text.encode("utf-8"))
+
+
+class Reader:
+    """Reads bincode values from a bytes object, failing on anything short or malformed."""
+
+    def __init__(self, data):
+        self.data = memoryview(data)
+        self.pos = 0
+
+    def take(self, n):
+        if self.pos + n > len(self.data):
+            raise ProtocolError("message ends early: wanted %d more bytes at offset %d"
+                                % (n, self.pos))
+        chunk = bytes(self.data[self.pos:self.pos + n])
+        self.pos += n
+        return chunk
+
+    def u8(self):
+        return self.take(1)[0]
+
+    def varint(self, bits=64):
+        first = self.u8()
+        if first < 251:
+            return first
+        size = {251: 2, 252: 4, 253: 8}.get(first)
+        if size is None:
+            raise ProtocolError("invalid varint marker %d at offset %d" % (first, self.pos - 1))
+        if size * 8 > bits:
+            raise ProtocolError("varint of %d bytes does not fit in u%d" % (size, bits))
+        return int.from_bytes(self.take(size), "little")
+
+    def bytes_(self):
+        n = self.varint()
+        return self.take(n)
+
+    def str_(self):
+        raw = self.bytes_()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ProtocolError("string is not UTF-8: %s" % e) from None
+
+    def done(self):
+        if self.pos != len(self.data):
+            raise ProtocolError("%d bytes left over after the message" % (len(self.data) - self.pos))
+
+
+# ---- fields ---------------------------------------------------------------------------------
+
+def _put_payload(out, p):
+    if p.codec not in (CODEC_BINCODE, CODEC_JSON):
+        raise ProtocolError("unknown payload codec %r" % (p.codec,))
+    out.append(p.codec)
+    put_bytes(out, p.data)
+
+
+def _read_payload(r):
+    codec = r.varint(32)
+    if codec not in (CODEC_BINCODE, CODEC_JSON):
+        raise ProtocolError("unknown payload codec %d" % codec)
+    return Payload(codec, r.bytes_())
+
+
+def _put_field(out, kind, value):
+    if kind in _WIDTH:
+        put_varint(out, value, _WIDTH[kind])
+    elif kind == "str":
+        put_str(out, value)
+    elif kind == "bytes":
+        put_bytes(out, value)
+    elif kind == "strs":
+        put_varint(out, len(value))
+        for s in value:
+            put_str(out, s)
+    elif kind == "optbytes":
+        if value is None:
+            out.append(0)
+        else:
+            out.append(1)
+            put_bytes(out, value)
+    elif kind == "payload":
+        _put_payload(out, value)
+    elif kind == "result":
+        if isinstance(value, CallError):
+            out.append(1)
+            put_varint(out, value.code, 32)
+            put_str(out, value.message)
+        else:
+            out.append(0)
+            _put_payload(out, value)
+    elif kind == "u8tag":
+        put_varint(out, value, 32)
+    else:  # pragma: no cover - a typo in FIELDS
+        raise AssertionError(kind)
+
+
+def _read_field(r, kind):
+    if kind in _WIDTH:
+        return r.varint(_WIDTH[kind])
+    if kind == "str":
+        return r.str_()
+    if kind == "bytes":
+        return r.bytes_()
+    if kind == "strs":
+        return [r.str_() for _ in range(r.varint())]
+    if kind == "optbytes":
+        flag = r.u8()
+        if flag == 0:
+            return None
+        if flag == 1:
+            return r.bytes_()
+        raise ProtocolError("invalid Option tag %d" % flag)
+    if kind == "payload":
+        return _read_payload(r)
+    if kind == "result":
+        tag = r.varint(32)
+        if tag == 0:
+            return _read_payload(r)
+        if tag == 1:
+            code = r.varint(32)
+            if code > INTERNAL:
+                raise ProtocolError("unknown error code %d" % code)
+            return CallError(code, r.str_())
+        raise ProtocolError("invalid Result tag %d" % tag)
+    if kind == "u8tag":
+        level = r.varint(32)
+        if level > LOG_TRACE:
+            raise ProtocolError("unknown log level %d" % level)
+        return level
+    raise AssertionError(kind)  # pragma: no cover
+
+
+# ---- messages and frames --------------------------------------------------------------------
+
+def encode(msg):
+    """The body bytes of one message (no length header)."""
+    cls = type(msg)
+    try:
+        tag = MESSAGES.index(cls)
+    except ValueError:
+        raise ProtocolError("%r is not a protocol message" % (msg,)) from None
+    out = bytearray()
+    put_varint(out, tag, 32)
+    for kind, value in zip(FIELDS[cls], msg):
+        _put_field(out, kind, value)
+    return bytes(out)
+
+
+def decode(body):
+    """The message in one frame body; raises ProtocolError on anything malformed."""
+    r = Reader(body)
+    tag = r.varint(32)
+    if tag >= len(MESSAGES):
+        raise ProtocolError("unknown message tag %d" % tag)
+    cls = MESSAGES[tag]
+    msg = cls(*[_read_field(r, kind) for kind in FIELDS[cls]])
+    r.done()
+    return msg
+
+
+def frame(msg, max_frame=DEFAULT_MAX_FRAME):
+    """One whole frame: u32 little-endian body length, then the body."""
+    body = encode(msg)
+    if len(body) > max_frame:
+        raise ProtocolError("frame of %d bytes exceeds the limit of %d" % (len(body), max_frame))
+    return struct.pack("<I", len(body)) + body
+
+
+def read_frame(stream, max_frame=DEFAULT_MAX_FRAME):
+    """Reads one frame body from a binary file object; None at a clean end of stream."""
+    header = _read_exact(stream, 4, allow_eof=True)
+    if header is None:
+        return None
+    (n,) = struct.unpack("<I", header)
+    if n == 0:
+        raise ProtocolError("empty frame (length 0)")
+    if n > max_frame:
+        raise ProtocolError("frame of %d bytes exceeds the limit of %d" % (n, max_frame))
+    return _read_exact(stream, n, allow_eof=False)
+
+
+def _read_exact(stream, n, allow_eof):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = stream.read(n - len(buf))
+        if not chunk:
+            if allow_eof and not buf:
+                return None
+            raise ProtocolError("stream ended inside a frame (%d of %d bytes)" % (len(buf), n))
+        buf += chunk
+    return bytes(buf)

@@ -1,0 +1,46 @@
+"""A plugin used by test_serve.py: every feature of the SDK in a few lines."""
+
+import logging
+
+from plugd_plugin import Plugin, PluginError, method, schema, serve
+
+POINT = schema.Struct(("x", schema.I32), ("y", schema.I32))
+
+
+class Sample(Plugin):
+    def on_load(self, config):
+        self.greeting = config.get("greeting", "hello")
+        self.count = 0
+
+    def restore_state(self, state):
+        self.count = int(state.decode())
+
+    def on_shutdown(self):
+        return str(self.count).encode()
+
+    @method()
+    def greet(self, who):
+        self.count += 1
+        logging.info("greeting %s", who)
+        return "%s %s" % (self.greeting, who)
+
+    @method("add", args=POINT, returns=schema.I64)
+    def add(self, p):
+        return p["x"] + p["y"]
+
+    @method()
+    def fail(self, _):
+        raise PluginError("as asked")
+
+    @method()
+    def boom(self, _):
+        return 1 / 0
+
+    @method()
+    def count_to(self, n):
+        for i in range(n):
+            yield i
+        return "done"
+
+
+serve(Sample())

@@ -1,0 +1,154 @@
+"""serve() driven by a fake supervisor over a real socketpair, in a real child process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import unittest
+
+from plugd_plugin import schema, wire
+from plugd_plugin.wire import CODEC_BINCODE, CODEC_JSON, CallError, Payload
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+POINT = schema.Struct(("x", schema.I32), ("y", schema.I32))
+
+
+class FakeSupervisor:
+    def __init__(self, state=None, config='{"greeting":"hi"}'):
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ, PLUGD_FD=str(theirs.fileno()), PLUGD_PLUGIN_NAME="sample",
+                   PLUGD_PLUGIN_VERSION="1.2.3",
+                   PYTHONPATH=os.path.dirname(HERE))
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "sample_plugin.py")],
+                                     pass_fds=[theirs.fileno()], env=env,
+                                     stderr=subprocess.PIPE)
+        theirs.close()
+        ours.settimeout(30)
+        self.sock = ours
+        self.reader = ours.makefile("rb")
+        self.hello = self.recv()
+        self.send(wire.Welcome(1, config, 1000, wire.DEFAULT_MAX_FRAME, state))
+        self.logs = []
+        self.ready = self.recv()
+
+    def send(self, msg):
+        self.sock.sendall(wire.frame(msg))
+
+    def recv(self):
+        while True:
+            body = wire.read_frame(self.reader)
+            if body is None:
+                return None
+            msg = wire.decode(body)
+            if isinstance(msg, wire.Log):
+                self.logs.append(msg)
+                continue
+            return msg
+
+    def call(self, id_, method, payload):
+        self.send(wire.Call(id_, method, 0, payload))
+        chunks = []
+        while True:
+            msg = self.recv()
+            if isinstance(msg, wire.Chunk):
+                chunks.append(msg)
+                continue
+            return msg, chunks
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.reader.close()
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.stderr.close()
+
+
+def js(value):
+    return Payload(CODEC_JSON, json.dumps(value).encode())
+
+
+class Serve(unittest.TestCase):
+    def setUp(self):
+        self.sup = FakeSupervisor()
+        self.addCleanup(self.sup.close)
+
+    def test_handshake(self):
+        h = self.sup.hello
+        self.assertEqual((h.magic, h.proto_min, h.proto_max), (wire.MAGIC, 1, 1))
+        self.assertEqual((h.name, h.version), ("sample", "1.2.3"))
+        self.assertEqual(h.methods, ["add", "boom", "count_to", "fail", "greet"])
+        self.assertTrue(h.sdk.startswith("plugd-plugin-py/"))
+        self.assertEqual(self.sup.ready, wire.Ready())
+
+    def test_calls_errors_streams_and_pings(self):
+        reply, _ = self.sup.call(1, "greet", js("bob"))
+        self.assertEqual(reply, wire.Reply(1, Payload(CODEC_JSON, b'"hi bob"')))
+        reply, _ = self.sup.call(2, "add", Payload(CODEC_BINCODE, schema.encode(POINT, {"x": 2, "y": -5})))
+        self.assertEqual(reply.result, Payload(CODEC_BINCODE, schema.encode(schema.I64, -3)))
+        reply, _ = self.sup.call(3, "add", js({"x": 1, "y": 1}))
+        self.assertEqual(reply.result, Payload(CODEC_JSON, b"2"))
+        reply, _ = self.sup.call(4, "nope", js(None))
+        self.assertEqual(reply.result.code, wire.UNKNOWN_METHOD)
+        self.assertIn("greet", reply.result.message)
+        reply, _ = self.sup.call(5, "fail", js(None))
+        self.assertEqual(reply.result, CallError(wire.FAILED, "as asked"))
+        reply, _ = self.sup.call(6, "boom", js(None))
+        self.assertEqual(reply.result.code, wire.PANICKED)
+        self.assertIn("ZeroDivisionError", reply.result.message)
+        reply, _ = self.sup.call(7, "add", Payload(CODEC_BINCODE, b"\x01"))
+        self.assertEqual(reply.result.code, wire.BAD_PAYLOAD)
+        reply, _ = self.sup.call(8, "greet", Payload(CODEC_BINCODE, b"\x03abc"))
+        self.assertEqual(reply.result.code, wire.BAD_PAYLOAD)
+        self.assertIn("args=", reply.result.message)
+        reply, chunks = self.sup.call(9, "count_to", js(3))
+        self.assertEqual([c.payload.data for c in chunks], [b"0", b"1", b"2"])
+        self.assertEqual([c.id for c in chunks], [9, 9, 9])
+        self.assertEqual(reply.result, Payload(CODEC_JSON, b'"done"'))
+        self.sup.send(wire.Ping(42))
+        self.assertEqual(self.sup.recv(), wire.Pong(42))
+        self.assertTrue(any("greeting bob" in log.message and log.level == wire.LOG_INFO
+                            for log in self.sup.logs), self.sup.logs)
+
+    def test_shutdown_hands_state_to_the_next_instance(self):
+        for i in range(3):
+            self.sup.call(i, "greet", js("x"))
+        self.sup.send(wire.Shutdown(1000))
+        self.assertEqual(self.sup.recv(), wire.State(b"3"))
+        self.assertEqual(self.sup.recv(), wire.Goodbye())
+        self.assertEqual(self.sup.proc.wait(timeout=30), 0)
+        nxt = FakeSupervisor(state=b"3")
+        self.addCleanup(nxt.close)
+        nxt.call(1, "greet", js("y"))
+        nxt.send(wire.Shutdown(1000))
+        self.assertEqual(nxt.recv(), wire.State(b"4"))
+
+    def test_a_wrong_way_message_ends_the_plugin_with_status_3(self):
+        self.sup.send(wire.Ready())
+        self.assertEqual(self.sup.proc.wait(timeout=30), 3)
+        self.assertIn(b"only a plugin may send", self.sup.proc.stderr.read())
+
+    def test_closed_socket_ends_the_plugin(self):
+        self.sup.sock.shutdown(socket.SHUT_RDWR)
+        self.assertEqual(self.sup.proc.wait(timeout=30), 0)
+
+
+class NotSupervised(unittest.TestCase):
+    def test_running_outside_plugd_says_so(self):
+        env = {k: v for k, v in os.environ.items() if k != "PLUGD_FD"}
+        env["PYTHONPATH"] = os.path.dirname(HERE)
+        p = subprocess.run([sys.executable, os.path.join(HERE, "sample_plugin.py")], env=env,
+                           capture_output=True, timeout=30)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn(b"not started by a plugd supervisor", p.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
