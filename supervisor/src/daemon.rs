@@ -323,8 +323,10 @@ impl Daemon {
             ));
         }
         let (_, current) = crate::install::versions(&root, &name);
-        // Build (if asked) and validate the copy before it is renamed into place.
+        // Build (if asked), validate, and make a Python plugin's venv from the copy before it
+        // is renamed into place: a failure of any step installs nothing.
         let bin_dirs = self.bin_dirs.clone();
+        let venv_root = self.sup.state_root().to_path_buf();
         let (r, n, v) = (root.clone(), name.clone(), version.clone());
         tokio::task::spawn_blocking(move || {
             crate::install::place(&r, &n, &v, &source, force, |tmp| {
@@ -333,7 +335,11 @@ impl Daemon {
                 }
                 let spec = PluginSpec::from_manifest_with_defaults(tmp, &defaults)
                     .map_err(|e| e.to_string())?;
-                entrypoint_program(&spec, &bin_dirs).map(|_| ())
+                entrypoint_program(&spec, &bin_dirs)?;
+                if spec.manifest.runtime == crate::manifest::Runtime::Python {
+                    crate::python::prepare(&spec, &venv_root)?;
+                }
+                Ok(())
             })
         })
         .await
@@ -434,6 +440,13 @@ impl Daemon {
                 return Err(format!("{name} {v} is not installed"));
             }
             std::fs::remove_dir_all(root.join(name).join(v)).map_err(|e| e.to_string())?;
+            if let Ok(parsed) = semver::Version::parse(v) {
+                let _ = std::fs::remove_dir_all(crate::python::venv_dir(
+                    self.sup.state_root(),
+                    name,
+                    &parsed,
+                ));
+            }
             return self.versions(name);
         }
         if self.sup.get(name).is_some() {
@@ -443,6 +456,8 @@ impl Daemon {
             .map_err(|e| format!("remove {}: {e}", root.join(name).display()))?;
         lock(&self.known).retain(|(n, _)| n != name);
         lock(&self.start_errors).remove(name);
+        // A venv is derived from the installed files: it goes with them.
+        let _ = std::fs::remove_dir_all(crate::python::venvs_of(self.sup.state_root(), name));
         if purge {
             let state = lock(&self.config).state_dir.join("plugins").join(name);
             let _ = std::fs::remove_dir_all(&state);
@@ -893,6 +908,22 @@ impl Daemon {
                     changes.insert(key.into(), serde_json::json!({"from": from, "to": to}));
                 }
             }
+        }
+        let old_py =
+            old.as_ref().is_some_and(|o| o.manifest.runtime == crate::manifest::Runtime::Python);
+        if old_py || new.manifest.runtime == crate::manifest::Runtime::Python {
+            let before = old.as_ref().map(crate::python::requirements_of).unwrap_or_default();
+            let diff =
+                crate::python::requirements_diff(&before, &crate::python::requirements_of(new));
+            changes.insert(
+                "dependencies".into(),
+                serde_json::json!({
+                    "added": diff.added,
+                    "removed": diff.removed,
+                    "changed": diff.changed,
+                    "note": "installed into this plugin version's own virtualenv; no other plugin shares it",
+                }),
+            );
         }
         let plan = serde_json::json!({
             "name": name,

@@ -152,6 +152,10 @@ pub fn fingerprint(spec: &PluginSpec, program: Option<&Path>) -> String {
         std::hash::Hash::hash(&meta.len(), &mut h);
         std::hash::Hash::hash(&meta.modified().ok(), &mut h);
     }
+    if spec.manifest.runtime == crate::manifest::Runtime::Python {
+        // A changed requirements file means a new venv, so a restart.
+        std::hash::Hash::hash(&crate::python::requirements_of(spec), &mut h);
+    }
     format!("{:016x}", std::hash::Hasher::finish(&h))
 }
 

@@ -30,6 +30,7 @@ pub mod lifecycle;
 pub mod logs;
 pub mod manifest;
 pub mod notify;
+pub mod python;
 pub mod router;
 pub mod sandbox;
 mod slot;

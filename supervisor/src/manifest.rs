@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// Sections of plugin.toml an operator may give defaults for in plugd.toml.
-pub const DEFAULTABLE: &[&str] = &["restart", "timeouts", "limits", "sandbox", "env"];
+pub const DEFAULTABLE: &[&str] = &["restart", "timeouts", "limits", "sandbox", "env", "python"];
 
 use crate::units::{parse_duration, parse_size};
 
@@ -102,6 +102,39 @@ pub enum Entrypoint {
     Name(String),
     /// A command line: program (searched in `PATH` if bare) and arguments, run in the plugin folder.
     Command(Vec<String>),
+    /// A Python script relative to the plugin folder, run by the plugin's own virtualenv.
+    Script(PathBuf),
+}
+
+/// What runs the plugin's entrypoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Runtime {
+    /// An executable, run directly.
+    #[default]
+    Native,
+    /// A Python script, run by a virtualenv plugd builds for this plugin version.
+    Python,
+}
+
+/// `[python]`: how plugd builds a Python plugin's virtualenv.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PythonConfig {
+    /// The base interpreter the venv is made from (name in `PATH` or a path).
+    pub interpreter: String,
+    /// The requirements file, relative to the plugin folder (used if it exists).
+    pub requirements: PathBuf,
+    /// Extra arguments for `pip install`, e.g. `["--no-index", "--find-links", "wheels"]`.
+    pub pip_args: Vec<String>,
+}
+
+impl Default for PythonConfig {
+    fn default() -> Self {
+        Self {
+            interpreter: "python3".into(),
+            requirements: "requirements.txt".into(),
+            pip_args: Vec::new(),
+        }
+    }
 }
 
 /// `requires = ["name", "name ^1.2"]`: another plugin that must be running first.
@@ -272,6 +305,18 @@ pub struct Manifest {
     pub config: serde_json::Value,
     /// `[build] command = [...]`: run in the plugin folder at install time (e.g. to build the entrypoint).
     pub build: Option<Vec<String>>,
+    /// What runs the entrypoint (`runtime = "python"`, or an entrypoint ending in `.py`).
+    pub runtime: Runtime,
+    /// `[python]`: the virtualenv recipe of a Python plugin.
+    pub python: PythonConfig,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPython {
+    interpreter: Option<String>,
+    requirements: Option<PathBuf>,
+    pip_args: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -300,6 +345,9 @@ struct RawManifest {
     config: toml::Table,
     #[serde(default)]
     build: Option<RawBuild>,
+    runtime: Option<String>,
+    #[serde(default)]
+    python: RawPython,
 }
 
 #[derive(Deserialize)]
@@ -527,9 +575,40 @@ impl Manifest {
                 ),
             ));
         }
+        let runtime = match raw.runtime.as_deref() {
+            None => match &raw.entrypoint {
+                toml::Value::String(s) if s.ends_with(".py") => Runtime::Python,
+                _ => Runtime::Native,
+            },
+            Some("native") => Runtime::Native,
+            Some("python") => Runtime::Python,
+            Some(other) => {
+                return Err(c.bad(
+                    "runtime",
+                    format!("= {other:?} is not a runtime; use \"native\" or \"python\""),
+                ))
+            }
+        };
         let entrypoint = match raw.entrypoint {
             toml::Value::String(s) if s.trim().is_empty() => {
                 return Err(c.bad("entrypoint", "is empty; give a path such as \"bin/my-plugin\""))
+            }
+            toml::Value::String(s) if runtime == Runtime::Python => {
+                if Path::new(&s).is_absolute() || s.split('/').any(|part| part == "..") {
+                    return Err(c.bad(
+                        "entrypoint",
+                        format!(
+                            "= {s:?} must be a script inside the plugin folder, e.g. \"main.py\""
+                        ),
+                    ));
+                }
+                Entrypoint::Script(PathBuf::from(s))
+            }
+            _ if runtime == Runtime::Python => {
+                return Err(c.bad(
+                    "entrypoint",
+                    "must be the script's path for runtime = \"python\", e.g. \"main.py\"",
+                ))
             }
             toml::Value::String(s) if s.contains('/') => Entrypoint::Path(PathBuf::from(s)),
             toml::Value::String(s) => Entrypoint::Name(s),
@@ -707,7 +786,30 @@ impl Manifest {
             }
             Some(b) => Some(b.command),
         };
+        let py = raw.python;
+        let python = PythonConfig {
+            interpreter: match py.interpreter {
+                Some(i) if i.trim().is_empty() => {
+                    return Err(c.bad("python.interpreter", "is empty; write e.g. \"python3\""))
+                }
+                Some(i) => i,
+                None => PythonConfig::default().interpreter,
+            },
+            requirements: match py.requirements {
+                Some(r) if r.is_absolute() || r.components().any(|p| p.as_os_str() == "..") => {
+                    return Err(c.bad(
+                        "python.requirements",
+                        "must be a file inside the plugin folder, e.g. \"requirements.txt\"",
+                    ))
+                }
+                Some(r) => r,
+                None => PythonConfig::default().requirements,
+            },
+            pip_args: py.pip_args.unwrap_or_default(),
+        };
         Ok(Manifest {
+            runtime,
+            python,
             build,
             name,
             version,
@@ -758,12 +860,21 @@ impl PluginSpec {
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
         let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
         let spec = PluginSpec { manifest, dir, manifest_path: path };
-        if let Entrypoint::Path(p) = &spec.manifest.entrypoint {
-            check_executable(&spec.dir.join(p)).map_err(|problem| ManifestError::Invalid {
+        let problem = match &spec.manifest.entrypoint {
+            Entrypoint::Path(p) => check_executable(&spec.dir.join(p)).err(),
+            Entrypoint::Script(p) if !spec.dir.join(p).is_file() => Some(format!(
+                "= {:?} is not a file in {}; fix the path (relative to the plugin folder)",
+                p.display().to_string(),
+                spec.dir.display()
+            )),
+            _ => None,
+        };
+        if let Some(problem) = problem {
+            return Err(ManifestError::Invalid {
                 file: spec.manifest_path.clone(),
                 key: "entrypoint".into(),
                 problem,
-            })?;
+            });
         }
         Ok(spec)
     }
@@ -898,6 +1009,39 @@ symbols = ["BTC"]
         let e =
             Manifest::parse_with_defaults(MIN, Path::new("p.toml"), &bad).unwrap_err().to_string();
         assert!(e.contains("[defaults]") && e.contains("memroy"), "{e}");
+    }
+
+    #[test]
+    fn python_runtime_from_the_key_or_the_script_name() {
+        let py = |entry: &str, extra: &str| {
+            Manifest::parse(
+                &format!("name = \"p\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = {entry}\n{extra}"),
+                Path::new("/x/plugin.toml"),
+            )
+        };
+        let m = py("\"main.py\"", "").unwrap();
+        assert_eq!(
+            (m.runtime, m.entrypoint),
+            (Runtime::Python, Entrypoint::Script("main.py".into()))
+        );
+        assert_eq!(m.python, PythonConfig::default());
+        let m =
+            py("\"run\"", "runtime = \"python\"\n[python]\npip_args = [\"--no-index\"]\n").unwrap();
+        assert_eq!(
+            (m.runtime, m.python.pip_args),
+            (Runtime::Python, vec!["--no-index".to_string()])
+        );
+        assert_eq!(py("\"bin/tool\"", "").unwrap().runtime, Runtime::Native);
+        let e = py("\"main.py\"", "runtime = \"ruby\"\n").unwrap_err().to_string();
+        assert!(e.contains("`runtime`") && e.contains("\"native\" or \"python\""), "{e}");
+        let e = py("[\"python3\", \"main.py\"]", "runtime = \"python\"\n").unwrap_err().to_string();
+        assert!(e.contains("script's path"), "{e}");
+        let e = py("\"../main.py\"", "").unwrap_err().to_string();
+        assert!(e.contains("inside the plugin folder"), "{e}");
+        let e = py("\"main.py\"", "[python]\nrequirements = \"/etc/passwd\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`python.requirements`"), "{e}");
     }
 
     #[test]

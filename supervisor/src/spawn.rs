@@ -62,7 +62,15 @@ impl SpawnPlan {
         host: &HostFacts,
     ) -> Result<SpawnPlan, String> {
         let m = &spec.manifest;
-        let (program, args) = entrypoint_program(spec, bin_dirs)?;
+        let (mut program, mut args) = entrypoint_program(spec, bin_dirs)?;
+        let mut extra_read = Vec::new();
+        if let Entrypoint::Script(_) = &m.entrypoint {
+            // Built beforehand by `python::prepare` (the slot does it on a blocking thread).
+            let env = crate::python::current(spec, state_root)?;
+            args = vec![program.display().to_string()];
+            program = env.python;
+            extra_read = env.read_paths;
+        }
         let state_dir = state_root.join(&m.name);
         std::fs::create_dir_all(&state_dir)
             .and_then(|_| {
@@ -77,7 +85,7 @@ impl SpawnPlan {
         } else {
             which(&program).unwrap_or_else(|| program.clone())
         };
-        let sandbox = SandboxPlan::build(spec, &resolved, &state_dir, host)?;
+        let sandbox = SandboxPlan::build(spec, &resolved, &state_dir, &extra_read, host)?;
         if let Some((uid, gid)) = sandbox.run_as {
             nix::unistd::chown(
                 &state_dir,
@@ -99,6 +107,11 @@ impl SpawnPlan {
         env.push(("PLUGD_PLUGIN_NAME".into(), m.name.clone()));
         env.push(("PLUGD_PLUGIN_VERSION".into(), m.version.to_string()));
         env.push(("PLUGD_STATE_DIR".into(), state_dir.display().to_string()));
+        if let Entrypoint::Script(_) = &m.entrypoint {
+            // Output reaches the log line by line; the plugin folder is read-only anyway.
+            env.push(("PYTHONUNBUFFERED".into(), "1".into()));
+            env.push(("PYTHONDONTWRITEBYTECODE".into(), "1".into()));
+        }
         if !m.sandbox.execve {
             // The SDK blocks execve for itself once it is running (see plugin-runner's lockdown).
             env.push(("PLUGD_LOCK_EXEC".into(), "1".into()));
@@ -136,6 +149,19 @@ pub fn entrypoint_program(
             (full, Vec::new())
         }
         Entrypoint::Command(argv) => (PathBuf::from(&argv[0]), argv[1..].to_vec()),
+        // The script itself; `SpawnPlan::for_spec` runs it with the plugin's venv python.
+        Entrypoint::Script(p) => {
+            let full = spec.dir.join(p);
+            if !full.is_file() {
+                return Err(format!(
+                    "{}: `entrypoint` = {:?} is not a file in {}",
+                    spec.manifest_path.display(),
+                    p.display().to_string(),
+                    spec.dir.display()
+                ));
+            }
+            (full, Vec::new())
+        }
     })
 }
 

@@ -145,6 +145,11 @@ impl Supervisor {
         found.ok_or_else(|| self.unknown(name))
     }
 
+    /// Where each plugin gets its state folder, and Python plugins their venvs (`.venv/`).
+    pub fn state_root(&self) -> &std::path::Path {
+        &self.config.state_dir
+    }
+
     /// Starts a plugin and waits until it is Ready. If its first start fails, it is not kept.
     pub async fn load(&self, spec: PluginSpec) -> Result<PluginHandle, SupervisorError> {
         self.insert(spec, None).await

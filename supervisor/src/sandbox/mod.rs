@@ -117,6 +117,7 @@ impl SandboxPlan {
         spec: &PluginSpec,
         program: &Path,
         state_dir: &Path,
+        extra_read: &[PathBuf],
         host: &HostFacts,
     ) -> Result<SandboxPlan, String> {
         let m = &spec.manifest;
@@ -247,6 +248,7 @@ impl SandboxPlan {
             let mut read: Vec<PathBuf> = landlock::SYSTEM_READ.iter().map(PathBuf::from).collect();
             read.push(spec.dir.clone());
             read.push(program.to_path_buf());
+            read.extend(extra_read.iter().cloned());
             read.extend(sb.read_paths.iter().cloned());
             let mut write = vec![state_dir.to_path_buf()];
             write.extend(sb.write_paths.iter().cloned());

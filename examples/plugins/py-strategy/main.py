@@ -1,0 +1,57 @@
+"""py-strategy: the tick-strategy example, in Python.
+
+Takes the tick-engine's bincode Tick and answers a bincode Order (the schema
+below mirrors examples/src/lib.rs), and JSON from plugctl. State (the
+position) is handed to the next version on a hot update.
+"""
+
+import logging
+import struct
+
+from plugd_plugin import Plugin, PluginError, method, schema, serve
+
+TICK = schema.Struct(("symbol", schema.STR), ("bid", schema.F64), ("ask", schema.F64),
+                     ("ts", schema.U64))
+SIDE = schema.Enum(("Buy", None), ("Sell", None))
+ORDER = schema.Enum(("Hold", None), ("Limit", schema.Struct(
+    ("side", SIDE), ("qty", schema.I64), ("price", schema.F64))))
+
+
+class MeanReversion(Plugin):
+    def on_load(self, config):
+        self.max_position = config.get("max_position", 10)
+        self.threshold = config.get("threshold", 0.0005)
+        self.alpha = config.get("alpha", 0.05)
+        self.position = 0
+        self.ema = None
+
+    def restore_state(self, state):
+        (self.position,) = struct.unpack("<q", state)
+        logging.info("position %d handed over by the previous instance", self.position)
+
+    def on_shutdown(self):
+        return struct.pack("<q", self.position)
+
+    @method("on_tick", args=TICK, returns=ORDER)
+    def on_tick(self, tick):
+        bid, ask = tick["bid"], tick["ask"]
+        if not (bid > 0 and ask >= bid):
+            raise PluginError("crossed or empty book for %s: bid %s ask %s"
+                              % (tick["symbol"], bid, ask))
+        mid = (bid + ask) / 2
+        self.ema = mid if self.ema is None else self.ema + self.alpha * (mid - self.ema)
+        edge = (mid - self.ema) / self.ema
+        if edge < -self.threshold and self.position < self.max_position:
+            self.position += 1
+            return {"Limit": {"side": "Buy", "qty": 1, "price": bid}}
+        if edge > self.threshold and self.position > -self.max_position:
+            self.position -= 1
+            return {"Limit": {"side": "Sell", "qty": 1, "price": ask}}
+        return "Hold"
+
+    @method("position", returns=schema.I64)
+    def get_position(self, _):
+        return self.position
+
+
+serve(MeanReversion())

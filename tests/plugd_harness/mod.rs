@@ -1,0 +1,183 @@
+//! A running plugd daemon in a temp folder, and plugctl against it, for the end-to-end tests.
+#![allow(dead_code)] // each test file uses a different part
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+pub fn bin_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_plugd")).parent().unwrap().to_path_buf();
+    assert!(
+        dir.join("echo").exists(),
+        "example plugins are not built; run `cargo test --workspace`"
+    );
+    dir
+}
+
+pub fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/plugins")
+}
+
+/// Writes plugin folder `name` under `dir`: the example's manifest with an absolute entrypoint.
+pub fn add_plugin(dir: &Path, example: &str, name: &str, extra: &str) {
+    let text = std::fs::read_to_string(examples().join(example).join("plugin.toml")).unwrap();
+    let mut out = String::new();
+    for line in text.lines() {
+        if line.starts_with("entrypoint") {
+            out.push_str(&format!("entrypoint = \"{}\"\n", bin_dir().join(example).display()));
+        } else if line.starts_with("name =") {
+            out.push_str(&format!("name = \"{name}\"\n"));
+            // Top-level keys of `extra` (before its first table) must precede the tables.
+            for l in extra.lines().take_while(|l| !l.starts_with('[')) {
+                out.push_str(l);
+                out.push('\n');
+            }
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    let tables: Vec<&str> = extra.lines().skip_while(|l| !l.starts_with('[')).collect();
+    out.push_str(&tables.join("\n"));
+    out.push('\n');
+    std::fs::create_dir_all(dir.join(name)).unwrap();
+    std::fs::write(dir.join(name).join("plugin.toml"), out).unwrap();
+}
+
+pub fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !matches!(
+                s.rsplit(')').next().and_then(|r| r.trim_start().chars().next()),
+                Some('Z') | None
+            )
+        })
+        .unwrap_or(false)
+}
+
+pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < give_up, "gave up waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(30));
+    }
+}
+
+pub struct Plugd {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub root: tempfile::TempDir,
+}
+
+impl Drop for Plugd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Plugd {
+    pub fn plugins(&self) -> PathBuf {
+        self.root.path().join("plugins")
+    }
+
+    pub fn start_with(root: tempfile::TempDir, env: &[(&str, String)]) -> Plugd {
+        Plugd::start_exe(Path::new(env!("CARGO_BIN_EXE_plugd")), root, env)
+    }
+
+    pub fn start_exe(exe: &Path, root: tempfile::TempDir, env: &[(&str, String)]) -> Plugd {
+        let socket = root.path().join("run/plugd.sock");
+        let config = root.path().join("plugd.toml");
+        // A test may leave extra config (e.g. [defaults]) in `extra.toml` beside it.
+        let extra = std::fs::read_to_string(root.path().join("extra.toml")).unwrap_or_default();
+        std::fs::write(
+            &config,
+            format!("socket = \"run/plugd.sock\"\nplugin_dirs = [\"plugins\"]\nstate_dir = \"state\"\n{extra}"),
+        )
+        .unwrap();
+        let log = std::fs::File::create(root.path().join("plugd.log")).unwrap();
+        let mut cmd = Command::new(exe);
+        cmd.arg("--config").arg(&config).stdout(Stdio::null()).stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        // A binary copied a moment ago can be briefly "busy" while another test thread forks.
+        let mut child = cmd.spawn();
+        for _ in 0..50 {
+            match &child {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    child = cmd.spawn();
+                }
+                _ => break,
+            }
+        }
+        let child = child.unwrap();
+        let p = Plugd { child, socket, root };
+        eventually("plugd answers", || p.ctl(&["status"]).status.code() == Some(0));
+        p
+    }
+
+    pub fn start(setup: impl FnOnce(&Path)) -> Plugd {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("plugins")).unwrap();
+        setup(&root.path().join("plugins"));
+        Plugd::start_with(root, &[])
+    }
+
+    pub fn restart(mut self) -> Plugd {
+        self.signal(Signal::SIGTERM);
+        assert!(self.child.wait().unwrap().success());
+        // Same folder (config, plugins, state) for the next daemon.
+        let root = std::mem::replace(&mut self.root, tempfile::tempdir().unwrap());
+        Plugd::start_with(root, &[])
+    }
+
+    /// Starts a new plugd on the same folder after this one was killed.
+    pub fn restart_after_kill(mut self) -> Plugd {
+        let root = std::mem::replace(&mut self.root, tempfile::tempdir().unwrap());
+        Plugd::start_with(root, &[])
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_plugctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.ctl(&a);
+        assert!(out.status.success(), "plugctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn status(&self) -> Vec<Value> {
+        self.json(&["status"]).as_array().unwrap().clone()
+    }
+
+    pub fn plugin(&self, name: &str) -> Value {
+        self.status().into_iter().find(|p| p["name"] == name).unwrap_or(Value::Null)
+    }
+
+    pub fn pid(&self, name: &str) -> u64 {
+        self.plugin(name)["pid"].as_u64().unwrap_or(0)
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    pub fn all_ready(&self, names: &[&str]) -> bool {
+        let st = self.status();
+        names.iter().all(|n| st.iter().any(|p| p["name"] == *n && p["state"] == "ready"))
+    }
+}

@@ -1,0 +1,220 @@
+//! End to end: Python plugins under the real plugd, each in its own virtualenv.
+//!
+//! No internet: the tests write tiny wheels (`demo-dep` 1.0 and 2.0, …) into a local
+//! folder and point pip at it with `--no-index --find-links`. Two plugins pinned to
+//! the two versions run side by side, sandboxed, and each reports what it imported.
+
+mod plugd_harness;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use plugd_harness::*;
+
+/// Writes `<name>-<version>-py3-none-any.whl` holding a module whose `__version__` is `version`.
+fn wheel(dir: &Path, name: &str, version: &str) {
+    let module = name.replace('-', "_");
+    let script = format!(
+        r#"
+import zipfile
+m, v, n = {module:?}, {version:?}, {name:?}
+info = "%s-%s.dist-info" % (m, v)
+with zipfile.ZipFile("%s-%s-py3-none-any.whl" % (m, v), "w") as z:
+    z.writestr(m + "/__init__.py", "__version__ = %r\n" % v)
+    z.writestr(info + "/METADATA", "Metadata-Version: 2.1\nName: %s\nVersion: %s\n" % (n, v))
+    z.writestr(info + "/WHEEL", "Wheel-Version: 1.0\nGenerator: plugd-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+    z.writestr(info + "/RECORD", "%s/__init__.py,,\n%s/METADATA,,\n%s/WHEEL,,\n%s/RECORD,,\n" % (m, info, info, info))
+"#
+    );
+    let st = Command::new("python3").arg("-c").arg(script).current_dir(dir).status().unwrap();
+    assert!(st.success(), "writing the {name} {version} wheel");
+}
+
+fn wheels() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (n, v) in
+        [("demo-dep", "1.0"), ("demo-dep", "2.0"), ("helper-dep", "1.0"), ("new-dep", "1.0")]
+    {
+        wheel(dir.path(), n, v);
+    }
+    dir
+}
+
+const MAIN_PY: &str = r#"
+import importlib
+
+from plugd_plugin import Plugin, method, serve
+
+
+class Deps(Plugin):
+    @method()
+    def dep_version(self, module):
+        return importlib.import_module(module).__version__
+
+    @method()
+    def try_write(self, path):
+        try:
+            with open(path, "w") as f:
+                f.write("escaped")
+            return "written"
+        except OSError as e:
+            return type(e).__name__
+
+
+serve(Deps())
+"#;
+
+/// A Python plugin folder whose requirements are `requirements`, installed from `wheels` only.
+fn py_plugin(src: &Path, name: &str, version: &str, requirements: &str, wheels: &Path) -> PathBuf {
+    let dir = src.join(format!("{name}-{version}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("plugin.toml"),
+        format!(
+            "name = {name:?}\nversion = {version:?}\napi_version = \"^1\"\nentrypoint = \"main.py\"\n\n[python]\npip_args = [\"--no-index\", \"--find-links\", {:?}]\n",
+            wheels.display().to_string()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("main.py"), MAIN_PY).unwrap();
+    std::fs::write(dir.join("requirements.txt"), requirements).unwrap();
+    dir
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn call(d: &Plugd, name: &str, method: &str, arg: &str) -> String {
+    let out = d.ctl(&["call", name, method, arg]);
+    assert!(out.status.success(), "call {name}.{method}: {}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn two_plugins_pinned_to_different_versions_run_side_by_side_sandboxed() {
+    let wheels = wheels();
+    let src = tempfile::tempdir().unwrap();
+    let d = Plugd::start(|_| {});
+    let a =
+        py_plugin(src.path(), "dep-a", "1.0.0", "demo-dep==1.0\nhelper-dep==1.0\n", wheels.path());
+    let b = py_plugin(src.path(), "dep-b", "1.0.0", "demo-dep==2.0\n", wheels.path());
+    for dir in [&a, &b] {
+        let out = d.ctl(&["install", dir.to_str().unwrap()]);
+        assert!(out.status.success(), "install {}: {}", dir.display(), stderr(&out));
+    }
+    eventually("both ready", || d.all_ready(&["dep-a", "dep-b"]));
+    assert_eq!(call(&d, "dep-a", "dep_version", "\"demo_dep\""), "1.0");
+    assert_eq!(call(&d, "dep-b", "dep_version", "\"demo_dep\""), "2.0");
+    assert_eq!(call(&d, "dep-a", "dep_version", "\"helper_dep\""), "1.0");
+
+    // One venv per plugin version, under the state folder, with the SDK in it.
+    let venvs = d.root.path().join("state/plugins/.venv");
+    let venv_a = venvs.join("dep-a/1.0.0");
+    assert!(venv_a.join("bin/python").exists() && venv_a.join(".plugd-venv").is_file());
+    assert!(venvs.join("dep-b/1.0.0/bin/python").exists());
+
+    // The sandbox applies to the interpreter: Landlock and seccomp are in force, and the
+    // plugin can write neither outside its state folder nor into its own venv.
+    let st = d.plugin("dep-a");
+    let layers: Vec<&str> =
+        st["sandbox"].as_array().unwrap().iter().filter_map(|l| l.as_str()).collect();
+    assert!(layers.iter().any(|l| l.starts_with("landlock")), "{layers:?}");
+    assert!(layers.iter().any(|l| l.starts_with("seccomp(default")), "{layers:?}");
+    let outside = src.path().join("escaped.txt");
+    assert_eq!(
+        call(&d, "dep-a", "try_write", &format!("{:?}", outside.display().to_string())),
+        "PermissionError"
+    );
+    assert!(!outside.exists());
+    let in_venv = venv_a.join("planted.py");
+    assert_eq!(
+        call(&d, "dep-a", "try_write", &format!("{:?}", in_venv.display().to_string())),
+        "PermissionError"
+    );
+    let own = d.root.path().join("state/plugins/dep-a/ok.txt");
+    assert_eq!(
+        call(&d, "dep-a", "try_write", &format!("{:?}", own.display().to_string())),
+        "written"
+    );
+
+    // A restart reuses the venv as it is.
+    let stamp_time = std::fs::metadata(venv_a.join(".plugd-venv")).unwrap().modified().unwrap();
+    let pid = d.pid("dep-a");
+    assert!(d.ctl(&["restart", "dep-a"]).status.success());
+    eventually("dep-a back", || d.all_ready(&["dep-a"]) && d.pid("dep-a") != pid);
+    assert_eq!(
+        std::fs::metadata(venv_a.join(".plugd-venv")).unwrap().modified().unwrap(),
+        stamp_time
+    );
+
+    // A second version: the dry run shows the dependency diff, the update switches to it.
+    let a2 =
+        py_plugin(src.path(), "dep-a", "2.0.0", "demo-dep==2.0\nnew-dep==1.0\n", wheels.path());
+    let out = d.ctl(&["install", a2.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let plan = d.json(&["update", "dep-a", "2.0.0", "--dry-run"]);
+    let deps = &plan["changes"]["dependencies"];
+    assert_eq!(deps["added"], serde_json::json!(["new-dep==1.0"]), "{plan}");
+    assert_eq!(deps["removed"], serde_json::json!(["helper-dep==1.0"]), "{plan}");
+    assert_eq!(deps["changed"], serde_json::json!(["demo-dep: ==1.0 -> ==2.0"]), "{plan}");
+    let human = d.ctl(&["update", "dep-a", "2.0.0", "--dry-run"]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        text.contains("+ new-dep==1.0") && text.contains("~ demo-dep: ==1.0 -> ==2.0"),
+        "{text}"
+    );
+    assert_eq!(d.plugin("dep-a")["version"], "1.0.0", "a dry run changes nothing");
+    let st = d.json(&["update", "dep-a", "2.0.0"]);
+    assert_eq!(st[0]["version"], "2.0.0");
+    assert_eq!(call(&d, "dep-a", "dep_version", "\"demo_dep\""), "2.0");
+    assert_eq!(call(&d, "dep-a", "dep_version", "\"new_dep\""), "1.0");
+    assert_eq!(call(&d, "dep-b", "dep_version", "\"demo_dep\""), "2.0");
+
+    // Uninstall with purge removes the venvs and the state, and touches nothing else.
+    let out = d.ctl(&["uninstall", "dep-a", "--purge"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!venvs.join("dep-a").exists());
+    assert!(!d.root.path().join("state/plugins/dep-a").exists());
+    assert!(venvs.join("dep-b/1.0.0/bin/python").exists());
+    assert_eq!(call(&d, "dep-b", "dep_version", "\"demo_dep\""), "2.0");
+}
+
+#[test]
+fn a_failed_pip_install_fails_the_install_and_leaves_nothing() {
+    let wheels = wheels();
+    let src = tempfile::tempdir().unwrap();
+    let d = Plugd::start(|_| {});
+    let installed = d.root.path().join("state/installed");
+    let venvs = d.root.path().join("state/plugins/.venv");
+
+    let missing = py_plugin(src.path(), "dep-c", "1.0.0", "no-such-package==9.9\n", wheels.path());
+    let out = d.ctl(&["install", missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("pip install failed") && err.contains("no-such-package"), "{err}");
+    assert!(err.contains("No matching distribution"), "pip's own words are shown: {err}");
+
+    // Conflicting pins inside one plugin: pip's resolver refuses, and says why.
+    let conflict =
+        py_plugin(src.path(), "dep-d", "1.0.0", "demo-dep==1.0\ndemo-dep==2.0\n", wheels.path());
+    let out = d.ctl(&["install", conflict.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.to_lowercase().contains("conflict"), "{err}");
+
+    for name in ["dep-c", "dep-d"] {
+        assert!(!installed.join(name).join("1.0.0").exists(), "{name} half-installed");
+        assert!(!venvs.join(name).exists(), "{name}'s venv left behind");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(&installed)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|e| std::fs::read_dir(e.path()).into_iter().flatten().flatten())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary folders left: {leftovers:?}");
+    assert!(d.status().iter().all(|p| p["name"] != "dep-c" && p["name"] != "dep-d"));
+}
