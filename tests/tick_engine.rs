@@ -4,8 +4,6 @@
 //! when every call was answered they must make the same decisions: that checks the
 //! Python SDK's bincode schemas against the Rust types byte for byte, through plugd.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::process::Command;
 
