@@ -61,6 +61,12 @@ class Deps(Plugin):
             return type(e).__name__
 
 
+    @method()
+    def exec_shell(self, _):
+        import os
+        os.execv("/bin/sh", ["sh", "-c", "true"])
+
+
 serve(Deps())
 "#;
 
@@ -121,6 +127,7 @@ fn two_plugins_pinned_to_different_versions_run_side_by_side_sandboxed() {
         st["sandbox"].as_array().unwrap().iter().filter_map(|l| l.as_str()).collect();
     assert!(layers.iter().any(|l| l.starts_with("landlock")), "{layers:?}");
     assert!(layers.iter().any(|l| l.starts_with("seccomp(default")), "{layers:?}");
+    assert!(layers.contains(&"no-exec(sdk)"), "the Python SDK blocked execve: {layers:?}");
     let outside = src.path().join("escaped.txt");
     assert_eq!(
         call(&d, "dep-a", "try_write", &format!("{:?}", outside.display().to_string())),
@@ -137,6 +144,15 @@ fn two_plugins_pinned_to_different_versions_run_side_by_side_sandboxed() {
         call(&d, "dep-a", "try_write", &format!("{:?}", own.display().to_string())),
         "written"
     );
+
+    // An execve after start is a sandbox violation, named as such; the plugin is restarted.
+    let pid_b = d.pid("dep-b");
+    assert!(!d.ctl(&["call", "dep-b", "exec_shell", "null"]).status.success());
+    eventually("dep-b restarted after its violation", || {
+        d.all_ready(&["dep-b"]) && d.pid("dep-b") != pid_b
+    });
+    let last = d.plugin("dep-b")["last_exit"].as_str().unwrap_or_default().to_string();
+    assert!(last.contains("sandbox violation"), "{last}");
 
     // A restart reuses the venv as it is.
     let stamp_time = std::fs::metadata(venv_a.join(".plugd-venv")).unwrap().modified().unwrap();

@@ -28,6 +28,10 @@ pub const SDK_FILES: &[(&str, &str)] = &[
     ),
     ("plugd_plugin/wire.py", include_str!("../../plugin-runner/python/plugd_plugin/wire.py")),
     ("plugd_plugin/schema.py", include_str!("../../plugin-runner/python/plugd_plugin/schema.py")),
+    (
+        "plugd_plugin/lockdown.py",
+        include_str!("../../plugin-runner/python/plugd_plugin/lockdown.py"),
+    ),
 ];
 
 /// Name of the file in a venv that records what it was built from.

@@ -34,7 +34,7 @@ import threading
 import traceback
 import types
 
-from . import schema, wire
+from . import lockdown, schema, wire
 from .wire import CODEC_BINCODE, CODEC_JSON, CallError, Payload, ProtocolError
 
 __all__ = ["Plugin", "PluginError", "method", "serve", "schema", "wire", "SDK"]
@@ -248,6 +248,14 @@ def serve(plugin, fd=None):
                                                 traceback.format_exc().rstrip())
         sys.stderr.write(traceback.format_exc())
         sys.exit(1)
+    # Lock down after on_load (which may legitimately start helpers) and before Ready.
+    try:
+        layers = lockdown.apply_requested()
+    except OSError as e:
+        logging.getLogger("plugd_plugin").warning("cannot block execve: %s", e)
+        layers = []
+    if layers:
+        conn.send(wire.Notify("plugd.lockdown", Payload(CODEC_JSON, json.dumps(layers).encode())))
     conn.send(wire.Ready())
 
     try:
