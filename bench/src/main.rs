@@ -8,7 +8,8 @@
 //! 2. plugd: `PluginHandle::call` through the supervisor to a real plugin
 //!    process and back — `on_tick` on the tick-strategy example (typed,
 //!    bincode) and `echo` with N-byte payloads — on a tokio multi-thread
-//!    runtime, as a host would run it;
+//!    runtime, as a host would run it; and `on_tick` on py-strategy, the
+//!    same strategy written with the Python SDK;
 //!
 //! and prints p50/p90/p99/p99.9/max of each with its ratio to the floor of
 //! the same message size. It then measures spawn→Ready of a plugin with the
@@ -158,6 +159,19 @@ async fn plugd_runs(warmup: usize, samples: usize, sizes: &[usize]) -> Result<Ve
         plugin_proto::codec::encode(&Tick { symbol: "BTC-USD".into(), bid: 1.0, ask: 1.0, ts: 1 })?
             .len();
     out.push(stats("plugd on_tick (typed)", tick_bytes, ns));
+
+    // The same call to the same strategy written in Python (py-strategy, bincode schemas).
+    let py = sup.load(PluginSpec::from_manifest(plugins_dir().join("py-strategy"))?).await?;
+    let mut ns = Vec::with_capacity(samples);
+    for i in 0..warmup + samples {
+        let tick = Tick { symbol: "BTC-USD".into(), bid: 100.0, ask: 100.02, ts: i as u64 };
+        let t0 = Instant::now();
+        let _: Order = py.call_with("on_tick", &tick, deadline).await?;
+        if i >= warmup {
+            ns.push(t0.elapsed().as_nanos() as u64);
+        }
+    }
+    out.push(stats("plugd on_tick, Python plugin", tick_bytes, ns));
 
     for &size in sizes {
         let data = vec![7u8; size];
