@@ -119,6 +119,8 @@ fn two_plugins_pinned_to_different_versions_run_side_by_side_sandboxed() {
     let venv_a = venvs.join("dep-a/1.0.0");
     assert!(venv_a.join("bin/python").exists() && venv_a.join(".plugd-venv").is_file());
     assert!(venvs.join("dep-b/1.0.0/bin/python").exists());
+    let build_log = std::fs::read_to_string(venv_a.join("build.log")).unwrap();
+    assert!(build_log.contains("pip install") && build_log.contains("demo-dep"), "{build_log}");
 
     // The sandbox applies to the interpreter: Landlock and seccomp are in force, and the
     // plugin can write neither outside its state folder nor into its own venv.

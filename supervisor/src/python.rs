@@ -7,7 +7,8 @@
 //! SDK (`plugin-runner/python/plugd_plugin`, embedded in this binary) into it, and installs
 //! the plugin's `requirements.txt`. A stamp file records what the venv was made from
 //! (interpreter, installer, pip arguments, the requirements text); while it matches, the
-//! venv is reused and a start costs one file read. A new venv is built in a temporary
+//! venv is reused and a start costs one file read; `build.log` in it keeps what pip
+//! printed. A new venv is built in a temporary
 //! folder and renamed into place, so a failed or interrupted build leaves nothing behind.
 //!
 //! Plugins never share a venv, so two plugins cannot conflict over a dependency; within
@@ -36,6 +37,9 @@ pub const SDK_FILES: &[(&str, &str)] = &[
 
 /// Name of the file in a venv that records what it was built from.
 const STAMP: &str = ".plugd-venv";
+
+/// The venv's build output (what was run and what it printed).
+pub const BUILD_LOG: &str = "build.log";
 
 /// How long one pip (or uv) run may take before it is killed.
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
@@ -205,7 +209,12 @@ pub fn prepare(spec: &PluginSpec, state_root: &Path) -> Result<Prepared, String>
     )];
     let built = build(spec, &interpreter, installer, &requirements, &tmp, &mut log)
         .and_then(|_| {
-            std::fs::write(tmp.join(STAMP), &stamp).map_err(|e| format!("write stamp: {e}"))
+            // Kept for `cat`: an install-time build happens before the plugin has a log.
+            let mut text = log.join("\n");
+            text.push('\n');
+            std::fs::write(tmp.join(BUILD_LOG), text)
+                .and_then(|_| std::fs::write(tmp.join(STAMP), &stamp))
+                .map_err(|e| format!("write {}: {e}", tmp.display()))
         })
         .and_then(|_| {
             let _ = std::fs::remove_dir_all(&dir);
