@@ -218,6 +218,22 @@ fn main() -> Result<()> {
     if args.first().map(String::as_str) == Some("--raw-child") {
         raw_child(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(64));
     }
+    // Only the pinned current-thread on_tick loop, for profiling the hot path with perf.
+    if args.first().map(String::as_str) == Some("--pinned-only") {
+        let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(200_000);
+        extra::pin_to_cpu0()?;
+        let floor = raw_floor(64, 1000, n)?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let s = with_ratio(rt.block_on(extra::on_tick_pinned(1000, n))?, &floor);
+        println!(
+            "floor p50 {:.1} µs; on_tick p50 {:.1} µs ({:.2}×), p99 {:.1} µs",
+            floor.p50_us,
+            s.p50_us,
+            s.ratio_p50.unwrap_or(0.0),
+            s.p99_us
+        );
+        return Ok(());
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let json =
         args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).map(PathBuf::from);

@@ -21,7 +21,9 @@ use plugin_proto::{
     negotiate, Call, CallError, ErrorCode, FrameDecoder, LogLevel, Message, Payload, Side, Welcome,
     MAGIC, PROTO_MAX, PROTO_MIN,
 };
-use tokio::net::UnixStream;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 
@@ -104,8 +106,11 @@ enum Fault {
 struct Instance {
     cfg: InstanceConfig,
     proc: Process,
-    sock: UnixStream,
+    sock: AsyncFd<UnixStream>,
+    /// Bytes read but not yet decoded.
     rbuf: Vec<u8>,
+    /// Where reads land first: zeroed once, not per read.
+    scratch: Box<[u8]>,
     wbuf: Vec<u8>,
     decoder: FrameDecoder,
     pending: HashMap<u64, Pending>,
@@ -189,10 +194,19 @@ impl Instance {
             let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
             ExitReason::SpawnFailed { detail: format!("cannot watch process: {e}") }
         })?;
-        let sock =
-            socket.set_nonblocking(true).and_then(|_| UnixStream::from_std(socket)).map_err(
-                |e| ExitReason::SpawnFailed { detail: format!("cannot use plugin socket: {e}") },
-            )?;
+        // SAFETY: the socket moves into the AsyncFd and is closed only when the AsyncFd drops
+        // it (or hands it back with into_inner), so the descriptor stays valid while registered.
+        let cannot = |e: &dyn std::fmt::Display| ExitReason::SpawnFailed {
+            detail: format!("cannot use plugin socket: {e}"),
+        };
+        socket.set_nonblocking(true).map_err(|e| cannot(&e))?;
+        let sock = unsafe {
+            AsyncFd::register_with_interest(
+                socket,
+                tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
+            )
+        }
+        .map_err(|e| cannot(&e))?;
         let markers = std::sync::Arc::new(Markers::default());
         let stdout = start_capture(pipes.0, &cfg, LogSource::Stdout, &markers);
         let stderr = start_capture(pipes.1, &cfg, LogSource::Stderr, &markers);
@@ -201,7 +215,8 @@ impl Instance {
             cfg,
             proc,
             sock,
-            rbuf: Vec::with_capacity(64 * 1024),
+            rbuf: Vec::with_capacity(READ_CHUNK),
+            scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
             wbuf: Vec::with_capacity(4096),
             pending: HashMap::new(),
             deadlines: BTreeSet::new(),
@@ -236,7 +251,7 @@ impl Instance {
             }
         }
         let [stdout, stderr] = pipes;
-        let socket = OwnedFd::from(self.sock.into_std()?);
+        let socket = OwnedFd::from(self.sock.into_inner());
         let (pid, pidfd) = self.proc.release()?;
         Ok(Frozen {
             pid,
@@ -398,7 +413,7 @@ impl Instance {
 
     fn flush(&mut self) -> io::Result<()> {
         while !self.wbuf.is_empty() {
-            match self.sock.try_write(&self.wbuf) {
+            match self.sock.get_ref().write(&self.wbuf) {
                 Ok(n) => {
                     self.wbuf.drain(..n);
                 }
@@ -410,23 +425,10 @@ impl Instance {
         Ok(())
     }
 
-    /// Reads what is available; Ok(false) on end of stream.
+    /// Reads what is available now, without waiting; Ok(false) on end of stream.
     fn fill(&mut self) -> io::Result<bool> {
-        let mut chunk = [0u8; 64 * 1024];
-        loop {
-            match self.sock.try_read(&mut chunk) {
-                Ok(0) => return Ok(false),
-                Ok(n) => {
-                    self.rbuf.extend_from_slice(&chunk[..n]);
-                    if n < chunk.len() {
-                        return Ok(true);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        read_available(self.sock.get_ref(), &mut self.scratch, &mut self.rbuf)
+            .map(|f| f != Filled::Eof)
     }
 
     /// Kills the process group for `reason` and waits for it to be gone.
@@ -471,13 +473,8 @@ impl Instance {
             }
             tokio::select! {
                 status = self.proc.wait() => return Ok(Wake::Exited(status)),
-                r = self.sock.readable(), if !self.eof => {
-                    if r.is_ok() {
-                        match self.fill() {
-                            Ok(true) => {}
-                            Ok(false) | Err(_) => self.eof = true,
-                        }
-                    }
+                open = read_ready(&self.sock, &mut self.scratch, &mut self.rbuf), if !self.eof => {
+                    self.eof = !open;
                 }
                 _ = sleep_until(until) => return Ok(Wake::Timeout),
                 // A stop order, or the slot is gone: either way this start is over.
@@ -733,6 +730,15 @@ impl Instance {
         let mut rss_watch = tokio::time::interval(Duration::from_millis(250));
         rss_watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let rss_limit = self.cfg.limits.memory;
+        // One timer for all call deadlines, moved only when an earlier deadline appears or it
+        // fires: re-arming a timer per call costs more than the call path itself when pinned.
+        let deadline_timer = sleep_until(far);
+        tokio::pin!(deadline_timer);
+        let mut armed_for = far;
+        // Created once: a fresh Notified per loop turn would register and deregister a waiter.
+        let markers = self.markers.clone();
+        let violated = markers.violation.notified();
+        tokio::pin!(violated);
 
         let reason = loop {
             if let Err(e) = self.flush() {
@@ -760,6 +766,10 @@ impl Instance {
                 eof_until = Some(Instant::now() + t.kill.max(Duration::from_millis(100)));
             }
             let next_deadline = self.deadlines.first().map(|(d, _)| *d).unwrap_or(far);
+            if next_deadline < armed_for {
+                armed_for = next_deadline;
+                deadline_timer.as_mut().reset(armed_for);
+            }
             tokio::select! {
                 biased;
                 status = self.proc.wait() => {
@@ -769,19 +779,18 @@ impl Instance {
                     }
                     break self.exit_reason(status);
                 }
-                r = self.sock.readable(), if !self.eof => {
-                    if r.is_err() { self.eof = true; continue; }
-                    match self.fill() {
-                        Ok(true) => {}
-                        Ok(false) | Err(_) => self.eof = true,
-                    }
+                open = read_ready(&self.sock, &mut self.scratch, &mut self.rbuf), if !self.eof => {
+                    self.eof = !open;
                     if let Err(fault) = self.on_frames() {
                         break self.fault(fault).await;
                     }
                 }
-                r = self.sock.writable(), if !self.wbuf.is_empty() && !self.eof => {
-                    if r.is_err() { self.eof = true; }
-                }
+                r = self.sock.writable(), if !self.wbuf.is_empty() && !self.eof => match r {
+                    // Cleared before the next write attempt at the top of the loop: if that
+                    // one blocks again, only a new edge wakes this branch.
+                    Ok(mut guard) => guard.clear_ready(),
+                    Err(_) => self.eof = true,
+                },
                 req = calls.recv(), if calls_open && !holding => match req {
                     Some(req) => {
                         self.start_call(req);
@@ -828,7 +837,7 @@ impl Instance {
                 }
                 // Any process of the plugin's group that trips the seccomp profile (the plugin or
                 // a child it forked) ends the plugin: a forbidden syscall is not a recoverable error.
-                _ = self.markers.violation.notified() => {
+                _ = &mut violated => {
                     break self.fault(Fault::Violation).await;
                 }
                 _ = rss_watch.tick(), if rss_limit.is_some() => {
@@ -838,10 +847,12 @@ impl Instance {
                         }
                     }
                 }
-                _ = sleep_until(next_deadline), if next_deadline < far => {
+                _ = &mut deadline_timer, if armed_for < far => {
                     if let Err(fault) = self.expire_deadlines() {
                         break self.fault(fault).await;
                     }
+                    armed_for = self.deadlines.first().map(|(d, _)| *d).unwrap_or(far);
+                    deadline_timer.as_mut().reset(armed_for);
                 }
                 _ = sleep_until(drain_until.unwrap_or(far)), if drain_until.is_some() && !shutdown_sent => {
                     // Drain timeout: answer what is left and shut down anyway.
@@ -896,5 +907,54 @@ impl Instance {
             Fault::Violation => self.violation(),
         };
         self.kill(reason).await
+    }
+}
+
+/// Size of one read from a plugin socket.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// What [`read_available`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum Filled {
+    /// The socket is empty now.
+    Drained,
+    /// The scratch buffer filled up; there may be more.
+    More,
+    /// End of stream.
+    Eof,
+}
+
+/// Reads from a non-blocking socket into `rbuf` until it is empty (or `scratch` is full).
+fn read_available(sock: &UnixStream, scratch: &mut [u8], rbuf: &mut Vec<u8>) -> io::Result<Filled> {
+    loop {
+        match (&*sock).read(scratch) {
+            Ok(0) => return Ok(Filled::Eof),
+            Ok(n) => {
+                rbuf.extend_from_slice(&scratch[..n]);
+                // A stream socket returns less than asked only when it has no more queued.
+                return Ok(if n < scratch.len() { Filled::Drained } else { Filled::More });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Filled::Drained),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Waits until the socket is readable and reads what is there; false at end of stream.
+/// The readiness is cleared as soon as a read comes back short — the socket is empty then —
+/// which saves the extra read that would otherwise only return EAGAIN. (tokio clears it only
+/// if no newer readiness event arrived meanwhile, so no wake-up is lost.)
+async fn read_ready(sock: &AsyncFd<UnixStream>, scratch: &mut [u8], rbuf: &mut Vec<u8>) -> bool {
+    let Ok(mut guard) = sock.readable().await else {
+        return false;
+    };
+    match read_available(guard.get_inner(), scratch, rbuf) {
+        Ok(Filled::Drained) => {
+            guard.clear_ready();
+            true
+        }
+        Ok(Filled::More) => true,
+        Ok(Filled::Eof) | Err(_) => false,
     }
 }
