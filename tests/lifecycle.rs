@@ -351,3 +351,136 @@ async fn dropping_the_supervisor_kills_its_plugins() {
     drop(sup);
     eventually("plugin killed after the supervisor was dropped", || !alive(pid)).await;
 }
+
+/// Runs `f` on a plain OS thread (as a host's engine thread would) and awaits its result.
+async fn on_engine_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_calls_from_an_engine_thread_mix_with_async_ones() {
+    let sup = supervisor();
+    // No heartbeats: a reply left unseen by both sides would stay stuck (and fail the call
+    // at its deadline) instead of being picked up by the next Pong.
+    let dir = tempfile::tempdir().unwrap();
+    let echo =
+        sup.load(plugin(&dir, "echo", "echo", "[timeouts]\nheartbeat = \"0s\"\n")).await.unwrap();
+    // Two engine threads call blockingly while 200 async calls are in flight on the same
+    // plugin: every caller gets its own answer, whichever side read it from the socket.
+    let mut threads = Vec::new();
+    for t in 0..2u64 {
+        let echo = echo.clone();
+        threads.push(std::thread::spawn(move || {
+            for i in 0..2000u64 {
+                let n = (t << 32) | i;
+                let back: u64 = echo
+                    .call_blocking("echo", &n, Deadline::after(Duration::from_secs(20)))
+                    .unwrap();
+                assert_eq!(back, n);
+            }
+        }));
+    }
+    let mut tasks = Vec::new();
+    for i in 0..100u64 {
+        let echo = echo.clone();
+        tasks.push(tokio::spawn(async move {
+            for j in 0..40u64 {
+                let n = (9 << 32) | (i << 8) | j;
+                let back: u64 = echo
+                    .call_with("echo", &n, Deadline::after(Duration::from_secs(20)))
+                    .await
+                    .unwrap();
+                assert_eq!(back, n);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(echo.status().calls_ok, 8000);
+    // Heartbeats still work while engine threads own the socket in turns.
+    let after: String = echo.call_with("echo", "still here", Deadline::Default).await.unwrap();
+    assert_eq!(after, "still here");
+    assert_eq!(echo.status().restarts, 0);
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_calls_meet_deadlines_crashes_and_stopped_plugins() {
+    let sup = supervisor();
+    let slow = sup.load(example("slow")).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = sup
+        .load(plugin(&dir, "crasher", "crasher", "[restart]\nbackoff = \"10ms\"\n"))
+        .await
+        .unwrap();
+    let (s, cr) = (slow.clone(), c.clone());
+    let (late, next, crash) = on_engine_thread(move || {
+        let late = s
+            .call_blocking::<_, u64>("slow", &300u64, Deadline::after(Duration::from_millis(50)))
+            .unwrap_err();
+        // The late reply is dropped; the next call gets its own answer.
+        let next: u64 = s.call_blocking("slow", &1u64, Deadline::Default).unwrap();
+        let crash = cr.call_blocking::<_, ()>("crash", "segv", Deadline::Default).unwrap_err();
+        (late, next, crash)
+    })
+    .await;
+    assert_eq!(late.code, ErrorCode::DeadlineExceeded, "{late}");
+    assert_eq!(next, 1);
+    assert_eq!(crash.code, ErrorCode::PluginExited, "{crash}");
+    eventually("crasher restarted", || {
+        c.status().restarts == 1 && c.status().state == State::Ready
+    })
+    .await;
+    let cr = c.clone();
+    let pong: String =
+        on_engine_thread(move || cr.call_blocking("ping", &(), Deadline::Default).unwrap()).await;
+    assert_eq!(pong, "pong");
+    assert_eq!(slow.status().restarts, 0);
+    sup.stop("slow").await.unwrap();
+    let s = slow.clone();
+    let err = on_engine_thread(move || {
+        s.call_blocking::<_, u64>("slow", &1u64, Deadline::Default).unwrap_err()
+    })
+    .await;
+    assert_eq!(err.code, ErrorCode::Unavailable, "{err}");
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_larger_than_the_socket_buffer_go_through_both_call_paths() {
+    // 8 MiB each way: the socket takes a few hundred KiB at a time, so the writer has to wait
+    // for room (the actor's write watch; for a blocking call, the actor finishes its write).
+    let sup = supervisor();
+    let echo = sup.load(example("echo")).await.unwrap();
+    let big: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+    let raw = Payload::raw(PayloadCodec::Bincode, plugin_proto::codec::encode(&big).unwrap());
+    let deadline = Deadline::after(Duration::from_secs(30));
+    let back = echo.call_raw("echo", raw.clone(), deadline).await.unwrap();
+    assert_eq!(back.decode::<Vec<u8>>().unwrap(), big);
+    let e = echo.clone();
+    let back = on_engine_thread(move || e.call_raw_blocking("echo", raw, deadline).unwrap()).await;
+    assert_eq!(back.decode::<Vec<u8>>().unwrap(), big);
+    // Both together, twice over.
+    let (a, e) = (echo.clone(), echo.clone());
+    let b2 = big.clone();
+    let blocking = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let r: Vec<u8> = e.call_blocking("echo", &b2, deadline).unwrap();
+            assert_eq!(r.len(), b2.len());
+        }
+    });
+    for _ in 0..2 {
+        let r: Vec<u8> = a.call_with("echo", &big, deadline).await.unwrap();
+        assert_eq!(r, big);
+    }
+    blocking.join().unwrap();
+    sup.shutdown().await;
+}

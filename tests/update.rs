@@ -37,8 +37,11 @@ fn version(
 async fn twenty_updates_under_load_lose_no_call() {
     let sup = Arc::new(supervisor());
     let dir = tempfile::tempdir().unwrap();
-    let v1 = version(&dir, "v1", "echo", "echo", "1.0.0", "");
-    let v2 = version(&dir, "v2", "echo", "echo", "2.0.0", "");
+    // No heartbeats: a reply that neither the actor nor the engine thread looks at would
+    // stay stuck (and surface as a failed call) instead of being swept up by the next Pong.
+    let quiet = "[timeouts]\nheartbeat = \"0s\"\n";
+    let v1 = version(&dir, "v1", "echo", "echo", "1.0.0", quiet);
+    let v2 = version(&dir, "v2", "echo", "echo", "2.0.0", quiet);
     let echo = sup.load(v1.clone()).await.unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -72,6 +75,26 @@ async fn twenty_updates_under_load_lose_no_call() {
             (steady, during, versions, failed)
         }));
     }
+    // And one engine thread calling blockingly (it reads the socket itself).
+    let engine = {
+        let (echo, stop) = (echo.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut versions, mut failed) = ([0u64; 2], Vec::new());
+            let mut n = 7u64 << 40;
+            while !stop.load(Ordering::Relaxed) {
+                let r: Result<(u64, String), _> =
+                    echo.call_blocking("tagged", &n, Deadline::after(Duration::from_secs(10)));
+                match r {
+                    Ok((back, v)) if back == n && (v == "1.0.0" || v == "2.0.0") => {
+                        versions[(v == "2.0.0") as usize] += 1
+                    }
+                    other => failed.push(format!("blocking call {n}: {other:?}")),
+                }
+                n += 1;
+            }
+            (versions, failed)
+        })
+    };
     tokio::time::sleep(Duration::from_millis(200)).await;
     let t0 = Instant::now();
     for i in 0..20 {
@@ -96,6 +119,12 @@ async fn twenty_updates_under_load_lose_no_call() {
         versions[1] += v[1];
         failed.extend(f);
     }
+    let (engine_versions, engine_failed) = engine.join().unwrap();
+    failed.extend(engine_failed);
+    assert!(
+        engine_versions[0] > 0 && engine_versions[1] > 0,
+        "blocking calls reached both versions: {engine_versions:?}"
+    );
     assert!(
         failed.is_empty(),
         "{} calls lost or failed, e.g. {:?}",

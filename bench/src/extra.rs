@@ -228,3 +228,49 @@ pub async fn scale(n: usize, idle: Duration) -> Result<Scale> {
         idle_secs: idle.as_secs_f64(),
     })
 }
+
+/// on_tick with `PluginHandle::call_blocking` from this (non-runtime) thread: the engine
+/// thread writes and reads the socket itself. With `pinned`, this thread and the plugin run
+/// on CPU 0 and the supervisor's runtime on the other CPUs (as a latency-minded host would
+/// place them); the caller must already be pinned to CPU 0.
+pub fn on_tick_blocking(warmup: usize, samples: usize, pinned: bool) -> Result<Stats> {
+    let online = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2).enable_all();
+    if pinned && online > 1 {
+        builder.on_thread_start(move || {
+            let mut set = nix::sched::CpuSet::new();
+            for cpu in 1..online {
+                let _ = set.set(cpu);
+            }
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+        });
+    }
+    let rt = builder.build()?;
+    let dir = tempfile::tempdir()?;
+    let sup = rt.block_on(async { supervisor() })?;
+    let config = if pinned {
+        "[limits]\ncpus = [0]\n[config]\nmax_position = 10\n"
+    } else {
+        "[config]\nmax_position = 10\n"
+    };
+    let spec = temp_plugin(dir.path(), "strat", "tick-strategy", config)?;
+    let strat = rt.block_on(sup.load(spec))?;
+    let mut ns = Vec::with_capacity(samples);
+    let deadline = Duration::from_secs(5);
+    for i in 0..warmup + samples {
+        let tick = Tick { symbol: "BTC-USD".into(), bid: 100.0, ask: 100.02, ts: i as u64 };
+        let t0 = Instant::now();
+        let _: Order = strat.call_blocking("on_tick", &tick, Deadline::After(deadline))?;
+        if i >= warmup {
+            ns.push(t0.elapsed().as_nanos() as u64);
+        }
+    }
+    rt.block_on(sup.shutdown());
+    let name = if pinned {
+        "plugd on_tick, blocking, pinned"
+    } else {
+        "plugd on_tick, blocking (engine thread)"
+    };
+    Ok(stats(name, 25, ns))
+}

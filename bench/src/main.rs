@@ -225,13 +225,18 @@ fn main() -> Result<()> {
         let floor = raw_floor(64, 1000, n)?;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let s = with_ratio(rt.block_on(extra::on_tick_pinned(1000, n))?, &floor);
-        println!(
-            "floor p50 {:.1} µs; on_tick p50 {:.1} µs ({:.2}×), p99 {:.1} µs",
-            floor.p50_us,
-            s.p50_us,
-            s.ratio_p50.unwrap_or(0.0),
-            s.p99_us
-        );
+        drop(rt);
+        let b = with_ratio(extra::on_tick_blocking(1000, n, true)?, &floor);
+        for s in [&floor, &s, &b] {
+            println!(
+                "{:<40} p50 {:>6.1} µs  p99 {:>6.1} µs  p99.9 {:>6.1} µs  ×floor p50 {:.2}",
+                s.name,
+                s.p50_us,
+                s.p99_us,
+                s.p999_us,
+                s.ratio_p50.unwrap_or(1.0)
+            );
+        }
         return Ok(());
     }
     let quick = args.iter().any(|a| a == "--quick");
@@ -249,8 +254,9 @@ fn main() -> Result<()> {
     let floor_for = |bytes: usize| {
         floors.iter().min_by_key(|f| f.bytes.abs_diff(bytes)).cloned().expect("two floors measured")
     };
-    let plugd: Vec<Stats> =
+    let mut plugd: Vec<Stats> =
         plugd.into_iter().map(|s| with_ratio(s.clone(), &floor_for(s.bytes))).collect();
+    plugd.push(with_ratio(extra::on_tick_blocking(warmup, samples, false)?, &floor_for(25)));
     let spawns = if quick { 10 } else { 100 };
     let bare = rt.block_on(spawn_to_ready(
         spawns,
@@ -281,6 +287,9 @@ fn main() -> Result<()> {
     let mut tick_pinned_ct =
         with_ratio(rt.block_on(extra::on_tick_pinned(warmup, samples))?, &floor_pinned);
     tick_pinned_ct.name = "plugd on_tick, pinned, current-thread".into();
+    drop(rt);
+    let tick_pinned_blocking =
+        with_ratio(extra::on_tick_blocking(warmup, samples, true)?, &floor_pinned);
 
     println!("plugd-bench: {} samples each after {} warm-up, one run", samples, warmup);
     println!(
@@ -289,8 +298,12 @@ fn main() -> Result<()> {
     );
     let mut floor_pinned = floor_pinned;
     floor_pinned.name = "raw 64 B, pinned".into();
-    for s in floors.iter().chain(plugd.iter()).chain([&floor_pinned, &tick_pinned, &tick_pinned_ct])
-    {
+    for s in floors.iter().chain(plugd.iter()).chain([
+        &floor_pinned,
+        &tick_pinned,
+        &tick_pinned_ct,
+        &tick_pinned_blocking,
+    ]) {
         let ratio = match (s.ratio_p50, s.ratio_p99, s.ratio_p999) {
             (Some(a), Some(b), Some(c)) => format!("{a:.2} / {b:.2} / {c:.2}"),
             _ => "floor".into(),
@@ -346,7 +359,7 @@ fn main() -> Result<()> {
         let doc = serde_json::json!({
             "quick": quick, "machine": machine, "floor": floors, "plugd": plugd,
             "spawn": [bare, full],
-            "pinned": [floor_pinned, tick_pinned, tick_pinned_ct],
+            "pinned": [floor_pinned, tick_pinned, tick_pinned_ct, tick_pinned_blocking],
             "pipelined": pipelined,
             "fan_out": { "single": single, "eight": fan },
             "scale": scale,

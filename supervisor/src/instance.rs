@@ -13,15 +13,15 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use plugin_proto::frame::encode_frame;
 use plugin_proto::{
-    negotiate, Call, CallError, ErrorCode, FrameDecoder, LogLevel, Message, Payload, Side, Welcome,
-    MAGIC, PROTO_MAX, PROTO_MIN,
+    negotiate, Call, CallError, ErrorCode, LogLevel, Message, Payload, Side, Welcome, MAGIC,
+    PROTO_MAX, PROTO_MIN,
 };
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
@@ -32,6 +32,7 @@ use crate::logs::{capture, LogRing, LogSource, Markers};
 use crate::manifest::{Limits, Timeouts};
 use crate::sandbox::seccomp::syscall_name;
 use crate::spawn::{Process, RawChild, WaitStatus};
+use crate::wire::{write_available, Filled, Inbound, ReadSide, Wire};
 
 fn name_of(nr: i64) -> String {
     syscall_name(nr).map(str::to_string).unwrap_or_else(|| format!("syscall {nr}"))
@@ -107,15 +108,12 @@ struct Instance {
     cfg: InstanceConfig,
     proc: Process,
     sock: AsyncFd<UnixStream>,
-    /// Bytes read but not yet decoded.
-    rbuf: Vec<u8>,
-    /// Where reads land first: zeroed once, not per read.
-    scratch: Box<[u8]>,
-    wbuf: Vec<u8>,
-    decoder: FrameDecoder,
+    /// The socket's buffers and ids, shared with blocking callers.
+    wire: Arc<Wire>,
+    /// `wire.answered` when missed deadlines were last counted.
+    answered_seen: u64,
     pending: HashMap<u64, Pending>,
     deadlines: BTreeSet<(Instant, u64)>,
-    next_id: u64,
     state_blob: Option<Vec<u8>>,
     eof: bool,
     missed_pings: u32,
@@ -131,6 +129,9 @@ struct Instance {
     stderr: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<Option<OwnedFd>>)>,
     sdk: String,
     freeze: Option<oneshot::Sender<Result<Frozen, String>>>,
+    /// Watches the socket for room to write, only while frames wait to be written (see
+    /// `watch_writes`).
+    write_watch: Option<AsyncFd<OwnedFd>>,
 }
 
 /// A Ready instance taken apart for a successor process (plugd's in-place upgrade):
@@ -158,6 +159,7 @@ pub struct Frozen {
 /// The channels an instance talks through.
 pub(crate) struct Wiring {
     pub calls: mpsc::Receiver<CallRequest>,
+    pub wire: Arc<Wire>,
     pub control: mpsc::Receiver<Control>,
     pub events: mpsc::UnboundedSender<(u64, InstanceEvent)>,
 }
@@ -188,6 +190,7 @@ impl Instance {
         pidfd: OwnedFd,
         socket: std::os::unix::net::UnixStream,
         pipes: (Option<OwnedFd>, Option<OwnedFd>),
+        wire: Arc<Wire>,
         cfg: InstanceConfig,
     ) -> Result<Instance, ExitReason> {
         let proc = Process::attach(pid, pidfd).map_err(|e| {
@@ -200,27 +203,20 @@ impl Instance {
             detail: format!("cannot use plugin socket: {e}"),
         };
         socket.set_nonblocking(true).map_err(|e| cannot(&e))?;
-        let sock = unsafe {
-            AsyncFd::register_with_interest(
-                socket,
-                tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
-            )
-        }
-        .map_err(|e| cannot(&e))?;
+        let sock =
+            unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
+                .map_err(|e| cannot(&e))?;
         let markers = std::sync::Arc::new(Markers::default());
         let stdout = start_capture(pipes.0, &cfg, LogSource::Stdout, &markers);
         let stderr = start_capture(pipes.1, &cfg, LogSource::Stderr, &markers);
         Ok(Instance {
-            decoder: FrameDecoder::new(cfg.max_frame),
             cfg,
             proc,
             sock,
-            rbuf: Vec::with_capacity(READ_CHUNK),
-            scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
-            wbuf: Vec::with_capacity(4096),
+            wire,
+            answered_seen: 0,
             pending: HashMap::new(),
             deadlines: BTreeSet::new(),
-            next_id: 1,
             state_blob: None,
             eof: false,
             missed_pings: 0,
@@ -236,6 +232,7 @@ impl Instance {
             stderr,
             sdk: String::new(),
             freeze: None,
+            write_watch: None,
         })
     }
 
@@ -259,7 +256,9 @@ impl Instance {
             socket,
             stdout,
             stderr,
-            unread: self.rbuf,
+            unread: std::mem::take(
+                &mut self.wire.read.lock().unwrap_or_else(|p| p.into_inner()).rbuf,
+            ),
             sdk: self.sdk,
             lockdown: self.lockdown,
         })
@@ -268,10 +267,10 @@ impl Instance {
 
 /// Runs one freshly spawned instance: handshake, serve, and report `Exited` (or hand it over).
 pub(crate) async fn run(raw: RawChild, cfg: InstanceConfig, wiring: Wiring) {
-    let Wiring { calls, mut control, events } = wiring;
+    let Wiring { calls, wire, mut control, events } = wiring;
     let generation = cfg.generation;
     let pipes = (Some(raw.stdout), Some(raw.stderr));
-    let mut inst = match Instance::build(raw.pid, raw.pidfd, raw.socket, pipes, cfg) {
+    let mut inst = match Instance::build(raw.pid, raw.pidfd, raw.socket, pipes, wire, cfg) {
         Ok(i) => i,
         Err(reason) => {
             let _ = events.send((generation, InstanceEvent::Exited { reason, state: None }));
@@ -296,7 +295,7 @@ pub(crate) async fn run(raw: RawChild, cfg: InstanceConfig, wiring: Wiring) {
 
 /// Carries on with a Ready instance handed over by a predecessor process.
 pub(crate) async fn run_adopted(frozen: Frozen, cfg: InstanceConfig, wiring: Wiring) {
-    let Wiring { calls, mut control, events } = wiring;
+    let Wiring { calls, wire, mut control, events } = wiring;
     let generation = cfg.generation;
     let socket = std::os::unix::net::UnixStream::from(frozen.socket);
     let mut inst = match Instance::build(
@@ -304,6 +303,7 @@ pub(crate) async fn run_adopted(frozen: Frozen, cfg: InstanceConfig, wiring: Wir
         frozen.pidfd,
         socket,
         (frozen.stdout, frozen.stderr),
+        wire,
         cfg,
     ) {
         Ok(i) => i,
@@ -312,7 +312,7 @@ pub(crate) async fn run_adopted(frozen: Frozen, cfg: InstanceConfig, wiring: Wir
             return;
         }
     };
-    inst.rbuf = frozen.unread;
+    inst.wire.read.lock().unwrap_or_else(|p| p.into_inner()).rbuf = frozen.unread;
     inst.sdk = frozen.sdk.clone();
     inst.lockdown = frozen.lockdown.clone();
     let pid = inst.proc.pid();
@@ -407,28 +407,74 @@ impl Instance {
 
     /// Encodes a frame into the write buffer and writes what the socket takes now.
     fn queue(&mut self, msg: &Message) -> io::Result<()> {
-        encode_frame(msg, &mut self.wbuf).map_err(io::Error::other)?;
+        self.encode(msg).map_err(io::Error::other)?;
         self.flush()
     }
 
-    fn flush(&mut self) -> io::Result<()> {
-        while !self.wbuf.is_empty() {
-            match self.sock.get_ref().write(&self.wbuf) {
-                Ok(n) => {
-                    self.wbuf.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+    /// Appends a frame to the write buffer (written by the next flush).
+    fn encode(&self, msg: &Message) -> Result<(), plugin_proto::CodecError> {
+        encode_frame(msg, &mut self.wire.write.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Reads what is available now, without waiting; Ok(false) on end of stream.
+    fn flush(&mut self) -> io::Result<()> {
+        let mut w = self.wire.write.lock().unwrap_or_else(|p| p.into_inner());
+        write_available(self.sock.get_ref(), &mut w)
+    }
+
+    /// Registers for "room to write" while frames wait to be written, and not otherwise.
+    /// The socket itself is registered for reading only: a standing write registration
+    /// would wake the runtime each time the plugin reads a frame — on another CPU, for every
+    /// blocking call, which costs the engine thread an inter-processor interrupt per call.
+    fn watch_writes(&mut self) {
+        let waiting = self.unwritten() && !self.eof;
+        if waiting && self.write_watch.is_none() {
+            let watch = self.sock.get_ref().try_clone().map(OwnedFd::from).and_then(|fd| {
+                // SAFETY: the duplicate moves into the AsyncFd, which closes it when dropped;
+                // nothing else uses or closes it.
+                unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::WRITABLE) }
+                    .map_err(io::Error::from)
+            });
+            match watch {
+                Ok(w) => self.write_watch = Some(w),
+                Err(e) => {
+                    tracing::debug!(plugin = %self.cfg.name, "cannot watch the socket for writing: {e}");
+                    self.eof = true;
+                }
+            }
+        } else if !waiting {
+            self.write_watch = None;
+        }
+    }
+
+    /// True if frames wait to be written.
+    fn unwritten(&self) -> bool {
+        !self.wire.write.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
+    /// Reads what is available now, without waiting; Ok(false) on end of stream. A blocking
+    /// caller that owns the socket reads for us meanwhile.
     fn fill(&mut self) -> io::Result<bool> {
-        read_available(self.sock.get_ref(), &mut self.scratch, &mut self.rbuf)
-            .map(|f| f != Filled::Eof)
+        match self.wire.read.try_lock() {
+            Ok(mut read) => read.fill(self.sock.get_ref()).map(|f| f != Filled::Eof),
+            Err(_) => Ok(true),
+        }
+    }
+
+    /// The whole frames in the read buffer, and the error that stopped decoding, if any
+    /// (nothing while a blocking caller owns the socket: it decodes then).
+    fn decode_all(&self) -> (Vec<Message>, Option<plugin_proto::FrameError>) {
+        let mut out = Vec::new();
+        if let Ok(mut read) = self.wire.read.try_lock() {
+            let ReadSide { rbuf, decoder, .. } = &mut *read;
+            loop {
+                match decoder.next(rbuf) {
+                    Ok(Some(msg)) => out.push(msg),
+                    Ok(None) => break,
+                    Err(e) => return (out, Some(e)),
+                }
+            }
+        }
+        (out, None)
     }
 
     /// Kills the process group for `reason` and waits for it to be gone.
@@ -463,17 +509,22 @@ impl Instance {
         control: &mut mpsc::Receiver<Control>,
     ) -> Result<Wake, String> {
         loop {
-            match self.decoder.next(&mut self.rbuf) {
+            let next = {
+                let mut read = self.wire.read.lock().unwrap_or_else(|p| p.into_inner());
+                let ReadSide { rbuf, decoder, .. } = &mut *read;
+                decoder.next(rbuf)
+            };
+            match next {
                 Ok(Some(msg)) => return Ok(Wake::Frame(msg)),
                 Ok(None) => {}
                 Err(e) => return Err(e.to_string()),
             }
-            if !self.wbuf.is_empty() {
+            if self.unwritten() {
                 let _ = self.flush();
             }
             tokio::select! {
                 status = self.proc.wait() => return Ok(Wake::Exited(status)),
-                open = read_ready(&self.sock, &mut self.scratch, &mut self.rbuf), if !self.eof => {
+                open = read_ready(&self.sock, &self.wire), if !self.eof => {
                     self.eof = !open;
                 }
                 _ = sleep_until(until) => return Ok(Wake::Timeout),
@@ -577,8 +628,7 @@ impl Instance {
     }
 
     fn start_call(&mut self, req: CallRequest) {
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = self.wire.next_id.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let now = Instant::now();
         let deadline_us = match req.deadline {
             Some(d) if d <= now => {
@@ -592,7 +642,7 @@ impl Instance {
             None => 0,
         };
         let msg = Message::Call(Call { id, method: req.method, deadline_us, payload: req.payload });
-        if let Err(e) = encode_frame(&msg, &mut self.wbuf) {
+        if let Err(e) = self.encode(&msg) {
             let _ = req.reply.send(Err(CallError::new(ErrorCode::Internal, e.to_string())));
             return;
         }
@@ -604,12 +654,47 @@ impl Instance {
 
     /// Handles every whole frame in the read buffer.
     fn on_frames(&mut self) -> Result<(), Fault> {
-        loop {
-            let msg = match self.decoder.next(&mut self.rbuf) {
-                Ok(Some(m)) => m,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(Fault::Protocol(e.to_string())),
-            };
+        let (msgs, bad) = self.decode_all();
+        for msg in msgs {
+            self.on_message(msg)?;
+        }
+        match bad {
+            Some(e) => Err(Fault::Protocol(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// Handles what blocking callers left: frames that were not theirs, and events.
+    fn on_inbox(&mut self) -> Result<(), Fault> {
+        for item in self.wire.take_inbox() {
+            match item {
+                Inbound::Frame(msg) => self.on_message(msg)?,
+                Inbound::MissedDeadline => {
+                    let answered = self.wire.answered.load(std::sync::atomic::Ordering::Relaxed);
+                    if answered != self.answered_seen {
+                        self.answered_seen = answered;
+                        self.missed_deadlines = 0;
+                    }
+                    self.count_missed_deadline()?;
+                }
+                Inbound::Eof => self.eof = true,
+                Inbound::Fault(e) => return Err(Fault::Protocol(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn count_missed_deadline(&mut self) -> Result<(), Fault> {
+        self.missed_deadlines += 1;
+        let limit = self.cfg.timeouts.missed_deadlines;
+        if limit > 0 && self.missed_deadlines >= limit {
+            return Err(Fault::Hung(format!("{limit} calls in a row missed their deadline")));
+        }
+        Ok(())
+    }
+
+    fn on_message(&mut self, msg: Message) -> Result<(), Fault> {
+        {
             self.missed_pings = 0;
             if msg.sent_by() == Side::Supervisor {
                 return Err(Fault::Protocol(format!(
@@ -625,7 +710,9 @@ impl Instance {
                         }
                         self.missed_deadlines = 0;
                         let _ = p.reply.send(reply.result);
-                    } else if reply.id >= self.next_id {
+                    } else if reply.id
+                        >= self.wire.next_id.load(std::sync::atomic::Ordering::SeqCst)
+                    {
                         return Err(Fault::Protocol(format!(
                             "reply to call {} that was never made",
                             reply.id
@@ -653,6 +740,7 @@ impl Instance {
                 }
             }
         }
+        Ok(())
     }
 
     fn expire_deadlines(&mut self) -> Result<(), Fault> {
@@ -667,14 +755,8 @@ impl Instance {
                     ErrorCode::DeadlineExceeded,
                     format!("plugin {} did not reply in time", self.cfg.name),
                 )));
-                let _ = encode_frame(&Message::Cancel { id }, &mut self.wbuf);
-                self.missed_deadlines += 1;
-                let limit = self.cfg.timeouts.missed_deadlines;
-                if limit > 0 && self.missed_deadlines >= limit {
-                    return Err(Fault::Hung(format!(
-                        "{limit} calls in a row missed their deadline"
-                    )));
-                }
+                let _ = self.encode(&Message::Cancel { id });
+                self.count_missed_deadline()?;
             }
         }
         Ok(())
@@ -694,7 +776,7 @@ impl Instance {
         }
         self.ping_seq += 1;
         self.ping_outstanding = true;
-        let _ = encode_frame(&Message::Ping { seq: self.ping_seq }, &mut self.wbuf);
+        let _ = self.encode(&Message::Ping { seq: self.ping_seq });
         Ok(())
     }
 
@@ -739,15 +821,31 @@ impl Instance {
         let markers = self.markers.clone();
         let violated = markers.violation.notified();
         tokio::pin!(violated);
+        // Blocking callers wake the actor through the wire (see `wire`).
+        let wire = self.wire.clone();
+        let woken = wire.wake.notified();
+        tokio::pin!(woken);
+        // Frames that came in with the handshake (or from a predecessor) are already read:
+        // the socket will not report them again.
+        let mut leftover = self.on_frames();
 
         let reason = loop {
+            if let Err(fault) = std::mem::replace(&mut leftover, Ok(())) {
+                break self.fault(fault).await;
+            }
             if let Err(e) = self.flush() {
                 tracing::debug!(plugin = %self.cfg.name, "socket write failed: {e}");
-                self.wbuf.clear();
+                self.wire.write.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 self.eof = true;
             }
-            // Drained: nothing queued, nothing in flight → Shutdown.
-            if self.stopping && !shutdown_sent && !calls_open && self.pending.is_empty() {
+            self.watch_writes();
+            // Drained: nothing queued, nothing in flight (async or blocking) → Shutdown.
+            if self.stopping
+                && !shutdown_sent
+                && !calls_open
+                && self.pending.is_empty()
+                && self.wire.idle()
+            {
                 shutdown_sent = true;
                 let grace = t.shutdown;
                 let _ = self.queue(&Message::Shutdown { grace_ms: grace.as_millis() as u64 });
@@ -758,7 +856,8 @@ impl Instance {
             if self.freeze.is_some()
                 && !calls_open
                 && self.pending.is_empty()
-                && self.wbuf.is_empty()
+                && self.wire.idle()
+                && !self.unwritten()
             {
                 return None;
             }
@@ -779,18 +878,15 @@ impl Instance {
                     }
                     break self.exit_reason(status);
                 }
-                open = read_ready(&self.sock, &mut self.scratch, &mut self.rbuf), if !self.eof => {
+                open = read_ready(&self.sock, &self.wire), if !self.eof => {
                     self.eof = !open;
                     if let Err(fault) = self.on_frames() {
                         break self.fault(fault).await;
                     }
                 }
-                r = self.sock.writable(), if !self.wbuf.is_empty() && !self.eof => match r {
-                    // Cleared before the next write attempt at the top of the loop: if that
-                    // one blocks again, only a new edge wakes this branch.
-                    Ok(mut guard) => guard.clear_ready(),
-                    Err(_) => self.eof = true,
-                },
+                r = room_to_write(&self.write_watch), if self.write_watch.is_some() && !self.eof => {
+                    if r.is_err() { self.eof = true; }
+                }
                 req = calls.recv(), if calls_open && !holding => match req {
                     Some(req) => {
                         self.start_call(req);
@@ -804,6 +900,7 @@ impl Instance {
                 c = control.recv() => match c {
                     Some(Control::Stop) if !self.stopping => {
                         self.stopping = true;
+                        self.wire.close();
                         calls.close();
                         drain_until = Some(Instant::now() + t.drain);
                     }
@@ -814,12 +911,14 @@ impl Instance {
                             let _ = self.queue(&Message::Notify { method: STATE_NOTIFY.into(), payload });
                         }
                         holding = false;
+                        self.wire.release();
                     }
                     Some(Control::Freeze(reply)) => {
                         if self.stopping || self.freeze.is_some() {
                             let _ = reply.send(Err("the plugin is stopping".into()));
                         } else {
                             self.freeze = Some(reply);
+                            self.wire.close();
                             calls.close();
                         }
                     }
@@ -839,6 +938,21 @@ impl Instance {
                 // a child it forked) ends the plugin: a forbidden syscall is not a recoverable error.
                 _ = &mut violated => {
                     break self.fault(Fault::Violation).await;
+                }
+                // A blocking caller left frames or events, bytes it did not read, or unwritten
+                // bytes; or it finished while we wait to stop.
+                _ = &mut woken => {
+                    woken.set(wire.wake.notified());
+                    if !self.eof {
+                        match self.fill() {
+                            Ok(true) => {}
+                            Ok(false) | Err(_) => self.eof = true,
+                        }
+                    }
+                    let done = self.on_inbox().and_then(|_| self.on_frames());
+                    if let Err(fault) = done {
+                        break self.fault(fault).await;
+                    }
                 }
                 _ = rss_watch.tick(), if rss_limit.is_some() => {
                     if let (Some(limit), Some(rss)) = (rss_limit, self.proc.rss_bytes()) {
@@ -910,46 +1024,34 @@ impl Instance {
     }
 }
 
-/// Size of one read from a plugin socket.
-const READ_CHUNK: usize = 64 * 1024;
-
-/// What [`read_available`] found.
-#[derive(Debug, PartialEq, Eq)]
-enum Filled {
-    /// The socket is empty now.
-    Drained,
-    /// The scratch buffer filled up; there may be more.
-    More,
-    /// End of stream.
-    Eof,
-}
-
-/// Reads from a non-blocking socket into `rbuf` until it is empty (or `scratch` is full).
-fn read_available(sock: &UnixStream, scratch: &mut [u8], rbuf: &mut Vec<u8>) -> io::Result<Filled> {
-    loop {
-        match (&*sock).read(scratch) {
-            Ok(0) => return Ok(Filled::Eof),
-            Ok(n) => {
-                rbuf.extend_from_slice(&scratch[..n]);
-                // A stream socket returns less than asked only when it has no more queued.
-                return Ok(if n < scratch.len() { Filled::Drained } else { Filled::More });
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Filled::Drained),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+/// Waits for room to write (the watch exists only while frames wait; see `watch_writes`).
+async fn room_to_write(watch: &Option<AsyncFd<OwnedFd>>) -> io::Result<()> {
+    match watch {
+        Some(w) => {
+            // Cleared before the next write attempt at the top of the loop: if that one
+            // blocks again, only a new edge wakes this branch.
+            w.writable().await?.clear_ready();
+            Ok(())
         }
+        None => std::future::pending().await,
     }
 }
 
 /// Waits until the socket is readable and reads what is there; false at end of stream.
 /// The readiness is cleared as soon as a read comes back short — the socket is empty then —
 /// which saves the extra read that would otherwise only return EAGAIN. (tokio clears it only
-/// if no newer readiness event arrived meanwhile, so no wake-up is lost.)
-async fn read_ready(sock: &AsyncFd<UnixStream>, scratch: &mut [u8], rbuf: &mut Vec<u8>) -> bool {
+/// if no newer readiness event arrived meanwhile, so no wake-up is lost.) While a blocking
+/// caller owns the socket the readiness is cleared too: that caller reads, and wakes the
+/// actor afterwards if bytes are left.
+async fn read_ready(sock: &AsyncFd<UnixStream>, wire: &Wire) -> bool {
     let Ok(mut guard) = sock.readable().await else {
         return false;
     };
-    match read_available(guard.get_inner(), scratch, rbuf) {
+    let Ok(mut read) = wire.read.try_lock() else {
+        guard.clear_ready();
+        return true;
+    };
+    match read.fill(guard.get_inner()) {
         Ok(Filled::Drained) => {
             guard.clear_ready();
             true

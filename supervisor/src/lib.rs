@@ -37,6 +37,7 @@ mod slot;
 pub mod spawn;
 mod supervisor;
 pub mod units;
+mod wire;
 
 pub use exit::ExitReason;
 pub use instance::Frozen;

@@ -6,6 +6,10 @@
 //! finds no route fails fast with `Unavailable` (a stale tick is worthless).
 //! A call that races a route change (its queue closed under it) retries on
 //! the new route, so a switch of instances loses no call.
+//!
+//! [`PluginHandle::call_blocking`] is the path for a host's own engine thread:
+//! it writes and reads the instance's socket on the calling thread (see
+//! `wire`), with no task or thread hand-off.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +26,7 @@ use crate::instance::CallRequest;
 use crate::lifecycle::State;
 use crate::logs::{LogLine, LogRing};
 use crate::manifest::PluginKind;
+use crate::wire::{NotSent, Wire};
 
 /// When a call gives up waiting for its reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -100,11 +105,18 @@ pub(crate) struct LiveStatus {
     pub updating_to: Option<String>,
 }
 
+/// Where calls to the current instance go: its actor's queue, and its socket for blocking calls.
+#[derive(Clone)]
+pub(crate) struct Route {
+    pub calls: mpsc::Sender<CallRequest>,
+    pub wire: Arc<Wire>,
+}
+
 pub(crate) struct Shared {
     pub name: String,
     pub kind: PluginKind,
     pub default_deadline: Duration,
-    pub route: ArcSwapOption<mpsc::Sender<CallRequest>>,
+    pub route: ArcSwapOption<Route>,
     pub calls_ok: AtomicU64,
     pub calls_err: AtomicU64,
     pub live: Mutex<LiveStatus>,
@@ -184,7 +196,7 @@ impl PluginHandle {
             let Some(queue) = self.shared.route.load_full() else {
                 return Err(self.unavailable());
             };
-            match queue.send(req).await {
+            match queue.calls.send(req).await {
                 Ok(()) => {
                     return rx.await.unwrap_or_else(|_| {
                         Err(CallError::new(
@@ -207,6 +219,74 @@ impl PluginHandle {
             }
         }
         Err(self.unavailable())
+    }
+
+    /// Calls `method` on the calling thread, blocking until the reply: the thread writes the
+    /// Call frame and reads the Reply itself, so no async task or other thread is woken on
+    /// the way. For hosts that run their own engine thread; do not call it on an async
+    /// runtime's worker thread (it blocks that thread for the whole call).
+    pub fn call_blocking<A: Serialize + ?Sized, R: DeserializeOwned>(
+        &self,
+        method: &str,
+        arg: &A,
+        deadline: Deadline,
+    ) -> Result<R, CallError> {
+        let payload = Payload::bincode(arg).map_err(|e| {
+            CallError::new(ErrorCode::BadPayload, format!("cannot encode argument: {e}"))
+        })?;
+        let reply = self.call_raw_blocking(method, payload, deadline)?;
+        reply.decode().map_err(|e| {
+            CallError::new(
+                ErrorCode::BadPayload,
+                format!("plugin {} method {method}: cannot decode reply: {e}", self.shared.name),
+            )
+        })
+    }
+
+    /// [`PluginHandle::call_blocking`] with an already-encoded payload.
+    pub fn call_raw_blocking(
+        &self,
+        method: &str,
+        payload: Payload,
+        deadline: Deadline,
+    ) -> Result<Payload, CallError> {
+        let deadline = deadline.resolve(self.shared.default_deadline).map(Instant::into_std);
+        let mut payload = Some(payload);
+        let mut result = Err(self.unavailable());
+        // An instance that is stopping (a hot update retiring it) sends us to the new route.
+        for _ in 0..4 {
+            let Some(route) = self.shared.route.load_full() else {
+                result = Err(self.unavailable());
+                break;
+            };
+            let p = payload.take().unwrap_or_else(Payload::empty);
+            match route.wire.call_blocking(method, p, deadline) {
+                Ok(r) => {
+                    result = r;
+                    break;
+                }
+                Err(NotSent::Failed(e)) => {
+                    result = Err(e);
+                    break;
+                }
+                Err(NotSent::Closing(p)) => {
+                    payload = Some(p);
+                    let moved = self
+                        .shared
+                        .route
+                        .load()
+                        .as_ref()
+                        .is_some_and(|now| !Arc::ptr_eq(now, &route));
+                    if !moved {
+                        // Give the slot a moment to publish the new route.
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            }
+        }
+        let counter = if result.is_ok() { &self.shared.calls_ok } else { &self.shared.calls_err };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result
     }
 
     fn unavailable(&self) -> CallError {

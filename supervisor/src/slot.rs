@@ -16,13 +16,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 
 use crate::exit::ExitReason;
-use crate::instance::{self, CallRequest, Control, InstanceConfig, InstanceEvent};
+use crate::instance::{self, Control, InstanceConfig, InstanceEvent};
 use crate::lifecycle::{transition, Action, Event, Machine, State};
 use crate::logs::LogSource;
 use crate::manifest::PluginSpec;
-use crate::router::Shared;
+use crate::router::{Route, Shared};
 use crate::sandbox::{HostFacts, SandboxReport};
 use crate::spawn::{SpawnPlan, Spawner};
+use crate::wire::Wire;
 
 /// Calls queued per instance before callers wait for room.
 const CALL_QUEUE: usize = 1024;
@@ -64,7 +65,7 @@ pub struct FrozenPlugin {
 struct Current {
     generation: u64,
     control: mpsc::Sender<Control>,
-    calls: Option<mpsc::Sender<CallRequest>>,
+    calls: Option<Route>,
 }
 
 pub(crate) struct Slot {
@@ -117,10 +118,30 @@ impl Slot {
             let (calls_tx, calls_rx) = mpsc::channel(CALL_QUEUE);
             let (control_tx, control_rx) = mpsc::channel(4);
             let cfg = self.instance_config(&self.spec, generation, None, false);
-            let wiring =
-                instance::Wiring { calls: calls_rx, control: control_rx, events: ev_tx.clone() };
-            tokio::spawn(instance::run_adopted(frozen.instance, cfg, wiring));
-            current = Some(Current { generation, control: control_tx, calls: Some(calls_tx) });
+            let shared_sock =
+                frozen.instance.socket.try_clone().map(std::os::unix::net::UnixStream::from);
+            match shared_sock {
+                Ok(sock) => {
+                    let wire = Arc::new(Wire::new(sock, self.max_frame, false, self.spec.name()));
+                    let wiring = instance::Wiring {
+                        calls: calls_rx,
+                        wire: wire.clone(),
+                        control: control_rx,
+                        events: ev_tx.clone(),
+                    };
+                    tokio::spawn(instance::run_adopted(frozen.instance, cfg, wiring));
+                    let route = Route { calls: calls_tx, wire };
+                    current = Some(Current { generation, control: control_tx, calls: Some(route) });
+                }
+                Err(e) => {
+                    // Without a second descriptor the instance cannot be shared; let it go.
+                    self.note(LogLevel::Error, format!("cannot adopt the handed-over plugin: {e}"));
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(frozen.instance.pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
         }
         let mut pid: Option<u32> = None;
         let mut restart_at: Option<Instant> = None;
@@ -437,8 +458,18 @@ impl Slot {
         let (calls_tx, calls_rx) = mpsc::channel(CALL_QUEUE);
         let (control_tx, control_rx) = mpsc::channel(4);
         let cfg = self.instance_config(spec, generation, state, hold);
-        let wiring = instance::Wiring { calls: calls_rx, control: control_rx, events };
+        let sock = raw.socket.try_clone().map_err(|e| {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(raw.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            ExitReason::SpawnFailed { detail: format!("cannot share the plugin socket: {e}") }
+        })?;
+        let wire = Arc::new(Wire::new(sock, self.max_frame, hold, spec.name()));
+        let wiring =
+            instance::Wiring { calls: calls_rx, wire: wire.clone(), control: control_rx, events };
         tokio::spawn(instance::run(raw, cfg, wiring));
-        Ok(Current { generation, control: control_tx, calls: Some(calls_tx) })
+        let route = Route { calls: calls_tx, wire };
+        Ok(Current { generation, control: control_tx, calls: Some(route) })
     }
 }

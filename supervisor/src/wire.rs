@@ -1,0 +1,355 @@
+//! The plugin socket, shared by the instance actor and blocking callers.
+//!
+//! Async calls go through the instance actor (one task per instance). A host
+//! that runs its own engine thread can instead call with
+//! [`crate::PluginHandle::call_blocking`]: the calling thread writes the Call
+//! frame itself and reads the Reply itself, with no task, channel or thread
+//! hand-off on the way — the same two wake-ups per round trip as a raw
+//! socketpair ping-pong.
+//!
+//! While a blocking caller waits it owns the read side (`read`); the actor
+//! then leaves the socket alone, and anything else the caller reads (pongs,
+//! logs, replies to async calls) goes to the actor's `inbox`. Writes from both
+//! go through one buffer (`write`), so frames never interleave. After its
+//! call, the caller wakes the actor only if it must: something is in the
+//! inbox, bytes are waiting that the actor did not see (it clears its
+//! readiness while a caller reads), or the instance is stopping and waits for
+//! the caller to be done.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use plugin_proto::frame::{encode_frame, FrameDecoder};
+use plugin_proto::{Call, CallError, ErrorCode, Message, Payload};
+
+/// Size of one read from a plugin socket.
+pub(crate) const READ_CHUNK: usize = 64 * 1024;
+
+/// What [`read_available`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Filled {
+    /// The socket is empty now.
+    Drained,
+    /// The scratch buffer filled up; there may be more.
+    More,
+    /// End of stream.
+    Eof,
+}
+
+/// Reads from a non-blocking socket into `rbuf` until it is empty (or `scratch` is full).
+pub(crate) fn read_available(
+    sock: &UnixStream,
+    scratch: &mut [u8],
+    rbuf: &mut Vec<u8>,
+) -> io::Result<Filled> {
+    loop {
+        match (&*sock).read(scratch) {
+            Ok(0) => return Ok(Filled::Eof),
+            Ok(n) => {
+                rbuf.extend_from_slice(&scratch[..n]);
+                // A stream socket returns less than asked only when it has no more queued.
+                return Ok(if n < scratch.len() { Filled::Drained } else { Filled::More });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Filled::Drained),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes as much of `buf` as the socket takes now; what is left stays in `buf`.
+pub(crate) fn write_available(sock: &UnixStream, buf: &mut Vec<u8>) -> io::Result<()> {
+    while !buf.is_empty() {
+        match (&*sock).write(buf) {
+            Ok(n) => {
+                buf.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The read side: bytes read but not yet decoded.
+pub(crate) struct ReadSide {
+    /// Undecoded bytes.
+    pub rbuf: Vec<u8>,
+    /// Where reads land first: zeroed once, not per read.
+    pub scratch: Box<[u8]>,
+    /// Frame splitter (checks the size limit).
+    pub decoder: FrameDecoder,
+}
+
+impl ReadSide {
+    /// Reads what is there now, without waiting.
+    pub fn fill(&mut self, sock: &UnixStream) -> io::Result<Filled> {
+        read_available(sock, &mut self.scratch, &mut self.rbuf)
+    }
+}
+
+/// What a blocking caller leaves for the actor.
+#[derive(Debug)]
+pub(crate) enum Inbound {
+    /// A frame that is not the caller's reply.
+    Frame(Message),
+    /// A blocking call missed its deadline (the actor counts these toward "hung").
+    MissedDeadline,
+    /// The socket reached end of stream.
+    Eof,
+    /// The plugin sent something that is not a valid frame.
+    Fault(String),
+}
+
+/// The socket and what both sides share about it.
+pub(crate) struct Wire {
+    /// A duplicate of the instance's socket (the same open file, so non-blocking too).
+    sock: UnixStream,
+    /// Call ids, unique on this socket across async and blocking calls.
+    pub next_id: AtomicU64,
+    /// Bytes not yet written (frames are appended whole).
+    pub write: Mutex<Vec<u8>>,
+    /// The read side; a blocking caller holds it for the whole call.
+    pub read: Mutex<ReadSide>,
+    /// Frames and events for the actor.
+    pub inbox: Mutex<Vec<Inbound>>,
+    /// Wakes the actor (inbox, unwritten bytes, unread bytes, a caller finished).
+    pub wake: tokio::sync::Notify,
+    /// Set when the instance stops or hands over: blocking callers go elsewhere.
+    pub closing: AtomicBool,
+    /// Blocking calls answered in time (the actor's "missed deadlines in a row" resets on it).
+    pub answered: AtomicU64,
+    /// True while a new instance holds calls during a hot update; cleared on release.
+    held: Mutex<bool>,
+    released: Condvar,
+    name: String,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why a blocking call did not even start.
+pub(crate) enum NotSent {
+    /// The instance is stopping or handed over: try the current route again (payload back).
+    Closing(Payload),
+    /// A definite answer.
+    Failed(CallError),
+}
+
+impl Wire {
+    /// Shares `sock` (a duplicate of the instance's socket).
+    pub fn new(sock: UnixStream, max_frame: u32, hold: bool, name: &str) -> Wire {
+        Wire {
+            sock,
+            next_id: AtomicU64::new(1),
+            write: Mutex::new(Vec::with_capacity(4096)),
+            read: Mutex::new(ReadSide {
+                rbuf: Vec::with_capacity(READ_CHUNK),
+                scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
+                decoder: FrameDecoder::new(max_frame),
+            }),
+            inbox: Mutex::new(Vec::new()),
+            wake: tokio::sync::Notify::new(),
+            closing: AtomicBool::new(false),
+            answered: AtomicU64::new(0),
+            held: Mutex::new(hold),
+            released: Condvar::new(),
+            name: name.to_string(),
+        }
+    }
+
+    /// Lets blocking calls through after a hot update's hand-over.
+    pub fn release(&self) {
+        *lock(&self.held) = false;
+        self.released.notify_all();
+    }
+
+    /// Stops new blocking calls; true if none is in flight right now.
+    pub fn close(&self) -> bool {
+        self.closing.store(true, Ordering::SeqCst);
+        self.release(); // a caller waiting for a release must see the close
+        self.read.try_lock().is_ok()
+    }
+
+    /// True if no blocking call holds the socket.
+    pub fn idle(&self) -> bool {
+        self.read.try_lock().is_ok()
+    }
+
+    fn push(&self, item: Inbound) {
+        lock(&self.inbox).push(item);
+        self.wake.notify_one();
+    }
+
+    /// Takes everything blocking callers left for the actor.
+    pub fn take_inbox(&self) -> Vec<Inbound> {
+        std::mem::take(&mut *lock(&self.inbox))
+    }
+
+    /// True if bytes wait in the socket (a peek; nothing is consumed).
+    fn unread_bytes(&self) -> bool {
+        let mut one = [0u8; 1];
+        matches!(
+            nix::sys::socket::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&self.sock),
+                &mut one,
+                nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            ),
+            Ok(n) if n > 0
+        )
+    }
+
+    /// One call on the calling thread: write the Call, wait for its Reply on the socket.
+    pub fn call_blocking(
+        &self,
+        method: &str,
+        payload: Payload,
+        deadline: Option<Instant>,
+    ) -> Result<Result<Payload, CallError>, NotSent> {
+        // A new instance of a hot update takes calls only once the old one handed over.
+        {
+            let mut held = lock(&self.held);
+            while *held {
+                let wait = match deadline {
+                    Some(d) => d.saturating_duration_since(Instant::now()),
+                    None => std::time::Duration::from_secs(3600),
+                };
+                if wait.is_zero() {
+                    return Err(NotSent::Failed(self.deadline_error()));
+                }
+                held = self.released.wait_timeout(held, wait).unwrap_or_else(|p| p.into_inner()).0;
+            }
+        }
+        let mut read = lock(&self.read);
+        // Checked under the read lock: an actor that set `closing` and then found the lock
+        // free will not see a call from us.
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(NotSent::Closing(payload));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let now = Instant::now();
+        let deadline_us = match deadline {
+            Some(d) if d <= now => return Err(NotSent::Failed(self.deadline_error())),
+            Some(d) => (d - now).as_micros().max(1) as u64,
+            None => 0,
+        };
+        let msg = Message::Call(Call { id, method: method.to_string(), deadline_us, payload });
+        {
+            let mut w = lock(&self.write);
+            if let Err(e) = encode_frame(&msg, &mut w) {
+                return Err(NotSent::Failed(CallError::new(ErrorCode::Internal, e.to_string())));
+            }
+            match write_available(&self.sock, &mut w) {
+                Ok(()) if w.is_empty() => {}
+                // The socket is full: the actor writes the rest when it can.
+                Ok(()) => self.wake.notify_one(),
+                Err(e) => {
+                    w.clear();
+                    drop(w);
+                    self.push(Inbound::Eof);
+                    return Ok(Err(self.gone(&e.to_string())));
+                }
+            }
+        }
+        let result = self.await_reply(&mut read, id, deadline);
+        // Frames read together with our reply are still undecoded in the buffer.
+        let leftover = !read.rbuf.is_empty();
+        drop(read);
+        // Those, and bytes that arrived while we held the socket, were not seen by the actor
+        // (it clears its readiness then); a stopping actor waits for us. So it must look now.
+        if leftover || self.closing.load(Ordering::SeqCst) || self.unread_bytes() {
+            self.wake.notify_one();
+        }
+        Ok(result)
+    }
+
+    fn await_reply(
+        &self,
+        read: &mut ReadSide,
+        id: u64,
+        deadline: Option<Instant>,
+    ) -> Result<Payload, CallError> {
+        loop {
+            // Whole frames already read first (the actor may have left some).
+            loop {
+                let ReadSide { rbuf, decoder, .. } = &mut *read;
+                match decoder.next(rbuf) {
+                    Ok(Some(Message::Reply(r))) if r.id == id => {
+                        self.answered.fetch_add(1, Ordering::Relaxed);
+                        return r.result;
+                    }
+                    Ok(Some(other)) => self.push(Inbound::Frame(other)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.push(Inbound::Fault(e.to_string()));
+                        return Err(self.gone(&format!("protocol violation: {e}")));
+                    }
+                }
+            }
+            let timeout = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        self.give_up(id);
+                        return Err(CallError::new(
+                            ErrorCode::DeadlineExceeded,
+                            format!("plugin {} did not reply in time", self.name),
+                        ));
+                    }
+                    // Rounded up to whole milliseconds: never wake before the deadline.
+                    let ms = left.as_micros().div_ceil(1000);
+                    nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX)
+                }
+                None => nix::poll::PollTimeout::NONE,
+            };
+            let mut fds = [nix::poll::PollFd::new(self.sock.as_fd(), nix::poll::PollFlags::POLLIN)];
+            match nix::poll::poll(&mut fds, timeout) {
+                Ok(0) => continue, // timed out: the deadline check above answers
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(self.gone(&e.to_string())),
+            }
+            match read.fill(&self.sock) {
+                Ok(Filled::Drained | Filled::More) => {}
+                Ok(Filled::Eof) => {
+                    self.push(Inbound::Eof);
+                    return Err(self.gone("closed its socket"));
+                }
+                Err(e) => {
+                    self.push(Inbound::Eof);
+                    return Err(self.gone(&e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// A call that missed its deadline: tell the plugin, and the actor (which counts them).
+    fn give_up(&self, id: u64) {
+        let mut w = lock(&self.write);
+        if encode_frame(&Message::Cancel { id }, &mut w).is_ok() {
+            let _ = write_available(&self.sock, &mut w);
+        }
+        drop(w);
+        self.push(Inbound::MissedDeadline);
+    }
+
+    fn deadline_error(&self) -> CallError {
+        CallError::new(
+            ErrorCode::DeadlineExceeded,
+            format!("plugin {}: deadline passed before the call was sent", self.name),
+        )
+    }
+
+    fn gone(&self, why: &str) -> CallError {
+        CallError::new(
+            ErrorCode::PluginExited,
+            format!("plugin {} ended before it replied ({why})", self.name),
+        )
+    }
+}
