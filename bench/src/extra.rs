@@ -39,9 +39,18 @@ pub fn pin_to_cpu0() -> Result<()> {
 
 /// on_tick through the supervisor with the plugin pinned to CPU 0 (the caller must be pinned too).
 pub async fn on_tick_pinned(warmup: usize, samples: usize) -> Result<Stats> {
+    on_tick_async(warmup, samples, true).await
+}
+
+/// on_tick through the supervisor from an async task; with `pinned`, the plugin on CPU 0.
+pub async fn on_tick_async(warmup: usize, samples: usize, pinned: bool) -> Result<Stats> {
     let dir = tempfile::tempdir()?;
     let sup = supervisor()?;
-    let config = "[limits]\ncpus = [0]\n[config]\nmax_position = 10\n";
+    let config = if pinned {
+        "[limits]\ncpus = [0]\n[config]\nmax_position = 10\n"
+    } else {
+        "[config]\nmax_position = 10\n"
+    };
     let strat = sup.load(temp_plugin(dir.path(), "strat", "tick-strategy", config)?).await?;
     let mut ns = Vec::with_capacity(samples);
     for i in 0..warmup + samples {
@@ -54,7 +63,7 @@ pub async fn on_tick_pinned(warmup: usize, samples: usize) -> Result<Stats> {
         }
     }
     sup.shutdown().await;
-    Ok(stats("plugd on_tick, pinned", 25, ns))
+    Ok(stats(if pinned { "plugd on_tick, pinned" } else { "plugd on_tick, async" }, 25, ns))
 }
 
 /// Throughput with `k` requests in flight: raw pipelined socketpair vs plugd calls.

@@ -19,6 +19,7 @@
 //! `cargo build --release --workspace && target/release/plugd-bench`.
 
 mod extra;
+mod plugctl_cost;
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -239,6 +240,21 @@ fn main() -> Result<()> {
         }
         return Ok(());
     }
+    // The peers script (bench/peers/run.sh) runs this beside each peer: RESULT lines only.
+    if args.first().map(String::as_str) == Some("--peers-mode") {
+        let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(100_000);
+        let warmup = n / 10;
+        let show = |name: &str, s: &Stats| {
+            println!("RESULT {name} {:.1} {:.1} {:.1} {}", s.p50_us, s.p99_us, s.p999_us, s.samples)
+        };
+        show("raw-socketpair-64B", &raw_floor(64, warmup, n)?);
+        let rt =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        show("plugd-on_tick-async", &rt.block_on(extra::on_tick_async(warmup, n, false))?);
+        drop(rt);
+        show("plugd-on_tick-blocking", &extra::on_tick_blocking(warmup, n, false)?);
+        return Ok(());
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let json =
         args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).map(PathBuf::from);
@@ -274,6 +290,7 @@ fn main() -> Result<()> {
     let (single, fan) = rt.block_on(extra::fan_out(8, warmup.min(1000), fan_samples))?;
     let fan = with_ratio(fan, &single);
     let scale = rt.block_on(extra::scale(scale_n, idle))?;
+    let ctl = plugctl_cost::measure(scale_n, if quick { 20 } else { 100 })?;
     drop(rt);
     // Pinned last: from here on this thread and everything it starts run on CPU 0.
     extra::pin_to_cpu0()?;
@@ -349,6 +366,15 @@ fn main() -> Result<()> {
         "{} idle plugins: started in {:.0} ms, stopped in {:.0} ms, supervisor +{:.0} KiB RSS per plugin, {:.2} % of one CPU idle (supervisor + plugins, over {} s)",
         scale.plugins, scale.start_all_ms, scale.stop_all_ms, scale.supervisor_rss_kib_per_plugin, scale.idle_cpu_percent, scale.idle_secs
     );
+    println!(
+        "plugctl against plugd with {} plugins (whole command, start to exit): call p50 {:.1} ms, status p50 {:.1} ms; starting /bin/true p50 {:.1} ms ({:.1}× / {:.1}× that)",
+        ctl.plugins,
+        ctl.call.p50_us / 1000.0,
+        ctl.status.p50_us / 1000.0,
+        ctl.spawn_floor.p50_us / 1000.0,
+        ctl.call.ratio_p50.unwrap_or(0.0),
+        ctl.status.ratio_p50.unwrap_or(0.0)
+    );
     if let Some(path) = json {
         let machine = serde_json::json!({
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -363,6 +389,7 @@ fn main() -> Result<()> {
             "pipelined": pipelined,
             "fan_out": { "single": single, "eight": fan },
             "scale": scale,
+            "plugctl": ctl,
             "commit": std::process::Command::new("git").args(["rev-parse", "HEAD"]).output().ok()
                 .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()),
         });
