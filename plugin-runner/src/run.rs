@@ -81,17 +81,44 @@ impl LoadContext {
 /// The writing half of the plugin socket, shared with the log forwarder.
 pub(crate) struct Wire {
     stream: UnixStream,
+    /// Encoded frames not yet written (replies held back while more calls are already read).
     buf: Vec<u8>,
 }
 
+/// Replies held back at most this many bytes before they are written anyway.
+const HOLD_BACK: usize = 64 * 1024;
+
 impl Wire {
-    /// Encodes and writes one frame with a single write.
+    /// Encodes one frame and writes it, with anything held back before it, in one write.
     pub(crate) fn send(&mut self, msg: &Message) -> Result<(), FrameError> {
-        self.buf.clear();
         encode_frame(msg, &mut self.buf)?;
-        self.stream.write_all(&self.buf)?;
+        self.flush()
+    }
+
+    /// Encodes one frame to be written by a later `send` or `flush` (or now, if much is held).
+    fn hold(&mut self, msg: &Message) -> Result<(), FrameError> {
+        encode_frame(msg, &mut self.buf)?;
+        if self.buf.len() >= HOLD_BACK {
+            self.flush()?;
+        }
         Ok(())
     }
+
+    fn flush(&mut self) -> Result<(), FrameError> {
+        if !self.buf.is_empty() {
+            let written = self.stream.write_all(&self.buf);
+            self.buf.clear();
+            written?;
+        }
+        Ok(())
+    }
+}
+
+/// True if `buffered` starts with a whole frame: more work is already here.
+fn whole_frame_buffered(buffered: &[u8]) -> bool {
+    buffered.len() >= 4
+        && buffered.len() - 4
+            >= u32::from_le_bytes([buffered[0], buffered[1], buffered[2], buffered[3]]) as usize
 }
 
 /// Serves `plugin` until the supervisor shuts it down, then exits the process.
@@ -144,6 +171,14 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
         let mut w = wire.lock().unwrap_or_else(|p| p.into_inner());
         w.send(msg)
     };
+    // Replies and pongs are held back while more frames are already read, and written
+    // together before the loop next waits for input: one write (and one wake-up of the
+    // supervisor) per burst of pipelined calls instead of one per call.
+    let answer = |msg: &Message| -> Result<(), FrameError> {
+        wire.lock().unwrap_or_else(|p| p.into_inner()).hold(msg)
+    };
+    let flush =
+        || -> Result<(), FrameError> { wire.lock().unwrap_or_else(|p| p.into_inner()).flush() };
 
     let name = options
         .name
@@ -192,6 +227,9 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
     send(&Message::Ready)?;
 
     loop {
+        if !whole_frame_buffered(reader.buffer()) {
+            flush()?;
+        }
         let msg = match read_frame(&mut reader, max_frame) {
             Ok(m) => m,
             // The supervisor closed the socket: it is gone or dropped us; nothing to answer.
@@ -202,7 +240,7 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
             Message::Call(call) => {
                 let result =
                     run_handler(&mut methods, &mut plugin, &call.method, &call.payload, &options);
-                send(&Message::Reply(Reply { id: call.id, result }))?;
+                answer(&Message::Reply(Reply { id: call.id, result }))?;
             }
             Message::Notify { method, payload } if method == "plugd.state" => {
                 plugin.restore_state(&payload.data);
@@ -210,7 +248,7 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
             Message::Notify { method, payload } => {
                 let _ = run_handler(&mut methods, &mut plugin, &method, &payload, &options);
             }
-            Message::Ping { seq } => send(&Message::Pong { seq })?,
+            Message::Ping { seq } => answer(&Message::Pong { seq })?,
             // Calls are served in arrival order, so a cancelled call is either done or
             // still unread; the supervisor drops a late reply, which is all cancel needs.
             Message::Cancel { .. } => {}
@@ -248,5 +286,19 @@ fn run_handler<P>(
                 .unwrap_or_else(|| "non-string panic".into());
             Err(CallError::new(ErrorCode::Panicked, format!("method {method} panicked: {what}")))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::whole_frame_buffered;
+
+    #[test]
+    fn a_whole_frame_is_recognised_only_when_all_of_it_is_there() {
+        assert!(!whole_frame_buffered(&[]));
+        assert!(!whole_frame_buffered(&[3, 0, 0]));
+        assert!(!whole_frame_buffered(&[3, 0, 0, 0, 1, 2]));
+        assert!(whole_frame_buffered(&[3, 0, 0, 0, 1, 2, 3]));
+        assert!(whole_frame_buffered(&[1, 0, 0, 0, 9, 5, 0]), "more after it is fine");
     }
 }

@@ -797,10 +797,8 @@ impl Instance {
     ) -> Option<ExitReason> {
         let t = self.cfg.timeouts.clone();
         let far = Instant::now() + Duration::from_secs(86400 * 365);
-        let mut heartbeat = tokio::time::interval_at(
-            Instant::now() + t.heartbeat,
-            t.heartbeat.max(Duration::from_millis(1)),
-        );
+        let period = t.heartbeat.max(Duration::from_millis(1));
+        let mut heartbeat = tokio::time::interval_at(first_beat(Instant::now(), period), period);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut calls_open = true;
         let mut holding = self.cfg.hold;
@@ -1024,6 +1022,17 @@ impl Instance {
     }
 }
 
+/// The first heartbeat of an instance: at least one `period` from `now`, on a shared grid
+/// of that period. Instances with the same period then beat together, so an idle supervisor
+/// with hundreds of plugins wakes once per period for all their pings, not once per plugin.
+fn first_beat(now: Instant, period: Duration) -> Instant {
+    static GRID: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let origin = *GRID.get_or_init(|| now);
+    let period_ns = period.as_nanos().max(1);
+    let phase = (now.saturating_duration_since(origin).as_nanos() % period_ns) as u64;
+    now + period + Duration::from_nanos((period_ns as u64).saturating_sub(phase) % period_ns as u64)
+}
+
 /// Waits for room to write (the watch exists only while frames wait; see `watch_writes`).
 async fn room_to_write(watch: &Option<AsyncFd<OwnedFd>>) -> io::Result<()> {
     match watch {
@@ -1058,5 +1067,25 @@ async fn read_ready(sock: &AsyncFd<UnixStream>, wire: &Wire) -> bool {
         }
         Ok(Filled::More) => true,
         Ok(Filled::Eof) | Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_of_instances_started_apart_fall_on_one_grid() {
+        let period = Duration::from_millis(1000);
+        let t0 = Instant::now();
+        let a = first_beat(t0, period);
+        let b = first_beat(t0 + Duration::from_millis(370), period);
+        let c = first_beat(t0 + Duration::from_millis(2999), period);
+        for (start, beat) in [(t0, a), (t0 + Duration::from_millis(370), b)] {
+            assert!(beat >= start + period, "never sooner than one period after the start");
+            assert!(beat < start + 2 * period, "and within two");
+        }
+        let on_grid = |x: Instant| (x - a).as_nanos() % period.as_nanos() == 0;
+        assert!(on_grid(b) && on_grid(c), "{:?} {:?}", b - a, c - a);
     }
 }
