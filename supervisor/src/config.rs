@@ -34,6 +34,8 @@ pub struct DaemonConfig {
     pub defaults: toml::Table,
     /// Where the config came from (None: built-in default).
     pub source: Option<PathBuf>,
+    /// `[http]`: the admin API, if enabled.
+    pub http: Option<crate::http::HttpConfig>,
 }
 
 #[derive(Deserialize)]
@@ -45,6 +47,15 @@ struct RawConfig {
     log_format: Option<String>,
     #[serde(default)]
     defaults: toml::Table,
+    http: Option<RawHttp>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: String,
+    token_file: Option<PathBuf>,
+    max_body: Option<toml::Value>,
 }
 
 /// A config problem, naming the file.
@@ -107,6 +118,7 @@ impl DaemonConfig {
             log_format: "text".into(),
             defaults: toml::Table::new(),
             source: None,
+            http: None,
         }
     }
 
@@ -141,7 +153,30 @@ impl DaemonConfig {
                 ));
             }
         }
+        let http = match raw.http {
+            None => None,
+            Some(h) => Some(crate::http::HttpConfig {
+                listen: h.listen.parse().map_err(|e| {
+                    format!(
+                        "`http.listen` = {:?} is not an address and port ({e}); write e.g. \"127.0.0.1:7070\"",
+                        h.listen
+                    )
+                })?,
+                token_file: h.token_file.map(|p| expand(&base, &p)),
+                max_body: match &h.max_body {
+                    None => crate::http::DEFAULT_MAX_BODY,
+                    Some(toml::Value::Integer(n)) if *n > 0 => *n as usize,
+                    Some(toml::Value::String(s)) => crate::units::parse_size(s)
+                        .map_err(|e| format!("`http.max_body` = {s:?}: {e}"))?
+                        as usize,
+                    Some(other) => {
+                        return Err(format!("`http.max_body` = {other} is not a size such as \"1MiB\""))
+                    }
+                },
+            }),
+        };
         Ok(DaemonConfig {
+            http,
             defaults: raw.defaults,
             socket: raw.socket.map(|p| expand(&base, &p)).unwrap_or_else(default_socket),
             plugin_dirs: plugin_dirs.iter().map(|p| expand(&base, p)).collect(),

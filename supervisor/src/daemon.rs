@@ -88,6 +88,9 @@ pub enum DaemonError {
     /// The supervisor could not start.
     #[error(transparent)]
     Supervisor(#[from] crate::supervisor::SupervisorError),
+    /// The HTTP admin API could not start (address, token).
+    #[error("{0}")]
+    Http(String),
 }
 
 struct Known {
@@ -1271,8 +1274,21 @@ pub async fn run(config: DaemonConfig, strict: bool) -> Result<(), DaemonError> 
         }
         None => (listen(&socket)?, Vec::new(), 0),
     };
+    let http = config.http.clone();
     let daemon = Arc::new(Daemon::new(config)?);
     daemon.generation.store(generation, std::sync::atomic::Ordering::Relaxed);
+    // Bound before the plugins start: a bad address or token fails the start, loudly.
+    let http_server = match &http {
+        Some(cfg) => Some(crate::http::bind(daemon.clone(), cfg).await.map_err(DaemonError::Http)?),
+        None => None,
+    };
+    if let Some(server) = http_server {
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!("HTTP admin API stopped: {e}");
+            }
+        });
+    }
     let mut term = signal(SignalKind::terminate())
         .map_err(|e| DaemonError::Socket { path: socket.clone(), source: e })?;
     let mut int = signal(SignalKind::interrupt())

@@ -24,6 +24,7 @@ pub mod control;
 pub mod daemon;
 pub mod discovery;
 pub mod exit;
+pub mod http;
 pub mod install;
 mod instance;
 pub mod lifecycle;

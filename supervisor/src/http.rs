@@ -1,0 +1,428 @@
+//! The HTTP admin API (off unless `[http] listen` is set in plugd.toml).
+//!
+//! Every endpoint maps onto a control-socket request (`control::Request`) and
+//! runs through the same [`Daemon::handle`], so HTTP and plugctl can never
+//! disagree. Reads (`GET`) are open on loopback; every mutating request
+//! (`POST`) needs `Authorization: Bearer <token>` with the token from
+//! `[http] token_file`, and a non-loopback listen needs the token for
+//! everything (plugd refuses to start it without one). Bodies are capped
+//! (413 above the limit); a malformed argument is a 400 naming the problem.
+//! `GET /metrics` is the Prometheus text format, built from the same status
+//! snapshot plus each plugin process's RSS and CPU time from `/proc`.
+//! `docs/http-api.md` shows every endpoint with a `curl` line.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use crate::control::{Reply, Request};
+use crate::daemon::Daemon;
+
+/// `[http]` of plugd.toml.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// Address to listen on, e.g. `127.0.0.1:7070`.
+    pub listen: SocketAddr,
+    /// File holding the bearer token (required for POSTs, and for everything off loopback).
+    pub token_file: Option<PathBuf>,
+    /// Largest request body accepted, in bytes.
+    pub max_body: usize,
+}
+
+/// Default request body cap.
+pub const DEFAULT_MAX_BODY: usize = 1 << 20;
+
+struct Api {
+    daemon: Arc<Daemon>,
+    token: Option<String>,
+    /// Reads need the token too (a non-loopback listen).
+    guard_reads: bool,
+    started: std::time::Instant,
+}
+
+/// Reads the token and checks the listen address is allowed; the error says what to fix.
+fn token_for(cfg: &HttpConfig) -> Result<Option<String>, String> {
+    let token = match &cfg.token_file {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                format!("[http] token_file {}: cannot read it: {e}", path.display())
+            })?;
+            let token = text.trim().to_string();
+            if token.len() < 16 {
+                return Err(format!(
+                    "[http] token_file {}: the token is shorter than 16 characters; write a long random one (e.g. `openssl rand -hex 32`)",
+                    path.display()
+                ));
+            }
+            Some(token)
+        }
+    };
+    if !cfg.listen.ip().is_loopback() && token.is_none() {
+        return Err(format!(
+            "[http] listen = \"{}\" is not a loopback address; set [http] token_file to allow that",
+            cfg.listen
+        ));
+    }
+    Ok(token)
+}
+
+/// Binds the listener (so a bad address fails plugd's start) and returns the server future.
+pub async fn bind(
+    daemon: Arc<Daemon>,
+    cfg: &HttpConfig,
+) -> Result<impl std::future::Future<Output = std::io::Result<()>>, String> {
+    let token = token_for(cfg)?;
+    let api = Arc::new(Api {
+        daemon,
+        token,
+        guard_reads: !cfg.listen.ip().is_loopback(),
+        started: std::time::Instant::now(),
+    });
+    let app = Router::new()
+        .route("/v1/plugins", get(list))
+        .route("/v1/plugins/{name}", get(one))
+        .route("/v1/plugins/{name}/versions", get(versions))
+        .route("/v1/plugins/{name}/logs", get(logs))
+        .route("/v1/plugins/{name}/call/{method}", post(call))
+        .route("/v1/plugins/{name}/{action}", post(action))
+        .route("/v1/reload", post(reload))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            failure(StatusCode::NOT_FOUND, "no such endpoint; see docs/http-api.md")
+        })
+        .layer(DefaultBodyLimit::max(cfg.max_body))
+        .with_state(api);
+    // A deep accept queue: a burst of clients (a dashboard fleet, a load test) waits in the
+    // kernel instead of being reset.
+    let listener = (|| {
+        let socket = if cfg.listen.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(cfg.listen)?;
+        socket.listen(4096)
+    })()
+    .map_err(|e| format!("[http] listen = \"{}\": {e}", cfg.listen))?;
+    tracing::info!("HTTP admin API on http://{}", cfg.listen);
+    Ok(async move { axum::serve(listener, app).await })
+}
+
+fn failure(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+impl Api {
+    /// None if the request may proceed; the 401 otherwise.
+    fn check(&self, headers: &HeaderMap, mutating: bool) -> Option<Response> {
+        if !mutating && !self.guard_reads {
+            return None;
+        }
+        let Some(token) = &self.token else {
+            return Some(failure(
+                StatusCode::UNAUTHORIZED,
+                "changes over HTTP need a token: set [http] token_file in plugd.toml and send `Authorization: Bearer <token>`",
+            ));
+        };
+        let sent = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(sent.as_bytes(), token.as_bytes()) {
+            None
+        } else {
+            Some(failure(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"))
+        }
+    }
+
+    async fn run(&self, req: Request) -> Response {
+        let is_call = matches!(req, Request::Call { .. });
+        reply_to_response(self.daemon.handle(req).await, is_call)
+    }
+}
+
+/// Compares without leaking where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The HTTP status for a daemon answer.
+fn reply_to_response(reply: Reply, is_call: bool) -> Response {
+    if reply.ok {
+        return Json(reply.data.unwrap_or(serde_json::Value::Null)).into_response();
+    }
+    let error = reply.error.unwrap_or_default();
+    let status = if error.starts_with("no plugin named") || error.contains("is not installed") {
+        StatusCode::NOT_FOUND
+    } else if error.contains("is not valid JSON") {
+        StatusCode::BAD_REQUEST
+    } else if error.contains("is not running") || error.contains("is not ready") {
+        StatusCode::CONFLICT
+    } else if is_call {
+        // The plugin answered with an error (or died): the upstream failed, not the request.
+        StatusCode::BAD_GATEWAY
+    } else {
+        StatusCode::CONFLICT
+    };
+    failure(status, error)
+}
+
+async fn list(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
+    if let Some(r) = api.check(&headers, false) {
+        return r;
+    }
+    api.run(Request::Status { name: None }).await
+}
+
+async fn one(
+    State(api): State<Arc<Api>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = api.check(&headers, false) {
+        return r;
+    }
+    match api.daemon.handle(Request::Status { name: Some(name) }).await {
+        Reply { ok: true, data: Some(serde_json::Value::Array(mut list)), .. }
+            if !list.is_empty() =>
+        {
+            Json(list.swap_remove(0)).into_response()
+        }
+        other => reply_to_response(other, false),
+    }
+}
+
+async fn versions(
+    State(api): State<Arc<Api>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = api.check(&headers, false) {
+        return r;
+    }
+    api.run(Request::Versions { name }).await
+}
+
+#[derive(serde::Deserialize)]
+struct LogsQuery {
+    n: Option<usize>,
+    since_ms: Option<u64>,
+}
+
+async fn logs(
+    State(api): State<Arc<Api>>,
+    Path(name): Path<String>,
+    Query(q): Query<LogsQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = api.check(&headers, false) {
+        return r;
+    }
+    api.run(Request::Logs { name, n: q.n.unwrap_or(100).min(10_000), since_ms: q.since_ms }).await
+}
+
+async fn call(
+    State(api): State<Arc<Api>>,
+    Path((name, method)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = api.check(&headers, true) {
+        return r;
+    }
+    let json = match std::str::from_utf8(&body) {
+        Ok(t) if t.trim().is_empty() => "null".to_string(),
+        Ok(t) => t.to_string(),
+        Err(_) => return failure(StatusCode::BAD_REQUEST, "the body is not UTF-8 JSON"),
+    };
+    if let Err(e) = serde_json::from_str::<serde_json::Value>(&json) {
+        return failure(
+            StatusCode::BAD_REQUEST,
+            format!("the body (the argument of {name}.{method}) is not valid JSON: {e}"),
+        );
+    }
+    api.run(Request::Call { name, method, json }).await
+}
+
+async fn action(
+    State(api): State<Arc<Api>>,
+    Path((name, action)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = api.check(&headers, true) {
+        return r;
+    }
+    let req = match action.as_str() {
+        "start" => Request::Start { name },
+        "stop" => Request::Stop { name },
+        "restart" => Request::Restart { name },
+        "enable" => Request::Enable { name },
+        "disable" => Request::Disable { name },
+        other => {
+            return failure(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no action {other:?}; use start, stop, restart, enable, disable or call/METHOD"
+                ),
+            )
+        }
+    };
+    api.run(req).await
+}
+
+async fn reload(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
+    if let Some(r) = api.check(&headers, true) {
+        return r;
+    }
+    api.run(Request::Reload).await
+}
+
+async fn metrics(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
+    if let Some(r) = api.check(&headers, false) {
+        return r;
+    }
+    let status = match api.daemon.handle(Request::Status { name: None }).await {
+        Reply { ok: true, data: Some(serde_json::Value::Array(list)), .. } => list,
+        other => return reply_to_response(other, false),
+    };
+    let text = render_metrics(&status, api.started.elapsed().as_secs_f64());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// Prometheus text exposition of the status snapshot (one sample per plugin and series).
+pub fn render_metrics(status: &[serde_json::Value], uptime_secs: f64) -> String {
+    const STATES: &[&str] =
+        &["starting", "ready", "draining", "stopping", "exited", "failed", "stopped", "disabled"];
+    let mut out = String::new();
+    let label = |v: &serde_json::Value| -> String {
+        v.as_str().unwrap_or_default().replace('\\', "\\\\").replace('"', "\\\"").replace('\n', " ")
+    };
+    let _ = writeln!(
+        out,
+        "# HELP plugd_uptime_seconds Seconds since this plugd process started its HTTP API."
+    );
+    let _ = writeln!(out, "# TYPE plugd_uptime_seconds gauge");
+    let _ = writeln!(out, "plugd_uptime_seconds {uptime_secs:.3}");
+    let series: [(&str, &str, &str); 6] = [
+        ("plugd_plugin_state", "gauge", "1 for the state the plugin is in."),
+        ("plugd_plugin_restarts_total", "counter", "Restarts since the plugin was loaded."),
+        ("plugd_plugin_calls_total", "counter", "Calls answered, by result."),
+        ("plugd_plugin_resident_memory_bytes", "gauge", "Resident memory of the plugin process."),
+        ("plugd_plugin_cpu_seconds_total", "counter", "CPU time used by the plugin process."),
+        ("plugd_plugin_sandbox_layer", "gauge", "1 for each sandbox layer in force."),
+    ];
+    for (name, kind, help) in series {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for p in status {
+            let plugin = label(&p["name"]);
+            match name {
+                "plugd_plugin_state" => {
+                    let state = p["state"].as_str().unwrap_or("");
+                    for s in STATES {
+                        let v = u8::from(*s == state);
+                        let _ = writeln!(out, "{name}{{plugin=\"{plugin}\",state=\"{s}\"}} {v}");
+                    }
+                }
+                "plugd_plugin_restarts_total" => {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{plugin=\"{plugin}\"}} {}",
+                        p["restarts"].as_u64().unwrap_or(0)
+                    );
+                }
+                "plugd_plugin_calls_total" => {
+                    for (result, key) in [("ok", "calls_ok"), ("error", "calls_err")] {
+                        let v = p[key].as_u64().unwrap_or(0);
+                        let _ =
+                            writeln!(out, "{name}{{plugin=\"{plugin}\",result=\"{result}\"}} {v}");
+                    }
+                }
+                "plugd_plugin_resident_memory_bytes" | "plugd_plugin_cpu_seconds_total" => {
+                    let Some(pid) = p["pid"].as_u64() else { continue };
+                    let Some((rss, cpu)) = proc_usage(pid) else { continue };
+                    let v = if name.ends_with("bytes") { rss as f64 } else { cpu };
+                    let _ = writeln!(out, "{name}{{plugin=\"{plugin}\"}} {v}");
+                }
+                _ => {
+                    for layer in p["sandbox"].as_array().into_iter().flatten() {
+                        let l = label(layer);
+                        let _ = writeln!(out, "{name}{{plugin=\"{plugin}\",layer=\"{l}\"}} 1");
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// RSS in bytes and CPU seconds (user + system) of a process, from /proc.
+fn proc_usage(pid: u64) -> Option<(u64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) start after the last ')'.
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: f64 = rest.get(11)?.parse().ok()?;
+    let stime: f64 = rest.get(12)?.parse().ok()?;
+    let rss_pages: u64 = rest.get(21)?.parse().ok()?;
+    // SAFETY: sysconf with constant names has no memory effects.
+    let (hz, page) =
+        unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
+    Some((rss_pages * page.max(1) as u64, (utime + stime) / hz.max(1) as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_text_has_one_sample_per_plugin_and_series() {
+        let status = vec![serde_json::json!({
+            "name": "echo", "state": "ready", "restarts": 2, "calls_ok": 7, "calls_err": 1,
+            "pid": std::process::id(), "sandbox": ["netns", "landlock(abi 7)"],
+        })];
+        let text = render_metrics(&status, 1.5);
+        for line in [
+            "plugd_plugin_state{plugin=\"echo\",state=\"ready\"} 1",
+            "plugd_plugin_state{plugin=\"echo\",state=\"failed\"} 0",
+            "plugd_plugin_restarts_total{plugin=\"echo\"} 2",
+            "plugd_plugin_calls_total{plugin=\"echo\",result=\"ok\"} 7",
+            "plugd_plugin_calls_total{plugin=\"echo\",result=\"error\"} 1",
+            "plugd_plugin_sandbox_layer{plugin=\"echo\",layer=\"landlock(abi 7)\"} 1",
+            "plugd_uptime_seconds 1.500",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        assert!(text.contains("plugd_plugin_resident_memory_bytes{plugin=\"echo\"} "));
+    }
+
+    #[test]
+    fn tokens_are_required_off_loopback_and_must_be_long() {
+        let cfg = |listen: &str, token_file: Option<PathBuf>| HttpConfig {
+            listen: listen.parse().unwrap(),
+            token_file,
+            max_body: DEFAULT_MAX_BODY,
+        };
+        let e = token_for(&cfg("0.0.0.0:7070", None)).unwrap_err();
+        assert!(e.contains("not a loopback address") && e.contains("token_file"), "{e}");
+        assert_eq!(token_for(&cfg("127.0.0.1:7070", None)).unwrap(), None);
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, "abc\n").unwrap();
+        let e = token_for(&cfg("127.0.0.1:7070", Some(short))).unwrap_err();
+        assert!(e.contains("shorter than 16"), "{e}");
+        assert!(constant_time_eq(b"same-token", b"same-token"));
+        assert!(!constant_time_eq(b"same-token", b"same-tokex"));
+        assert!(!constant_time_eq(b"short", b"longer"));
+    }
+}

@@ -1,0 +1,226 @@
+//! End to end: the HTTP admin API of a real plugd, with real requests over TCP.
+
+mod plugd_harness;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+
+use plugd_harness::*;
+use serde_json::Value;
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// One HTTP/1.1 request; returns the status code and the body.
+fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{auth}\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    // A server may answer (413) before reading a large body; a failed write is fine then.
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    if let Err(e) = s.read_to_end(&mut raw) {
+        eprintln!("read error: {e}");
+    }
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status: u16 = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let (headers, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if headers.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let mut out = String::new();
+        let mut rest = rest;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&after[..n]);
+            rest = &after[n + 2..];
+        }
+        out
+    } else {
+        rest.to_string()
+    };
+    (status, body)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn start_with_http(extra: &str) -> (Plugd, u16) {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("plugins")).unwrap();
+    add_plugin(&root.path().join("plugins"), "echo", "echo", "");
+    add_plugin(&root.path().join("plugins"), "crasher", "crasher", "");
+    std::fs::write(root.path().join("token"), format!("{TOKEN}\n")).unwrap();
+    let port = free_port();
+    std::fs::write(
+        root.path().join("extra.toml"),
+        format!("[http]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"token\"\n{extra}"),
+    )
+    .unwrap();
+    let d = Plugd::start_with(root, &[]);
+    eventually("ready", || d.all_ready(&["echo", "crasher"]));
+    (d, port)
+}
+
+#[test]
+fn every_endpoint_answers_and_mutations_need_the_token() {
+    let (d, port) = start_with_http("max_body = \"64KiB\"\n");
+
+    let (code, body) = http(port, "GET", "/v1/plugins", None, b"");
+    assert_eq!(code, 200, "{body}");
+    let list: Value = serde_json::from_str(&body).unwrap();
+    let names: Vec<&str> =
+        list.as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
+    assert!(names.contains(&"echo") && names.contains(&"crasher"), "{names:?}");
+    let (code, body) = http(port, "GET", "/v1/plugins/echo", None, b"");
+    assert_eq!(code, 200);
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["state"], "ready");
+    let (code, body) = http(port, "GET", "/v1/plugins/nope", None, b"");
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("no plugin named nope"), "{body}");
+
+    // Calls: JSON in, JSON out; only with the token.
+    let (code, body) = http(port, "POST", "/v1/plugins/echo/call/echo", None, br#"{"hi":1}"#);
+    assert_eq!(code, 401, "{body}");
+    let (code, _) =
+        http(port, "POST", "/v1/plugins/echo/call/echo", Some("wrong-token-wrong-token"), b"1");
+    assert_eq!(code, 401);
+    for i in 0..5 {
+        let (code, body) = http(
+            port,
+            "POST",
+            "/v1/plugins/echo/call/echo",
+            Some(TOKEN),
+            format!("{{\"n\":{i}}}").as_bytes(),
+        );
+        assert_eq!((code, body), (200, format!("{{\"n\":{i}}}")));
+    }
+    let (code, body) = http(port, "POST", "/v1/plugins/echo/call/echo", Some(TOKEN), b"{\"hi\":");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("not valid JSON"), "{body}");
+    let (code, body) = http(port, "POST", "/v1/plugins/echo/call/nosuch", Some(TOKEN), b"null");
+    assert_eq!(code, 502, "the plugin said no: {body}");
+    assert!(body.contains("unknown method"), "{body}");
+    let big = vec![b' '; 100 * 1024];
+    let (code, _) = http(port, "POST", "/v1/plugins/echo/call/echo", Some(TOKEN), &big);
+    assert_eq!(code, 413);
+
+    // Lifecycle actions, as plugctl would do them.
+    let (code, body) = http(port, "POST", "/v1/plugins/crasher/stop", Some(TOKEN), b"");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(d.plugin("crasher")["state"], "stopped");
+    let (code, body) = http(port, "POST", "/v1/plugins/crasher/call/ping", Some(TOKEN), b"null");
+    assert_eq!(code, 409, "{body}");
+    for action in ["start", "restart", "disable", "enable"] {
+        let (code, body) =
+            http(port, "POST", &format!("/v1/plugins/crasher/{action}"), Some(TOKEN), b"");
+        assert_eq!(code, 200, "{action}: {body}");
+    }
+    eventually("crasher back", || d.all_ready(&["crasher"]));
+    let (code, _) = http(port, "POST", "/v1/plugins/crasher/explode", Some(TOKEN), b"");
+    assert_eq!(code, 404);
+    let (code, body) = http(port, "GET", "/v1/plugins/echo/logs?n=5", None, b"");
+    assert_eq!(code, 200, "{body}");
+    assert!(serde_json::from_str::<Value>(&body)
+        .unwrap()
+        .as_array()
+        .is_some_and(|l| !l.is_empty()));
+    let (code, body) = http(port, "GET", "/v1/plugins/echo/versions", None, b"");
+    assert_eq!(code, 404, "echo comes from a folder, not an install: {body}");
+    let (code, _) = http(port, "POST", "/v1/reload", None, b"");
+    assert_eq!(code, 401);
+    let (code, body) = http(port, "POST", "/v1/reload", Some(TOKEN), b"");
+    assert_eq!(code, 200, "{body}");
+
+    // Metrics: Prometheus text with this plugin's counters after the calls above.
+    let (code, text) = http(port, "GET", "/metrics", None, b"");
+    assert_eq!(code, 200);
+    let sample = |line_start: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {line_start} in\n{text}"))
+    };
+    assert!(sample("plugd_plugin_calls_total{plugin=\"echo\",result=\"ok\"}") >= 5.0);
+    assert!(sample("plugd_plugin_calls_total{plugin=\"echo\",result=\"error\"}") >= 1.0);
+    assert_eq!(sample("plugd_plugin_state{plugin=\"echo\",state=\"ready\"}"), 1.0);
+    assert!(sample("plugd_plugin_resident_memory_bytes{plugin=\"echo\"}") > 0.0);
+    assert!(
+        text.contains("plugd_plugin_sandbox_layer{plugin=\"echo\",layer=\"netns\"} 1"),
+        "{text}"
+    );
+    assert!(sample("plugd_plugin_restarts_total{plugin=\"crasher\"}") >= 0.0);
+}
+
+#[test]
+fn a_thousand_concurrent_http_calls_are_all_answered() {
+    let (d, port) = start_with_http("");
+    let rss_kib = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap_or(0)
+    };
+    let before = rss_kib(d.child.id());
+    // All connected and sent at once, behind a barrier.
+    let gate = std::sync::Arc::new(std::sync::Barrier::new(1000));
+    let threads: Vec<_> = (0..1000u32)
+        .map(|i| {
+            let gate = gate.clone();
+            std::thread::Builder::new()
+                .stack_size(128 * 1024)
+                .spawn(move || {
+                    gate.wait();
+                    let arg = serde_json::json!({ "i": i });
+                    let (code, body) = http(
+                        port,
+                        "POST",
+                        "/v1/plugins/echo/call/echo",
+                        Some(TOKEN),
+                        arg.to_string().as_bytes(),
+                    );
+                    assert_eq!(code, 200, "{body}");
+                    assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), arg);
+                })
+                .unwrap()
+        })
+        .collect();
+    let failed = threads.into_iter().filter_map(|t| t.join().err()).count();
+    assert_eq!(failed, 0, "{failed} of 1000 concurrent calls failed");
+    let (_, text) = http(port, "GET", "/metrics", None, b"");
+    assert!(
+        text.contains("plugd_plugin_calls_total{plugin=\"echo\",result=\"ok\"} 1000"),
+        "{text}"
+    );
+    let after = rss_kib(d.child.id());
+    assert!(after < before + 64 * 1024, "daemon RSS grew from {before} KiB to {after} KiB");
+}
+
+#[test]
+fn a_public_listen_without_a_token_is_refused_at_start() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("plugins")).unwrap();
+    std::fs::write(
+        root.path().join("plugd.toml"),
+        "socket = \"run/plugd.sock\"\nplugin_dirs = [\"plugins\"]\nstate_dir = \"state\"\n[http]\nlisten = \"0.0.0.0:0\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_plugd"))
+        .arg("--config")
+        .arg(root.path().join("plugd.toml"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a loopback address") && err.contains("token_file"), "{err}");
+}
