@@ -115,6 +115,9 @@ fn every_endpoint_answers_and_mutations_need_the_token() {
     let (code, body) = http(port, "POST", "/v1/plugins/crasher/stop", Some(TOKEN), b"");
     assert_eq!(code, 200, "{body}");
     assert_eq!(d.plugin("crasher")["state"], "stopped");
+    let (_, body) = http(port, "GET", "/v1/plugins/crasher", None, b"");
+    let st: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(st["exits"]["stopped"], 1, "{st}");
     let (code, body) = http(port, "POST", "/v1/plugins/crasher/call/ping", Some(TOKEN), b"null");
     assert_eq!(code, 409, "{body}");
     for action in ["start", "restart", "disable", "enable"] {
@@ -157,6 +160,7 @@ fn every_endpoint_answers_and_mutations_need_the_token() {
         "{text}"
     );
     assert!(sample("plugd_plugin_restarts_total{plugin=\"crasher\"}") >= 0.0);
+    assert!(sample("plugd_plugin_call_duration_seconds_count{plugin=\"echo\"}") >= 6.0);
 }
 
 #[test]
@@ -223,4 +227,33 @@ fn a_public_listen_without_a_token_is_refused_at_start() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a loopback address") && err.contains("token_file"), "{err}");
+}
+
+#[test]
+fn plugctl_top_shows_what_each_plugin_costs() {
+    let (d, port) = start_with_http("");
+    // Calls during the measured interval, so calls/s is not zero.
+    let caller = std::thread::spawn(move || {
+        for _ in 0..200 {
+            let (code, _) = http(port, "POST", "/v1/plugins/echo/call/echo", Some(TOKEN), b"1");
+            assert_eq!(code, 200);
+        }
+    });
+    let out = d.ctl(&["--json", "top", "--once", "--interval", "0.5"]);
+    caller.join().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let echo = rows.as_array().unwrap().iter().find(|r| r["name"] == "echo").unwrap().clone();
+    assert_eq!(echo["state"], "ready");
+    assert!(echo["rss_bytes"].as_u64().unwrap() > 0, "{echo}");
+    assert!(echo["cpu_percent"].as_f64().is_some(), "{echo}");
+    assert!(echo["calls_per_s"].as_f64().unwrap() > 0.0, "{echo}");
+    assert!(echo["p99_us"].as_u64().is_some(), "{echo}");
+    // The human table too.
+    let out = d.ctl(&["top", "--once", "--interval", "0.2"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("PLUGIN") && text.contains("echo") && text.contains("crasher"),
+        "{text}"
+    );
 }

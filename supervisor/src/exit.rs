@@ -74,6 +74,25 @@ pub enum ExitReason {
 }
 
 impl ExitReason {
+    /// The kind of reason without its details, for counting ("crashed", "memory limit", …).
+    pub fn kind(&self) -> String {
+        match self {
+            ExitReason::Exited { .. } => "exited",
+            ExitReason::Signaled { .. } => "crashed",
+            ExitReason::Stopped { .. } => "stopped",
+            ExitReason::SpawnFailed { .. } => "spawn failed",
+            ExitReason::StartupTimeout { .. } => "startup timeout",
+            ExitReason::ProtocolViolation { .. } => "protocol violation",
+            ExitReason::Hung { .. } => "hung",
+            ExitReason::VersionMismatch { .. } => "version mismatch",
+            ExitReason::MemoryLimit { .. } => "memory limit",
+            ExitReason::CpuTimeLimit { .. } => "cpu time limit",
+            ExitReason::FileSizeLimit { .. } => "file size limit",
+            ExitReason::SandboxViolation { .. } => "sandbox violation",
+        }
+        .to_string()
+    }
+
     /// Whether this exit counts as a failure for the `on-failure` restart policy.
     pub fn is_failure(&self) -> bool {
         !matches!(self, ExitReason::Exited { code: 0 } | ExitReason::Stopped { .. })

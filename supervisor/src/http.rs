@@ -314,13 +314,19 @@ pub fn render_metrics(status: &[serde_json::Value], uptime_secs: f64) -> String 
     );
     let _ = writeln!(out, "# TYPE plugd_uptime_seconds gauge");
     let _ = writeln!(out, "plugd_uptime_seconds {uptime_secs:.3}");
-    let series: [(&str, &str, &str); 6] = [
+    let series: [(&str, &str, &str); 8] = [
         ("plugd_plugin_state", "gauge", "1 for the state the plugin is in."),
         ("plugd_plugin_restarts_total", "counter", "Restarts since the plugin was loaded."),
         ("plugd_plugin_calls_total", "counter", "Calls answered, by result."),
         ("plugd_plugin_resident_memory_bytes", "gauge", "Resident memory of the plugin process."),
         ("plugd_plugin_cpu_seconds_total", "counter", "CPU time used by the plugin process."),
         ("plugd_plugin_sandbox_layer", "gauge", "1 for each sandbox layer in force."),
+        ("plugd_plugin_exits_total", "counter", "Instance ends, by kind of reason."),
+        (
+            "plugd_plugin_call_duration_seconds",
+            "histogram",
+            "Call round-trip time seen by the host.",
+        ),
     ];
     for (name, kind, help) in series {
         let _ = writeln!(out, "# HELP {name} {help}");
@@ -351,9 +357,52 @@ pub fn render_metrics(status: &[serde_json::Value], uptime_secs: f64) -> String 
                 }
                 "plugd_plugin_resident_memory_bytes" | "plugd_plugin_cpu_seconds_total" => {
                     let Some(pid) = p["pid"].as_u64() else { continue };
-                    let Some((rss, cpu)) = proc_usage(pid) else { continue };
+                    let Some((rss, cpu)) = crate::spawn::proc_usage(pid as u32) else { continue };
                     let v = if name.ends_with("bytes") { rss as f64 } else { cpu };
                     let _ = writeln!(out, "{name}{{plugin=\"{plugin}\"}} {v}");
+                }
+                "plugd_plugin_exits_total" => {
+                    for (reason, n) in p["exits"].as_object().into_iter().flatten() {
+                        let r = reason.replace('"', "");
+                        let _ = writeln!(
+                            out,
+                            "{name}{{plugin=\"{plugin}\",reason=\"{r}\"}} {}",
+                            n.as_u64().unwrap_or(0)
+                        );
+                    }
+                }
+                "plugd_plugin_call_duration_seconds" => {
+                    let lat = &p["latency"];
+                    let counts: Vec<u64> = lat["counts"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|c| c.as_u64())
+                        .collect();
+                    let bounds: Vec<u64> = lat["bounds_us"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|b| b.as_u64())
+                        .collect();
+                    if counts.len() != bounds.len() + 1 {
+                        continue;
+                    }
+                    let mut cumulative = 0;
+                    for (i, c) in counts.iter().enumerate() {
+                        cumulative += c;
+                        let le = bounds
+                            .get(i)
+                            .map(|b| format!("{}", *b as f64 / 1e6))
+                            .unwrap_or_else(|| "+Inf".into());
+                        let _ = writeln!(
+                            out,
+                            "{name}_bucket{{plugin=\"{plugin}\",le=\"{le}\"}} {cumulative}"
+                        );
+                    }
+                    let sum = lat["sum_us"].as_u64().unwrap_or(0) as f64 / 1e6;
+                    let _ = writeln!(out, "{name}_sum{{plugin=\"{plugin}\"}} {sum}");
+                    let _ = writeln!(out, "{name}_count{{plugin=\"{plugin}\"}} {cumulative}");
                 }
                 _ => {
                     for layer in p["sandbox"].as_array().into_iter().flatten() {
@@ -367,20 +416,6 @@ pub fn render_metrics(status: &[serde_json::Value], uptime_secs: f64) -> String 
     out
 }
 
-/// RSS in bytes and CPU seconds (user + system) of a process, from /proc.
-fn proc_usage(pid: u64) -> Option<(u64, f64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command (which may hold spaces) start after the last ')'.
-    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let utime: f64 = rest.get(11)?.parse().ok()?;
-    let stime: f64 = rest.get(12)?.parse().ok()?;
-    let rss_pages: u64 = rest.get(21)?.parse().ok()?;
-    // SAFETY: sysconf with constant names has no memory effects.
-    let (hz, page) =
-        unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
-    Some((rss_pages * page.max(1) as u64, (utime + stime) / hz.max(1) as f64))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,6 +425,8 @@ mod tests {
         let status = vec![serde_json::json!({
             "name": "echo", "state": "ready", "restarts": 2, "calls_ok": 7, "calls_err": 1,
             "pid": std::process::id(), "sandbox": ["netns", "landlock(abi 7)"],
+            "exits": {"crashed": 2},
+            "latency": {"bounds_us": [100, 1000], "counts": [3, 4, 1], "sum_us": 2500},
         })];
         let text = render_metrics(&status, 1.5);
         for line in [
@@ -400,6 +437,12 @@ mod tests {
             "plugd_plugin_calls_total{plugin=\"echo\",result=\"error\"} 1",
             "plugd_plugin_sandbox_layer{plugin=\"echo\",layer=\"landlock(abi 7)\"} 1",
             "plugd_uptime_seconds 1.500",
+            "plugd_plugin_exits_total{plugin=\"echo\",reason=\"crashed\"} 2",
+            "plugd_plugin_call_duration_seconds_bucket{plugin=\"echo\",le=\"0.0001\"} 3",
+            "plugd_plugin_call_duration_seconds_bucket{plugin=\"echo\",le=\"0.001\"} 7",
+            "plugd_plugin_call_duration_seconds_bucket{plugin=\"echo\",le=\"+Inf\"} 8",
+            "plugd_plugin_call_duration_seconds_sum{plugin=\"echo\"} 0.0025",
+            "plugd_plugin_call_duration_seconds_count{plugin=\"echo\"} 8",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

@@ -89,6 +89,79 @@ pub struct PluginStatus {
     pub sandbox: Vec<String>,
     /// Layers the manifest asked for that this machine cannot provide, with the reason.
     pub sandbox_unavailable: Vec<String>,
+    /// How long calls took (every call since the plugin was loaded, answered or not).
+    pub latency: CallLatency,
+    /// How its instances ended, counted by kind of reason ("crashed", "memory limit", …).
+    pub exits: std::collections::BTreeMap<String, u64>,
+}
+
+/// Upper bounds of the call-latency buckets, in microseconds (a last bucket takes the rest).
+pub const LATENCY_BOUNDS_US: &[u64] = &[
+    25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    1_000_000, 5_000_000,
+];
+
+/// A snapshot of a plugin's call-latency histogram.
+#[derive(Debug, Clone, Serialize)]
+pub struct CallLatency {
+    /// Bucket upper bounds in microseconds ([`LATENCY_BOUNDS_US`]).
+    pub bounds_us: Vec<u64>,
+    /// Calls per bucket (not cumulative); one more entry than `bounds_us`, for the rest.
+    pub counts: Vec<u64>,
+    /// Sum of all call times, in microseconds.
+    pub sum_us: u64,
+}
+
+impl CallLatency {
+    /// The upper bound of the bucket holding quantile `q` (0..=1), in microseconds; None if
+    /// there were no calls, `u64::MAX` if it falls past the last bound.
+    pub fn quantile_us(&self, q: f64) -> Option<u64> {
+        let total: u64 = self.counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= want {
+                return Some(self.bounds_us.get(i).copied().unwrap_or(u64::MAX));
+            }
+        }
+        Some(u64::MAX)
+    }
+}
+
+/// Lock-free call-latency buckets.
+pub(crate) struct Latency {
+    counts: Vec<AtomicU64>,
+    sum_us: AtomicU64,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self {
+            counts: (0..=LATENCY_BOUNDS_US.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Latency {
+    fn record(&self, took: Duration) {
+        let us = took.as_micros().min(u64::MAX as u128) as u64;
+        let i = LATENCY_BOUNDS_US.partition_point(|&b| b < us);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> CallLatency {
+        CallLatency {
+            bounds_us: LATENCY_BOUNDS_US.to_vec(),
+            counts: self.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect(),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// The parts of a status the slot task updates.
@@ -103,6 +176,8 @@ pub(crate) struct LiveStatus {
     pub sandbox: crate::sandbox::SandboxReport,
     pub version: String,
     pub updating_to: Option<String>,
+    /// Instance ends by kind of reason.
+    pub exits: std::collections::BTreeMap<String, u64>,
 }
 
 /// Where calls to the current instance go: its actor's queue, and its socket for blocking calls.
@@ -119,6 +194,7 @@ pub(crate) struct Shared {
     pub route: ArcSwapOption<Route>,
     pub calls_ok: AtomicU64,
     pub calls_err: AtomicU64,
+    pub latency: Latency,
     pub live: Mutex<LiveStatus>,
     pub ring: LogRing,
 }
@@ -176,7 +252,9 @@ impl PluginHandle {
         payload: Payload,
         deadline: Deadline,
     ) -> Result<Payload, CallError> {
+        let t0 = Instant::now();
         let result = self.route(method, payload, deadline).await;
+        self.shared.latency.record(t0.elapsed());
         let counter = if result.is_ok() { &self.shared.calls_ok } else { &self.shared.calls_err };
         counter.fetch_add(1, Ordering::Relaxed);
         result
@@ -250,6 +328,7 @@ impl PluginHandle {
         payload: Payload,
         deadline: Deadline,
     ) -> Result<Payload, CallError> {
+        let t0 = std::time::Instant::now();
         let deadline = deadline.resolve(self.shared.default_deadline).map(Instant::into_std);
         let mut payload = Some(payload);
         let mut result = Err(self.unavailable());
@@ -284,6 +363,7 @@ impl PluginHandle {
                 }
             }
         }
+        self.shared.latency.record(t0.elapsed());
         let counter = if result.is_ok() { &self.shared.calls_ok } else { &self.shared.calls_err };
         counter.fetch_add(1, Ordering::Relaxed);
         result
@@ -318,6 +398,8 @@ impl PluginHandle {
             sdk: live.sdk,
             sandbox: live.sandbox.in_force,
             sandbox_unavailable: live.sandbox.unavailable,
+            latency: s.latency.snapshot(),
+            exits: live.exits,
         }
     }
 

@@ -292,6 +292,7 @@ impl Slot {
                             self.shared.route.store(None);
                             let level = if reason.is_failure() { LogLevel::Error } else { LogLevel::Info };
                             self.note(level, format!("instance ended: {reason}"));
+                            *self.shared.live.lock().unwrap_or_else(|p| p.into_inner()).exits.entry(reason.kind()).or_default() += 1;
                             Event::ProcessExited(reason)
                         }
                     }

@@ -484,7 +484,17 @@ fn try_reap(pidfd: std::os::fd::BorrowedFd<'_>, pid: i32) -> Option<(WaitStatus,
     waitid(pidfd, libc::WEXITED).map(|s| (s, cpu))
 }
 
-/// utime + stime of an exited, unreaped process, from /proc/<pid>/stat.
+/// Resident memory (bytes) and CPU time used (seconds, user + system) of a process, from
+/// /proc; for status displays and metrics.
+pub fn proc_usage(pid: u32) -> Option<(u64, f64)> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf with a constant name has no memory effects.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    Some((pages * page, zombie_cpu_secs(pid as i32)?))
+}
+
+/// utime + stime of a process (running, or exited and not yet reaped), from /proc/<pid>/stat.
 fn zombie_cpu_secs(pid: i32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();

@@ -209,6 +209,7 @@ impl Supervisor {
             route: ArcSwapOption::empty(),
             calls_ok: AtomicU64::new(0),
             calls_err: AtomicU64::new(0),
+            latency: Default::default(),
             live: Mutex::new(LiveStatus {
                 state: State::Stopped,
                 pid: None,
@@ -219,6 +220,7 @@ impl Supervisor {
                 sandbox: Default::default(),
                 version: m.version.to_string(),
                 updating_to: None,
+                exits: Default::default(),
             }),
             ring: LogRing::default(),
         });

@@ -135,6 +135,15 @@ enum Cmd {
     Shutdown,
     /// The daemon's pid, exec generation (bumped by each SIGUSR2 upgrade) and version.
     Info,
+    /// A live table of what each plugin costs: state, CPU %, RSS, calls/s, p99, restarts.
+    Top {
+        /// Print one table (measured over one interval) and exit; with --json, as JSON.
+        #[arg(long)]
+        once: bool,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+    },
     /// Print shell completions.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -289,6 +298,15 @@ fn main() -> ExitCode {
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Args::command(), "plugctl", &mut std::io::stdout());
             return ExitCode::SUCCESS;
+        }
+        Cmd::Top { once, interval } => {
+            return match top(&socket, once, interval, args.json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("plugctl: {e}");
+                    ExitCode::from(3)
+                }
+            };
         }
         Cmd::Validate { dir } => {
             return match validate(dir, args.json) {
@@ -449,5 +467,128 @@ fn print_plan(plan: &serde_json::Value) {
     }
     for p in plan["problems"].as_array().cloned().unwrap_or_default() {
         println!("  problem: {}", cell(&p));
+    }
+}
+
+/// One plugin's figures at one moment, for `top`.
+struct Sample {
+    state: String,
+    pid: Option<u64>,
+    restarts: u64,
+    calls: u64,
+    cpu_secs: Option<f64>,
+    rss: Option<u64>,
+    p99_us: Option<u64>,
+}
+
+fn sample(client: &mut Client) -> Result<(std::time::Instant, Vec<(String, Sample)>), String> {
+    let reply = client.ask(&Request::Status { name: None })?;
+    let list = match reply {
+        Reply { ok: true, data: Some(serde_json::Value::Array(list)), .. } => list,
+        other => return Err(other.error.unwrap_or_else(|| "no status".into())),
+    };
+    let now = std::time::Instant::now();
+    let out = list
+        .iter()
+        .map(|p| {
+            let pid = p["pid"].as_u64();
+            let usage = pid.and_then(|pid| supervisor::spawn::proc_usage(pid as u32));
+            let counts: Vec<u64> = p["latency"]["counts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.as_u64())
+                .collect();
+            let bounds: Vec<u64> = p["latency"]["bounds_us"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.as_u64())
+                .collect();
+            let sample = Sample {
+                state: cell(&p["state"]),
+                pid,
+                restarts: p["restarts"].as_u64().unwrap_or(0),
+                calls: p["calls_ok"].as_u64().unwrap_or(0) + p["calls_err"].as_u64().unwrap_or(0),
+                cpu_secs: usage.map(|u| u.1),
+                rss: usage.map(|u| u.0),
+                p99_us: {
+                    let h =
+                        supervisor::router::CallLatency { bounds_us: bounds, counts, sum_us: 0 };
+                    h.quantile_us(0.99)
+                },
+            };
+            (cell(&p["name"]), sample)
+        })
+        .collect();
+    Ok((now, out))
+}
+
+/// `plugctl top`: two samples an interval apart give CPU % and calls/s.
+fn top(socket: &std::path::Path, once: bool, interval: f64, json: bool) -> Result<(), String> {
+    let mut client = connect(socket)?;
+    let interval = std::time::Duration::from_secs_f64(interval.clamp(0.1, 3600.0));
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut before = sample(&mut client)?;
+    loop {
+        std::thread::sleep(interval);
+        let after = sample(&mut client)?;
+        let secs = after.0.duration_since(before.0).as_secs_f64().max(1e-6);
+        let rows: Vec<serde_json::Value> = after
+            .1
+            .iter()
+            .map(|(name, s)| {
+                let prev = before.1.iter().find(|(n, _)| n == name).map(|(_, p)| p);
+                let same = prev.filter(|p| p.pid == s.pid);
+                let cpu = match (same.and_then(|p| p.cpu_secs), s.cpu_secs) {
+                    (Some(a), Some(b)) => Some((b - a).max(0.0) / secs * 100.0),
+                    _ => None,
+                };
+                let calls = prev.map(|p| s.calls.saturating_sub(p.calls) as f64 / secs);
+                serde_json::json!({
+                    "name": name, "state": s.state, "pid": s.pid, "cpu_percent": cpu,
+                    "rss_bytes": s.rss, "calls_per_s": calls,
+                    "p99_us": s.p99_us.filter(|v| *v != u64::MAX), "restarts": s.restarts,
+                })
+            })
+            .collect();
+        if json {
+            println!("{}", serde_json::Value::Array(rows));
+        } else {
+            if tty && !once {
+                print!("\x1b[2J\x1b[H"); // clear and home: a redrawn table
+            }
+            println!(
+                "{:<16} {:<9} {:>7} {:>7} {:>10} {:>9} {:>10} {:>8}",
+                "PLUGIN", "STATE", "PID", "CPU%", "RSS", "CALLS/S", "P99", "RESTARTS"
+            );
+            for r in &rows {
+                let f = |v: &serde_json::Value, unit: &str, scale: f64, digits: usize| {
+                    v.as_f64()
+                        .map(|x| format!("{:.*}{unit}", digits, x / scale))
+                        .unwrap_or_else(|| "-".into())
+                };
+                let p99 = match r["p99_us"].as_u64() {
+                    Some(us) if us >= 1000 => format!("≤{} ms", us / 1000),
+                    Some(us) => format!("≤{us} µs"),
+                    None => "-".into(),
+                };
+                println!(
+                    "{:<16} {:<9} {:>7} {:>7} {:>10} {:>9} {:>10} {:>8}",
+                    cell(&r["name"]),
+                    cell(&r["state"]),
+                    cell(&r["pid"]),
+                    f(&r["cpu_percent"], "", 1.0, 1),
+                    f(&r["rss_bytes"], " MiB", 1048576.0, 1),
+                    f(&r["calls_per_s"], "", 1.0, 0),
+                    p99,
+                    cell(&r["restarts"]),
+                );
+            }
+        }
+        if once {
+            return Ok(());
+        }
+        before = after;
     }
 }
