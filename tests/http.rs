@@ -257,3 +257,107 @@ fn plugctl_top_shows_what_each_plugin_costs() {
         "{text}"
     );
 }
+
+const STREAMER: &str = r#"
+import os
+import time
+
+from plugd_plugin import Plugin, method, serve
+
+
+class Streamer(Plugin):
+    @method()
+    def two_pieces(self, _):
+        yield "first"
+        # The second piece waits for the test to have seen the first: proof that pieces
+        # travel as they are made, not all at the end.
+        go = os.path.join(os.environ["PLUGD_STATE_DIR"], "go")
+        for _ in range(2000):
+            if os.path.exists(go):
+                break
+            time.sleep(0.01)
+        yield "second"
+        return "done"
+
+
+serve(Streamer())
+"#;
+
+/// Reads an SSE response line by line, calling `on_event(event, data)` for each event.
+fn read_sse(
+    port: u16,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+    mut on_event: impl FnMut(&str, &str) -> bool,
+) {
+    use std::io::BufRead;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let method = if body.is_empty() && token.is_none() { "GET" } else { "POST" };
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n{auth}\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut event = String::new();
+    for line in std::io::BufReader::new(s).lines() {
+        let line = line.unwrap();
+        if let Some(e) = line.strip_prefix("event: ") {
+            event = e.to_string();
+        } else if let Some(d) = line.strip_prefix("data: ") {
+            if !on_event(&event, d) {
+                return;
+            }
+        }
+    }
+}
+
+#[test]
+fn streamed_calls_arrive_piece_by_piece_and_logs_can_be_followed() {
+    let (d, port) = start_with_http("");
+    let dir = d.plugins().join("streamer");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("plugin.toml"),
+        "name = \"streamer\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"main.py\"\n[timeouts]\ncall = \"30s\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("main.py"), STREAMER).unwrap();
+    assert!(d.ctl(&["reload"]).status.success());
+    eventually("streamer ready", || d.all_ready(&["streamer"]));
+
+    let go = d.root.path().join("state/plugins/streamer/go");
+    let mut seen = Vec::new();
+    read_sse(
+        port,
+        "/v1/plugins/streamer/call/two_pieces?stream=true",
+        Some(TOKEN),
+        b"null",
+        |e, data| {
+            seen.push((e.to_string(), data.to_string()));
+            if e == "chunk" && data == "\"first\"" {
+                std::fs::write(&go, "").unwrap();
+            }
+            e == "chunk"
+        },
+    );
+    let want: Vec<(String, String)> =
+        [("chunk", "\"first\""), ("chunk", "\"second\""), ("reply", "\"done\"")]
+            .iter()
+            .map(|(e, d)| (e.to_string(), d.to_string()))
+            .collect();
+    assert_eq!(seen, want);
+
+    // Following the log: the lines already there arrive as `log` events.
+    let mut lines = Vec::new();
+    read_sse(port, "/v1/plugins/echo/logs?follow=true&n=50", None, b"", |e, data| {
+        assert_eq!(e, "log");
+        lines.push(serde_json::from_str::<Value>(data).unwrap());
+        !lines.iter().any(|l| l["text"].as_str().is_some_and(|t| t.contains("ready")))
+    });
+    assert!(!lines.is_empty());
+}

@@ -1011,6 +1011,11 @@ impl Daemon {
         }
     }
 
+    /// The handle of a loaded plugin (for streaming calls over HTTP).
+    pub fn plugin(&self, name: &str) -> Option<crate::PluginHandle> {
+        self.sup.get(name)
+    }
+
     /// Stops every plugin, in reverse start order.
     pub async fn shutdown(&self) {
         self.sup.shutdown().await;

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -218,6 +219,8 @@ async fn versions(
 struct LogsQuery {
     n: Option<usize>,
     since_ms: Option<u64>,
+    #[serde(default)]
+    follow: bool,
 }
 
 async fn logs(
@@ -229,12 +232,115 @@ async fn logs(
     if let Some(r) = api.check(&headers, false) {
         return r;
     }
-    api.run(Request::Logs { name, n: q.n.unwrap_or(100).min(10_000), since_ms: q.since_ms }).await
+    let n = q.n.unwrap_or(100).min(10_000);
+    if !q.follow {
+        return api.run(Request::Logs { name, n, since_ms: q.since_ms }).await;
+    }
+    // Follow: the same query every 250 ms for lines after the last one sent, as SSE
+    // `log` events, until the client goes away (the send fails and the task ends).
+    let first =
+        api.daemon.handle(Request::Logs { name: name.clone(), n, since_ms: q.since_ms }).await;
+    if !first.ok {
+        return reply_to_response(first, false);
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let daemon = api.daemon.clone();
+    tokio::spawn(async move {
+        let mut reply = first;
+        let mut last = q.since_ms;
+        loop {
+            for line in reply.data.as_ref().and_then(|d| d.as_array()).into_iter().flatten() {
+                last = line["ts_ms"].as_u64().or(last);
+                if tx.send(Event::default().event("log").data(line.to_string())).is_err() {
+                    return;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            if tx.is_closed() {
+                return;
+            }
+            reply = daemon
+                .handle(Request::Logs { name: name.clone(), n: 10_000, since_ms: last })
+                .await;
+            if !reply.ok {
+                let _ =
+                    tx.send(Event::default().event("error").data(reply.error.unwrap_or_default()));
+                return;
+            }
+        }
+    });
+    Sse::new(EventStream(rx)).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// SSE events from a channel.
+struct EventStream(tokio::sync::mpsc::UnboundedReceiver<Event>);
+
+impl futures_core::Stream for EventStream {
+    type Item = Result<Event, std::convert::Infallible>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx).map(|e| e.map(Ok))
+    }
+}
+
+/// `?stream=true` on a call: each piece the plugin streams is a `chunk` event, then the
+/// `reply` (or `error`) event ends the stream.
+async fn call_streamed(api: &Api, name: String, method: String, json: String) -> Response {
+    let Some(handle) = api.daemon.plugin(&name) else {
+        return reply_to_response(
+            api.daemon.handle(Request::Status { name: Some(name) }).await,
+            false,
+        );
+    };
+    let (chunk_tx, mut chunk_rx) = tokio::sync::mpsc::unbounded_channel::<crate::Payload>();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let as_json = |p: &crate::Payload| match p.codec {
+        crate::PayloadCodec::Json => String::from_utf8_lossy(&p.data).into_owned(),
+        crate::PayloadCodec::Bincode => {
+            serde_json::json!({ "bincode_bytes": p.data.len() }).to_string()
+        }
+    };
+    tokio::spawn(async move {
+        let payload = crate::Payload::raw(crate::PayloadCodec::Json, json.into_bytes());
+        let call =
+            handle.call_streaming(&method, payload, crate::Deadline::Default, Some(chunk_tx));
+        tokio::pin!(call);
+        let result = loop {
+            tokio::select! {
+                Some(chunk) = chunk_rx.recv() => {
+                    let _ = tx.send(Event::default().event("chunk").data(as_json(&chunk)));
+                }
+                r = &mut call => break r,
+            }
+        };
+        // Pieces that arrived just before the reply.
+        while let Ok(chunk) = chunk_rx.try_recv() {
+            let _ = tx.send(Event::default().event("chunk").data(as_json(&chunk)));
+        }
+        let last = match result {
+            Ok(p) => Event::default().event("reply").data(as_json(&p)),
+            Err(e) => Event::default()
+                .event("error")
+                .data(serde_json::json!({ "error": e.to_string() }).to_string()),
+        };
+        let _ = tx.send(last);
+    });
+    Sse::new(EventStream(rx)).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct CallQuery {
+    #[serde(default)]
+    stream: bool,
 }
 
 async fn call(
     State(api): State<Arc<Api>>,
     Path((name, method)): Path<(String, String)>,
+    Query(q): Query<CallQuery>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -251,6 +357,9 @@ async fn call(
             StatusCode::BAD_REQUEST,
             format!("the body (the argument of {name}.{method}) is not valid JSON: {e}"),
         );
+    }
+    if q.stream {
+        return call_streamed(&api, name, method, json).await;
     }
     api.run(Request::Call { name, method, json }).await
 }

@@ -44,6 +44,8 @@ pub(crate) struct CallRequest {
     pub payload: Payload,
     pub deadline: Option<Instant>,
     pub reply: oneshot::Sender<Result<Payload, CallError>>,
+    /// Where streamed pieces (Chunk frames) go, for a caller that wants them.
+    pub chunks: Option<mpsc::UnboundedSender<Payload>>,
 }
 
 /// Orders from the slot to its instance.
@@ -94,6 +96,7 @@ pub(crate) const LOCKDOWN_NOTIFY: &str = "plugd.lockdown";
 struct Pending {
     reply: oneshot::Sender<Result<Payload, CallError>>,
     deadline: Option<Instant>,
+    chunks: Option<mpsc::UnboundedSender<Payload>>,
 }
 
 /// Why the serving loop ended early with a kill.
@@ -649,7 +652,8 @@ impl Instance {
         if let Some(d) = req.deadline {
             self.deadlines.insert((d, id));
         }
-        self.pending.insert(id, Pending { reply: req.reply, deadline: req.deadline });
+        self.pending
+            .insert(id, Pending { reply: req.reply, deadline: req.deadline, chunks: req.chunks });
     }
 
     /// Handles every whole frame in the read buffer.
@@ -726,12 +730,18 @@ impl Instance {
                 }
                 Message::State { blob } => self.state_blob = Some(blob),
                 Message::Goodbye => {}
-                // Streaming replies and plugin-initiated notifications have no consumer on
-                // this host API yet; they are legal and dropped.
                 Message::Notify { method, payload } if method == LOCKDOWN_NOTIFY => {
                     self.lockdown = payload.decode().unwrap_or_default();
                 }
-                Message::Chunk { .. } | Message::Notify { .. } => {}
+                // A piece of a streamed answer goes to a caller that asked for pieces; for
+                // any other call (or one already answered) it is legal and dropped.
+                Message::Chunk { id, payload } => {
+                    if let Some(tx) = self.pending.get(&id).and_then(|p| p.chunks.as_ref()) {
+                        let _ = tx.send(payload);
+                    }
+                }
+                // Plugin-initiated notifications have no consumer on this host API yet.
+                Message::Notify { .. } => {}
                 other => {
                     return Err(Fault::Protocol(format!(
                         "unexpected {} after the handshake",

@@ -252,8 +252,20 @@ impl PluginHandle {
         payload: Payload,
         deadline: Deadline,
     ) -> Result<Payload, CallError> {
+        self.call_streaming(method, payload, deadline, None).await
+    }
+
+    /// Like [`PluginHandle::call_raw`], and every piece the plugin streams before its reply
+    /// (Chunk frames, e.g. a Python handler that yields) is sent to `chunks` as it arrives.
+    pub async fn call_streaming(
+        &self,
+        method: &str,
+        payload: Payload,
+        deadline: Deadline,
+        chunks: Option<mpsc::UnboundedSender<Payload>>,
+    ) -> Result<Payload, CallError> {
         let t0 = Instant::now();
-        let result = self.route(method, payload, deadline).await;
+        let result = self.route(method, payload, deadline, chunks).await;
         self.shared.latency.record(t0.elapsed());
         let counter = if result.is_ok() { &self.shared.calls_ok } else { &self.shared.calls_err };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -265,10 +277,12 @@ impl PluginHandle {
         method: &str,
         payload: Payload,
         deadline: Deadline,
+        chunks: Option<mpsc::UnboundedSender<Payload>>,
     ) -> Result<Payload, CallError> {
         let deadline = deadline.resolve(self.shared.default_deadline);
         let (tx, rx) = oneshot::channel();
-        let mut req = CallRequest { method: method.to_string(), payload, deadline, reply: tx };
+        let mut req =
+            CallRequest { method: method.to_string(), payload, deadline, reply: tx, chunks };
         // A closed queue means routing moved while we sent; a few retries cover any swap.
         for _ in 0..4 {
             let Some(queue) = self.shared.route.load_full() else {

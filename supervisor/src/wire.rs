@@ -284,6 +284,8 @@ impl Wire {
                         self.answered.fetch_add(1, Ordering::Relaxed);
                         return r.result;
                     }
+                    // A blocking call has no one to stream pieces to.
+                    Ok(Some(Message::Chunk { id: cid, .. })) if cid == id => {}
                     Ok(Some(other)) => self.push(Inbound::Frame(other)),
                     Ok(None) => break,
                     Err(e) => {
