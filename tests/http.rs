@@ -361,3 +361,146 @@ fn streamed_calls_arrive_piece_by_piece_and_logs_can_be_followed() {
     });
     assert!(!lines.is_empty());
 }
+
+/// A plugin folder running the echo binary, with extra manifest text.
+fn echo_folder(parent: &std::path::Path, name: &str, extra: &str) -> std::path::PathBuf {
+    let dir = parent.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("plugin.toml"),
+        format!(
+            "name = \"{name}\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"{}\"\n{extra}",
+            bin_dir().join("echo").display()
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+/// Polls a job until it ends; returns its record.
+fn wait_job(port: u16, id: u64) -> Value {
+    let mut job = Value::Null;
+    eventually(&format!("job {id} ends"), || {
+        let (code, body) = http(port, "GET", &format!("/v1/jobs/{id}"), None, b"");
+        assert_eq!(code, 200, "{body}");
+        job = serde_json::from_str(&body).unwrap();
+        ["succeeded", "failed", "cancelled"].contains(&job["state"].as_str().unwrap_or(""))
+    });
+    job
+}
+
+fn start_job(port: u16, source: &std::path::Path, git: bool) -> u64 {
+    let src =
+        if git { format!("git+file://{}", source.display()) } else { source.display().to_string() };
+    let body = serde_json::json!({ "source": src }).to_string();
+    let (code, body) = http(port, "POST", "/v1/install", Some(TOKEN), body.as_bytes());
+    assert_eq!(code, 202, "{body}");
+    serde_json::from_str::<Value>(&body).unwrap()["job_id"].as_u64().unwrap()
+}
+
+#[test]
+fn install_jobs_run_in_the_background_and_can_be_cancelled_and_retried() {
+    let (d, port) = start_with_http("");
+    let src = tempfile::tempdir().unwrap();
+    let installed = d.root.path().join("state/installed");
+
+    // A local git repository, installed through a job while we poll it.
+    let repo = echo_folder(src.path(), "from-git", "");
+    let git = |args: &[&str]| {
+        let st = Command::new("git")
+            .args(["-c", "user.email=t@t", "-c", "user.name=t", "-c", "init.defaultBranch=main"])
+            .args(args)
+            .current_dir(&repo)
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&st.stderr));
+    };
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "plugin"]);
+    let id = start_job(port, &repo, true);
+    let job = wait_job(port, id);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert!(job["output"].to_string().contains("git clone"), "{job}");
+    eventually("from-git ready", || d.all_ready(&["from-git"]));
+    assert_eq!(http(port, "POST", "/v1/plugins/from-git/call/echo", Some(TOKEN), b"7").1, "7");
+
+    // A build step that would take a minute is cancelled: its process group dies and
+    // nothing is installed.
+    let slow = echo_folder(
+        src.path(),
+        "slow-build",
+        "[build]\ncommand = [\"sh\", \"-c\", \"sleep 61.7\"]\n",
+    );
+    let id = start_job(port, &slow, false);
+    eventually("job running", || {
+        let (_, body) = http(port, "GET", &format!("/v1/jobs/{id}"), None, b"");
+        body.contains("\"running\"") && sleeping("61.7")
+    });
+    let (code, body) = http(port, "POST", &format!("/v1/jobs/{id}/cancel"), Some(TOKEN), b"");
+    assert_eq!(code, 200, "{body}");
+    let job = wait_job(port, id);
+    assert_eq!(job["state"], "cancelled", "{job}");
+    eventually("the build's sleep is gone", || !sleeping("61.7"));
+    let left: Vec<String> = std::fs::read_dir(installed.join("slow-build"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "nothing half-installed: {left:?}");
+    let (code, _) = http(port, "POST", &format!("/v1/jobs/{id}/cancel"), Some(TOKEN), b"");
+    assert_eq!(code, 409, "an ended job cannot be cancelled");
+
+    // A failing build, fixed in the source, then retried as a new job.
+    let flaky = echo_folder(
+        src.path(),
+        "flaky",
+        "[build]\ncommand = [\"sh\", \"-c\", \"test -f ok || { echo missing ok >&2; exit 1; }\"]\n",
+    );
+    let id = start_job(port, &flaky, false);
+    let job = wait_job(port, id);
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(job["error"].as_str().unwrap().contains("missing ok"), "{job}");
+    std::fs::write(flaky.join("ok"), "").unwrap();
+    let (code, body) = http(port, "POST", &format!("/v1/jobs/{id}/retry"), Some(TOKEN), b"");
+    assert_eq!(code, 202, "{body}");
+    let retry = serde_json::from_str::<Value>(&body).unwrap()["job_id"].as_u64().unwrap();
+    let job = wait_job(port, retry);
+    assert_eq!((job["state"].as_str(), job["retry_of"].as_u64()), (Some("succeeded"), Some(id)));
+    eventually("flaky ready", || d.all_ready(&["flaky"]));
+
+    // Every job is listed and counted; a bad body is a 400.
+    let (_, body) = http(port, "GET", "/v1/jobs", None, b"");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap().as_array().unwrap().len(), 4);
+    let (_, text) = http(port, "GET", "/metrics", None, b"");
+    assert!(text.contains("plugd_jobs{state=\"succeeded\"} 2"), "{text}");
+    assert!(text.contains("plugd_jobs{state=\"cancelled\"} 1"), "{text}");
+    let (code, body) = http(port, "POST", "/v1/install", Some(TOKEN), b"{\"src\":1}");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("source"), "{body}");
+
+    // plugctl sees the same jobs.
+    let out = String::from_utf8_lossy(&d.ctl(&["jobs"]).stdout).into_owned();
+    assert!(out.contains("cancelled") && out.contains("git+file://"), "{out}");
+    let out = String::from_utf8_lossy(&d.ctl(&["jobs", "1"]).stdout).into_owned();
+    assert!(out.starts_with("job 1 succeeded") && out.contains("$ git clone"), "{out}");
+
+    // A restart keeps the records.
+    let _d = d.restart();
+    let (code, body) = http(port, "GET", "/v1/jobs", None, b"");
+    assert_eq!(code, 200, "{body}");
+    let kept = serde_json::from_str::<Value>(&body).unwrap();
+    let states: Vec<&str> =
+        kept.as_array().unwrap().iter().filter_map(|j| j["state"].as_str()).collect();
+    assert_eq!(states, ["succeeded", "cancelled", "failed", "succeeded"]);
+}
+
+/// True if a `sleep ARG` process is running.
+fn sleeping(arg: &str) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline"))
+            .map(|c| c == format!("sleep\0{arg}\0").as_bytes())
+            .unwrap_or(false)
+    })
+}

@@ -74,6 +74,34 @@ pub enum Request {
         #[serde(default)]
         enable: bool,
     },
+    /// Start an install in the background; the answer is `{"job_id": N}`.
+    InstallJob {
+        /// A folder, an archive, an http(s) archive URL or `git+URL#ref`.
+        source: String,
+        /// Replace an installed name@version.
+        #[serde(default)]
+        force: bool,
+        /// Clear a persisted disable.
+        #[serde(default)]
+        enable: bool,
+    },
+    /// Every install job, oldest first.
+    Jobs,
+    /// One install job.
+    Job {
+        /// Its number.
+        id: u64,
+    },
+    /// Cancel a queued or running install job (its build or pip is killed, nothing is left).
+    CancelJob {
+        /// Its number.
+        id: u64,
+    },
+    /// Run an ended install job again, as a new job.
+    RetryJob {
+        /// The job to repeat.
+        id: u64,
+    },
     /// Installed versions of a plugin.
     Versions {
         /// The plugin.

@@ -109,6 +109,10 @@ pub struct Daemon {
     start_errors: Mutex<BTreeMap<String, String>>,
     /// How many in-place upgrades this daemon's pid has been through.
     generation: std::sync::atomic::AtomicU64,
+    /// Install jobs (kept under `<state>/jobs`).
+    jobs: crate::jobs::Jobs,
+    /// This daemon, for spawning background jobs (set by `run`).
+    me: std::sync::OnceLock<std::sync::Weak<Daemon>>,
 }
 
 /// What a reload changed.
@@ -138,6 +142,7 @@ impl Daemon {
         let sup_config =
             SupervisorConfig { state_dir: config.state_dir.join("plugins"), ..Default::default() };
         let bin_dirs = sup_config.bin_dirs.clone();
+        let config_jobs_dir = config.state_dir.join("jobs");
         let disabled = std::fs::read_to_string(config.state_dir.join("disabled.json"))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
@@ -150,6 +155,8 @@ impl Daemon {
             disabled: Mutex::new(disabled),
             start_errors: Mutex::new(BTreeMap::new()),
             generation: std::sync::atomic::AtomicU64::new(0),
+            jobs: crate::jobs::Jobs::load(&config_jobs_dir),
+            me: std::sync::OnceLock::new(),
         })
     }
 
@@ -165,16 +172,49 @@ impl Daemon {
         crate::install::root(&lock(&self.config).state_dir)
     }
 
-    /// Installs a plugin from a folder, a `.tar.gz` or a `git+…` URL.
+    /// Runs install job `id` to its end (waiting for a free slot first) and records the result.
+    async fn run_job(&self, id: u64, cancel: Arc<crate::install::Cancel>) -> crate::jobs::Job {
+        if let Some(_slot) = self.jobs.start(id).await {
+            let params = self.jobs.get(id).map(|j| j.install);
+            let result = match params {
+                Some(p) => self.install(&p.source, p.force, p.enable, id, &cancel).await,
+                None => Err(format!("no job {id}")),
+            };
+            self.jobs.finish(id, result);
+        }
+        self.jobs.wait(id).await.unwrap_or_else(|| unreachable_job(id))
+    }
+
+    /// Queues an install job and runs it in the background; returns its id.
+    fn spawn_job(
+        &self,
+        params: crate::jobs::InstallParams,
+        retry_of: Option<u64>,
+    ) -> Result<u64, String> {
+        let me = self
+            .me
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .ok_or_else(|| "background jobs need the running daemon".to_string())?;
+        let (id, cancel) = self.jobs.create(params, retry_of);
+        tokio::spawn(async move {
+            me.run_job(id, cancel).await;
+        });
+        Ok(id)
+    }
+
+    /// Installs a plugin from a folder, a `.tar.gz` or a `git+…` URL, as job `job`.
     async fn install(
         &self,
         source: &str,
         force: bool,
         enable: bool,
+        job: u64,
+        cancel: &Arc<crate::install::Cancel>,
     ) -> Result<serde_json::Value, String> {
         let root = self.installed_root();
         std::fs::create_dir_all(&root).map_err(|e| format!("create {}: {e}", root.display()))?;
-        let scratch = root.join(format!(".fetch-{}", std::process::id()));
+        let scratch = root.join(format!(".fetch-{}-{job}", std::process::id()));
         let _ = std::fs::remove_dir_all(&scratch);
         let folder = if let Some(url) = source.strip_prefix("git+") {
             let (url, reference) = match url.split_once('#') {
@@ -186,13 +226,22 @@ impl Daemon {
             if let Some(r) = reference {
                 git.args(["--branch", r]);
             }
-            git.arg(url).arg(&scratch).kill_on_drop(true);
-            let out = tokio::time::timeout(std::time::Duration::from_secs(300), git.output())
-                .await
-                .map_err(|_| format!("git clone {url} took longer than 5 minutes"))?
-                .map_err(|e| {
+            git.arg(url).arg(&scratch);
+            self.jobs.output(job, vec![format!("$ git clone {url}")]);
+            let out = fetch(git, cancel).await.map_err(|e| match e {
+                Fetch::Cancelled => crate::install::CANCELLED.to_string(),
+                Fetch::TimedOut => format!("git clone {url} took longer than 5 minutes"),
+                Fetch::Failed(e) => {
                     format!("cannot run git: {e}; install git to install from a repository")
-                })?;
+                }
+            });
+            let out = match out {
+                Ok(o) => o,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&scratch);
+                    return Err(e);
+                }
+            };
             if !out.status.success() {
                 let _ = std::fs::remove_dir_all(&scratch);
                 return Err(format!(
@@ -224,12 +273,22 @@ impl Daemon {
             .arg(crate::install::MAX_BYTES.to_string())
             .arg("--output")
             .arg(&download)
-            .arg(source)
-            .kill_on_drop(true);
-            let out = tokio::time::timeout(std::time::Duration::from_secs(300), curl.output())
-                .await
-                .map_err(|_| format!("downloading {source} took longer than 5 minutes"))?
-                .map_err(|e| format!("cannot run curl: {e}; install curl to install from a URL"))?;
+            .arg(source);
+            self.jobs.output(job, vec![format!("$ curl {source}")]);
+            let out = fetch(curl, cancel).await.map_err(|e| match e {
+                Fetch::Cancelled => crate::install::CANCELLED.to_string(),
+                Fetch::TimedOut => format!("downloading {source} took longer than 5 minutes"),
+                Fetch::Failed(e) => {
+                    format!("cannot run curl: {e}; install curl to install from a URL")
+                }
+            });
+            let out = match out {
+                Ok(o) => o,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&scratch);
+                    return Err(e);
+                }
+            };
             if !out.status.success() {
                 let _ = std::fs::remove_dir_all(&scratch);
                 return Err(format!(
@@ -257,9 +316,9 @@ impl Daemon {
             None
         };
         let result = match folder {
-            Some(Ok(f)) => self.install_folder(&f, force, enable).await,
+            Some(Ok(f)) => self.install_folder(&f, force, enable, job, cancel).await,
             Some(Err(e)) => Err(format!("{source}: {e}")),
-            None => self.install_folder(Path::new(source), force, enable).await,
+            None => self.install_folder(Path::new(source), force, enable, job, cancel).await,
         };
         let _ = std::fs::remove_dir_all(&scratch);
         result
@@ -271,6 +330,8 @@ impl Daemon {
         source: &Path,
         force: bool,
         enable: bool,
+        job: u64,
+        cancel: &Arc<crate::install::Cancel>,
     ) -> Result<serde_json::Value, String> {
         let source = source.to_path_buf();
         if !source.is_dir() {
@@ -331,22 +392,31 @@ impl Daemon {
         let bin_dirs = self.bin_dirs.clone();
         let venv_root = self.sup.state_root().to_path_buf();
         let (r, n, v) = (root.clone(), name.clone(), version.clone());
-        tokio::task::spawn_blocking(move || {
-            crate::install::place(&r, &n, &v, &source, force, |tmp| {
+        let cancel = cancel.clone();
+        let (placed, lines) = tokio::task::spawn_blocking(move || {
+            let mut lines = Vec::new();
+            let placed = crate::install::place(&r, &n, &v, &source, force, |tmp| {
                 if let Some(cmd) = &build {
-                    crate::install::run_build(cmd, tmp)?;
+                    crate::install::run_build(cmd, tmp, &mut lines, Some(&cancel))?;
                 }
                 let spec = PluginSpec::from_manifest_with_defaults(tmp, &defaults)
                     .map_err(|e| e.to_string())?;
                 entrypoint_program(&spec, &bin_dirs)?;
                 if spec.manifest.runtime == crate::manifest::Runtime::Python {
-                    crate::python::prepare(&spec, &venv_root)?;
+                    let prepared = crate::python::prepare(&spec, &venv_root, Some(&cancel))?;
+                    lines.extend(prepared.log);
+                }
+                if cancel.is_cancelled() {
+                    return Err(crate::install::CANCELLED.into());
                 }
                 Ok(())
-            })
+            });
+            (placed, lines)
         })
         .await
-        .map_err(|e| format!("install task failed: {e}"))??;
+        .map_err(|e| format!("install task failed: {e}"))?;
+        self.jobs.output(job, lines);
+        placed?;
         if enable && lock(&self.disabled).remove(&name) {
             self.persist_disabled()?;
         }
@@ -788,8 +858,36 @@ impl Daemon {
                 self.switch_version(&name, &v, force, dry_run).await
             }
             Request::Install { source, force, enable } => {
-                self.install(&source, force, enable).await
+                // The same job machinery as HTTP installs, waited for here.
+                let (id, cancel) =
+                    self.jobs.create(crate::jobs::InstallParams { source, force, enable }, None);
+                let job = self.run_job(id, cancel).await;
+                match job.state {
+                    crate::jobs::JobState::Succeeded => Ok(job.result.unwrap_or_default()),
+                    _ => Err(job.error.unwrap_or_else(|| format!("job {id} did not finish"))),
+                }
             }
+            Request::InstallJob { source, force, enable } => self
+                .spawn_job(crate::jobs::InstallParams { source, force, enable }, None)
+                .map(|id| serde_json::json!({ "job_id": id })),
+            Request::Jobs => Ok(serde_json::to_value(self.jobs.list()).unwrap_or_default()),
+            Request::Job { id } => self
+                .jobs
+                .get(id)
+                .map(|j| serde_json::to_value(j).unwrap_or_default())
+                .ok_or_else(|| format!("no job {id}")),
+            Request::CancelJob { id } => {
+                self.jobs.cancel(id).map(|j| serde_json::to_value(j).unwrap_or_default())
+            }
+            Request::RetryJob { id } => match self.jobs.get(id) {
+                None => Err(format!("no job {id}")),
+                Some(j) if !j.state.is_final() => {
+                    Err(format!("job {id} has not ended yet; cancel it first"))
+                }
+                Some(j) => self
+                    .spawn_job(j.install, Some(id))
+                    .map(|new| serde_json::json!({ "job_id": new })),
+            },
             Request::Versions { name } => self.versions(&name),
             Request::Rollback { name, version } => {
                 let (all, current) = crate::install::versions(&self.installed_root(), &name);
@@ -1281,6 +1379,7 @@ pub async fn run(config: DaemonConfig, strict: bool) -> Result<(), DaemonError> 
     };
     let http = config.http.clone();
     let daemon = Arc::new(Daemon::new(config)?);
+    let _ = daemon.me.set(Arc::downgrade(&daemon));
     daemon.generation.store(generation, std::sync::atomic::Ordering::Relaxed);
     // Bound before the plugins start: a bad address or token fails the start, loudly.
     let http_server = match &http {
@@ -1353,4 +1452,63 @@ pub async fn run(config: DaemonConfig, strict: bool) -> Result<(), DaemonError> 
     let _ = std::fs::remove_file(&socket);
     tracing::info!("plugd stopped");
     Ok(())
+}
+
+fn unreachable_job(id: u64) -> crate::jobs::Job {
+    crate::jobs::Job {
+        id,
+        install: crate::jobs::InstallParams { source: String::new(), force: false, enable: false },
+        state: crate::jobs::JobState::Failed,
+        output: Vec::new(),
+        result: None,
+        error: Some(format!("job {id} vanished")),
+        retry_of: None,
+        created_ms: 0,
+        finished_ms: None,
+    }
+}
+
+/// Why a fetch (git, curl) did not produce output.
+enum Fetch {
+    Cancelled,
+    TimedOut,
+    Failed(std::io::Error),
+}
+
+/// Runs a fetching command in its own process group, at most 5 minutes; a cancel kills the
+/// group (git forks helpers) within 50 ms.
+async fn fetch(
+    mut cmd: tokio::process::Command,
+    cancel: &crate::install::Cancel,
+) -> Result<std::process::Output, Fetch> {
+    cmd.process_group(0)
+        .kill_on_drop(true)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().map_err(Fetch::Failed)?;
+    let pgid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
+    let killpg = || {
+        if let Some(p) = pgid {
+            let _ = nix::sys::signal::killpg(p, nix::sys::signal::Signal::SIGKILL);
+        }
+    };
+    let cancelled = async {
+        while !cancel.is_cancelled() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        out = tokio::time::timeout(std::time::Duration::from_secs(300), child.wait_with_output()) => match out {
+            Ok(r) => r.map_err(Fetch::Failed),
+            Err(_) => {
+                killpg();
+                Err(Fetch::TimedOut)
+            }
+        },
+        _ = cancelled => {
+            killpg();
+            Err(Fetch::Cancelled)
+        }
+    }
 }

@@ -96,6 +96,10 @@ pub async fn bind(
         .route("/v1/plugins/{name}/call/{method}", post(call))
         .route("/v1/plugins/{name}/{action}", post(action))
         .route("/v1/reload", post(reload))
+        .route("/v1/install", post(install))
+        .route("/v1/jobs", get(jobs))
+        .route("/v1/jobs/{id}", get(job))
+        .route("/v1/jobs/{id}/{action}", post(job_action))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             failure(StatusCode::NOT_FOUND, "no such endpoint; see docs/http-api.md")
@@ -164,7 +168,10 @@ fn reply_to_response(reply: Reply, is_call: bool) -> Response {
         return Json(reply.data.unwrap_or(serde_json::Value::Null)).into_response();
     }
     let error = reply.error.unwrap_or_default();
-    let status = if error.starts_with("no plugin named") || error.contains("is not installed") {
+    let status = if error.starts_with("no plugin named")
+        || error.contains("is not installed")
+        || error.starts_with("no job ")
+    {
         StatusCode::NOT_FOUND
     } else if error.contains("is not valid JSON") {
         StatusCode::BAD_REQUEST
@@ -397,6 +404,66 @@ async fn reload(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
     api.run(Request::Reload).await
 }
 
+async fn install(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(r) = api.check(&headers, true) {
+        return r;
+    }
+    let params: crate::jobs::InstallParams = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return failure(
+                StatusCode::BAD_REQUEST,
+                format!(
+                "the body must be {{\"source\": \"…\", \"force\": false, \"enable\": false}}: {e}"
+            ),
+            )
+        }
+    };
+    let req =
+        Request::InstallJob { source: params.source, force: params.force, enable: params.enable };
+    accepted(api.daemon.handle(req).await)
+}
+
+/// 202 with the job id, for requests that start a job.
+fn accepted(reply: Reply) -> Response {
+    if reply.ok {
+        (StatusCode::ACCEPTED, Json(reply.data.unwrap_or_default())).into_response()
+    } else {
+        reply_to_response(reply, false)
+    }
+}
+
+async fn jobs(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
+    if let Some(r) = api.check(&headers, false) {
+        return r;
+    }
+    api.run(Request::Jobs).await
+}
+
+async fn job(State(api): State<Arc<Api>>, Path(id): Path<u64>, headers: HeaderMap) -> Response {
+    if let Some(r) = api.check(&headers, false) {
+        return r;
+    }
+    api.run(Request::Job { id }).await
+}
+
+async fn job_action(
+    State(api): State<Arc<Api>>,
+    Path((id, action)): Path<(u64, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = api.check(&headers, true) {
+        return r;
+    }
+    match action.as_str() {
+        "cancel" => api.run(Request::CancelJob { id }).await,
+        "retry" => accepted(api.daemon.handle(Request::RetryJob { id }).await),
+        other => {
+            failure(StatusCode::NOT_FOUND, format!("no job action {other:?}; use cancel or retry"))
+        }
+    }
+}
+
 async fn metrics(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
     if let Some(r) = api.check(&headers, false) {
         return r;
@@ -405,7 +472,17 @@ async fn metrics(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
         Reply { ok: true, data: Some(serde_json::Value::Array(list)), .. } => list,
         other => return reply_to_response(other, false),
     };
-    let text = render_metrics(&status, api.started.elapsed().as_secs_f64());
+    let mut text = render_metrics(&status, api.started.elapsed().as_secs_f64());
+    let jobs = match api.daemon.handle(Request::Jobs).await {
+        Reply { ok: true, data: Some(serde_json::Value::Array(list)), .. } => list,
+        _ => Vec::new(),
+    };
+    let _ = writeln!(text, "# HELP plugd_jobs Install jobs known to plugd, by state.");
+    let _ = writeln!(text, "# TYPE plugd_jobs gauge");
+    for state in ["queued", "running", "succeeded", "failed", "cancelled"] {
+        let n = jobs.iter().filter(|j| j["state"] == state).count();
+        let _ = writeln!(text, "plugd_jobs{{state=\"{state}\"}} {n}");
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -9,6 +9,8 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// The folder of installed plugins under a state folder.
 pub fn root(state_dir: &Path) -> PathBuf {
@@ -90,22 +92,110 @@ pub fn place(
 }
 
 /// Runs a plugin's `[build] command` in `dir`; on failure, the error carries its last output.
-/// The build runs with plugd's own privileges, outside any sandbox.
-pub fn run_build(command: &[String], dir: &Path) -> Result<(), String> {
-    let out = std::process::Command::new(&command[0])
-        .args(&command[1..])
-        .current_dir(dir)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run the build command {command:?}: {e}"))?;
-    if out.status.success() {
-        return Ok(());
+pub fn run_build(
+    command: &[String],
+    dir: &Path,
+    log: &mut Vec<String>,
+    cancel: Option<&Cancel>,
+) -> Result<(), String> {
+    let mut cmd = std::process::Command::new(&command[0]);
+    cmd.args(&command[1..]).current_dir(dir);
+    run_step(&mut cmd, &format!("the build command {command:?}"), log, cancel)
+}
+
+/// Tells a running install to stop: every step checks it, and a running command's process
+/// group is killed within 50 ms.
+#[derive(Debug, Default)]
+pub struct Cancel(std::sync::atomic::AtomicBool);
+
+impl Cancel {
+    /// Asks the install to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
     }
-    let text =
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    let tail: Vec<&str> =
-        text.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
-    Err(format!("the build command {command:?} failed ({}):\n{}", out.status, tail.join("\n")))
+
+    /// True once cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The error of a cancelled install.
+pub const CANCELLED: &str = "cancelled";
+
+/// How long one install step (a build, pip, uv) may take before it is killed.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Runs one install step in its own process group, its output going to `log`; kills the
+/// group after [`STEP_TIMEOUT`] or when `cancel` is set. On failure the error carries the
+/// last lines it printed.
+pub fn run_step(
+    cmd: &mut Command,
+    what: &str,
+    log: &mut Vec<String>,
+    cancel: Option<&Cancel>,
+) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    if cancel.is_some_and(Cancel::is_cancelled) {
+        return Err(CANCELLED.into());
+    }
+    log.push(format!("$ {what}"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    let readers: Vec<std::thread::JoinHandle<String>> = [
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|mut r| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let mut bytes = Vec::new();
+            let _ = r.read_to_end(&mut bytes);
+            text.push_str(&String::from_utf8_lossy(&bytes));
+            text
+        })
+    })
+    .collect();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Ok(status),
+            Ok(None) if Instant::now() >= deadline || cancel.is_some_and(Cancel::is_cancelled) => {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(child.id() as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = child.wait();
+                break Err(cancel.is_some_and(Cancel::is_cancelled));
+            }
+            // A rare, slow, install-time step: a short sleep loop is simpler than a pidfd here.
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(format!("waiting for {what}: {e}")),
+        }
+    };
+    let output: String = readers.into_iter().filter_map(|r| r.join().ok()).collect();
+    log.extend(output.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
+    match status {
+        Ok(s) if s.success() => Ok(()),
+        Err(true) => Err(CANCELLED.into()),
+        other => {
+            let tail: Vec<&str> = output.lines().filter(|l| !l.trim().is_empty()).collect();
+            let tail = &tail[tail.len().saturating_sub(20)..];
+            let how = match other {
+                Ok(s) => s.to_string(),
+                Err(_) => format!("killed after {} s", STEP_TIMEOUT.as_secs()),
+            };
+            Err(format!("{what} failed ({how}):\n{}", tail.join("\n")))
+        }
+    }
 }
 
 /// Points `<root>/<name>/current` at `version`, atomically.

@@ -27,6 +27,7 @@ pub mod exit;
 pub mod http;
 pub mod install;
 mod instance;
+pub mod jobs;
 pub mod lifecycle;
 pub mod logs;
 pub mod manifest;

@@ -14,11 +14,10 @@
 //! Plugins never share a venv, so two plugins cannot conflict over a dependency; within
 //! one plugin, pip's resolver decides, and its refusal is reported word for word.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
+use crate::install::{run_step, Cancel};
 use crate::manifest::PluginSpec;
 
 /// The SDK files plugd puts into every Python plugin's venv, as (relative path, text).
@@ -40,9 +39,6 @@ const STAMP: &str = ".plugd-venv";
 
 /// The venv's build output (what was run and what it printed).
 pub const BUILD_LOG: &str = "build.log";
-
-/// How long one pip (or uv) run may take before it is killed.
-const INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// All venvs of one plugin.
 pub fn venvs_of(state_root: &Path, name: &str) -> PathBuf {
@@ -180,7 +176,11 @@ fn env_of(dir: &Path) -> Result<PythonEnv, String> {
 
 /// Makes sure the venv of `spec` exists and matches its recipe; builds it if not.
 /// Blocking (pip may take minutes): call it from a blocking thread.
-pub fn prepare(spec: &PluginSpec, state_root: &Path) -> Result<Prepared, String> {
+pub fn prepare(
+    spec: &PluginSpec,
+    state_root: &Path,
+    cancel: Option<&Cancel>,
+) -> Result<Prepared, String> {
     let name = spec.name();
     let dir = venv_dir(state_root, name, &spec.manifest.version);
     if let Ok(env) = current(spec, state_root) {
@@ -207,7 +207,7 @@ pub fn prepare(spec: &PluginSpec, state_root: &Path) -> Result<Prepared, String>
         installer.name(),
         interpreter.display()
     )];
-    let built = build(spec, &interpreter, installer, &requirements, &tmp, &mut log)
+    let built = build(spec, &interpreter, installer, &requirements, &tmp, &mut log, cancel)
         .and_then(|_| {
             // Kept for `cat`: an install-time build happens before the plugin has a log.
             let mut text = log.join("\n");
@@ -242,6 +242,7 @@ fn build(
     requirements: &Option<String>,
     tmp: &Path,
     log: &mut Vec<String>,
+    cancel: Option<&Cancel>,
 ) -> Result<(), String> {
     let python = tmp.join("bin/python");
     let wants_packages = requirements.as_deref().is_some_and(has_requirements);
@@ -251,7 +252,7 @@ fn build(
         Installer::Uv => {
             let mut venv = Command::new("uv");
             venv.args(["venv", "--quiet", "--python"]).arg(interpreter).arg(tmp);
-            run(&mut venv, "uv venv", log)?;
+            run_step(&mut venv, "uv venv", log, cancel)?;
             if wants_packages {
                 let mut pip = Command::new("uv");
                 pip.args(["pip", "install", "--python"])
@@ -260,13 +261,13 @@ fn build(
                     .arg(&req_file)
                     .args(pip_args)
                     .current_dir(&spec.dir);
-                run(&mut pip, "uv pip install", log)?;
+                run_step(&mut pip, "uv pip install", log, cancel)?;
             }
         }
         Installer::Pip => {
             let mut venv = Command::new(interpreter);
             venv.args(["-m", "venv", "--without-pip"]).arg(tmp);
-            run(&mut venv, "python -m venv", log)?;
+            run_step(&mut venv, "python -m venv", log, cancel)?;
             if wants_packages {
                 // The host's pip installs into the venv (`--python`, pip >= 22.3): much faster
                 // than bootstrapping pip into every venv. Without it, bootstrap.
@@ -277,7 +278,7 @@ fn build(
                 } else {
                     let mut ensure = Command::new(&python);
                     ensure.args(["-m", "ensurepip", "--default-pip"]);
-                    run(&mut ensure, "python -m ensurepip", log)?;
+                    run_step(&mut ensure, "python -m ensurepip", log, cancel)?;
                     let mut c = Command::new(&python);
                     c.args(["-m", "pip"]);
                     c
@@ -293,7 +294,7 @@ fn build(
                 .arg(&req_file)
                 .args(pip_args)
                 .current_dir(&spec.dir);
-                run(&mut pip, "pip install", log)?;
+                run_step(&mut pip, "pip install", log, cancel)?;
             }
         }
     }
@@ -356,68 +357,6 @@ fn host_pip_can_target(interpreter: &Path) -> bool {
     let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     out.status.success() && (major, minor) >= (22, 3)
-}
-
-/// Runs one installer step in its own process group, its output going to `log`; kills it
-/// after [`INSTALL_TIMEOUT`]. On failure the error carries the last lines it printed.
-fn run(cmd: &mut Command, what: &str, log: &mut Vec<String>) -> Result<(), String> {
-    use std::os::unix::process::CommandExt;
-    log.push(format!("$ {what}"));
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("cannot run {what}: {e}"))?;
-    let readers: Vec<std::thread::JoinHandle<String>> = [
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-        child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|mut r| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let mut bytes = Vec::new();
-            let _ = r.read_to_end(&mut bytes);
-            text.push_str(&String::from_utf8_lossy(&bytes));
-            text
-        })
-    })
-    .collect();
-    let deadline = Instant::now() + INSTALL_TIMEOUT;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(child.id() as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                let _ = child.wait();
-                break None;
-            }
-            // A rare, slow, install-time step: a short sleep loop is simpler than a pidfd here.
-            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => return Err(format!("waiting for {what}: {e}")),
-        }
-    };
-    let output: String = readers.into_iter().filter_map(|r| r.join().ok()).collect();
-    log.extend(output.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
-    match status {
-        Some(s) if s.success() => Ok(()),
-        other => {
-            let tail: Vec<&str> = output.lines().filter(|l| !l.trim().is_empty()).collect();
-            let tail = &tail[tail.len().saturating_sub(20)..];
-            let how = match other {
-                Some(s) => s.to_string(),
-                None => format!("killed after {} s", INSTALL_TIMEOUT.as_secs()),
-            };
-            Err(format!("{what} failed ({how}):\n{}", tail.join("\n")))
-        }
-    }
 }
 
 /// One requirement line, split into a normalised project name and the rest.

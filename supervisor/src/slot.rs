@@ -432,10 +432,11 @@ impl Slot {
         if let crate::manifest::Entrypoint::Script(_) = &spec.manifest.entrypoint {
             // pip can take minutes: never on a runtime thread. A reused venv costs one read.
             let (s, root) = (spec.clone(), self.state_root.clone());
-            let prepared = tokio::task::spawn_blocking(move || crate::python::prepare(&s, &root))
-                .await
-                .map_err(|e| ExitReason::SpawnFailed { detail: format!("venv task: {e}") })?
-                .map_err(|detail| ExitReason::SpawnFailed { detail })?;
+            let prepared =
+                tokio::task::spawn_blocking(move || crate::python::prepare(&s, &root, None))
+                    .await
+                    .map_err(|e| ExitReason::SpawnFailed { detail: format!("venv task: {e}") })?
+                    .map_err(|detail| ExitReason::SpawnFailed { detail })?;
             for line in prepared.log {
                 self.note(LogLevel::Info, line);
             }

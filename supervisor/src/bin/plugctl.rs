@@ -72,6 +72,16 @@ enum Cmd {
         #[arg(long)]
         enable: bool,
     },
+    /// Install jobs (what `install` and the HTTP API ran): all, or one with its output.
+    Jobs {
+        /// Only this job.
+        id: Option<u64>,
+    },
+    /// Cancel a queued or running install job.
+    CancelJob {
+        /// The job.
+        id: u64,
+    },
     /// List a plugin's installed versions.
     Versions {
         /// The plugin.
@@ -331,6 +341,9 @@ fn main() -> ExitCode {
             Request::Install { source: source.display().to_string(), force, enable }
         }
         Cmd::Versions { name } => Request::Versions { name },
+        Cmd::Jobs { id: None } => Request::Jobs,
+        Cmd::Jobs { id: Some(id) } => Request::Job { id },
+        Cmd::CancelJob { id } => Request::CancelJob { id },
         Cmd::Rollback { name, version } => Request::Rollback { name, version },
         Cmd::Uninstall { name, version, purge } => Request::Uninstall { name, version, purge },
         Cmd::Enable { name } => Request::Enable { name },
@@ -398,6 +411,34 @@ fn main() -> ExitCode {
             }
         }
         _ if args.json => println!("{}", serde_json::to_string_pretty(&data).unwrap_or_default()),
+        Request::Jobs => {
+            for j in data.as_array().cloned().unwrap_or_default() {
+                println!(
+                    "{:>4}  {:<10} {}{}",
+                    cell(&j["id"]),
+                    cell(&j["state"]),
+                    cell(&j["install"]["source"]),
+                    j["error"]
+                        .as_str()
+                        .map(|e| format!("  ({})", e.lines().next().unwrap_or("")))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        Request::Job { .. } | Request::CancelJob { .. } => {
+            println!(
+                "job {} {}: install {}",
+                cell(&data["id"]),
+                cell(&data["state"]),
+                cell(&data["install"]["source"])
+            );
+            for line in data["output"].as_array().cloned().unwrap_or_default() {
+                println!("  {}", cell(&line));
+            }
+            if let Some(e) = data["error"].as_str() {
+                println!("error: {e}");
+            }
+        }
         Request::Versions { .. } => {
             for v in data.as_array().cloned().unwrap_or_default() {
                 println!(
