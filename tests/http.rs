@@ -504,3 +504,46 @@ fn sleeping(arg: &str) -> bool {
             .unwrap_or(false)
     })
 }
+
+#[test]
+fn validate_checks_a_folder_or_an_uploaded_archive_without_installing() {
+    let (d, port) = start_with_http("");
+    let src = tempfile::tempdir().unwrap();
+    let good = echo_folder(src.path(), "good", "");
+    let body = serde_json::json!({ "path": good }).to_string();
+    let (code, _) = http(port, "POST", "/v1/validate", None, body.as_bytes());
+    assert_eq!(code, 401, "it reads server paths: token required");
+    let (code, text) = http(port, "POST", "/v1/validate", Some(TOKEN), body.as_bytes());
+    assert_eq!(code, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!((v["valid"].as_bool(), v["name"].as_str()), (Some(true), Some("good")));
+
+    let bad = src.path().join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(
+        bad.join("plugin.toml"),
+        "name = \"bad\"\nversion = \"one\"\napi_version = \"^1\"\nentrypoint = \"x\"\n",
+    )
+    .unwrap();
+    let body = serde_json::json!({ "path": bad }).to_string();
+    let (code, text) = http(port, "POST", "/v1/validate", Some(TOKEN), body.as_bytes());
+    assert_eq!(code, 422, "{text}");
+    assert!(text.contains("`version`"), "{text}");
+
+    // The same folder as an uploaded .tar.gz.
+    let archive = src.path().join("good.tar.gz");
+    let st = Command::new("tar")
+        .arg("czf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(src.path())
+        .arg("good")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let bytes = std::fs::read(&archive).unwrap();
+    let (code, text) = http(port, "POST", "/v1/validate", Some(TOKEN), &bytes);
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["name"], "good");
+    assert!(!d.root.path().join("state/installed/good").exists(), "validating installs nothing");
+}

@@ -1109,6 +1109,60 @@ impl Daemon {
         }
     }
 
+    /// Checks a plugin folder without running it: its manifest (with the operator's
+    /// `[defaults]`) and its entrypoint. A summary, or what is wrong.
+    pub fn validate_folder(&self, folder: &Path) -> Result<serde_json::Value, String> {
+        let (_, defaults) = self.dirs_and_defaults();
+        let manifest_path = folder.join("plugin.toml");
+        let text = std::fs::read_to_string(&manifest_path)
+            .map_err(|e| format!("cannot read {}: {e}", manifest_path.display()))?;
+        let m = crate::manifest::Manifest::parse_with_defaults(&text, &manifest_path, &defaults)
+            .map_err(|e| e.to_string())?;
+        let mut notes = Vec::new();
+        match PluginSpec::from_manifest_with_defaults(folder, &defaults) {
+            Ok(spec) => {
+                if let Err(e) = entrypoint_program(&spec, &self.bin_dirs) {
+                    if m.build.is_none() {
+                        return Err(e);
+                    }
+                    notes.push(format!(
+                        "the entrypoint is not there yet; the [build] command must make it ({e})"
+                    ));
+                }
+            }
+            Err(e) if m.build.is_some() => notes.push(format!(
+                "the entrypoint is not there yet; the [build] command must make it ({e})"
+            )),
+            Err(e) => return Err(e.to_string()),
+        }
+        if m.runtime == crate::manifest::Runtime::Python {
+            notes.push("a Python plugin: its venv is built at install or first start".into());
+        }
+        let known = lock(&self.known);
+        for req in &m.requires {
+            match known.iter().find(|(n, _)| *n == req.name) {
+                None => notes.push(format!("requires {}, which is not installed here", req.name)),
+                Some((_, k)) if !req.version.matches(&k.spec.manifest.version) => {
+                    notes.push(format!(
+                        "requires {} {}, but {} is installed here",
+                        req.name, req.version, k.spec.manifest.version
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(serde_json::json!({
+            "valid": true,
+            "name": m.name,
+            "version": m.version.to_string(),
+            "kind": m.kind.to_string(),
+            "runtime": if m.runtime == crate::manifest::Runtime::Python { "python" } else { "native" },
+            "build": m.build.is_some(),
+            "requires": m.requires.iter().map(|r| format!("{} {}", r.name, r.version)).collect::<Vec<_>>(),
+            "notes": notes,
+        }))
+    }
+
     /// The handle of a loaded plugin (for streaming calls over HTTP).
     pub fn plugin(&self, name: &str) -> Option<crate::PluginHandle> {
         self.sup.get(name)

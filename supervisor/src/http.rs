@@ -97,6 +97,7 @@ pub async fn bind(
         .route("/v1/plugins/{name}/{action}", post(action))
         .route("/v1/reload", post(reload))
         .route("/v1/install", post(install))
+        .route("/v1/validate", post(validate))
         .route("/v1/jobs", get(jobs))
         .route("/v1/jobs/{id}", get(job))
         .route("/v1/jobs/{id}/{action}", post(job_action))
@@ -422,6 +423,62 @@ async fn install(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -
     let req =
         Request::InstallJob { source: params.source, force: params.force, enable: params.enable };
     accepted(api.daemon.handle(req).await)
+}
+
+/// Validates a plugin without installing it: `{"path": "/folder"}`, or the bytes of a
+/// `.tar.gz` / `.zip` as the body (unpacked with the install's safety checks).
+async fn validate(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> Response {
+    // Token even for this read: it reads paths and unpacks uploads on the server.
+    if let Some(r) = api.check(&headers, true) {
+        return r;
+    }
+    let daemon = api.daemon.clone();
+    let result = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, String> {
+        let gz = body.starts_with(&[0x1f, 0x8b]);
+        let zip = body.starts_with(b"PK\x03\x04");
+        if !gz && !zip {
+            #[derive(serde::Deserialize)]
+            struct ByPath {
+                path: std::path::PathBuf,
+            }
+            let p: ByPath = serde_json::from_slice(&body).map_err(|e| {
+                format!(
+                    "send {{\"path\": \"/plugin/folder\"}} or the bytes of a .tar.gz or .zip: {e}"
+                )
+            })?;
+            return daemon.validate_folder(&p.path);
+        }
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let scratch =
+            std::env::temp_dir().join(format!("plugd-validate-{}-{n}", std::process::id()));
+        let checked = (|| {
+            std::fs::create_dir_all(&scratch).map_err(|e| format!("temp folder: {e}"))?;
+            let archive = scratch.join(if zip { "upload.zip" } else { "upload.tar.gz" });
+            std::fs::write(&archive, &body)
+                .map_err(|e| format!("write {}: {e}", archive.display()))?;
+            let unpacked = scratch.join("unpacked");
+            if zip {
+                crate::install::unpack_zip(&archive, &unpacked)?;
+            } else {
+                crate::install::unpack_tar_gz(&archive, &unpacked)?;
+            }
+            let folder = crate::install::plugin_folder(&unpacked)?;
+            daemon.validate_folder(&folder)
+        })();
+        let _ = std::fs::remove_dir_all(&scratch);
+        checked
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("validation task failed: {e}")));
+    match result {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(serde_json::json!({ "valid": false, "error": e })),
+        )
+            .into_response(),
+    }
 }
 
 /// 202 with the job id, for requests that start a job.
