@@ -480,6 +480,21 @@ fn install_jobs_run_in_the_background_and_can_be_cancelled_and_retried() {
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("source"), "{body}");
 
+    // plugctl install goes through a job too and shows its progress (plain lines off a TTY).
+    let built = echo_folder(
+        src.path(),
+        "built",
+        "[build]\ncommand = [\"sh\", \"-c\", \"echo compiling\"]\n",
+    );
+    let out = d.ctl(&["install", built.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("install job 5: running") || err.contains("install job 5: queued"),
+        "{err}"
+    );
+    assert!(err.contains("  compiling") && err.contains("install job 5: succeeded"), "{err}");
+
     // plugctl sees the same jobs.
     let out = String::from_utf8_lossy(&d.ctl(&["jobs"]).stdout).into_owned();
     assert!(out.contains("cancelled") && out.contains("git+file://"), "{out}");
@@ -493,7 +508,7 @@ fn install_jobs_run_in_the_background_and_can_be_cancelled_and_retried() {
     let kept = serde_json::from_str::<Value>(&body).unwrap();
     let states: Vec<&str> =
         kept.as_array().unwrap().iter().filter_map(|j| j["state"].as_str()).collect();
-    assert_eq!(states, ["succeeded", "cancelled", "failed", "succeeded"]);
+    assert_eq!(states, ["succeeded", "cancelled", "failed", "succeeded", "succeeded"]);
 }
 
 /// True if a `sleep ARG` process is running.

@@ -338,7 +338,7 @@ fn main() -> ExitCode {
         Cmd::Install { source, force, enable } => {
             // The daemon resolves the path, so make it absolute here.
             let source = std::fs::canonicalize(&source).unwrap_or(source);
-            Request::Install { source: source.display().to_string(), force, enable }
+            Request::InstallJob { source: source.display().to_string(), force, enable }
         }
         Cmd::Versions { name } => Request::Versions { name },
         Cmd::Jobs { id: None } => Request::Jobs,
@@ -366,6 +366,21 @@ fn main() -> ExitCode {
             eprintln!("plugctl: {e}");
             return ExitCode::from(3);
         }
+    };
+    // An install runs as a job: follow it to its end, then show its result as before.
+    let (req, reply) = match req {
+        Request::InstallJob { source, force, enable } if reply.ok => {
+            let id = reply.data.as_ref().and_then(|d| d["job_id"].as_u64()).unwrap_or(0);
+            let done = match follow_job(&mut client, id) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("plugctl: {e}");
+                    return ExitCode::from(3);
+                }
+            };
+            (Request::Install { source, force, enable }, done)
+        }
+        other => (other, reply),
     };
     if !reply.ok {
         if args.json {
@@ -631,5 +646,53 @@ fn top(socket: &std::path::Path, once: bool, interval: f64, json: bool) -> Resul
             return Ok(());
         }
         before = after;
+    }
+}
+
+/// Shows an install job's progress on stderr until it ends: a spinner line on a terminal,
+/// plain lines otherwise, and each line of output as it appears. Returns the job's outcome.
+fn follow_job(client: &mut Client, id: u64) -> Result<Reply, String> {
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let frames = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+    let start = std::time::Instant::now();
+    let (mut shown_lines, mut last_state, mut tick) = (0usize, String::new(), 0usize);
+    loop {
+        let job = match client.ask(&Request::Job { id })? {
+            Reply { ok: true, data: Some(j), .. } => j,
+            other => return Ok(other),
+        };
+        let state = cell(&job["state"]);
+        let lines = job["output"].as_array().cloned().unwrap_or_default();
+        if tty && (lines.len() > shown_lines || state != last_state) {
+            eprint!("\r\x1b[K");
+        }
+        for l in lines.iter().skip(shown_lines) {
+            eprintln!("  {}", cell(l));
+        }
+        shown_lines = shown_lines.max(lines.len());
+        if tty {
+            tick += 1;
+            eprint!(
+                "\r\x1b[K{} install job {id}: {state} ({:.0}s)",
+                frames[tick % frames.len()],
+                start.elapsed().as_secs_f64()
+            );
+        } else if state != last_state {
+            eprintln!("install job {id}: {state}");
+        }
+        last_state = state.clone();
+        match state.as_str() {
+            "succeeded" | "failed" | "cancelled" => {
+                if tty {
+                    eprintln!();
+                }
+                return Ok(if state == "succeeded" {
+                    Reply::ok(job["result"].clone())
+                } else {
+                    Reply::err(job["error"].as_str().unwrap_or(&state).to_string())
+                });
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(150)),
+        }
     }
 }
