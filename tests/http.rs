@@ -509,6 +509,34 @@ fn install_jobs_run_in_the_background_and_can_be_cancelled_and_retried() {
     let states: Vec<&str> =
         kept.as_array().unwrap().iter().filter_map(|j| j["state"].as_str()).collect();
     assert_eq!(states, ["succeeded", "cancelled", "failed", "succeeded", "succeeded"]);
+
+    // Updates and uninstalls run as jobs too.
+    let d = _d;
+    eventually("back after the restart", || d.all_ready(&["from-git", "flaky", "built"]));
+    let (code, body) = http(port, "POST", "/v1/plugins/nope/update", Some(TOKEN), b"");
+    assert_eq!(code, 404, "{body}");
+    let (code, body) =
+        http(port, "POST", "/v1/plugins/flaky/update", Some(TOKEN), b"{\"version\": 7}");
+    assert_eq!(code, 400, "{body}");
+    let pid = d.pid("flaky");
+    let (code, body) =
+        http(port, "POST", "/v1/plugins/flaky/update", Some(TOKEN), b"{\"version\": \"1.0.0\"}");
+    assert_eq!(code, 202, "{body}");
+    let id = serde_json::from_str::<Value>(&body).unwrap()["job_id"].as_u64().unwrap();
+    let job = wait_job(port, id);
+    assert_eq!(
+        (job["state"].as_str(), job["work"]["kind"].as_str()),
+        (Some("succeeded"), Some("update")),
+        "{job}"
+    );
+    assert_ne!(d.pid("flaky"), pid, "hot-swapped to a new instance");
+    let (code, body) =
+        http(port, "POST", "/v1/plugins/flaky/uninstall", Some(TOKEN), b"{\"purge\": true}");
+    assert_eq!(code, 202, "{body}");
+    let id = serde_json::from_str::<Value>(&body).unwrap()["job_id"].as_u64().unwrap();
+    assert_eq!(wait_job(port, id)["state"], "succeeded");
+    assert!(!d.root.path().join("state/installed/flaky").exists());
+    assert!(d.status().iter().all(|p| p["name"] != "flaky"));
 }
 
 /// True if a `sleep ARG` process is running.

@@ -85,7 +85,29 @@ pub enum Request {
         #[serde(default)]
         enable: bool,
     },
-    /// Every install job, oldest first.
+    /// Start an update in the background (as `Update`); the answer is `{"job_id": N}`.
+    UpdateJob {
+        /// The plugin.
+        name: String,
+        /// An installed version to switch to.
+        #[serde(default)]
+        version: Option<String>,
+        /// Update even if it breaks another plugin's `requires`.
+        #[serde(default)]
+        force: bool,
+    },
+    /// Start an uninstall in the background (as `Uninstall`); the answer is `{"job_id": N}`.
+    UninstallJob {
+        /// The plugin.
+        name: String,
+        /// Only this version.
+        #[serde(default)]
+        version: Option<String>,
+        /// Also remove its state.
+        #[serde(default)]
+        purge: bool,
+    },
+    /// Every job, oldest first.
     Jobs,
     /// One install job.
     Job {

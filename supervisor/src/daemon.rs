@@ -175,9 +175,20 @@ impl Daemon {
     /// Runs install job `id` to its end (waiting for a free slot first) and records the result.
     async fn run_job(&self, id: u64, cancel: Arc<crate::install::Cancel>) -> crate::jobs::Job {
         if let Some(_slot) = self.jobs.start(id).await {
-            let params = self.jobs.get(id).map(|j| j.install);
-            let result = match params {
-                Some(p) => self.install(&p.source, p.force, p.enable, id, &cancel).await,
+            let work = self.jobs.get(id).map(|j| j.work);
+            let result = match work {
+                Some(crate::jobs::Work::Install(p)) => {
+                    self.install(&p.source, p.force, p.enable, id, &cancel).await
+                }
+                Some(crate::jobs::Work::Update { name, version: None, force }) => {
+                    self.update_one(&name, force, false).await
+                }
+                Some(crate::jobs::Work::Update { name, version: Some(v), force }) => {
+                    self.switch_version(&name, &v, force, false).await
+                }
+                Some(crate::jobs::Work::Uninstall { name, version, purge }) => {
+                    self.uninstall(&name, version.as_deref(), purge).await
+                }
                 None => Err(format!("no job {id}")),
             };
             self.jobs.finish(id, result);
@@ -186,11 +197,7 @@ impl Daemon {
     }
 
     /// Queues an install job and runs it in the background; returns its id.
-    fn spawn_job(
-        &self,
-        params: crate::jobs::InstallParams,
-        retry_of: Option<u64>,
-    ) -> Result<u64, String> {
+    fn spawn_job(&self, params: crate::jobs::Work, retry_of: Option<u64>) -> Result<u64, String> {
         let me = self
             .me
             .get()
@@ -859,8 +866,14 @@ impl Daemon {
             }
             Request::Install { source, force, enable } => {
                 // The same job machinery as HTTP installs, waited for here.
-                let (id, cancel) =
-                    self.jobs.create(crate::jobs::InstallParams { source, force, enable }, None);
+                let (id, cancel) = self.jobs.create(
+                    crate::jobs::Work::Install(crate::jobs::InstallParams {
+                        source,
+                        force,
+                        enable,
+                    }),
+                    None,
+                );
                 let job = self.run_job(id, cancel).await;
                 match job.state {
                     crate::jobs::JobState::Succeeded => Ok(job.result.unwrap_or_default()),
@@ -868,7 +881,20 @@ impl Daemon {
                 }
             }
             Request::InstallJob { source, force, enable } => self
-                .spawn_job(crate::jobs::InstallParams { source, force, enable }, None)
+                .spawn_job(
+                    crate::jobs::Work::Install(crate::jobs::InstallParams {
+                        source,
+                        force,
+                        enable,
+                    }),
+                    None,
+                )
+                .map(|id| serde_json::json!({ "job_id": id })),
+            Request::UpdateJob { name, version, force } => self
+                .spawn_job(crate::jobs::Work::Update { name, version, force }, None)
+                .map(|id| serde_json::json!({ "job_id": id })),
+            Request::UninstallJob { name, version, purge } => self
+                .spawn_job(crate::jobs::Work::Uninstall { name, version, purge }, None)
                 .map(|id| serde_json::json!({ "job_id": id })),
             Request::Jobs => Ok(serde_json::to_value(self.jobs.list()).unwrap_or_default()),
             Request::Job { id } => self
@@ -884,9 +910,9 @@ impl Daemon {
                 Some(j) if !j.state.is_final() => {
                     Err(format!("job {id} has not ended yet; cancel it first"))
                 }
-                Some(j) => self
-                    .spawn_job(j.install, Some(id))
-                    .map(|new| serde_json::json!({ "job_id": new })),
+                Some(j) => {
+                    self.spawn_job(j.work, Some(id)).map(|new| serde_json::json!({ "job_id": new }))
+                }
             },
             Request::Versions { name } => self.versions(&name),
             Request::Rollback { name, version } => {
@@ -1511,7 +1537,11 @@ pub async fn run(config: DaemonConfig, strict: bool) -> Result<(), DaemonError> 
 fn unreachable_job(id: u64) -> crate::jobs::Job {
     crate::jobs::Job {
         id,
-        install: crate::jobs::InstallParams { source: String::new(), force: false, enable: false },
+        work: crate::jobs::Work::Install(crate::jobs::InstallParams {
+            source: String::new(),
+            force: false,
+            enable: false,
+        }),
         state: crate::jobs::JobState::Failed,
         output: Vec::new(),
         result: None,

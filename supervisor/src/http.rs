@@ -376,11 +376,13 @@ async fn action(
     State(api): State<Arc<Api>>,
     Path((name, action)): Path<(String, String)>,
     headers: HeaderMap,
+    body: Bytes,
 ) -> Response {
     if let Some(r) = api.check(&headers, true) {
         return r;
     }
     let req = match action.as_str() {
+        "update" | "uninstall" => return job_for(&api, name, &action, &body).await,
         "start" => Request::Start { name },
         "stop" => Request::Stop { name },
         "restart" => Request::Restart { name },
@@ -390,7 +392,7 @@ async fn action(
             return failure(
                 StatusCode::NOT_FOUND,
                 format!(
-                    "no action {other:?}; use start, stop, restart, enable, disable or call/METHOD"
+                    "no action {other:?}; use start, stop, restart, enable, disable, update, uninstall or call/METHOD"
                 ),
             )
         }
@@ -479,6 +481,45 @@ async fn validate(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) 
         )
             .into_response(),
     }
+}
+
+/// `update` / `uninstall` as a background job: `{"version": "2.0.0", "force": false}` or
+/// `{"version": null, "purge": true}` (an empty body takes the defaults).
+async fn job_for(api: &Api, name: String, action: &str, body: &[u8]) -> Response {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Options {
+        #[serde(default)]
+        version: Option<String>,
+        #[serde(default)]
+        force: bool,
+        #[serde(default)]
+        purge: bool,
+    }
+    let o: Options = if body.iter().all(u8::is_ascii_whitespace) {
+        Options::default()
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(o) => o,
+            Err(e) => {
+                return failure(
+                    StatusCode::BAD_REQUEST,
+                    format!("the body of {action} takes version, force and purge: {e}"),
+                )
+            }
+        }
+    };
+    // Unknown plugins answer 404 now rather than as a failed job.
+    let known = api.daemon.handle(Request::Status { name: Some(name.clone()) }).await;
+    if !known.ok {
+        return reply_to_response(known, false);
+    }
+    let req = if action == "update" {
+        Request::UpdateJob { name, version: o.version, force: o.force }
+    } else {
+        Request::UninstallJob { name, version: o.version, purge: o.purge }
+    };
+    accepted(api.daemon.handle(req).await)
 }
 
 /// 202 with the job id, for requests that start a job.

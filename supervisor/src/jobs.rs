@@ -1,4 +1,4 @@
-//! Install jobs: installs run in the background, one record each, kept on disk.
+//! Jobs: installs, updates and uninstalls run in the background, one record each, kept on disk.
 //!
 //! A job is queued, then running (at most [`CONCURRENCY`] at a time), then
 //! succeeded, failed or cancelled. Each change is written to
@@ -45,7 +45,58 @@ impl JobState {
     }
 }
 
-/// What a job does: install `source`.
+/// What a job does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Work {
+    /// Install a plugin.
+    Install(InstallParams),
+    /// Hot-swap a plugin to its folder's contents or to an installed version.
+    Update {
+        /// The plugin.
+        name: String,
+        /// An installed version to switch to.
+        #[serde(default)]
+        version: Option<String>,
+        /// Update even if it breaks another plugin's `requires`.
+        #[serde(default)]
+        force: bool,
+    },
+    /// Remove an installed plugin (or one of its versions).
+    Uninstall {
+        /// The plugin.
+        name: String,
+        /// Only this version.
+        #[serde(default)]
+        version: Option<String>,
+        /// Also remove its state.
+        #[serde(default)]
+        purge: bool,
+    },
+}
+
+impl Work {
+    /// In words, for listings.
+    pub fn describe(&self) -> String {
+        match self {
+            Work::Install(p) => format!("install {}", p.source),
+            Work::Update { name, version, .. } => {
+                format!(
+                    "update {name}{}",
+                    version.as_ref().map(|v| format!(" to {v}")).unwrap_or_default()
+                )
+            }
+            Work::Uninstall { name, version, .. } => {
+                format!(
+                    "uninstall {name}{}",
+                    version.as_ref().map(|v| format!(" {v}")).unwrap_or_default()
+                )
+            }
+        }
+    }
+}
+
+/// What an install job installs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstallParams {
     /// A folder, an archive, an http(s) archive URL or `git+URL#ref`.
@@ -64,7 +115,7 @@ pub struct Job {
     /// Its number.
     pub id: u64,
     /// What it does.
-    pub install: InstallParams,
+    pub work: Work,
     /// Where it is.
     pub state: JobState,
     /// What the steps printed (build, pip, git), last lines kept.
@@ -129,12 +180,12 @@ impl Jobs {
     }
 
     /// Records a new queued job; returns its id and what the runner needs.
-    pub fn create(&self, install: InstallParams, retry_of: Option<u64>) -> (u64, Arc<Cancel>) {
+    pub fn create(&self, work: Work, retry_of: Option<u64>) -> (u64, Arc<Cancel>) {
         let mut entries = lock(&self.entries);
         let id = entries.keys().next_back().copied().unwrap_or(0) + 1;
         let job = Job {
             id,
-            install,
+            work,
             state: JobState::Queued,
             output: Vec::new(),
             result: None,
@@ -253,8 +304,8 @@ fn save(dir: &Path, job: &Job) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    fn params() -> InstallParams {
-        InstallParams { source: "/src".into(), force: false, enable: false }
+    fn params() -> Work {
+        Work::Install(InstallParams { source: "/src".into(), force: false, enable: false })
     }
 
     #[tokio::test]

@@ -432,7 +432,7 @@ fn main() -> ExitCode {
                     "{:>4}  {:<10} {}{}",
                     cell(&j["id"]),
                     cell(&j["state"]),
-                    cell(&j["install"]["source"]),
+                    describe(&j["work"]),
                     j["error"]
                         .as_str()
                         .map(|e| format!("  ({})", e.lines().next().unwrap_or("")))
@@ -442,10 +442,10 @@ fn main() -> ExitCode {
         }
         Request::Job { .. } | Request::CancelJob { .. } => {
             println!(
-                "job {} {}: install {}",
+                "job {} {}: {}",
                 cell(&data["id"]),
                 cell(&data["state"]),
-                cell(&data["install"]["source"])
+                describe(&data["work"])
             );
             for line in data["output"].as_array().cloned().unwrap_or_default() {
                 println!("  {}", cell(&line));
@@ -695,4 +695,11 @@ fn follow_job(client: &mut Client, id: u64) -> Result<Reply, String> {
             _ => std::thread::sleep(std::time::Duration::from_millis(150)),
         }
     }
+}
+
+/// A job's work in words (as `jobs::Work::describe`), from its JSON.
+fn describe(work: &serde_json::Value) -> String {
+    serde_json::from_value::<supervisor::jobs::Work>(work.clone())
+        .map(|w| w.describe())
+        .unwrap_or_else(|_| work.to_string())
 }
