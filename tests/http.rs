@@ -590,3 +590,39 @@ fn validate_checks_a_folder_or_an_uploaded_archive_without_installing() {
     assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["name"], "good");
     assert!(!d.root.path().join("state/installed/good").exists(), "validating installs nothing");
 }
+
+#[test]
+fn a_job_cut_short_by_a_crash_of_plugd_is_failed_not_running_and_leaves_nothing() {
+    let (d, port) = start_with_http("");
+    let src = tempfile::tempdir().unwrap();
+    let slow = echo_folder(
+        src.path(),
+        "cut-short",
+        "[build]\ncommand = [\"sh\", \"-c\", \"sleep 62.3\"]\n",
+    );
+    let id = start_job(port, &slow, false);
+    eventually("the build is running", || sleeping("62.3"));
+    let mut d = d;
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = d.child.wait();
+    let d = d.restart_after_kill();
+    // The orphaned build step is not ours to wait for; kill it so the test leaves nothing.
+    let _ = Command::new("pkill").args(["-f", "sleep 62.3"]).status();
+    let (code, body) = http(port, "GET", &format!("/v1/jobs/{id}"), None, b"");
+    assert_eq!(code, 200, "{body}");
+    let job: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (job["state"].as_str(), job["error"].as_str()),
+        (Some("failed"), Some("interrupted by restart"))
+    );
+    let left: Vec<String> = std::fs::read_dir(d.root.path().join("state/installed"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|e| std::fs::read_dir(e.path()).into_iter().flatten().flatten())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "the half-made copy was cleared at start: {left:?}");
+    let (code, _) = http(port, "POST", &format!("/v1/jobs/{id}/cancel"), Some(TOKEN), b"");
+    assert_eq!(code, 409, "it has ended");
+}
