@@ -234,28 +234,9 @@ impl Daemon {
                 git.args(["--branch", r]);
             }
             git.arg(url).arg(&scratch);
-            self.jobs.output(job, vec![format!("$ git clone {url}")]);
-            let out = fetch(git, cancel).await.map_err(|e| match e {
-                Fetch::Cancelled => crate::install::CANCELLED.to_string(),
-                Fetch::TimedOut => format!("git clone {url} took longer than 5 minutes"),
-                Fetch::Failed(e) => {
-                    format!("cannot run git: {e}; install git to install from a repository")
-                }
-            });
-            let out = match out {
-                Ok(o) => o,
-                Err(e) => {
-                    let _ = std::fs::remove_dir_all(&scratch);
-                    return Err(e);
-                }
-            };
-            if !out.status.success() {
-                let _ = std::fs::remove_dir_all(&scratch);
-                return Err(format!(
-                    "git clone {url} failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
+            let what = format!("git clone {url}");
+            self.jobs.output(job, vec![format!("$ {what}")]);
+            fetch(git, &what, "install git to install from a repository", cancel, &scratch).await?;
             let _ = std::fs::remove_dir_all(scratch.join(".git"));
             Some(crate::install::plugin_folder(&scratch))
         } else if source.starts_with("http://") || source.starts_with("https://") {
@@ -281,28 +262,9 @@ impl Daemon {
             .arg("--output")
             .arg(&download)
             .arg(source);
+            let what = format!("downloading {source}");
             self.jobs.output(job, vec![format!("$ curl {source}")]);
-            let out = fetch(curl, cancel).await.map_err(|e| match e {
-                Fetch::Cancelled => crate::install::CANCELLED.to_string(),
-                Fetch::TimedOut => format!("downloading {source} took longer than 5 minutes"),
-                Fetch::Failed(e) => {
-                    format!("cannot run curl: {e}; install curl to install from a URL")
-                }
-            });
-            let out = match out {
-                Ok(o) => o,
-                Err(e) => {
-                    let _ = std::fs::remove_dir_all(&scratch);
-                    return Err(e);
-                }
-            };
-            if !out.status.success() {
-                let _ = std::fs::remove_dir_all(&scratch);
-                return Err(format!(
-                    "downloading {source} failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
+            fetch(curl, &what, "install curl to install from a URL", cancel, &scratch).await?;
             let unpacked = scratch.join("unpacked");
             let unpack =
                 if zip { crate::install::unpack_zip } else { crate::install::unpack_tar_gz };
@@ -1552,47 +1514,58 @@ fn unreachable_job(id: u64) -> crate::jobs::Job {
     }
 }
 
-/// Why a fetch (git, curl) did not produce output.
-enum Fetch {
-    Cancelled,
-    TimedOut,
-    Failed(std::io::Error),
-}
-
-/// Runs a fetching command in its own process group, at most 5 minutes; a cancel kills the
-/// group (git forks helpers) within 50 ms.
+/// Runs a fetching command (git, curl) in its own process group, at most 5 minutes; a
+/// cancel kills the group (git forks helpers) within 50 ms. On any failure `scratch` is
+/// removed and the error says `what` failed and why (`missing` is the fix if the tool is
+/// not installed).
 async fn fetch(
     mut cmd: tokio::process::Command,
+    what: &str,
+    missing: &str,
     cancel: &crate::install::Cancel,
-) -> Result<std::process::Output, Fetch> {
+    scratch: &Path,
+) -> Result<(), String> {
     cmd.process_group(0)
         .kill_on_drop(true)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let child = cmd.spawn().map_err(Fetch::Failed)?;
-    let pgid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
-    let killpg = || {
-        if let Some(p) = pgid {
-            let _ = nix::sys::signal::killpg(p, nix::sys::signal::Signal::SIGKILL);
-        }
-    };
-    let cancelled = async {
-        while !cancel.is_cancelled() {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    };
-    tokio::select! {
-        out = tokio::time::timeout(std::time::Duration::from_secs(300), child.wait_with_output()) => match out {
-            Ok(r) => r.map_err(Fetch::Failed),
-            Err(_) => {
-                killpg();
-                Err(Fetch::TimedOut)
+    let result = async {
+        let child = cmd.spawn().map_err(|e| format!("cannot run {what}: {e}; {missing}"))?;
+        let pgid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
+        let killpg = || {
+            if let Some(p) = pgid {
+                let _ = nix::sys::signal::killpg(p, nix::sys::signal::Signal::SIGKILL);
             }
-        },
-        _ = cancelled => {
-            killpg();
-            Err(Fetch::Cancelled)
+        };
+        let cancelled = async {
+            while !cancel.is_cancelled() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        };
+        let limit = std::time::Duration::from_secs(300);
+        let out = tokio::select! {
+            out = tokio::time::timeout(limit, child.wait_with_output()) => match out {
+                Ok(r) => r.map_err(|e| format!("{what}: {e}"))?,
+                Err(_) => {
+                    killpg();
+                    return Err(format!("{what} took longer than 5 minutes"));
+                }
+            },
+            _ = cancelled => {
+                killpg();
+                return Err(crate::install::CANCELLED.to_string());
+            }
+        };
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("{what} failed: {}", String::from_utf8_lossy(&out.stderr).trim()))
         }
     }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(scratch);
+    }
+    result
 }

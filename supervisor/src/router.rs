@@ -233,10 +233,15 @@ impl PluginHandle {
         arg: &A,
         deadline: Deadline,
     ) -> Result<R, CallError> {
-        let payload = Payload::bincode(arg).map_err(|e| {
-            CallError::new(ErrorCode::BadPayload, format!("cannot encode argument: {e}"))
-        })?;
-        let reply = self.call_raw(method, payload, deadline).await?;
+        let reply = self.call_raw(method, encode_arg(arg)?, deadline).await?;
+        self.decode_reply(method, reply)
+    }
+
+    fn decode_reply<R: DeserializeOwned>(
+        &self,
+        method: &str,
+        reply: Payload,
+    ) -> Result<R, CallError> {
         reply.decode().map_err(|e| {
             CallError::new(
                 ErrorCode::BadPayload,
@@ -323,16 +328,8 @@ impl PluginHandle {
         arg: &A,
         deadline: Deadline,
     ) -> Result<R, CallError> {
-        let payload = Payload::bincode(arg).map_err(|e| {
-            CallError::new(ErrorCode::BadPayload, format!("cannot encode argument: {e}"))
-        })?;
-        let reply = self.call_raw_blocking(method, payload, deadline)?;
-        reply.decode().map_err(|e| {
-            CallError::new(
-                ErrorCode::BadPayload,
-                format!("plugin {} method {method}: cannot decode reply: {e}", self.shared.name),
-            )
-        })
+        let reply = self.call_raw_blocking(method, encode_arg(arg)?, deadline)?;
+        self.decode_reply(method, reply)
     }
 
     /// [`PluginHandle::call_blocking`] with an already-encoded payload.
@@ -421,4 +418,10 @@ impl PluginHandle {
     pub fn logs(&self, n: usize) -> Vec<LogLine> {
         self.shared.ring.tail(n)
     }
+}
+
+/// A typed argument as a bincode payload.
+fn encode_arg<A: Serialize + ?Sized>(arg: &A) -> Result<Payload, CallError> {
+    Payload::bincode(arg)
+        .map_err(|e| CallError::new(ErrorCode::BadPayload, format!("cannot encode argument: {e}")))
 }
