@@ -283,3 +283,88 @@ pub fn on_tick_blocking(warmup: usize, samples: usize, pinned: bool) -> Result<S
     };
     Ok(stats(name, 25, ns))
 }
+
+/// Crash → Ready again: the crasher plugin exits on command and is restarted with a 1 ms
+/// backoff; the time from the failed call to Ready, with the backoff taken off.
+pub async fn crash_to_ready(n: usize) -> Result<Stats> {
+    let dir = tempfile::tempdir()?;
+    let sup = supervisor()?;
+    let restart = "[restart]\nbackoff = \"1ms\"\nbackoff_max = \"1ms\"\nmax_restarts = 1000000\nwithin = \"1s\"\n";
+    let c = sup.load(temp_plugin(dir.path(), "crasher", "crasher", restart)?).await?;
+    let mut ns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let before = c.status().pid;
+        let t0 = Instant::now();
+        let _ = c.call::<_, ()>("crash", "exit").await; // fails: the plugin died
+        let give_up = Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = c.status();
+            if st.state == supervisor::State::Ready && st.pid != before {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < give_up, "crasher did not come back: {st:?}");
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        }
+        ns.push((t0.elapsed().saturating_sub(Duration::from_millis(1))).as_nanos() as u64);
+    }
+    sup.shutdown().await;
+    Ok(stats("crash → Ready (less 1 ms backoff)", 0, ns))
+}
+
+/// Hot swaps under load: one caller calls echo in a loop while `swaps` updates alternate
+/// two versions; returns (steady latencies, latencies of calls made during a swap). Any
+/// failed call fails the benchmark.
+pub async fn hot_swap(swaps: usize) -> Result<(Stats, Stats)> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir()?;
+    let sup = supervisor()?;
+    let v = |tag: &str, version: &str| -> Result<PluginSpec> {
+        let folder = dir.path().join(tag);
+        std::fs::create_dir_all(&folder)?;
+        std::fs::write(
+            folder.join("plugin.toml"),
+            format!(
+                "name = \"echo\"\nversion = \"{version}\"\napi_version = \"^1\"\nentrypoint = \"{}\"\n",
+                bin_dir()?.join("echo").display()
+            ),
+        )?;
+        Ok(PluginSpec::from_manifest(&folder)?)
+    };
+    let (v1, v2) = (v("v1", "1.0.0")?, v("v2", "2.0.0")?);
+    let echo = sup.load(v1.clone()).await?;
+    let (stop, swapping) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let caller = {
+        let (echo, stop, swapping) = (echo.clone(), stop.clone(), swapping.clone());
+        tokio::spawn(async move {
+            let (mut steady, mut during) = (Vec::new(), Vec::new());
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let in_swap = swapping.load(Ordering::Relaxed);
+                let t0 = Instant::now();
+                let back: u64 =
+                    echo.call_with("echo", &n, Deadline::after(Duration::from_secs(10))).await?;
+                anyhow::ensure!(back == n, "call {n} answered {back}");
+                let ns = t0.elapsed().as_nanos() as u64;
+                if in_swap || swapping.load(Ordering::Relaxed) {
+                    during.push(ns)
+                } else {
+                    steady.push(ns)
+                }
+                n += 1;
+            }
+            Ok::<_, anyhow::Error>((steady, during))
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..swaps {
+        swapping.store(true, Ordering::Relaxed);
+        sup.update(if i % 2 == 0 { v2.clone() } else { v1.clone() }).await?;
+        swapping.store(false, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (steady, during) = caller.await??;
+    sup.shutdown().await;
+    Ok((stats("calls between swaps", 0, steady), stats("calls during a swap", 0, during)))
+}

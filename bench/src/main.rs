@@ -290,6 +290,8 @@ fn main() -> Result<()> {
     let (single, fan) = rt.block_on(extra::fan_out(8, warmup.min(1000), fan_samples))?;
     let fan = with_ratio(fan, &single);
     let scale = rt.block_on(extra::scale(scale_n, idle))?;
+    let crash = rt.block_on(extra::crash_to_ready(if quick { 10 } else { 100 }))?;
+    let (swap_steady, swap_during) = rt.block_on(extra::hot_swap(20))?;
     let ctl = plugctl_cost::measure(scale_n, if quick { 20 } else { 100 })?;
     drop(rt);
     // Pinned last: from here on this thread and everything it starts run on CPU 0.
@@ -367,6 +369,17 @@ fn main() -> Result<()> {
         scale.plugins, scale.start_all_ms, scale.stop_all_ms, scale.supervisor_rss_kib_per_plugin, scale.idle_cpu_percent, scale.idle_secs
     );
     println!(
+        "crash → Ready again: p50 {:.2} ms, p99 {:.2} ms (backoff taken off)",
+        crash.p50_us / 1000.0,
+        crash.p99_us / 1000.0
+    );
+    println!(
+        "hot swap under load (20 swaps): p99 {:.2} ms between swaps, p99 {:.2} ms and worst {:.2} ms during swaps, 0 calls lost",
+        swap_steady.p99_us / 1000.0,
+        swap_during.p99_us / 1000.0,
+        swap_during.max_us / 1000.0
+    );
+    println!(
         "plugctl against plugd with {} plugins (whole command, start to exit): call p50 {:.1} ms, status p50 {:.1} ms; starting /bin/true p50 {:.1} ms ({:.1}× / {:.1}× that)",
         ctl.plugins,
         ctl.call.p50_us / 1000.0,
@@ -389,6 +402,10 @@ fn main() -> Result<()> {
             "pipelined": pipelined,
             "fan_out": { "single": single, "eight": fan },
             "scale": scale,
+            "crash_to_ready": crash,
+            "hot_swap": { "steady": swap_steady, "during": swap_during },
+            "date": std::process::Command::new("date").arg("-u").arg("+%Y-%m-%dT%H:%M:%SZ").output().ok()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()),
             "plugctl": ctl,
             "commit": std::process::Command::new("git").args(["rev-parse", "HEAD"]).output().ok()
                 .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()),
