@@ -247,3 +247,45 @@ async fn a_failing_new_version_leaves_the_old_one_serving() {
     }
     sup.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_version_that_dies_before_the_hand_over_fails_the_update_and_the_old_one_comes_back()
+{
+    let sup = Arc::new(supervisor());
+    let dir = tempfile::tempdir().unwrap();
+    let restart = "[restart]\nbackoff = \"10ms\"\n";
+    let v1 = version(&dir, "v1", "svc", "slow", "1.0.0", restart);
+    // Ready at once, dead 300 ms later: while the old instance still drains a long call.
+    let v2 = version(
+        &dir,
+        "v2",
+        "svc",
+        "crasher",
+        "2.0.0",
+        &format!("{restart}[config]\ndie_after_ms = 300\nmode = \"abort\"\n"),
+    );
+    let svc = sup.load(v1).await.unwrap();
+    let in_flight = {
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            svc.call_with::<_, u64>("slow", &1500u64, Deadline::after(Duration::from_secs(10)))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let err = sup.update(v2).await.unwrap_err().to_string();
+    assert!(err.contains("new instance") && err.contains("SIGABRT"), "{err}");
+    assert_eq!(in_flight.await.unwrap().unwrap(), 1500, "the old instance finished its call");
+    // The old version serves again (restarted by its policy), and says so.
+    eventually("v1 back", || {
+        let st = svc.status();
+        st.state == supervisor::State::Ready
+            && st.version == "1.0.0"
+            && st.updating_to.is_none()
+            && st.restarts >= 1
+    })
+    .await;
+    let ms: u64 = svc.call("slow", &1u64).await.unwrap();
+    assert_eq!(ms, 1);
+    sup.shutdown().await;
+}

@@ -149,6 +149,9 @@ impl Slot {
         let mut start_waiters: Vec<oneshot::Sender<Result<(), ExitReason>>> = Vec::new();
         let mut stop_waiters: Vec<oneshot::Sender<()>> = Vec::new();
         let mut update: Option<Update> = None;
+        // After a new version died during its hand-over: the old instance (still draining)
+        // and why the new one ended. Its state and its exit restart the old version.
+        let mut failed_update: Option<(Current, ExitReason)> = None;
         let far = Instant::now() + std::time::Duration::from_secs(86400 * 365);
 
         loop {
@@ -260,10 +263,47 @@ impl Slot {
                                 }
                                 continue;
                             }
+                            // The new instance died after Ready, before the old one handed over: the
+                            // update failed. Once the old one has drained (its in-flight calls
+                            // finish), the old version starts again with its state.
+                            (InstanceEvent::Exited { reason, .. }, Some(_)) if gen == new_gen => {
+                                let why = format!("the new instance ended before the hand-over: {reason}");
+                                self.note(LogLevel::Error, format!("update failed: {why}; the running version restarts once it has drained"));
+                                *self.shared.live.lock().unwrap_or_else(|p| p.into_inner()).exits.entry(reason.kind()).or_default() += 1;
+                                current = None;
+                                pid = None;
+                                self.shared.route.store(None);
+                                {
+                                    let mut live = self.shared.live.lock().unwrap_or_else(|p| p.into_inner());
+                                    live.updating_to = None;
+                                    live.version = self.spec.manifest.version.to_string();
+                                    // Not Ready: nothing is routed until the old one has drained
+                                    // and restarted.
+                                    live.state = State::Draining;
+                                    live.pid = None;
+                                }
+                                // Keep the old instance's control channel: dropping it kills it.
+                                if let Some(old) = u.retiring.take() {
+                                    failed_update = Some((old, reason.clone()));
+                                }
+                                if let Some(u) = update.take() {
+                                    let _ = u.reply.send(Err(why));
+                                }
+                                continue;
+                            }
                             (_, Some(old)) if gen == old => continue, // the old one's Drained
                             _ => {}
                         }
                     }
+                    if failed_update.as_ref().is_some_and(|(old, _)| gen == old.generation) {
+                        let InstanceEvent::Exited { state, .. } = ev else { continue };
+                        if state.is_some() {
+                            handover = state;
+                        }
+                        let Some((_, reason)) = failed_update.take() else { continue };
+                        // As if the running instance had ended this way: the policy restarts it.
+                        Event::ProcessExited(reason)
+                    } else {
                     if current.as_ref().map(|c| c.generation) != Some(gen) {
                         continue; // a report from an instance we already let go of
                     }
@@ -295,6 +335,7 @@ impl Slot {
                             *self.shared.live.lock().unwrap_or_else(|p| p.into_inner()).exits.entry(reason.kind()).or_default() += 1;
                             Event::ProcessExited(reason)
                         }
+                    }
                     }
                 },
                 _ = sleep_until(restart_at.unwrap_or(far)), if restart_at.is_some() => {

@@ -1,7 +1,8 @@
 //! crasher: dies on command, or after N ticks, in the way the config says.
 //!
 //! `[config]`: `crash_after` (ticks, 0 = never), `mode` ("abort" → SIGABRT,
-//! "segv" → SIGSEGV, "exit" → exit(3)), `fail_on_load` (on_load returns an error).
+//! "segv" → SIGSEGV, "exit" → exit(3)), `fail_on_load` (on_load returns an error),
+//! `die_after_ms` (dies that long after loading, whatever it is doing).
 
 use plugd_examples::{Order, Tick};
 use plugin_runner::{LoadContext, Methods, Plugin};
@@ -13,6 +14,7 @@ struct Config {
     crash_after: u64,
     mode: String,
     fail_on_load: bool,
+    die_after_ms: u64,
 }
 
 #[derive(Default)]
@@ -55,6 +57,13 @@ impl Plugin for Crasher {
         self.config = ctx.config()?;
         if self.config.fail_on_load {
             return Err("fail_on_load is set in [config]".into());
+        }
+        if self.config.die_after_ms > 0 {
+            let (ms, mode) = (self.config.die_after_ms, self.config.mode.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                die(&mode)
+            });
         }
         Ok(())
     }
