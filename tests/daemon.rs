@@ -813,3 +813,33 @@ fn install_from_a_zip_and_refuse_unmet_requires() {
     );
     assert!(!d.root.path().join("state/installed/needy").exists());
 }
+
+#[test]
+fn a_reload_refuses_an_edit_that_would_break_a_running_dependent() {
+    let d = Plugd::start(|dir| {
+        add_plugin(dir, "echo", "base", "");
+        add_plugin(dir, "echo", "user", "requires = [\"base ^1\"]");
+    });
+    eventually("ready", || d.all_ready(&["base", "user"]));
+    let (base, user) = (d.pid("base"), d.pid("user"));
+    let set = |name: &str, from: &str, to: &str| {
+        let path = d.plugins().join(name).join("plugin.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from), "{text}");
+        std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
+    };
+    set("base", "version = \"1.0.0\"", "version = \"2.0.0\"");
+    let report = d.json(&["reload"]);
+    let problems = report["problems"].to_string();
+    assert!(problems.contains("would break user") && problems.contains("--force"), "{report}");
+    assert_eq!((d.pid("base"), d.pid("user")), (base, user), "nothing restarted");
+    assert_eq!(d.plugin("base")["version"], "1.0.0");
+    assert!(d.all_ready(&["base", "user"]));
+    // Once the dependent asks for the new version, the next reload applies both edits.
+    set("user", "base ^1", "base ^2");
+    let report = d.json(&["reload"]);
+    assert_eq!(report["problems"], serde_json::json!([]), "{report}");
+    eventually("both moved", || {
+        d.plugin("base")["version"] == "2.0.0" && d.all_ready(&["base", "user"])
+    });
+}

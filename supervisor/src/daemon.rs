@@ -164,7 +164,11 @@ impl Daemon {
     fn dirs_and_defaults(&self) -> (Vec<PathBuf>, toml::Table) {
         let c = lock(&self.config);
         let mut dirs = c.plugin_dirs.clone();
-        dirs.push(crate::install::root(&c.state_dir));
+        // plugd's own folder of installed plugins: made here, so discovery never reports
+        // it missing (the operator did not configure it and could not fix that).
+        let installed = crate::install::root(&c.state_dir);
+        let _ = std::fs::create_dir_all(&installed);
+        dirs.push(installed);
         (dirs, c.defaults.clone())
     }
 
@@ -626,7 +630,8 @@ impl Daemon {
             }
         }
         let (dirs, defaults) = self.dirs_and_defaults();
-        let d = discover(&dirs, &defaults);
+        let mut d = discover(&dirs, &defaults);
+        let refused = self.refuse_breaking_edits(&mut d, &defaults);
         report.problems.extend(d.problems);
         let old: Vec<(String, String)> =
             lock(&self.known).iter().map(|(n, k)| (n.clone(), k.fingerprint.clone())).collect();
@@ -641,6 +646,18 @@ impl Daemon {
         let mut known = Vec::new();
         for spec in d.plugins {
             let name = spec.name().to_string();
+            if refused.contains(&name) {
+                // Keeps what it runs, and the fingerprint of that, until the edit is fixed.
+                let kept = lock(&self.known).iter().find(|(n, _)| *n == name).map(|(_, k)| Known {
+                    spec: k.spec.clone(),
+                    fingerprint: k.fingerprint.clone(),
+                });
+                if let Some(k) = kept {
+                    report.unchanged.push(name.clone());
+                    known.push((name, k));
+                    continue;
+                }
+            }
             let fp = self.fingerprint_of(&spec);
             let disabled = lock(&self.disabled).contains(&name);
             match old.iter().find(|(n, _)| *n == name) {
@@ -687,6 +704,71 @@ impl Daemon {
             report.unchanged.len()
         );
         report
+    }
+
+    /// A reload must not take a running plugin's dependents down: an edit that moves a plugin
+    /// to a version a running dependent's `requires` refuses is not applied (that plugin keeps
+    /// its running spec) and the dependent, which discovery dropped for it, stays. Problems
+    /// say so and name the way out.
+    fn refuse_breaking_edits(
+        &self,
+        d: &mut crate::discovery::Discovery,
+        defaults: &toml::Table,
+    ) -> BTreeSet<String> {
+        let known = lock(&self.known);
+        let running =
+            |n: &str| self.sup.get(n).is_some_and(|h| h.status().state == crate::State::Ready);
+        let mut refused: BTreeMap<String, String> = BTreeMap::new();
+        for (dependent, k) in known.iter().filter(|(n, _)| running(n)) {
+            // What the dependent asks for now: its edited manifest if it still reads.
+            let now = PluginSpec::from_manifest_with_defaults(&k.spec.manifest_path, defaults)
+                .map(|s| s.manifest.requires)
+                .unwrap_or_else(|_| k.spec.manifest.requires.clone());
+            for req in &now {
+                let Some((_, old)) = known.iter().find(|(n, _)| *n == req.name) else { continue };
+                let Some(new) = d.plugins.iter().find(|s| s.name() == req.name) else { continue };
+                let (old_v, new_v) = (&old.spec.manifest.version, &new.manifest.version);
+                if req.version.matches(old_v) && !req.version.matches(new_v) {
+                    refused.entry(req.name.clone()).or_insert_with(|| format!(
+                        "{}: version {new_v} would break {dependent}, which requires {} {}; keeping {old_v} running. Relax {dependent}'s `requires`, or switch with `plugctl update {} --force`",
+                        new.manifest_path.display(), req.name, req.version, req.name
+                    ));
+                }
+            }
+        }
+        if refused.is_empty() {
+            return BTreeSet::new();
+        }
+        for (name, why) in &refused {
+            if let (Some(slot), Some((_, old))) = (
+                d.plugins.iter_mut().find(|s| s.name() == name),
+                known.iter().find(|(n, _)| n == name),
+            ) {
+                *slot = old.spec.clone();
+            }
+            d.problems.push(why.clone());
+        }
+        // Dependents that discovery dropped because of a refused version come back.
+        for (name, k) in known.iter() {
+            if d.plugins.iter().any(|s| s.name() == name) {
+                continue;
+            }
+            let Ok(spec) = PluginSpec::from_manifest_with_defaults(&k.spec.manifest_path, defaults)
+            else {
+                continue;
+            };
+            let satisfied = spec.manifest.requires.iter().all(|r| {
+                d.plugins
+                    .iter()
+                    .any(|s| s.name() == r.name && r.version.matches(&s.manifest.version))
+            });
+            if satisfied {
+                let path = k.spec.manifest_path.display().to_string();
+                d.problems.retain(|p| !p.starts_with(&path));
+                d.plugins.push(spec);
+            }
+        }
+        refused.into_keys().collect()
     }
 
     /// Status of every known plugin (or one), as stable JSON objects.
