@@ -1,6 +1,6 @@
 """Write plugd plugins in Python: ``from plugd_plugin import Plugin, method, serve``.
 
-A plugin is a class with handlers marked by ``@method``; ``serve(MyPlugin())``
+A plugin is a class with handlers marked by ``@method`` (or named in ``exports``); ``serve(MyPlugin())``
 speaks the plugd protocol on the socket the supervisor passed as fd 3 and
 returns only when the plugin is told to stop. Standard library only, so it
 installs into any plugin's virtualenv (plugd puts it there itself).
@@ -70,6 +70,8 @@ class Plugin:
     name = None
     #: Version sent in Hello; default: ``PLUGD_PLUGIN_VERSION``.
     version = None
+    #: Plain methods callable by their own name (JSON only), besides those marked ``@method``.
+    exports = ()
 
     def on_load(self, config):
         """Called once before the first call with the manifest's ``[config]`` table (a dict)."""
@@ -91,6 +93,12 @@ class Plugin:
 
 def _handlers(plugin):
     found = {}
+    for name in plugin.exports:
+        fn = getattr(plugin, name, None)
+        if not callable(fn):
+            raise TypeError("exports names %r, which is not a method of %s"
+                            % (name, type(plugin).__name__))
+        found[name] = (fn, None, None)
     for attr in dir(type(plugin)):
         fn = getattr(type(plugin), attr, None)
         mark = getattr(fn, "_plugd_method", None)

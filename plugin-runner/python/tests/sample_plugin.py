@@ -8,6 +8,11 @@ POINT = schema.Struct(("x", schema.I32), ("y", schema.I32))
 
 
 class Sample(Plugin):
+    exports = ("shout",)
+
+    def shout(self, text):
+        return text.upper()
+
     def on_load(self, config):
         self.greeting = config.get("greeting", "hello")
         self.count = 0

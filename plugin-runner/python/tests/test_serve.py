@@ -84,7 +84,7 @@ class Serve(unittest.TestCase):
         h = self.sup.hello
         self.assertEqual((h.magic, h.proto_min, h.proto_max), (wire.MAGIC, 1, 1))
         self.assertEqual((h.name, h.version), ("sample", "1.2.3"))
-        self.assertEqual(h.methods, ["add", "boom", "count_to", "fail", "greet"])
+        self.assertEqual(h.methods, ["add", "boom", "count_to", "fail", "greet", "shout"])
         self.assertTrue(h.sdk.startswith("plugd-plugin-py/"))
         self.assertEqual(self.sup.ready, wire.Ready())
 
@@ -95,6 +95,8 @@ class Serve(unittest.TestCase):
         self.assertEqual(reply.result, Payload(CODEC_BINCODE, schema.encode(schema.I64, -3)))
         reply, _ = self.sup.call(3, "add", js({"x": 1, "y": 1}))
         self.assertEqual(reply.result, Payload(CODEC_JSON, b"2"))
+        reply, _ = self.sup.call(10, "shout", js("hey"))
+        self.assertEqual(reply.result, Payload(CODEC_JSON, b'"HEY"'))
         reply, _ = self.sup.call(4, "nope", js(None))
         self.assertEqual(reply.result.code, wire.UNKNOWN_METHOD)
         self.assertIn("greet", reply.result.message)
