@@ -1,0 +1,485 @@
+//! The daemon's installed plugins: install (as jobs), versions, switching versions,
+//! uninstall, and checking a plugin folder without installing it.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{lock, Daemon};
+use crate::manifest::PluginSpec;
+use crate::spawn::entrypoint_program;
+
+impl Daemon {
+    /// Runs install job `id` to its end (waiting for a free slot first) and records the result.
+    pub(super) async fn run_job(
+        &self,
+        id: u64,
+        cancel: Arc<crate::install::Cancel>,
+    ) -> crate::jobs::Job {
+        if let Some(_slot) = self.jobs.start(id).await {
+            let work = self.jobs.get(id).map(|j| j.work);
+            let result = match work {
+                Some(crate::jobs::Work::Install(p)) => {
+                    self.install(&p.source, p.force, p.enable, id, &cancel).await
+                }
+                Some(crate::jobs::Work::Update { name, version: None, force }) => {
+                    self.update_one(&name, force, false).await
+                }
+                Some(crate::jobs::Work::Update { name, version: Some(v), force }) => {
+                    self.switch_version(&name, &v, force, false).await
+                }
+                Some(crate::jobs::Work::Uninstall { name, version, purge }) => {
+                    self.uninstall(&name, version.as_deref(), purge).await
+                }
+                None => Err(format!("no job {id}")),
+            };
+            self.jobs.finish(id, result);
+        }
+        self.jobs.wait(id).await.unwrap_or_else(|| unreachable_job(id))
+    }
+
+    /// Queues an install job and runs it in the background; returns its id.
+    pub(super) fn spawn_job(
+        &self,
+        params: crate::jobs::Work,
+        retry_of: Option<u64>,
+    ) -> Result<u64, String> {
+        let me = self
+            .me
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .ok_or_else(|| "background jobs need the running daemon".to_string())?;
+        let (id, cancel) = self.jobs.create(params, retry_of);
+        tokio::spawn(async move {
+            me.run_job(id, cancel).await;
+        });
+        Ok(id)
+    }
+
+    /// Installs a plugin from a folder, a `.tar.gz` or a `git+…` URL, as job `job`.
+    pub(super) async fn install(
+        &self,
+        source: &str,
+        force: bool,
+        enable: bool,
+        job: u64,
+        cancel: &Arc<crate::install::Cancel>,
+    ) -> Result<serde_json::Value, String> {
+        let root = self.installed_root();
+        std::fs::create_dir_all(&root).map_err(|e| format!("create {}: {e}", root.display()))?;
+        let scratch = root.join(format!(".fetch-{}-{job}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&scratch);
+        let folder = if let Some(url) = source.strip_prefix("git+") {
+            let (url, reference) = match url.split_once('#') {
+                Some((u, r)) => (u, Some(r)),
+                None => (url, None),
+            };
+            let mut git = tokio::process::Command::new("git");
+            git.args(["clone", "--quiet", "--depth", "1"]);
+            if let Some(r) = reference {
+                git.args(["--branch", r]);
+            }
+            git.arg(url).arg(&scratch);
+            let what = format!("git clone {url}");
+            self.jobs.output(job, vec![format!("$ {what}")]);
+            fetch(git, &what, "install git to install from a repository", cancel, &scratch).await?;
+            let _ = std::fs::remove_dir_all(scratch.join(".git"));
+            Some(crate::install::plugin_folder(&scratch))
+        } else if source.starts_with("http://") || source.starts_with("https://") {
+            let zip = source.ends_with(".zip");
+            if !(zip || source.ends_with(".tar.gz") || source.ends_with(".tgz")) {
+                return Err(format!(
+                    "{source}: only .tar.gz and .zip archives can be installed from a URL"
+                ));
+            }
+            std::fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
+            let download = scratch.join(if zip { "download.zip" } else { "download.tar.gz" });
+            let mut curl = tokio::process::Command::new("curl");
+            curl.args([
+                "--fail",
+                "--silent",
+                "--show-error",
+                "--location",
+                "--proto",
+                "=http,https",
+            ])
+            .arg("--max-filesize")
+            .arg(crate::install::MAX_BYTES.to_string())
+            .arg("--output")
+            .arg(&download)
+            .arg(source);
+            let what = format!("downloading {source}");
+            self.jobs.output(job, vec![format!("$ curl {source}")]);
+            fetch(curl, &what, "install curl to install from a URL", cancel, &scratch).await?;
+            let unpacked = scratch.join("unpacked");
+            let unpack =
+                if zip { crate::install::unpack_zip } else { crate::install::unpack_tar_gz };
+            Some(
+                unpack(&download, &unpacked).and_then(|_| crate::install::plugin_folder(&unpacked)),
+            )
+        } else if source.ends_with(".tar.gz") || source.ends_with(".tgz") {
+            Some(
+                crate::install::unpack_tar_gz(Path::new(source), &scratch)
+                    .and_then(|_| crate::install::plugin_folder(&scratch)),
+            )
+        } else if source.ends_with(".zip") {
+            Some(
+                crate::install::unpack_zip(Path::new(source), &scratch)
+                    .and_then(|_| crate::install::plugin_folder(&scratch)),
+            )
+        } else {
+            None
+        };
+        let result = match folder {
+            Some(Ok(f)) => self.install_folder(&f, force, enable, job, cancel).await,
+            Some(Err(e)) => Err(format!("{source}: {e}")),
+            None => self.install_folder(Path::new(source), force, enable, job, cancel).await,
+        };
+        let _ = std::fs::remove_dir_all(&scratch);
+        result
+    }
+
+    /// Installs a plugin folder; starts it if it is new, else keeps the running version.
+    pub(super) async fn install_folder(
+        &self,
+        source: &Path,
+        force: bool,
+        enable: bool,
+        job: u64,
+        cancel: &Arc<crate::install::Cancel>,
+    ) -> Result<serde_json::Value, String> {
+        let source = source.to_path_buf();
+        if !source.is_dir() {
+            return Err(format!(
+                "{} is not a plugin folder (nor a .tar.gz or git+ URL)",
+                source.display()
+            ));
+        }
+        let (_, defaults) = self.dirs_and_defaults();
+        // Everything but the entrypoint is checked on the source: a [build] may produce it.
+        let manifest_path = source.join("plugin.toml");
+        let text = std::fs::read_to_string(&manifest_path)
+            .map_err(|e| format!("cannot read {}: {e}", manifest_path.display()))?;
+        let manifest =
+            crate::manifest::Manifest::parse_with_defaults(&text, &manifest_path, &defaults)
+                .map_err(|e| e.to_string())?;
+        let name = manifest.name.clone();
+        let version = manifest.version.to_string();
+        let build = manifest.build.clone();
+        // Its requirements must be met by what is already here.
+        let unmet: Vec<String> = {
+            let known = lock(&self.known);
+            manifest
+                .requires
+                .iter()
+                .filter_map(|req| match known.iter().find(|(n, _)| *n == req.name) {
+                    None => Some(format!("requires {}, which is not installed", req.name)),
+                    Some((_, k)) if !req.version.matches(&k.spec.manifest.version) => {
+                        Some(format!(
+                            "requires {} {}, but {} is installed",
+                            req.name, req.version, k.spec.manifest.version
+                        ))
+                    }
+                    Some(_) => None,
+                })
+                .collect()
+        };
+        if !unmet.is_empty() && !force {
+            return Err(format!(
+                "{name} {version} {}; install those first (or use --force)",
+                unmet.join("; ")
+            ));
+        }
+        let root = self.installed_root();
+        let elsewhere = lock(&self.known)
+            .iter()
+            .find(|(n, k)| *n == name && !k.spec.manifest_path.starts_with(&root))
+            .map(|(_, k)| k.spec.manifest_path.clone());
+        if let Some(other) = elsewhere {
+            return Err(format!(
+                "a plugin named {name} already comes from {}; rename one of them",
+                other.display()
+            ));
+        }
+        let (_, current) = crate::install::versions(&root, &name);
+        // Build (if asked), validate, and make a Python plugin's venv from the copy before it
+        // is renamed into place: a failure of any step installs nothing.
+        let bin_dirs = self.bin_dirs.clone();
+        let venv_root = self.sup.state_root().to_path_buf();
+        let (r, n, v) = (root.clone(), name.clone(), version.clone());
+        let cancel = cancel.clone();
+        let (placed, lines) = tokio::task::spawn_blocking(move || {
+            let mut lines = Vec::new();
+            let placed = crate::install::place(&r, &n, &v, &source, force, |tmp| {
+                if let Some(cmd) = &build {
+                    crate::install::run_build(cmd, tmp, &mut lines, Some(&cancel))?;
+                }
+                let spec = PluginSpec::from_manifest_with_defaults(tmp, &defaults)
+                    .map_err(|e| e.to_string())?;
+                entrypoint_program(&spec, &bin_dirs)?;
+                if spec.manifest.runtime == crate::manifest::Runtime::Python {
+                    let prepared = crate::python::prepare(&spec, &venv_root, Some(&cancel))?;
+                    lines.extend(prepared.log);
+                }
+                if cancel.is_cancelled() {
+                    return Err(crate::install::CANCELLED.into());
+                }
+                Ok(())
+            });
+            (placed, lines)
+        })
+        .await
+        .map_err(|e| format!("install task failed: {e}"))?;
+        self.jobs.output(job, lines);
+        placed?;
+        if enable && lock(&self.disabled).remove(&name) {
+            self.persist_disabled()?;
+        }
+        match current {
+            None => {
+                crate::install::set_current(&root, &name, &version)?;
+                self.reload().await;
+                self.status(Some(&name))
+            }
+            Some(running) => Ok(serde_json::json!(format!(
+                "installed {name} {version} beside {running}; `plugctl update {name} {version}` switches to it"
+            ))),
+        }
+    }
+
+    /// Installed versions of `name`.
+    pub(super) fn versions(&self, name: &str) -> Result<serde_json::Value, String> {
+        let (all, current) = crate::install::versions(&self.installed_root(), name);
+        if all.is_empty() {
+            return Err(format!(
+                "plugin {name} is not installed (plugins from configured folders have no versions)"
+            ));
+        }
+        let list: Vec<serde_json::Value> = all
+            .iter()
+            .map(|v| serde_json::json!({"version": v.to_string(), "current": current.as_ref() == Some(v)}))
+            .collect();
+        Ok(serde_json::Value::Array(list))
+    }
+
+    /// Switches `current` to `version` and hot-swaps the running plugin to it.
+    pub(super) async fn switch_version(
+        &self,
+        name: &str,
+        version: &str,
+        force: bool,
+        dry_run: bool,
+    ) -> Result<serde_json::Value, String> {
+        let root = self.installed_root();
+        let (all, current) = crate::install::versions(&root, name);
+        let target = semver::Version::parse(version)
+            .map_err(|e| format!("{version:?} is not a version: {e}"))?;
+        if !all.contains(&target) {
+            let have: Vec<String> = all.iter().map(|v| v.to_string()).collect();
+            return Err(format!(
+                "{name} {version} is not installed (installed: {})",
+                have.join(", ")
+            ));
+        }
+        if dry_run {
+            return self
+                .update_from(name, &root.join(name).join(version).join("plugin.toml"), force, true)
+                .await;
+        }
+        let (_, plan) = {
+            let defaults = lock(&self.config).defaults.clone();
+            let spec =
+                PluginSpec::from_manifest_with_defaults(root.join(name).join(version), &defaults)
+                    .map_err(|e| e.to_string())?;
+            self.update_plan(name, &spec)
+        };
+        if !plan.is_empty() && !force {
+            return Err(format!("{}; use --force to update anyway", plan.join("; ")));
+        }
+        crate::install::set_current(&root, name, version)?;
+        match self.update_one(name, true, false).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if let Some(back) = current {
+                    let _ = crate::install::set_current(&root, name, &back.to_string());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops and removes an installed plugin (or one non-current version of it).
+    pub(super) async fn uninstall(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        purge: bool,
+    ) -> Result<serde_json::Value, String> {
+        let root = self.installed_root();
+        let (all, current) = crate::install::versions(&root, name);
+        if all.is_empty() {
+            return Err(format!("plugin {name} is not installed; plugins from configured folders are removed by deleting their folder"));
+        }
+        if let Some(v) = version {
+            if current.as_ref().map(|c| c.to_string()).as_deref() == Some(v) {
+                return Err(format!("{name} {v} is the current version; update or roll back first, or uninstall the whole plugin"));
+            }
+            if !all.iter().any(|x| x.to_string() == v) {
+                return Err(format!("{name} {v} is not installed"));
+            }
+            std::fs::remove_dir_all(root.join(name).join(v)).map_err(|e| e.to_string())?;
+            if let Ok(parsed) = semver::Version::parse(v) {
+                let _ = std::fs::remove_dir_all(crate::python::venv_dir(
+                    self.sup.state_root(),
+                    name,
+                    &parsed,
+                ));
+            }
+            return self.versions(name);
+        }
+        if self.sup.get(name).is_some() {
+            let _ = self.sup.unload(name).await;
+        }
+        std::fs::remove_dir_all(root.join(name))
+            .map_err(|e| format!("remove {}: {e}", root.join(name).display()))?;
+        lock(&self.known).retain(|(n, _)| n != name);
+        lock(&self.start_errors).remove(name);
+        // A venv is derived from the installed files: it goes with them.
+        let _ = std::fs::remove_dir_all(crate::python::venvs_of(self.sup.state_root(), name));
+        if purge {
+            let state = lock(&self.config).state_dir.join("plugins").join(name);
+            let _ = std::fs::remove_dir_all(&state);
+        }
+        Ok(serde_json::json!(format!(
+            "uninstalled {name}{}",
+            if purge { " and its state" } else { "" }
+        )))
+    }
+
+    /// Checks a plugin folder without running it: its manifest (with the operator's
+    /// `[defaults]`) and its entrypoint. A summary, or what is wrong.
+    pub fn validate_folder(&self, folder: &Path) -> Result<serde_json::Value, String> {
+        let (_, defaults) = self.dirs_and_defaults();
+        let manifest_path = folder.join("plugin.toml");
+        let text = std::fs::read_to_string(&manifest_path)
+            .map_err(|e| format!("cannot read {}: {e}", manifest_path.display()))?;
+        let m = crate::manifest::Manifest::parse_with_defaults(&text, &manifest_path, &defaults)
+            .map_err(|e| e.to_string())?;
+        let mut notes = Vec::new();
+        match PluginSpec::from_manifest_with_defaults(folder, &defaults) {
+            Ok(spec) => {
+                if let Err(e) = entrypoint_program(&spec, &self.bin_dirs) {
+                    if m.build.is_none() {
+                        return Err(e);
+                    }
+                    notes.push(format!(
+                        "the entrypoint is not there yet; the [build] command must make it ({e})"
+                    ));
+                }
+            }
+            Err(e) if m.build.is_some() => notes.push(format!(
+                "the entrypoint is not there yet; the [build] command must make it ({e})"
+            )),
+            Err(e) => return Err(e.to_string()),
+        }
+        if m.runtime == crate::manifest::Runtime::Python {
+            notes.push("a Python plugin: its venv is built at install or first start".into());
+        }
+        let known = lock(&self.known);
+        for req in &m.requires {
+            match known.iter().find(|(n, _)| *n == req.name) {
+                None => notes.push(format!("requires {}, which is not installed here", req.name)),
+                Some((_, k)) if !req.version.matches(&k.spec.manifest.version) => {
+                    notes.push(format!(
+                        "requires {} {}, but {} is installed here",
+                        req.name, req.version, k.spec.manifest.version
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(serde_json::json!({
+            "valid": true,
+            "name": m.name,
+            "version": m.version.to_string(),
+            "kind": m.kind.to_string(),
+            "runtime": if m.runtime == crate::manifest::Runtime::Python { "python" } else { "native" },
+            "build": m.build.is_some(),
+            "requires": m.requires.iter().map(|r| format!("{} {}", r.name, r.version)).collect::<Vec<_>>(),
+            "notes": notes,
+        }))
+    }
+}
+
+fn unreachable_job(id: u64) -> crate::jobs::Job {
+    crate::jobs::Job {
+        id,
+        work: crate::jobs::Work::Install(crate::jobs::InstallParams {
+            source: String::new(),
+            force: false,
+            enable: false,
+        }),
+        state: crate::jobs::JobState::Failed,
+        output: Vec::new(),
+        result: None,
+        error: Some(format!("job {id} vanished")),
+        retry_of: None,
+        created_ms: 0,
+        finished_ms: None,
+    }
+}
+
+/// Runs a fetching command (git, curl) in its own process group, at most 5 minutes; a
+/// cancel kills the group (git forks helpers) within 50 ms. On any failure `scratch` is
+/// removed and the error says `what` failed and why (`missing` is the fix if the tool is
+/// not installed).
+async fn fetch(
+    mut cmd: tokio::process::Command,
+    what: &str,
+    missing: &str,
+    cancel: &crate::install::Cancel,
+    scratch: &Path,
+) -> Result<(), String> {
+    cmd.process_group(0)
+        .kill_on_drop(true)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let result = async {
+        let child = cmd.spawn().map_err(|e| format!("cannot run {what}: {e}; {missing}"))?;
+        let pgid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
+        let killpg = || {
+            if let Some(p) = pgid {
+                let _ = nix::sys::signal::killpg(p, nix::sys::signal::Signal::SIGKILL);
+            }
+        };
+        let cancelled = async {
+            while !cancel.is_cancelled() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        };
+        let limit = std::time::Duration::from_secs(300);
+        let out = tokio::select! {
+            out = tokio::time::timeout(limit, child.wait_with_output()) => match out {
+                Ok(r) => r.map_err(|e| format!("{what}: {e}"))?,
+                Err(_) => {
+                    killpg();
+                    return Err(format!("{what} took longer than 5 minutes"));
+                }
+            },
+            _ = cancelled => {
+                killpg();
+                return Err(crate::install::CANCELLED.to_string());
+            }
+        };
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("{what} failed: {}", String::from_utf8_lossy(&out.stderr).trim()))
+        }
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(scratch);
+    }
+    result
+}

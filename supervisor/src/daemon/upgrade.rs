@@ -1,0 +1,188 @@
+//! In-place upgrade (SIGUSR2): hand every Ready plugin's descriptors to a new image of
+//! plugd in the same pid, and take them back over on the other side.
+
+use super::*;
+
+/// Environment variable naming the handover file of an in-place upgrade.
+pub(super) const UPGRADE_ENV: &str = "PLUGD_UPGRADE";
+
+/// One plugin handed over across exec: descriptor numbers valid in the new image.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(super) struct HandoverPlugin {
+    pub(super) name: String,
+    pub(super) manifest: PathBuf,
+    pub(super) pid: i32,
+    pub(super) pidfd: RawFd,
+    pub(super) socket: RawFd,
+    pub(super) stdout: Option<RawFd>,
+    pub(super) stderr: Option<RawFd>,
+    pub(super) unread: Vec<u8>,
+    pub(super) sdk: String,
+    pub(super) lockdown: Vec<String>,
+    pub(super) restarts: u32,
+    pub(super) sandbox: SandboxReport,
+}
+
+/// What a plugd passes to the plugd that replaces it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(super) struct Handover {
+    pub(super) generation: u64,
+    pub(super) listener: RawFd,
+    pub(super) plugins: Vec<HandoverPlugin>,
+}
+
+/// Takes ownership of a descriptor number inherited across exec.
+pub(super) fn inherited(fd: RawFd) -> OwnedFd {
+    // SAFETY: the predecessor cleared close-on-exec on exactly these descriptors and wrote
+    // their numbers into the handover file; nothing else in this process owns them.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Rebuilds a handed-over plugin from inherited descriptors.
+pub(super) fn thaw(h: HandoverPlugin) -> FrozenPlugin {
+    FrozenPlugin {
+        instance: Frozen {
+            pid: h.pid,
+            pidfd: inherited(h.pidfd),
+            socket: inherited(h.socket),
+            stdout: h.stdout.map(inherited),
+            stderr: h.stderr.map(inherited),
+            unread: h.unread,
+            sdk: h.sdk,
+            lockdown: h.lockdown,
+        },
+        restarts: h.restarts,
+        sandbox: h.sandbox,
+    }
+}
+
+/// In-place upgrade (SIGUSR2): check that the binary starts, let control requests in
+/// flight finish, freeze every plugin, write the handover, and exec the binary in this
+/// same pid. Returns only if the upgrade did not happen; then everything is running again.
+pub(super) async fn upgrade(
+    daemon: &Daemon,
+    listener: &Listener,
+    slots: &tokio::sync::Semaphore,
+    exe: &std::path::Path,
+) -> String {
+    // 1. The new binary must at least start, or we keep running as we are.
+    let mut check = tokio::process::Command::new(exe).arg("--version").output().await;
+    for _ in 0..5 {
+        // A binary that was just written may still be open for writing somewhere (ETXTBSY).
+        match &check {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                check = tokio::process::Command::new(exe).arg("--version").output().await;
+            }
+            _ => break,
+        }
+    }
+    match check {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            return format!(
+                "{} --version failed ({}): {}; not upgrading",
+                exe.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        }
+        Err(e) => return format!("cannot run {}: {e}; not upgrading", exe.display()),
+    }
+    // 2. Control requests in flight finish (new connections wait in the listen backlog).
+    let permits =
+        tokio::time::timeout(std::time::Duration::from_secs(2), slots.acquire_many(64)).await;
+    // 3. Every Ready plugin finishes its in-flight calls and is handed over.
+    let frozen = daemon.sup.freeze().await;
+    let mut plugins = Vec::new();
+    let mut keep: Vec<OwnedFd> = Vec::new();
+    let manifests: BTreeMap<String, PathBuf> = lock(&daemon.known)
+        .iter()
+        .map(|(n, k)| (n.clone(), k.spec.manifest_path.clone()))
+        .collect();
+    for (name, result) in frozen {
+        let f = match result {
+            Ok(f) => f,
+            Err(why) => {
+                tracing::warn!(plugin = %name, "not handed over ({why}); the new plugd starts it afresh");
+                let _ = daemon.sup.unload(&name).await;
+                continue;
+            }
+        };
+        let i = f.instance;
+        let raw = |fd: &OwnedFd| fd.as_raw_fd();
+        plugins.push(HandoverPlugin {
+            manifest: manifests.get(&name).cloned().unwrap_or_default(),
+            name,
+            pid: i.pid,
+            pidfd: raw(&i.pidfd),
+            socket: raw(&i.socket),
+            stdout: i.stdout.as_ref().map(raw),
+            stderr: i.stderr.as_ref().map(raw),
+            unread: i.unread,
+            sdk: i.sdk,
+            lockdown: i.lockdown,
+            restarts: f.restarts,
+            sandbox: f.sandbox,
+        });
+        keep.push(i.pidfd);
+        keep.push(i.socket);
+        keep.extend(i.stdout);
+        keep.extend(i.stderr);
+    }
+    let generation = daemon.generation.load(std::sync::atomic::Ordering::Relaxed) + 1;
+    let handover = Handover { generation, listener: listener.as_fd().as_raw_fd(), plugins };
+    let state_dir = lock(&daemon.config).state_dir.clone();
+    let file = state_dir.join("upgrade.json");
+    let written = std::fs::create_dir_all(&state_dir)
+        .and_then(|_| std::fs::write(&file, serde_json::to_vec(&handover).unwrap_or_default()));
+    let error = match written {
+        Err(e) => format!("cannot write {}: {e}", file.display()),
+        Ok(()) => {
+            let cstr = |s: &std::ffi::OsStr| std::ffi::CString::new(s.as_encoded_bytes()).ok();
+            let argv: Vec<std::ffi::CString> =
+                std::env::args_os().filter_map(|a| cstr(&a)).collect();
+            let mut env: Vec<std::ffi::CString> = std::env::vars_os()
+                .filter(|(k, _)| k != UPGRADE_ENV)
+                .filter_map(|(k, v)| {
+                    let mut kv = k;
+                    kv.push("=");
+                    kv.push(v);
+                    cstr(&kv)
+                })
+                .collect();
+            env.extend(cstr(std::ffi::OsStr::new(&format!("{UPGRADE_ENV}={}", file.display()))));
+            let mut keep_fds: Vec<RawFd> = keep.iter().map(|f| f.as_raw_fd()).collect();
+            keep_fds.push(handover.listener);
+            match cstr(exe.as_os_str()) {
+                None => "the executable path contains a NUL byte".to_string(),
+                Some(program) => {
+                    tracing::info!(
+                        "SIGUSR2: handing {} plugins over to {} (generation {generation})",
+                        handover.plugins.len(),
+                        exe.display()
+                    );
+                    daemon.sup.exec(ExecRequest { program, argv, env, keep_fds }).await.to_string()
+                }
+            }
+        }
+    };
+    // 4. Still here: the exec failed. Take everything back and carry on.
+    let _ = std::fs::remove_file(&file);
+    std::mem::forget(keep); // the descriptors now belong to the records below
+    for h in handover.plugins {
+        let name = h.name.clone();
+        match PluginSpec::from_manifest(&h.manifest) {
+            Ok(spec) => {
+                if let Err(e) = daemon.sup.adopt(spec, thaw(h)).await {
+                    tracing::error!(plugin = %name, "cannot take back after a failed upgrade: {e}");
+                }
+            }
+            Err(e) => {
+                tracing::error!(plugin = %name, "cannot take back after a failed upgrade: {e}")
+            }
+        }
+    }
+    drop(permits);
+    format!("upgrade failed, still running the old binary: {error}")
+}
