@@ -242,3 +242,25 @@ fn a_failed_pip_install_fails_the_install_and_leaves_nothing() {
     assert!(leftovers.is_empty(), "temporary folders left: {leftovers:?}");
     assert!(d.status().iter().all(|p| p["name"] != "dep-c" && p["name"] != "dep-d"));
 }
+
+#[test]
+fn a_folder_plugin_edited_in_place_shows_and_gets_its_new_dependencies() {
+    let wheels = wheels();
+    let w = wheels.path().to_path_buf();
+    let d = Plugd::start(move |dir| {
+        py_plugin(dir, "folder-py", "1.0.0", "demo-dep==1.0\n", &w);
+    });
+    eventually("ready", || d.all_ready(&["folder-py"]));
+    assert_eq!(call(&d, "folder-py", "dep_version", "\"demo_dep\""), "1.0");
+    let req = d.plugins().join("folder-py-1.0.0/requirements.txt");
+    std::fs::write(&req, "demo-dep==2.0\nnew-dep==1.0\n").unwrap();
+    // The diff is against what the running venv was built from, not the edited file.
+    let plan = d.json(&["update", "folder-py", "--dry-run"]);
+    let deps = &plan["changes"]["dependencies"];
+    assert_eq!(deps["changed"], serde_json::json!(["demo-dep: ==1.0 -> ==2.0"]), "{plan}");
+    assert_eq!(deps["added"], serde_json::json!(["new-dep==1.0"]), "{plan}");
+    let st = d.json(&["update", "folder-py"]);
+    assert_eq!(st[0]["state"], "ready", "{st}");
+    assert_eq!(call(&d, "folder-py", "dep_version", "\"demo_dep\""), "2.0");
+    assert_eq!(call(&d, "folder-py", "dep_version", "\"new_dep\""), "1.0");
+}

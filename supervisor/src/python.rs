@@ -434,6 +434,13 @@ pub fn requirements_diff(old: &str, new: &str) -> DependencyDiff {
     diff
 }
 
+/// The requirements text the venv of `spec`'s version was built from, if it exists.
+pub fn built_requirements(state_root: &Path, spec: &PluginSpec) -> Option<String> {
+    let dir = venv_dir(state_root, spec.name(), &spec.manifest.version);
+    let stamp = std::fs::read_to_string(dir.join(STAMP)).ok()?;
+    stamp.split_once("\nrequirements:\n").map(|(_, r)| r.to_string())
+}
+
 /// The requirements text of a plugin version (empty if it has no requirements file).
 pub fn requirements_of(spec: &PluginSpec) -> String {
     requirements_text(spec).ok().flatten().unwrap_or_default()

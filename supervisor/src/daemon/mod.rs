@@ -715,7 +715,14 @@ impl Daemon {
         let old_py =
             old.as_ref().is_some_and(|o| o.manifest.runtime == crate::manifest::Runtime::Python);
         if old_py || new.manifest.runtime == crate::manifest::Runtime::Python {
-            let before = old.as_ref().map(crate::python::requirements_of).unwrap_or_default();
+            // What the running venv was built from (a folder edited in place no longer has it).
+            let before = old
+                .as_ref()
+                .map(|o| {
+                    crate::python::built_requirements(self.sup.state_root(), o)
+                        .unwrap_or_else(|| crate::python::requirements_of(o))
+                })
+                .unwrap_or_default();
             let diff =
                 crate::python::requirements_diff(&before, &crate::python::requirements_of(new));
             changes.insert(
