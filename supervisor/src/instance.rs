@@ -200,13 +200,14 @@ impl Instance {
             let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
             ExitReason::SpawnFailed { detail: format!("cannot watch process: {e}") }
         })?;
-        // SAFETY: the socket moves into the AsyncFd and is closed only when the AsyncFd drops
-        // it (or hands it back with into_inner), so the descriptor stays valid while registered.
         let cannot = |e: &dyn std::fmt::Display| ExitReason::SpawnFailed {
             detail: format!("cannot use plugin socket: {e}"),
         };
         socket.set_nonblocking(true).map_err(|e| cannot(&e))?;
         let sock =
+            // SAFETY: the socket moves into the AsyncFd and is closed only when the AsyncFd
+            // drops it (or hands it back with into_inner): the descriptor stays valid while
+            // registered.
             unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
                 .map_err(|e| cannot(&e))?;
         let markers = std::sync::Arc::new(Markers::default());

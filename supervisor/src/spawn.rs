@@ -432,11 +432,7 @@ impl Process {
         if self.reaped.is_some() {
             return None;
         }
-        let statm = std::fs::read_to_string(format!("/proc/{}/statm", self.pid)).ok()?;
-        let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-        // SAFETY: sysconf with a constant name has no memory effects.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-        Some(pages * page)
+        rss_of(self.pid)
     }
 
     /// Sends `signal` to the whole process group (plugin and everything it forked).
@@ -487,11 +483,16 @@ fn try_reap(pidfd: std::os::fd::BorrowedFd<'_>, pid: i32) -> Option<(WaitStatus,
 /// Resident memory (bytes) and CPU time used (seconds, user + system) of a process, from
 /// /proc; for status displays and metrics.
 pub fn proc_usage(pid: u32) -> Option<(u64, f64)> {
+    Some((rss_of(pid as i32)?, zombie_cpu_secs(pid as i32)?))
+}
+
+/// Resident memory of a process in bytes, from /proc/<pid>/statm.
+fn rss_of(pid: i32) -> Option<u64> {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     // SAFETY: sysconf with a constant name has no memory effects.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-    Some((pages * page, zombie_cpu_secs(pid as i32)?))
+    Some(pages * page)
 }
 
 /// utime + stime of a process (running, or exited and not yet reaped), from /proc/<pid>/stat.
