@@ -95,8 +95,12 @@ async fn a_hung_plugin_is_detected_and_replaced() {
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::PluginExited, "{err}");
     assert!(err.message.contains("hung"), "{err}");
-    eventually("replaced", || h.status().state == State::Ready && h.status().pid != Some(pid))
-        .await;
+    eventually("replaced", || {
+        // One snapshot: two reads could pair a stale state with a fresh pid.
+        let st = h.status();
+        st.state == State::Ready && st.pid.is_some() && st.pid != Some(pid)
+    })
+    .await;
     assert!(!alive(pid), "the hung process was killed");
     let st = h.status();
     assert_eq!(st.restarts, 1);

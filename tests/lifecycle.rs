@@ -130,8 +130,12 @@ async fn a_crashed_plugin_is_restarted_and_serves_again() {
     let pid = c.status().pid.unwrap();
     let err = c.call::<_, ()>("crash", "segv").await.unwrap_err();
     assert_eq!(err.code, ErrorCode::PluginExited, "{err}");
-    eventually("restarted", || c.status().state == State::Ready && c.status().pid != Some(pid))
-        .await;
+    eventually("restarted", || {
+        // One snapshot: two reads could pair a stale state with a fresh pid.
+        let st = c.status();
+        st.state == State::Ready && st.pid.is_some() && st.pid != Some(pid)
+    })
+    .await;
     let st = c.status();
     assert_eq!(st.restarts, 1);
     assert!(
@@ -146,8 +150,11 @@ async fn a_crashed_plugin_is_restarted_and_serves_again() {
 
     // exit(3) is classified as an exit code, not a signal.
     let _ = c.call::<_, ()>("crash", "exit").await;
-    eventually("restarted again", || c.status().restarts == 2 && c.status().state == State::Ready)
-        .await;
+    eventually("restarted again", || {
+        let st = c.status();
+        st.restarts == 2 && st.state == State::Ready
+    })
+    .await;
     assert_eq!(c.status().last_exit, Some(ExitReason::Exited { code: 3 }));
     sup.shutdown().await;
 }
@@ -436,7 +443,8 @@ async fn blocking_calls_meet_deadlines_crashes_and_stopped_plugins() {
     assert_eq!(next, 1);
     assert_eq!(crash.code, ErrorCode::PluginExited, "{crash}");
     eventually("crasher restarted", || {
-        c.status().restarts == 1 && c.status().state == State::Ready
+        let st = c.status();
+        st.restarts == 1 && st.state == State::Ready
     })
     .await;
     let cr = c.clone();

@@ -151,7 +151,8 @@ fn two_plugins_pinned_to_different_versions_run_side_by_side_sandboxed() {
     let pid_b = d.pid("dep-b");
     assert!(!d.ctl(&["call", "dep-b", "exec_shell", "null"]).status.success());
     eventually("dep-b restarted after its violation", || {
-        d.all_ready(&["dep-b"]) && d.pid("dep-b") != pid_b
+        // New pid first, then Ready: two reads in this order cannot pair stale with fresh.
+        ![0, pid_b].contains(&d.pid("dep-b")) && d.all_ready(&["dep-b"])
     });
     let last = d.plugin("dep-b")["last_exit"].as_str().unwrap_or_default().to_string();
     assert!(last.contains("sandbox violation"), "{last}");
@@ -160,7 +161,7 @@ fn two_plugins_pinned_to_different_versions_run_side_by_side_sandboxed() {
     let stamp_time = std::fs::metadata(venv_a.join(".plugd-venv")).unwrap().modified().unwrap();
     let pid = d.pid("dep-a");
     assert!(d.ctl(&["restart", "dep-a"]).status.success());
-    eventually("dep-a back", || d.all_ready(&["dep-a"]) && d.pid("dep-a") != pid);
+    eventually("dep-a back", || ![0, pid].contains(&d.pid("dep-a")) && d.all_ready(&["dep-a"]));
     assert_eq!(
         std::fs::metadata(venv_a.join(".plugd-venv")).unwrap().modified().unwrap(),
         stamp_time
