@@ -427,7 +427,11 @@ fn main() -> ExitCode {
         }
         _ if args.json => println!("{}", serde_json::to_string_pretty(&data).unwrap_or_default()),
         Request::Jobs => {
-            for j in data.as_array().cloned().unwrap_or_default() {
+            let jobs = data.as_array().cloned().unwrap_or_default();
+            if jobs.is_empty() {
+                println!("no jobs yet (installs, updates and uninstalls run as jobs)");
+            }
+            for j in jobs {
                 println!(
                     "{:>4}  {:<10} {}{}",
                     cell(&j["id"]),
