@@ -492,3 +492,40 @@ async fn payloads_larger_than_the_socket_buffer_go_through_both_call_paths() {
     blocking.join().unwrap();
     sup.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_mode_keeps_every_call_path_and_the_heartbeat_working() {
+    let sup = supervisor();
+    let dir = tempfile::tempdir().unwrap();
+    // Short heartbeats: a plugin whose pongs nobody read would be declared hung quickly.
+    let beat = "[timeouts]\nheartbeat = \"100ms\"\n[restart]\nbackoff = \"10ms\"\n";
+    let echo = sup.load(plugin(&dir, "echo", "echo", beat)).await.unwrap();
+    let pid = echo.status().pid;
+    echo.set_engine_mode(true);
+    let e = echo.clone();
+    let sum = on_engine_thread(move || {
+        let mut sum = 0u64;
+        for i in 0..2000u64 {
+            let back: u64 =
+                e.call_blocking("echo", &i, Deadline::after(Duration::from_secs(10))).unwrap();
+            sum += back;
+        }
+        sum
+    })
+    .await;
+    assert_eq!(sum, (0..2000u64).sum::<u64>());
+    // Async calls are still answered (read on the tick), and an idle second passes without a
+    // missed heartbeat: pongs are read on the tick too.
+    for i in 0..50u64 {
+        let back: u64 =
+            echo.call_with("echo", &i, Deadline::after(Duration::from_secs(10))).await.unwrap();
+        assert_eq!(back, i);
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!((echo.status().pid, echo.status().restarts), (pid, 0), "not declared hung");
+    // Off again: the runtime watches the socket, as before.
+    echo.set_engine_mode(false);
+    let back: String = echo.call("echo", "back to normal").await.unwrap();
+    assert_eq!(back, "back to normal");
+    sup.shutdown().await;
+}

@@ -243,6 +243,16 @@ pub async fn scale(n: usize, idle: Duration) -> Result<Scale> {
 /// on CPU 0 and the supervisor's runtime on the other CPUs (as a latency-minded host would
 /// place them); the caller must already be pinned to CPU 0.
 pub fn on_tick_blocking(warmup: usize, samples: usize, pinned: bool) -> Result<Stats> {
+    on_tick_blocking_with(warmup, samples, pinned, false)
+}
+
+/// [`on_tick_blocking`], optionally with the plugin in engine mode (the runtime off its socket).
+pub fn on_tick_blocking_with(
+    warmup: usize,
+    samples: usize,
+    pinned: bool,
+    engine: bool,
+) -> Result<Stats> {
     let online = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(2).enable_all();
@@ -265,6 +275,7 @@ pub fn on_tick_blocking(warmup: usize, samples: usize, pinned: bool) -> Result<S
     };
     let spec = temp_plugin(dir.path(), "strat", "tick-strategy", config)?;
     let strat = rt.block_on(sup.load(spec))?;
+    strat.set_engine_mode(engine);
     let mut ns = Vec::with_capacity(samples);
     let deadline = Duration::from_secs(5);
     for i in 0..warmup + samples {
@@ -276,10 +287,11 @@ pub fn on_tick_blocking(warmup: usize, samples: usize, pinned: bool) -> Result<S
         }
     }
     rt.block_on(sup.shutdown());
-    let name = if pinned {
-        "plugd on_tick, blocking, pinned"
-    } else {
-        "plugd on_tick, blocking (engine thread)"
+    let name = match (pinned, engine) {
+        (true, true) => "plugd on_tick, blocking, pinned, engine mode",
+        (true, false) => "plugd on_tick, blocking, pinned",
+        (false, true) => "plugd on_tick, blocking, engine mode",
+        (false, false) => "plugd on_tick, blocking (engine thread)",
     };
     Ok(stats(name, 25, ns))
 }

@@ -228,7 +228,8 @@ fn main() -> Result<()> {
         let s = with_ratio(rt.block_on(extra::on_tick_pinned(1000, n))?, &floor);
         drop(rt);
         let b = with_ratio(extra::on_tick_blocking(1000, n, true)?, &floor);
-        for s in [&floor, &s, &b] {
+        let e = with_ratio(extra::on_tick_blocking_with(1000, n, true, true)?, &floor);
+        for s in [&floor, &s, &b, &e] {
             println!(
                 "{:<40} p50 {:>6.1} µs  p99 {:>6.1} µs  p99.9 {:>6.1} µs  ×floor p50 {:.2}",
                 s.name,
@@ -309,6 +310,8 @@ fn main() -> Result<()> {
     drop(rt);
     let tick_pinned_blocking =
         with_ratio(extra::on_tick_blocking(warmup, samples, true)?, &floor_pinned);
+    let tick_pinned_engine =
+        with_ratio(extra::on_tick_blocking_with(warmup, samples, true, true)?, &floor_pinned);
 
     println!("plugd-bench: {} samples each after {} warm-up, one run", samples, warmup);
     println!(
@@ -322,6 +325,7 @@ fn main() -> Result<()> {
         &tick_pinned,
         &tick_pinned_ct,
         &tick_pinned_blocking,
+        &tick_pinned_engine,
     ]) {
         let ratio = match (s.ratio_p50, s.ratio_p99, s.ratio_p999) {
             (Some(a), Some(b), Some(c)) => format!("{a:.2} / {b:.2} / {c:.2}"),
@@ -398,7 +402,7 @@ fn main() -> Result<()> {
         let doc = serde_json::json!({
             "quick": quick, "machine": machine, "floor": floors, "plugd": plugd,
             "spawn": [bare, full],
-            "pinned": [floor_pinned, tick_pinned, tick_pinned_ct, tick_pinned_blocking],
+            "pinned": [floor_pinned, tick_pinned, tick_pinned_ct, tick_pinned_blocking, tick_pinned_engine],
             "pipelined": pipelined,
             "fan_out": { "single": single, "eight": fan },
             "scale": scale,

@@ -110,7 +110,8 @@ enum Fault {
 struct Instance {
     cfg: InstanceConfig,
     proc: Process,
-    sock: AsyncFd<UnixStream>,
+    /// The socket registered with the runtime for reading; None in engine mode.
+    sock: Option<AsyncFd<UnixStream>>,
     /// The socket's buffers and ids, shared with blocking callers.
     wire: Arc<Wire>,
     /// `wire.answered` when missed deadlines were last counted.
@@ -216,7 +217,7 @@ impl Instance {
         Ok(Instance {
             cfg,
             proc,
-            sock,
+            sock: Some(sock),
             wire,
             answered_seen: 0,
             pending: HashMap::new(),
@@ -252,7 +253,10 @@ impl Instance {
             }
         }
         let [stdout, stderr] = pipes;
-        let socket = OwnedFd::from(self.sock.into_inner());
+        let socket = match self.sock.take() {
+            Some(s) => OwnedFd::from(s.into_inner()),
+            None => OwnedFd::from(self.wire.sock().try_clone()?),
+        };
         let (pid, pidfd) = self.proc.release()?;
         Ok(Frozen {
             pid,
@@ -422,7 +426,7 @@ impl Instance {
 
     fn flush(&mut self) -> io::Result<()> {
         let mut w = self.wire.write.lock().unwrap_or_else(|p| p.into_inner());
-        write_available(self.sock.get_ref(), &mut w)
+        write_available(self.wire.sock(), &mut w)
     }
 
     /// Registers for "room to write" while frames wait to be written, and not otherwise.
@@ -432,7 +436,7 @@ impl Instance {
     fn watch_writes(&mut self) {
         let waiting = self.unwritten() && !self.eof;
         if waiting && self.write_watch.is_none() {
-            let watch = self.sock.get_ref().try_clone().map(OwnedFd::from).and_then(|fd| {
+            let watch = self.wire.sock().try_clone().map(OwnedFd::from).and_then(|fd| {
                 // SAFETY: the duplicate moves into the AsyncFd, which closes it when dropped;
                 // nothing else uses or closes it.
                 unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::WRITABLE) }
@@ -450,6 +454,28 @@ impl Instance {
         }
     }
 
+    /// Takes the socket off the runtime's epoll in engine mode, and puts it back after.
+    fn follow_engine_mode(&mut self) {
+        let engine = self.wire.engine.load(std::sync::atomic::Ordering::Relaxed);
+        if engine && self.sock.is_some() {
+            // Dropping the registration closes only this descriptor; the wire keeps the socket.
+            self.sock = None;
+        } else if !engine && self.sock.is_none() && !self.eof {
+            let again = self.wire.sock().try_clone().and_then(|s| {
+                // SAFETY: the duplicate moves into the AsyncFd, which closes it when dropped;
+                // nothing else uses or closes it.
+                unsafe { AsyncFd::register_with_interest(s, tokio::io::Interest::READABLE) }
+                    .map_err(io::Error::from)
+            });
+            match again {
+                Ok(s) => self.sock = Some(s),
+                Err(e) => {
+                    tracing::warn!(plugin = %self.cfg.name, "cannot watch the socket again, reading on a tick: {e}")
+                }
+            }
+        }
+    }
+
     /// True if frames wait to be written.
     fn unwritten(&self) -> bool {
         !self.wire.write.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
@@ -459,7 +485,7 @@ impl Instance {
     /// caller that owns the socket reads for us meanwhile.
     fn fill(&mut self) -> io::Result<bool> {
         match self.wire.read.try_lock() {
-            Ok(mut read) => read.fill(self.sock.get_ref()).map(|f| f != Filled::Eof),
+            Ok(mut read) => read.fill(self.wire.sock()).map(|f| f != Filled::Eof),
             Err(_) => Ok(true),
         }
     }
@@ -528,7 +554,7 @@ impl Instance {
             }
             tokio::select! {
                 status = self.proc.wait() => return Ok(Wake::Exited(status)),
-                open = read_ready(&self.sock, &self.wire), if !self.eof => {
+                open = read_ready(&self.sock, &self.wire), if !self.eof && self.sock.is_some() => {
                     self.eof = !open;
                 }
                 _ = sleep_until(until) => return Ok(Wake::Timeout),
@@ -837,8 +863,13 @@ impl Instance {
         // Frames that came in with the handshake (or from a predecessor) are already read:
         // the socket will not report them again.
         let mut leftover = self.on_frames();
+        // In engine mode (see `wire`) the socket is read on this tick instead of on readiness.
+        let mut engine_tick = tokio::time::interval(Duration::from_millis(2));
+        engine_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut engine_seen = u64::MAX;
 
         let reason = loop {
+            self.follow_engine_mode();
             if let Err(fault) = std::mem::replace(&mut leftover, Ok(())) {
                 break self.fault(fault).await;
             }
@@ -887,7 +918,7 @@ impl Instance {
                     }
                     break self.exit_reason(status);
                 }
-                open = read_ready(&self.sock, &self.wire), if !self.eof => {
+                open = read_ready(&self.sock, &self.wire), if !self.eof && self.sock.is_some() => {
                     self.eof = !open;
                     if let Err(fault) = self.on_frames() {
                         break self.fault(fault).await;
@@ -947,6 +978,22 @@ impl Instance {
                 // a child it forked) ends the plugin: a forbidden syscall is not a recoverable error.
                 _ = &mut violated => {
                     break self.fault(Fault::Violation).await;
+                }
+                _ = engine_tick.tick(), if self.sock.is_none() && !self.eof => {
+                    // While the engine thread is calling, it reads everything (and leaves the
+                    // rest in the inbox): stay off the read lock so it never waits for us.
+                    let answered = self.wire.answered.load(std::sync::atomic::Ordering::Relaxed);
+                    if answered == engine_seen {
+                        match self.fill() {
+                            Ok(true) => {}
+                            Ok(false) | Err(_) => self.eof = true,
+                        }
+                    }
+                    engine_seen = answered;
+                    let done = self.on_inbox().and_then(|_| self.on_frames());
+                    if let Err(fault) = done {
+                        break self.fault(fault).await;
+                    }
                 }
                 // A blocking caller left frames or events, bytes it did not read, or unwritten
                 // bytes; or it finished while we wait to stop.
@@ -1063,7 +1110,10 @@ async fn room_to_write(watch: &Option<AsyncFd<OwnedFd>>) -> io::Result<()> {
 /// if no newer readiness event arrived meanwhile, so no wake-up is lost.) While a blocking
 /// caller owns the socket the readiness is cleared too: that caller reads, and wakes the
 /// actor afterwards if bytes are left.
-async fn read_ready(sock: &AsyncFd<UnixStream>, wire: &Wire) -> bool {
+async fn read_ready(sock: &Option<AsyncFd<UnixStream>>, wire: &Wire) -> bool {
+    let Some(sock) = sock else {
+        return std::future::pending().await;
+    };
     let Ok(mut guard) = sock.readable().await else {
         return false;
     };

@@ -195,6 +195,8 @@ pub(crate) struct Shared {
     pub calls_ok: AtomicU64,
     pub calls_err: AtomicU64,
     pub latency: Latency,
+    /// Engine mode wanted (kept across instances).
+    pub engine: std::sync::atomic::AtomicBool,
     pub live: Mutex<LiveStatus>,
     pub ring: LogRing,
 }
@@ -378,6 +380,18 @@ impl PluginHandle {
         let counter = if result.is_ok() { &self.shared.calls_ok } else { &self.shared.calls_err };
         counter.fetch_add(1, Ordering::Relaxed);
         result
+    }
+
+    /// Engine mode, for a plugin an engine thread calls with [`PluginHandle::call_blocking`]:
+    /// the supervisor's runtime stops watching the plugin's socket (it reads it on a 2 ms
+    /// tick instead), so a reply wakes only the engine thread. Async calls still work, their
+    /// replies up to a tick later. Kept across restarts and updates until turned off.
+    pub fn set_engine_mode(&self, on: bool) {
+        self.shared.engine.store(on, Ordering::Relaxed);
+        if let Some(route) = self.shared.route.load_full() {
+            route.wire.engine.store(on, Ordering::Relaxed);
+            route.wire.wake.notify_one();
+        }
     }
 
     fn unavailable(&self) -> CallError {

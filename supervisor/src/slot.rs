@@ -122,7 +122,13 @@ impl Slot {
                 frozen.instance.socket.try_clone().map(std::os::unix::net::UnixStream::from);
             match shared_sock {
                 Ok(sock) => {
-                    let wire = Arc::new(Wire::new(sock, self.max_frame, false, self.spec.name()));
+                    let wire = Arc::new(Wire::new(
+                        sock,
+                        self.max_frame,
+                        false,
+                        self.shared.engine.load(std::sync::atomic::Ordering::Relaxed),
+                        self.spec.name(),
+                    ));
                     let wiring = instance::Wiring {
                         calls: calls_rx,
                         wire: wire.clone(),
@@ -508,7 +514,13 @@ impl Slot {
             );
             ExitReason::SpawnFailed { detail: format!("cannot share the plugin socket: {e}") }
         })?;
-        let wire = Arc::new(Wire::new(sock, self.max_frame, hold, spec.name()));
+        let wire = Arc::new(Wire::new(
+            sock,
+            self.max_frame,
+            hold,
+            self.shared.engine.load(std::sync::atomic::Ordering::Relaxed),
+            spec.name(),
+        ));
         let wiring =
             instance::Wiring { calls: calls_rx, wire: wire.clone(), control: control_rx, events };
         tokio::spawn(instance::run(raw, cfg, wiring));

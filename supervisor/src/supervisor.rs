@@ -210,6 +210,7 @@ impl Supervisor {
             calls_ok: AtomicU64::new(0),
             calls_err: AtomicU64::new(0),
             latency: Default::default(),
+            engine: Default::default(),
             live: Mutex::new(LiveStatus {
                 state: State::Stopped,
                 pid: None,

@@ -124,6 +124,9 @@ pub(crate) struct Wire {
     pub closing: AtomicBool,
     /// Blocking calls answered in time (the actor's "missed deadlines in a row" resets on it).
     pub answered: AtomicU64,
+    /// Engine mode: the actor stays off the runtime's epoll for this socket and reads on a
+    /// short tick instead, so an engine thread's replies wake nobody but that thread.
+    pub engine: AtomicBool,
     /// True while a new instance holds calls during a hot update; cleared on release.
     held: Mutex<bool>,
     released: Condvar,
@@ -144,7 +147,7 @@ pub(crate) enum NotSent {
 
 impl Wire {
     /// Shares `sock` (a duplicate of the instance's socket).
-    pub fn new(sock: UnixStream, max_frame: u32, hold: bool, name: &str) -> Wire {
+    pub fn new(sock: UnixStream, max_frame: u32, hold: bool, engine: bool, name: &str) -> Wire {
         Wire {
             sock,
             next_id: AtomicU64::new(1),
@@ -158,10 +161,16 @@ impl Wire {
             wake: tokio::sync::Notify::new(),
             closing: AtomicBool::new(false),
             answered: AtomicU64::new(0),
+            engine: AtomicBool::new(engine),
             held: Mutex::new(hold),
             released: Condvar::new(),
             name: name.to_string(),
         }
+    }
+
+    /// The shared socket (non-blocking), for reads and writes that need no readiness.
+    pub fn sock(&self) -> &UnixStream {
+        &self.sock
     }
 
     /// Lets blocking calls through after a hot update's hand-over.
