@@ -146,16 +146,8 @@ async fn plugd_runs(warmup: usize, samples: usize, sizes: &[usize]) -> Result<Ve
     let echo = sup.load(PluginSpec::from_manifest(plugins_dir().join("echo"))?).await?;
     let mut out = Vec::new();
 
-    let mut ns = Vec::with_capacity(samples);
+    let ns = time_on_tick(&strat, warmup, samples).await?;
     let deadline = Deadline::after(Duration::from_secs(5));
-    for i in 0..warmup + samples {
-        let tick = Tick { symbol: "BTC-USD".into(), bid: 100.0, ask: 100.02, ts: i as u64 };
-        let t0 = Instant::now();
-        let _: Order = strat.call_with("on_tick", &tick, deadline).await?;
-        if i >= warmup {
-            ns.push(t0.elapsed().as_nanos() as u64);
-        }
-    }
     let tick_bytes =
         plugin_proto::codec::encode(&Tick { symbol: "BTC-USD".into(), bid: 1.0, ask: 1.0, ts: 1 })?
             .len();
@@ -163,15 +155,7 @@ async fn plugd_runs(warmup: usize, samples: usize, sizes: &[usize]) -> Result<Ve
 
     // The same call to the same strategy written in Python (py-strategy, bincode schemas).
     let py = sup.load(PluginSpec::from_manifest(plugins_dir().join("py-strategy"))?).await?;
-    let mut ns = Vec::with_capacity(samples);
-    for i in 0..warmup + samples {
-        let tick = Tick { symbol: "BTC-USD".into(), bid: 100.0, ask: 100.02, ts: i as u64 };
-        let t0 = Instant::now();
-        let _: Order = py.call_with("on_tick", &tick, deadline).await?;
-        if i >= warmup {
-            ns.push(t0.elapsed().as_nanos() as u64);
-        }
-    }
+    let ns = time_on_tick(&py, warmup, samples).await?;
     out.push(stats("plugd on_tick, Python plugin", tick_bytes, ns));
 
     for &size in sizes {
@@ -189,6 +173,25 @@ async fn plugd_runs(warmup: usize, samples: usize, sizes: &[usize]) -> Result<Ve
     }
     sup.shutdown().await;
     Ok(out)
+}
+
+/// Round trips of `on_tick` (async, typed) after `warmup` untimed ones, in ns.
+async fn time_on_tick(
+    strat: &supervisor::PluginHandle,
+    warmup: usize,
+    samples: usize,
+) -> Result<Vec<u64>> {
+    let deadline = Deadline::after(Duration::from_secs(5));
+    let mut ns = Vec::with_capacity(samples);
+    for i in 0..warmup + samples {
+        let tick = Tick { symbol: "BTC-USD".into(), bid: 100.0, ask: 100.02, ts: i as u64 };
+        let t0 = Instant::now();
+        let _: Order = strat.call_with("on_tick", &tick, deadline).await?;
+        if i >= warmup {
+            ns.push(t0.elapsed().as_nanos() as u64);
+        }
+    }
+    Ok(ns)
 }
 
 /// spawn→Ready of the echo plugin, `n` times, with the manifest's `[sandbox]` section `sandbox`.

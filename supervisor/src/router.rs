@@ -273,10 +273,15 @@ impl PluginHandle {
     ) -> Result<Payload, CallError> {
         let t0 = Instant::now();
         let result = self.route(method, payload, deadline, chunks).await;
-        self.shared.latency.record(t0.elapsed());
+        self.account(t0.elapsed(), &result);
+        result
+    }
+
+    /// Counts a finished call (answered or not) and its time.
+    fn account(&self, took: Duration, result: &Result<Payload, CallError>) {
+        self.shared.latency.record(took);
         let counter = if result.is_ok() { &self.shared.calls_ok } else { &self.shared.calls_err };
         counter.fetch_add(1, Ordering::Relaxed);
-        result
     }
 
     async fn route(
@@ -376,9 +381,7 @@ impl PluginHandle {
                 }
             }
         }
-        self.shared.latency.record(t0.elapsed());
-        let counter = if result.is_ok() { &self.shared.calls_ok } else { &self.shared.calls_err };
-        counter.fetch_add(1, Ordering::Relaxed);
+        self.account(t0.elapsed(), &result);
         result
     }
 
