@@ -435,6 +435,21 @@ async fn blocking_calls_meet_deadlines_crashes_and_stopped_plugins() {
             .unwrap_err();
         // The late reply is dropped; the next call gets its own answer.
         let next: u64 = s.call_blocking("slow", &1u64, Deadline::Default).unwrap();
+        // Waiting for a reply sleeps in the kernel: a 400 ms wait must not cost 400 ms of CPU.
+        let cpu = || {
+            nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+                .map(Duration::from)
+                .unwrap()
+        };
+        let before = cpu();
+        let waited: u64 =
+            s.call_blocking("slow", &400u64, Deadline::after(Duration::from_secs(20))).unwrap();
+        let spent = cpu() - before;
+        assert_eq!(waited, 400);
+        assert!(
+            spent < Duration::from_millis(200),
+            "the caller spun while it waited: {spent:?} of CPU"
+        );
         let crash = cr.call_blocking::<_, ()>("crash", "segv", Deadline::Default).unwrap_err();
         (late, next, crash)
     })

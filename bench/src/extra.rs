@@ -25,6 +25,10 @@ pub fn temp_plugin(dir: &Path, name: &str, bin: &str, extra: &str) -> Result<Plu
     Ok(PluginSpec::from_manifest(&folder)?)
 }
 
+/// The manifest section that turns every sandbox layer off (limits stay).
+pub const SANDBOX_OFF: &str =
+    "[sandbox]\nnetwork = \"host\"\nfilesystem = \"host\"\nsyscalls = \"off\"\nexecve = true\n";
+
 fn supervisor() -> Result<Supervisor> {
     Ok(Supervisor::new(SupervisorConfig { bin_dirs: vec![bin_dir()?], ..Default::default() })?)
 }
@@ -243,15 +247,17 @@ pub async fn scale(n: usize, idle: Duration) -> Result<Scale> {
 /// on CPU 0 and the supervisor's runtime on the other CPUs (as a latency-minded host would
 /// place them); the caller must already be pinned to CPU 0.
 pub fn on_tick_blocking(warmup: usize, samples: usize, pinned: bool) -> Result<Stats> {
-    on_tick_blocking_with(warmup, samples, pinned, false)
+    on_tick_blocking_with(warmup, samples, pinned, false, true)
 }
 
-/// [`on_tick_blocking`], optionally with the plugin in engine mode (the runtime off its socket).
+/// [`on_tick_blocking`], optionally with the plugin in engine mode (the runtime off its
+/// socket) and with or without the default sandbox (to show what its filters cost a call).
 pub fn on_tick_blocking_with(
     warmup: usize,
     samples: usize,
     pinned: bool,
     engine: bool,
+    sandbox: bool,
 ) -> Result<Stats> {
     let online = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -268,12 +274,14 @@ pub fn on_tick_blocking_with(
     let rt = builder.build()?;
     let dir = tempfile::tempdir()?;
     let sup = rt.block_on(async { supervisor() })?;
-    let config = if pinned {
-        "[limits]\ncpus = [0]\n[config]\nmax_position = 10\n"
-    } else {
-        "[config]\nmax_position = 10\n"
-    };
-    let spec = temp_plugin(dir.path(), "strat", "tick-strategy", config)?;
+    let mut config = String::from("[config]\nmax_position = 10\n");
+    if pinned {
+        config.push_str("[limits]\ncpus = [0]\n");
+    }
+    if !sandbox {
+        config.push_str(SANDBOX_OFF);
+    }
+    let spec = temp_plugin(dir.path(), "strat", "tick-strategy", &config)?;
     let strat = rt.block_on(sup.load(spec))?;
     strat.set_engine_mode(engine);
     let mut ns = Vec::with_capacity(samples);
@@ -287,13 +295,16 @@ pub fn on_tick_blocking_with(
         }
     }
     rt.block_on(sup.shutdown());
-    let name = match (pinned, engine) {
+    let mut name = String::from(match (pinned, engine) {
         (true, true) => "plugd on_tick, blocking, pinned, engine mode",
         (true, false) => "plugd on_tick, blocking, pinned",
         (false, true) => "plugd on_tick, blocking, engine mode",
         (false, false) => "plugd on_tick, blocking (engine thread)",
-    };
-    Ok(stats(name, 25, ns))
+    });
+    if !sandbox {
+        name.push_str(", sandbox off");
+    }
+    Ok(stats(&name, 25, ns))
 }
 
 /// Crash → Ready again: the crasher plugin exits on command and is restarted with a 1 ms

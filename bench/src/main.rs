@@ -227,12 +227,20 @@ fn main() -> Result<()> {
         let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(200_000);
         extra::pin_to_cpu0()?;
         let floor = raw_floor(64, 1000, n)?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let s = with_ratio(rt.block_on(extra::on_tick_pinned(1000, n))?, &floor);
-        drop(rt);
-        let b = with_ratio(extra::on_tick_blocking(1000, n, true)?, &floor);
-        let e = with_ratio(extra::on_tick_blocking_with(1000, n, true, true)?, &floor);
-        for s in [&floor, &s, &b, &e] {
+        // `--pinned-only N engine`: the floor and engine mode alone (one process to profile).
+        let only_engine = args.get(2).map(String::as_str) == Some("engine");
+        let mut all = vec![floor.clone()];
+        if !only_engine {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            all.push(with_ratio(rt.block_on(extra::on_tick_pinned(1000, n))?, &floor));
+            drop(rt);
+            all.push(with_ratio(extra::on_tick_blocking(1000, n, true)?, &floor));
+        }
+        all.push(with_ratio(extra::on_tick_blocking_with(1000, n, true, true, true)?, &floor));
+        if !only_engine {
+            all.push(with_ratio(extra::on_tick_blocking_with(1000, n, true, true, false)?, &floor));
+        }
+        for s in &all {
             println!(
                 "{:<40} p50 {:>6.1} µs  p99 {:>6.1} µs  p99.9 {:>6.1} µs  ×floor p50 {:.2}",
                 s.name,
@@ -281,7 +289,7 @@ fn main() -> Result<()> {
     let bare = rt.block_on(spawn_to_ready(
         spawns,
         "sandbox off",
-        "network = \"host\"\nfilesystem = \"host\"\nsyscalls = \"off\"\nexecve = true",
+        extra::SANDBOX_OFF.trim_start_matches("[sandbox]\n"),
     ))?;
     let full = rt.block_on(spawn_to_ready(spawns, "full sandbox", "syscalls = \"default\""))?;
     let full = with_ratio(full, &bare);
@@ -314,7 +322,7 @@ fn main() -> Result<()> {
     let tick_pinned_blocking =
         with_ratio(extra::on_tick_blocking(warmup, samples, true)?, &floor_pinned);
     let tick_pinned_engine =
-        with_ratio(extra::on_tick_blocking_with(warmup, samples, true, true)?, &floor_pinned);
+        with_ratio(extra::on_tick_blocking_with(warmup, samples, true, true, true)?, &floor_pinned);
 
     println!("plugd-bench: {} samples each after {} warm-up, one run", samples, warmup);
     println!(

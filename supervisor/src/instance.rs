@@ -204,7 +204,9 @@ impl Instance {
         let cannot = |e: &dyn std::fmt::Display| ExitReason::SpawnFailed {
             detail: format!("cannot use plugin socket: {e}"),
         };
-        socket.set_nonblocking(true).map_err(|e| cannot(&e))?;
+        // Blocking mode on purpose: the actor's reads and writes all pass MSG_DONTWAIT (see
+        // `wire`), and a blocking caller then waits for its reply in one recv, with no poll.
+        socket.set_nonblocking(false).map_err(|e| cannot(&e))?;
         let sock =
             // SAFETY: the socket moves into the AsyncFd and is closed only when the AsyncFd
             // drops it (or hands it back with into_inner): the descriptor stays valid while

@@ -16,12 +16,15 @@
 //! readiness while a caller reads), or the instance is stopping and waits for
 //! the caller to be done.
 
-use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::socket::MsgFlags;
 
 use plugin_proto::frame::{encode_frame, FrameDecoder};
 use plugin_proto::{Call, CallError, ErrorCode, Message, Payload};
@@ -40,23 +43,37 @@ pub(crate) enum Filled {
     Eof,
 }
 
-/// Reads from a non-blocking socket into `rbuf` until it is empty (or `scratch` is full).
+/// Reads from the socket into `rbuf` without waiting, until it is empty (or `scratch` is full).
 pub(crate) fn read_available(
     sock: &UnixStream,
     scratch: &mut [u8],
     rbuf: &mut Vec<u8>,
 ) -> io::Result<Filled> {
+    recv_into(sock, scratch, rbuf, MsgFlags::MSG_DONTWAIT)
+}
+
+/// One `recv` into `scratch`, appended to `rbuf`. Without `MSG_DONTWAIT` it waits (the
+/// socket itself is in blocking mode, see [`Wire`]) up to the socket's receive timeout,
+/// which reports as [`io::ErrorKind::WouldBlock`].
+fn recv_into(
+    sock: &UnixStream,
+    scratch: &mut [u8],
+    rbuf: &mut Vec<u8>,
+    flags: MsgFlags,
+) -> io::Result<Filled> {
     loop {
-        match (&*sock).read(scratch) {
+        match nix::sys::socket::recv(sock.as_raw_fd(), scratch, flags) {
             Ok(0) => return Ok(Filled::Eof),
             Ok(n) => {
                 rbuf.extend_from_slice(&scratch[..n]);
                 // A stream socket returns less than asked only when it has no more queued.
                 return Ok(if n < scratch.len() { Filled::Drained } else { Filled::More });
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Filled::Drained),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(Errno::EAGAIN) if flags.contains(MsgFlags::MSG_DONTWAIT) => {
+                return Ok(Filled::Drained)
+            }
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -64,13 +81,14 @@ pub(crate) fn read_available(
 /// Writes as much of `buf` as the socket takes now; what is left stays in `buf`.
 pub(crate) fn write_available(sock: &UnixStream, buf: &mut Vec<u8>) -> io::Result<()> {
     while !buf.is_empty() {
-        match (&*sock).write(buf) {
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+        match nix::sys::socket::send(sock.as_raw_fd(), buf, flags) {
             Ok(n) => {
                 buf.drain(..n);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(Errno::EAGAIN) => return Ok(()),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
@@ -84,12 +102,40 @@ pub(crate) struct ReadSide {
     pub scratch: Box<[u8]>,
     /// Frame splitter (checks the size limit).
     pub decoder: FrameDecoder,
+    /// The receive timeout set on the socket for blocking callers (None: not set yet).
+    armed: Option<Duration>,
 }
+
+/// The longest single wait of a blocking call without a deadline (it then waits again).
+const LONG_WAIT: Duration = Duration::from_secs(60);
+
+/// How much later than its deadline a blocking call may notice it, to spare a syscall.
+const DEADLINE_SLACK: Duration = Duration::from_millis(1);
 
 impl ReadSide {
     /// Reads what is there now, without waiting.
     pub fn fill(&mut self, sock: &UnixStream) -> io::Result<Filled> {
         read_available(sock, &mut self.scratch, &mut self.rbuf)
+    }
+
+    /// Sets the socket's receive timeout (what a blocking recv waits at most) to about
+    /// `wait`: only when the one set would end more than [`DEADLINE_SLACK`] after `wait`, or
+    /// well before it — so back-to-back calls with the same deadline make no syscall for it.
+    fn arm(&mut self, sock: &UnixStream, wait: Duration) -> io::Result<()> {
+        let wait = wait.clamp(Duration::from_micros(1), LONG_WAIT);
+        let stale = match self.armed {
+            None => true,
+            Some(set) => set > wait + DEADLINE_SLACK || set < wait / 2,
+        };
+        if stale {
+            let tv = nix::sys::time::TimeVal::new(
+                wait.as_secs() as libc::time_t,
+                wait.subsec_micros() as libc::suseconds_t,
+            );
+            nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::ReceiveTimeout, &tv)?;
+            self.armed = Some(wait);
+        }
+        Ok(())
     }
 }
 
@@ -108,7 +154,9 @@ pub(crate) enum Inbound {
 
 /// The socket and what both sides share about it.
 pub(crate) struct Wire {
-    /// A duplicate of the instance's socket (the same open file, so non-blocking too).
+    /// A duplicate of the instance's socket (the same open file). It is in blocking mode:
+    /// every read and write passes `MSG_DONTWAIT` except a blocking caller's wait for its
+    /// reply, which is then a single `recv`.
     sock: UnixStream,
     /// Call ids, unique on this socket across async and blocking calls.
     pub next_id: AtomicU64,
@@ -156,6 +204,7 @@ impl Wire {
                 rbuf: Vec::with_capacity(READ_CHUNK),
                 scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
                 decoder: FrameDecoder::new(max_frame),
+                armed: None,
             }),
             inbox: Mutex::new(Vec::new()),
             wake: tokio::sync::Notify::new(),
@@ -168,7 +217,7 @@ impl Wire {
         }
     }
 
-    /// The shared socket (non-blocking), for reads and writes that need no readiness.
+    /// The shared socket; use [`read_available`] and [`write_available`], which never wait.
     pub fn sock(&self) -> &UnixStream {
         &self.sock
     }
@@ -272,7 +321,11 @@ impl Wire {
         drop(read);
         // Those, and bytes that arrived while we held the socket, were not seen by the actor
         // (it clears its readiness then); a stopping actor waits for us. So it must look now.
-        if leftover || self.closing.load(Ordering::SeqCst) || self.unread_bytes() {
+        // In engine mode the actor reads on its tick once calls pause, so no peek is needed.
+        if leftover
+            || self.closing.load(Ordering::SeqCst)
+            || (!self.engine.load(Ordering::Relaxed) && self.unread_bytes())
+        {
             self.wake.notify_one();
         }
         Ok(result)
@@ -303,7 +356,7 @@ impl Wire {
                     }
                 }
             }
-            let timeout = match deadline {
+            let wait = match deadline {
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
@@ -313,24 +366,34 @@ impl Wire {
                             format!("plugin {} did not reply in time", self.name),
                         ));
                     }
-                    // Rounded up to whole milliseconds: never wake before the deadline.
-                    let ms = left.as_micros().div_ceil(1000);
-                    nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX)
+                    left
                 }
-                None => nix::poll::PollTimeout::NONE,
+                None => LONG_WAIT,
             };
-            let mut fds = [nix::poll::PollFd::new(self.sock.as_fd(), nix::poll::PollFlags::POLLIN)];
-            match nix::poll::poll(&mut fds, timeout) {
-                Ok(0) => continue, // timed out: the deadline check above answers
-                Ok(_) => {}
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(self.gone(&e.to_string())),
+            // One blocking recv is the whole wait: no poll before it.
+            if let Err(e) = read.arm(&self.sock, wait) {
+                return Err(self.gone(&format!("cannot set the receive timeout: {e}")));
             }
-            match read.fill(&self.sock) {
+            let ReadSide { rbuf, scratch, .. } = &mut *read;
+            match recv_into(&self.sock, scratch, rbuf, MsgFlags::empty()) {
                 Ok(Filled::Drained | Filled::More) => {}
                 Ok(Filled::Eof) => {
                     self.push(Inbound::Eof);
                     return Err(self.gone("closed its socket"));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The receive timeout ran out (the deadline check above answers next) —
+                    // or the socket is not in blocking mode after all. Waiting in poll for
+                    // what is left makes sure this loop never spins either way.
+                    let ms = wait.as_micros().div_ceil(1000);
+                    let timeout =
+                        nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX);
+                    let mut fds =
+                        [nix::poll::PollFd::new(self.sock.as_fd(), nix::poll::PollFlags::POLLIN)];
+                    match nix::poll::poll(&mut fds, timeout) {
+                        Ok(_) | Err(Errno::EINTR) => {}
+                        Err(e) => return Err(self.gone(&e.to_string())),
+                    }
                 }
                 Err(e) => {
                     self.push(Inbound::Eof);
