@@ -33,6 +33,13 @@ fn supervisor() -> Result<Supervisor> {
     Ok(Supervisor::new(SupervisorConfig { bin_dirs: vec![bin_dir()?], ..Default::default() })?)
 }
 
+/// CPUs online on this machine (whatever the calling thread's affinity).
+pub fn online_cpus() -> usize {
+    // SAFETY: sysconf only reads a system value; no memory is passed.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(1)
+}
+
 /// Pins the calling thread (and every thread or process it starts from now on) to CPU 0.
 pub fn pin_to_cpu0() -> Result<()> {
     let mut set = nix::sched::CpuSet::new();
@@ -259,7 +266,9 @@ pub fn on_tick_blocking_with(
     engine: bool,
     sandbox: bool,
 ) -> Result<Stats> {
-    let online = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    // The machine's CPUs, not this thread's: the caller is already pinned to CPU 0, and
+    // available_parallelism() would count only that one.
+    let online = online_cpus();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(2).enable_all();
     if pinned && online > 1 {

@@ -1,12 +1,12 @@
 //! The blocking run loop: handshake, dispatch, heartbeats, shutdown.
 
-use std::io::{BufReader, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
-use plugin_proto::frame::{encode_frame, read_frame};
+use plugin_proto::frame::{body_len, decode_body, encode_frame, read_frame};
 use plugin_proto::{
     CallError, ErrorCode, FrameError, Hello, Message, Payload, Reply, DEFAULT_MAX_FRAME, MAGIC,
     PROTO_MAX, PROTO_MIN,
@@ -112,6 +112,30 @@ impl Wire {
         }
         Ok(())
     }
+}
+
+/// The next message: decoded straight from the read buffer when the whole frame is
+/// there (the usual case: one recv brings one or more whole frames), else read in pieces.
+fn next_message(reader: &mut BufReader<UnixStream>, max_frame: u32) -> Result<Message, FrameError> {
+    loop {
+        match reader.fill_buf() {
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let buffered = reader.buffer();
+    if buffered.is_empty() {
+        return Err(FrameError::Closed);
+    }
+    if whole_frame_buffered(buffered) {
+        let header = [buffered[0], buffered[1], buffered[2], buffered[3]];
+        let len = body_len(header, max_frame)?;
+        let msg = decode_body(&buffered[4..4 + len]);
+        reader.consume(4 + len);
+        return msg;
+    }
+    read_frame(reader, max_frame)
 }
 
 /// True if `buffered` starts with a whole frame: more work is already here.
@@ -230,7 +254,7 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
         if !whole_frame_buffered(reader.buffer()) {
             flush()?;
         }
-        let msg = match read_frame(&mut reader, max_frame) {
+        let msg = match next_message(&mut reader, max_frame) {
             Ok(m) => m,
             // The supervisor closed the socket: it is gone or dropped us; nothing to answer.
             Err(FrameError::Closed) => return Ok(()),
@@ -291,7 +315,49 @@ fn run_handler<P>(
 
 #[cfg(test)]
 mod tests {
-    use super::whole_frame_buffered;
+    use super::{next_message, whole_frame_buffered};
+    use plugin_proto::frame::encode_frame;
+    use plugin_proto::{FrameError, Message};
+    use std::io::{BufReader, Write};
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn messages_are_read_whole_from_the_buffer_and_in_pieces_across_reads() {
+        let (mut tx, rx) = UnixStream::pair().unwrap();
+        let mut reader = BufReader::with_capacity(64, rx);
+        let mut bytes = Vec::new();
+        let mut ends = Vec::new();
+        for seq in 0..3 {
+            encode_frame(&Message::Ping { seq }, &mut bytes).unwrap();
+            ends.push(bytes.len());
+        }
+        let big = Message::Notify {
+            method: "x".repeat(200), // longer than the reader's buffer
+            payload: plugin_proto::Payload::empty(),
+        };
+        encode_frame(&big, &mut bytes).unwrap();
+        // Two whole frames and the first 3 bytes of the third (not even its header) arrive
+        // first; the rest, including a frame larger than the buffer, later.
+        let split = ends[1] + 3;
+        tx.write_all(&bytes[..split]).unwrap();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            tx.write_all(&bytes[split..]).unwrap();
+            // tx drops here: end of stream after the last frame.
+        });
+        let mut seen = Vec::new();
+        loop {
+            match next_message(&mut reader, 1 << 20) {
+                Ok(m) => seen.push(m),
+                Err(FrameError::Closed) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        writer.join().unwrap();
+        assert_eq!(seen.len(), 4, "{seen:?}");
+        assert!(matches!(seen[2], Message::Ping { seq: 2 }));
+        assert!(matches!(&seen[3], Message::Notify { method, .. } if method.len() == 200));
+    }
 
     #[test]
     fn a_whole_frame_is_recognised_only_when_all_of_it_is_there() {

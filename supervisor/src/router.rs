@@ -49,9 +49,14 @@ impl Deadline {
     }
 
     fn resolve(self, default: Duration) -> Option<Instant> {
+        self.resolve_from(default, Instant::now())
+    }
+
+    /// The deadline as a point in time, counting from `now`.
+    fn resolve_from(self, default: Duration, now: Instant) -> Option<Instant> {
         match self {
-            Deadline::Default => Some(Instant::now() + default),
-            Deadline::After(d) => Some(Instant::now() + d),
+            Deadline::Default => Some(now + default),
+            Deadline::After(d) => Some(now + d),
             Deadline::At(t) => Some(t),
             Deadline::None => None,
         }
@@ -346,24 +351,27 @@ impl PluginHandle {
         payload: Payload,
         deadline: Deadline,
     ) -> Result<Payload, CallError> {
+        // One clock read serves the deadline, the Call's deadline_us and the latency figure.
         let t0 = std::time::Instant::now();
-        let deadline = deadline.resolve(self.shared.default_deadline).map(Instant::into_std);
+        let deadline = deadline
+            .resolve_from(self.shared.default_deadline, Instant::from_std(t0))
+            .map(Instant::into_std);
         let mut payload = Some(payload);
-        let mut result = Err(self.unavailable());
+        let mut now = t0;
+        let mut result = None;
         // An instance that is stopping (a hot update retiring it) sends us to the new route.
         for _ in 0..4 {
             let Some(route) = self.shared.route.load_full() else {
-                result = Err(self.unavailable());
                 break;
             };
             let p = payload.take().unwrap_or_else(Payload::empty);
-            match route.wire.call_blocking(method, p, deadline) {
+            match route.wire.call_blocking(method, p, deadline, now) {
                 Ok(r) => {
-                    result = r;
+                    result = Some(r);
                     break;
                 }
                 Err(NotSent::Failed(e)) => {
-                    result = Err(e);
+                    result = Some(Err(e));
                     break;
                 }
                 Err(NotSent::Closing(p)) => {
@@ -378,9 +386,12 @@ impl PluginHandle {
                         // Give the slot a moment to publish the new route.
                         std::thread::sleep(Duration::from_micros(200));
                     }
+                    now = std::time::Instant::now();
                 }
             }
         }
+        // Built only when needed: it reads the live status and formats a message.
+        let result = result.unwrap_or_else(|| Err(self.unavailable()));
         self.account(t0.elapsed(), &result);
         result
     }

@@ -177,6 +177,8 @@ pub(crate) struct Wire {
     pub engine: AtomicBool,
     /// True while a new instance holds calls during a hot update; cleared on release.
     held: Mutex<bool>,
+    /// `held`, readable without the lock (callers look at it on every call).
+    holding: AtomicBool,
     released: Condvar,
     name: String,
 }
@@ -212,6 +214,7 @@ impl Wire {
             answered: AtomicU64::new(0),
             engine: AtomicBool::new(engine),
             held: Mutex::new(hold),
+            holding: AtomicBool::new(hold),
             released: Condvar::new(),
             name: name.to_string(),
         }
@@ -225,6 +228,7 @@ impl Wire {
     /// Lets blocking calls through after a hot update's hand-over.
     pub fn release(&self) {
         *lock(&self.held) = false;
+        self.holding.store(false, Ordering::Release);
         self.released.notify_all();
     }
 
@@ -264,14 +268,16 @@ impl Wire {
     }
 
     /// One call on the calling thread: write the Call, wait for its Reply on the socket.
+    /// `now` is the caller's recent clock reading (spares a read on the hot path).
     pub fn call_blocking(
         &self,
         method: &str,
         payload: Payload,
         deadline: Option<Instant>,
+        now: Instant,
     ) -> Result<Result<Payload, CallError>, NotSent> {
         // A new instance of a hot update takes calls only once the old one handed over.
-        {
+        if self.holding.load(Ordering::Acquire) {
             let mut held = lock(&self.held);
             while *held {
                 let wait = match deadline {
@@ -291,7 +297,6 @@ impl Wire {
             return Err(NotSent::Closing(payload));
         }
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
-        let now = Instant::now();
         let deadline_us = match deadline {
             Some(d) if d <= now => return Err(NotSent::Failed(self.deadline_error())),
             Some(d) => (d - now).as_micros().max(1) as u64,
@@ -315,7 +320,7 @@ impl Wire {
                 }
             }
         }
-        let result = self.await_reply(&mut read, id, deadline);
+        let result = self.await_reply(&mut read, id, deadline, now);
         // Frames read together with our reply are still undecoded in the buffer.
         let leftover = !read.rbuf.is_empty();
         drop(read);
@@ -336,7 +341,9 @@ impl Wire {
         read: &mut ReadSide,
         id: u64,
         deadline: Option<Instant>,
+        sent: Instant,
     ) -> Result<Payload, CallError> {
+        let mut sent = Some(sent);
         loop {
             // Whole frames already read first (the actor may have left some).
             loop {
@@ -358,7 +365,9 @@ impl Wire {
             }
             let wait = match deadline {
                 Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
+                    // The first wait counts from when the call was sent; later ones from now.
+                    let now = sent.take().unwrap_or_else(Instant::now);
+                    let left = d.saturating_duration_since(now);
                     if left.is_zero() {
                         self.give_up(id);
                         return Err(CallError::new(
