@@ -400,3 +400,107 @@ pub async fn hot_swap(swaps: usize) -> Result<(Stats, Stats)> {
     sup.shutdown().await;
     Ok((stats("calls between swaps", 0, steady), stats("calls during a swap", 0, during)))
 }
+
+/// What [`pinned_interleaved`] calls through plugd.
+#[derive(Debug, Clone, Copy)]
+pub enum Pinned {
+    /// `on_tick` to the tick-strategy (typed; the floor moves 64 B).
+    OnTick,
+    /// `echo` of this many bytes (raw payload; the floor moves the same size).
+    Echo(usize),
+}
+
+/// The pinned floor and plugd's blocking call in engine mode, measured in alternating blocks
+/// of `samples / blocks` round trips each, so that both see the same moments of this
+/// (noisy, shared) machine: the ratio of the two is what to compare across runs. The
+/// engine thread (this thread), the raw child and the plugin run on CPU 0, the supervisor's
+/// runtime on the other CPUs. The caller must already be pinned to CPU 0.
+pub fn pinned_interleaved(
+    what: Pinned,
+    warmup: usize,
+    samples: usize,
+    blocks: usize,
+) -> Result<(Stats, Stats)> {
+    let online = online_cpus();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2).enable_all();
+    if online > 1 {
+        builder.on_thread_start(move || {
+            let mut set = nix::sched::CpuSet::new();
+            for cpu in 1..online {
+                let _ = set.set(cpu);
+            }
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+        });
+    }
+    let rt = builder.build()?;
+    let dir = tempfile::tempdir()?;
+    let sup = rt.block_on(async { supervisor() })?;
+    let (bin, size) = match what {
+        Pinned::OnTick => ("tick-strategy", 64),
+        Pinned::Echo(n) => ("echo", n),
+    };
+    let config = "[limits]\ncpus = [0]\n[config]\nmax_position = 10\n";
+    let plugin = rt.block_on(sup.load(temp_plugin(dir.path(), "p", bin, config)?))?;
+    plugin.set_engine_mode(true);
+    let (mut ours, mut child) = crate::spawn_raw_child(size)?;
+    let msg = vec![7u8; size];
+    let mut back = vec![0u8; size];
+    let data = vec![7u8; size];
+    let deadline = Deadline::After(Duration::from_secs(5));
+    let mut raw_once = || -> Result<u64> {
+        let t0 = Instant::now();
+        ours.write_all(&msg)?;
+        ours.read_exact(&mut back)?;
+        Ok(t0.elapsed().as_nanos() as u64)
+    };
+    let mut i = 0u64;
+    let mut plugd_once = || -> Result<u64> {
+        i += 1;
+        Ok(match what {
+            Pinned::OnTick => {
+                let tick = Tick { symbol: "BTC-USD".into(), bid: 100.0, ask: 100.02, ts: i };
+                let t0 = Instant::now();
+                let _: Order = plugin.call_blocking("on_tick", &tick, deadline)?;
+                t0.elapsed().as_nanos() as u64
+            }
+            Pinned::Echo(_) => {
+                let payload = Payload::raw(PayloadCodec::Bincode, data.clone());
+                let t0 = Instant::now();
+                let back = plugin.call_raw_blocking("echo", payload, deadline)?;
+                anyhow::ensure!(back.data.len() == size, "echo returned {} bytes", back.data.len());
+                t0.elapsed().as_nanos() as u64
+            }
+        })
+    };
+    for _ in 0..warmup {
+        raw_once()?;
+        plugd_once()?;
+    }
+    let per_block = (samples / blocks.max(1)).max(1);
+    let (mut floor, mut through) = (Vec::with_capacity(samples), Vec::with_capacity(samples));
+    while floor.len() < samples {
+        let n = per_block.min(samples - floor.len());
+        for _ in 0..n {
+            floor.push(raw_once()?);
+        }
+        for _ in 0..n {
+            through.push(plugd_once()?);
+        }
+    }
+    drop(ours);
+    child.wait()?;
+    rt.block_on(sup.shutdown());
+    let label = match what {
+        Pinned::OnTick => "plugd on_tick, blocking, engine mode, pinned".to_string(),
+        Pinned::Echo(n) => format!("plugd echo {n} B, blocking, engine mode, pinned"),
+    };
+    let bytes = match what {
+        Pinned::OnTick => 25,
+        Pinned::Echo(n) => n,
+    };
+    Ok((
+        stats(&format!("raw socketpair {size} B, pinned (interleaved)"), size, floor),
+        stats(&label, bytes, through),
+    ))
+}

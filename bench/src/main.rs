@@ -227,6 +227,26 @@ fn main() -> Result<()> {
         let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(200_000);
         extra::pin_to_cpu0()?;
         let floor = raw_floor(64, 1000, n)?;
+        // `--pinned-only N interleaved`: floor and engine mode in alternating blocks.
+        if args.get(2).map(String::as_str) == Some("interleaved") {
+            for what in [extra::Pinned::OnTick, extra::Pinned::Echo(64), extra::Pinned::Echo(4096)]
+            {
+                let (floor, through) = extra::pinned_interleaved(what, 1000, n, n / 1000)?;
+                let through = with_ratio(through, &floor);
+                for s in [&floor, &through] {
+                    println!(
+                        "{:<50} p50 {:>6.1} µs  p99 {:>6.1} µs  p99.9 {:>6.1} µs  ×floor p50 {:.2} p99.9 {:.2}",
+                        s.name,
+                        s.p50_us,
+                        s.p99_us,
+                        s.p999_us,
+                        s.ratio_p50.unwrap_or(1.0),
+                        s.ratio_p999.unwrap_or(1.0)
+                    );
+                }
+            }
+            return Ok(());
+        }
         // `--pinned-only N engine`: the floor and engine mode alone (one process to profile).
         let only_engine = args.get(2).map(String::as_str) == Some("engine");
         let mut all = vec![floor.clone()];

@@ -205,7 +205,7 @@ pub struct Payload {
     /// How `data` is encoded.
     pub codec: PayloadCodec,
     /// The encoded value.
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "blob")]
     pub data: Vec<u8>,
 }
 
@@ -333,4 +333,51 @@ pub enum LogLevel {
     Debug,
     /// Tag 4.
     Trace,
+}
+
+/// Payload bytes, written exactly as `serde_bytes` writes them (one length, then the
+/// bytes) but read with a single copy out of the frame: `serde_bytes` asks the decoder for
+/// an owned buffer, which bincode zero-fills and then copies into.
+mod blob {
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_bytes(Bytes)
+    }
+
+    struct Bytes;
+
+    impl<'de> Visitor<'de> for Bytes {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a byte string")
+        }
+
+        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+
+        fn visit_str<E: Error>(self, v: &str) -> Result<Vec<u8>, E> {
+            Ok(v.as_bytes().to_vec())
+        }
+
+        // Self-describing formats (JSON) write bytes as a list of numbers.
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(b) = seq.next_element::<u8>()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
 }

@@ -43,37 +43,46 @@ pub(crate) enum Filled {
     Eof,
 }
 
-/// Reads from the socket into `rbuf` without waiting, until it is empty (or `scratch` is full).
-pub(crate) fn read_available(
-    sock: &UnixStream,
-    scratch: &mut [u8],
-    rbuf: &mut Vec<u8>,
-) -> io::Result<Filled> {
-    recv_into(sock, scratch, rbuf, MsgFlags::MSG_DONTWAIT)
+/// Reads from the socket into `rbuf` without waiting, until it is empty (or one read's
+/// worth, [`READ_CHUNK`], came in).
+pub(crate) fn read_available(sock: &UnixStream, rbuf: &mut Vec<u8>) -> io::Result<Filled> {
+    recv_into(sock, rbuf, MsgFlags::MSG_DONTWAIT)
 }
 
-/// One `recv` into `scratch`, appended to `rbuf`. Without `MSG_DONTWAIT` it waits (the
-/// socket itself is in blocking mode, see [`Wire`]) up to the socket's receive timeout,
-/// which reports as [`io::ErrorKind::WouldBlock`].
-fn recv_into(
-    sock: &UnixStream,
-    scratch: &mut [u8],
-    rbuf: &mut Vec<u8>,
-    flags: MsgFlags,
-) -> io::Result<Filled> {
+/// One `recv` of up to [`READ_CHUNK`] bytes straight into `rbuf`'s spare room (no copy
+/// through a scratch buffer). Without `MSG_DONTWAIT` it waits (the socket itself is in
+/// blocking mode, see [`Wire`]) up to the socket's receive timeout, which reports as
+/// [`io::ErrorKind::WouldBlock`].
+fn recv_into(sock: &UnixStream, rbuf: &mut Vec<u8>, flags: MsgFlags) -> io::Result<Filled> {
+    // A buffer that grew for one huge frame does not stay huge.
+    if rbuf.is_empty() && rbuf.capacity() > 16 * READ_CHUNK {
+        *rbuf = Vec::new();
+    }
+    rbuf.reserve(READ_CHUNK);
     loop {
-        match nix::sys::socket::recv(sock.as_raw_fd(), scratch, flags) {
-            Ok(0) => return Ok(Filled::Eof),
-            Ok(n) => {
-                rbuf.extend_from_slice(&scratch[..n]);
+        let spare = rbuf.spare_capacity_mut();
+        // SAFETY: the pointer and length describe `rbuf`'s spare capacity (at least
+        // READ_CHUNK bytes after the reserve above), which recv may write; set_len below
+        // covers only the bytes recv reports written, so nothing uninitialised is exposed.
+        let n = unsafe {
+            libc::recv(sock.as_raw_fd(), spare.as_mut_ptr().cast(), READ_CHUNK, flags.bits())
+        };
+        match n {
+            0 => return Ok(Filled::Eof),
+            n if n > 0 => {
+                let n = n as usize;
+                // SAFETY: recv wrote n (<= READ_CHUNK <= spare capacity) bytes after len.
+                unsafe { rbuf.set_len(rbuf.len() + n) };
                 // A stream socket returns less than asked only when it has no more queued.
-                return Ok(if n < scratch.len() { Filled::Drained } else { Filled::More });
+                return Ok(if n < READ_CHUNK { Filled::Drained } else { Filled::More });
             }
-            Err(Errno::EAGAIN) if flags.contains(MsgFlags::MSG_DONTWAIT) => {
-                return Ok(Filled::Drained)
-            }
-            Err(Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
+            _ => match Errno::last() {
+                Errno::EAGAIN if flags.contains(MsgFlags::MSG_DONTWAIT) => {
+                    return Ok(Filled::Drained)
+                }
+                Errno::EINTR => {}
+                e => return Err(e.into()),
+            },
         }
     }
 }
@@ -96,10 +105,8 @@ pub(crate) fn write_available(sock: &UnixStream, buf: &mut Vec<u8>) -> io::Resul
 
 /// The read side: bytes read but not yet decoded.
 pub(crate) struct ReadSide {
-    /// Undecoded bytes.
+    /// Undecoded bytes (reads land in its spare room).
     pub rbuf: Vec<u8>,
-    /// Where reads land first: zeroed once, not per read.
-    pub scratch: Box<[u8]>,
     /// Frame splitter (checks the size limit).
     pub decoder: FrameDecoder,
     /// The receive timeout set on the socket for blocking callers (None: not set yet).
@@ -115,7 +122,7 @@ const DEADLINE_SLACK: Duration = Duration::from_millis(1);
 impl ReadSide {
     /// Reads what is there now, without waiting.
     pub fn fill(&mut self, sock: &UnixStream) -> io::Result<Filled> {
-        read_available(sock, &mut self.scratch, &mut self.rbuf)
+        read_available(sock, &mut self.rbuf)
     }
 
     /// Sets the socket's receive timeout (what a blocking recv waits at most) to about
@@ -204,7 +211,6 @@ impl Wire {
             write: Mutex::new(Vec::with_capacity(4096)),
             read: Mutex::new(ReadSide {
                 rbuf: Vec::with_capacity(READ_CHUNK),
-                scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
                 decoder: FrameDecoder::new(max_frame),
                 armed: None,
             }),
@@ -383,8 +389,7 @@ impl Wire {
             if let Err(e) = read.arm(&self.sock, wait) {
                 return Err(self.gone(&format!("cannot set the receive timeout: {e}")));
             }
-            let ReadSide { rbuf, scratch, .. } = &mut *read;
-            match recv_into(&self.sock, scratch, rbuf, MsgFlags::empty()) {
+            match recv_into(&self.sock, &mut read.rbuf, MsgFlags::empty()) {
                 Ok(Filled::Drained | Filled::More) => {}
                 Ok(Filled::Eof) => {
                     self.push(Inbound::Eof);
