@@ -285,6 +285,8 @@ fn main() -> Result<()> {
         show("plugd-on_tick-async", &rt.block_on(extra::on_tick_async(warmup, n, false))?);
         drop(rt);
         show("plugd-on_tick-blocking", &extra::on_tick_blocking(warmup, n, false)?);
+        let engine = extra::on_tick_blocking_with(warmup, n, false, true, true)?;
+        show("plugd-on_tick-blocking-engine-mode", &engine);
         return Ok(());
     }
     let quick = args.iter().any(|a| a == "--quick");

@@ -38,6 +38,13 @@ fn name_of(nr: i64) -> String {
     syscall_name(nr).map(str::to_string).unwrap_or_else(|| format!("syscall {nr}"))
 }
 
+/// How often an instance in engine mode reads its socket while the engine thread is idle.
+const ENGINE_TICK: Duration = Duration::from_millis(2);
+
+/// The longest gap between engine-mode reads while the engine thread keeps calling (it
+/// reads everything itself then; frames that arrive as it stops wait at most this long).
+const ENGINE_TICK_BUSY: Duration = Duration::from_millis(16);
+
 /// A call on its way to an instance.
 pub(crate) struct CallRequest {
     pub method: String,
@@ -866,8 +873,12 @@ impl Instance {
         // the socket will not report them again.
         let mut leftover = self.on_frames();
         // In engine mode (see `wire`) the socket is read on this tick instead of on readiness.
-        let mut engine_tick = tokio::time::interval(Duration::from_millis(2));
-        engine_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // While the engine thread keeps calling it reads everything itself, so the tick backs
+        // off (each one wakes the runtime, which on a shared CPU delays a call); once calls
+        // pause it is short again.
+        let mut engine_every = ENGINE_TICK;
+        let engine_tick = tokio::time::sleep(engine_every);
+        tokio::pin!(engine_tick);
         let mut engine_seen = u64::MAX;
 
         let reason = loop {
@@ -981,17 +992,21 @@ impl Instance {
                 _ = &mut violated => {
                     break self.fault(Fault::Violation).await;
                 }
-                _ = engine_tick.tick(), if self.sock.is_none() && !self.eof => {
+                _ = &mut engine_tick, if self.sock.is_none() && !self.eof => {
                     // While the engine thread is calling, it reads everything (and leaves the
                     // rest in the inbox): stay off the read lock so it never waits for us.
                     let answered = self.wire.answered.load(std::sync::atomic::Ordering::Relaxed);
                     if answered == engine_seen {
+                        engine_every = ENGINE_TICK;
                         match self.fill() {
                             Ok(true) => {}
                             Ok(false) | Err(_) => self.eof = true,
                         }
+                    } else {
+                        engine_every = (engine_every * 2).min(ENGINE_TICK_BUSY);
                     }
                     engine_seen = answered;
+                    engine_tick.as_mut().reset(tokio::time::Instant::now() + engine_every);
                     let done = self.on_inbox().and_then(|_| self.on_frames());
                     if let Err(fault) = done {
                         break self.fault(fault).await;

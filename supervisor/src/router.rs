@@ -397,9 +397,11 @@ impl PluginHandle {
     }
 
     /// Engine mode, for a plugin an engine thread calls with [`PluginHandle::call_blocking`]:
-    /// the supervisor's runtime stops watching the plugin's socket (it reads it on a 2 ms
-    /// tick instead), so a reply wakes only the engine thread. Async calls still work, their
-    /// replies up to a tick later. Kept across restarts and updates until turned off.
+    /// the supervisor's runtime stops watching the plugin's socket (it reads it on a tick
+    /// instead: every 2 ms while the engine thread is idle, backing off to 16 ms while it
+    /// calls, when it reads everything itself), so a reply wakes only the engine thread.
+    /// Async calls still work; their replies come with the engine thread's next call or at
+    /// most a tick later. Kept across restarts and updates until turned off.
     pub fn set_engine_mode(&self, on: bool) {
         self.shared.engine.store(on, Ordering::Relaxed);
         if let Some(route) = self.shared.route.load_full() {
