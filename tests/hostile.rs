@@ -76,6 +76,45 @@ async fn garbage_after_ready_kills_only_that_plugin() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_longer_than_the_seqpacket_limit_is_a_protocol_violation() {
+    // The frame inside is well formed; the transport's rule (records of at most 64 KiB, so
+    // a reader never loses a record's tail) is what it breaks. Both call paths notice.
+    let sup = supervisor();
+    let dir = tempfile::tempdir().unwrap();
+    for blocking in [false, true] {
+        let name = format!("big-record-{blocking}");
+        let spec = plugin(
+            &dir,
+            &name,
+            "garbage",
+            "transport = \"seqpacket\"\n[restart]\npolicy = \"never\"\n[env]\nGARBAGE_MODE = \"big-record\"\n",
+        );
+        let g = sup.load(spec).await.unwrap();
+        let pid = g.status().pid.unwrap();
+        let err = if blocking {
+            let h = g.clone();
+            std::thread::spawn(move || {
+                h.call_blocking::<_, ()>("anything", &(), supervisor::Deadline::Default)
+            })
+            .join()
+            .unwrap()
+            .unwrap_err()
+        } else {
+            g.call::<_, ()>("anything", &()).await.unwrap_err()
+        };
+        assert_eq!(err.code, ErrorCode::PluginExited, "{err}");
+        assert!(err.message.contains("protocol violation"), "{err}");
+        eventually("big-record plugin classified", || g.status().state == State::Exited).await;
+        assert!(!alive(pid));
+        let reason = g.status().last_exit.unwrap();
+        assert!(matches!(reason, ExitReason::ProtocolViolation { .. }), "{reason}");
+        let text = reason.to_string();
+        assert!(text.contains("-byte record") && text.contains("at most 65536"), "{text}");
+    }
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_plugin_is_detected_and_replaced() {
     let sup = supervisor();
     let echo = sup.load(example("echo")).await.unwrap();

@@ -370,12 +370,21 @@ async fn on_engine_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'sta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocking_calls_from_an_engine_thread_mix_with_async_ones() {
+    blocking_and_async_calls_mix("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_and_async_calls_mix_on_a_seqpacket_socket_too() {
+    blocking_and_async_calls_mix("transport = \"seqpacket\"\n").await;
+}
+
+async fn blocking_and_async_calls_mix(transport: &str) {
     let sup = supervisor();
     // No heartbeats: a reply left unseen by both sides would stay stuck (and fail the call
     // at its deadline) instead of being picked up by the next Pong.
     let dir = tempfile::tempdir().unwrap();
-    let echo =
-        sup.load(plugin(&dir, "echo", "echo", "[timeouts]\nheartbeat = \"0s\"\n")).await.unwrap();
+    let manifest = format!("{transport}[timeouts]\nheartbeat = \"0s\"\n");
+    let echo = sup.load(plugin(&dir, "echo", "echo", &manifest)).await.unwrap();
     // Two engine threads call blockingly while 200 async calls are in flight on the same
     // plugin: every caller gets its own answer, whichever side read it from the socket.
     let mut threads = Vec::new();
@@ -479,10 +488,21 @@ async fn blocking_calls_meet_deadlines_crashes_and_stopped_plugins() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payloads_larger_than_the_socket_buffer_go_through_both_call_paths() {
+    big_payloads("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_larger_than_a_record_go_through_a_seqpacket_socket_in_pieces() {
+    big_payloads("transport = \"seqpacket\"\n").await;
+}
+
+async fn big_payloads(transport: &str) {
     // 8 MiB each way: the socket takes a few hundred KiB at a time, so the writer has to wait
     // for room (the actor's write watch; for a blocking call, the actor finishes its write).
+    // On a seqpacket socket both sides also cut it into records of at most 64 KiB.
     let sup = supervisor();
-    let echo = sup.load(example("echo")).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let echo = sup.load(plugin(&dir, "echo", "echo", transport)).await.unwrap();
     let big: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
     let raw = Payload::raw(PayloadCodec::Bincode, plugin_proto::codec::encode(&big).unwrap());
     let deadline = Deadline::after(Duration::from_secs(30));

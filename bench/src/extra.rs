@@ -417,6 +417,7 @@ pub enum Pinned {
 /// runtime on the other CPUs. The caller must already be pinned to CPU 0.
 pub fn pinned_interleaved(
     what: Pinned,
+    seqpacket: bool,
     warmup: usize,
     samples: usize,
     blocks: usize,
@@ -440,8 +441,9 @@ pub fn pinned_interleaved(
         Pinned::OnTick => ("tick-strategy", 64),
         Pinned::Echo(n) => ("echo", n),
     };
-    let config = "[limits]\ncpus = [0]\n[config]\nmax_position = 10\n";
-    let plugin = rt.block_on(sup.load(temp_plugin(dir.path(), "p", bin, config)?))?;
+    let transport = if seqpacket { "transport = \"seqpacket\"\n" } else { "" };
+    let config = format!("{transport}[limits]\ncpus = [0]\n[config]\nmax_position = 10\n");
+    let plugin = rt.block_on(sup.load(temp_plugin(dir.path(), "p", bin, &config)?))?;
     plugin.set_engine_mode(true);
     let (mut ours, mut child) = crate::spawn_raw_child(size)?;
     let msg = vec![7u8; size];
@@ -491,10 +493,13 @@ pub fn pinned_interleaved(
     drop(ours);
     child.wait()?;
     rt.block_on(sup.shutdown());
-    let label = match what {
+    let mut label = match what {
         Pinned::OnTick => "plugd on_tick, blocking, engine mode, pinned".to_string(),
         Pinned::Echo(n) => format!("plugd echo {n} B, blocking, engine mode, pinned"),
     };
+    if seqpacket {
+        label.push_str(", seqpacket");
+    }
     let bytes = match what {
         Pinned::OnTick => 25,
         Pinned::Echo(n) => n,

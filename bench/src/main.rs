@@ -229,9 +229,11 @@ fn main() -> Result<()> {
         let floor = raw_floor(64, 1000, n)?;
         // `--pinned-only N interleaved`: floor and engine mode in alternating blocks.
         if args.get(2).map(String::as_str) == Some("interleaved") {
-            for what in [extra::Pinned::OnTick, extra::Pinned::Echo(64), extra::Pinned::Echo(4096)]
-            {
-                let (floor, through) = extra::pinned_interleaved(what, 1000, n, n / 1000)?;
+            use extra::Pinned::{Echo, OnTick};
+            let all = [(OnTick, false), (OnTick, true), (Echo(64), true), (Echo(4096), true)];
+            for (what, seqpacket) in all {
+                let (floor, through) =
+                    extra::pinned_interleaved(what, seqpacket, 1000, n, n / 1000)?;
                 let through = with_ratio(through, &floor);
                 for s in [&floor, &through] {
                     println!(

@@ -22,6 +22,11 @@ pub const DEFAULT_MAX_FRAME: u32 = 16 * 1024 * 1024;
 /// it claims inside, makes the decoder allocate more than this.
 pub const MAX_FRAME_CEILING: u32 = DEFAULT_MAX_FRAME;
 
+/// On a `SOCK_SEQPACKET` socket (`transport = "seqpacket"`) the frames are the same, carried
+/// in records: no record is longer than this, and every read offers at least this much room
+/// (a record read into less loses its tail). The byte stream is the records in order.
+pub const RECORD_MAX: usize = 64 * 1024;
+
 /// A framing failure.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {

@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
-use plugin_proto::frame::{body_len, decode_body, encode_frame, read_frame};
+use plugin_proto::frame::{body_len, decode_body, encode_frame, read_frame, RECORD_MAX};
 use plugin_proto::{
     CallError, ErrorCode, FrameError, Hello, Message, Payload, Reply, DEFAULT_MAX_FRAME, MAGIC,
     PROTO_MAX, PROTO_MIN,
@@ -106,7 +106,10 @@ impl Wire {
 
     fn flush(&mut self) -> Result<(), FrameError> {
         if !self.buf.is_empty() {
-            let written = self.stream.write_all(&self.buf);
+            // In records of at most RECORD_MAX bytes (what a seqpacket socket needs; a stream
+            // does not mind).
+            let written =
+                self.buf.chunks(RECORD_MAX).try_for_each(|record| self.stream.write_all(record));
             self.buf.clear();
             written?;
         }
@@ -227,7 +230,8 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
         sdk: concat!("plugin-runner/", env!("CARGO_PKG_VERSION")).into(),
     }))?;
 
-    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+    // Every refill offers the whole buffer, at least one record's room (see RECORD_MAX).
+    let mut reader = BufReader::with_capacity(RECORD_MAX, stream);
     let mut max_frame = DEFAULT_MAX_FRAME;
     let welcome = match read_frame(&mut reader, max_frame)? {
         Message::Welcome(w) => w,

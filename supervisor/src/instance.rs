@@ -493,24 +493,37 @@ impl Instance {
     /// Reads what is available now, without waiting; Ok(false) on end of stream. A blocking
     /// caller that owns the socket reads for us meanwhile.
     fn fill(&mut self) -> io::Result<bool> {
-        match self.wire.read.try_lock() {
-            Ok(mut read) => read.fill(self.wire.sock()).map(|f| f != Filled::Eof),
-            Err(_) => Ok(true),
+        let Ok(mut read) = self.wire.read.try_lock() else {
+            return Ok(true);
+        };
+        // Until the socket is empty: nothing may be left behind unseen (readiness may already
+        // be cleared). A plugin that writes faster than this reads gets a turn later.
+        for _ in 0..16 {
+            match read.fill(self.wire.sock())? {
+                Filled::Drained => return Ok(true),
+                Filled::Eof => return Ok(false),
+                Filled::More => {}
+            }
         }
+        self.wire.wake.notify_one();
+        Ok(true)
     }
 
     /// The whole frames in the read buffer, and the error that stopped decoding, if any
     /// (nothing while a blocking caller owns the socket: it decodes then).
-    fn decode_all(&self) -> (Vec<Message>, Option<plugin_proto::FrameError>) {
+    fn decode_all(&self) -> (Vec<Message>, Option<String>) {
         let mut out = Vec::new();
         if let Ok(mut read) = self.wire.read.try_lock() {
-            let ReadSide { rbuf, decoder, .. } = &mut *read;
+            let ReadSide { rbuf, decoder, fault, .. } = &mut *read;
             loop {
                 match decoder.next(rbuf) {
                     Ok(Some(msg)) => out.push(msg),
                     Ok(None) => break,
-                    Err(e) => return (out, Some(e)),
+                    Err(e) => return (out, Some(e.to_string())),
                 }
+            }
+            if let Some(why) = fault.take() {
+                return (out, Some(why));
             }
         }
         (out, None)
@@ -699,7 +712,7 @@ impl Instance {
             self.on_message(msg)?;
         }
         match bad {
-            Some(e) => Err(Fault::Protocol(e.to_string())),
+            Some(e) => Err(Fault::Protocol(e)),
             None => Ok(()),
         }
     }

@@ -44,7 +44,7 @@ mod wire;
 pub use exit::ExitReason;
 pub use instance::Frozen;
 pub use lifecycle::State;
-pub use manifest::{Manifest, ManifestError, PluginKind, PluginSpec, RestartPolicy};
+pub use manifest::{Manifest, ManifestError, PluginKind, PluginSpec, RestartPolicy, Transport};
 pub use plugin_proto::{CallError, ErrorCode, Payload, PayloadCodec};
 pub use router::{Deadline, PluginHandle, PluginStatus};
 pub use slot::FrozenPlugin;

@@ -27,7 +27,7 @@ use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
 
 use crate::exit::ExitReason;
-use crate::manifest::{check_executable, Entrypoint, PluginSpec};
+use crate::manifest::{check_executable, Entrypoint, PluginSpec, Transport};
 use crate::sandbox::{explain_spawn_error, HostFacts, SandboxPlan};
 
 /// The file descriptor number the plugin finds its socket on.
@@ -46,6 +46,8 @@ pub struct SpawnPlan {
     pub env: Vec<(String, String)>,
     /// The sandbox the child applies to itself before exec.
     pub sandbox: Arc<SandboxPlan>,
+    /// The kind of socket the plugin talks on.
+    pub transport: Transport,
 }
 
 /// Host variables a plugin inherits; everything else is cleared.
@@ -117,7 +119,14 @@ impl SpawnPlan {
             env.push(("PLUGD_LOCK_EXEC".into(), "1".into()));
         }
         env.extend(m.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-        Ok(SpawnPlan { program, args, dir: spec.dir.clone(), env, sandbox: Arc::new(sandbox) })
+        Ok(SpawnPlan {
+            program,
+            args,
+            dir: spec.dir.clone(),
+            env,
+            sandbox: Arc::new(sandbox),
+            transport: m.transport,
+        })
     }
 }
 
@@ -286,7 +295,15 @@ fn spawn_now(plan: &SpawnPlan) -> io::Result<RawChild> {
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     let (ours, theirs) = step(
         "socketpair",
-        socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC),
+        socketpair(
+            AddressFamily::Unix,
+            match plan.transport {
+                Transport::Stream => SockType::Stream,
+                Transport::SeqPacket => SockType::SeqPacket,
+            },
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        ),
     )?;
     let child_fd = theirs.as_raw_fd();
     let parent = nix::unistd::getpid();

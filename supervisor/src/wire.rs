@@ -32,6 +32,11 @@ use plugin_proto::{Call, CallError, ErrorCode, Message, Payload};
 /// Size of one read from a plugin socket.
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
 
+use plugin_proto::frame::RECORD_MAX;
+
+// Every read offers a whole record's room.
+const _: () = assert!(READ_CHUNK >= RECORD_MAX);
+
 /// What [`read_available`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Filled {
@@ -44,21 +49,34 @@ pub(crate) enum Filled {
 }
 
 /// Reads from the socket into `rbuf` without waiting, until it is empty (or one read's
-/// worth, [`READ_CHUNK`], came in).
-pub(crate) fn read_available(sock: &UnixStream, rbuf: &mut Vec<u8>) -> io::Result<Filled> {
-    recv_into(sock, rbuf, MsgFlags::MSG_DONTWAIT)
+/// worth came in). `records`: the socket is `SOCK_SEQPACKET` (see [`recv_into`]).
+pub(crate) fn read_available(
+    sock: &UnixStream,
+    rbuf: &mut Vec<u8>,
+    records: bool,
+) -> io::Result<Filled> {
+    recv_into(sock, rbuf, MsgFlags::MSG_DONTWAIT, records)
 }
 
 /// One `recv` of up to [`READ_CHUNK`] bytes straight into `rbuf`'s spare room (no copy
 /// through a scratch buffer). Without `MSG_DONTWAIT` it waits (the socket itself is in
 /// blocking mode, see [`Wire`]) up to the socket's receive timeout, which reports as
-/// [`io::ErrorKind::WouldBlock`].
-fn recv_into(sock: &UnixStream, rbuf: &mut Vec<u8>, flags: MsgFlags) -> io::Result<Filled> {
+/// [`io::ErrorKind::WouldBlock`]. On a record socket (`records`) one recv returns one
+/// record, so a short read says nothing about what else is queued, and a record longer than
+/// the room offered is an error rather than a silently cut frame.
+fn recv_into(
+    sock: &UnixStream,
+    rbuf: &mut Vec<u8>,
+    flags: MsgFlags,
+    records: bool,
+) -> io::Result<Filled> {
     // A buffer that grew for one huge frame does not stay huge.
     if rbuf.is_empty() && rbuf.capacity() > 16 * READ_CHUNK {
         *rbuf = Vec::new();
     }
     rbuf.reserve(READ_CHUNK);
+    // With MSG_TRUNC a record socket reports a record's whole length even if it was cut.
+    let flags = if records { flags | MsgFlags::MSG_TRUNC } else { flags };
     loop {
         let spare = rbuf.spare_capacity_mut();
         // SAFETY: the pointer and length describe `rbuf`'s spare capacity (at least
@@ -69,20 +87,28 @@ fn recv_into(sock: &UnixStream, rbuf: &mut Vec<u8>, flags: MsgFlags) -> io::Resu
         };
         match n {
             0 => return Ok(Filled::Eof),
-            n if n > 0 => {
-                let n = n as usize;
-                // SAFETY: recv wrote n (<= READ_CHUNK <= spare capacity) bytes after len.
-                unsafe { rbuf.set_len(rbuf.len() + n) };
-                // A stream socket returns less than asked only when it has no more queued.
-                return Ok(if n < READ_CHUNK { Filled::Drained } else { Filled::More });
-            }
-            _ => match Errno::last() {
+            n if n < 0 => match Errno::last() {
                 Errno::EAGAIN if flags.contains(MsgFlags::MSG_DONTWAIT) => {
                     return Ok(Filled::Drained)
                 }
                 Errno::EINTR => {}
                 e => return Err(e.into()),
             },
+            n if n as usize > READ_CHUNK => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "the plugin sent a {n}-byte record; records on a seqpacket socket are at most {RECORD_MAX} bytes"
+                    ),
+                ))
+            }
+            n => {
+                let n = n as usize;
+                // SAFETY: recv wrote n (<= READ_CHUNK <= spare capacity) bytes after len.
+                unsafe { rbuf.set_len(rbuf.len() + n) };
+                // A stream socket returns less than asked only when it has no more queued.
+                return Ok(if n < READ_CHUNK && !records { Filled::Drained } else { Filled::More });
+            }
         }
     }
 }
@@ -91,7 +117,9 @@ fn recv_into(sock: &UnixStream, rbuf: &mut Vec<u8>, flags: MsgFlags) -> io::Resu
 pub(crate) fn write_available(sock: &UnixStream, buf: &mut Vec<u8>) -> io::Result<()> {
     while !buf.is_empty() {
         let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
-        match nix::sys::socket::send(sock.as_raw_fd(), buf, flags) {
+        // At most one record's worth at a time (a stream socket takes it all the same).
+        let chunk = &buf[..buf.len().min(RECORD_MAX)];
+        match nix::sys::socket::send(sock.as_raw_fd(), chunk, flags) {
             Ok(n) => {
                 buf.drain(..n);
             }
@@ -111,6 +139,11 @@ pub(crate) struct ReadSide {
     pub decoder: FrameDecoder,
     /// The receive timeout set on the socket for blocking callers (None: not set yet).
     armed: Option<Duration>,
+    /// The socket carries records (`SOCK_SEQPACKET`), not a byte stream.
+    pub records: bool,
+    /// Why reading stopped, if the plugin broke the transport's rules (reported as a
+    /// protocol violation by whoever decodes next).
+    pub fault: Option<String>,
 }
 
 /// The longest single wait of a blocking call without a deadline (it then waits again).
@@ -120,9 +153,16 @@ const LONG_WAIT: Duration = Duration::from_secs(60);
 const DEADLINE_SLACK: Duration = Duration::from_millis(1);
 
 impl ReadSide {
-    /// Reads what is there now, without waiting.
+    /// Reads what is there now, without waiting. A record too long for the transport ends
+    /// the stream, and leaves its explanation in `fault`.
     pub fn fill(&mut self, sock: &UnixStream) -> io::Result<Filled> {
-        read_available(sock, &mut self.rbuf)
+        match read_available(sock, &mut self.rbuf, self.records) {
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                self.fault = Some(e.to_string());
+                Ok(Filled::Eof)
+            }
+            other => other,
+        }
     }
 
     /// Sets the socket's receive timeout (what a blocking recv waits at most) to about
@@ -205,6 +245,11 @@ pub(crate) enum NotSent {
 impl Wire {
     /// Shares `sock` (a duplicate of the instance's socket).
     pub fn new(sock: UnixStream, max_frame: u32, hold: bool, engine: bool, name: &str) -> Wire {
+        // Asked of the socket itself, so an instance adopted across an upgrade is right too.
+        let records = matches!(
+            nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::SockType),
+            Ok(nix::sys::socket::SockType::SeqPacket)
+        );
         Wire {
             sock,
             next_id: AtomicU64::new(1),
@@ -213,6 +258,8 @@ impl Wire {
                 rbuf: Vec::with_capacity(READ_CHUNK),
                 decoder: FrameDecoder::new(max_frame),
                 armed: None,
+                records,
+                fault: None,
             }),
             inbox: Mutex::new(Vec::new()),
             wake: tokio::sync::Notify::new(),
@@ -389,7 +436,8 @@ impl Wire {
             if let Err(e) = read.arm(&self.sock, wait) {
                 return Err(self.gone(&format!("cannot set the receive timeout: {e}")));
             }
-            match recv_into(&self.sock, &mut read.rbuf, MsgFlags::empty()) {
+            let records = read.records;
+            match recv_into(&self.sock, &mut read.rbuf, MsgFlags::empty(), records) {
                 Ok(Filled::Drained | Filled::More) => {}
                 Ok(Filled::Eof) => {
                     self.push(Inbound::Eof);
@@ -408,6 +456,10 @@ impl Wire {
                         Ok(_) | Err(Errno::EINTR) => {}
                         Err(e) => return Err(self.gone(&e.to_string())),
                     }
+                }
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    self.push(Inbound::Fault(e.to_string()));
+                    return Err(self.gone(&format!("protocol violation: {e}")));
                 }
                 Err(e) => {
                     self.push(Inbound::Eof);

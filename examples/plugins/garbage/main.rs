@@ -3,13 +3,15 @@
 //! `GARBAGE_MODE` (set in the manifest's `[env]`): "noise" (random bytes
 //! instead of Hello), "oversized" (a 4 GiB length header), "after-ready"
 //! (a proper handshake, then random bytes on the first call), "wrong-way"
-//! (after Ready, sends a Call, which only the supervisor may send).
+//! (after Ready, sends a Call, which only the supervisor may send), "big-record" (with
+//! `transport = "seqpacket"`: answers the first call with a well-formed reply in a single
+//! 100 KiB record, longer than the 64 KiB a record may be).
 
 use std::io::{BufReader, Write};
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 
-use plugin_proto::frame::{read_frame, write_frame};
+use plugin_proto::frame::{self, read_frame, write_frame};
 use plugin_proto::*;
 
 fn noise(out: &mut UnixStream) {
@@ -32,7 +34,7 @@ fn main() {
         "oversized" => {
             let _ = sock.write_all(&0xFFFF_FFF0u32.to_le_bytes());
         }
-        "after-ready" | "wrong-way" => {
+        "after-ready" | "wrong-way" | "big-record" => {
             let hello = Message::Hello(Hello {
                 magic: MAGIC,
                 proto_min: PROTO_MIN,
@@ -59,6 +61,17 @@ fn main() {
                 // first, fall through to the sleep: this plugin ignores a vanished supervisor.
                 loop {
                     match read_frame(&mut reader, max) {
+                        Ok(Message::Call(call)) if mode == "big-record" => {
+                            let reply = Message::Reply(Reply {
+                                id: call.id,
+                                result: Ok(Payload::raw(PayloadCodec::Bincode, vec![1; 100 << 10])),
+                            });
+                            let mut bytes = Vec::new();
+                            frame::encode_frame(&reply, &mut bytes).expect("encode");
+                            // One write on a seqpacket socket is one record.
+                            let _ = sock.write_all(&bytes);
+                            break;
+                        }
                         Ok(Message::Call(_)) => {
                             noise(&mut sock);
                             break;
