@@ -254,17 +254,19 @@ pub async fn scale(n: usize, idle: Duration) -> Result<Scale> {
 /// on CPU 0 and the supervisor's runtime on the other CPUs (as a latency-minded host would
 /// place them); the caller must already be pinned to CPU 0.
 pub fn on_tick_blocking(warmup: usize, samples: usize, pinned: bool) -> Result<Stats> {
-    on_tick_blocking_with(warmup, samples, pinned, false, true)
+    on_tick_blocking_with(warmup, samples, pinned, false, true, false)
 }
 
 /// [`on_tick_blocking`], optionally with the plugin in engine mode (the runtime off its
-/// socket) and with or without the default sandbox (to show what its filters cost a call).
+/// socket), with or without the default sandbox (to show what its filters cost a call), and
+/// on a stream or a seqpacket socket.
 pub fn on_tick_blocking_with(
     warmup: usize,
     samples: usize,
     pinned: bool,
     engine: bool,
     sandbox: bool,
+    seqpacket: bool,
 ) -> Result<Stats> {
     // The machine's CPUs, not this thread's: the caller is already pinned to CPU 0, and
     // available_parallelism() would count only that one.
@@ -283,7 +285,8 @@ pub fn on_tick_blocking_with(
     let rt = builder.build()?;
     let dir = tempfile::tempdir()?;
     let sup = rt.block_on(async { supervisor() })?;
-    let mut config = String::from("[config]\nmax_position = 10\n");
+    let mut config = String::from(if seqpacket { "transport = \"seqpacket\"\n" } else { "" });
+    config.push_str("[config]\nmax_position = 10\n");
     if pinned {
         config.push_str("[limits]\ncpus = [0]\n");
     }
@@ -312,6 +315,9 @@ pub fn on_tick_blocking_with(
     });
     if !sandbox {
         name.push_str(", sandbox off");
+    }
+    if seqpacket {
+        name.push_str(", seqpacket");
     }
     Ok(stats(&name, 25, ns))
 }
@@ -401,7 +407,7 @@ pub async fn hot_swap(swaps: usize) -> Result<(Stats, Stats)> {
     Ok((stats("calls between swaps", 0, steady), stats("calls during a swap", 0, during)))
 }
 
-/// What [`pinned_interleaved`] calls through plugd.
+/// What [`interleaved`] calls through plugd.
 #[derive(Debug, Clone, Copy)]
 pub enum Pinned {
     /// `on_tick` to the tick-strategy (typed; the floor moves 64 B).
@@ -410,14 +416,16 @@ pub enum Pinned {
     Echo(usize),
 }
 
-/// The pinned floor and plugd's blocking call in engine mode, measured in alternating blocks
+/// The raw floor and plugd's blocking call in engine mode, measured in alternating blocks
 /// of `samples / blocks` round trips each, so that both see the same moments of this
-/// (noisy, shared) machine: the ratio of the two is what to compare across runs. The
-/// engine thread (this thread), the raw child and the plugin run on CPU 0, the supervisor's
-/// runtime on the other CPUs. The caller must already be pinned to CPU 0.
-pub fn pinned_interleaved(
+/// (noisy, shared) machine: the ratio of the two is what to compare across runs. With
+/// `pinned`, the engine thread (this thread, which the caller must already have pinned to
+/// CPU 0), the raw child and the plugin run on CPU 0 and the supervisor's runtime on the
+/// other CPUs; without, the scheduler places everything.
+pub fn interleaved(
     what: Pinned,
     seqpacket: bool,
+    pinned: bool,
     warmup: usize,
     samples: usize,
     blocks: usize,
@@ -425,7 +433,7 @@ pub fn pinned_interleaved(
     let online = online_cpus();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(2).enable_all();
-    if online > 1 {
+    if pinned && online > 1 {
         builder.on_thread_start(move || {
             let mut set = nix::sched::CpuSet::new();
             for cpu in 1..online {
@@ -442,7 +450,8 @@ pub fn pinned_interleaved(
         Pinned::Echo(n) => ("echo", n),
     };
     let transport = if seqpacket { "transport = \"seqpacket\"\n" } else { "" };
-    let config = format!("{transport}[limits]\ncpus = [0]\n[config]\nmax_position = 10\n");
+    let cpus = if pinned { "[limits]\ncpus = [0]\n" } else { "" };
+    let config = format!("{transport}{cpus}[config]\nmax_position = 10\n");
     let plugin = rt.block_on(sup.load(temp_plugin(dir.path(), "p", bin, &config)?))?;
     plugin.set_engine_mode(true);
     let (mut ours, mut child) = crate::spawn_raw_child(size)?;
@@ -494,9 +503,12 @@ pub fn pinned_interleaved(
     child.wait()?;
     rt.block_on(sup.shutdown());
     let mut label = match what {
-        Pinned::OnTick => "plugd on_tick, blocking, engine mode, pinned".to_string(),
-        Pinned::Echo(n) => format!("plugd echo {n} B, blocking, engine mode, pinned"),
+        Pinned::OnTick => "plugd on_tick, blocking, engine mode".to_string(),
+        Pinned::Echo(n) => format!("plugd echo {n} B, blocking, engine mode"),
     };
+    if pinned {
+        label.push_str(", pinned");
+    }
     if seqpacket {
         label.push_str(", seqpacket");
     }
@@ -505,7 +517,14 @@ pub fn pinned_interleaved(
         Pinned::Echo(n) => n,
     };
     Ok((
-        stats(&format!("raw socketpair {size} B, pinned (interleaved)"), size, floor),
+        stats(
+            &format!(
+                "raw socketpair {size} B{} (interleaved)",
+                if pinned { ", pinned" } else { "" }
+            ),
+            size,
+            floor,
+        ),
         stats(&label, bytes, through),
     ))
 }

@@ -233,7 +233,7 @@ fn main() -> Result<()> {
             let all = [(OnTick, false), (OnTick, true), (Echo(64), true), (Echo(4096), true)];
             for (what, seqpacket) in all {
                 let (floor, through) =
-                    extra::pinned_interleaved(what, seqpacket, 1000, n, n / 1000)?;
+                    extra::interleaved(what, seqpacket, true, 1000, n, n / 1000)?;
                 let through = with_ratio(through, &floor);
                 for s in [&floor, &through] {
                     println!(
@@ -258,9 +258,15 @@ fn main() -> Result<()> {
             drop(rt);
             all.push(with_ratio(extra::on_tick_blocking(1000, n, true)?, &floor));
         }
-        all.push(with_ratio(extra::on_tick_blocking_with(1000, n, true, true, true)?, &floor));
+        all.push(with_ratio(
+            extra::on_tick_blocking_with(1000, n, true, true, true, false)?,
+            &floor,
+        ));
         if !only_engine {
-            all.push(with_ratio(extra::on_tick_blocking_with(1000, n, true, true, false)?, &floor));
+            all.push(with_ratio(
+                extra::on_tick_blocking_with(1000, n, true, true, false, false)?,
+                &floor,
+            ));
         }
         for s in &all {
             println!(
@@ -287,8 +293,10 @@ fn main() -> Result<()> {
         show("plugd-on_tick-async", &rt.block_on(extra::on_tick_async(warmup, n, false))?);
         drop(rt);
         show("plugd-on_tick-blocking", &extra::on_tick_blocking(warmup, n, false)?);
-        let engine = extra::on_tick_blocking_with(warmup, n, false, true, true)?;
+        let engine = extra::on_tick_blocking_with(warmup, n, false, true, true, false)?;
         show("plugd-on_tick-blocking-engine-mode", &engine);
+        let records = extra::on_tick_blocking_with(warmup, n, false, true, true, true)?;
+        show("plugd-on_tick-blocking-engine-mode-seqpacket", &records);
         return Ok(());
     }
     let quick = args.iter().any(|a| a == "--quick");
@@ -309,6 +317,12 @@ fn main() -> Result<()> {
     let mut plugd: Vec<Stats> =
         plugd.into_iter().map(|s| with_ratio(s.clone(), &floor_for(s.bytes))).collect();
     plugd.push(with_ratio(extra::on_tick_blocking(warmup, samples, false)?, &floor_for(25)));
+    // The latency-minded setup unpinned: engine mode on a seqpacket socket (the 4 KiB one
+    // through echo; its interleaved floor is not used, see below).
+    let fast = extra::on_tick_blocking_with(warmup, samples, false, true, true, true)?;
+    plugd.push(with_ratio(fast, &floor_for(25)));
+    let (_, fast) = extra::interleaved(extra::Pinned::Echo(4096), true, false, 0, samples, 1)?;
+    plugd.push(with_ratio(fast, &floor_for(4096)));
     let spawns = if quick { 10 } else { 100 };
     let bare = rt.block_on(spawn_to_ready(
         spawns,
@@ -330,8 +344,29 @@ fn main() -> Result<()> {
     let (swap_steady, swap_during) = rt.block_on(extra::hot_swap(20))?;
     let ctl = plugctl_cost::measure(scale_n, if quick { 20 } else { 100 })?;
     drop(rt);
+    // The blocking call in engine mode beside its floor, in alternating blocks (see
+    // `extra::interleaved`), on both transports, 64 B-class and 4 KiB.
+    // Pinned only: unpinned, where the scheduler leaves the two long-lived pairs decides
+    // each side's cost (same vCPU ~8 µs, the other one ~50 µs), and alternating blocks
+    // cannot make that even.
+    let interleave = |pinned: bool| -> Result<Vec<Stats>> {
+        use extra::Pinned::{Echo, OnTick};
+        let mut out = Vec::new();
+        for what in [OnTick, Echo(4096)] {
+            for seqpacket in [false, true] {
+                let blocks = (samples / 1000).max(1);
+                let (floor, through) =
+                    extra::interleaved(what, seqpacket, pinned, warmup, samples, blocks)?;
+                let through = with_ratio(through, &floor);
+                out.push(floor);
+                out.push(through);
+            }
+        }
+        Ok(out)
+    };
     // Pinned last: from here on this thread and everything it starts run on CPU 0.
     extra::pin_to_cpu0()?;
+    let mixed_pinned = interleave(true)?;
     let floor_pinned = raw_floor(64, warmup, samples)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let tick_pinned =
@@ -345,8 +380,10 @@ fn main() -> Result<()> {
     drop(rt);
     let tick_pinned_blocking =
         with_ratio(extra::on_tick_blocking(warmup, samples, true)?, &floor_pinned);
-    let tick_pinned_engine =
-        with_ratio(extra::on_tick_blocking_with(warmup, samples, true, true, true)?, &floor_pinned);
+    let tick_pinned_engine = with_ratio(
+        extra::on_tick_blocking_with(warmup, samples, true, true, true, false)?,
+        &floor_pinned,
+    );
 
     println!("plugd-bench: {} samples each after {} warm-up, one run", samples, warmup);
     println!(
@@ -369,6 +406,18 @@ fn main() -> Result<()> {
         println!(
             "{:<38} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}   {:>16}",
             s.name, s.bytes, s.p50_us, s.p90_us, s.p99_us, s.p999_us, s.max_us, ratio
+        );
+    }
+    println!();
+    println!("pinned: engine-mode blocking calls and their floor, in alternating blocks of 1 000:");
+    for s in &mixed_pinned {
+        let ratio = match (s.ratio_p50, s.ratio_p99, s.ratio_p999) {
+            (Some(a), Some(b), Some(c)) => format!("{a:.2} / {b:.2} / {c:.2}"),
+            _ => "floor".into(),
+        };
+        println!(
+            "{:<58} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>9.1}   {:>16}",
+            s.name, s.bytes, s.p50_us, s.p99_us, s.p999_us, s.max_us, ratio
         );
     }
     println!();
@@ -438,6 +487,7 @@ fn main() -> Result<()> {
             "quick": quick, "machine": machine, "floor": floors, "plugd": plugd,
             "spawn": [bare, full],
             "pinned": [floor_pinned, tick_pinned, tick_pinned_ct, tick_pinned_blocking, tick_pinned_engine],
+            "pinned_interleaved": mixed_pinned,
             "pipelined": pipelined,
             "fan_out": { "single": single, "eight": fan },
             "scale": scale,
