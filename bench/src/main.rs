@@ -478,7 +478,8 @@ fn main() -> Result<()> {
     );
     if let Some(path) = json {
         let machine = serde_json::json!({
-            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            // The machine's, not this (by now pinned) thread's.
+            "cpus": extra::online_cpus(),
             "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
             "cpu_model": std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines()
                 .find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).unwrap_or("").trim(),
