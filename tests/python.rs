@@ -87,6 +87,19 @@ fn py_plugin(src: &Path, name: &str, version: &str, requirements: &str, wheels: 
     dir
 }
 
+/// The type (as /proc/net/unix shows it: 0001 stream, 0005 seqpacket) of `pid`'s fd 3.
+fn socket_type(pid: u64) -> String {
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/3")).unwrap();
+    let link = link.to_string_lossy();
+    let inode = link.trim_start_matches("socket:[").trim_end_matches(']');
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap();
+    let row = table
+        .lines()
+        .find(|l| l.split_whitespace().nth(6) == Some(inode))
+        .unwrap_or_else(|| panic!("socket {inode} of pid {pid} is not in /proc/net/unix"));
+    row.split_whitespace().nth(4).unwrap().to_string()
+}
+
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -105,6 +118,10 @@ fn two_plugins_pinned_to_different_versions_run_side_by_side_sandboxed() {
     let a =
         py_plugin(src.path(), "dep-a", "1.0.0", "demo-dep==1.0\nhelper-dep==1.0\n", wheels.path());
     let b = py_plugin(src.path(), "dep-b", "1.0.0", "demo-dep==2.0\n", wheels.path());
+    // dep-b talks over a seqpacket socket (the Python SDK reads records whole too).
+    let manifest = b.join("plugin.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, format!("transport = \"seqpacket\"\n{text}")).unwrap();
     for dir in [&a, &b] {
         let out = d.ctl(&["install", dir.to_str().unwrap()]);
         assert!(out.status.success(), "install {}: {}", dir.display(), stderr(&out));
@@ -112,6 +129,8 @@ fn two_plugins_pinned_to_different_versions_run_side_by_side_sandboxed() {
     eventually("both ready", || d.all_ready(&["dep-a", "dep-b"]));
     assert_eq!(call(&d, "dep-a", "dep_version", "\"demo_dep\""), "1.0");
     assert_eq!(call(&d, "dep-b", "dep_version", "\"demo_dep\""), "2.0");
+    assert_eq!(socket_type(d.pid("dep-a")), "0001", "dep-a: a stream socket");
+    assert_eq!(socket_type(d.pid("dep-b")), "0005", "dep-b: a seqpacket socket");
     assert_eq!(call(&d, "dep-a", "dep_version", "\"helper_dep\""), "1.0");
 
     // One venv per plugin version, under the state folder, with the SDK in it.

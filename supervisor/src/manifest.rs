@@ -122,8 +122,8 @@ pub enum Transport {
     /// A byte stream (`SOCK_STREAM`), which every SDK reads.
     #[default]
     Stream,
-    /// Records of at most 64 KiB (`SOCK_SEQPACKET`): about 1 µs less per round trip on Linux;
-    /// the reader must offer 64 KiB on every read, so only the Rust SDK (plugin-runner) can.
+    /// Records of at most 64 KiB (`SOCK_SEQPACKET`): about 1 µs less per round trip on Linux.
+    /// Every read must offer 64 KiB of room; both bundled SDKs do (PROTOCOL.md, section 1).
     SeqPacket,
 }
 
@@ -605,12 +605,6 @@ impl Manifest {
         };
         let transport = match raw.transport.as_deref() {
             None | Some("stream") => Transport::Stream,
-            Some("seqpacket") if runtime == Runtime::Python => {
-                return Err(c.bad(
-                    "transport",
-                    "= \"seqpacket\" needs the Rust SDK (plugin-runner); the Python SDK reads a byte stream, so remove the key",
-                ))
-            }
             Some("seqpacket") => Transport::SeqPacket,
             Some(other) => {
                 return Err(c.bad(
@@ -1043,7 +1037,7 @@ symbols = ["BTC"]
     }
 
     #[test]
-    fn transport_is_a_stream_unless_a_native_plugin_asks_for_records() {
+    fn transport_is_a_stream_unless_the_manifest_asks_for_records() {
         let parse = |extra: &str, entry: &str| {
             let text = format!(
                 "name = \"t\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = {entry}\n{extra}"
@@ -1055,12 +1049,10 @@ symbols = ["BTC"]
             parse("transport = \"seqpacket\"\n", "\"bin/t\"").unwrap().transport,
             Transport::SeqPacket
         );
-        let e = parse("transport = \"seqpacket\"\n", "\"main.py\"").unwrap_err().to_string();
-        assert!(
-            e.contains("`transport`") && e.contains("Rust SDK") && e.contains("plugin.toml"),
-            "{e}"
-        );
+        let py = parse("transport = \"seqpacket\"\n", "\"main.py\"").unwrap();
+        assert_eq!((py.runtime, py.transport), (Runtime::Python, Transport::SeqPacket));
         let e = parse("transport = \"udp\"\n", "\"bin/t\"").unwrap_err().to_string();
+        assert!(e.contains("`transport`") && e.contains("plugin.toml"), "{e}");
         assert!(e.contains("\"stream\" or \"seqpacket\""), "{e}");
     }
 

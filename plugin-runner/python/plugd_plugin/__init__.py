@@ -133,14 +133,15 @@ class _Connection:
 
     def __init__(self, sock):
         self.sock = sock
-        self.reader = sock.makefile("rb")
+        # Not sock.makefile(): every read must offer a whole record's room (seqpacket).
+        self.reader = wire.SocketReader(sock)
         self.lock = threading.Lock()
         self.max_frame = wire.DEFAULT_MAX_FRAME
 
     def send(self, msg):
         data = wire.frame(msg, self.max_frame)
         with self.lock:
-            self.sock.sendall(data)
+            wire.send_all(self.sock, data)
 
     def recv(self):
         body = wire.read_frame(self.reader, self.max_frame)

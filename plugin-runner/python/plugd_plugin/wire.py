@@ -270,6 +270,47 @@ def frame(msg, max_frame=DEFAULT_MAX_FRAME):
     return struct.pack("<I", len(body)) + body
 
 
+RECORD_MAX = 64 * 1024
+"""On a seqpacket socket (``transport = "seqpacket"``) no record may be longer than this,
+and every read must offer at least this much room (PROTOCOL.md, section 1)."""
+
+
+class SocketReader:
+    """Reads a plugd socket as a byte stream, offering RECORD_MAX bytes of room on every
+    recv: the same code then serves a stream socket and a seqpacket one, whose records
+    would lose their tails if read into less."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.scratch = bytearray(RECORD_MAX)
+        self.view = memoryview(self.scratch)
+        self.start = 0
+        self.end = 0
+
+    def read(self, n):
+        """Up to ``n`` bytes; b"" at the end of the stream."""
+        if self.start == self.end:
+            got = self.sock.recv_into(self.view, RECORD_MAX)
+            if got == 0:
+                return b""
+            self.start, self.end = 0, got
+        take = min(n, self.end - self.start)
+        chunk = bytes(self.view[self.start:self.start + take])
+        self.start += take
+        return chunk
+
+    def close(self):
+        self.view.release()
+
+
+def send_all(sock, data):
+    """Writes ``data`` in pieces of at most RECORD_MAX bytes (one record each on a seqpacket
+    socket; a stream does not mind)."""
+    view = memoryview(data)
+    for i in range(0, len(view), RECORD_MAX):
+        sock.sendall(view[i:i + RECORD_MAX])
+
+
 def read_frame(stream, max_frame=DEFAULT_MAX_FRAME):
     """Reads one frame body from a binary file object; None at a clean end of stream."""
     header = _read_exact(stream, 4, allow_eof=True)

@@ -15,8 +15,8 @@ POINT = schema.Struct(("x", schema.I32), ("y", schema.I32))
 
 
 class FakeSupervisor:
-    def __init__(self, state=None, config='{"greeting":"hi"}'):
-        ours, theirs = socket.socketpair()
+    def __init__(self, state=None, config='{"greeting":"hi"}', kind=socket.SOCK_STREAM):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
         env = dict(os.environ, PLUGD_FD=str(theirs.fileno()), PLUGD_PLUGIN_NAME="sample",
                    PLUGD_PLUGIN_VERSION="1.2.3",
                    PYTHONPATH=os.path.dirname(HERE))
@@ -26,14 +26,14 @@ class FakeSupervisor:
         theirs.close()
         ours.settimeout(30)
         self.sock = ours
-        self.reader = ours.makefile("rb")
+        self.reader = wire.SocketReader(ours)
         self.hello = self.recv()
         self.send(wire.Welcome(1, config, 1000, wire.DEFAULT_MAX_FRAME, state))
         self.logs = []
         self.ready = self.recv()
 
     def send(self, msg):
-        self.sock.sendall(wire.frame(msg))
+        wire.send_all(self.sock, wire.frame(msg))
 
     def recv(self):
         while True:
@@ -118,6 +118,16 @@ class Serve(unittest.TestCase):
         self.assertEqual(self.sup.recv(), wire.Pong(42))
         self.assertTrue(any("greeting bob" in log.message and log.level == wire.LOG_INFO
                             for log in self.sup.logs), self.sup.logs)
+
+    def test_seqpacket_socket_carries_frames_larger_than_a_record(self):
+        sup = FakeSupervisor(kind=socket.SOCK_SEQPACKET)
+        self.addCleanup(sup.close)
+        self.assertEqual(sup.ready, wire.Ready())
+        text = "x" * (300 * 1024)  # several records each way
+        reply, _ = sup.call(1, "shout", js(text))
+        self.assertEqual(reply.result, Payload(CODEC_JSON, json.dumps(text.upper()).encode()))
+        reply, _ = sup.call(2, "greet", js("ann"))
+        self.assertEqual(reply.result, Payload(CODEC_JSON, b'"hi ann"'))
 
     def test_shutdown_hands_state_to_the_next_instance(self):
         for i in range(3):
