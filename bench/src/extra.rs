@@ -33,6 +33,26 @@ fn supervisor() -> Result<Supervisor> {
     Ok(Supervisor::new(SupervisorConfig { bin_dirs: vec![bin_dir()?], ..Default::default() })?)
 }
 
+/// A 2-worker runtime for the supervisor; with `pinned`, its threads run on every CPU but
+/// CPU 0 (where the caller and the plugin are), if the machine has more than one.
+fn supervisor_runtime(pinned: bool) -> Result<tokio::runtime::Runtime> {
+    // The machine's CPUs, not this thread's: the caller is already pinned to CPU 0, and
+    // available_parallelism() would count only that one.
+    let online = online_cpus();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2).enable_all();
+    if pinned && online > 1 {
+        builder.on_thread_start(move || {
+            let mut set = nix::sched::CpuSet::new();
+            for cpu in 1..online {
+                let _ = set.set(cpu);
+            }
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+        });
+    }
+    Ok(builder.build()?)
+}
+
 /// CPUs online on this machine (whatever the calling thread's affinity).
 pub fn online_cpus() -> usize {
     // SAFETY: sysconf only reads a system value; no memory is passed.
@@ -268,21 +288,7 @@ pub fn on_tick_blocking_with(
     sandbox: bool,
     seqpacket: bool,
 ) -> Result<Stats> {
-    // The machine's CPUs, not this thread's: the caller is already pinned to CPU 0, and
-    // available_parallelism() would count only that one.
-    let online = online_cpus();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.worker_threads(2).enable_all();
-    if pinned && online > 1 {
-        builder.on_thread_start(move || {
-            let mut set = nix::sched::CpuSet::new();
-            for cpu in 1..online {
-                let _ = set.set(cpu);
-            }
-            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
-        });
-    }
-    let rt = builder.build()?;
+    let rt = supervisor_runtime(pinned)?;
     let dir = tempfile::tempdir()?;
     let sup = rt.block_on(async { supervisor() })?;
     let mut config = String::from(if seqpacket { "transport = \"seqpacket\"\n" } else { "" });
@@ -430,19 +436,7 @@ pub fn interleaved(
     samples: usize,
     blocks: usize,
 ) -> Result<(Stats, Stats)> {
-    let online = online_cpus();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.worker_threads(2).enable_all();
-    if pinned && online > 1 {
-        builder.on_thread_start(move || {
-            let mut set = nix::sched::CpuSet::new();
-            for cpu in 1..online {
-                let _ = set.set(cpu);
-            }
-            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
-        });
-    }
-    let rt = builder.build()?;
+    let rt = supervisor_runtime(pinned)?;
     let dir = tempfile::tempdir()?;
     let sup = rt.block_on(async { supervisor() })?;
     let (bin, size) = match what {
