@@ -446,15 +446,23 @@ impl Wire {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // The receive timeout ran out (the deadline check above answers next) —
                     // or the socket is not in blocking mode after all. Waiting in poll for
-                    // what is left makes sure this loop never spins either way.
-                    let ms = wait.as_micros().div_ceil(1000);
-                    let timeout =
-                        nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX);
-                    let mut fds =
-                        [nix::poll::PollFd::new(self.sock.as_fd(), nix::poll::PollFlags::POLLIN)];
-                    match nix::poll::poll(&mut fds, timeout) {
-                        Ok(_) | Err(Errno::EINTR) => {}
-                        Err(e) => return Err(self.gone(&e.to_string())),
+                    // what is left of the wait makes sure this loop never spins either way.
+                    let left = match deadline {
+                        Some(d) => d.saturating_duration_since(Instant::now()),
+                        None => LONG_WAIT,
+                    };
+                    if !left.is_zero() {
+                        let ms = left.as_micros().div_ceil(1000);
+                        let timeout = nix::poll::PollTimeout::try_from(ms)
+                            .unwrap_or(nix::poll::PollTimeout::MAX);
+                        let mut fds = [nix::poll::PollFd::new(
+                            self.sock.as_fd(),
+                            nix::poll::PollFlags::POLLIN,
+                        )];
+                        match nix::poll::poll(&mut fds, timeout) {
+                            Ok(_) | Err(Errno::EINTR) => {}
+                            Err(e) => return Err(self.gone(&e.to_string())),
+                        }
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
