@@ -843,3 +843,35 @@ fn a_reload_refuses_an_edit_that_would_break_a_running_dependent() {
         d.plugin("base")["version"] == "2.0.0" && d.all_ready(&["base", "user"])
     });
 }
+
+/// A plugin that reaches the control socket (here: one run as root on the host's file
+/// system, the widest a manifest can ask for) is refused by its pid namespace, not its uid.
+#[test]
+fn the_control_socket_refuses_plugin_processes() {
+    if !nix::unistd::geteuid().is_root() {
+        return; // without root there is no jail, and plugins run as plugd's uid (reported)
+    }
+    let d = Plugd::start(|dir| {
+        add_plugin(
+            dir,
+            "escapist",
+            "escapist",
+            "[sandbox]\nuser = \"root\"\nfilesystem = \"host\"\n",
+        );
+    });
+    let socket = d.socket.canonicalize().unwrap().display().to_string();
+    let arg = serde_json::to_string(&(socket, r#"{"cmd":"stop","name":"escapist"}"#)).unwrap();
+    let out = d.ctl(&["call", "escapist", "control", &arg]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        answer.contains("permission denied") && answer.contains("another pid namespace"),
+        "{answer}"
+    );
+    let status = d.ctl(&["status", "--json"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("\"ready\""), "the plugin did not stop itself: {text}");
+    // status flags a plugin that runs as root.
+    let human = String::from_utf8_lossy(&d.ctl(&["status", "escapist"]).stdout).into_owned();
+    assert!(human.contains("user(root: no uid isolation)"), "{human}");
+}

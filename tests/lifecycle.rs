@@ -34,8 +34,12 @@ async fn load_call_unload() {
     assert_eq!(name.as_deref(), Some("echo"));
     let home: Option<String> = echo.call("env", "HOME").await.unwrap();
     assert_eq!(home, None, "the host environment is not leaked to plugins");
+    // In its own pid namespace the plugin is pid 2 (its init is 1); the host sees `pid`.
     let plugin_pid: u32 = echo.call("pid", &()).await.unwrap();
-    assert_eq!(plugin_pid, pid);
+    assert_eq!(plugin_pid, 2);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let nspid = status.lines().find_map(|l| l.strip_prefix("NSpid:")).unwrap();
+    assert_eq!(nspid.split_whitespace().collect::<Vec<_>>(), [pid.to_string().as_str(), "2"]);
 
     let () = echo.call("log", "from the plugin").await.unwrap();
     eventually("plugin output captured", || {

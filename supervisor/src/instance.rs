@@ -149,8 +149,12 @@ struct Instance {
 /// everything needed to carry on talking to the same plugin process.
 #[derive(Debug)]
 pub struct Frozen {
-    /// The plugin's pid.
+    /// The tracked process (the jail's init, or the plugin).
     pub pid: i32,
+    /// The plugin's own process.
+    pub plugin_pid: i32,
+    /// The jail's status pipe (see `spawn`).
+    pub status: Option<OwnedFd>,
     /// Its pidfd.
     pub pidfd: OwnedFd,
     /// The supervisor's end of its socket.
@@ -197,14 +201,14 @@ fn start_capture(
 impl Instance {
     /// Wraps a live process, its socket and output pipes into an actor.
     fn build(
-        pid: i32,
+        (pid, plugin_pid, status): (i32, i32, Option<OwnedFd>),
         pidfd: OwnedFd,
         socket: std::os::unix::net::UnixStream,
         pipes: (Option<OwnedFd>, Option<OwnedFd>),
         wire: Arc<Wire>,
         cfg: InstanceConfig,
     ) -> Result<Instance, ExitReason> {
-        let proc = Process::attach(pid, pidfd).map_err(|e| {
+        let proc = Process::attach(pid, plugin_pid, pidfd, status).map_err(|e| {
             let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
             ExitReason::SpawnFailed { detail: format!("cannot watch process: {e}") }
         })?;
@@ -266,10 +270,12 @@ impl Instance {
             Some(s) => OwnedFd::from(s.into_inner()),
             None => OwnedFd::from(self.wire.sock().try_clone()?),
         };
-        let (pid, pidfd) = self.proc.release()?;
+        let released = self.proc.release()?;
         Ok(Frozen {
-            pid,
-            pidfd,
+            pid: released.pid,
+            plugin_pid: released.plugin_pid,
+            status: released.status,
+            pidfd: released.pidfd,
             socket,
             stdout,
             stderr,
@@ -287,7 +293,14 @@ pub(crate) async fn run(raw: RawChild, cfg: InstanceConfig, wiring: Wiring) {
     let Wiring { calls, wire, mut control, events } = wiring;
     let generation = cfg.generation;
     let pipes = (Some(raw.stdout), Some(raw.stderr));
-    let mut inst = match Instance::build(raw.pid, raw.pidfd, raw.socket, pipes, wire, cfg) {
+    let mut inst = match Instance::build(
+        (raw.pid, raw.plugin_pid, raw.status),
+        raw.pidfd,
+        raw.socket,
+        pipes,
+        wire,
+        cfg,
+    ) {
         Ok(i) => i,
         Err(reason) => {
             let _ = events.send((generation, InstanceEvent::Exited { reason, state: None }));
@@ -316,7 +329,7 @@ pub(crate) async fn run_adopted(frozen: Frozen, cfg: InstanceConfig, wiring: Wir
     let generation = cfg.generation;
     let socket = std::os::unix::net::UnixStream::from(frozen.socket);
     let mut inst = match Instance::build(
-        frozen.pid,
+        (frozen.pid, frozen.plugin_pid, frozen.status),
         frozen.pidfd,
         socket,
         (frozen.stdout, frozen.stderr),

@@ -223,11 +223,17 @@ impl Default for Timeouts {
     }
 }
 
+/// The memory cap of a plugin whose manifest (and plugd's `[defaults]`) name none;
+/// `memory = "unlimited"` lifts it.
+pub const DEFAULT_MEMORY: u64 = 512 << 20;
+
 /// `[limits]`: resource caps. Parsed and validated here; see `sandbox` for what is enforced.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Limits {
-    /// Address-space / memory cap in bytes.
+    /// Resident memory cap in bytes, over all the plugin's processes.
     pub memory: Option<u64>,
+    /// Address-space cap per process (RLIMIT_AS), only when asked for.
+    pub address_space: Option<u64>,
     /// Lifetime CPU time.
     pub cpu_time: Option<Duration>,
     /// Share of one CPU, in percent (cgroup `cpu.max`).
@@ -398,6 +404,7 @@ struct RawTimeouts {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     memory: Option<toml::Value>,
+    address_space: Option<toml::Value>,
     cpu_time: Option<String>,
     cpu_quota: Option<String>,
     open_files: Option<i64>,
@@ -743,7 +750,12 @@ impl Manifest {
             }
         };
         let limits = Limits {
-            memory: c.size("limits.memory", &l.memory)?,
+            memory: match &l.memory {
+                Some(toml::Value::String(s)) if s == "unlimited" => None,
+                None => Some(DEFAULT_MEMORY),
+                v => c.size("limits.memory", v)?,
+            },
+            address_space: c.size("limits.address_space", &l.address_space)?,
             cpu_time,
             cpu_quota,
             open_files: c.count("limits.open_files", l.open_files)?,

@@ -319,7 +319,7 @@ impl Slot {
                             sdk = Some(s);
                             if !lockdown.is_empty() {
                                 let mut live = self.shared.live.lock().unwrap_or_else(|p| p.into_inner());
-                                for layer in lockdown.into_iter().map(|l| format!("{l}(sdk)")) {
+                                for layer in lockdown.into_iter().map(|l| format!("{l}(sdk, voluntary)")) {
                                     if !live.sandbox.in_force.contains(&layer) {
                                         live.sandbox.in_force.push(layer);
                                     }

@@ -1,9 +1,15 @@
 //! Starting a plugin process and owning it until it is reaped.
 //!
-//! The order is fixed and every failing step is named: resolve the
-//! entrypoint → socketpair → (fork) own process group → parent-death signal →
-//! sandbox (see `sandbox`) → protocol socket on fd 3 → exec. Everything the child runs between fork and
-//! exec is prepared before the fork and is async-signal-safe.
+//! The order is fixed and every failing step is named: resolve the entrypoint →
+//! socketpair, pipes → clone (into the jail's namespaces, with a pidfd) → parent-death
+//! signal → descriptors 0-3 in place, every other one closed → the sandbox sequence (see
+//! `sandbox`) → exec. Everything the child runs between clone and exec is prepared
+//! before the clone and is async-signal-safe; a failed step comes back through a
+//! close-on-exec pipe as (step, op, errno), and EOF on that pipe means the exec happened.
+//!
+//! In a jail the tracked process is the plugin's init (pid 1 inside); the plugin is its
+//! child, and its wait status comes back through a pipe the init writes before exiting.
+//! When the init ends, the kernel ends every process of the plugin.
 //!
 //! Processes are tracked by pidfd: we wait for exit by polling the pidfd and
 //! reap through it. Signals go to the whole process group with `killpg`, and
@@ -17,9 +23,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use nix::sys::signal::Signal;
@@ -28,7 +32,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::exit::ExitReason;
 use crate::manifest::{check_executable, Entrypoint, PluginSpec, Transport};
-use crate::sandbox::{explain_spawn_error, HostFacts, SandboxPlan};
+use crate::sandbox::{step, HostFacts, SandboxPlan};
 
 /// The file descriptor number the plugin finds its socket on.
 pub const PLUGIN_FD: RawFd = 3;
@@ -44,7 +48,7 @@ pub struct SpawnPlan {
     pub dir: PathBuf,
     /// The complete environment.
     pub env: Vec<(String, String)>,
-    /// The sandbox the child applies to itself before exec.
+    /// The sandbox the child applies to itself before exec (and the jail it is cloned into).
     pub sandbox: Arc<SandboxPlan>,
     /// The kind of socket the plugin talks on.
     pub transport: Transport,
@@ -82,11 +86,22 @@ impl SpawnPlan {
                 )
             })
             .map_err(|e| format!("cannot create the state folder {}: {e}", state_dir.display()))?;
+        // The jail mirrors canonical host paths, so the paths the plugin is given are those.
+        let state_dir = std::fs::canonicalize(&state_dir).unwrap_or(state_dir);
         let resolved = if program.is_absolute() {
             program.clone()
         } else {
             which(&program).unwrap_or_else(|| program.clone())
         };
+        // execve does not search PATH; and the folder part is canonical (the file itself may
+        // be a symlink a venv depends on, so it stays).
+        let program = match (resolved.parent(), resolved.file_name()) {
+            (Some(dir), Some(file)) => {
+                std::fs::canonicalize(dir).map(|d| d.join(file)).unwrap_or(resolved.clone())
+            }
+            _ => resolved.clone(),
+        };
+        let dir = std::fs::canonicalize(&spec.dir).unwrap_or_else(|_| spec.dir.clone());
         let sandbox = SandboxPlan::build(spec, &resolved, &state_dir, &extra_read, host)?;
         if let Some((uid, gid)) = sandbox.run_as {
             nix::unistd::chown(
@@ -122,7 +137,7 @@ impl SpawnPlan {
         Ok(SpawnPlan {
             program,
             args,
-            dir: spec.dir.clone(),
+            dir,
             env,
             sandbox: Arc::new(sandbox),
             transport: m.transport,
@@ -185,8 +200,12 @@ fn which(program: &Path) -> Option<PathBuf> {
 
 /// A freshly spawned process, before it is attached to the async runtime.
 pub struct RawChild {
-    /// Process id (also its process group id).
+    /// Process id of the tracked process (the jail's init, or the plugin); its group id.
     pub pid: i32,
+    /// Process id of the plugin's own process, as the host sees it.
+    pub plugin_pid: i32,
+    /// Where the jail's init reports the plugin's wait status.
+    pub status: Option<OwnedFd>,
     /// pidfd of the process.
     pub pidfd: OwnedFd,
     /// The supervisor's end of the protocol socket.
@@ -291,6 +310,220 @@ fn step<T>(what: &str, r: Result<T, impl Into<io::Error>>) -> io::Result<T> {
     })
 }
 
+fn cstring(what: &str, s: &[u8]) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(s).map_err(|_| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("{what} contains a NUL byte"))
+    })
+}
+
+/// Pipe with both ends close-on-exec: (read, write).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    step("pipe", nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC))
+}
+
+/// Descriptor numbers the child arranges before anything else (see `child_fds`).
+mod slot {
+    pub const STDIN: i32 = 0;
+    pub const STDOUT: i32 = 1;
+    pub const STDERR: i32 = 2;
+    pub const SOCKET: i32 = super::PLUGIN_FD;
+    /// Where the child reports a failed step (close-on-exec, so exec closes it).
+    pub const ERROR: i32 = 4;
+    /// Where the init writes the plugin's wait status (jail only).
+    pub const STATUS: i32 = 5;
+    /// The supervisor's pidfd, to check it is still alive after each PR_SET_PDEATHSIG.
+    pub const SUPERVISOR: i32 = 6;
+    /// First descriptor that is closed.
+    pub const FIRST_FREE: i32 = 7;
+}
+
+/// Everything the child touches, as raw values prepared before the clone.
+struct ChildArgs<'a> {
+    sandbox: &'a SandboxPlan,
+    program: &'a std::ffi::CStr,
+    argv: &'a [*const libc::c_char],
+    envp: &'a [*const libc::c_char],
+    dir: &'a std::ffi::CStr,
+    /// (source descriptor, slot) pairs; -1 where there is none.
+    fds: [(RawFd, RawFd); 7],
+}
+
+/// Sets the parent-death signal, then exits if the supervisor already died (the signal
+/// would never come). Needed again after every credential change, which clears it.
+/// Async-signal-safe.
+fn die_with_supervisor(supervisor: RawFd) -> io::Result<()> {
+    // SAFETY: prctl and poll with integers and a stack-owned pollfd.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut p = libc::pollfd { fd: supervisor, events: libc::POLLIN, revents: 0 };
+        if libc::poll(&mut p, 1, 0) != 0 {
+            libc::_exit(127);
+        }
+    }
+    Ok(())
+}
+
+/// Reports a failed step through the error pipe and exits. Async-signal-safe.
+fn fail(err_fd: RawFd, step: u32, index: u32, e: &io::Error) -> ! {
+    let mut rec = [0u8; 12];
+    rec[..4].copy_from_slice(&step.to_ne_bytes());
+    rec[4..8].copy_from_slice(&index.to_ne_bytes());
+    rec[8..].copy_from_slice(&e.raw_os_error().unwrap_or(libc::EIO).to_ne_bytes());
+    // SAFETY: write from a stack buffer, then _exit; both async-signal-safe.
+    unsafe {
+        libc::write(err_fd, rec.as_ptr().cast(), rec.len());
+        libc::_exit(127)
+    }
+}
+
+/// The cloned child: pid 1 of the jail (then it forks the plugin) or, without a jail, the
+/// plugin itself. Never returns. Async-signal-safe throughout: no allocation, no locks.
+fn child_main(a: &ChildArgs<'_>) -> ! {
+    let mut err_fd = a.fds[4].0;
+    let jailed = a.sandbox.jail.is_some();
+    if jailed {
+        // The init takes its signals with sigwaitinfo; the plugin unblocks after its fork.
+        crate::sandbox::jail::block_all_signals();
+    }
+    // The supervisor may have died between clone and prctl: then nobody would kill us.
+    if let Err(e) = die_with_supervisor(a.fds[6].0) {
+        fail(err_fd, step::PARENT, 0, &e);
+    }
+    // SAFETY: setpgid with integers only.
+    unsafe { libc::setpgid(0, 0) };
+    if let Err(e) = child_fds(&a.fds) {
+        fail(err_fd, step::FDS, 0, &e);
+    }
+    err_fd = slot::ERROR;
+    if let Err(e) = a.sandbox.apply_cpus() {
+        fail(err_fd, step::CPUS, 0, &e);
+    }
+    if let Err(e) = a.sandbox.apply_cgroup() {
+        fail(err_fd, step::CGROUP, 0, &e);
+    }
+    let Some(jail) = &a.sandbox.jail else { exec_plugin(a, false) };
+    if let Err((i, e)) = jail.build_in_child() {
+        fail(err_fd, step::ROOT, i as u32, &e);
+    }
+    // The init drops to the plugin's ids too: it needs no privilege to reap and forward.
+    if let Err(e) = a.sandbox.apply_identity() {
+        fail(err_fd, step::IDS, 0, &e);
+    }
+    if let Err(e) = die_with_supervisor(slot::SUPERVISOR) {
+        fail(err_fd, step::PARENT, 0, &e);
+    }
+    // SAFETY: a fork-like clone (no shared memory, no stack switch) followed in the child
+    // only by async-signal-safe code; glibc's fork() is avoided because its atfork
+    // handlers take locks another thread of the supervisor may have held at our clone.
+    let plugin = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::SIGCHLD as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if plugin < 0 {
+        fail(err_fd, step::FORK, 0, &io::Error::last_os_error());
+    }
+    if plugin == 0 {
+        exec_plugin(a, true);
+    }
+    // SAFETY: close/dup2/prctl on descriptors and integers this process owns.
+    unsafe {
+        libc::close(slot::ERROR);
+        libc::close(slot::SOCKET);
+        libc::close(slot::SUPERVISOR);
+        libc::dup2(slot::STDIN, slot::STDOUT);
+        libc::dup2(slot::STDIN, slot::STDERR);
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+    crate::sandbox::jail::init_loop(plugin as libc::pid_t, slot::STATUS)
+}
+
+/// Puts each descriptor on its slot and closes everything else. Async-signal-safe.
+fn child_fds(fds: &[(RawFd, RawFd); 7]) -> io::Result<()> {
+    let mut high = [-1; 7];
+    // First out of the way (a source may sit on another's slot), then into place.
+    for (i, &(src, _)) in fds.iter().enumerate() {
+        if src >= 0 {
+            // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor we hold.
+            high[i] = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, slot::FIRST_FREE) };
+            if high[i] < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    for (i, &(_, dst)) in fds.iter().enumerate() {
+        // SAFETY: dup2 between descriptors we hold; the new one is not close-on-exec.
+        if high[i] >= 0 && unsafe { libc::dup2(high[i], dst) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // The error pipe must close at exec, so that the supervisor sees EOF on success.
+    // SAFETY: fcntl and close_range on descriptor numbers only.
+    unsafe {
+        if libc::fcntl(slot::ERROR, libc::F_SETFD, libc::FD_CLOEXEC) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Everything the supervisor had open (listeners, other plugins' sockets) is gone.
+        if libc::syscall(libc::SYS_close_range, slot::FIRST_FREE as u32, u32::MAX, 0u32) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The plugin's own process: signals, rlimits, identity (without a jail; inside one the
+/// init already dropped it), no_new_privs, Landlock, seccomp, exec. Never returns.
+fn exec_plugin(a: &ChildArgs<'_>, jailed: bool) -> ! {
+    let err_fd = slot::ERROR;
+    // SAFETY: sigaction/sigprocmask/close/prctl with stack-owned data and integers.
+    unsafe {
+        // Default dispositions (Rust ignores SIGPIPE; the supervisor's handlers mean nothing
+        // here) and an empty mask, as after a plain fork+exec.
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        for sig in 1..libc::SIGRTMAX() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
+            fail(err_fd, step::SIGNALS, 0, &io::Error::last_os_error());
+        }
+        libc::close(slot::STATUS);
+        libc::close(slot::SUPERVISOR);
+        if jailed && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            fail(err_fd, step::SIGNALS, 0, &io::Error::last_os_error());
+        }
+    }
+    if let Err(e) = a.sandbox.apply_rlimits() {
+        fail(err_fd, step::RLIMITS, 0, &e);
+    }
+    if !jailed {
+        if let Err(e) = a.sandbox.apply_identity() {
+            fail(err_fd, step::IDS, 0, &e);
+        }
+    }
+    // SAFETY: chdir to a NUL-terminated path prepared before the clone.
+    if unsafe { libc::chdir(a.dir.as_ptr()) } != 0 {
+        fail(err_fd, step::CHDIR, 0, &io::Error::last_os_error());
+    }
+    if let Err((step, e)) = a.sandbox.apply_confinement() {
+        fail(err_fd, step, 0, &e);
+    }
+    // SAFETY: null-terminated arrays of pointers into CStrings that outlive this call.
+    unsafe { libc::execve(a.program.as_ptr(), a.argv.as_ptr(), a.envp.as_ptr()) };
+    fail(err_fd, step::EXEC, 0, &io::Error::last_os_error())
+}
+
 fn spawn_now(plan: &SpawnPlan) -> io::Result<RawChild> {
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     let (ours, theirs) = step(
@@ -305,64 +538,158 @@ fn spawn_now(plan: &SpawnPlan) -> io::Result<RawChild> {
             SockFlag::SOCK_CLOEXEC,
         ),
     )?;
-    let child_fd = theirs.as_raw_fd();
-    let parent = nix::unistd::getpid();
-    let sandbox = plan.sandbox.clone();
+    let (out_r, out_w) = pipe()?;
+    let (errout_r, errout_w) = pipe()?;
+    let (report_r, report_w) = pipe()?;
+    let jailed = plan.sandbox.jail.is_some();
+    let status = if jailed { Some(pipe()?) } else { None };
+    let devnull = step(
+        "open /dev/null",
+        nix::fcntl::open(
+            "/dev/null",
+            nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        ),
+    )?;
+    // SAFETY: open returned this descriptor to us; nothing else owns it.
+    let devnull = unsafe { OwnedFd::from_raw_fd(devnull) };
+    let me = step("pidfd_open (self)", pidfd_open(std::process::id() as i32))?;
 
-    let mut cmd = Command::new(&plan.program);
-    cmd.args(&plan.args)
-        .current_dir(&plan.dir)
-        .env_clear()
-        .envs(plan.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: the closure runs in the forked child before exec. It only makes
-    // raw syscalls (setpgid, prctl, getppid, dup2, fcntl) through nix wrappers
-    // that neither allocate nor take locks, and it captures only plain integers.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-            // The supervisor may have died between fork and prctl: then nobody would kill us.
-            if nix::unistd::getppid() != parent {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            // The sandbox goes first: it refers to descriptors by number (the Landlock
-            // ruleset), and one of them may be 3, which the dup2 below would overwrite.
-            sandbox.apply_in_child()?;
-            if child_fd == PLUGIN_FD {
-                nix::fcntl::fcntl(
-                    PLUGIN_FD,
-                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-                )?;
-            } else {
-                // dup2 leaves the new descriptor without FD_CLOEXEC, so it survives exec.
-                nix::unistd::dup2(child_fd, PLUGIN_FD)?;
-            }
-            Ok(())
-        });
+    let program = cstring("the program path", plan.program.as_os_str().as_encoded_bytes())?;
+    let mut argv_c = vec![program.clone()];
+    for a in &plan.args {
+        argv_c.push(cstring("an argument", a.as_bytes())?);
     }
-    let mut child = cmd.spawn().map_err(|e| match explain_spawn_error(&e) {
-        Some(why) => io::Error::other(why),
-        None => io::Error::new(e.kind(), format!("exec {}: {e}", plan.program.display())),
-    })?;
-    drop(theirs);
-    let pid = child.id() as i32;
-    let pidfd = match pidfd_open(pid) {
-        Ok(fd) => fd,
-        Err(e) => {
-            let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
-            let _ = child.wait();
-            return Err(io::Error::new(e.kind(), format!("pidfd_open: {e}")));
-        }
+    let mut env_c = Vec::new();
+    for (k, v) in &plan.env {
+        env_c.push(cstring("the environment", format!("{k}={v}").as_bytes())?);
+    }
+    let argv: Vec<*const libc::c_char> =
+        argv_c.iter().map(|c| c.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let envp: Vec<*const libc::c_char> =
+        env_c.iter().map(|c| c.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let dir = cstring("the plugin folder", plan.dir.as_os_str().as_encoded_bytes())?;
+    let args = ChildArgs {
+        sandbox: &plan.sandbox,
+        program: &program,
+        argv: &argv,
+        envp: &envp,
+        dir: &dir,
+        fds: [
+            (devnull.as_raw_fd(), slot::STDIN),
+            (out_w.as_raw_fd(), slot::STDOUT),
+            (errout_w.as_raw_fd(), slot::STDERR),
+            (theirs.as_raw_fd(), slot::SOCKET),
+            (report_w.as_raw_fd(), slot::ERROR),
+            (status.as_ref().map(|(_, w)| w.as_raw_fd()).unwrap_or(-1), slot::STATUS),
+            (me.as_raw_fd(), slot::SUPERVISOR),
+        ],
     };
-    // Both pipes were requested above, so they are present.
-    let stdout: OwnedFd =
-        child.stdout.take().map(OwnedFd::from).ok_or_else(|| io::Error::other("no stdout pipe"))?;
-    let stderr: OwnedFd =
-        child.stderr.take().map(OwnedFd::from).ok_or_else(|| io::Error::other("no stderr pipe"))?;
-    Ok(RawChild { pid, pidfd, socket: std::os::unix::net::UnixStream::from(ours), stdout, stderr })
+    let flags = plan.sandbox.jail.as_ref().map(|j| j.clone_flags).unwrap_or(0);
+    let mut pidfd: libc::c_int = -1;
+    // SAFETY: a fork-like clone (no CLONE_VM, no new stack): the child gets a copy of this
+    // thread's memory and runs only `child_main`, which is async-signal-safe and never
+    // returns. CLONE_PIDFD stores the child's pidfd in `pidfd`, a live local.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (flags | libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            &mut pidfd as *mut libc::c_int,
+            0usize,
+            0usize,
+        )
+    };
+    if pid == 0 {
+        child_main(&args);
+    }
+    if pid < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("clone (namespaces {flags:#x}): {e}")));
+    }
+    let pid = pid as i32;
+    // SAFETY: CLONE_PIDFD filled in a new descriptor that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    drop((theirs, out_w, errout_w, report_w, devnull, me));
+    let status = status.map(|(r, _w)| r);
+
+    // EOF: the plugin exec'd. A record: a step failed.
+    let mut rec = [0u8; 12];
+    let mut got = 0;
+    while got < rec.len() {
+        match nix::unistd::read(report_r.as_raw_fd(), &mut rec[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                return Err(io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("reading the child's report: {e}"),
+                ))
+            }
+        }
+    }
+    if got > 0 {
+        let word = |i: usize| [rec[i], rec[i + 1], rec[i + 2], rec[i + 3]];
+        let (st, index, errno) =
+            (u32::from_ne_bytes(word(0)), u32::from_ne_bytes(word(4)), i32::from_ne_bytes(word(8)));
+        // SAFETY: pidfd_send_signal on the child's pidfd with no siginfo.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                0usize,
+                0u32,
+            )
+        };
+        let _ = waitid(pidfd.as_fd(), libc::WEXITED);
+        let what = if st == step::EXEC {
+            format!("exec {}: {}", plan.program.display(), io::Error::from_raw_os_error(errno))
+        } else {
+            crate::sandbox::explain_failure(&plan.sandbox, st, index, errno)
+        };
+        return Err(io::Error::new(io::Error::from_raw_os_error(errno).kind(), what));
+    }
+    // Inside a jail the plugin is the init's only child at this point.
+    let plugin_pid = if jailed { children_of(pid).first().copied().unwrap_or(pid) } else { pid };
+    Ok(RawChild {
+        pid,
+        plugin_pid,
+        pidfd,
+        socket: std::os::unix::net::UnixStream::from(ours),
+        stdout: out_r,
+        stderr: errout_r,
+        status,
+    })
+}
+
+/// Direct children of `pid` (every thread's), from /proc.
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
+/// Every process below `root` (not `root` itself), following /proc's children lists.
+fn descendants(root: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut todo = vec![root];
+    while let Some(p) = todo.pop() {
+        for c in children_of(p) {
+            // A bound on pathological trees; a plugin's processes are capped far below.
+            if out.len() < 65536 {
+                out.push(c);
+                todo.push(c);
+            }
+        }
+    }
+    out
 }
 
 fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
@@ -401,10 +728,25 @@ impl WaitStatus {
     }
 }
 
-/// A running plugin process, owned until reaped. Dropping it kills its process group.
+/// What a [`Process`] gives up when it is handed to a successor (in-place upgrade).
+pub struct Released {
+    /// The tracked process (the jail's init, or the plugin).
+    pub pid: i32,
+    /// The plugin's own process.
+    pub plugin_pid: i32,
+    /// pidfd of the tracked process.
+    pub pidfd: OwnedFd,
+    /// The jail's status pipe, if any.
+    pub status: Option<OwnedFd>,
+}
+
+/// A running plugin process, owned until reaped. Dropping it kills its process group
+/// (and, in a jail, every process of the plugin: the init dies, the namespace with it).
 pub struct Process {
     pid: i32,
+    plugin_pid: i32,
     pidfd: AsyncFd<OwnedFd>,
+    status: Option<OwnedFd>,
     reaped: Option<WaitStatus>,
     cpu_secs: Option<f64>,
     /// Handed over to a successor (in-place upgrade): dropping must not kill it.
@@ -412,18 +754,32 @@ pub struct Process {
 }
 
 impl Process {
-    /// Takes ownership of a spawned child (must run inside the tokio runtime).
-    pub fn attach(pid: i32, pidfd: OwnedFd) -> io::Result<Process> {
+    /// Takes ownership of a spawned child (must run inside the tokio runtime). In a jail,
+    /// `pid` is the init, `plugin_pid` the plugin and `status` the init's status pipe.
+    pub fn attach(
+        pid: i32,
+        plugin_pid: i32,
+        pidfd: OwnedFd,
+        status: Option<OwnedFd>,
+    ) -> io::Result<Process> {
         // SAFETY: the OwnedFd moves into the AsyncFd and is only closed when the AsyncFd
         // drops it, so the descriptor stays open and unchanged for the AsyncFd's lifetime.
         let pidfd =
             unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }?;
-        Ok(Process { pid, pidfd, reaped: None, cpu_secs: None, released: false })
+        Ok(Process {
+            pid,
+            plugin_pid,
+            pidfd,
+            status,
+            reaped: None,
+            cpu_secs: None,
+            released: false,
+        })
     }
 
-    /// Process id (and process group id).
+    /// Process id of the plugin's own process (as the host sees it).
     pub fn pid(&self) -> u32 {
-        self.pid as u32
+        self.plugin_pid as u32
     }
 
     /// The exit status, once reaped.
@@ -431,28 +787,33 @@ impl Process {
         self.reaped
     }
 
-    /// Gives up ownership without killing: returns the pid and a duplicate of the pidfd
-    /// (for a successor process to adopt).
-    pub fn release(mut self) -> io::Result<(i32, OwnedFd)> {
-        let fd = self.pidfd.get_ref().try_clone()?;
+    /// Gives up ownership without killing (for a successor process to adopt).
+    pub fn release(mut self) -> io::Result<Released> {
+        let pidfd = self.pidfd.get_ref().try_clone()?;
+        let status = self.status.take();
         self.released = true;
-        Ok((self.pid, fd))
+        Ok(Released { pid: self.pid, plugin_pid: self.plugin_pid, pidfd, status })
     }
 
-    /// CPU seconds (user + system) the leader had used when it exited, read from its zombie.
+    /// CPU seconds (user + system, with reaped children) the tracked process had used when
+    /// it exited, read from its zombie; in a jail that includes the plugin, which the init reaped.
     pub fn cpu_secs(&self) -> Option<f64> {
         self.cpu_secs
     }
 
-    /// Resident memory of the running leader, in bytes (from /proc; None once gone).
+    /// Resident memory of every process of the plugin, in bytes (None once gone). In a
+    /// jail the init is left out: it is a copy-on-write image of the supervisor.
     pub fn rss_bytes(&self) -> Option<u64> {
         if self.reaped.is_some() {
             return None;
         }
-        rss_of(self.pid)
+        let jailed = self.status.is_some();
+        let own = if jailed { 0 } else { rss_of(self.pid)? };
+        Some(own + descendants(self.pid).into_iter().filter_map(rss_of).sum::<u64>())
     }
 
-    /// Sends `signal` to the whole process group (plugin and everything it forked).
+    /// Sends `signal` to the whole process group (plugin and everything it forked; in a
+    /// jail the init passes it on to the processes that left the group too).
     pub fn signal_group(&self, signal: Signal) {
         if self.reaped.is_none() {
             // The leader is not reaped, so the group id cannot have been reused.
@@ -465,25 +826,50 @@ impl Process {
         if let Some(s) = self.reaped {
             return s;
         }
-        loop {
+        let status = loop {
             match self.pidfd.readable().await {
                 Ok(mut guard) => {
                     if let Some((status, cpu)) = try_reap(self.pidfd.get_ref().as_fd(), self.pid) {
-                        self.reaped = Some(status);
                         self.cpu_secs = cpu;
-                        return status;
+                        break status;
                     }
                     guard.clear_ready();
                 }
                 Err(_) => {
                     // The reactor refused the descriptor; fall back to a blocking wait.
-                    let status = reap_blocking(self.pidfd.get_ref().as_fd(), self.pid);
-                    self.reaped = Some(status);
-                    return status;
+                    break reap_blocking(self.pidfd.get_ref().as_fd(), self.pid);
                 }
             }
-        }
+        };
+        let status =
+            self.status.as_ref().and_then(|fd| reported_status(fd.as_fd())).unwrap_or(status);
+        self.reaped = Some(status);
+        status
     }
+}
+
+/// The plugin's wait status as its init wrote it (absent if the init was killed first).
+fn reported_status(fd: std::os::fd::BorrowedFd<'_>) -> Option<WaitStatus> {
+    let mut buf = [0u8; 4];
+    // The init wrote it before exiting, and it has been reaped: the bytes are there or never.
+    // SAFETY: a non-blocking read into a stack buffer we own.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), 4, libc::MSG_DONTWAIT) };
+    let n = if n < 0 {
+        // A pipe is not a socket: fall back to read (the write end is closed, so it cannot block).
+        // SAFETY: as above.
+        unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), 4) }
+    } else {
+        n
+    };
+    if n != 4 {
+        return None;
+    }
+    let raw = i32::from_ne_bytes(buf);
+    Some(if libc::WIFEXITED(raw) {
+        WaitStatus::Exited(libc::WEXITSTATUS(raw))
+    } else {
+        WaitStatus::Signaled { signal: libc::WTERMSIG(raw), core_dumped: libc::WCOREDUMP(raw) }
+    })
 }
 
 /// Kills leftovers of the group, then reaps the exited leader (and returns the CPU
@@ -497,10 +883,12 @@ fn try_reap(pidfd: std::os::fd::BorrowedFd<'_>, pid: i32) -> Option<(WaitStatus,
     waitid(pidfd, libc::WEXITED).map(|s| (s, cpu))
 }
 
-/// Resident memory (bytes) and CPU time used (seconds, user + system) of a process, from
-/// /proc; for status displays and metrics.
+/// Resident memory (bytes, with every descendant) and CPU time used (seconds, user +
+/// system) of a plugin process, from /proc; for status displays and metrics.
 pub fn proc_usage(pid: u32) -> Option<(u64, f64)> {
-    Some((rss_of(pid as i32)?, zombie_cpu_secs(pid as i32)?))
+    let rss =
+        rss_of(pid as i32)? + descendants(pid as i32).into_iter().filter_map(rss_of).sum::<u64>();
+    Some((rss, zombie_cpu_secs(pid as i32)?))
 }
 
 /// Resident memory of a process in bytes, from /proc/<pid>/statm.
@@ -512,16 +900,19 @@ fn rss_of(pid: i32) -> Option<u64> {
     Some(pages * page)
 }
 
-/// utime + stime of a process (running, or exited and not yet reaped), from /proc/<pid>/stat.
+/// utime + stime (+ reaped children's) of a process (running, or exited and not yet reaped), from /proc/<pid>/stat.
 fn zombie_cpu_secs(pid: i32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     // After the command name: state is field 3, utime field 14, stime field 15 (1-based).
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
+    // cutime and cstime: children it reaped (in a jail, the init reaps the plugin).
+    let cutime: f64 = fields.get(13)?.parse().ok()?;
+    let cstime: f64 = fields.get(14)?.parse().ok()?;
     // SAFETY: sysconf with a constant name has no memory effects.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Some((utime + stime) / hz)
+    Some((utime + stime + cutime + cstime) / hz)
 }
 
 fn reap_blocking(pidfd: std::os::fd::BorrowedFd<'_>, pid: i32) -> WaitStatus {

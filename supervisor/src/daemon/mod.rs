@@ -852,14 +852,48 @@ fn listen(path: &std::path::Path) -> Result<Listener, DaemonError> {
     ListenerOptions::new().name(name).mode(0o600).create_tokio_as::<Listener>().map_err(sock_err)
 }
 
+/// Why the control socket's peer `pid` is a plugin process (it is in another pid
+/// namespace than plugd), or None if it is not. The kernel reports the pid as 0 when the
+/// peer is in a namespace plugd cannot see.
+fn plugin_peer(pid: i32) -> Option<String> {
+    if pid <= 0 {
+        return Some("the peer's process is not visible from plugd's pid namespace".into());
+    }
+    let ours = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok()?;
+    (ours != theirs)
+        .then(|| format!("pid {pid} runs in another pid namespace ({})", theirs.display()))
+}
+
 async fn serve_connection(
     daemon: Arc<Daemon>,
     conn: LocalSocketStream,
     stop: Arc<tokio::sync::Notify>,
 ) {
     let me = nix::unistd::geteuid().as_raw();
-    let peer = conn.peer_creds().ok().and_then(|c| c.euid());
+    let creds = conn.peer_creds().ok();
+    let peer = creds.as_ref().and_then(|c| c.euid());
+    let peer_pid = creds.as_ref().and_then(|c| c.pid());
     let mut send = &conn;
+    // A plugin process (even one running as root, `sandbox.user = "root"`) lives in a pid
+    // namespace of its own: whatever its uid, it may not control plugd.
+    if let Some(why) = peer_pid.and_then(plugin_peer) {
+        let mut line = Vec::new();
+        let mut reader = BufReader::new(&conn);
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut line),
+        )
+        .await;
+        tracing::warn!("refused a control connection from a plugin process ({why})");
+        let reply = Reply::err(format!("permission denied: {why}; plugins may not control plugd"));
+        let _ = send
+            .write_all(
+                format!("{}\n", serde_json::to_string(&reply).unwrap_or_default()).as_bytes(),
+            )
+            .await;
+        return;
+    }
     if !matches!(peer, Some(uid) if uid == 0 || uid == me) {
         // Read (and ignore) the request first, so the client gets the refusal as an answer
         // rather than a broken pipe.

@@ -12,6 +12,10 @@ pub(super) struct HandoverPlugin {
     pub(super) name: String,
     pub(super) manifest: PathBuf,
     pub(super) pid: i32,
+    #[serde(default)]
+    pub(super) plugin_pid: Option<i32>,
+    #[serde(default)]
+    pub(super) status: Option<RawFd>,
     pub(super) pidfd: RawFd,
     pub(super) socket: RawFd,
     pub(super) stdout: Option<RawFd>,
@@ -31,11 +35,21 @@ pub(super) struct Handover {
     pub(super) plugins: Vec<HandoverPlugin>,
 }
 
-/// Takes ownership of a descriptor number inherited across exec.
+/// Takes ownership of a descriptor number inherited across exec, and makes it
+/// close-on-exec again: the predecessor cleared the flag only to pass it through its own
+/// exec; nothing this plugd starts later (a build, pip, the next upgrade's check) may
+/// inherit the control listener or another plugin's socket.
 pub(super) fn inherited(fd: RawFd) -> OwnedFd {
     // SAFETY: the predecessor cleared close-on-exec on exactly these descriptors and wrote
     // their numbers into the handover file; nothing else in this process owns them.
-    unsafe { OwnedFd::from_raw_fd(fd) }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    if let Err(e) = nix::fcntl::fcntl(
+        fd.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    ) {
+        tracing::warn!("cannot mark inherited descriptor {} close-on-exec: {e}", fd.as_raw_fd());
+    }
+    fd
 }
 
 /// Rebuilds a handed-over plugin from inherited descriptors.
@@ -43,6 +57,8 @@ pub(super) fn thaw(h: HandoverPlugin) -> FrozenPlugin {
     FrozenPlugin {
         instance: Frozen {
             pid: h.pid,
+            plugin_pid: h.plugin_pid.unwrap_or(h.pid),
+            status: h.status.map(inherited),
             pidfd: inherited(h.pidfd),
             socket: inherited(h.socket),
             stdout: h.stdout.map(inherited),
@@ -115,6 +131,8 @@ pub(super) async fn upgrade(
             manifest: manifests.get(&name).cloned().unwrap_or_default(),
             name,
             pid: i.pid,
+            plugin_pid: Some(i.plugin_pid),
+            status: i.status.as_ref().map(raw),
             pidfd: raw(&i.pidfd),
             socket: raw(&i.socket),
             stdout: i.stdout.as_ref().map(raw),
@@ -126,6 +144,7 @@ pub(super) async fn upgrade(
             sandbox: f.sandbox,
         });
         keep.push(i.pidfd);
+        keep.extend(i.status);
         keep.push(i.socket);
         keep.extend(i.stdout);
         keep.extend(i.stderr);

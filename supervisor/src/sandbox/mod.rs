@@ -1,65 +1,87 @@
-//! The sandbox: what the supervisor applies to a plugin between fork and exec.
+//! The sandbox: what the supervisor applies to a plugin between clone and exec.
 //!
-//! Everything is decided and prepared in the supervisor before the fork
-//! ([`SandboxPlan::build`]): rlimits, the cgroup to join, whether to enter a
-//! new network namespace, the ids to drop to, the Landlock ruleset (an open
-//! descriptor) and the compiled seccomp programs. The child then runs
-//! [`SandboxPlan::apply_in_child`], a fixed sequence of single syscalls that
-//! allocates nothing: rlimits → cgroup → network namespace → drop ids →
-//! no_new_privs → Landlock → seccomp, then exec. A failing step is reported
-//! by name.
+//! Everything is decided and prepared in the supervisor before the clone
+//! ([`SandboxPlan::build`]): the plugin's uid, the jail (namespaces and the minimal
+//! root, see [`jail`]), rlimits, the cgroup to join, the Landlock rules and the compiled
+//! seccomp programs. The child side (in `spawn`) then runs a fixed sequence of single
+//! syscalls that allocates nothing, in the order of the Firecracker jailer:
 //!
-//! The plan records which layers are in force and which were requested but
-//! are unavailable here, with the reason; `sandbox.require` turns a missing
-//! layer into a start failure. Nothing pretends: a layer is listed as in
-//! force only if the plan will apply it. The supervisor itself is never
-//! sandboxed, and each child gets a fresh plan.
+//! descriptors → cpu affinity → cgroup → namespaces (clone) → root (mounts, pivot_root)
+//! → drop ids and capabilities → (fork the plugin under its init) → signals → rlimits
+//! → no_new_privs → Landlock → seccomp → exec.
+//!
+//! A failing step is reported by name ([`STEPS`]), and for the root by the mount that
+//! failed. The plan records which layers are in force and which are unavailable here,
+//! with the reason; `sandbox.require` turns a missing layer into a start failure.
+//! Nothing pretends: a layer is listed as in force only if the supervisor applies it.
+//! What a plugin does to itself (the SDK's lockdown) is listed apart, as voluntary.
 
 pub mod cgroup;
+pub mod identity;
+pub mod jail;
 pub mod landlock;
 pub mod rlimit;
 pub mod seccomp;
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use seccompiler::BpfProgram;
 
 use crate::manifest::PluginSpec;
 
-/// Steps of the child-side sequence, in order; the index is encoded in a failure.
+/// Steps of the child-side sequence, in order; a failure names one.
 pub const STEPS: &[&str] = &[
-    "rlimits and cpu affinity",
+    "supervisor gone before the plugin started",
+    "descriptors",
+    "cpu affinity",
     "cgroup",
-    "netns",
-    "drop ids",
+    "jail root",
+    "drop ids and capabilities",
+    "fork the plugin under its init",
+    "signals",
+    "rlimits",
     "no_new_privs",
     "landlock",
     "seccomp",
+    "chdir into the plugin folder",
+    "exec",
 ];
 
-/// Errors from the child carry `STEP_BASE + step * 1000 + errno`, so the parent can name the step.
-const STEP_BASE: i32 = 100_000;
-
-fn step_err(step: usize, e: io::Error) -> io::Error {
-    io::Error::from_raw_os_error(STEP_BASE + step as i32 * 1000 + e.raw_os_error().unwrap_or(0))
+/// Index of a step in [`STEPS`].
+#[allow(missing_docs)]
+pub mod step {
+    pub const PARENT: u32 = 0;
+    pub const FDS: u32 = 1;
+    pub const CPUS: u32 = 2;
+    pub const CGROUP: u32 = 3;
+    pub const ROOT: u32 = 4;
+    pub const IDS: u32 = 5;
+    pub const FORK: u32 = 6;
+    pub const SIGNALS: u32 = 7;
+    pub const RLIMITS: u32 = 8;
+    pub const NO_NEW_PRIVS: u32 = 9;
+    pub const LANDLOCK: u32 = 10;
+    pub const SECCOMP: u32 = 11;
+    pub const CHDIR: u32 = 12;
+    pub const EXEC: u32 = 13;
 }
 
-/// Turns an error from `Command::spawn` back into "sandbox step X failed: …" when it came from a step.
-pub fn explain_spawn_error(e: &io::Error) -> Option<String> {
-    let code = e.raw_os_error()?;
-    if code < STEP_BASE {
-        return None;
+/// Words for a child-side failure: the step, the op within it (jail root), the error.
+pub fn explain_failure(plan: &SandboxPlan, step: u32, index: u32, errno: i32) -> String {
+    let name = STEPS.get(step as usize).copied().unwrap_or("unknown");
+    let err = io::Error::from_raw_os_error(errno);
+    match (&plan.jail, step) {
+        (Some(j), step::ROOT) => {
+            format!(
+                "sandbox step '{name}' failed in the child ({}): {err}",
+                j.describe(index as usize)
+            )
+        }
+        _ => format!("sandbox step '{name}' failed in the child: {err}"),
     }
-    let step = ((code - STEP_BASE) / 1000) as usize;
-    let errno = (code - STEP_BASE) % 1000;
-    let name = STEPS.get(step).copied().unwrap_or("unknown");
-    Some(format!(
-        "sandbox step '{name}' failed in the child: {}",
-        io::Error::from_raw_os_error(errno)
-    ))
 }
 
 /// Which layers a plugin runs under, and which it asked for but cannot have here.
@@ -78,31 +100,58 @@ pub struct HostFacts {
     pub is_root: bool,
     /// The cgroup delegation, or why there is none.
     pub cgroup: Result<cgroup::Delegation, String>,
+    /// Where plugin uids are allocated from.
+    pub uid_range: RangeInclusive<u32>,
+    /// The highest capability number this kernel knows (for clearing the bounding set).
+    pub last_cap: u32,
 }
 
 impl HostFacts {
     /// Looks at this machine.
     pub fn detect() -> HostFacts {
-        let cgroup = cgroup::detect();
+        let mut cgroup = cgroup::detect();
         if let Ok(d) = &cgroup {
             if let Err(e) = cgroup::prepare(d, std::process::id()) {
-                return HostFacts { is_root: nix::unistd::geteuid().is_root(), cgroup: Err(e) };
+                cgroup = Err(e);
             }
         }
-        HostFacts { is_root: nix::unistd::geteuid().is_root(), cgroup }
+        let last_cap = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(63);
+        HostFacts {
+            is_root: nix::unistd::geteuid().is_root(),
+            cgroup,
+            uid_range: identity::DEFAULT_RANGE,
+            last_cap,
+        }
     }
 }
 
-/// Everything the child applies, prepared before the fork.
+/// Size of a jailed plugin's private /tmp.
+const TMP_SIZE: u64 = 64 << 20;
+
+/// Device nodes a plugin may read and write.
+const DEVICE_FILES: &[&str] =
+    &["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
+
+/// System folders a plugin may read.
+const SYSTEM_READ: &[&str] =
+    &["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/etc", "/proc"];
+
+/// Everything the child applies, prepared before the clone.
 #[derive(Debug, Default)]
 pub struct SandboxPlan {
     rlimits: Vec<rlimit::Rlimit>,
     cpus: Option<nix::sched::CpuSet>,
     cgroup_procs: Option<CString>,
-    netns: bool,
     ids: Option<(u32, u32)>,
-    landlock: Option<OwnedFd>,
+    /// Clear the capability bounding set up to this number and every other capability set.
+    drop_caps: Option<u32>,
+    landlock: Option<landlock::Rules>,
     seccomp: Vec<BpfProgram>,
+    /// The jail (namespaces and root), when the supervisor can build one.
+    pub jail: Option<jail::Jail>,
     /// What is in force and what is missing.
     pub report: SandboxReport,
     /// The uid the plugin runs as, if dropped (its state dir is handed to it).
@@ -111,8 +160,9 @@ pub struct SandboxPlan {
 
 impl SandboxPlan {
     /// Plans the sandbox for one plugin start. `program` is the resolved executable,
-    /// `state_dir` its private writable folder. Fails only when a layer named in
-    /// `sandbox.require` is unavailable.
+    /// `state_dir` its private writable folder, `state_root` where uids are recorded.
+    /// Fails when a layer named in `sandbox.require` is unavailable, or a path cannot be
+    /// bound into the jail.
     pub fn build(
         spec: &PluginSpec,
         program: &Path,
@@ -126,6 +176,7 @@ impl SandboxPlan {
         let missing = |plan: &mut SandboxPlan, layer: &str, why: String| {
             plan.report.unavailable.push(format!("{layer}: {why}"));
         };
+        let state_root = state_dir.parent().unwrap_or(state_dir);
 
         plan.rlimits = rlimit::plan(&m.limits);
         let names: Vec<&str> = plan
@@ -141,6 +192,10 @@ impl SandboxPlan {
             })
             .collect();
         plan.report.in_force.push(format!("rlimits({})", names.join(",")));
+        if let Some(bytes) = m.limits.memory {
+            // Counted over every process of the plugin by the supervisor (see `instance`).
+            plan.report.in_force.push(format!("memory-watch({} MiB, all processes)", bytes >> 20));
+        }
         if let Some(cpus) = &m.limits.cpus {
             let mut set = nix::sched::CpuSet::new();
             let online = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -157,13 +212,6 @@ impl SandboxPlan {
             } else {
                 missing(&mut plan, "cpus", format!("CPUs {bad:?} do not exist here (0..{online})"));
             }
-        }
-        if m.limits.processes.is_some() && host.is_root && sb.user.is_none() {
-            missing(
-                &mut plan,
-                "rlimit-nproc",
-                "not enforced for root: set sandbox.user to an unprivileged user".into(),
-            );
         }
 
         let wants_cgroup = m.limits.memory.is_some()
@@ -187,18 +235,94 @@ impl SandboxPlan {
             }
         }
 
-        if sb.network == "none" {
-            if host.is_root {
-                plan.netns = true;
-                plan.report.in_force.push("netns".into());
-            } else {
-                missing(
-                    &mut plan,
-                    "netns",
-                    "needs root (CAP_SYS_ADMIN); the user-namespace mode is not implemented yet"
-                        .into(),
-                );
+        // Identity: a uid of its own unless spelled out; root only as `user = "root"`.
+        if host.is_root {
+            let (uid, gid, label) = match sb.user.as_deref() {
+                Some("root") => (0, 0, "user(root: no uid isolation)".to_string()),
+                Some(user) => {
+                    let u = nix::unistd::User::from_name(user).ok().flatten().ok_or_else(|| {
+                        format!(
+                            "{}: `sandbox.user` = {user:?} does not exist on this machine; create it or remove the key (each plugin gets a uid of its own)",
+                            spec.manifest_path.display()
+                        )
+                    })?;
+                    (u.uid.as_raw(), u.gid.as_raw(), format!("user({user})"))
+                }
+                None => {
+                    let uid = identity::plugin_uid(state_root, &m.name, &host.uid_range)
+                        .map_err(|e| format!("plugin {}: cannot allocate its uid: {e}", m.name))?;
+                    (uid, uid, format!("user(uid {uid})"))
+                }
+            };
+            let gid = match &sb.group {
+                Some(g) => nix::unistd::Group::from_name(g)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| {
+                        format!(
+                            "{}: `sandbox.group` = {g:?} does not exist on this machine",
+                            spec.manifest_path.display()
+                        )
+                    })?
+                    .gid
+                    .as_raw(),
+                None => gid,
+            };
+            plan.ids = Some((uid, gid));
+            plan.run_as = plan.ids;
+            plan.report.in_force.push(label);
+            plan.drop_caps = Some(host.last_cap);
+            plan.report.in_force.push("no-capabilities".into());
+        } else {
+            let why = "plugd is not root, and the user-namespace mode is not implemented yet: the plugin runs as plugd's own uid, in plugd's pid, mount, ipc and uts namespaces, on the host's file system (Landlock and seccomp still apply)";
+            missing(&mut plan, "user", why.into());
+            missing(&mut plan, "jail", why.into());
+            if sb.network == "none" {
+                missing(&mut plan, "netns", "needs root (see jail)".into());
             }
+        }
+
+        // The jail: namespaces and a minimal root.
+        let isolated = sb.filesystem == "isolated";
+        let executables = landlock::executables_behind(program);
+        let mut read: Vec<PathBuf> = vec![spec.dir.clone()];
+        read.extend(executables.iter().cloned());
+        read.extend(extra_read.iter().cloned());
+        read.extend(sb.read_paths.iter().cloned());
+        let mut write = vec![state_dir.to_path_buf()];
+        write.extend(sb.write_paths.iter().cloned());
+        if let (true, Some((uid, gid))) = (host.is_root, plan.ids) {
+            let staging = state_root.join(".jail");
+            std::fs::create_dir_all(&staging)
+                .map_err(|e| format!("cannot create {}: {e}", staging.display()))?;
+            let j = jail::Jail::plan(&jail::JailSpec {
+                name: &m.name,
+                staging: &staging,
+                uid,
+                gid,
+                own_network: sb.network == "none",
+                own_root: isolated,
+                read: read.clone(),
+                write: write.clone(),
+                tmp_size: TMP_SIZE,
+            })
+            .map_err(|e| format!("{}: {e}", spec.manifest_path.display()))?;
+            let mut ns = vec!["pid", "mount", "ipc", "uts"];
+            if sb.network == "none" {
+                ns.push("net");
+                plan.report.in_force.push("netns".into());
+            }
+            plan.report.in_force.push(format!("namespaces({})", ns.join(",")));
+            plan.report.in_force.push(if isolated {
+                "root(minimal, pivot_root)".into()
+            } else {
+                "root(host file system)".into()
+            });
+            plan.report.in_force.push("init(pid 1: reaps, forwards signals)".into());
+            plan.jail = Some(j);
+        }
+
+        if sb.network == "none" {
             match seccomp::deny_inet() {
                 Ok(p) => {
                     plan.seccomp.push(p);
@@ -208,65 +332,49 @@ impl SandboxPlan {
             }
         }
 
-        if let Some(user) = &sb.user {
-            if !host.is_root {
-                missing(
-                    &mut plan,
-                    "user",
-                    format!("cannot switch to {user:?}: the supervisor is not root"),
-                );
-            } else {
-                let u = nix::unistd::User::from_name(user).ok().flatten().ok_or_else(|| {
-                    format!(
-                        "{}: `sandbox.user` = {user:?} does not exist on this machine",
-                        spec.manifest_path.display()
-                    )
-                })?;
-                let gid = match &sb.group {
-                    Some(g) => nix::unistd::Group::from_name(g)
-                        .ok()
-                        .flatten()
-                        .ok_or_else(|| {
-                            format!(
-                                "{}: `sandbox.group` = {g:?} does not exist on this machine",
-                                spec.manifest_path.display()
-                            )
-                        })?
-                        .gid
-                        .as_raw(),
-                    None => u.gid.as_raw(),
-                };
-                plan.ids = Some((u.uid.as_raw(), gid));
-                plan.run_as = plan.ids;
-                plan.report.in_force.push(format!("user({user})"));
-            }
-        }
-
         plan.report.in_force.push("no-new-privs".into());
 
-        if sb.filesystem == "isolated" {
-            let mut read: Vec<PathBuf> = landlock::SYSTEM_READ.iter().map(PathBuf::from).collect();
-            read.push(spec.dir.clone());
-            read.push(program.to_path_buf());
-            read.extend(extra_read.iter().cloned());
-            read.extend(sb.read_paths.iter().cloned());
-            let mut write = vec![state_dir.to_path_buf()];
-            write.extend(sb.write_paths.iter().cloned());
-            match landlock::ruleset(&read, &write) {
-                Ok((fd, abi)) => {
-                    plan.landlock = Some(fd);
-                    plan.report.in_force.push(format!("landlock(abi {abi})"));
+        if isolated {
+            use landlock::Grant;
+            let jailed = plan.jail.is_some();
+            let dir_grant = if sb.execve { Grant::Exec } else { Grant::Read };
+            let mut rules: Vec<(PathBuf, Grant)> =
+                SYSTEM_READ.iter().map(|p| (PathBuf::from(p), dir_grant)).collect();
+            rules.extend(DEVICE_FILES.iter().map(|p| (PathBuf::from(p), Grant::Device)));
+            if !jailed {
+                rules.push(("/sys/devices/system/cpu".into(), Grant::Read));
+            }
+            rules.extend(read.iter().map(|p| (p.clone(), dir_grant)));
+            rules.extend(executables.iter().map(|p| (p.clone(), Grant::Exec)));
+            rules.extend(write.iter().map(|p| (p.clone(), Grant::Write)));
+            if jailed {
+                // The jail's own /tmp and /dev/shm; on the host they would be shared ones.
+                rules.push(("/tmp".into(), Grant::Write));
+                rules.push(("/dev/shm".into(), Grant::Write));
+                // The jail's /dev holds only the nodes above: it may be listed.
+                rules.push(("/dev".into(), Grant::Read));
+            }
+            match landlock::Rules::plan(&rules, sb.network == "none") {
+                Ok(r) => {
+                    plan.report.in_force.push(format!("landlock(abi {})", r.abi()));
+                    if !sb.execve {
+                        plan.report.in_force.push("exec(entrypoint only)".into());
+                    }
+                    if r.scoped() {
+                        plan.report.in_force.push("landlock-scope(signals,abstract-unix)".into());
+                    }
+                    plan.landlock = Some(r);
                 }
                 Err(why) => missing(&mut plan, "landlock", why),
             }
         }
 
         match seccomp::profile(&sb.syscalls) {
-            Ok(Some(p)) => {
-                plan.seccomp.insert(0, p);
+            Ok(p) if p.is_empty() => {}
+            Ok(p) => {
+                plan.seccomp.splice(0..0, p);
                 plan.report.in_force.push(format!("seccomp({})", sb.syscalls));
             }
-            Ok(None) => {}
             Err(e) => missing(&mut plan, "seccomp", e),
         }
 
@@ -296,37 +404,101 @@ impl SandboxPlan {
         Ok(plan)
     }
 
-    /// Applies the plan to the calling (forked, not yet exec'd) process.
-    /// Async-signal-safe: single syscalls on data prepared before the fork.
-    pub fn apply_in_child(&self) -> io::Result<()> {
-        rlimit::apply(&self.rlimits).map_err(|e| step_err(0, e))?;
+    // The child side. Every function below runs between clone and exec: single syscalls
+    // on data prepared before the clone, no allocation, no locks.
+
+    /// CPU affinity. Async-signal-safe.
+    pub fn apply_cpus(&self) -> io::Result<()> {
         if let Some(set) = &self.cpus {
-            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), set)
-                .map_err(|e| step_err(0, e.into()))?;
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), set)?;
         }
-        if let Some(procs) = &self.cgroup_procs {
-            join_cgroup(procs).map_err(|e| step_err(1, e))?;
+        Ok(())
+    }
+
+    /// Joins the plugin's cgroup. Async-signal-safe.
+    pub fn apply_cgroup(&self) -> io::Result<()> {
+        match &self.cgroup_procs {
+            Some(procs) => join_cgroup(procs),
+            None => Ok(()),
         }
-        if self.netns {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| step_err(2, e.into()))?;
+    }
+
+    /// rlimits. Async-signal-safe.
+    pub fn apply_rlimits(&self) -> io::Result<()> {
+        rlimit::apply(&self.rlimits)
+    }
+
+    /// Switches to the plugin's ids and drops every capability (bounding, permitted,
+    /// effective, inheritable, ambient). Async-signal-safe.
+    pub fn apply_identity(&self) -> io::Result<()> {
+        // SAFETY: prctl/setgroups/setres[ug]id/capset with integers and stack-owned structs.
+        unsafe {
+            if let Some(last) = self.drop_caps {
+                for cap in 0..=last {
+                    // EINVAL for a capability this kernel lacks: nothing to drop.
+                    if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0
+                        && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+            }
+            if let Some((uid, gid)) = self.ids {
+                // Raw syscalls: glibc's wrappers broadcast the change to every thread it
+                // knows of, and after a clone from a multi-threaded process it still "knows"
+                // the supervisor's threads, so it would wait for them forever.
+                if libc::syscall(libc::SYS_setgroups, 1usize, &gid as *const libc::gid_t) != 0
+                    || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+                    || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if self.drop_caps.is_some() {
+                #[repr(C)]
+                struct Header {
+                    version: u32,
+                    pid: i32,
+                }
+                #[repr(C)]
+                #[derive(Clone, Copy)]
+                struct Data {
+                    effective: u32,
+                    permitted: u32,
+                    inheritable: u32,
+                }
+                const VERSION_3: u32 = 0x2008_0522;
+                let header = Header { version: VERSION_3, pid: 0 };
+                let data = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
+                if libc::syscall(libc::SYS_capset, &header as *const Header, data.as_ptr()) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
         }
-        if let Some((uid, gid)) = self.ids {
-            let gid = nix::unistd::Gid::from_raw(gid);
-            nix::unistd::setgroups(&[gid]).map_err(|e| step_err(3, e.into()))?;
-            nix::unistd::setresgid(gid, gid, gid).map_err(|e| step_err(3, e.into()))?;
-            let uid = nix::unistd::Uid::from_raw(uid);
-            nix::unistd::setresuid(uid, uid, uid).map_err(|e| step_err(3, e.into()))?;
-        }
+        Ok(())
+    }
+
+    /// no_new_privs, Landlock, seccomp; returns the failing step and error. Async-signal-safe.
+    pub fn apply_confinement(&self) -> Result<(), (u32, io::Error)> {
         // SAFETY: prctl(PR_SET_NO_NEW_PRIVS, 1) takes integers only.
         if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-            return Err(step_err(4, io::Error::last_os_error()));
+            return Err((step::NO_NEW_PRIVS, io::Error::last_os_error()));
         }
-        if let Some(fd) = &self.landlock {
-            landlock::restrict_self(fd.as_raw_fd()).map_err(|e| step_err(5, e))?;
+        if let Some(rules) = &self.landlock {
+            rules.restrict_self().map_err(|e| (step::LANDLOCK, e))?;
         }
         for program in &self.seccomp {
-            seccomp::install(program).map_err(|e| step_err(6, e))?;
+            seccomp::install(program).map_err(|e| (step::SECCOMP, e))?;
         }
         Ok(())
     }

@@ -18,7 +18,10 @@ pub struct Rlimit {
 pub fn plan(limits: &Limits) -> Vec<Rlimit> {
     let mut out = vec![Rlimit { resource: libc::RLIMIT_CORE, soft: 0, hard: 0 }];
     let mut set = |resource, v: u64| out.push(Rlimit { resource, soft: v, hard: v });
-    if let Some(m) = limits.memory {
+    // `memory` is resident memory over all the plugin's processes, watched by the
+    // supervisor (and cgroup memory.max where delegated): RLIMIT_AS would refuse runtimes
+    // that reserve far more address space than they touch. It is an explicit option.
+    if let Some(m) = limits.address_space {
         set(libc::RLIMIT_AS, m);
     }
     if let Some(n) = limits.open_files {
@@ -58,7 +61,8 @@ mod tests {
     #[test]
     fn limits_map_to_rlimits() {
         let limits = Limits {
-            memory: Some(64 << 20),
+            memory: Some(32 << 20),
+            address_space: Some(64 << 20),
             cpu_time: Some(Duration::from_secs(2)),
             file_size: Some(4096),
             ..Default::default()

@@ -4,6 +4,9 @@
 //!
 //! - the **syscall profile**: `default` traps a deny-list of syscalls no
 //!   plugin needs (ptrace, mount, kexec, bpf, module loading, namespaces, …);
+//!   the default also traps `clone` with a namespace flag and `mknod`/`mknodat` of
+//!   a device, and answers `clone3` with ENOSYS (its flags are out of seccomp's
+//!   reach; libc then falls back to `clone`);
 //!   `strict` traps everything outside an allow-list enough for an SDK
 //!   plugin's run loop (and for the dynamic loader before it). A trapped
 //!   syscall raises SIGSYS; the SDK prints its number to stderr before dying
@@ -56,6 +59,36 @@ pub const DEFAULT_DENY: &[(&str, i64)] = &[
     ("lookup_dcookie", libc::SYS_lookup_dcookie),
     ("quotactl", libc::SYS_quotactl),
     ("fanotify_init", libc::SYS_fanotify_init),
+    // io_uring performs socket(), openat() and more without passing through this filter.
+    ("io_uring_setup", libc::SYS_io_uring_setup),
+    ("io_uring_enter", libc::SYS_io_uring_enter),
+    ("io_uring_register", libc::SYS_io_uring_register),
+    // The new mount API, which mount/umount2/pivot_root above would otherwise leave open.
+    ("fsopen", libc::SYS_fsopen),
+    ("fsconfig", libc::SYS_fsconfig),
+    ("fsmount", libc::SYS_fsmount),
+    ("fspick", libc::SYS_fspick),
+    ("open_tree", libc::SYS_open_tree),
+    ("move_mount", libc::SYS_move_mount),
+    ("mount_setattr", libc::SYS_mount_setattr),
+    // The host's clock, names and kernel log.
+    ("adjtimex", libc::SYS_adjtimex),
+    ("clock_adjtime", libc::SYS_clock_adjtime),
+    ("sethostname", libc::SYS_sethostname),
+    ("setdomainname", libc::SYS_setdomainname),
+    ("syslog", libc::SYS_syslog),
+];
+
+/// Namespace flags `clone` may not carry (the default profile traps them). `CLONE_NEWTIME`
+/// is left out: in `clone`'s flags its bit is part of the exit signal.
+const CLONE_NAMESPACE_FLAGS: &[u64] = &[
+    libc::CLONE_NEWNS as u64,
+    libc::CLONE_NEWCGROUP as u64,
+    libc::CLONE_NEWUTS as u64,
+    libc::CLONE_NEWIPC as u64,
+    libc::CLONE_NEWUSER as u64,
+    libc::CLONE_NEWPID as u64,
+    libc::CLONE_NEWNET as u64,
 ];
 
 /// Syscalls the strict profile allows (everything else traps).
@@ -149,6 +182,9 @@ const EXTRA_NAMES: &[(&str, i64)] = &[
     ("vfork", libc::SYS_vfork),
     ("unlinkat", libc::SYS_unlinkat),
     ("mkdirat", libc::SYS_mkdirat),
+    ("mknodat", libc::SYS_mknodat),
+    #[cfg(target_arch = "x86_64")]
+    ("mknod", libc::SYS_mknod),
 ];
 
 fn arch() -> Result<TargetArch, String> {
@@ -166,19 +202,61 @@ fn compile(
     BpfProgram::try_from(filter).map_err(|e| e.to_string())
 }
 
-/// The syscall profile for `sandbox.syscalls` ("default" or "strict"; "off" has none).
-pub fn profile(kind: &str) -> Result<Option<BpfProgram>, String> {
+/// The syscall profile for `sandbox.syscalls` ("default" or "strict"; "off" has none):
+/// one or more filters, all installed (the kernel applies the strictest answer).
+pub fn profile(kind: &str) -> Result<Vec<BpfProgram>, String> {
     match kind {
-        "off" => Ok(None),
+        "off" => Ok(Vec::new()),
         "strict" => {
             let rules = STRICT_ALLOW.iter().map(|(_, nr)| (*nr, vec![])).collect();
-            compile(rules, SeccompAction::Trap, SeccompAction::Allow).map(Some)
+            Ok(vec![compile(rules, SeccompAction::Trap, SeccompAction::Allow)?])
         }
         _ => {
-            let rules = DEFAULT_DENY.iter().map(|(_, nr)| (*nr, vec![])).collect();
-            compile(rules, SeccompAction::Allow, SeccompAction::Trap).map(Some)
+            let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+                DEFAULT_DENY.iter().map(|(_, nr)| (*nr, vec![])).collect();
+            // clone with any namespace flag: one rule per flag, any of them matches.
+            let mut clone = Vec::new();
+            for &flag in CLONE_NAMESPACE_FLAGS {
+                clone.push(rule(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(flag), flag)?);
+            }
+            rules.insert(libc::SYS_clone, clone);
+            // mknod of a character or block device (fifos and sockets stay allowed).
+            let s_ifmt = libc::S_IFMT as u64;
+            let mut devices = |nr: i64, mode_arg: u8| -> Result<(), String> {
+                let mut list = Vec::new();
+                for kind in [libc::S_IFCHR as u64, libc::S_IFBLK as u64] {
+                    list.push(rule(
+                        mode_arg,
+                        SeccompCmpArgLen::Dword,
+                        SeccompCmpOp::MaskedEq(s_ifmt),
+                        kind,
+                    )?);
+                }
+                rules.insert(nr, list);
+                Ok(())
+            };
+            #[cfg(target_arch = "x86_64")]
+            devices(libc::SYS_mknod, 1)?;
+            devices(libc::SYS_mknodat, 2)?;
+            let deny = compile(rules, SeccompAction::Allow, SeccompAction::Trap)?;
+            // clone3 passes its flags in memory, where seccomp cannot look: answer ENOSYS,
+            // and libc falls back to clone, whose flags the filter above checks.
+            let clone3 = BTreeMap::from([(libc::SYS_clone3, vec![])]);
+            let clone3 =
+                compile(clone3, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32))?;
+            Ok(vec![deny, clone3])
         }
     }
+}
+
+fn rule(
+    arg: u8,
+    len: SeccompCmpArgLen,
+    op: SeccompCmpOp,
+    value: u64,
+) -> Result<SeccompRule, String> {
+    let cond = SeccompCondition::new(arg, len, op, value).map_err(|e| e.to_string())?;
+    SeccompRule::new(vec![cond]).map_err(|e| e.to_string())
 }
 
 /// `socket(family != AF_UNIX, …)` fails with EACCES; every other syscall is untouched.
@@ -205,9 +283,11 @@ mod tests {
 
     #[test]
     fn profiles_compile() {
-        assert!(profile("default").unwrap().is_some());
-        assert!(profile("strict").unwrap().is_some());
-        assert!(profile("off").unwrap().is_none());
+        assert_eq!(profile("default").unwrap().len(), 2);
+        assert_eq!(profile("strict").unwrap().len(), 1);
+        assert!(profile("off").unwrap().is_empty());
+        assert_eq!(syscall_name(libc::SYS_io_uring_setup), Some("io_uring_setup"));
+        assert_eq!(syscall_name(libc::SYS_mknodat), Some("mknodat"));
         assert!(!deny_inet().unwrap().is_empty());
         assert_eq!(syscall_name(libc::SYS_ptrace), Some("ptrace"));
         assert_eq!(syscall_name(libc::SYS_execve), Some("execve"));
