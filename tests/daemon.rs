@@ -875,3 +875,50 @@ fn the_control_socket_refuses_plugin_processes() {
     let human = String::from_utf8_lossy(&d.ctl(&["status", "escapist"]).stdout).into_owned();
     assert!(human.contains("user(root: no uid isolation)"), "{human}");
 }
+
+/// After an in-place upgrade the descriptors plugd adopted (control listener, plugins'
+/// sockets and pidfds) are close-on-exec again, and a plugin started afterwards holds
+/// only its own descriptors.
+#[test]
+fn descriptors_adopted_across_an_upgrade_do_not_leak() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("plugins")).unwrap();
+    add_plugin(&root.path().join("plugins"), "echo", "echo", "");
+    let exe = plugd_copy(root.path());
+    let d = Plugd::start_exe(&exe, root, &[]);
+    eventually("ready", || d.all_ready(&["echo"]));
+    d.signal(Signal::SIGUSR2);
+    eventually("the new generation answers", || {
+        d.ctl(&["info"]).status.success() && info(&d)["generation"] == 1
+    });
+    // What an upgrade hands over: the control listener and each plugin's socket and pidfd
+    // (other descriptors, such as ones the test runner itself leaks into plugd, are not ours).
+    let pid = d.child.id();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap().flatten() {
+        let fd: i32 = entry.file_name().to_string_lossy().parse().unwrap();
+        let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap_or_default();
+        let target = target.display().to_string();
+        if !(target.starts_with("socket:") || target == "anon_inode:[pidfd]") {
+            continue;
+        }
+        let Ok(info) = std::fs::read_to_string(entry.path()) else { continue };
+        let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap().trim();
+        let flags = u32::from_str_radix(flags, 8).unwrap();
+        assert_ne!(flags & libc::O_CLOEXEC as u32, 0, "fd {fd} ({target}) of plugd");
+        checked += 1;
+    }
+    assert!(checked >= 3, "the listener, echo's socket and pidfd were looked at");
+    add_plugin(&d.plugins(), "escapist", "escapist", "");
+    d.signal(Signal::SIGHUP);
+    eventually("escapist ready", || d.all_ready(&["echo", "escapist"]));
+    let out = d.ctl(&["call", "escapist", "fds", "null"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let fds: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
+    let sockets = fds.iter().filter(|f| f.contains("socket:")).count();
+    let distinct: std::collections::BTreeSet<&str> =
+        fds.iter().filter_map(|f| f.split_once('=')).map(|x| x.1).collect();
+    // /dev/null, two pipes, its socket (the SDK may hold copies) and the folder it lists.
+    assert!(distinct.len() <= 5, "{fds:?}");
+    assert!(sockets >= 1, "{fds:?}");
+}

@@ -13,7 +13,8 @@
 //!
 //! and prints p50/p90/p99/p99.9/max of each with its ratio to the floor of
 //! the same message size. It then measures spawn→Ready of a plugin with the
-//! sandbox off and with the full default sandbox, as a ratio. `--json FILE` writes every figure for scripts.
+//! fewest layers (the jail's namespaces only) and with the full default jail, as a ratio
+//! (`--spawn-only N` runs just that). `--json FILE` writes every figure for scripts.
 //!
 //! Build everything first (the bench finds the plugins next to itself):
 //! `cargo build --release --workspace && target/release/plugd-bench`.
@@ -281,6 +282,29 @@ fn main() -> Result<()> {
         return Ok(());
     }
     // The peers script (bench/peers/run.sh) runs this beside each peer: RESULT lines only.
+    // spawn→Ready only (the jail's start-up cost): fewest layers vs the full default jail.
+    if args.first().map(String::as_str) == Some("--spawn-only") {
+        let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(100);
+        let rt =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let fewest = extra::SANDBOX_OFF.trim_start_matches("[sandbox]\n");
+        let bare = rt.block_on(spawn_to_ready(n, "fewest layers", fewest))?;
+        let full = rt.block_on(spawn_to_ready(n, "full jail", "syscalls = \"default\""))?;
+        let full = with_ratio(full, &bare);
+        for s in [&bare, &full] {
+            println!(
+                "{:<32} p50 {:>8.1} us  p99 {:>8.1} us  ({} starts){}",
+                s.name,
+                s.p50_us,
+                s.p99_us,
+                s.samples,
+                s.ratio_p50
+                    .map(|r| format!("  {r:.2}x the fewest-layers start"))
+                    .unwrap_or_default()
+            );
+        }
+        return Ok(());
+    }
     if args.first().map(String::as_str) == Some("--peers-mode") {
         let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(100_000);
         let warmup = n / 10;
@@ -326,10 +350,14 @@ fn main() -> Result<()> {
     let spawns = if quick { 10 } else { 100 };
     let bare = rt.block_on(spawn_to_ready(
         spawns,
-        "sandbox off",
+        "fewest layers (jail namespaces only: host fs, host net, no filters)",
         extra::SANDBOX_OFF.trim_start_matches("[sandbox]\n"),
     ))?;
-    let full = rt.block_on(spawn_to_ready(spawns, "full sandbox", "syscalls = \"default\""))?;
+    let full = rt.block_on(spawn_to_ready(
+        spawns,
+        "full jail (default manifest)",
+        "syscalls = \"default\"",
+    ))?;
     let full = with_ratio(full, &bare);
     let (pipe_total, fan_samples, scale_n, idle) = if quick {
         (20_000, 2_000, 50, Duration::from_secs(2))
