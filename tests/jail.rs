@@ -29,17 +29,6 @@ async fn exit_of(h: &PluginHandle) -> ExitReason {
     h.status().last_exit.expect("an exit reason")
 }
 
-/// Host pids of every process in the pid namespace of `pid`.
-fn namespace_members(pid: u32) -> Vec<u32> {
-    let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/pid")) else { return Vec::new() };
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok().as_ref() == Some(&ns))
-        .filter(|p| alive(*p))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_root_the_jail_is_reported_missing() {
     if is_root() {
@@ -273,7 +262,7 @@ async fn nothing_outlives_stop_not_even_a_setsid_double_fork() {
     let h = escapist(&sup).await;
     let pid = h.status().pid.unwrap();
     assert_eq!(ask(&h, "double_fork", ()).await, "ok: forked");
-    let members = namespace_members(pid);
+    let members = jail_members(pid);
     assert_eq!(members.len(), 3, "init, plugin and the runaway grandchild: {members:?}");
     sup.unload("escapist").await.unwrap();
     eventually("every process of the plugin is gone", || members.iter().all(|p| !alive(*p))).await;

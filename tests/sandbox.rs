@@ -121,17 +121,6 @@ async fn cpuspin_hits_its_cpu_time_limit() {
     sup.shutdown().await;
 }
 
-/// Host pids of the live processes in the pid namespace of `pid` (the plugin's jail).
-fn jail_members(pid: u32) -> Vec<u32> {
-    let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/pid")) else { return Vec::new() };
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok().as_ref() == Some(&ns))
-        .filter(|p| alive(*p))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forkbomb_is_capped_and_its_children_die_with_it() {
     let sup = supervisor();

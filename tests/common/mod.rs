@@ -74,3 +74,14 @@ impl Drop for ChildGuard {
         let _ = self.0.wait();
     }
 }
+
+/// Host pids of the live processes in the pid namespace of `pid` (a plugin's jail).
+pub fn jail_members(pid: u32) -> Vec<u32> {
+    let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/pid")) else { return Vec::new() };
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok().as_ref() == Some(&ns))
+        .filter(|p| alive(*p))
+        .collect()
+}

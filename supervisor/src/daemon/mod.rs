@@ -877,24 +877,18 @@ async fn serve_connection(
     let mut send = &conn;
     // A plugin process (even one running as root, `sandbox.user = "root"`) lives in a pid
     // namespace of its own: whatever its uid, it may not control plugd.
-    if let Some(why) = peer_pid.and_then(plugin_peer) {
-        let mut line = Vec::new();
-        let mut reader = BufReader::new(&conn);
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(2),
-            (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut line),
-        )
-        .await;
-        tracing::warn!("refused a control connection from a plugin process ({why})");
-        let reply = Reply::err(format!("permission denied: {why}; plugins may not control plugd"));
-        let _ = send
-            .write_all(
-                format!("{}\n", serde_json::to_string(&reply).unwrap_or_default()).as_bytes(),
-            )
-            .await;
-        return;
-    }
-    if !matches!(peer, Some(uid) if uid == 0 || uid == me) {
+    let refusal = match peer_pid.and_then(plugin_peer) {
+        Some(why) => {
+            tracing::warn!("refused a control connection from a plugin process ({why})");
+            Some(format!("permission denied: {why}; plugins may not control plugd"))
+        }
+        None if !matches!(peer, Some(uid) if uid == 0 || uid == me) => Some(format!(
+            "permission denied: uid {} may not control this plugd (only root and uid {me})",
+            peer.map(|u| u.to_string()).unwrap_or_else(|| "unknown".into())
+        )),
+        None => None,
+    };
+    if let Some(refusal) = refusal {
         // Read (and ignore) the request first, so the client gets the refusal as an answer
         // rather than a broken pipe.
         let mut line = Vec::new();
@@ -904,10 +898,7 @@ async fn serve_connection(
             (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut line),
         )
         .await;
-        let reply = Reply::err(format!(
-            "permission denied: uid {} may not control this plugd (only root and uid {me})",
-            peer.map(|u| u.to_string()).unwrap_or_else(|| "unknown".into())
-        ));
+        let reply = Reply::err(refusal);
         let _ = send
             .write_all(
                 format!("{}\n", serde_json::to_string(&reply).unwrap_or_default()).as_bytes(),
