@@ -726,6 +726,104 @@ fn install_runs_the_build_step_and_a_failed_build_installs_nothing() {
     assert!(!good.join("bin").exists(), "the build ran in the installed copy, not in the source");
 }
 
+/// A build script that tries every way out of the build jail it can think of and writes
+/// what it saw into `report` (in its own folder, the only one it may write).
+const HOSTILE_BUILD: &str = r#"
+r=report
+echo "uid $(id -u)" >> $r
+grep CapEff /proc/self/status >> $r
+if cat /etc/shadow > /dev/null 2>&1; then echo "shadow READ" >> $r; else echo "shadow denied" >> $r; fi
+if touch ../escaped 2> /dev/null; then echo "parent WRITTEN" >> $r; else echo "parent denied" >> $r; fi
+if test -e "$SOCKET"; then echo "socket VISIBLE" >> $r; else echo "socket absent" >> $r; fi
+echo "interfaces $(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\n' ' ')" >> $r
+echo "processes $(ls -d /proc/[0-9]* | wc -l)" >> $r
+setsid sh -c 'sleep 313.7' > /dev/null 2>&1 < /dev/null &
+mkdir -p bin && cp payload bin/built && chmod +x bin/built
+cp /bin/sh bin/suid-sh && chmod 4755 bin/suid-sh
+"#;
+
+#[test]
+fn a_hostile_build_runs_as_the_plugins_uid_in_a_jail_and_leaves_nothing_behind() {
+    if !nix::unistd::geteuid().is_root() {
+        return; // builds are jailed only when plugd is root (the job output says so)
+    }
+    let d = Plugd::start(|_| {});
+    let src = tempfile::tempdir().unwrap();
+    let dir = src.path().join("hostile");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(bin_dir().join("echo"), dir.join("payload")).unwrap();
+    std::fs::write(
+        dir.join("build.sh"),
+        HOSTILE_BUILD.replace("$SOCKET", &d.socket.display().to_string()),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("plugin.toml"),
+        "name = \"hostile\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"bin/built\"\n[build]\ncommand = [\"sh\", \"build.sh\"]\n",
+    )
+    .unwrap();
+    let st = d.json(&["install", dir.to_str().unwrap()]);
+    assert_eq!(st[0]["state"], "ready", "{st}");
+    let installed = d.root.path().join("state/installed/hostile/1.0.0");
+    let report = std::fs::read_to_string(installed.join("report")).unwrap();
+    let uid: u32 = report.lines().find_map(|l| l.strip_prefix("uid ")).unwrap().parse().unwrap();
+    assert!((61184..=65519).contains(&uid), "the build ran as uid {uid}:\n{report}");
+    let layers = st[0]["sandbox"].to_string();
+    assert!(layers.contains(&format!("user(uid {uid})")), "the plugin's own uid: {layers}");
+    for line in [
+        "CapEff:\t0000000000000000",
+        "shadow denied",
+        "parent denied",
+        "socket absent",
+        "interfaces lo ",
+    ] {
+        assert!(
+            report.lines().any(|l| l.trim_end() == line.trim_end()),
+            "{line:?} missing:\n{report}"
+        );
+    }
+    // Its own pid namespace: its init, the shell, the pipeline; none of the host's.
+    let procs: usize =
+        report.lines().find_map(|l| l.strip_prefix("processes ")).unwrap().parse().unwrap();
+    assert!(procs <= 8, "the build saw {procs} processes:\n{report}");
+    assert!(!installed.parent().unwrap().join("escaped").exists());
+
+    // Nothing it started outlives it, and what it built belongs to root now.
+    let leftover = std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("313.7"))
+    });
+    assert!(!leftover, "a process the build started in the background is still running");
+    use std::os::unix::fs::MetadataExt;
+    let suid = std::fs::metadata(installed.join("bin/suid-sh")).unwrap();
+    assert_eq!(suid.uid(), 0);
+    assert_eq!(suid.mode() & 0o7000, 0, "the setuid bit was cleared: {:o}", suid.mode());
+    assert_eq!(std::fs::metadata(installed.join("report")).unwrap().uid(), 0);
+
+    // The job output says how the build ran.
+    let jobs = d.json(&["jobs"]);
+    let text = jobs.to_string();
+    assert!(
+        text.contains(&format!("install steps run jailed: user(uid {uid}) no-capabilities namespaces(pid,mount,ipc,uts,net)")),
+        "{text}"
+    );
+
+    // A build that leaves a way out (a symlink to a host file) installs nothing.
+    let leak = src.path().join("leak");
+    std::fs::create_dir_all(&leak).unwrap();
+    std::fs::copy(bin_dir().join("echo"), leak.join("built")).unwrap();
+    std::fs::write(
+        leak.join("plugin.toml"),
+        "name = \"leak\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"built\"\n[build]\ncommand = [\"ln\", \"-s\", \"/etc/shadow\", \"notes.txt\"]\n",
+    )
+    .unwrap();
+    let out = d.ctl(&["install", leak.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pointing at /etc/shadow, outside the plugin's folder"), "{err}");
+    assert!(!d.root.path().join("state/installed/leak/1.0.0").exists());
+}
+
 #[test]
 fn install_from_an_http_url() {
     let d = Plugd::start(|_| {});

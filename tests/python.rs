@@ -77,8 +77,9 @@ fn py_plugin(src: &Path, name: &str, version: &str, requirements: &str, wheels: 
     std::fs::write(
         dir.join("plugin.toml"),
         format!(
-            "name = {name:?}\nversion = {version:?}\napi_version = \"^1\"\nentrypoint = \"main.py\"\n\n[python]\npip_args = [\"--no-index\", \"--find-links\", {:?}]\n",
-            wheels.display().to_string()
+            // pip runs in the plugin's build jail: the wheels folder is bound in as a read path.
+            "name = {name:?}\nversion = {version:?}\napi_version = \"^1\"\nentrypoint = \"main.py\"\n\n[python]\npip_args = [\"--no-index\", \"--find-links\", {w:?}]\n\n[sandbox]\nread_paths = [{w:?}]\n",
+            w = wheels.display().to_string()
         ),
     )
     .unwrap();
@@ -140,6 +141,22 @@ fn two_plugins_pinned_to_different_versions_run_side_by_side_sandboxed() {
     assert!(venvs.join("dep-b/1.0.0/bin/python").exists());
     let build_log = std::fs::read_to_string(venv_a.join("build.log")).unwrap();
     assert!(build_log.contains("pip install") && build_log.contains("demo-dep"), "{build_log}");
+    if nix::unistd::geteuid().is_root() {
+        // pip ran as the plugin, jailed and offline; the venv it left is root's now.
+        let uid = d.plugin("dep-a")["sandbox"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|l| {
+                l.as_str()?.strip_prefix("user(uid ")?.strip_suffix(')').map(String::from)
+            })
+            .expect("dep-a runs as a uid of its own");
+        let jailed = format!("install steps run jailed: user(uid {uid}) no-capabilities namespaces(pid,mount,ipc,uts,net)");
+        assert!(build_log.contains(&jailed), "{build_log}");
+        use std::os::unix::fs::MetadataExt;
+        let site = std::fs::metadata(venv_a.join("pyvenv.cfg")).unwrap();
+        assert_eq!((site.uid(), site.gid()), (0, uid.parse().unwrap()));
+    }
 
     // The sandbox applies to the interpreter: Landlock and seccomp are in force, and the
     // plugin can write neither outside its state folder nor into its own venv.
@@ -235,6 +252,12 @@ fn a_failed_pip_install_fails_the_install_and_leaves_nothing() {
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(err.contains("pip install failed") && err.contains("no-such-package"), "{err}");
+    assert!(
+        err.contains(
+            "this step ran without a network; if it must download, set `python.network = \"host\"`"
+        ),
+        "{err}"
+    );
     // pip's own words (or uv's, where uv is installed) are shown.
     assert!(
         err.contains("No matching distribution")

@@ -7,10 +7,14 @@
 //! `installed/<name>` (and, with purge, the plugin's own state folder) is ever
 //! removed.
 
+use std::ffi::OsStr;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crate::sandbox::{HostFacts, JobSpec, SandboxPlan};
+use crate::spawn::{JobProcess, SpawnPlan, WaitStatus};
 
 /// The folder of installed plugins under a state folder.
 pub fn root(state_dir: &Path) -> PathBuf {
@@ -91,18 +95,6 @@ pub fn place(
     Ok(target)
 }
 
-/// Runs a plugin's `[build] command` in `dir`; on failure, the error carries its last output.
-pub fn run_build(
-    command: &[String],
-    dir: &Path,
-    log: &mut Vec<String>,
-    cancel: Option<&Cancel>,
-) -> Result<(), String> {
-    let mut cmd = std::process::Command::new(&command[0]);
-    cmd.args(&command[1..]).current_dir(dir);
-    run_step(&mut cmd, &format!("the build command {command:?}"), log, cancel)
-}
-
 /// Tells a running install to stop: every step checks it, and a running command's process
 /// group is killed within 50 ms.
 #[derive(Debug, Default)]
@@ -126,76 +118,286 @@ pub const CANCELLED: &str = "cancelled";
 /// How long one install step (a build, pip, uv) may take before it is killed.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Runs one install step in its own process group, its output going to `log`; kills the
-/// group after [`STEP_TIMEOUT`] or when `cancel` is set. On failure the error carries the
-/// last lines it printed.
-pub fn run_step(
-    cmd: &mut Command,
-    what: &str,
-    log: &mut Vec<String>,
-    cancel: Option<&Cancel>,
-) -> Result<(), String> {
-    use std::os::unix::process::CommandExt;
-    if cancel.is_some_and(Cancel::is_cancelled) {
-        return Err(CANCELLED.into());
-    }
-    log.push(format!("$ {what}"));
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("cannot run {what}: {e}"))?;
-    let readers: Vec<std::thread::JoinHandle<String>> = [
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-        child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|mut r| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let mut bytes = Vec::new();
-            let _ = r.read_to_end(&mut bytes);
-            text.push_str(&String::from_utf8_lossy(&bytes));
-            text
+/// Host variables an install step inherits; everything else is cleared.
+const STEP_ENV: &[&str] = &["PATH", "LANG", "LC_ALL", "TZ"];
+
+/// Runs the install steps of one plugin (its `[build]` command, venv creation, pip) in
+/// the plugin's build jail: its own uid, no capabilities, own namespaces (network only
+/// when the manifest says so), a minimal root where only the workspace is writable (see
+/// [`SandboxPlan::for_job`]). Before the first step the workspace is handed to the
+/// plugin's uid; [`Steps::seal`] hands it back to root once the steps are done.
+pub struct Steps {
+    sandbox: Arc<SandboxPlan>,
+    workspace: PathBuf,
+    network: bool,
+    /// Where the network setting lives, for the hint on failure.
+    network_key: String,
+    /// Ownership to give the tree back (root, the plugin's group) when jailed.
+    seal_ids: Option<u32>,
+}
+
+impl Steps {
+    /// Plans the jail for steps of `job` and hands the workspace (recursively) to the
+    /// plugin's uid. `network_key` names the manifest key that allows the network.
+    pub fn new(job: &JobSpec<'_>, host: &HostFacts, network_key: &str) -> Result<Steps, String> {
+        let sandbox = SandboxPlan::for_job(job, host)?;
+        if let Some((uid, gid)) = sandbox.run_as {
+            chown_tree(job.workspace, uid, gid)?;
+        }
+        Ok(Steps {
+            seal_ids: sandbox.run_as.map(|(_, gid)| gid),
+            sandbox: Arc::new(sandbox),
+            workspace: job.workspace.to_path_buf(),
+            network: job.network,
+            network_key: format!(
+                "`{network_key} = \"host\"` in {}",
+                job.spec.manifest_path.display()
+            ),
         })
-    })
-    .collect();
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Ok(status),
-            Ok(None) if Instant::now() >= deadline || cancel.is_some_and(Cancel::is_cancelled) => {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(child.id() as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                let _ = child.wait();
+    }
+
+    /// One line for the job's output: the layers the steps run under.
+    pub fn describe(&self) -> String {
+        let r = &self.sandbox.report;
+        let mut line = format!("(install steps run jailed: {})", r.in_force.join(" "));
+        if !r.unavailable.is_empty() {
+            line = format!("{line}; unavailable: {}", r.unavailable.join("; "));
+        }
+        line
+    }
+
+    /// Runs `program args` in `dir` inside the jail, its output going to `log`; kills it
+    /// (and everything it started) after [`STEP_TIMEOUT`] or when `cancel` is set. Returns
+    /// what it printed; on failure the error carries the last lines.
+    pub fn run(
+        &self,
+        program: &Path,
+        args: &[&OsStr],
+        dir: &Path,
+        what: &str,
+        log: &mut Vec<String>,
+        cancel: Option<&Cancel>,
+    ) -> Result<String, String> {
+        if cancel.is_some_and(Cancel::is_cancelled) {
+            return Err(CANCELLED.into());
+        }
+        log.push(format!("$ {what}"));
+        let mut env: Vec<(String, String)> = STEP_ENV
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+            .collect();
+        for (k, v) in [
+            ("HOME", "/tmp"),
+            ("TMPDIR", "/tmp"),
+            ("XDG_CACHE_HOME", "/tmp/.cache"),
+            ("PIP_DISABLE_PIP_VERSION_CHECK", "1"),
+            ("PIP_NO_INPUT", "1"),
+        ] {
+            env.push((k.into(), v.into()));
+        }
+        let resolved = resolve_program(program, dir);
+        let plan = SpawnPlan {
+            program: resolved.clone(),
+            args: args.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
+            dir: dir.to_path_buf(),
+            env,
+            sandbox: self.sandbox.clone(),
+            transport: crate::manifest::Transport::Stream,
+        };
+        let (mut child, stdout, stderr) = JobProcess::start(&plan).map_err(|e| {
+            let hint = if self.sandbox.jail.is_some() {
+                " (install steps run in the plugin's jail, which holds the system folders, the plugin folder and `sandbox.read_paths`: add the tool's folder to read_paths)"
+            } else {
+                ""
+            };
+            format!("cannot run {what}: {e}{hint}")
+        })?;
+        let readers: Vec<std::thread::JoinHandle<String>> = [stdout, stderr]
+            .into_iter()
+            .map(|fd| {
+                let mut r = std::fs::File::from(fd);
+                std::thread::spawn(move || {
+                    let mut bytes = Vec::new();
+                    let _ = r.read_to_end(&mut bytes);
+                    String::from_utf8_lossy(&bytes).into_owned()
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        // Ok(status), or Err(true) when cancelled, Err(false) when out of time.
+        let status = loop {
+            // Polls the pidfd; every 50 ms it looks at the clock and the cancel flag.
+            if let Some(status) = child.wait_timeout(Duration::from_millis(50)) {
+                break Ok(status);
+            }
+            if Instant::now() >= deadline || cancel.is_some_and(Cancel::is_cancelled) {
+                child.kill();
+                drop(child);
                 break Err(cancel.is_some_and(Cancel::is_cancelled));
             }
-            // A rare, slow, install-time step: a short sleep loop is simpler than a pidfd here.
-            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => return Err(format!("waiting for {what}: {e}")),
-        }
-    };
-    let output: String = readers.into_iter().filter_map(|r| r.join().ok()).collect();
-    log.extend(output.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
-    match status {
-        Ok(s) if s.success() => Ok(()),
-        Err(true) => Err(CANCELLED.into()),
-        other => {
-            let tail: Vec<&str> = output.lines().filter(|l| !l.trim().is_empty()).collect();
-            let tail = &tail[tail.len().saturating_sub(20)..];
-            let how = match other {
-                Ok(s) => s.to_string(),
-                Err(_) => format!("killed after {} s", STEP_TIMEOUT.as_secs()),
-            };
-            Err(format!("{what} failed ({how}):\n{}", tail.join("\n")))
+        };
+        let output: String = readers.into_iter().filter_map(|r| r.join().ok()).collect();
+        log.extend(output.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
+        match status {
+            Ok(WaitStatus::Exited(0)) => Ok(output),
+            Err(true) => Err(CANCELLED.into()),
+            other => {
+                let tail: Vec<&str> = output.lines().filter(|l| !l.trim().is_empty()).collect();
+                let tail = &tail[tail.len().saturating_sub(20)..];
+                let how = match other {
+                    Ok(WaitStatus::Exited(code)) => format!("exit status {code}"),
+                    Ok(WaitStatus::Signaled { signal, .. }) => {
+                        format!("killed by {}", crate::exit::signal_name(signal))
+                    }
+                    Err(_) => format!("killed after {} s", STEP_TIMEOUT.as_secs()),
+                };
+                let hint = if self.network {
+                    String::new()
+                } else {
+                    format!(
+                        "\n(this step ran without a network; if it must download, set {})",
+                        self.network_key
+                    )
+                };
+                Err(format!("{what} failed ({how}):\n{}{hint}", tail.join("\n")))
+            }
         }
     }
+
+    /// After the last step: gives the workspace back to root (group: the plugin's, with
+    /// read access, so the plugin can read what was built and write none of it), clears
+    /// setuid/setgid bits, removes fifos and sockets, and refuses device nodes and
+    /// symlinks that lead out of the workspace (`allow_link` may accept some, e.g. a
+    /// venv's `bin/python`). Nothing here follows a symlink.
+    pub fn seal(&self, allow_link: impl Fn(&Path, &Path) -> bool) -> Result<(), String> {
+        seal_tree(&self.workspace, &self.workspace, self.seal_ids, &allow_link)
+    }
+}
+
+/// Finds a bare program name in `PATH` (the jail mirrors host paths); a relative path is
+/// taken from `dir`.
+fn resolve_program(program: &Path, dir: &Path) -> PathBuf {
+    if program.is_absolute() {
+        return program.to_path_buf();
+    }
+    if program.components().count() > 1 {
+        return dir.join(program);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| crate::manifest::check_executable(p).is_ok())
+        .unwrap_or_else(|| program.to_path_buf())
+}
+
+/// Hands a tree to `uid:gid` (without following symlinks).
+fn chown_tree(path: &Path, uid: u32, gid: u32) -> Result<(), String> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+        .map_err(|e| format!("cannot hand {} to the plugin's user: {e}", path.display()))?;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if meta.is_dir() {
+        let entries =
+            std::fs::read_dir(path).map_err(|e| format!("read {}: {e}", path.display()))?;
+        for e in entries {
+            let e = e.map_err(|e| format!("read {}: {e}", path.display()))?;
+            chown_tree(&e.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
+fn seal_tree(
+    root: &Path,
+    path: &Path,
+    gid: Option<u32>,
+    allow_link: &dyn Fn(&Path, &Path) -> bool,
+) -> Result<(), String> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let meta = std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let kind = meta.file_type();
+    let rel = path.strip_prefix(root).unwrap_or(path);
+    if kind.is_symlink() {
+        let target = std::fs::read_link(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if !link_stays_inside(rel, &target) && !allow_link(rel, &target) {
+            return Err(format!(
+                "the install step left {} pointing at {}, outside the plugin's folder; plugd refuses it (a plugin folder holds its own files)",
+                path.display(),
+                target.display()
+            ));
+        }
+    } else if kind.is_fifo() || kind.is_socket() {
+        std::fs::remove_file(path).map_err(|e| format!("remove {}: {e}", path.display()))?;
+        return Ok(());
+    } else if kind.is_block_device() || kind.is_char_device() {
+        return Err(format!(
+            "the install step left a device node at {}; plugd refuses it",
+            path.display()
+        ));
+    } else {
+        // Owner's bits for the group too (minus write); no setuid, setgid or sticky bit.
+        let mode = meta.permissions().mode() & 0o777;
+        let mode = match gid {
+            // Owner as it was, group = owner without write, others without write.
+            Some(_) => (mode & 0o700) | ((mode & 0o500) >> 3) | (mode & 0o005),
+            None => mode,
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+    }
+    if let Some(gid) = gid {
+        std::os::unix::fs::lchown(path, Some(0), Some(gid))
+            .map_err(|e| format!("cannot give {} back to root: {e}", path.display()))?;
+    }
+    if kind.is_dir() {
+        let entries =
+            std::fs::read_dir(path).map_err(|e| format!("read {}: {e}", path.display()))?;
+        for e in entries {
+            let e = e.map_err(|e| format!("read {}: {e}", path.display()))?;
+            seal_tree(root, &e.path(), gid, allow_link)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether a symlink at `rel` (relative to the workspace) with `target` resolves inside
+/// the workspace, by its words alone (a relative target that never climbs out).
+fn link_stays_inside(rel: &Path, target: &Path) -> bool {
+    if target.is_absolute() {
+        return false;
+    }
+    let mut depth = rel.components().count() as i64 - 1;
+    for part in target.components() {
+        match part {
+            std::path::Component::ParentDir => depth -= 1,
+            std::path::Component::Normal(_) => depth += 1,
+            _ => {}
+        }
+        if depth < 0 {
+            return false;
+        }
+    }
+    true
+}
+
+/// Writes `text` to `path` as a new file, replacing whatever is there without following
+/// a symlink (the folder was written by an install step running as the plugin).
+pub fn write_new(path: &Path, text: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(_) => Ok(()),
+    }
+    .map_err(|e| format!("replace {}: {e}", path.display()))?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .and_then(|mut f| f.write_all(text))
+        .map_err(|e| format!("write {}: {e}", path.display()))
 }
 
 /// Points `<root>/<name>/current` at `version`, atomically.

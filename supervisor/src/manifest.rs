@@ -127,6 +127,15 @@ pub enum Transport {
     SeqPacket,
 }
 
+/// `[build]`: how an installed copy of the plugin is built, in the plugin's build jail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildConfig {
+    /// The command line, run in the installed copy's folder.
+    pub command: Vec<String>,
+    /// `network = "host"`: the build may use the network (else it runs without one).
+    pub network: bool,
+}
+
 /// `[python]`: how plugd builds a Python plugin's virtualenv.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PythonConfig {
@@ -136,6 +145,8 @@ pub struct PythonConfig {
     pub requirements: PathBuf,
     /// Extra arguments for `pip install`, e.g. `["--no-index", "--find-links", "wheels"]`.
     pub pip_args: Vec<String>,
+    /// `network = "host"`: pip may download packages (else it runs without a network).
+    pub network: bool,
 }
 
 impl Default for PythonConfig {
@@ -144,6 +155,7 @@ impl Default for PythonConfig {
             interpreter: "python3".into(),
             requirements: "requirements.txt".into(),
             pip_args: Vec::new(),
+            network: false,
         }
     }
 }
@@ -320,8 +332,8 @@ pub struct Manifest {
     pub env: BTreeMap<String, String>,
     /// `[config]`: handed to `on_load` as JSON.
     pub config: serde_json::Value,
-    /// `[build] command = [...]`: run in the plugin folder at install time (e.g. to build the entrypoint).
-    pub build: Option<Vec<String>>,
+    /// `[build]`: a command run in the plugin folder at install time (e.g. to build the entrypoint).
+    pub build: Option<BuildConfig>,
     /// What runs the entrypoint (`runtime = "python"`, or an entrypoint ending in `.py`).
     pub runtime: Runtime,
     /// `[python]`: the virtualenv recipe of a Python plugin.
@@ -336,6 +348,7 @@ struct RawPython {
     interpreter: Option<String>,
     requirements: Option<PathBuf>,
     pip_args: Option<Vec<String>>,
+    network: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -374,6 +387,7 @@ struct RawManifest {
 #[serde(deny_unknown_fields)]
 struct RawBuild {
     command: Vec<String>,
+    network: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -820,7 +834,10 @@ impl Manifest {
                     "must be a non-empty array, e.g. [\"cargo\", \"build\", \"--release\"]",
                 ))
             }
-            Some(b) => Some(b.command),
+            Some(b) => Some(BuildConfig {
+                network: c.one_of("build.network", b.network, &["none", "host"], "none")? == "host",
+                command: b.command,
+            }),
         };
         let py = raw.python;
         let python = PythonConfig {
@@ -842,6 +859,7 @@ impl Manifest {
                 None => PythonConfig::default().requirements,
             },
             pip_args: py.pip_args.unwrap_or_default(),
+            network: c.one_of("python.network", py.network, &["none", "host"], "none")? == "host",
         };
         Ok(Manifest {
             runtime,

@@ -1,4 +1,4 @@
-//! Python plugins: one virtualenv per plugin version, built by plugd outside the sandbox.
+//! Python plugins: one virtualenv per plugin version, built in the plugin's build jail.
 //!
 //! A plugin with `runtime = "python"` runs `<venv>/bin/python <script>`, where the venv is
 //! `<state_root>/.venv/<name>/<version>` (beside the plugins' own state folders, but not
@@ -11,14 +11,21 @@
 //! printed. A new venv is built in a temporary
 //! folder and renamed into place, so a failed or interrupted build leaves nothing behind.
 //!
+//! Every command of the build (`python -m venv`, pip, uv) runs as the plugin's uid in its
+//! build jail ([`crate::install::Steps`]): it sees the system folders, the plugin folder,
+//! the interpreter's installation and the venv being built, which is the only thing it
+//! can write; it has a network only with `python.network = "host"`. The finished venv is
+//! handed back to root before plugd writes the SDK and the stamp into it.
+//!
 //! Plugins never share a venv, so two plugins cannot conflict over a dependency; within
 //! one plugin, pip's resolver decides, and its refusal is reported word for word.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
-use crate::install::{run_step, Cancel};
+use crate::install::{write_new, Cancel, Steps};
 use crate::manifest::PluginSpec;
+use crate::sandbox::{HostFacts, JobSpec};
 
 /// The SDK files plugd puts into every Python plugin's venv, as (relative path, text).
 pub const SDK_FILES: &[(&str, &str)] = &[
@@ -179,6 +186,7 @@ fn env_of(dir: &Path) -> Result<PythonEnv, String> {
 pub fn prepare(
     spec: &PluginSpec,
     state_root: &Path,
+    host: &HostFacts,
     cancel: Option<&Cancel>,
 ) -> Result<Prepared, String> {
     let name = spec.name();
@@ -207,14 +215,27 @@ pub fn prepare(
         installer.name(),
         interpreter.display()
     )];
-    let built = build(spec, &interpreter, installer, &requirements, &tmp, &mut log, cancel)
+    let built = std::fs::create_dir(&tmp)
+        .map_err(|e| format!("create {}: {e}", tmp.display()))
+        .and_then(|_| {
+            build(
+                spec,
+                state_root,
+                host,
+                &interpreter,
+                installer,
+                &requirements,
+                &tmp,
+                &mut log,
+                cancel,
+            )
+        })
         .and_then(|_| {
             // Kept for `cat`: an install-time build happens before the plugin has a log.
             let mut text = log.join("\n");
             text.push('\n');
-            std::fs::write(tmp.join(BUILD_LOG), text)
-                .and_then(|_| std::fs::write(tmp.join(STAMP), &stamp))
-                .map_err(|e| format!("write {}: {e}", tmp.display()))
+            write_new(&tmp.join(BUILD_LOG), text.as_bytes())?;
+            write_new(&tmp.join(STAMP), stamp.as_bytes())
         })
         .and_then(|_| {
             let _ = std::fs::remove_dir_all(&dir);
@@ -235,8 +256,23 @@ pub fn prepare(
     Ok(Prepared { env: env_of(&dir)?, reused: false, log })
 }
 
+/// The folder an interpreter's installation lives in, bound read-only into the build
+/// jail: `<prefix>` of `<prefix>/bin/python3` (or pyenv's `<root>/shims/python3`).
+fn interpreter_root(interpreter: &Path) -> Option<PathBuf> {
+    let real = std::fs::canonicalize(interpreter).ok()?;
+    let dir = real.parent()?;
+    let root = match dir.file_name()?.to_str()? {
+        "bin" | "shims" => dir.parent()?,
+        _ => dir,
+    };
+    Some(root.to_path_buf()).filter(|r| r.parent().is_some())
+}
+
+#[allow(clippy::too_many_arguments)]
 fn build(
     spec: &PluginSpec,
+    state_root: &Path,
+    host: &HostFacts,
     interpreter: &Path,
     installer: Installer,
     requirements: &Option<String>,
@@ -244,69 +280,130 @@ fn build(
     log: &mut Vec<String>,
     cancel: Option<&Cancel>,
 ) -> Result<(), String> {
+    let tmp = &std::fs::canonicalize(tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let python = tmp.join("bin/python");
     let wants_packages = requirements.as_deref().is_some_and(has_requirements);
     let req_file = spec.dir.join(&spec.manifest.python.requirements);
-    let pip_args = &spec.manifest.python.pip_args;
+    let pip_args: Vec<&OsStr> = spec.manifest.python.pip_args.iter().map(OsStr::new).collect();
+    let mut read: Vec<PathBuf> = interpreter_root(interpreter).into_iter().collect();
+    if installer == Installer::Uv {
+        read.extend(find_in_path("uv").and_then(|p| std::fs::canonicalize(p).ok()));
+    }
+    let steps = Steps::new(
+        &JobSpec { spec, state_root, read, workspace: tmp, network: spec.manifest.python.network },
+        host,
+        "python.network",
+    )?;
+    log.push(steps.describe());
+    let os = |p: &Path| p.as_os_str().to_owned();
+    // The interpreter itself, not a launcher in front of it (pyenv's shims would try to
+    // rehash after pip, writing to the host's pyenv folder): asked inside the jail.
+    let ask = [OsStr::new("-c"), OsStr::new("import sys; print(sys.executable)")];
+    let real =
+        steps.run(interpreter, &ask, tmp, "python -c sys.executable", &mut Vec::new(), cancel)?;
+    let real = PathBuf::from(real.trim());
+    let interpreter = if real.is_absolute() { real.as_path() } else { interpreter };
     match installer {
         Installer::Uv => {
-            let mut venv = Command::new("uv");
-            venv.args(["venv", "--quiet", "--python"]).arg(interpreter).arg(tmp);
-            run_step(&mut venv, "uv venv", log, cancel)?;
+            let uv = PathBuf::from("uv");
+            let args = [
+                OsStr::new("venv"),
+                OsStr::new("--quiet"),
+                OsStr::new("--allow-existing"),
+                OsStr::new("--python"),
+                interpreter.as_os_str(),
+                tmp.as_os_str(),
+            ];
+            steps.run(&uv, &args, tmp, "uv venv", log, cancel)?;
             if wants_packages {
-                let mut pip = Command::new("uv");
-                pip.args(["pip", "install", "--python"])
-                    .arg(&python)
-                    .arg("-r")
-                    .arg(&req_file)
-                    .args(pip_args)
-                    .current_dir(&spec.dir);
-                run_step(&mut pip, "uv pip install", log, cancel)?;
+                let mut args: Vec<&OsStr> = vec![
+                    OsStr::new("pip"),
+                    OsStr::new("install"),
+                    OsStr::new("--python"),
+                    python.as_os_str(),
+                    OsStr::new("-r"),
+                    req_file.as_os_str(),
+                ];
+                args.extend(&pip_args);
+                steps.run(&uv, &args, &spec.dir, "uv pip install", log, cancel)?;
             }
         }
         Installer::Pip => {
-            let mut venv = Command::new(interpreter);
-            venv.args(["-m", "venv", "--without-pip"]).arg(tmp);
-            run_step(&mut venv, "python -m venv", log, cancel)?;
+            let args = [
+                OsStr::new("-m"),
+                OsStr::new("venv"),
+                OsStr::new("--without-pip"),
+                tmp.as_os_str(),
+            ];
+            steps.run(interpreter, &args, tmp, "python -m venv", log, cancel)?;
             if wants_packages {
                 // The host's pip installs into the venv (`--python`, pip >= 22.3): much faster
                 // than bootstrapping pip into every venv. Without it, bootstrap.
-                let mut pip = if host_pip_can_target(interpreter) {
-                    let mut c = Command::new(interpreter);
-                    c.args(["-m", "pip", "--python"]).arg(&python);
-                    c
+                let probe = [OsStr::new("-m"), OsStr::new("pip"), OsStr::new("--version")];
+                let host_pip = steps
+                    .run(
+                        interpreter,
+                        &probe,
+                        tmp,
+                        "python -m pip --version",
+                        &mut Vec::new(),
+                        cancel,
+                    )
+                    .is_ok_and(|out| pip_can_target(&out));
+                let mut args: Vec<std::ffi::OsString> = Vec::new();
+                let pip_python = if host_pip {
+                    args.extend([
+                        os(Path::new("-m")),
+                        os(Path::new("pip")),
+                        os(Path::new("--python")),
+                        os(&python),
+                    ]);
+                    interpreter.to_path_buf()
                 } else {
-                    let mut ensure = Command::new(&python);
-                    ensure.args(["-m", "ensurepip", "--default-pip"]);
-                    run_step(&mut ensure, "python -m ensurepip", log, cancel)?;
-                    let mut c = Command::new(&python);
-                    c.args(["-m", "pip"]);
-                    c
+                    let ensure =
+                        [OsStr::new("-m"), OsStr::new("ensurepip"), OsStr::new("--default-pip")];
+                    steps.run(&python, &ensure, tmp, "python -m ensurepip", log, cancel)?;
+                    args.extend([os(Path::new("-m")), os(Path::new("pip"))]);
+                    python.clone()
                 };
-                pip.args([
+                for a in [
                     "install",
                     "--disable-pip-version-check",
                     "--no-input",
                     "--progress-bar",
                     "off",
                     "-r",
-                ])
-                .arg(&req_file)
-                .args(pip_args)
-                .current_dir(&spec.dir);
-                run_step(&mut pip, "pip install", log, cancel)?;
+                ] {
+                    args.push(a.into());
+                }
+                args.push(req_file.clone().into_os_string());
+                args.extend(pip_args.iter().map(|a| a.to_os_string()));
+                let args: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+                steps.run(&pip_python, &args, &spec.dir, "pip install", log, cancel)?;
             }
         }
     }
+    // Back to root before plugd itself writes into it; the interpreter links stay.
+    steps.seal(|rel, target| {
+        rel.parent() == Some(Path::new("bin"))
+            && target.is_absolute()
+            && target.file_name().is_some_and(|f| f.to_string_lossy().starts_with("python"))
+    })?;
     let site = site_packages(tmp)?;
+    write_sdk(&site)?;
+    log.push(format!("installed the plugd_plugin SDK into {}", site.display()));
+    Ok(())
+}
+
+/// Writes the SDK files into a venv's site-packages (never through a symlink).
+fn write_sdk(site: &Path) -> Result<(), String> {
     for (rel, text) in SDK_FILES {
         let path = site.join(rel);
         if let Some(p) = path.parent() {
             std::fs::create_dir_all(p).map_err(|e| format!("create {}: {e}", p.display()))?;
         }
-        std::fs::write(&path, text).map_err(|e| format!("write {}: {e}", path.display()))?;
+        write_new(&path, text.as_bytes())?;
     }
-    log.push(format!("installed the plugd_plugin SDK into {}", site.display()));
     Ok(())
 }
 
@@ -319,7 +416,7 @@ fn sync_sdk(dir: &Path) -> Result<(), String> {
             if let Some(p) = path.parent() {
                 std::fs::create_dir_all(p).map_err(|e| format!("create {}: {e}", p.display()))?;
             }
-            std::fs::write(&path, text).map_err(|e| format!("write {}: {e}", path.display()))?;
+            write_new(&path, text.as_bytes())?;
         }
     }
     Ok(())
@@ -342,21 +439,13 @@ fn has_requirements(text: &str) -> bool {
     })
 }
 
-fn host_pip_can_target(interpreter: &Path) -> bool {
-    let Ok(out) = Command::new(interpreter)
-        .args(["-m", "pip", "--version"])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-    else {
-        return false;
-    };
-    // "pip 23.2.1 from ..."
-    let text = String::from_utf8_lossy(&out.stdout);
-    let version = text.split_whitespace().nth(1).unwrap_or("");
+/// Whether `pip --version` output names a pip that can install into another
+/// interpreter's environment (`--python`, pip >= 22.3): "pip 23.2.1 from ...".
+fn pip_can_target(version_output: &str) -> bool {
+    let version = version_output.split_whitespace().nth(1).unwrap_or("");
     let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    out.status.success() && (major, minor) >= (22, 3)
+    (major, minor) >= (22, 3)
 }
 
 /// One requirement line, split into a normalised project name and the rest.

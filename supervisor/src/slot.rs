@@ -478,9 +478,9 @@ impl Slot {
     ) -> Result<Current, ExitReason> {
         if let crate::manifest::Entrypoint::Script(_) = &spec.manifest.entrypoint {
             // pip can take minutes: never on a runtime thread. A reused venv costs one read.
-            let (s, root) = (spec.clone(), self.state_root.clone());
+            let (s, root, host) = (spec.clone(), self.state_root.clone(), self.host.clone());
             let prepared =
-                tokio::task::spawn_blocking(move || crate::python::prepare(&s, &root, None))
+                tokio::task::spawn_blocking(move || crate::python::prepare(&s, &root, &host, None))
                     .await
                     .map_err(|e| ExitReason::SpawnFailed { detail: format!("venv task: {e}") })?
                     .map_err(|detail| ExitReason::SpawnFailed { detail })?;

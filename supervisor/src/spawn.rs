@@ -25,6 +25,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -463,6 +464,11 @@ fn child_fds(fds: &[(RawFd, RawFd); 7]) -> io::Result<()> {
         if high[i] >= 0 && unsafe { libc::dup2(high[i], dst) } < 0 {
             return Err(io::Error::last_os_error());
         }
+        if high[i] < 0 {
+            // An empty slot: whatever the supervisor had on that number is not passed on.
+            // SAFETY: close on a descriptor number; EBADF (nothing there) is fine.
+            unsafe { libc::close(dst) };
+        }
     }
     // The error pipe must close at exec, so that the supervisor sees EOF on success.
     // SAFETY: fcntl and close_range on descriptor numbers only.
@@ -538,6 +544,32 @@ fn spawn_now(plan: &SpawnPlan) -> io::Result<RawChild> {
             SockFlag::SOCK_CLOEXEC,
         ),
     )?;
+    let c = clone_sandboxed(plan, theirs.as_raw_fd())?;
+    drop(theirs);
+    Ok(RawChild {
+        pid: c.pid,
+        plugin_pid: c.plugin_pid,
+        pidfd: c.pidfd,
+        socket: std::os::unix::net::UnixStream::from(ours),
+        stdout: c.stdout,
+        stderr: c.stderr,
+        status: c.status,
+    })
+}
+
+/// A process cloned into its sandbox and past its exec, not yet waited for.
+struct Cloned {
+    pid: i32,
+    plugin_pid: i32,
+    pidfd: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    status: Option<OwnedFd>,
+}
+
+/// Clones the child of `plan` (into its jail, if it has one) with `socket` on fd 3 (-1:
+/// none), and waits until it has exec'd or reported the step that failed.
+fn clone_sandboxed(plan: &SpawnPlan, socket: RawFd) -> io::Result<Cloned> {
     let (out_r, out_w) = pipe()?;
     let (errout_r, errout_w) = pipe()?;
     let (report_r, report_w) = pipe()?;
@@ -579,7 +611,7 @@ fn spawn_now(plan: &SpawnPlan) -> io::Result<RawChild> {
             (devnull.as_raw_fd(), slot::STDIN),
             (out_w.as_raw_fd(), slot::STDOUT),
             (errout_w.as_raw_fd(), slot::STDERR),
-            (theirs.as_raw_fd(), slot::SOCKET),
+            (socket, slot::SOCKET),
             (report_w.as_raw_fd(), slot::ERROR),
             (status.as_ref().map(|(_, w)| w.as_raw_fd()).unwrap_or(-1), slot::STATUS),
             (me.as_raw_fd(), slot::SUPERVISOR),
@@ -610,7 +642,7 @@ fn spawn_now(plan: &SpawnPlan) -> io::Result<RawChild> {
     let pid = pid as i32;
     // SAFETY: CLONE_PIDFD filled in a new descriptor that nothing else owns.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    drop((theirs, out_w, errout_w, report_w, devnull, me));
+    drop((out_w, errout_w, report_w, devnull, me));
     let status = status.map(|(r, _w)| r);
 
     // EOF: the plugin exec'd. A record: a step failed.
@@ -653,15 +685,69 @@ fn spawn_now(plan: &SpawnPlan) -> io::Result<RawChild> {
     }
     // Inside a jail the plugin is the init's only child at this point.
     let plugin_pid = if jailed { children_of(pid).first().copied().unwrap_or(pid) } else { pid };
-    Ok(RawChild {
-        pid,
-        plugin_pid,
-        pidfd,
-        socket: std::os::unix::net::UnixStream::from(ours),
-        stdout: out_r,
-        stderr: errout_r,
-        status,
-    })
+    Ok(Cloned { pid, plugin_pid, pidfd, stdout: out_r, stderr: errout_r, status })
+}
+
+/// An install step's process (a `[build]` command, venv creation, pip), cloned into its
+/// sandbox (see `SandboxPlan::for_job`) from the calling thread. That thread must be the
+/// one that waits for it: the parent-death signal follows the thread that cloned.
+pub struct JobProcess {
+    pid: i32,
+    pidfd: OwnedFd,
+    status: Option<OwnedFd>,
+    reaped: bool,
+}
+
+impl JobProcess {
+    /// Starts `plan` with no protocol socket; returns the process, its stdout and stderr.
+    pub fn start(plan: &SpawnPlan) -> io::Result<(JobProcess, OwnedFd, OwnedFd)> {
+        let c = clone_sandboxed(plan, -1)?;
+        Ok((
+            JobProcess { pid: c.pid, pidfd: c.pidfd, status: c.status, reaped: false },
+            c.stdout,
+            c.stderr,
+        ))
+    }
+
+    /// Waits up to `timeout` for the step to end; its exit status once it has (reaped,
+    /// with whatever it left behind killed), else `None`.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<WaitStatus> {
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        let mut p = libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll on one stack-owned pollfd naming a descriptor we own.
+        if unsafe { libc::poll(&mut p, 1, ms) } <= 0 {
+            return None;
+        }
+        let (status, _) = try_reap(self.pidfd.as_fd(), self.pid)?;
+        self.reaped = true;
+        Some(self.status.as_ref().and_then(|fd| reported_status(fd.as_fd())).unwrap_or(status))
+    }
+
+    /// Kills the step and everything it started (its whole pid namespace when jailed).
+    pub fn kill(&self) {
+        if !self.reaped {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+            // SAFETY: pidfd_send_signal on a pidfd we own, with no siginfo.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    self.pidfd.as_raw_fd(),
+                    libc::SIGKILL,
+                    0usize,
+                    0u32,
+                )
+            };
+        }
+    }
+}
+
+impl Drop for JobProcess {
+    fn drop(&mut self) {
+        if !self.reaped {
+            self.kill();
+            let _ = waitid(self.pidfd.as_fd(), libc::WEXITED);
+        }
+    }
 }
 
 /// Direct children of `pid` (every thread's), from /proc.

@@ -145,6 +145,11 @@ impl Supervisor {
         found.ok_or_else(|| self.unknown(name))
     }
 
+    /// What this machine offers the sandbox (root, cgroup delegation, the uid range).
+    pub fn host(&self) -> &Arc<HostFacts> {
+        &self.host
+    }
+
     /// Where each plugin gets its state folder, and Python plugins their venvs (`.venv/`).
     pub fn state_root(&self) -> &std::path::Path {
         &self.config.state_dir

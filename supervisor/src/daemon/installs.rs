@@ -164,7 +164,6 @@ impl Daemon {
                 .map_err(|e| e.to_string())?;
         let name = manifest.name.clone();
         let version = manifest.version.to_string();
-        let build = manifest.build.clone();
         // Its requirements must be met by what is already here.
         let unmet: Vec<String> = {
             let known = lock(&self.known);
@@ -205,19 +204,18 @@ impl Daemon {
         // is renamed into place: a failure of any step installs nothing.
         let bin_dirs = self.bin_dirs.clone();
         let venv_root = self.sup.state_root().to_path_buf();
+        let host = self.sup.host().clone();
         let (r, n, v) = (root.clone(), name.clone(), version.clone());
         let cancel = cancel.clone();
         let (placed, lines) = tokio::task::spawn_blocking(move || {
             let mut lines = Vec::new();
             let placed = crate::install::place(&r, &n, &v, &source, force, |tmp| {
-                if let Some(cmd) = &build {
-                    crate::install::run_build(cmd, tmp, &mut lines, Some(&cancel))?;
-                }
+                build_copy(&manifest, tmp, &venv_root, &host, &mut lines, &cancel)?;
                 let spec = PluginSpec::from_manifest_with_defaults(tmp, &defaults)
                     .map_err(|e| e.to_string())?;
                 entrypoint_program(&spec, &bin_dirs)?;
                 if spec.manifest.runtime == crate::manifest::Runtime::Python {
-                    let prepared = crate::python::prepare(&spec, &venv_root, Some(&cancel))?;
+                    let prepared = crate::python::prepare(&spec, &venv_root, &host, Some(&cancel))?;
                     lines.extend(prepared.log);
                 }
                 if cancel.is_cancelled() {
@@ -482,4 +480,38 @@ async fn fetch(
         let _ = std::fs::remove_dir_all(scratch);
     }
     result
+}
+
+/// Runs the `[build]` command (if any) on the installed copy `tmp`, in the plugin's build
+/// jail, then hands the copy back to root (readable by the plugin's group).
+fn build_copy(
+    manifest: &crate::manifest::Manifest,
+    tmp: &Path,
+    state_root: &Path,
+    host: &crate::sandbox::HostFacts,
+    lines: &mut Vec<String>,
+    cancel: &crate::install::Cancel,
+) -> Result<(), String> {
+    let dir = std::fs::canonicalize(tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let spec =
+        PluginSpec { manifest: manifest.clone(), manifest_path: dir.join("plugin.toml"), dir };
+    let steps = crate::install::Steps::new(
+        &crate::sandbox::JobSpec {
+            spec: &spec,
+            state_root,
+            read: Vec::new(),
+            workspace: &spec.dir,
+            network: manifest.build.as_ref().is_some_and(|b| b.network),
+        },
+        host,
+        "build.network",
+    )?;
+    if let Some(build) = &manifest.build {
+        lines.push(steps.describe());
+        let args: Vec<&std::ffi::OsStr> =
+            build.command[1..].iter().map(std::ffi::OsStr::new).collect();
+        let what = format!("the build command {:?}", build.command);
+        steps.run(Path::new(&build.command[0]), &args, &spec.dir, &what, lines, Some(cancel))?;
+    }
+    steps.seal(|_, _| false)
 }

@@ -64,6 +64,8 @@ pub enum Bind {
     ReadOnly,
     /// Read-write, nosuid, nodev, noexec.
     ReadWrite,
+    /// Read-write with exec allowed, nosuid, nodev: the folder an install step builds in.
+    Workspace,
     /// A device node: read-only mount, nosuid, noexec (devices stay usable).
     Device,
 }
@@ -127,6 +129,8 @@ pub struct JailSpec<'a> {
     pub read: Vec<PathBuf>,
     /// Read-write paths (state folder, write_paths).
     pub write: Vec<PathBuf>,
+    /// The write paths may hold programs that run (an install step's workspace).
+    pub write_exec: bool,
     /// Size of the private /tmp in bytes.
     pub tmp_size: u64,
 }
@@ -238,8 +242,9 @@ impl Jail {
         for p in &spec.read {
             binds.push((canonical(p)?, Bind::ReadOnly));
         }
+        let writable = if spec.write_exec { Bind::Workspace } else { Bind::ReadWrite };
         for p in &spec.write {
-            binds.push((canonical(p)?, Bind::ReadWrite));
+            binds.push((canonical(p)?, writable));
         }
         binds.sort();
         binds.dedup_by(|later, earlier| {
@@ -290,6 +295,7 @@ impl Jail {
             let flags = match how {
                 Bind::ReadOnly => RDONLY | NOSUID | NODEV,
                 Bind::ReadWrite => NOSUID | NODEV | NOEXEC,
+                Bind::Workspace => NOSUID | NODEV,
                 Bind::Device => RDONLY | NOSUID | NOEXEC,
             };
             remounts.push((target, flags));

@@ -131,6 +131,24 @@ impl HostFacts {
 /// Size of a jailed plugin's private /tmp.
 const TMP_SIZE: u64 = 64 << 20;
 
+/// Size of an install step's private /tmp (pip unpacks and builds wheels there).
+const JOB_TMP_SIZE: u64 = 1 << 30;
+
+/// What an install step of one plugin (its `[build]` command, venv creation, pip) may see.
+#[derive(Debug)]
+pub struct JobSpec<'a> {
+    /// The plugin the step works for: its uid, its folder and `sandbox.read_paths`.
+    pub spec: &'a PluginSpec,
+    /// The supervisor's state folder (where plugin uids are recorded).
+    pub state_root: &'a Path,
+    /// Read-only paths beside the plugin folder (the interpreter, an installer).
+    pub read: Vec<PathBuf>,
+    /// The one folder the step writes.
+    pub workspace: &'a Path,
+    /// Whether the step may use the network (`build.network` / `python.network` = "host").
+    pub network: bool,
+}
+
 /// Device nodes a plugin may read and write.
 const DEVICE_FILES: &[&str] =
     &["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
@@ -237,37 +255,7 @@ impl SandboxPlan {
 
         // Identity: a uid of its own unless spelled out; root only as `user = "root"`.
         if host.is_root {
-            let (uid, gid, label) = match sb.user.as_deref() {
-                Some("root") => (0, 0, "user(root: no uid isolation)".to_string()),
-                Some(user) => {
-                    let u = nix::unistd::User::from_name(user).ok().flatten().ok_or_else(|| {
-                        format!(
-                            "{}: `sandbox.user` = {user:?} does not exist on this machine; create it or remove the key (each plugin gets a uid of its own)",
-                            spec.manifest_path.display()
-                        )
-                    })?;
-                    (u.uid.as_raw(), u.gid.as_raw(), format!("user({user})"))
-                }
-                None => {
-                    let uid = identity::plugin_uid(state_root, &m.name, &host.uid_range)
-                        .map_err(|e| format!("plugin {}: cannot allocate its uid: {e}", m.name))?;
-                    (uid, uid, format!("user(uid {uid})"))
-                }
-            };
-            let gid = match &sb.group {
-                Some(g) => nix::unistd::Group::from_name(g)
-                    .ok()
-                    .flatten()
-                    .ok_or_else(|| {
-                        format!(
-                            "{}: `sandbox.group` = {g:?} does not exist on this machine",
-                            spec.manifest_path.display()
-                        )
-                    })?
-                    .gid
-                    .as_raw(),
-                None => gid,
-            };
+            let (uid, gid, label) = plugin_ids(spec, state_root, host)?;
             plan.ids = Some((uid, gid));
             plan.run_as = plan.ids;
             plan.report.in_force.push(label);
@@ -304,6 +292,7 @@ impl SandboxPlan {
                 own_root: isolated,
                 read: read.clone(),
                 write: write.clone(),
+                write_exec: false,
                 tmp_size: TMP_SIZE,
             })
             .map_err(|e| format!("{}: {e}", spec.manifest_path.display()))?;
@@ -400,6 +389,72 @@ impl SandboxPlan {
                     spec.manifest_path.display()
                 ));
             }
+        }
+        Ok(plan)
+    }
+
+    /// Plans the jail an install step of a plugin runs in (a `[build]` command, venv
+    /// creation, pip): the plugin's own uid, no capabilities, its own pid, mount, ipc, uts
+    /// (and, unless `job.network`, network) namespaces, a minimal root holding the system
+    /// folders, the plugin folder, `sandbox.read_paths` and `job.read` read-only and the
+    /// workspace read-write (programs built there may run), a 1 GiB private /tmp, the
+    /// default seccomp list and no core dumps. Landlock is left out: a build runs
+    /// compilers and scripts, and sees nothing but its root anyway. Without root there is
+    /// no jail: the plan says so in `report.unavailable`, and the step runs as plugd's user.
+    pub fn for_job(job: &JobSpec<'_>, host: &HostFacts) -> Result<SandboxPlan, String> {
+        let spec = job.spec;
+        let mut plan = SandboxPlan {
+            rlimits: vec![rlimit::Rlimit { resource: libc::RLIMIT_CORE, soft: 0, hard: 0 }],
+            ..SandboxPlan::default()
+        };
+        if host.is_root {
+            let (uid, gid, label) = plugin_ids(spec, job.state_root, host)?;
+            plan.ids = Some((uid, gid));
+            plan.run_as = plan.ids;
+            plan.drop_caps = Some(host.last_cap);
+            plan.report.in_force.push(label);
+            plan.report.in_force.push("no-capabilities".into());
+            let mut read = vec![spec.dir.clone()];
+            read.extend(job.read.iter().cloned());
+            read.extend(spec.manifest.sandbox.read_paths.iter().cloned());
+            let staging = job.state_root.join(".jail");
+            std::fs::create_dir_all(&staging)
+                .map_err(|e| format!("cannot create {}: {e}", staging.display()))?;
+            let jail = jail::Jail::plan(&jail::JailSpec {
+                name: &spec.manifest.name,
+                staging: &staging,
+                uid,
+                gid,
+                own_network: !job.network,
+                own_root: true,
+                read,
+                write: vec![job.workspace.to_path_buf()],
+                write_exec: true,
+                tmp_size: JOB_TMP_SIZE,
+            })
+            .map_err(|e| format!("{}: {e}", spec.manifest_path.display()))?;
+            let mut ns = vec!["pid", "mount", "ipc", "uts"];
+            if !job.network {
+                ns.push("net");
+            }
+            plan.report.in_force.push(format!("namespaces({})", ns.join(",")));
+            plan.report.in_force.push("root(minimal, pivot_root)".into());
+            plan.jail = Some(jail);
+        } else {
+            plan.report.unavailable.push(
+                "jail: plugd is not root, so the step runs as plugd's own user on the host's file system".into(),
+            );
+        }
+        plan.report
+            .in_force
+            .push(if job.network { "network(host)" } else { "network(none)" }.into());
+        plan.report.in_force.push("no-new-privs".into());
+        match seccomp::profile("default") {
+            Ok(p) => {
+                plan.seccomp = p;
+                plan.report.in_force.push("seccomp(default)".into());
+            }
+            Err(e) => plan.report.unavailable.push(format!("seccomp: {e}")),
         }
         Ok(plan)
     }
@@ -502,6 +557,49 @@ impl SandboxPlan {
         }
         Ok(())
     }
+}
+
+/// The uid, gid and report label plugin `spec` runs as (and its install steps too): its
+/// own uid from the range unless `sandbox.user` names an account (or "root").
+pub fn plugin_ids(
+    spec: &PluginSpec,
+    state_root: &Path,
+    host: &HostFacts,
+) -> Result<(u32, u32, String), String> {
+    let m = &spec.manifest;
+    let sb = &m.sandbox;
+    let (uid, gid, label) = match sb.user.as_deref() {
+        Some("root") => (0, 0, "user(root: no uid isolation)".to_string()),
+        Some(user) => {
+            let u = nix::unistd::User::from_name(user).ok().flatten().ok_or_else(|| {
+                format!(
+                    "{}: `sandbox.user` = {user:?} does not exist on this machine; create it or remove the key (each plugin gets a uid of its own)",
+                    spec.manifest_path.display()
+                )
+            })?;
+            (u.uid.as_raw(), u.gid.as_raw(), format!("user({user})"))
+        }
+        None => {
+            let uid = identity::plugin_uid(state_root, &m.name, &host.uid_range)
+                .map_err(|e| format!("plugin {}: cannot allocate its uid: {e}", m.name))?;
+            (uid, uid, format!("user(uid {uid})"))
+        }
+    };
+    let gid = match &sb.group {
+        Some(g) => nix::unistd::Group::from_name(g)
+            .ok()
+            .flatten()
+            .ok_or_else(|| {
+                format!(
+                    "{}: `sandbox.group` = {g:?} does not exist on this machine",
+                    spec.manifest_path.display()
+                )
+            })?
+            .gid
+            .as_raw(),
+        None => gid,
+    };
+    Ok((uid, gid, label))
 }
 
 /// Writes "0" (this process) into a cgroup's `cgroup.procs`. Async-signal-safe.
