@@ -825,6 +825,93 @@ fn a_hostile_build_runs_as_the_plugins_uid_in_a_jail_and_leaves_nothing_behind()
 }
 
 #[test]
+fn as_an_ordinary_user_plugd_jails_plugins_in_a_user_namespace() {
+    if !nix::unistd::geteuid().is_root() {
+        return; // the test switches to another user; the library tests cover this case as is
+    }
+    let d = Plugd::start_as_user(65534, &["escapist", "echo"]);
+    eventually("ready", || d.all_ready(&["escapist", "echo"]));
+    let st = d.plugin("escapist");
+    let layers = st["sandbox"].to_string();
+    for want in [
+        "userns(plugd's uid 65534 as 0 inside)",
+        "no-capabilities",
+        "namespaces(user,pid,mount,ipc,uts,net)",
+        "root(minimal, pivot_root)",
+        "exec(entrypoint only)",
+    ] {
+        assert!(layers.contains(want), "{want} missing: {layers}");
+    }
+    let missing = st["sandbox_unavailable"].to_string();
+    assert!(
+        missing.contains("user: plugd is not root, so the plugin has no uid of its own"),
+        "{missing}"
+    );
+    assert!(!missing.contains("jail:"), "{missing}");
+
+    let call = |method: &str, arg: &str| {
+        let out = d.ctl(&["call", "escapist", method, arg]);
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+    };
+    // Uid 0 inside, with no capability at all.
+    let who = call("whoami", "null");
+    assert!(
+        who.contains("CapEff:\t0000000000000000") || who.contains("CapEff:\\t0000000000000000"),
+        "{who}"
+    );
+    // plugd, its socket and its config are not in the plugin's world.
+    let plugd = d.child.id();
+    assert!(call("kill", &format!("[{plugd}, 9]")).contains("No such process"));
+    assert!(alive(plugd as u64));
+    let sock = d.socket.display().to_string();
+    assert!(call("control", &format!("[{sock:?}, \"{{}}\"]")).contains("No such file"));
+    let config = d.root.path().join("plugd.toml").display().to_string();
+    assert!(!call("read", &format!("{config:?}")).contains("plugin_dirs"));
+    assert!(call("exec_sh", "null").contains("Permission denied"));
+    // Nothing outlives a stop: no process is left in the plugin's pid namespace.
+    let ns = std::fs::read_link(format!("/proc/{}/ns/pid", d.pid("escapist"))).unwrap();
+    let in_ns = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path().join("ns/pid")).is_ok_and(|l| l == ns))
+            .count()
+    };
+    assert!(call("double_fork", "null").contains("forked"));
+    assert!(in_ns() >= 3, "init, plugin and the orphan");
+    assert!(d.ctl(&["stop", "escapist"]).status.success());
+    eventually("the double-forked orphan is gone", || in_ns() == 0);
+    // The echo plugin works as it does under root.
+    let out = d.ctl(&["call", "echo", "echo", "[1,2]"]);
+    assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), serde_json::json!([1, 2]));
+
+    // A build runs in a user namespace too.
+    let src = d.root.path().join("src/built");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::copy(d.root.path().join("bin/echo"), src.join("payload")).unwrap();
+    std::fs::write(
+        src.join("plugin.toml"),
+        "name = \"built\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"bin/built\"\n[build]\ncommand = [\"sh\", \"-c\", \"id -u > report; mkdir -p bin && cp payload bin/built\"]\n",
+    )
+    .unwrap();
+    Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(d.root.path().join("src"))
+        .status()
+        .unwrap();
+    let st = d.json(&["install", src.to_str().unwrap()]);
+    assert_eq!(st[0]["state"], "ready", "{st}");
+    let report = d.root.path().join("state/installed/built/1.0.0/report");
+    assert_eq!(
+        std::fs::read_to_string(report).unwrap().trim(),
+        "0",
+        "uid 0 inside its user namespace"
+    );
+    let jobs = d.json(&["jobs"]).to_string();
+    assert!(jobs.contains("install steps run jailed: userns(plugd's uid 65534 as 0 inside) no-capabilities namespaces(user,pid,mount,ipc,uts,net)"), "{jobs}");
+}
+
+#[test]
 fn install_from_an_http_url() {
     let d = Plugd::start(|_| {});
     let src = tempfile::tempdir().unwrap();

@@ -22,6 +22,11 @@ pub fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/plugins")
 }
 
+/// The folder of example plugin `name` (its manifest, its source).
+pub fn examples_dir_of(name: &str) -> PathBuf {
+    examples().join(name)
+}
+
 /// Writes plugin folder `name` under `dir`: the example's manifest with an absolute entrypoint.
 pub fn add_plugin(dir: &Path, example: &str, name: &str, extra: &str) {
     let text = std::fs::read_to_string(examples().join(example).join("plugin.toml")).unwrap();
@@ -90,6 +95,42 @@ impl Plugd {
     }
 
     pub fn start_exe(exe: &Path, root: tempfile::TempDir, env: &[(&str, String)]) -> Plugd {
+        Plugd::launch(exe, root, env, None)
+    }
+
+    /// Starts plugd as the ordinary user `uid`, from copies of plugd and of the example
+    /// plugins `examples` in `<root>/bin` (the checkout may sit where that user cannot
+    /// go); each example is added as a plugin with its own manifest. The whole folder
+    /// belongs to `uid`.
+    pub fn start_as_user(uid: u32, examples: &[&str]) -> Plugd {
+        let root = tempfile::tempdir().unwrap();
+        let bin = root.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::copy(env!("CARGO_BIN_EXE_plugd"), bin.join("plugd")).unwrap();
+        for ex in examples {
+            std::fs::copy(bin_dir().join(ex), bin.join(ex)).unwrap();
+            let dir = root.path().join("plugins").join(ex);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::copy(examples_dir_of(ex).join("plugin.toml"), dir.join("plugin.toml"))
+                .unwrap();
+        }
+        std::fs::create_dir_all(root.path().join("plugins")).unwrap();
+        let status = Command::new("chown")
+            .arg("-R")
+            .arg(format!("{uid}:{uid}"))
+            .arg(root.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "chown the test folder to {uid}");
+        Plugd::launch(&bin.join("plugd"), root, &[], Some(uid))
+    }
+
+    fn launch(
+        exe: &Path,
+        root: tempfile::TempDir,
+        env: &[(&str, String)],
+        uid: Option<u32>,
+    ) -> Plugd {
         let socket = root.path().join("run/plugd.sock");
         let config = root.path().join("plugd.toml");
         // A test may leave extra config (e.g. [defaults]) in `extra.toml` beside it.
@@ -102,6 +143,13 @@ impl Plugd {
         let log = std::fs::File::create(root.path().join("plugd.log")).unwrap();
         let mut cmd = Command::new(exe);
         cmd.arg("--config").arg(&config).stdout(Stdio::null()).stderr(log);
+        if let Some(uid) = uid {
+            use std::os::unix::process::CommandExt;
+            for file in [&config, &root.path().join("plugd.log")] {
+                std::os::unix::fs::chown(file, Some(uid), Some(uid)).unwrap();
+            }
+            cmd.uid(uid).gid(uid);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }

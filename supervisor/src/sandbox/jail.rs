@@ -53,6 +53,11 @@ enum Op {
         path: CString,
         text: Vec<u8>,
     },
+    /// Writes an existing kernel file (`/proc/self/uid_map`): no create, no truncate.
+    Proc {
+        path: CString,
+        text: Vec<u8>,
+    },
     /// chdir into the new root, `pivot_root(".", ".")`, detach the old root.
     Pivot(CString),
 }
@@ -133,6 +138,9 @@ pub struct JailSpec<'a> {
     pub write_exec: bool,
     /// Size of the private /tmp in bytes.
     pub tmp_size: u64,
+    /// plugd is not root: a user namespace of its own, mapping uid/gid 0 inside to these
+    /// (plugd's own) outside; `uid`/`gid` above are then the ids inside (0).
+    pub user_ns: Option<(u32, u32)>,
 }
 
 impl Jail {
@@ -145,11 +153,27 @@ impl Jail {
         }
         let mut jail = Jail {
             clone_flags: flags,
-            ops: vec![Op::MakePrivate],
+            ops: Vec::new(),
             hostname: cs(&format!("plugd-{}", spec.name)),
             binds: Vec::new(),
             own_root: spec.own_root,
         };
+        if let Some((uid, gid)) = spec.user_ns {
+            // The cloned process maps itself: one id, its own (the only mapping an
+            // unprivileged process may write), after giving up setgroups.
+            jail.clone_flags |= libc::CLONE_NEWUSER;
+            for (file, text) in [
+                ("setgroups", "deny".to_string()),
+                ("uid_map", format!("0 {uid} 1\n")),
+                ("gid_map", format!("0 {gid} 1\n")),
+            ] {
+                jail.ops.push(Op::Proc {
+                    path: cs(&format!("/proc/self/{file}")),
+                    text: text.into_bytes(),
+                });
+            }
+        }
+        jail.ops.push(Op::MakePrivate);
         if !spec.own_root {
             // The host's file system, but a /proc that shows the plugin's pid namespace.
             jail.mount(
@@ -205,7 +229,15 @@ impl Jail {
         let name = spec.name;
         let (uid, gid) = (spec.uid, spec.gid);
         let files = [
-            ("passwd", format!("root:x:0:0:root:/:/usr/sbin/nologin\n{name}:x:{uid}:{gid}:plugd plugin {name}:/tmp:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n")),
+            (
+                "passwd",
+                if uid == 0 {
+                    // A user namespace: the plugin is "root" inside, with no capabilities.
+                    "root:x:0:0:root:/tmp:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n".to_string()
+                } else {
+                    format!("root:x:0:0:root:/:/usr/sbin/nologin\n{name}:x:{uid}:{gid}:plugd plugin {name}:/tmp:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n")
+                },
+            ),
             ("group", format!("root:x:0:\n{name}:x:{gid}:\nnogroup:x:65534:\n")),
             ("hostname", format!("plugd-{name}\n")),
             ("nsswitch.conf", "passwd: files\ngroup: files\nhosts: files dns\n".to_string()),
@@ -297,7 +329,7 @@ impl Jail {
                 Bind::ReadWrite => NOSUID | NODEV | NOEXEC,
                 Bind::Workspace => NOSUID | NODEV,
                 Bind::Device => RDONLY | NOSUID | NOEXEC,
-            };
+            } | locked_flags(&src);
             remounts.push((target, flags));
             if src.is_dir() {
                 covered.push(dst.clone());
@@ -360,7 +392,9 @@ impl Jail {
             Some(Op::Mkdir(p)) => format!("creating folder {}", show(p)),
             Some(Op::Touch(p)) => format!("creating mount point {}", show(p)),
             Some(Op::Symlink { path, .. }) => format!("creating symlink {}", show(path)),
-            Some(Op::Write { path, .. }) => format!("writing {}", show(path)),
+            Some(Op::Write { path, .. }) | Some(Op::Proc { path, .. }) => {
+                format!("writing {}", show(path))
+            }
             Some(Op::Pivot(p)) => format!("pivot_root into {}", show(p)),
         }
     }
@@ -380,6 +414,27 @@ impl Jail {
         }
         Ok(())
     }
+}
+
+/// The flags of the mount `path` lies on that a bind of it keeps anyway, and that a
+/// remount inside a user namespace must repeat (the kernel locks them): read-only,
+/// nosuid, nodev, noexec and the atime mode.
+fn locked_flags(path: &Path) -> libc::c_ulong {
+    use nix::sys::statvfs::FsFlags;
+    let Ok(st) = nix::sys::statvfs::statvfs(path) else { return 0 };
+    let f = st.flags();
+    [
+        (FsFlags::ST_RDONLY, RDONLY),
+        (FsFlags::ST_NOSUID, NOSUID),
+        (FsFlags::ST_NODEV, NODEV),
+        (FsFlags::ST_NOEXEC, NOEXEC),
+        (FsFlags::ST_NOATIME, libc::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, libc::MS_RELATIME),
+    ]
+    .into_iter()
+    .filter(|(st, _)| f.contains(*st))
+    .fold(0, |acc, (_, ms)| acc | ms)
 }
 
 fn canonical(p: &Path) -> Result<PathBuf, String> {
@@ -444,6 +499,19 @@ fn run_op(op: &Op) -> io::Result<()> {
                     libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC | libc::O_CLOEXEC,
                     0o644,
                 );
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let n = libc::write(fd, text.as_ptr().cast(), text.len());
+                let e = io::Error::last_os_error();
+                libc::close(fd);
+                if n != text.len() as isize {
+                    return Err(e);
+                }
+                Ok(())
+            }
+            Op::Proc { path, text } => {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
                 if fd < 0 {
                     return Err(io::Error::last_os_error());
                 }

@@ -104,6 +104,9 @@ pub struct HostFacts {
     pub uid_range: RangeInclusive<u32>,
     /// The highest capability number this kernel knows (for clearing the bounding set).
     pub last_cap: u32,
+    /// Without root: whether this process may create a user namespace (the jail's
+    /// unprivileged mode), or why not.
+    pub user_ns: Result<(), String>,
 }
 
 impl HostFacts {
@@ -119,13 +122,50 @@ impl HostFacts {
             .ok()
             .and_then(|t| t.trim().parse().ok())
             .unwrap_or(63);
+        let is_root = nix::unistd::geteuid().is_root();
         HostFacts {
-            is_root: nix::unistd::geteuid().is_root(),
+            is_root,
             cgroup,
             uid_range: identity::DEFAULT_RANGE,
             last_cap,
+            user_ns: if is_root { Ok(()) } else { probe_user_ns() },
         }
     }
+
+    /// The outer ids a user-namespace jail maps to 0 (plugd's own), when plugd is not
+    /// root and may create one.
+    fn user_ns_ids(&self) -> Option<(u32, u32)> {
+        (!self.is_root && self.user_ns.is_ok())
+            .then(|| (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw()))
+    }
+}
+
+/// Tries it: a child cloned into a new user namespace that exits at once.
+fn probe_user_ns() -> Result<(), String> {
+    // SAFETY: a fork-like clone whose child only calls _exit (async-signal-safe); the
+    // parent reaps it below.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if pid == 0 {
+        // SAFETY: _exit in the child; nothing else runs there.
+        unsafe { libc::_exit(0) };
+    }
+    if pid < 0 {
+        let e = io::Error::last_os_error();
+        return Err(format!(
+            "this machine does not let an unprivileged process create a user namespace ({e}; see /proc/sys/user/max_user_namespaces and kernel.apparmor_restrict_unprivileged_userns)"
+        ));
+    }
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
+    Ok(())
 }
 
 /// Size of a jailed plugin's private /tmp.
@@ -261,12 +301,17 @@ impl SandboxPlan {
             plan.report.in_force.push(label);
             plan.drop_caps = Some(host.last_cap);
             plan.report.in_force.push("no-capabilities".into());
+        } else if let Some((uid, _)) = host.user_ns_ids() {
+            plan.drop_caps = Some(host.last_cap);
+            plan.report.in_force.push(format!("userns(plugd's uid {uid} as 0 inside)"));
+            plan.report.in_force.push("no-capabilities".into());
+            missing(&mut plan, "user", format!("plugd is not root, so the plugin has no uid of its own: it runs as plugd's uid {uid} (0 in its own user namespace, with no capabilities), sharing its process count; it reaches plugd's files only through its binds"));
         } else {
-            let why = "plugd is not root, and the user-namespace mode is not implemented yet: the plugin runs as plugd's own uid, in plugd's pid, mount, ipc and uts namespaces, on the host's file system (Landlock and seccomp still apply)";
-            missing(&mut plan, "user", why.into());
-            missing(&mut plan, "jail", why.into());
+            let why = format!("plugd is not root and {}: the plugin runs as plugd's own uid, in plugd's pid, mount, ipc and uts namespaces, on the host's file system (Landlock and seccomp still apply)", host.user_ns.as_ref().err().map(String::as_str).unwrap_or("has no user namespace"));
+            missing(&mut plan, "user", why.clone());
+            missing(&mut plan, "jail", why);
             if sb.network == "none" {
-                missing(&mut plan, "netns", "needs root (see jail)".into());
+                missing(&mut plan, "netns", "needs root or a user namespace (see jail)".into());
             }
         }
 
@@ -279,7 +324,12 @@ impl SandboxPlan {
         read.extend(sb.read_paths.iter().cloned());
         let mut write = vec![state_dir.to_path_buf()];
         write.extend(sb.write_paths.iter().cloned());
-        if let (true, Some((uid, gid))) = (host.is_root, plan.ids) {
+        let jail_ids = match (host.is_root, plan.ids) {
+            (true, Some(ids)) => Some(ids),
+            (false, _) => host.user_ns_ids().map(|_| (0, 0)),
+            _ => None,
+        };
+        if let Some((uid, gid)) = jail_ids {
             let staging = state_root.join(".jail");
             std::fs::create_dir_all(&staging)
                 .map_err(|e| format!("cannot create {}: {e}", staging.display()))?;
@@ -294,9 +344,11 @@ impl SandboxPlan {
                 write: write.clone(),
                 write_exec: false,
                 tmp_size: TMP_SIZE,
+                user_ns: host.user_ns_ids(),
             })
             .map_err(|e| format!("{}: {e}", spec.manifest_path.display()))?;
-            let mut ns = vec!["pid", "mount", "ipc", "uts"];
+            let mut ns = if host.is_root { vec![] } else { vec!["user"] };
+            ns.extend(["pid", "mount", "ipc", "uts"]);
             if sb.network == "none" {
                 ns.push("net");
                 plan.report.in_force.push("netns".into());
@@ -407,12 +459,20 @@ impl SandboxPlan {
             rlimits: vec![rlimit::Rlimit { resource: libc::RLIMIT_CORE, soft: 0, hard: 0 }],
             ..SandboxPlan::default()
         };
-        if host.is_root {
-            let (uid, gid, label) = plugin_ids(spec, job.state_root, host)?;
-            plan.ids = Some((uid, gid));
-            plan.run_as = plan.ids;
+        let user_ns = host.user_ns_ids();
+        if host.is_root || user_ns.is_some() {
+            let (uid, gid) = if host.is_root {
+                let (uid, gid, label) = plugin_ids(spec, job.state_root, host)?;
+                plan.ids = Some((uid, gid));
+                plan.run_as = plan.ids;
+                plan.report.in_force.push(label);
+                (uid, gid)
+            } else {
+                let outer = user_ns.map(|(u, _)| u).unwrap_or_default();
+                plan.report.in_force.push(format!("userns(plugd's uid {outer} as 0 inside)"));
+                (0, 0)
+            };
             plan.drop_caps = Some(host.last_cap);
-            plan.report.in_force.push(label);
             plan.report.in_force.push("no-capabilities".into());
             let mut read = vec![spec.dir.clone()];
             read.extend(job.read.iter().cloned());
@@ -431,9 +491,11 @@ impl SandboxPlan {
                 write: vec![job.workspace.to_path_buf()],
                 write_exec: true,
                 tmp_size: JOB_TMP_SIZE,
+                user_ns,
             })
             .map_err(|e| format!("{}: {e}", spec.manifest_path.display()))?;
-            let mut ns = vec!["pid", "mount", "ipc", "uts"];
+            let mut ns = if host.is_root { vec![] } else { vec!["user"] };
+            ns.extend(["pid", "mount", "ipc", "uts"]);
             if !job.network {
                 ns.push("net");
             }
@@ -441,9 +503,10 @@ impl SandboxPlan {
             plan.report.in_force.push("root(minimal, pivot_root)".into());
             plan.jail = Some(jail);
         } else {
-            plan.report.unavailable.push(
-                "jail: plugd is not root, so the step runs as plugd's own user on the host's file system".into(),
-            );
+            plan.report.unavailable.push(format!(
+                "jail: plugd is not root and {}, so the step runs as plugd's own user on the host's file system",
+                host.user_ns.as_ref().err().map(String::as_str).unwrap_or("has no user namespace")
+            ));
         }
         plan.report
             .in_force
