@@ -302,3 +302,27 @@ async fn memory_is_capped_over_all_processes_by_default_and_when_set() {
     assert_eq!(reason, ExitReason::MemoryLimit { limit_bytes: 128 << 20 });
     sup.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_its_uid_cannot_run_fails_to_start_with_the_fix_named() {
+    if !is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("private");
+    std::fs::create_dir_all(&folder).unwrap();
+    let exe = folder.join("echo");
+    std::fs::copy(bin_dir().join("echo"), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    std::fs::write(
+        folder.join("plugin.toml"),
+        "name = \"private\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"echo\"\n[restart]\npolicy = \"never\"\n",
+    )
+    .unwrap();
+    let sup = supervisor();
+    let err = sup.load(supervisor::PluginSpec::from_manifest(&folder).unwrap()).await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("Permission denied"), "{text}");
+    assert!(text.contains("must be readable and executable by it"), "{text}");
+    sup.shutdown().await;
+}

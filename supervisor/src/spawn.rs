@@ -676,11 +676,20 @@ fn clone_sandboxed(plan: &SpawnPlan, socket: RawFd) -> io::Result<Cloned> {
             )
         };
         let _ = waitid(pidfd.as_fd(), libc::WEXITED);
-        let what = if st == step::EXEC {
+        let mut what = if st == step::EXEC {
             format!("exec {}: {}", plan.program.display(), io::Error::from_raw_os_error(errno))
         } else {
             crate::sandbox::explain_failure(&plan.sandbox, st, index, errno)
         };
+        if let (true, Some((uid, gid))) =
+            (st == step::EXEC || st == step::CHDIR, plan.sandbox.run_as)
+        {
+            if errno == libc::EACCES {
+                what.push_str(&format!(
+                    " (the plugin runs as uid {uid}, gid {gid}: its folder and program must be readable and executable by it — `chmod o+rX` them, or install the plugin with `plugctl install`, which hands the copy to the plugin's group)"
+                ));
+            }
+        }
         return Err(io::Error::new(io::Error::from_raw_os_error(errno).kind(), what));
     }
     // Inside a jail the plugin is the init's only child at this point.
