@@ -356,6 +356,53 @@ fn sigusr2_upgrades_in_place_without_restarting_plugins_or_losing_calls() {
 }
 
 #[test]
+fn three_upgrades_in_a_row_keep_every_plugin_and_a_stopped_one_stays_stopped() {
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    add_plugin(&plugins, "echo", "echo", "");
+    add_plugin(&plugins, "echo", "parked", "");
+    let exe = plugd_copy(root.path());
+    let d = Plugd::start_exe(&exe, root, &[]);
+    eventually("ready", || d.all_ready(&["echo", "parked"]));
+    assert!(d.ctl(&["stop", "parked"]).status.success());
+    let mut names = vec!["echo".to_string()];
+    for generation in 1..=3u64 {
+        // A plugin started by this generation, before the next upgrade.
+        let name = format!("echo-gen{generation}");
+        add_plugin(&d.plugins(), "echo", &name, "");
+        assert!(d.ctl(&["reload"]).status.success());
+        eventually("the new plugin is ready", || d.all_ready(&[name.as_str()]));
+        names.push(name);
+        let pids: Vec<(String, u64)> = names.iter().map(|n| (n.clone(), d.pid(n))).collect();
+        d.signal(Signal::SIGUSR2);
+        eventually("the next generation answers", || {
+            d.ctl(&["info"]).status.success() && info(&d)["generation"] == generation
+        });
+        // Give a wrongly delivered parent-death signal time to land.
+        std::thread::sleep(Duration::from_millis(300));
+        for (n, pid) in &pids {
+            let p = d.plugin(n);
+            assert_eq!(
+                p["pid"].as_u64(),
+                Some(*pid),
+                "generation {generation}: {n} kept its pid: {p}"
+            );
+            assert_eq!(p["state"], "ready", "generation {generation}: {p}");
+            assert_eq!(p["restarts"], 0, "generation {generation}: {p}");
+            assert!(alive(*pid));
+        }
+        let parked = d.plugin("parked");
+        assert_eq!(
+            parked["state"], "stopped",
+            "generation {generation}: the operator's stop holds: {parked}"
+        );
+    }
+    let out = d.ctl(&["call", "echo-gen1", "echo", "7"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "7");
+}
+
+#[test]
 fn a_broken_new_binary_leaves_the_old_plugd_running() {
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(root.path().join("plugins")).unwrap();

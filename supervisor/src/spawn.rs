@@ -232,32 +232,60 @@ pub struct ExecRequest {
 enum Job {
     Spawn(SpawnPlan, tokio::sync::oneshot::Sender<io::Result<RawChild>>),
     Exec(ExecRequest, tokio::sync::oneshot::Sender<io::Error>),
+    Quit,
 }
 
 /// The long-lived thread that forks every plugin (see the module doc for why).
+#[derive(Clone)]
 pub struct Spawner {
     jobs: std::sync::mpsc::Sender<Job>,
 }
 
+/// The receiving end of a [`Spawner`], to run on the thread that is to fork every plugin.
+pub struct SpawnerLoop {
+    jobs: std::sync::mpsc::Receiver<Job>,
+}
+
+impl SpawnerLoop {
+    /// Forks plugins (and runs an in-place exec) on the calling thread until every
+    /// [`Spawner`] is dropped or [`Spawner::stop_loop`] is called. plugd runs it on the main
+    /// thread: an exec keeps the calling thread, so the thread that forked the plugins of
+    /// every generation is always the same one, and their parent-death signal never fires
+    /// across any number of upgrades in a row.
+    pub fn run(self) {
+        for job in self.jobs {
+            match job {
+                Job::Spawn(plan, reply) => {
+                    let _ = reply.send(spawn_now(&plan));
+                }
+                // Only returns if the exec failed.
+                Job::Exec(req, reply) => {
+                    let _ = reply.send(exec_now(&req));
+                }
+                Job::Quit => break,
+            }
+        }
+    }
+}
+
 impl Spawner {
-    /// Starts the spawner thread. It ends when the `Spawner` is dropped, and
+    /// A spawner served by the thread that will call [`SpawnerLoop::run`].
+    pub fn on_current_thread() -> (Spawner, SpawnerLoop) {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        (Spawner { jobs: tx }, SpawnerLoop { jobs: rx })
+    }
+
+    /// Starts a dedicated spawner thread. It ends when the `Spawner` is dropped, and
     /// then the kernel kills every plugin it started.
     pub fn start() -> io::Result<Spawner> {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        std::thread::Builder::new().name("plugd-spawner".into()).spawn(move || {
-            for job in rx {
-                match job {
-                    Job::Spawn(plan, reply) => {
-                        let _ = reply.send(spawn_now(&plan));
-                    }
-                    // Only returns if the exec failed.
-                    Job::Exec(req, reply) => {
-                        let _ = reply.send(exec_now(&req));
-                    }
-                }
-            }
-        })?;
-        Ok(Spawner { jobs: tx })
+        let (spawner, lp) = Spawner::on_current_thread();
+        std::thread::Builder::new().name("plugd-spawner".into()).spawn(move || lp.run())?;
+        Ok(spawner)
+    }
+
+    /// Ends the loop once the jobs sent before are done (plugd's shutdown).
+    pub fn stop_loop(&self) {
+        let _ = self.jobs.send(Job::Quit);
     }
 
     /// Spawns a plugin process on the spawner thread.

@@ -121,12 +121,19 @@ pub struct Supervisor {
 impl Supervisor {
     /// A supervisor with no plugins. Starts the spawner thread.
     pub fn new(config: SupervisorConfig) -> Result<Supervisor, SupervisorError> {
-        let spawner = Arc::new(Spawner::start().map_err(SupervisorError::Spawner)?);
+        let spawner = Spawner::start().map_err(SupervisorError::Spawner)?;
+        Ok(Supervisor::with_spawner(config, spawner))
+    }
+
+    /// A supervisor whose plugins are forked by `spawner` (e.g. one running on the main
+    /// thread, as plugd does so that in-place upgrades keep every plugin's parent).
+    pub fn with_spawner(config: SupervisorConfig, spawner: Spawner) -> Supervisor {
+        let spawner = Arc::new(spawner);
         let host = Arc::new(HostFacts::detect());
         if let Err(why) = &host.cgroup {
             tracing::info!("cgroup layer unavailable: {why}");
         }
-        Ok(Supervisor { config, spawner, host, plugins: Mutex::new(Vec::new()) })
+        Supervisor { config, spawner, host, plugins: Mutex::new(Vec::new()) }
     }
 
     fn plugins(&self) -> std::sync::MutexGuard<'_, Vec<Loaded>> {
@@ -157,7 +164,13 @@ impl Supervisor {
 
     /// Starts a plugin and waits until it is Ready. If its first start fails, it is not kept.
     pub async fn load(&self, spec: PluginSpec) -> Result<PluginHandle, SupervisorError> {
-        self.insert(spec, None).await
+        self.insert(spec, None, true).await
+    }
+
+    /// Loads a plugin without starting it (state `stopped`; `start` runs it), e.g. one the
+    /// operator had stopped before an in-place upgrade.
+    pub async fn load_stopped(&self, spec: PluginSpec) -> Result<PluginHandle, SupervisorError> {
+        self.insert(spec, None, false).await
     }
 
     /// Takes over a plugin process handed over by a predecessor (see [`Supervisor::freeze`]):
@@ -167,7 +180,7 @@ impl Supervisor {
         spec: PluginSpec,
         frozen: FrozenPlugin,
     ) -> Result<PluginHandle, SupervisorError> {
-        self.insert(spec, Some(frozen)).await
+        self.insert(spec, Some(frozen), true).await
     }
 
     /// Hands every Ready plugin over for an in-place upgrade: in-flight calls finish, routing
@@ -204,6 +217,7 @@ impl Supervisor {
         &self,
         spec: PluginSpec,
         adopt: Option<FrozenPlugin>,
+        start: bool,
     ) -> Result<PluginHandle, SupervisorError> {
         let m = &spec.manifest;
         let name = m.name.clone();
@@ -258,6 +272,9 @@ impl Supervisor {
                 f.sandbox.clone();
         }
         tokio::spawn(slot.run(rx, adopt));
+        if !start {
+            return Ok(handle);
+        }
         let (reply, wait) = oneshot::channel();
         let _ = tx.send(SlotCommand::Start(reply));
         let outcome = wait

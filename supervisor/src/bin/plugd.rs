@@ -42,14 +42,31 @@ fn main() -> std::process::ExitCode {
     } else {
         builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
     }
-    let result: anyhow::Result<()> = (|| {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .context("starting the async runtime")?;
-        rt.block_on(supervisor::daemon::run(config, args.strict))?;
-        Ok(())
-    })();
+    // Plugins are forked on the main thread, and the daemon runs on another: SIGUSR2's
+    // exec keeps only the thread that calls it, and the parent-death signal of every
+    // plugin is tied to the thread that forked it; so that one thread must be the same in
+    // every generation, and only the main thread is (see `SpawnerLoop::run`).
+    let (spawner, forks) = supervisor::spawn::Spawner::on_current_thread();
+    let quit = spawner.clone();
+    let daemon = std::thread::Builder::new().name("plugd-runtime".into()).spawn(move || {
+        let result: anyhow::Result<()> = (|| {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(supervisor::daemon::run(config, args.strict, spawner))?;
+            Ok(())
+        })();
+        quit.stop_loop();
+        result
+    });
+    let result = match daemon {
+        Ok(thread) => {
+            forks.run();
+            thread.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the daemon thread panicked")))
+        }
+        Err(e) => Err(anyhow::anyhow!("cannot start the daemon thread: {e}")),
+    };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

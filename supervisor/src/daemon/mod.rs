@@ -107,8 +107,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Daemon {
-    /// Builds the daemon (starts nothing yet).
-    pub fn new(config: DaemonConfig) -> Result<Daemon, DaemonError> {
+    /// Builds the daemon (starts nothing yet); its plugins are forked by `spawner`.
+    pub fn new(
+        config: DaemonConfig,
+        spawner: crate::spawn::Spawner,
+    ) -> Result<Daemon, DaemonError> {
         let sup_config =
             SupervisorConfig { state_dir: config.state_dir.join("plugins"), ..Default::default() };
         let bin_dirs = sup_config.bin_dirs.clone();
@@ -118,7 +121,7 @@ impl Daemon {
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
         Ok(Daemon {
-            sup: Supervisor::new(sup_config)?,
+            sup: Supervisor::with_spawner(sup_config, spawner),
             config: Mutex::new(config),
             bin_dirs,
             known: Mutex::new(Vec::new()),
@@ -182,7 +185,7 @@ impl Daemon {
     /// Discovers plugins and starts the enabled ones in dependency order.
     /// Returns the discovery problems (already logged).
     pub async fn start_all(&self, strict: bool) -> Result<Vec<String>, DaemonError> {
-        self.start_all_adopting(strict, Vec::new()).await
+        self.start_all_adopting(strict, Vec::new(), Vec::new()).await
     }
 
     /// Like [`Daemon::start_all`], but plugins handed over by a predecessor are adopted
@@ -191,6 +194,7 @@ impl Daemon {
         &self,
         strict: bool,
         mut handed: Vec<HandoverPlugin>,
+        stopped: Vec<String>,
     ) -> Result<Vec<String>, DaemonError> {
         crate::install::recover(&self.installed_root());
         let (dirs, defaults) = self.dirs_and_defaults();
@@ -220,6 +224,13 @@ impl Daemon {
             }
             if lock(&self.disabled).contains(&name) {
                 tracing::info!(plugin = %name, "disabled; not starting");
+                continue;
+            }
+            if stopped.contains(&name) {
+                tracing::info!(plugin = %name, "stopped before the upgrade; stays stopped");
+                if let Err(e) = self.sup.load_stopped(spec).await {
+                    tracing::error!(plugin = %name, "{e}");
+                }
                 continue;
             }
             self.load(spec).await;
@@ -938,7 +949,13 @@ async fn serve_connection(
 
 /// Runs the daemon until SIGTERM, SIGINT or `plugctl shutdown`: start plugins,
 /// serve the control socket, reload on SIGHUP, notify systemd, stop everything in reverse.
-pub async fn run(config: DaemonConfig, strict: bool) -> Result<(), DaemonError> {
+/// Plugins are forked (and SIGUSR2's exec runs) by `spawner`, whose loop must run on the
+/// process's main thread (see [`crate::spawn::SpawnerLoop::run`]).
+pub async fn run(
+    config: DaemonConfig,
+    strict: bool,
+    spawner: crate::spawn::Spawner,
+) -> Result<(), DaemonError> {
     let notifier = Notifier::from_env();
     let socket = config.socket.clone();
     // The binary to re-exec on SIGUSR2: the path we were started from (a new build put there
@@ -954,16 +971,16 @@ pub async fn run(config: DaemonConfig, strict: bool) -> Result<(), DaemonError> 
         let _ = std::fs::remove_file(&path);
         text.and_then(|t| serde_json::from_slice(&t).ok())
     });
-    let (listener, handed, generation) = match handover {
+    let (listener, handed, stopped, generation) = match handover {
         Some(h) => {
             let l = Listener::try_from(inherited(h.listener))
                 .map_err(|e| DaemonError::Socket { path: socket.clone(), source: e })?;
-            (l, h.plugins, h.generation)
+            (l, h.plugins, h.stopped, h.generation)
         }
-        None => (listen(&socket)?, Vec::new(), 0),
+        None => (listen(&socket)?, Vec::new(), Vec::new(), 0),
     };
     let http = config.http.clone();
-    let daemon = Arc::new(Daemon::new(config)?);
+    let daemon = Arc::new(Daemon::new(config, spawner)?);
     let _ = daemon.me.set(Arc::downgrade(&daemon));
     daemon.generation.store(generation, std::sync::atomic::Ordering::Relaxed);
     // Bound before the plugins start: a bad address or token fails the start, loudly.
@@ -986,7 +1003,7 @@ pub async fn run(config: DaemonConfig, strict: bool) -> Result<(), DaemonError> 
         .map_err(|e| DaemonError::Socket { path: socket.clone(), source: e })?;
     let mut usr2 = signal(SignalKind::user_defined2())
         .map_err(|e| DaemonError::Socket { path: socket.clone(), source: e })?;
-    daemon.start_all_adopting(strict, handed).await?;
+    daemon.start_all_adopting(strict, handed, stopped).await?;
     tracing::info!(
         "plugd ready on {} (generation {generation}): {}",
         socket.display(),

@@ -33,6 +33,9 @@ pub(super) struct Handover {
     pub(super) generation: u64,
     pub(super) listener: RawFd,
     pub(super) plugins: Vec<HandoverPlugin>,
+    /// Plugins the operator had stopped: the new plugd loads them stopped.
+    #[serde(default)]
+    pub(super) stopped: Vec<String>,
 }
 
 /// Takes ownership of a descriptor number inherited across exec, and makes it
@@ -109,6 +112,13 @@ pub(super) async fn upgrade(
     let permits =
         tokio::time::timeout(std::time::Duration::from_secs(2), slots.acquire_many(64)).await;
     // 3. Every Ready plugin finishes its in-flight calls and is handed over.
+    let stopped: Vec<String> = daemon
+        .sup
+        .status()
+        .into_iter()
+        .filter(|p| p.state == crate::State::Stopped)
+        .map(|p| p.name)
+        .collect();
     let frozen = daemon.sup.freeze().await;
     let mut plugins = Vec::new();
     let mut keep: Vec<OwnedFd> = Vec::new();
@@ -150,7 +160,8 @@ pub(super) async fn upgrade(
         keep.extend(i.stderr);
     }
     let generation = daemon.generation.load(std::sync::atomic::Ordering::Relaxed) + 1;
-    let handover = Handover { generation, listener: listener.as_fd().as_raw_fd(), plugins };
+    let handover =
+        Handover { generation, listener: listener.as_fd().as_raw_fd(), plugins, stopped };
     let state_dir = lock(&daemon.config).state_dir.clone();
     let file = state_dir.join("upgrade.json");
     let written = std::fs::create_dir_all(&state_dir)
