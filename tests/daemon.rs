@@ -402,6 +402,66 @@ fn three_upgrades_in_a_row_keep_every_plugin_and_a_stopped_one_stays_stopped() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "7");
 }
 
+/// One request on an open control connection, and its reply line.
+fn ask_on(conn: &mut std::os::unix::net::UnixStream, request: &str) -> Value {
+    use std::io::Write;
+    conn.write_all(format!("{request}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    BufReader::new(conn.try_clone().unwrap()).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+}
+
+#[test]
+fn an_open_control_connection_is_served_on_across_an_upgrade() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("plugins")).unwrap();
+    add_plugin(&root.path().join("plugins"), "echo", "echo", "");
+    let exe = plugd_copy(root.path());
+    let d = Plugd::start_exe(&exe, root, &[]);
+    eventually("ready", || d.all_ready(&["echo"]));
+    let mut conn = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    let r = ask_on(&mut conn, r#"{"cmd":"info"}"#);
+    assert_eq!(r["data"]["generation"], 0, "{r}");
+    // Half a request is on the wire when the upgrade starts; the rest comes after.
+    use std::io::Write;
+    conn.write_all(br#"{"cmd":"ca"#).unwrap();
+    d.signal(Signal::SIGUSR2);
+    eventually("the next generation answers", || {
+        d.ctl(&["info"]).status.success() && info(&d)["generation"] == 1
+    });
+    let r = ask_on(&mut conn, r#"ll","name":"echo","method":"echo","json":"{\"x\":1}"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["data"], serde_json::json!({"x": 1}));
+    let r = ask_on(&mut conn, r#"{"cmd":"info"}"#);
+    assert_eq!(r["data"]["generation"], 1, "the same connection, served by the new plugd: {r}");
+}
+
+#[test]
+fn idle_control_connections_neither_block_the_daemon_nor_stay_forever() {
+    let d = Plugd::start(|dir| add_plugin(dir, "echo", "echo", ""));
+    eventually("ready", || d.all_ready(&["echo"]));
+    let idle: Vec<_> =
+        (0..64).map(|_| std::os::unix::net::UnixStream::connect(&d.socket).unwrap()).collect();
+    // One more: refused at once, with the reason, while the daemon goes on.
+    eventually("the 65th connection is refused", || {
+        let out = d.ctl(&["info"]);
+        out.status.code() == Some(1)
+            && String::from_utf8_lossy(&out.stderr).contains("the most it takes at once")
+    });
+    d.signal(Signal::SIGHUP);
+    let log = d.root.path().join("plugd.log");
+    eventually("SIGHUP is handled meanwhile", || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("SIGHUP: reloading")
+    });
+    // The idle ones are told and closed, and plugctl is served again.
+    let mut first = BufReader::new(idle[0].try_clone().unwrap());
+    let mut line = String::new();
+    first.read_line(&mut line).unwrap();
+    assert!(line.contains("idle for 10 s; closing the connection"), "{line}");
+    eventually("served again", || d.ctl(&["info"]).status.success());
+    drop(idle);
+}
+
 #[test]
 fn a_broken_new_binary_leaves_the_old_plugd_running() {
     let root = tempfile::tempdir().unwrap();

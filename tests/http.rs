@@ -626,3 +626,46 @@ fn a_job_cut_short_by_a_crash_of_plugd_is_failed_not_running_and_leaves_nothing(
     let (code, _) = http(port, "POST", &format!("/v1/jobs/{id}/cancel"), Some(TOKEN), b"");
     assert_eq!(code, 409, "it has ended");
 }
+
+#[test]
+fn no_http_call_fails_across_in_place_upgrades() {
+    let (d, port) = start_with_http("");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let caller = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (code, body) = http(
+                    port,
+                    "POST",
+                    "/v1/plugins/echo/call/echo",
+                    Some(TOKEN),
+                    i.to_string().as_bytes(),
+                );
+                if code == 200 && body.trim() == i.to_string() {
+                    ok += 1;
+                } else {
+                    failed.push(format!("call {i}: {code} {body}"));
+                }
+                i += 1;
+            }
+            (ok, failed)
+        })
+    };
+    let generation = || {
+        let (code, _) = http(port, "GET", "/v1/plugins", None, b"");
+        (code == 200).then(|| d.json(&["info"])["generation"].as_u64()).flatten()
+    };
+    for next in 1..=2u64 {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        d.signal(nix::sys::signal::Signal::SIGUSR2);
+        eventually("the next generation answers", || generation() == Some(next));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = caller.join().unwrap();
+    assert!(failed.is_empty(), "HTTP calls failed across the upgrades: {failed:?}");
+    assert!(ok > 5, "too few calls across the upgrades: {ok}");
+}

@@ -80,7 +80,8 @@ fn token_for(cfg: &HttpConfig) -> Result<Option<String>, String> {
 pub async fn bind(
     daemon: Arc<Daemon>,
     cfg: &HttpConfig,
-) -> Result<impl std::future::Future<Output = std::io::Result<()>>, String> {
+    inherited: Option<std::os::fd::OwnedFd>,
+) -> Result<HttpServer, String> {
     let token = token_for(cfg)?;
     let api = Arc::new(Api {
         daemon,
@@ -107,21 +108,85 @@ pub async fn bind(
         })
         .layer(DefaultBodyLimit::max(cfg.max_body))
         .with_state(api);
-    // A deep accept queue: a burst of clients (a dashboard fleet, a load test) waits in the
-    // kernel instead of being reset.
-    let listener = (|| {
-        let socket = if cfg.listen.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.bind(cfg.listen)?;
-        socket.listen(4096)
-    })()
-    .map_err(|e| format!("[http] listen = \"{}\": {e}", cfg.listen))?;
-    tracing::info!("HTTP admin API on http://{}", cfg.listen);
-    Ok(async move { axum::serve(listener, app).await })
+    // The listener a previous plugd handed over, if it listens where the config says.
+    let inherited = inherited.and_then(|fd| {
+        let std = std::net::TcpListener::from(fd);
+        (std.local_addr().ok() == Some(cfg.listen)).then_some(std)
+    });
+    let listener = match inherited {
+        Some(std) => std,
+        None => {
+            // A deep accept queue: a burst of clients (a dashboard fleet, a load test)
+            // waits in the kernel instead of being reset.
+            let fresh = (|| {
+                let socket = if cfg.listen.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()?
+                } else {
+                    tokio::net::TcpSocket::new_v6()?
+                };
+                socket.set_reuseaddr(true)?;
+                socket.bind(cfg.listen)?;
+                socket.listen(4096)?.into_std()
+            })()
+            .map_err(|e| format!("[http] listen = \"{}\": {e}", cfg.listen))?;
+            tracing::info!("HTTP admin API on http://{}", cfg.listen);
+            fresh
+        }
+    };
+    Ok(HttpServer { app, listener, running: None })
+}
+
+/// The HTTP API: bound (connections wait in the kernel's queue) until [`HttpServer::serve`],
+/// drained and handed over across an in-place upgrade.
+pub struct HttpServer {
+    app: Router,
+    /// The listening socket; the server runs on a duplicate, so this one outlives a drain.
+    listener: std::net::TcpListener,
+    running: Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
+}
+
+impl HttpServer {
+    /// Starts answering requests.
+    pub fn serve(&mut self) -> Result<(), String> {
+        let dup = self.listener.try_clone().and_then(|l| {
+            l.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(l)
+        });
+        let listener = dup.map_err(|e| format!("HTTP listener: {e}"))?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let app = self.app.clone();
+        let task = tokio::spawn(async move {
+            let graceful = async move {
+                let _ = stopped.await;
+            };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(graceful).await {
+                tracing::error!("HTTP admin API stopped: {e}");
+            }
+        });
+        self.running = Some((stop, task));
+        Ok(())
+    }
+
+    /// Stops accepting (new connections wait in the kernel's queue) and waits up to
+    /// `limit` for the requests in flight; idle keep-alive connections are closed.
+    pub async fn drain(&mut self, limit: std::time::Duration) {
+        if let Some((stop, mut task)) = self.running.take() {
+            let _ = stop.send(());
+            if tokio::time::timeout(limit, &mut task).await.is_err() {
+                tracing::warn!(
+                    "HTTP requests still running after {} s are cut by the upgrade",
+                    limit.as_secs()
+                );
+                task.abort();
+            }
+        }
+    }
+
+    /// The listening socket, for the handover.
+    pub fn listener_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd()
+    }
 }
 
 fn failure(status: StatusCode, message: impl Into<String>) -> Response {

@@ -197,6 +197,8 @@ impl Slot {
                             continue;
                         };
                         self.shared.route.store(None);
+                        // Calls refused from now on say why: in-flight calls are finishing.
+                        self.shared.live.lock().unwrap_or_else(|p| p.into_inner()).state = State::Draining;
                         let (tx, rx) = oneshot::channel();
                         let _ = c.control.send(Control::Freeze(tx)).await;
                         match rx.await {

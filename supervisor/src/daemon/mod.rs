@@ -15,11 +15,10 @@ use interprocess::local_socket::tokio::prelude::*;
 use interprocess::local_socket::{GenericFilePath, ListenerOptions};
 use interprocess::os::unix::local_socket::ListenerOptionsExt;
 use plugin_proto::{Payload, PayloadCodec};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::DaemonConfig;
-use crate::control::{Reply, Request, MAX_LINE};
+use crate::control::{Reply, Request};
 use crate::discovery::{discover, fingerprint};
 use crate::instance::Frozen;
 use crate::manifest::PluginSpec;
@@ -33,6 +32,7 @@ use crate::supervisor::{Supervisor, SupervisorConfig};
 /// The control socket listener (a Unix domain socket; its descriptor survives an upgrade).
 type Listener = interprocess::os::unix::uds_local_socket::tokio::Listener;
 
+mod conns;
 mod installs;
 mod upgrade;
 
@@ -876,77 +876,6 @@ fn plugin_peer(pid: i32) -> Option<String> {
         .then(|| format!("pid {pid} runs in another pid namespace ({})", theirs.display()))
 }
 
-async fn serve_connection(
-    daemon: Arc<Daemon>,
-    conn: LocalSocketStream,
-    stop: Arc<tokio::sync::Notify>,
-) {
-    let me = nix::unistd::geteuid().as_raw();
-    let creds = conn.peer_creds().ok();
-    let peer = creds.as_ref().and_then(|c| c.euid());
-    let peer_pid = creds.as_ref().and_then(|c| c.pid());
-    let mut send = &conn;
-    // A plugin process (even one running as root, `sandbox.user = "root"`) lives in a pid
-    // namespace of its own: whatever its uid, it may not control plugd.
-    let refusal = match peer_pid.and_then(plugin_peer) {
-        Some(why) => {
-            tracing::warn!("refused a control connection from a plugin process ({why})");
-            Some(format!("permission denied: {why}; plugins may not control plugd"))
-        }
-        None if !matches!(peer, Some(uid) if uid == 0 || uid == me) => Some(format!(
-            "permission denied: uid {} may not control this plugd (only root and uid {me})",
-            peer.map(|u| u.to_string()).unwrap_or_else(|| "unknown".into())
-        )),
-        None => None,
-    };
-    if let Some(refusal) = refusal {
-        // Read (and ignore) the request first, so the client gets the refusal as an answer
-        // rather than a broken pipe.
-        let mut line = Vec::new();
-        let mut reader = BufReader::new(&conn);
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(2),
-            (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut line),
-        )
-        .await;
-        let reply = Reply::err(refusal);
-        let _ = send
-            .write_all(
-                format!("{}\n", serde_json::to_string(&reply).unwrap_or_default()).as_bytes(),
-            )
-            .await;
-        return;
-    }
-    let mut reader = BufReader::new(&conn);
-    loop {
-        let mut line = Vec::new();
-        match (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let reply = if line.len() > MAX_LINE {
-            Reply::err(format!("request longer than {MAX_LINE} bytes"))
-        } else {
-            match serde_json::from_slice::<Request>(&line) {
-                Ok(Request::Shutdown) => {
-                    stop.notify_one();
-                    Reply::ok(serde_json::json!("shutting down"))
-                }
-                Ok(req) => daemon.handle(req).await,
-                Err(e) => Reply::err(format!("bad request: {e}")),
-            }
-        };
-        let mut out = serde_json::to_vec(&reply).unwrap_or_default();
-        out.push(b'\n');
-        if send.write_all(&out).await.is_err()
-            || line.len() > MAX_LINE
-            || !reply.ok && reply.error.as_deref().is_some_and(|e| e.starts_with("bad request"))
-        {
-            return;
-        }
-    }
-}
-
 /// Runs the daemon until SIGTERM, SIGINT or `plugctl shutdown`: start plugins,
 /// serve the control socket, reload on SIGHUP, notify systemd, stop everything in reverse.
 /// Plugins are forked (and SIGUSR2's exec runs) by `spawner`, whose loop must run on the
@@ -971,30 +900,32 @@ pub async fn run(
         let _ = std::fs::remove_file(&path);
         text.and_then(|t| serde_json::from_slice(&t).ok())
     });
-    let (listener, handed, stopped, generation) = match handover {
+    let (listener, handed, stopped, handed_conns, handed_http, generation) = match handover {
         Some(h) => {
             let l = Listener::try_from(inherited(h.listener))
                 .map_err(|e| DaemonError::Socket { path: socket.clone(), source: e })?;
-            (l, h.plugins, h.stopped, h.generation)
+            (l, h.plugins, h.stopped, h.connections, h.http_listener, h.generation)
         }
-        None => (listen(&socket)?, Vec::new(), Vec::new(), 0),
+        None => (listen(&socket)?, Vec::new(), Vec::new(), Vec::new(), None, 0),
     };
     let http = config.http.clone();
     let daemon = Arc::new(Daemon::new(config, spawner)?);
     let _ = daemon.me.set(Arc::downgrade(&daemon));
     daemon.generation.store(generation, std::sync::atomic::Ordering::Relaxed);
     // Bound before the plugins start: a bad address or token fails the start, loudly.
-    let http_server = match &http {
-        Some(cfg) => Some(crate::http::bind(daemon.clone(), cfg).await.map_err(DaemonError::Http)?),
+    if let (None, Some(fd)) = (&http, handed_http) {
+        drop(inherited(fd)); // [http] was removed from the config: close what was handed over
+    }
+    // Served only once the plugins are started or adopted: meanwhile requests wait in the
+    // kernel's queue instead of meeting an empty plugin list.
+    let mut http_server = match &http {
+        Some(cfg) => Some(
+            crate::http::bind(daemon.clone(), cfg, handed_http.map(inherited))
+                .await
+                .map_err(DaemonError::Http)?,
+        ),
         None => None,
     };
-    if let Some(server) = http_server {
-        tokio::spawn(async move {
-            if let Err(e) = server.await {
-                tracing::error!("HTTP admin API stopped: {e}");
-            }
-        });
-    }
     let mut term = signal(SignalKind::terminate())
         .map_err(|e| DaemonError::Socket { path: socket.clone(), source: e })?;
     let mut int = signal(SignalKind::interrupt())
@@ -1004,6 +935,9 @@ pub async fn run(
     let mut usr2 = signal(SignalKind::user_defined2())
         .map_err(|e| DaemonError::Socket { path: socket.clone(), source: e })?;
     daemon.start_all_adopting(strict, handed, stopped).await?;
+    if let Some(server) = &mut http_server {
+        server.serve().map_err(DaemonError::Http)?;
+    }
     tracing::info!(
         "plugd ready on {} (generation {generation}): {}",
         socket.display(),
@@ -1012,21 +946,18 @@ pub async fn run(
     notifier.ready(&daemon.summary());
 
     let stop = Arc::new(tokio::sync::Notify::new());
-    let slots = Arc::new(tokio::sync::Semaphore::new(64));
+    let conns = conns::Conns::new(stop.clone());
+    // Connections the previous plugd parked: served on, as if nothing happened.
+    for c in handed_conns {
+        conns.adopt(daemon.clone(), conns::Parked { fd: inherited(c.fd), unread: c.unread });
+    }
     let watchdog = notifier.watchdog_interval();
     let mut dog = tokio::time::interval(watchdog.unwrap_or(std::time::Duration::from_secs(3600)));
     loop {
         tokio::select! {
             conn = listener.accept() => match conn {
-                Ok(conn) => {
-                    // A flood of clients waits for a slot instead of growing without bound.
-                    let Ok(permit) = slots.clone().acquire_owned().await else { continue };
-                    let (d, s) = (daemon.clone(), stop.clone());
-                    tokio::spawn(async move {
-                        serve_connection(d, conn.into(), s).await;
-                        drop(permit);
-                    });
-                }
+                // Served, or refused at once when too many are: never a wait here.
+                Ok(conn) => conns.accept(daemon.clone(), conn),
                 Err(e) => tracing::warn!("control socket accept failed: {e}"),
             },
             _ = hup.recv() => {
@@ -1038,7 +969,7 @@ pub async fn run(
             _ = usr2.recv() => {
                 tracing::info!("SIGUSR2: upgrading in place");
                 notifier.reloading();
-                let why = upgrade(&daemon, &listener, &slots, &exe).await;
+                let why = upgrade(&daemon, &listener, &conns, http_server.as_mut(), &exe).await;
                 tracing::error!("{why}");
                 notifier.ready(&daemon.summary());
             }

@@ -36,6 +36,12 @@ pub(super) struct Handover {
     /// Plugins the operator had stopped: the new plugd loads them stopped.
     #[serde(default)]
     pub(super) stopped: Vec<String>,
+    /// Control connections, parked between two requests: the new plugd serves them on.
+    #[serde(default)]
+    pub(super) connections: Vec<super::conns::ParkedConn>,
+    /// The HTTP API's listening socket (connections made meanwhile wait in its queue).
+    #[serde(default)]
+    pub(super) http_listener: Option<RawFd>,
 }
 
 /// Takes ownership of a descriptor number inherited across exec, and makes it
@@ -79,9 +85,10 @@ pub(super) fn thaw(h: HandoverPlugin) -> FrozenPlugin {
 /// flight finish, freeze every plugin, write the handover, and exec the binary in this
 /// same pid. Returns only if the upgrade did not happen; then everything is running again.
 pub(super) async fn upgrade(
-    daemon: &Daemon,
+    daemon: &std::sync::Arc<Daemon>,
     listener: &Listener,
-    slots: &tokio::sync::Semaphore,
+    conns: &std::sync::Arc<super::conns::Conns>,
+    mut http: Option<&mut crate::http::HttpServer>,
     exe: &std::path::Path,
 ) -> String {
     // 1. The new binary must at least start, or we keep running as we are.
@@ -108,9 +115,13 @@ pub(super) async fn upgrade(
         }
         Err(e) => return format!("cannot run {}: {e}; not upgrading", exe.display()),
     }
-    // 2. Control requests in flight finish (new connections wait in the listen backlog).
-    let permits =
-        tokio::time::timeout(std::time::Duration::from_secs(2), slots.acquire_many(64)).await;
+    // 2. Control requests in flight finish, and every connection is parked between two
+    // requests (new connections wait in the listen backlog: this loop is not accepting).
+    let parked = conns.park_all().await;
+    // HTTP likewise: requests in flight finish, new connections wait in the queue.
+    if let Some(server) = http.as_deref_mut() {
+        server.drain(super::conns::DRAIN).await;
+    }
     // 3. Every Ready plugin finishes its in-flight calls and is handed over.
     let stopped: Vec<String> = daemon
         .sup
@@ -160,8 +171,15 @@ pub(super) async fn upgrade(
         keep.extend(i.stderr);
     }
     let generation = daemon.generation.load(std::sync::atomic::Ordering::Relaxed) + 1;
-    let handover =
-        Handover { generation, listener: listener.as_fd().as_raw_fd(), plugins, stopped };
+    let connections = parked.into_iter().map(|p| p.into_handover(&mut keep)).collect();
+    let handover = Handover {
+        generation,
+        listener: listener.as_fd().as_raw_fd(),
+        plugins,
+        stopped,
+        connections,
+        http_listener: http.as_deref().map(|h| h.listener_fd().as_raw_fd()),
+    };
     let state_dir = lock(&daemon.config).state_dir.clone();
     let file = state_dir.join("upgrade.json");
     let written = std::fs::create_dir_all(&state_dir)
@@ -184,6 +202,7 @@ pub(super) async fn upgrade(
             env.extend(cstr(std::ffi::OsStr::new(&format!("{UPGRADE_ENV}={}", file.display()))));
             let mut keep_fds: Vec<RawFd> = keep.iter().map(|f| f.as_raw_fd()).collect();
             keep_fds.push(handover.listener);
+            keep_fds.extend(handover.http_listener);
             match cstr(exe.as_os_str()) {
                 None => "the executable path contains a NUL byte".to_string(),
                 Some(program) => {
@@ -213,6 +232,16 @@ pub(super) async fn upgrade(
             }
         }
     }
-    drop(permits);
+    let parked = handover
+        .connections
+        .into_iter()
+        .map(|c| super::conns::Parked { fd: inherited(c.fd), unread: c.unread })
+        .collect();
+    conns.resume(daemon, parked);
+    if let Some(server) = http {
+        if let Err(e) = server.serve() {
+            tracing::error!("{e}");
+        }
+    }
     format!("upgrade failed, still running the old binary: {error}")
 }
