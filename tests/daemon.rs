@@ -822,7 +822,10 @@ fn install_runs_the_build_step_and_a_failed_build_installs_nothing() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("build command") && err.contains("mismatched types"), "{err}");
-    assert!(!d.root.path().join("state/installed/built").join("1.0.0").exists());
+    assert!(
+        !d.root.path().join("state/installed/built").exists(),
+        "a failed first install leaves no folder behind"
+    );
 
     let good = make(
         "good",
@@ -1016,6 +1019,41 @@ fn as_an_ordinary_user_plugd_jails_plugins_in_a_user_namespace() {
     );
     let jobs = d.json(&["jobs"]).to_string();
     assert!(jobs.contains("install steps run jailed: userns(plugd's uid 65534 as 0 inside) no-capabilities namespaces(user,pid,mount,ipc,uts,net)"), "{jobs}");
+}
+
+#[test]
+fn names_that_climb_out_of_the_state_folder_are_refused_everywhere() {
+    let d = Plugd::start(|_| {});
+    // A folder two levels above the installed plugins, and a victim beside the state folder.
+    let victim = d.root.path().join("victim");
+    std::fs::create_dir_all(&victim).unwrap();
+    std::fs::write(victim.join("keep"), "precious").unwrap();
+    for args in [
+        vec!["uninstall", "../../victim"],
+        vec!["uninstall", "../victim", "--purge"],
+        vec!["versions", "../../victim"],
+        vec!["rollback", "x/../../victim"],
+        vec!["stop", "ECHO"],
+    ] {
+        let out = d.ctl(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("is not a valid plugin name"), "{args:?}: {err}");
+    }
+    let out = d.ctl(&["uninstall", "echo", "--version", "../../../victim"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a version"));
+    // git sources cannot smuggle options or command transports.
+    let marker = d.root.path().join("pwned");
+    for source in [
+        format!("git+--upload-pack=touch {}", marker.display()),
+        format!("git+file:///x#--upload-pack=touch {}", marker.display()),
+        format!("git+ext::sh -c touch% {}", marker.display()),
+    ] {
+        let out = d.ctl(&["install", &source]);
+        assert_eq!(out.status.code(), Some(1), "{source}");
+    }
+    assert!(!marker.exists(), "a git source ran a command");
+    assert_eq!(std::fs::read_to_string(victim.join("keep")).unwrap(), "precious");
 }
 
 #[test]

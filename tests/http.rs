@@ -669,3 +669,24 @@ fn no_http_call_fails_across_in_place_upgrades() {
     assert!(failed.is_empty(), "HTTP calls failed across the upgrades: {failed:?}");
     assert!(ok > 5, "too few calls across the upgrades: {ok}");
 }
+
+#[test]
+fn a_plugin_name_in_a_path_cannot_reach_other_folders() {
+    let (_d, port) = start_with_http("");
+    for path in ["/v1/plugins/..%2F..%2Fetc/versions", "/v1/plugins/..%2F..%2Fx/logs"] {
+        let (code, body) = http(port, "GET", path, Some(TOKEN), b"");
+        assert_eq!(code, 400, "{path}: {body}");
+        assert!(body.contains("is not a valid plugin name"), "{path}: {body}");
+    }
+    let (code, body) = http(port, "POST", "/v1/plugins/..%2F..%2Fx/uninstall", Some(TOKEN), b"{}");
+    assert_eq!(code, 400, "{body}");
+}
+
+#[test]
+fn an_install_body_with_unknown_fields_is_refused() {
+    let (_d, port) = start_with_http("");
+    let (code, body) =
+        http(port, "POST", "/v1/install", Some(TOKEN), br#"{"source": "/nowhere", "forse": true}"#);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("unknown field `forse`"), "{body}");
+}

@@ -223,3 +223,36 @@ mod tests {
         assert_eq!(serde_json::to_string(&Reply::err("x")).unwrap(), r#"{"ok":false,"error":"x"}"#);
     }
 }
+
+impl Request {
+    /// Checks every plugin name and version the request carries before it reaches the file
+    /// system: names by the manifest's rule, versions as semver.
+    pub fn check(&self) -> Result<(), String> {
+        use Request::*;
+        let (name, version) = match self {
+            Status { name } => (name.as_deref(), None),
+            Start { name } | Stop { name } | Restart { name } | Versions { name } => {
+                (Some(name.as_str()), None)
+            }
+            Enable { name } | Disable { name } | Call { name, .. } | Logs { name, .. } => {
+                (Some(name.as_str()), None)
+            }
+            Update { name, version, .. }
+            | UpdateJob { name, version, .. }
+            | UninstallJob { name, version, .. }
+            | Rollback { name, version }
+            | Uninstall { name, version, .. } => (Some(name.as_str()), version.as_deref()),
+            _ => (None, None),
+        };
+        if let Some(name) = name {
+            crate::manifest::check_name(name)?;
+        }
+        if let Some(v) = version {
+            semver::Version::parse(v).map_err(|e| {
+                let shown: String = v.chars().take(80).collect();
+                format!("{shown:?} is not a version ({e}); write e.g. 1.2.0")
+            })?;
+        }
+        Ok(())
+    }
+}

@@ -239,7 +239,10 @@ fn reply_to_response(reply: Reply, is_call: bool) -> Response {
         || error.starts_with("no job ")
     {
         StatusCode::NOT_FOUND
-    } else if error.contains("is not valid JSON") {
+    } else if error.contains("is not valid JSON")
+        || error.contains("is not a valid plugin name")
+        || error.contains("is not a version")
+    {
         StatusCode::BAD_REQUEST
     } else if error.contains("is not running") || error.contains("is not ready") {
         StatusCode::CONFLICT

@@ -83,6 +83,9 @@ pub fn place(
     let _ = std::fs::remove_dir_all(&tmp);
     if let Err(e) = copy_tree(source, &tmp).and_then(|_| prepare(&tmp)) {
         let _ = std::fs::remove_dir_all(&tmp);
+        // A plugin's first install that failed leaves no trace (only if empty: other
+        // versions stay).
+        let _ = std::fs::remove_dir(root.join(name));
         return Err(e);
     }
     if target.exists() {

@@ -98,6 +98,7 @@ impl Work {
 
 /// What an install job installs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct InstallParams {
     /// A folder, an archive, an http(s) archive URL or `git+URL#ref`.
     pub source: String,

@@ -303,6 +303,25 @@ impl Default for SandboxConfig {
 pub const SANDBOX_LAYERS: &[&str] =
     &["rlimits", "seccomp", "netns", "landlock", "cgroup", "no-new-privs", "user"];
 
+/// The one rule for a plugin name, wherever a name comes from (a manifest, a control
+/// request, an HTTP path): 1-64 lowercase letters, digits, `-` or `_` — so a name can
+/// never climb out of the folders it names.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-' || ch == '_');
+    if ok {
+        Ok(())
+    } else {
+        let shown: String = name.chars().take(80).collect();
+        Err(format!(
+            "{shown:?} is not a valid plugin name; use 1-64 lowercase letters, digits, '-' or '_'"
+        ))
+    }
+}
+
 /// A validated `plugin.toml`.
 #[derive(Debug, Clone)]
 pub struct Manifest {
@@ -575,16 +594,8 @@ impl Manifest {
         let c = Check { file };
 
         let name = raw.name;
-        if name.is_empty()
-            || name.len() > 64
-            || !name
-                .chars()
-                .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-' || ch == '_')
-        {
-            return Err(c.bad(
-                "name",
-                format!("= {name:?} is not a valid plugin name; use 1-64 lowercase letters, digits, '-' or '_'"),
-            ));
+        if let Err(e) = check_name(&name) {
+            return Err(c.bad("name", format!("= {e}")));
         }
         let version = semver::Version::parse(&raw.version).map_err(|e| {
             c.bad(

@@ -73,12 +73,30 @@ impl Daemon {
                 Some((u, r)) => (u, Some(r)),
                 None => (url, None),
             };
-            let mut git = tokio::process::Command::new("git");
-            git.args(["clone", "--quiet", "--depth", "1"]);
-            if let Some(r) = reference {
-                git.args(["--branch", r]);
+            // Neither part may pass for an option of git's, and only plain transports are
+            // allowed (no `ext::`, which runs a command).
+            if url.starts_with('-') || reference.is_some_and(|r| r.starts_with('-') || r.is_empty())
+            {
+                return Err(format!(
+                    "{source}: a git source is git+URL or git+URL#ref, and neither may start with '-'"
+                ));
             }
-            git.arg(url).arg(&scratch);
+            let mut git = tokio::process::Command::new("git");
+            git.env("GIT_ALLOW_PROTOCOL", "https:http:ssh:git:file")
+                .env("GIT_TERMINAL_PROMPT", "0")
+                .args([
+                    "-c",
+                    "core.hooksPath=/dev/null",
+                    "clone",
+                    "--quiet",
+                    "--depth",
+                    "1",
+                    "--no-recurse-submodules",
+                ]);
+            if let Some(r) = reference {
+                git.arg(format!("--branch={r}"));
+            }
+            git.arg("--").arg(url).arg(&scratch);
             let what = format!("git clone {url}");
             self.jobs.output(job, vec![format!("$ {what}")]);
             fetch(git, &what, "install git to install from a repository", cancel, &scratch).await?;

@@ -507,6 +507,9 @@ impl Daemon {
 
     /// Handles one control request.
     pub async fn handle(&self, req: Request) -> Reply {
+        if let Err(e) = req.check() {
+            return Reply::err(e);
+        }
         let result = match req {
             Request::Status { name } => self.status(name.as_deref()),
             Request::Start { name } => self.start_one(&name).await,
