@@ -208,22 +208,6 @@ impl Reply {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requests_are_json_lines_with_a_cmd_tag() {
-        let r: Request =
-            serde_json::from_str(r#"{"cmd":"call","name":"e","method":"m","json":"1"}"#).unwrap();
-        assert_eq!(r, Request::Call { name: "e".into(), method: "m".into(), json: "1".into() });
-        let r: Request = serde_json::from_str(r#"{"cmd":"status"}"#).unwrap();
-        assert_eq!(r, Request::Status { name: None });
-        assert!(serde_json::from_str::<Request>(r#"{"cmd":"format_disk"}"#).is_err());
-        assert_eq!(serde_json::to_string(&Reply::err("x")).unwrap(), r#"{"ok":false,"error":"x"}"#);
-    }
-}
-
 impl Request {
     /// Checks every plugin name and version the request carries before it reaches the file
     /// system: names by the manifest's rule, versions as semver.
@@ -254,5 +238,21 @@ impl Request {
             })?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_json_lines_with_a_cmd_tag() {
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"call","name":"e","method":"m","json":"1"}"#).unwrap();
+        assert_eq!(r, Request::Call { name: "e".into(), method: "m".into(), json: "1".into() });
+        let r: Request = serde_json::from_str(r#"{"cmd":"status"}"#).unwrap();
+        assert_eq!(r, Request::Status { name: None });
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"format_disk"}"#).is_err());
+        assert_eq!(serde_json::to_string(&Reply::err("x")).unwrap(), r#"{"ok":false,"error":"x"}"#);
     }
 }
