@@ -1056,6 +1056,56 @@ fn names_that_climb_out_of_the_state_folder_are_refused_everywhere() {
     assert_eq!(std::fs::read_to_string(victim.join("keep")).unwrap(), "precious");
 }
 
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_plugin_cannot_bloat_forge_or_flood_plugds_log() {
+    let d = Plugd::start(|dir| add_plugin(dir, "logbomb", "logbomb", ""));
+    eventually("ready", || d.all_ready(&["logbomb"]));
+    let plugd = d.child.id();
+    let before = rss_kib(plugd);
+    // 40 frames of 8 MiB: cut to one line's worth each, the ring bounded in bytes.
+    assert!(d.ctl(&["call", "logbomb", "big", "[40, 8]"]).status.success());
+    let out = d.ctl(&["logs", "logbomb", "-n", "5"]);
+    assert!(out.stdout.len() < 64 << 10, "logs -n 5 printed {} bytes", out.stdout.len());
+    let grown = rss_kib(plugd).saturating_sub(before);
+    eprintln!("plugd RSS grew by {grown} KiB after 320 MiB of log frames");
+    assert!(grown < 100 << 10, "plugd grew by {grown} KiB");
+
+    // A line with newlines or escapes cannot pass for one of plugd's.
+    assert!(d.ctl(&["call", "logbomb", "forge", "null"]).status.success());
+    let log = d.root.path().join("plugd.log");
+    eventually("the forged lines are logged", || {
+        std::fs::read_to_string(&log).unwrap_or_default().matches("(forged)").count() >= 3
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    for line in text.lines().filter(|l| l.contains("(forged)")) {
+        assert!(!line.starts_with("2026-12-02T00:00:00"), "a forged line: {line}");
+        assert!(line.contains("plugin=\"logbomb\"") || line.contains("logbomb"), "{line}");
+        assert!(!line.contains('\x1b') && !line.contains('\r'), "{line:?}");
+    }
+
+    // A flood is cut down to the rate limit in plugd's log, and counted.
+    assert!(d.ctl(&["call", "logbomb", "flood", "20000"]).status.success());
+    eventually("the drops are counted", || {
+        d.plugin("logbomb")["log_lines_dropped"].as_u64().unwrap_or(0) > 0
+    });
+    eventually("and said", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("log lines of this plugin were not written here")
+    });
+    let written = std::fs::read_to_string(&log).unwrap().matches("flood line").count();
+    assert!(written < 20000, "every flood line reached plugd's log ({written})");
+}
+
 #[test]
 fn install_from_an_http_url() {
     let d = Plugd::start(|_| {});

@@ -666,9 +666,14 @@ pub fn render_metrics(status: &[serde_json::Value], uptime_secs: f64) -> String 
     );
     let _ = writeln!(out, "# TYPE plugd_uptime_seconds gauge");
     let _ = writeln!(out, "plugd_uptime_seconds {uptime_secs:.3}");
-    let series: [(&str, &str, &str); 8] = [
+    let series: [(&str, &str, &str); 9] = [
         ("plugd_plugin_state", "gauge", "1 for the state the plugin is in."),
         ("plugd_plugin_restarts_total", "counter", "Restarts since the plugin was loaded."),
+        (
+            "plugd_plugin_log_lines_dropped_total",
+            "counter",
+            "Log lines over the rate limit, not written to plugd's log.",
+        ),
         ("plugd_plugin_calls_total", "counter", "Calls answered, by result."),
         ("plugd_plugin_resident_memory_bytes", "gauge", "Resident memory of the plugin process."),
         ("plugd_plugin_cpu_seconds_total", "counter", "CPU time used by the plugin process."),
@@ -693,11 +698,13 @@ pub fn render_metrics(status: &[serde_json::Value], uptime_secs: f64) -> String 
                         let _ = writeln!(out, "{name}{{plugin=\"{plugin}\",state=\"{s}\"}} {v}");
                     }
                 }
-                "plugd_plugin_restarts_total" => {
+                "plugd_plugin_restarts_total" | "plugd_plugin_log_lines_dropped_total" => {
+                    let key =
+                        if name.contains("restarts") { "restarts" } else { "log_lines_dropped" };
                     let _ = writeln!(
                         out,
                         "{name}{{plugin=\"{plugin}\"}} {}",
-                        p["restarts"].as_u64().unwrap_or(0)
+                        p[key].as_u64().unwrap_or(0)
                     );
                 }
                 "plugd_plugin_calls_total" => {

@@ -1,5 +1,12 @@
 //! What plugins print: captured line by line, re-emitted as tracing events
 //! tagged with the plugin, and kept in a bounded ring per plugin for `logs`.
+//!
+//! Every line a plugin originates (stdout, stderr, the SDK's `Log` frames) is treated as
+//! hostile: cut at [`MAX_LINE`] bytes whatever its source, its control characters
+//! escaped (a `\n` cannot forge a plugd line in the text log), kept in a ring bounded
+//! in lines and in bytes, and re-emitted to plugd's own log at most [`RATE_BURST`]
+//! lines per second per plugin; what is over is counted, reported once a second in
+//! plugd's log, and exported (`log_lines_dropped`, `plugd_plugin_log_lines_dropped_total`).
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
@@ -12,6 +19,13 @@ use tokio::io::AsyncReadExt;
 
 /// Lines kept per plugin.
 pub const RING_LINES: usize = 1000;
+
+/// Bytes of text kept per plugin (the ring drops its oldest lines beyond it).
+pub const RING_BYTES: usize = 1 << 20;
+
+/// Lines per second per plugin re-emitted to plugd's own log (journald); the rest is
+/// kept in the ring and counted.
+pub const RATE_BURST: u32 = 500;
 
 /// Longest line kept; longer output is split (a plugin that never prints a newline cannot grow memory).
 pub const MAX_LINE: usize = 8 * 1024;
@@ -46,7 +60,40 @@ pub struct LogLine {
 /// A bounded ring of a plugin's recent log lines, shared by its instances.
 #[derive(Debug, Clone, Default)]
 pub struct LogRing {
-    lines: Arc<Mutex<VecDeque<LogLine>>>,
+    inner: Arc<Mutex<Ring>>,
+}
+
+#[derive(Debug, Default)]
+struct Ring {
+    lines: VecDeque<LogLine>,
+    bytes: usize,
+    /// The second the rate window started (ms since the epoch / 1000) and lines emitted in it.
+    window: u64,
+    emitted: u32,
+    /// Lines not re-emitted in this window, and ever.
+    dropped_now: u64,
+    dropped: u64,
+}
+
+/// `text` as one safe line: at most [`MAX_LINE`] bytes (cut on a character boundary, with
+/// the number of bytes cut said), control characters but tab written as `\n`, `\r`,
+/// `\u{1b}`, so nothing a plugin prints can end a log line or drive a terminal.
+pub fn sanitize(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_LINE) + 16);
+    for (i, ch) in text.char_indices() {
+        if out.len() >= MAX_LINE {
+            out.push_str(&format!("… ({} bytes cut)", text.len() - i));
+            return out;
+        }
+        match ch {
+            '\t' => out.push(ch),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&c.escape_unicode().to_string()),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn level_name(level: LogLevel) -> &'static str {
@@ -60,31 +107,76 @@ fn level_name(level: LogLevel) -> &'static str {
 }
 
 impl LogRing {
-    /// Records a line and re-emits it as a tracing event tagged with the plugin.
+    /// Records a line (made safe by [`sanitize`]) and re-emits it as a tracing event
+    /// tagged with the plugin, within the rate limit.
     pub fn push(&self, plugin: &str, source: LogSource, level: LogLevel, text: String) {
-        match level {
-            LogLevel::Error => tracing::error!(plugin, source = ?source, "{text}"),
-            LogLevel::Warn => tracing::warn!(plugin, source = ?source, "{text}"),
-            LogLevel::Info => tracing::info!(plugin, source = ?source, "{text}"),
-            LogLevel::Debug => tracing::debug!(plugin, source = ?source, "{text}"),
-            LogLevel::Trace => tracing::trace!(plugin, source = ?source, "{text}"),
-        }
+        let text = sanitize(&text);
         let ts_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let line = LogLine { ts_ms, source, level: level_name(level), text };
-        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
-        if lines.len() == RING_LINES {
-            lines.pop_front();
+        let (emit, report) = {
+            let mut r = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let second = ts_ms / 1000;
+            let mut report = None;
+            if second != r.window {
+                if r.dropped_now > 0 {
+                    report = Some(r.dropped_now);
+                }
+                r.window = second;
+                r.emitted = 0;
+                r.dropped_now = 0;
+            }
+            // The supervisor's own lines about the plugin are never held back.
+            let emit = source == LogSource::Supervisor || r.emitted < RATE_BURST;
+            if emit {
+                r.emitted += 1;
+            } else {
+                r.dropped_now += 1;
+                r.dropped += 1;
+            }
+            r.bytes += text.len();
+            r.lines.push_back(LogLine {
+                ts_ms,
+                source,
+                level: level_name(level),
+                text: text.clone(),
+            });
+            while r.lines.len() > RING_LINES || (r.bytes > RING_BYTES && r.lines.len() > 1) {
+                if let Some(old) = r.lines.pop_front() {
+                    r.bytes -= old.text.len();
+                }
+            }
+            (emit, report)
+        };
+        if let Some(n) = report {
+            tracing::warn!(plugin, "{n} log lines of this plugin were not written here in the last second (over {RATE_BURST}/s); `plugctl logs` has them");
         }
-        lines.push_back(line);
+        if emit {
+            match level {
+                LogLevel::Error => tracing::error!(plugin, source = ?source, "{text}"),
+                LogLevel::Warn => tracing::warn!(plugin, source = ?source, "{text}"),
+                LogLevel::Info => tracing::info!(plugin, source = ?source, "{text}"),
+                LogLevel::Debug => tracing::debug!(plugin, source = ?source, "{text}"),
+                LogLevel::Trace => tracing::trace!(plugin, source = ?source, "{text}"),
+            }
+        }
     }
 
     /// The last `n` lines, oldest first.
     pub fn tail(&self, n: usize) -> Vec<LogLine> {
-        let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
-        lines.iter().skip(lines.len().saturating_sub(n)).cloned().collect()
+        let r = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        r.lines.iter().skip(r.lines.len().saturating_sub(n)).cloned().collect()
+    }
+
+    /// Lines that were over the rate limit and not written to plugd's own log.
+    pub fn dropped(&self) -> u64 {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).dropped
+    }
+
+    /// Bytes of text held.
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).bytes
     }
 }
 
@@ -189,5 +281,32 @@ mod tests {
         assert_eq!(tail.len(), 2);
         assert_eq!(tail[1].text, format!("line {}", RING_LINES + 4));
         assert_eq!(ring.tail(usize::MAX).len(), RING_LINES);
+    }
+
+    #[test]
+    fn lines_are_cut_escaped_and_bounded_in_bytes() {
+        let forged = "ok\n2026-12-02T00:00:00Z  INFO supervisor::daemon: plugd stopped\r\x1b[2J";
+        let s = sanitize(forged);
+        assert!(!s.contains('\n') && !s.contains('\r') && !s.contains('\x1b'), "{s}");
+        assert!(s.contains("\\n2026") && s.contains("\\u{1b}"), "{s}");
+        let long = "é".repeat(MAX_LINE);
+        let cut = sanitize(&long);
+        assert!(cut.len() < MAX_LINE + 32 && cut.ends_with("bytes cut)"), "{}", cut.len());
+        let ring = LogRing::default();
+        for _ in 0..100 {
+            ring.push("p", LogSource::Sdk, LogLevel::Info, "x".repeat(1 << 20));
+        }
+        assert!(ring.bytes() <= RING_BYTES, "{}", ring.bytes());
+    }
+
+    #[test]
+    fn a_flood_is_counted_past_the_rate_limit() {
+        let ring = LogRing::default();
+        for i in 0..(RATE_BURST as usize * 3) {
+            ring.push("p", LogSource::Stdout, LogLevel::Info, format!("line {i}"));
+        }
+        // All in the ring (up to its bound); at least the excess of one second counted.
+        assert!(ring.dropped() >= RATE_BURST as u64, "{}", ring.dropped());
+        assert_eq!(ring.tail(1)[0].text, format!("line {}", RATE_BURST as usize * 3 - 1));
     }
 }

@@ -98,6 +98,8 @@ pub struct PluginStatus {
     pub latency: CallLatency,
     /// How its instances ended, counted by kind of reason ("crashed", "memory limit", …).
     pub exits: std::collections::BTreeMap<String, u64>,
+    /// Log lines over the rate limit, kept for `logs` but not written to plugd's own log.
+    pub log_lines_dropped: u64,
 }
 
 /// Upper bounds of the call-latency buckets, in microseconds (a last bucket takes the rest).
@@ -441,6 +443,7 @@ impl PluginHandle {
             sandbox_unavailable: live.sandbox.unavailable,
             latency: s.latency.snapshot(),
             exits: live.exits,
+            log_lines_dropped: s.ring.dropped(),
         }
     }
 

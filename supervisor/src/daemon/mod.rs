@@ -447,7 +447,7 @@ impl Daemon {
                         "name": name, "version": version, "kind": kind,
                         "state": if disabled { "disabled" } else if error.is_some() { "failed" } else { "stopped" },
                         "pid": null, "restarts": 0, "last_exit": error, "uptime_ms": null,
-                        "calls_ok": 0, "calls_err": 0, "sandbox": [], "sandbox_unavailable": [],
+                        "calls_ok": 0, "calls_err": 0, "log_lines_dropped": 0, "sandbox": [], "sandbox_unavailable": [],
                     })
                 }
             };
