@@ -9,9 +9,14 @@ use serde::{de::DeserializeOwned, Serialize};
 
 /// The bincode configuration used on the wire: `standard()`, with a decode
 /// limit so that a hostile length inside a frame can never make the decoder
-/// allocate more than a frame may hold.
+/// allocate more than twice what a frame may hold.
+///
+/// Twice, not once: bincode counts every integer at its full width against the limit
+/// (a u64 sent as a one-byte varint claims 8), so a body right at the frame limit claims
+/// a few bytes more than it holds, and must still decode. The frame length itself is
+/// checked against the limit before anything is read (see `frame::body_len`).
 fn wire_config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<{ crate::frame::MAX_FRAME_CEILING as usize }>()
+    bincode::config::standard().with_limit::<{ 2 * crate::frame::MAX_FRAME_CEILING as usize }>()
 }
 
 /// An encoding or decoding failure, with the codec's own explanation.

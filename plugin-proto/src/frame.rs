@@ -113,13 +113,31 @@ pub fn write_frame<W: Write + ?Sized>(
     Ok(())
 }
 
+/// The body grows as its bytes arrive, at most this much at a time: a peer that
+/// announces 16 MiB and sends nothing more costs 64 KiB, not 16 MiB.
+const READ_STEP: usize = 64 * 1024;
+
 /// Reads one frame from a blocking reader.
 pub fn read_frame<R: Read + ?Sized>(r: &mut R, max: u32) -> Result<Message, FrameError> {
     let mut header = [0u8; HEADER_LEN];
     read_full(r, &mut header, 0, HEADER_LEN + 1)?;
     let len = body_len(header, max)?;
-    let mut body = vec![0u8; len];
-    read_full(r, &mut body, HEADER_LEN, HEADER_LEN + len)?;
+    let mut body = Vec::with_capacity(len.min(READ_STEP));
+    while body.len() < len {
+        let start = body.len();
+        body.resize(start + (len - start).min(READ_STEP), 0);
+        match r.read(&mut body[start..]) {
+            Ok(0) => {
+                return Err(FrameError::Truncated {
+                    got: HEADER_LEN + start,
+                    want: HEADER_LEN + len,
+                })
+            }
+            Ok(n) => body.truncate(start + n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => body.truncate(start),
+            Err(e) => return Err(e.into()),
+        }
+    }
     decode_body(&body)
 }
 

@@ -142,3 +142,68 @@ fn end_of_stream_is_closed_or_truncated() {
         Err(FrameError::Truncated { .. })
     ));
 }
+
+/// Every frame the encoder accepts up to the limit decodes (the codec's own limit must
+/// not count more than the body's bytes).
+#[test]
+fn frames_right_up_to_the_limit_decode() {
+    use plugin_proto::frame::{decode_body, encode_frame, HEADER_LEN};
+    let max = plugin_proto::DEFAULT_MAX_FRAME as usize;
+    let reply = |n: usize| {
+        Message::Reply(Reply {
+            id: u64::MAX,
+            result: Ok(Payload::raw(PayloadCodec::Bincode, vec![7; n])),
+        })
+    };
+    // Find the largest payload whose frame body is within the limit, then try it and the
+    // few below.
+    let mut buf = Vec::new();
+    encode_frame(&reply(0), &mut buf).unwrap();
+    let overhead = buf.len() - HEADER_LEN;
+    let biggest = max - overhead - 4; // the length prefix of a 16 MiB blob takes 5 bytes, not 1
+    for n in biggest.saturating_sub(40)..=biggest + 4 {
+        let mut buf = Vec::new();
+        encode_frame(&reply(n), &mut buf).unwrap();
+        let body = buf.len() - HEADER_LEN;
+        if body > max {
+            continue;
+        }
+        let decoded = decode_body(&buf[HEADER_LEN..]);
+        assert!(decoded.is_ok(), "a body of {body} bytes (limit {max}): {:?}", decoded.err());
+    }
+}
+
+/// A reader that hands out `data`, then EOF, and remembers the largest buffer it was given.
+struct Spy {
+    data: Vec<u8>,
+    at: usize,
+    largest: usize,
+}
+
+impl std::io::Read for Spy {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.largest = self.largest.max(buf.len());
+        let n = buf.len().min(self.data.len() - self.at);
+        buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// A header that announces 16 MiB and then nothing costs a small buffer, not 16 MiB.
+#[test]
+fn read_frame_grows_the_body_as_bytes_arrive() {
+    let mut spy = Spy { data: DEFAULT_MAX_FRAME.to_le_bytes().to_vec(), at: 0, largest: 0 };
+    let err = read_frame(&mut spy, DEFAULT_MAX_FRAME).unwrap_err();
+    assert!(matches!(err, plugin_proto::frame::FrameError::Truncated { .. }), "{err}");
+    assert!(spy.largest <= 64 * 1024, "a {} byte buffer up front", spy.largest);
+    // And a real frame, larger than one step, still reads whole.
+    let msg = Message::Reply(Reply {
+        id: 1,
+        result: Ok(Payload::raw(PayloadCodec::Bincode, vec![3; 300_000])),
+    });
+    let mut data = Vec::new();
+    encode_frame(&msg, &mut data).unwrap();
+    let mut spy = Spy { data, at: 0, largest: 0 };
+    assert_eq!(read_frame(&mut spy, DEFAULT_MAX_FRAME).unwrap(), msg);
+}
