@@ -72,16 +72,16 @@ fn start_with_http(extra: &str) -> (Plugd, u16) {
 fn every_endpoint_answers_and_mutations_need_the_token() {
     let (d, port) = start_with_http("max_body = \"64KiB\"\n");
 
-    let (code, body) = http(port, "GET", "/v1/plugins", None, b"");
+    let (code, body) = http(port, "GET", "/v1/plugins", Some(TOKEN), b"");
     assert_eq!(code, 200, "{body}");
     let list: Value = serde_json::from_str(&body).unwrap();
     let names: Vec<&str> =
         list.as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
     assert!(names.contains(&"echo") && names.contains(&"crasher"), "{names:?}");
-    let (code, body) = http(port, "GET", "/v1/plugins/echo", None, b"");
+    let (code, body) = http(port, "GET", "/v1/plugins/echo", Some(TOKEN), b"");
     assert_eq!(code, 200);
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["state"], "ready");
-    let (code, body) = http(port, "GET", "/v1/plugins/nope", None, b"");
+    let (code, body) = http(port, "GET", "/v1/plugins/nope", Some(TOKEN), b"");
     assert_eq!(code, 404, "{body}");
     assert!(body.contains("no plugin named nope"), "{body}");
 
@@ -115,7 +115,7 @@ fn every_endpoint_answers_and_mutations_need_the_token() {
     let (code, body) = http(port, "POST", "/v1/plugins/crasher/stop", Some(TOKEN), b"");
     assert_eq!(code, 200, "{body}");
     assert_eq!(d.plugin("crasher")["state"], "stopped");
-    let (_, body) = http(port, "GET", "/v1/plugins/crasher", None, b"");
+    let (_, body) = http(port, "GET", "/v1/plugins/crasher", Some(TOKEN), b"");
     let st: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(st["exits"]["stopped"], 1, "{st}");
     let (code, body) = http(port, "POST", "/v1/plugins/crasher/call/ping", Some(TOKEN), b"null");
@@ -128,13 +128,13 @@ fn every_endpoint_answers_and_mutations_need_the_token() {
     eventually("crasher back", || d.all_ready(&["crasher"]));
     let (code, _) = http(port, "POST", "/v1/plugins/crasher/explode", Some(TOKEN), b"");
     assert_eq!(code, 404);
-    let (code, body) = http(port, "GET", "/v1/plugins/echo/logs?n=5", None, b"");
+    let (code, body) = http(port, "GET", "/v1/plugins/echo/logs?n=5", Some(TOKEN), b"");
     assert_eq!(code, 200, "{body}");
     assert!(serde_json::from_str::<Value>(&body)
         .unwrap()
         .as_array()
         .is_some_and(|l| !l.is_empty()));
-    let (code, body) = http(port, "GET", "/v1/plugins/echo/versions", None, b"");
+    let (code, body) = http(port, "GET", "/v1/plugins/echo/versions", Some(TOKEN), b"");
     assert_eq!(code, 404, "echo comes from a folder, not an install: {body}");
     let (code, _) = http(port, "POST", "/v1/reload", None, b"");
     assert_eq!(code, 401);
@@ -142,7 +142,7 @@ fn every_endpoint_answers_and_mutations_need_the_token() {
     assert_eq!(code, 200, "{body}");
 
     // Metrics: Prometheus text with this plugin's counters after the calls above.
-    let (code, text) = http(port, "GET", "/metrics", None, b"");
+    let (code, text) = http(port, "GET", "/metrics", Some(TOKEN), b"");
     assert_eq!(code, 200);
     let sample = |line_start: &str| -> f64 {
         text.lines()
@@ -200,7 +200,7 @@ fn a_thousand_concurrent_http_calls_are_all_answered() {
         .collect();
     let failed = threads.into_iter().filter_map(|t| t.join().err()).count();
     assert_eq!(failed, 0, "{failed} of 1000 concurrent calls failed");
-    let (_, text) = http(port, "GET", "/metrics", None, b"");
+    let (_, text) = http(port, "GET", "/metrics", Some(TOKEN), b"");
     assert!(
         text.contains("plugd_plugin_calls_total{plugin=\"echo\",result=\"ok\"} 1000"),
         "{text}"
@@ -286,6 +286,7 @@ serve(Streamer())
 /// Reads an SSE response line by line, calling `on_event(event, data)` for each event.
 fn read_sse(
     port: u16,
+    method: &str,
     path: &str,
     token: Option<&str>,
     body: &[u8],
@@ -295,7 +296,6 @@ fn read_sse(
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let method = if body.is_empty() && token.is_none() { "GET" } else { "POST" };
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n{auth}\r\n",
@@ -334,6 +334,7 @@ fn streamed_calls_arrive_piece_by_piece_and_logs_can_be_followed() {
     let mut seen = Vec::new();
     read_sse(
         port,
+        "POST",
         "/v1/plugins/streamer/call/two_pieces?stream=true",
         Some(TOKEN),
         b"null",
@@ -354,7 +355,7 @@ fn streamed_calls_arrive_piece_by_piece_and_logs_can_be_followed() {
 
     // Following the log: the lines already there arrive as `log` events.
     let mut lines = Vec::new();
-    read_sse(port, "/v1/plugins/echo/logs?follow=true&n=50", None, b"", |e, data| {
+    read_sse(port, "GET", "/v1/plugins/echo/logs?follow=true&n=50", Some(TOKEN), b"", |e, data| {
         assert_eq!(e, "log");
         lines.push(serde_json::from_str::<Value>(data).unwrap());
         !lines.iter().any(|l| l["text"].as_str().is_some_and(|t| t.contains("ready")))
@@ -381,7 +382,7 @@ fn echo_folder(parent: &std::path::Path, name: &str, extra: &str) -> std::path::
 fn wait_job(port: u16, id: u64) -> Value {
     let mut job = Value::Null;
     eventually(&format!("job {id} ends"), || {
-        let (code, body) = http(port, "GET", &format!("/v1/jobs/{id}"), None, b"");
+        let (code, body) = http(port, "GET", &format!("/v1/jobs/{id}"), Some(TOKEN), b"");
         assert_eq!(code, 200, "{body}");
         job = serde_json::from_str(&body).unwrap();
         ["succeeded", "failed", "cancelled"].contains(&job["state"].as_str().unwrap_or(""))
@@ -434,7 +435,7 @@ fn install_jobs_run_in_the_background_and_can_be_cancelled_and_retried() {
     );
     let id = start_job(port, &slow, false);
     eventually("job running", || {
-        let (_, body) = http(port, "GET", &format!("/v1/jobs/{id}"), None, b"");
+        let (_, body) = http(port, "GET", &format!("/v1/jobs/{id}"), Some(TOKEN), b"");
         body.contains("\"running\"") && sleeping("61.7")
     });
     let (code, body) = http(port, "POST", &format!("/v1/jobs/{id}/cancel"), Some(TOKEN), b"");
@@ -471,9 +472,9 @@ fn install_jobs_run_in_the_background_and_can_be_cancelled_and_retried() {
     eventually("flaky ready", || d.all_ready(&["flaky"]));
 
     // Every job is listed and counted; a bad body is a 400.
-    let (_, body) = http(port, "GET", "/v1/jobs", None, b"");
+    let (_, body) = http(port, "GET", "/v1/jobs", Some(TOKEN), b"");
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap().as_array().unwrap().len(), 4);
-    let (_, text) = http(port, "GET", "/metrics", None, b"");
+    let (_, text) = http(port, "GET", "/metrics", Some(TOKEN), b"");
     assert!(text.contains("plugd_jobs{state=\"succeeded\"} 2"), "{text}");
     assert!(text.contains("plugd_jobs{state=\"cancelled\"} 1"), "{text}");
     let (code, body) = http(port, "POST", "/v1/install", Some(TOKEN), b"{\"src\":1}");
@@ -503,7 +504,7 @@ fn install_jobs_run_in_the_background_and_can_be_cancelled_and_retried() {
 
     // A restart keeps the records.
     let _d = d.restart();
-    let (code, body) = http(port, "GET", "/v1/jobs", None, b"");
+    let (code, body) = http(port, "GET", "/v1/jobs", Some(TOKEN), b"");
     assert_eq!(code, 200, "{body}");
     let kept = serde_json::from_str::<Value>(&body).unwrap();
     let states: Vec<&str> =
@@ -608,7 +609,7 @@ fn a_job_cut_short_by_a_crash_of_plugd_is_failed_not_running_and_leaves_nothing(
     let d = d.restart_after_kill();
     // The orphaned build step is not ours to wait for; kill it so the test leaves nothing.
     let _ = Command::new("pkill").args(["-f", "sleep 62.3"]).status();
-    let (code, body) = http(port, "GET", &format!("/v1/jobs/{id}"), None, b"");
+    let (code, body) = http(port, "GET", &format!("/v1/jobs/{id}"), Some(TOKEN), b"");
     assert_eq!(code, 200, "{body}");
     let job: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
@@ -655,7 +656,7 @@ fn no_http_call_fails_across_in_place_upgrades() {
         })
     };
     let generation = || {
-        let (code, _) = http(port, "GET", "/v1/plugins", None, b"");
+        let (code, _) = http(port, "GET", "/v1/plugins", Some(TOKEN), b"");
         (code == 200).then(|| d.json(&["info"])["generation"].as_u64()).flatten()
     };
     for next in 1..=2u64 {
@@ -689,4 +690,51 @@ fn an_install_body_with_unknown_fields_is_refused() {
         http(port, "POST", "/v1/install", Some(TOKEN), br#"{"source": "/nowhere", "forse": true}"#);
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("unknown field `forse`"), "{body}");
+}
+
+#[test]
+fn hostile_http_clients_are_cut_off_and_reads_need_the_token() {
+    let (_d, port) = start_with_http("max_body = \"64KiB\"\n");
+    // Reads need the token.
+    let (code, body) = http(port, "GET", "/v1/plugins", None, b"");
+    assert_eq!(code, 401, "{body}");
+    let (code, _) = http(port, "GET", "/metrics", None, b"");
+    assert_eq!(code, 401);
+    // The token is checked before the body is read: a big body without it is a 401.
+    let (code, body) = http(port, "POST", "/v1/install", None, &vec![b'x'; 2 << 20]);
+    assert_eq!(code, 401, "{body}");
+
+    let raw = |request: &'static str| {
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+            s.write_all(request.as_bytes()).unwrap();
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out);
+            String::from_utf8_lossy(&out).into_owned()
+        })
+    };
+    // Headers that never end are cut off; a body that never completes gets a 408.
+    let slow_headers = raw("GET /v1/plugins HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+    let auth: &'static str = Box::leak(
+        format!(
+            "POST /v1/plugins/echo/call/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 100\r\n\r\n{{\"a\":"
+        )
+        .into_boxed_str(),
+    );
+    let slow_body = raw(auth);
+    let cut = slow_headers.join().unwrap();
+    assert!(!cut.contains(" 200 "), "headers that never end got an answer: {cut}");
+    let timed_out = slow_body.join().unwrap();
+    assert!(timed_out.starts_with("HTTP/1.1 408"), "{timed_out}");
+    assert!(timed_out.contains("did not arrive within 10 s"), "{timed_out}");
+}
+
+#[test]
+fn public_reads_open_gets_only() {
+    let (_d, port) = start_with_http("public_reads = true\n");
+    let (code, _) = http(port, "GET", "/v1/plugins", None, b"");
+    assert_eq!(code, 200);
+    let (code, _) = http(port, "POST", "/v1/plugins/echo/call/echo", None, b"1");
+    assert_eq!(code, 401);
 }

@@ -56,6 +56,8 @@ struct RawHttp {
     listen: String,
     token_file: Option<PathBuf>,
     max_body: Option<toml::Value>,
+    #[serde(default)]
+    public_reads: bool,
 }
 
 /// A config problem, naming the file.
@@ -163,6 +165,7 @@ impl DaemonConfig {
                     )
                 })?,
                 token_file: h.token_file.map(|p| expand(&base, &p)),
+                public_reads: h.public_reads,
                 max_body: match &h.max_body {
                     None => crate::http::DEFAULT_MAX_BODY,
                     Some(toml::Value::Integer(n)) if *n > 0 => *n as usize,

@@ -2,11 +2,14 @@
 //!
 //! Every endpoint maps onto a control-socket request (`control::Request`) and
 //! runs through the same [`Daemon::handle`], so HTTP and plugctl can never
-//! disagree. Reads (`GET`) are open on loopback; every mutating request
-//! (`POST`) needs `Authorization: Bearer <token>` with the token from
-//! `[http] token_file`, and a non-loopback listen needs the token for
-//! everything (plugd refuses to start it without one). Bodies are capped
-//! (413 above the limit); a malformed argument is a 400 naming the problem.
+//! disagree. Every request needs `Authorization: Bearer <token>` with the token
+//! from `[http] token_file` — reads too (they show every plugin's logs), unless
+//! `[http] public_reads = true` — and the token is checked before a byte of the
+//! body is read. A non-loopback listen needs a token file (plugd refuses to start
+//! without one). Clients are treated as hostile: at most [`MAX_CONNECTIONS`] at
+//! once (the rest wait in the accept queue), headers within [`HEADER_TIMEOUT`], a body within
+//! [`BODY_TIMEOUT`] (408) and under the cap (413); a malformed argument is a 400
+//! naming the problem.
 //! `GET /metrics` is the Prometheus text format, built from the same status
 //! snapshot plus each plugin process's RSS and CPU time from `/proc`.
 //! `docs/http-api.md` shows every endpoint with a `curl` line.
@@ -36,7 +39,20 @@ pub struct HttpConfig {
     pub token_file: Option<PathBuf>,
     /// Largest request body accepted, in bytes.
     pub max_body: usize,
+    /// `GET`s without the token (on a trusted host: any local user can read every
+    /// plugin's status and logs).
+    pub public_reads: bool,
 }
+
+/// Connections served at once; more wait in the kernel's accept queue.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// Time a client has to send a request's headers (and to start the next one on a
+/// keep-alive connection).
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Time a client has to send a request's body.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Default request body cap.
 pub const DEFAULT_MAX_BODY: usize = 1 << 20;
@@ -44,8 +60,9 @@ pub const DEFAULT_MAX_BODY: usize = 1 << 20;
 struct Api {
     daemon: Arc<Daemon>,
     token: Option<String>,
-    /// Reads need the token too (a non-loopback listen).
+    /// Reads need the token too (unless `public_reads`).
     guard_reads: bool,
+    max_body: usize,
     started: std::time::Instant,
 }
 
@@ -86,7 +103,8 @@ pub async fn bind(
     let api = Arc::new(Api {
         daemon,
         token,
-        guard_reads: !cfg.listen.ip().is_loopback(),
+        guard_reads: !cfg.public_reads,
+        max_body: cfg.max_body,
         started: std::time::Instant::now(),
     });
     let app = Router::new()
@@ -107,6 +125,7 @@ pub async fn bind(
             failure(StatusCode::NOT_FOUND, "no such endpoint; see docs/http-api.md")
         })
         .layer(DefaultBodyLimit::max(cfg.max_body))
+        .layer(axum::middleware::from_fn_with_state(api.clone(), guard))
         .with_state(api);
     // The listener a previous plugd handed over, if it listens where the config says.
     let inherited = inherited.and_then(|fd| {
@@ -156,12 +175,7 @@ impl HttpServer {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let app = self.app.clone();
         let task = tokio::spawn(async move {
-            let graceful = async move {
-                let _ = stopped.await;
-            };
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(graceful).await {
-                tracing::error!("HTTP admin API stopped: {e}");
-            }
+            accept_loop(listener, app, stopped).await;
         });
         self.running = Some((stop, task));
         Ok(())
@@ -189,6 +203,97 @@ impl HttpServer {
     }
 }
 
+/// Accepts connections until `stop`, then waits for the ones open to finish (idle
+/// keep-alive connections are closed at once). Each connection is served by hyper with a
+/// header timeout; at [`MAX_CONNECTIONS`], accepting pauses until one ends.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        // At the limit, stop accepting: the next clients wait in the kernel's queue (4096
+        // deep) until a connection ends — an idle one within HEADER_TIMEOUT.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = &mut stop => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, say: back off instead of spinning.
+                    tracing::warn!("HTTP accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// Before any handler: the token (before a byte of the body is read), then the body,
+/// whole, within [`BODY_TIMEOUT`] and the size cap.
+async fn guard(
+    State(api): State<Arc<Api>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let mutating = !matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+    if let Some(r) = api.check(req.headers(), mutating) {
+        return r;
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > api.max_body as u64) {
+        return failure(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is over {} bytes ([http] max_body)", api.max_body),
+        );
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, api.max_body))
+        .await
+    {
+        Err(_) => {
+            return failure(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
+            )
+        }
+        Ok(Err(_)) => {
+            return failure(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is over {} bytes ([http] max_body), or broke off", api.max_body),
+            )
+        }
+        Ok(Ok(b)) => b,
+    };
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
+}
+
 fn failure(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
@@ -202,7 +307,7 @@ impl Api {
         let Some(token) = &self.token else {
             return Some(failure(
                 StatusCode::UNAUTHORIZED,
-                "changes over HTTP need a token: set [http] token_file in plugd.toml and send `Authorization: Bearer <token>`",
+                "this needs a token: set [http] token_file in plugd.toml and send `Authorization: Bearer <token>` (or [http] public_reads = true to open reads)",
             ));
         };
         let sent = headers
@@ -255,21 +360,11 @@ fn reply_to_response(reply: Reply, is_call: bool) -> Response {
     failure(status, error)
 }
 
-async fn list(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
-    if let Some(r) = api.check(&headers, false) {
-        return r;
-    }
+async fn list(State(api): State<Arc<Api>>) -> Response {
     api.run(Request::Status { name: None }).await
 }
 
-async fn one(
-    State(api): State<Arc<Api>>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(r) = api.check(&headers, false) {
-        return r;
-    }
+async fn one(State(api): State<Arc<Api>>, Path(name): Path<String>) -> Response {
     match api.daemon.handle(Request::Status { name: Some(name) }).await {
         Reply { ok: true, data: Some(serde_json::Value::Array(mut list)), .. }
             if !list.is_empty() =>
@@ -280,14 +375,7 @@ async fn one(
     }
 }
 
-async fn versions(
-    State(api): State<Arc<Api>>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(r) = api.check(&headers, false) {
-        return r;
-    }
+async fn versions(State(api): State<Arc<Api>>, Path(name): Path<String>) -> Response {
     api.run(Request::Versions { name }).await
 }
 
@@ -303,11 +391,7 @@ async fn logs(
     State(api): State<Arc<Api>>,
     Path(name): Path<String>,
     Query(q): Query<LogsQuery>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = api.check(&headers, false) {
-        return r;
-    }
     let n = q.n.unwrap_or(100).min(10_000);
     if !q.follow {
         return api.run(Request::Logs { name, n, since_ms: q.since_ms }).await;
@@ -417,12 +501,8 @@ async fn call(
     State(api): State<Arc<Api>>,
     Path((name, method)): Path<(String, String)>,
     Query(q): Query<CallQuery>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(r) = api.check(&headers, true) {
-        return r;
-    }
     let json = match std::str::from_utf8(&body) {
         Ok(t) if t.trim().is_empty() => "null".to_string(),
         Ok(t) => t.to_string(),
@@ -443,12 +523,8 @@ async fn call(
 async fn action(
     State(api): State<Arc<Api>>,
     Path((name, action)): Path<(String, String)>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(r) = api.check(&headers, true) {
-        return r;
-    }
     let req = match action.as_str() {
         "update" | "uninstall" => return job_for(&api, name, &action, &body).await,
         "start" => Request::Start { name },
@@ -468,17 +544,11 @@ async fn action(
     api.run(req).await
 }
 
-async fn reload(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
-    if let Some(r) = api.check(&headers, true) {
-        return r;
-    }
+async fn reload(State(api): State<Arc<Api>>) -> Response {
     api.run(Request::Reload).await
 }
 
-async fn install(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Some(r) = api.check(&headers, true) {
-        return r;
-    }
+async fn install(State(api): State<Arc<Api>>, body: Bytes) -> Response {
     let params: crate::jobs::InstallParams = match serde_json::from_slice(&body) {
         Ok(p) => p,
         Err(e) => {
@@ -497,11 +567,7 @@ async fn install(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -
 
 /// Validates a plugin without installing it: `{"path": "/folder"}`, or the bytes of a
 /// `.tar.gz` / `.zip` as the body (unpacked with the install's safety checks).
-async fn validate(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> Response {
-    // Token even for this read: it reads paths and unpacks uploads on the server.
-    if let Some(r) = api.check(&headers, true) {
-        return r;
-    }
+async fn validate(State(api): State<Arc<Api>>, body: Bytes) -> Response {
     let daemon = api.daemon.clone();
     let result = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, String> {
         let gz = body.starts_with(&[0x1f, 0x8b]);
@@ -599,28 +665,18 @@ fn accepted(reply: Reply) -> Response {
     }
 }
 
-async fn jobs(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
-    if let Some(r) = api.check(&headers, false) {
-        return r;
-    }
+async fn jobs(State(api): State<Arc<Api>>) -> Response {
     api.run(Request::Jobs).await
 }
 
-async fn job(State(api): State<Arc<Api>>, Path(id): Path<u64>, headers: HeaderMap) -> Response {
-    if let Some(r) = api.check(&headers, false) {
-        return r;
-    }
+async fn job(State(api): State<Arc<Api>>, Path(id): Path<u64>) -> Response {
     api.run(Request::Job { id }).await
 }
 
 async fn job_action(
     State(api): State<Arc<Api>>,
     Path((id, action)): Path<(u64, String)>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = api.check(&headers, true) {
-        return r;
-    }
     match action.as_str() {
         "cancel" => api.run(Request::CancelJob { id }).await,
         "retry" => accepted(api.daemon.handle(Request::RetryJob { id }).await),
@@ -630,10 +686,7 @@ async fn job_action(
     }
 }
 
-async fn metrics(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
-    if let Some(r) = api.check(&headers, false) {
-        return r;
-    }
+async fn metrics(State(api): State<Arc<Api>>) -> Response {
     let status = match api.daemon.handle(Request::Status { name: None }).await {
         Reply { ok: true, data: Some(serde_json::Value::Array(list)), .. } => list,
         other => return reply_to_response(other, false),
@@ -814,6 +867,7 @@ mod tests {
             listen: listen.parse().unwrap(),
             token_file,
             max_body: DEFAULT_MAX_BODY,
+            public_reads: false,
         };
         let e = token_for(&cfg("0.0.0.0:7070", None)).unwrap_err();
         assert!(e.contains("not a loopback address") && e.contains("token_file"), "{e}");
