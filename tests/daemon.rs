@@ -70,6 +70,26 @@ fn plugctl_drives_a_running_daemon() {
     // logs.
     let logs = String::from_utf8(d.ctl(&["logs", "echo", "-n", "5"]).stdout).unwrap();
     assert!(logs.contains("ready (pid"), "{logs}");
+    // Times as a person reads them: local time by default, UTC on request, raw in --json.
+    let utc = String::from_utf8(d.ctl(&["logs", "echo", "-n", "1", "--utc"]).stdout).unwrap();
+    let stamp = utc.split(' ').take(2).collect::<Vec<_>>().join(" ");
+    assert_eq!(stamp.len(), "2026-12-02 07:08:04.123".len(), "{utc}");
+    assert!(
+        stamp.starts_with("20") && stamp.as_bytes()[10] == b' ' && stamp.contains(':'),
+        "{utc}"
+    );
+    let raw = d.json(&["logs", "echo", "-n", "1"]);
+    assert!(raw["ts_ms"].as_u64().is_some() || raw.to_string().contains("ts_ms"), "{raw}");
+
+    // reload names a broken folder and exits 1.
+    let broken = d.plugins().join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("plugin.toml"), "name = \"broken\"\n").unwrap();
+    let out = d.ctl(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("broken"));
+    std::fs::remove_dir_all(&broken).unwrap();
+    assert!(d.ctl(&["reload"]).status.success());
 
     // disable survives a daemon restart.
     let crasher = d.pid("crasher");
@@ -528,6 +548,7 @@ fn plugctl_update_hot_swaps_to_the_folder_contents() {
     };
     assert_eq!(pos(&d).trim(), "1");
     let old = d.pid("tick-strategy");
+    let layers_before = d.plugin("tick-strategy")["sandbox"].clone();
     let manifest = d.plugins().join("tick-strategy/plugin.toml");
     let text = std::fs::read_to_string(&manifest)
         .unwrap()
@@ -538,6 +559,11 @@ fn plugctl_update_hot_swaps_to_the_folder_contents() {
     assert_eq!(st[0]["restarts"], 0);
     assert_ne!(d.pid("tick-strategy"), old);
     assert_eq!(pos(&d).trim(), "1", "the position survives the update");
+    assert_eq!(
+        d.plugin("tick-strategy")["sandbox"],
+        layers_before,
+        "the new instance shows every layer, the SDK's voluntary ones too"
+    );
     // A new version that cannot start: the running one keeps serving, and plugctl says why.
     let text = std::fs::read_to_string(&manifest)
         .unwrap()
@@ -636,7 +662,10 @@ fn install_versions_update_rollback_uninstall() {
     // Uninstall: one version, then the whole plugin with its state.
     let out = d.ctl(&["uninstall", "greeter", "--version", "1.0.0"]);
     assert_eq!(out.status.code(), Some(1), "the current version cannot be removed alone");
-    assert!(d.ctl(&["uninstall", "greeter", "--version", "2.0.0"]).status.success());
+    let out = d.ctl(&["uninstall", "greeter", "--version", "2.0.0"]);
+    assert!(out.status.success());
+    // What is left, as `versions` prints it (not raw JSON).
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1.0.0  (current)");
     assert!(!installed.join("2.0.0").exists());
     let state = d.root.path().join("state/plugins/greeter");
     assert!(state.exists());
@@ -1100,7 +1129,7 @@ fn a_plugin_cannot_bloat_forge_or_flood_plugds_log() {
     eventually("and said", || {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
-            .contains("log lines of this plugin were not written here")
+            .contains("lines/s: the rest of this second is kept")
     });
     let written = std::fs::read_to_string(&log).unwrap().matches("flood line").count();
     assert!(written < 20000, "every flood line reached plugd's log ({written})");

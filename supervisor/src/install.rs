@@ -786,7 +786,6 @@ mod tests {
         let root = root(state.path());
         let e = place(&root, "p", "1.0.0", src.path(), false, |_| Ok(())).unwrap_err();
         assert!(e.contains("sneaky") && e.contains("symlink"), "{e}");
-        assert!(!root.join("p/1.0.0").exists());
-        assert_eq!(std::fs::read_dir(root.join("p")).unwrap().count(), 0);
+        assert!(!root.join("p").exists(), "a failed first install leaves no folder");
     }
 }

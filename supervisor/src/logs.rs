@@ -115,7 +115,7 @@ impl LogRing {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let (emit, report) = {
+        let (emit, report, first_drop) = {
             let mut r = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             let second = ts_ms / 1000;
             let mut report = None;
@@ -129,9 +129,11 @@ impl LogRing {
             }
             // The supervisor's own lines about the plugin are never held back.
             let emit = source == LogSource::Supervisor || r.emitted < RATE_BURST;
+            let mut first_drop = false;
             if emit {
                 r.emitted += 1;
             } else {
+                first_drop = r.dropped_now == 0;
                 r.dropped_now += 1;
                 r.dropped += 1;
             }
@@ -147,8 +149,11 @@ impl LogRing {
                     r.bytes -= old.text.len();
                 }
             }
-            (emit, report)
+            (emit, report, first_drop)
         };
+        if first_drop {
+            tracing::warn!(plugin, "this plugin logs over {RATE_BURST} lines/s: the rest of this second is kept for `plugctl logs` but not written here");
+        }
         if let Some(n) = report {
             tracing::warn!(plugin, "{n} log lines of this plugin were not written here in the last second (over {RATE_BURST}/s); `plugctl logs` has them");
         }

@@ -83,6 +83,17 @@ impl Slot {
         self.shared.ring.push(&self.shared.name, LogSource::Supervisor, level, text);
     }
 
+    /// Adds the layers an instance applied to itself (reported in its Hello), labelled
+    /// as voluntary, to the sandbox the status shows.
+    fn record_lockdown(&self, lockdown: &[String]) {
+        let mut live = self.shared.live.lock().unwrap_or_else(|p| p.into_inner());
+        for layer in lockdown.iter().map(|l| format!("{l}(sdk, voluntary)")) {
+            if !live.sandbox.in_force.contains(&layer) {
+                live.sandbox.in_force.push(layer);
+            }
+        }
+    }
+
     fn publish(&self, m: &Machine, pid: Option<u32>, sdk: Option<String>) {
         let mut live = self.shared.live.lock().unwrap_or_else(|p| p.into_inner());
         live.state = m.state;
@@ -231,7 +242,8 @@ impl Slot {
                         match (&ev, u.retiring.as_ref().map(|c| c.generation)) {
                             // The new instance is Ready: switch routing to it (it holds calls until
                             // released), and retire the old one, which drains and hands over its state.
-                            (InstanceEvent::Ready { pid: p, sdk: s, .. }, None) if gen == new_gen => {
+                            (InstanceEvent::Ready { pid: p, sdk: s, lockdown }, None) if gen == new_gen => {
+                                self.record_lockdown(lockdown);
                                 let calls = u.new.calls.clone();
                                 if let Some(calls) = calls {
                                     self.shared.route.store(Some(Arc::new(calls)));
@@ -319,14 +331,7 @@ impl Slot {
                         InstanceEvent::Ready { pid: p, sdk: s, lockdown } => {
                             pid = Some(p);
                             sdk = Some(s);
-                            if !lockdown.is_empty() {
-                                let mut live = self.shared.live.lock().unwrap_or_else(|p| p.into_inner());
-                                for layer in lockdown.into_iter().map(|l| format!("{l}(sdk, voluntary)")) {
-                                    if !live.sandbox.in_force.contains(&layer) {
-                                        live.sandbox.in_force.push(layer);
-                                    }
-                                }
-                            }
+                            self.record_lockdown(&lockdown);
                             self.note(LogLevel::Info, format!("ready (pid {p})"));
                             Event::Ready
                         }

@@ -135,6 +135,9 @@ enum Cmd {
         /// How many lines.
         #[arg(short, default_value_t = 50)]
         n: usize,
+        /// Times in UTC (default: local time; --json keeps the raw milliseconds).
+        #[arg(long)]
+        utc: bool,
     },
     /// Check a plugin folder without a daemon: manifest, entrypoint, and a real start and stop.
     Validate {
@@ -304,6 +307,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let socket = args.socket.clone().unwrap_or_else(supervisor::config::default_socket);
     let follow = matches!(args.cmd, Cmd::Logs { follow: true, .. });
+    let utc = matches!(args.cmd, Cmd::Logs { utc: true, .. });
     let req = match args.cmd {
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Args::command(), "plugctl", &mut std::io::stdout());
@@ -401,7 +405,7 @@ fn main() -> ExitCode {
                     } else {
                         println!(
                             "{} {:<10} {:<5} {}",
-                            l["ts_ms"],
+                            clock(l["ts_ms"].as_u64().unwrap_or(0), utc),
                             cell(&l["source"]),
                             cell(&l["level"]),
                             cell(&l["text"])
@@ -458,7 +462,15 @@ fn main() -> ExitCode {
                 println!("error: {e}");
             }
         }
-        Request::Versions { .. } => {
+        Request::Reload => {
+            println!("{}", serde_json::to_string_pretty(&data).unwrap_or_default());
+            let problems = data["problems"].as_array().map(|p| p.len()).unwrap_or(0);
+            if problems > 0 {
+                eprintln!("plugctl: the reload found {problems} problem(s), listed above");
+                return ExitCode::from(1);
+            }
+        }
+        Request::Versions { .. } | Request::Uninstall { .. } if data.is_array() => {
             for v in data.as_array().cloned().unwrap_or_default() {
                 println!(
                     "{}{}",
@@ -706,4 +718,32 @@ fn describe(work: &serde_json::Value) -> String {
     serde_json::from_value::<supervisor::jobs::Work>(work.clone())
         .map(|w| w.describe())
         .unwrap_or_else(|_| work.to_string())
+}
+
+/// A log time as `YYYY-MM-DD HH:MM:SS.mmm`, in local time or UTC.
+fn clock(ts_ms: u64, utc: bool) -> String {
+    let secs = (ts_ms / 1000) as libc::time_t;
+    // SAFETY: an all-zero tm is a valid value of this plain C struct.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: the _r variants write only into `tm`, which we own; `secs` is a valid time_t.
+    let ok = unsafe {
+        if utc {
+            !libc::gmtime_r(&secs, &mut tm).is_null()
+        } else {
+            !libc::localtime_r(&secs, &mut tm).is_null()
+        }
+    };
+    if !ok {
+        return ts_ms.to_string();
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec,
+        ts_ms % 1000
+    )
 }
