@@ -7,16 +7,33 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 
-/// The bincode configuration used on the wire: `standard()`, with a decode
-/// limit so that a hostile length inside a frame can never make the decoder
-/// allocate more than twice what a frame may hold.
-///
-/// Twice, not once: bincode counts every integer at its full width against the limit
-/// (a u64 sent as a one-byte varint claims 8), so a body right at the frame limit claims
-/// a few bytes more than it holds, and must still decode. The frame length itself is
-/// checked against the limit before anything is read (see `frame::body_len`).
+/// The bincode configuration used to encode: `standard()` (the decode side adds a limit).
 fn wire_config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<{ 2 * crate::frame::MAX_FRAME_CEILING as usize }>()
+    bincode::config::standard()
+}
+
+/// Decodes with a limit on what the bytes may claim: bincode allocates a string or a
+/// byte vector at the length the input announces before it reads it, so the limit is
+/// what stops a short hostile input from costing megabytes. It is chosen from the
+/// input's own size (the smallest step at least 8x its length, never above twice the
+/// frame ceiling): a decode never allocates more than a small multiple of what was
+/// received. Eight times, not once, because bincode also counts every integer at its
+/// full width (a u64 sent as a one-byte varint claims 8), so a body right at the frame
+/// limit claims more than it holds and must still decode.
+fn decode_limited<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), CodecError> {
+    fn with<T: DeserializeOwned, const L: usize>(bytes: &[u8]) -> Result<(T, usize), CodecError> {
+        let config = bincode::config::standard().with_limit::<L>();
+        bincode::serde::decode_from_slice::<T, _>(bytes, config)
+            .map_err(|e| CodecError::Decode(e.to_string()))
+    }
+    const CEILING: usize = crate::frame::MAX_FRAME_CEILING as usize;
+    match bytes.len().saturating_mul(8) {
+        n if n <= 4 << 10 => with::<T, { 4 << 10 }>(bytes),
+        n if n <= 64 << 10 => with::<T, { 64 << 10 }>(bytes),
+        n if n <= 1 << 20 => with::<T, { 1 << 20 }>(bytes),
+        n if n <= 16 << 20 => with::<T, { 16 << 20 }>(bytes),
+        _ => with::<T, { 2 * CEILING }>(bytes),
+    }
 }
 
 /// An encoding or decoding failure, with the codec's own explanation.
@@ -51,8 +68,7 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
 
 /// Decodes exactly one value from `bytes`; leftover bytes are an error.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    let (value, used) = bincode::serde::decode_from_slice::<T, _>(bytes, wire_config())
-        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    let (value, used) = decode_limited::<T>(bytes)?;
     if used != bytes.len() {
         return Err(CodecError::Trailing(bytes.len() - used));
     }
