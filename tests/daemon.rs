@@ -1334,3 +1334,118 @@ fn descriptors_adopted_across_an_upgrade_do_not_leak() {
     assert!(distinct.len() <= 5, "{fds:?}");
     assert!(sockets >= 1, "{fds:?}");
 }
+
+/// A `.tar.gz` of `folder` (as its top folder) at `to`.
+fn tar_gz(folder: &Path, to: &Path) {
+    let file = std::fs::File::create(to).unwrap();
+    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    tar.append_dir_all(folder.file_name().unwrap(), folder).unwrap();
+    tar.into_inner().unwrap().finish().unwrap();
+}
+
+#[test]
+fn with_required_signatures_only_archives_signed_by_a_trusted_key_install() {
+    use minisign::KeyPair;
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("plugins")).unwrap();
+    let KeyPair { pk, sk } = KeyPair::generate_unencrypted_keypair().unwrap();
+    std::fs::write(root.path().join("trusted.pub"), pk.to_box().unwrap().to_string()).unwrap();
+    let stranger = KeyPair::generate_unencrypted_keypair().unwrap();
+    std::fs::write(
+        root.path().join("extra.toml"),
+        "[install]\ntrusted_keys = [\"trusted.pub\"]\nrequire_signatures = true\n",
+    )
+    .unwrap();
+    let d = Plugd::start_with(root, &[]);
+    let src = tempfile::tempdir().unwrap();
+    let folder = greeter_source(src.path(), "1.0.0");
+    let archive = src.path().join("greeter-1.0.0.tar.gz");
+    tar_gz(&folder, &archive);
+    let sign = |with: &minisign::SecretKey| {
+        let data = std::fs::read(&archive).unwrap();
+        let sig = minisign::sign(
+            Some(&pk),
+            with,
+            std::io::Cursor::new(data),
+            Some("greeter 1.0.0 by the plugin team"),
+            None,
+        );
+        sig.map(|s| s.to_string()).unwrap_or_default()
+    };
+    let sig_path = src.path().join("greeter-1.0.0.tar.gz.minisig");
+    let install = |d: &Plugd, what: &Path| {
+        let out = d.ctl(&["install", what.to_str().unwrap()]);
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+
+    // Unsigned: refused, naming the setting.
+    let (code, err) = install(&d, &archive);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("has no signature") && err.contains("require_signatures"), "{err}");
+    // A folder or a git repository cannot carry a signature: refused too.
+    let (code, err) = install(&d, &folder);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("a folder carries no signature"), "{err}");
+    let out = d.ctl(&["install", "git+file:///nowhere#v1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a git repository carries no signature"));
+    // Signed by a key plugd does not trust: refused.
+    std::fs::write(&sig_path, {
+        let data = std::fs::read(&archive).unwrap();
+        minisign::sign(Some(&stranger.pk), &stranger.sk, std::io::Cursor::new(data), None, None)
+            .unwrap()
+            .to_string()
+    })
+    .unwrap();
+    let (code, err) = install(&d, &archive);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("does not verify with any key"), "{err}");
+    // Signed by the trusted key, then changed: refused.
+    std::fs::write(&sig_path, sign(&sk)).unwrap();
+    let mut bytes = std::fs::read(&archive).unwrap();
+    bytes.push(0);
+    let tampered = src.path().join("tampered.tar.gz");
+    std::fs::write(&tampered, &bytes).unwrap();
+    std::fs::copy(&sig_path, src.path().join("tampered.tar.gz.minisig")).unwrap();
+    let (code, err) = install(&d, &tampered);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("does not verify"), "{err}");
+    assert!(!d.root.path().join("state/installed/greeter").exists(), "nothing of it was installed");
+    // Signed by the trusted key: installed, and the job says by whom.
+    let (code, err) = install(&d, &archive);
+    assert_eq!(code, Some(0), "{err}");
+    eventually("ready", || d.all_ready(&["greeter"]));
+    let jobs = d.json(&["jobs"]).to_string();
+    assert!(
+        jobs.contains("signature verified, signed by")
+            && jobs.contains("greeter 1.0.0 by the plugin team"),
+        "{jobs}"
+    );
+}
+
+#[test]
+fn a_pinned_entrypoint_that_changed_is_refused_not_run() {
+    let d = Plugd::start(|_| {});
+    let dir = d.plugins().join("pinned");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(bin_dir().join("echo"), dir.join("echo")).unwrap();
+    let hash = supervisor::signing::sha256_of(&dir.join("echo")).unwrap();
+    let manifest = |pin: &str| {
+        format!("name = \"pinned\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"echo\"\nentrypoint_sha256 = \"{pin}\"\n[restart]\npolicy = \"never\"\n")
+    };
+    std::fs::write(dir.join("plugin.toml"), manifest(&hash)).unwrap();
+    assert!(d.ctl(&["reload"]).status.success());
+    eventually("the pinned plugin runs", || d.all_ready(&["pinned"]));
+    // The binary is swapped for another one: the next start refuses it and says why.
+    std::fs::copy(bin_dir().join("crasher"), dir.join("echo.new")).unwrap();
+    std::fs::rename(dir.join("echo.new"), dir.join("echo")).unwrap();
+    let out = d.ctl(&["restart", "pinned"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pins entrypoint_sha256") && err.contains(&hash), "{err}");
+    assert_ne!(d.plugin("pinned")["state"], "ready");
+    // A pin that is not a SHA-256 is a manifest error.
+    std::fs::write(dir.join("plugin.toml"), manifest("abc")).unwrap();
+    let out = d.ctl(&["reload"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("entrypoint_sha256"));
+}

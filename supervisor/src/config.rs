@@ -36,6 +36,8 @@ pub struct DaemonConfig {
     pub source: Option<PathBuf>,
     /// `[http]`: the admin API, if enabled.
     pub http: Option<crate::http::HttpConfig>,
+    /// `[install]`: the keys trusted to sign plugins, and whether installs must be signed.
+    pub trust: crate::signing::Trust,
 }
 
 #[derive(Deserialize)]
@@ -48,6 +50,17 @@ struct RawConfig {
     #[serde(default)]
     defaults: toml::Table,
     http: Option<RawHttp>,
+    #[serde(default)]
+    install: RawInstall,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawInstall {
+    #[serde(default)]
+    trusted_keys: Vec<String>,
+    #[serde(default)]
+    require_signatures: bool,
 }
 
 #[derive(Deserialize)]
@@ -121,6 +134,7 @@ impl DaemonConfig {
             defaults: toml::Table::new(),
             source: None,
             http: None,
+            trust: crate::signing::Trust::default(),
         }
     }
 
@@ -178,8 +192,14 @@ impl DaemonConfig {
                 },
             }),
         };
+        let trust = crate::signing::Trust::from_config(
+            &raw.install.trusted_keys,
+            raw.install.require_signatures,
+            &base,
+        )?;
         Ok(DaemonConfig {
             http,
+            trust,
             defaults: raw.defaults,
             socket: raw.socket.map(|p| expand(&base, &p)).unwrap_or_else(default_socket),
             plugin_dirs: plugin_dirs.iter().map(|p| expand(&base, p)).collect(),

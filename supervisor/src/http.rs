@@ -248,6 +248,13 @@ async fn accept_loop(
         });
     }
     drop(listener);
+    // A connection accepted a moment ago may not have sent its request yet, and hyper's
+    // graceful shutdown closes a connection with no request in progress: give the young
+    // ones a moment to start theirs, so only truly idle keep-alive connections are closed.
+    let young = std::time::Instant::now() + std::time::Duration::from_millis(100);
+    while slots.available_permits() < MAX_CONNECTIONS && std::time::Instant::now() < young {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     graceful.shutdown().await;
 }
 

@@ -35,6 +35,7 @@ pub mod notify;
 pub mod python;
 pub mod router;
 pub mod sandbox;
+pub mod signing;
 mod slot;
 pub mod spawn;
 mod supervisor;

@@ -334,6 +334,8 @@ pub struct Manifest {
     /// Requirement on [`PLUGIN_API_VERSION`].
     pub api_version: semver::VersionReq,
     /// How to start it.
+    /// `entrypoint_sha256`: the entrypoint file's SHA-256 (hex), checked before every exec.
+    pub entrypoint_sha256: Option<String>,
     pub entrypoint: Entrypoint,
     /// One line for people.
     pub description: Option<String>,
@@ -379,6 +381,7 @@ struct RawManifest {
     kind: PluginKind,
     api_version: String,
     entrypoint: toml::Value,
+    entrypoint_sha256: Option<String>,
     description: Option<String>,
     #[serde(default)]
     requires: Vec<String>,
@@ -645,6 +648,15 @@ impl Manifest {
                 ))
             }
         };
+        let entrypoint_sha256 = match raw.entrypoint_sha256 {
+            Some(h) if h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()) => {
+                return Err(c.bad(
+                    "entrypoint_sha256",
+                    format!("= {h:?} is not a SHA-256 (64 hex digits); write the output of `sha256sum <entrypoint>`"),
+                ))
+            }
+            other => other.map(|h| h.to_ascii_lowercase()),
+        };
         let entrypoint = match raw.entrypoint {
             toml::Value::String(s) if s.trim().is_empty() => {
                 return Err(c.bad("entrypoint", "is empty; give a path such as \"bin/my-plugin\""))
@@ -882,6 +894,7 @@ impl Manifest {
             kind: raw.kind,
             api_version,
             entrypoint,
+            entrypoint_sha256,
             description: raw.description,
             requires,
             restart,

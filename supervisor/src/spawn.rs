@@ -70,6 +70,25 @@ impl SpawnPlan {
     ) -> Result<SpawnPlan, String> {
         let m = &spec.manifest;
         let (mut program, mut args) = entrypoint_program(spec, bin_dirs)?;
+        if let Some(want) = &m.entrypoint_sha256 {
+            // Before every exec: a changed file is refused, not run.
+            let file = which(&program).unwrap_or_else(|| program.clone());
+            let got = crate::signing::sha256_of(&file).map_err(|e| {
+                format!(
+                    "plugin {}: cannot read {} to check its SHA-256: {e}",
+                    m.name,
+                    file.display()
+                )
+            })?;
+            if &got != want {
+                return Err(format!(
+                    "plugin {}: {} has SHA-256 {got}, but {} pins entrypoint_sha256 = {want}; the file changed since it was pinned: rebuild or reinstall it, or update the pin",
+                    m.name,
+                    file.display(),
+                    spec.manifest_path.display()
+                ));
+            }
+        }
         let mut extra_read = Vec::new();
         if let Entrypoint::Script(_) = &m.entrypoint {
             // Built beforehand by `python::prepare` (the slot does it on a blocking thread).

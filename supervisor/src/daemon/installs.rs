@@ -68,7 +68,9 @@ impl Daemon {
         std::fs::create_dir_all(&root).map_err(|e| format!("create {}: {e}", root.display()))?;
         let scratch = root.join(format!(".fetch-{}-{job}", std::process::id()));
         let _ = std::fs::remove_dir_all(&scratch);
+        let trust = lock(&self.config).trust.clone();
         let folder = if let Some(url) = source.strip_prefix("git+") {
+            trust.check_unsigned_kind(source, "git repository")?;
             let (url, reference) = match url.split_once('#') {
                 Some((u, r)) => (u, Some(r)),
                 None => (url, None),
@@ -128,23 +130,45 @@ impl Daemon {
             let what = format!("downloading {source}");
             self.jobs.output(job, vec![format!("$ curl {source}")]);
             fetch(curl, &what, "install curl to install from a URL", cancel, &scratch).await?;
+            // Its detached signature, if the server has one (a missing one is not an error
+            // unless signatures are required).
+            let sig_file = scratch.join("download.minisig");
+            let mut curl = tokio::process::Command::new("curl");
+            curl.args(["--fail", "--silent", "--location", "--proto", "=http,https"])
+                .args(["--max-filesize", "65536", "--output"])
+                .arg(&sig_file)
+                .arg(format!("{source}.minisig"));
+            let signature = if trust.has_keys() || trust.require {
+                let _ = fetch(curl, "downloading the signature", "install curl", cancel, &scratch)
+                    .await;
+                std::fs::read_to_string(&sig_file).ok()
+            } else {
+                None
+            };
+            let signer = trust.check_archive(&download, signature.as_deref())?;
+            self.jobs.output(job, vec![signed_line(source, &signer)]);
             let unpacked = scratch.join("unpacked");
             let unpack =
                 if zip { crate::install::unpack_zip } else { crate::install::unpack_tar_gz };
             Some(
                 unpack(&download, &unpacked).and_then(|_| crate::install::plugin_folder(&unpacked)),
             )
-        } else if source.ends_with(".tar.gz") || source.ends_with(".tgz") {
-            Some(
-                crate::install::unpack_tar_gz(Path::new(source), &scratch)
-                    .and_then(|_| crate::install::plugin_folder(&scratch)),
-            )
-        } else if source.ends_with(".zip") {
-            Some(
-                crate::install::unpack_zip(Path::new(source), &scratch)
-                    .and_then(|_| crate::install::plugin_folder(&scratch)),
-            )
+        } else if source.ends_with(".tar.gz")
+            || source.ends_with(".tgz")
+            || source.ends_with(".zip")
+        {
+            let archive = Path::new(source);
+            let signer = trust
+                .check_archive(archive, crate::signing::signature_beside(archive).as_deref())?;
+            self.jobs.output(job, vec![signed_line(source, &signer)]);
+            let unpack = if source.ends_with(".zip") {
+                crate::install::unpack_zip
+            } else {
+                crate::install::unpack_tar_gz
+            };
+            Some(unpack(archive, &scratch).and_then(|_| crate::install::plugin_folder(&scratch)))
         } else {
+            trust.check_unsigned_kind(source, "folder")?;
             None
         };
         let result = match folder {
@@ -532,4 +556,12 @@ fn build_copy(
         steps.run(Path::new(&build.command[0]), &args, &spec.dir, &what, lines, Some(cancel))?;
     }
     steps.seal(|_, _| false)
+}
+
+/// The job-output line that says whether (and by whom) a source was signed.
+fn signed_line(source: &str, signer: &Option<String>) -> String {
+    match signer {
+        Some(who) => format!("{source}: signature verified, signed by {who}"),
+        None => format!("{source}: not signed (no .minisig beside it); installing it as it is"),
+    }
 }
