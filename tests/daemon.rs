@@ -1383,12 +1383,65 @@ fn with_required_signatures_only_archives_signed_by_a_trusted_key_install() {
     let (code, err) = install(&d, &archive);
     assert_eq!(code, Some(1));
     assert!(err.contains("has no signature") && err.contains("require_signatures"), "{err}");
-    // A folder or a git repository cannot carry a signature: refused too.
+    // A folder cannot carry a signature: refused too.
     let (code, err) = install(&d, &folder);
     assert_eq!(code, Some(1));
     assert!(err.contains("a folder carries no signature"), "{err}");
-    let out = d.ctl(&["install", "git+file:///nowhere#v1"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("a git repository carries no signature"));
+    // A git repository: its tree is signed in .plugd/tree.minisig.
+    let repo = src.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    for entry in ["plugin.toml", "bin"] {
+        Command::new("cp").arg("-r").arg(folder.join(entry)).arg(&repo).status().unwrap();
+    }
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .args([
+                "-c",
+                "user.email=t@example.invalid",
+                "-c",
+                "user.name=t",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(&repo)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "greeter"]);
+    git(&["tag", "unsigned"]);
+    let url = |tag: &str| format!("git+file://{}#{tag}", repo.display());
+    let out = d.ctl(&["install", &url("unsigned")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no .plugd/tree.minisig"));
+    let tree = git(&["rev-parse", "HEAD^{tree}"]);
+    let tree_sig = minisign::sign(
+        Some(&pk),
+        &sk,
+        std::io::Cursor::new(format!("{tree}\n").into_bytes()),
+        Some("greeter tree"),
+        None,
+    )
+    .unwrap()
+    .to_string();
+    std::fs::create_dir_all(repo.join(".plugd")).unwrap();
+    std::fs::write(repo.join(".plugd/tree.minisig"), &tree_sig).unwrap();
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "signed"]);
+    git(&["tag", "signed"]);
+    // A change after signing: refused.
+    std::fs::write(repo.join("extra.txt"), "slipped in").unwrap();
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "changed"]);
+    git(&["tag", "changed"]);
+    let out = d.ctl(&["install", &url("changed")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not verify the tree"), "{err}");
     // Signed by a key plugd does not trust: refused.
     std::fs::write(&sig_path, {
         let data = std::fs::read(&archive).unwrap();
@@ -1421,6 +1474,10 @@ fn with_required_signatures_only_archives_signed_by_a_trusted_key_install() {
             && jobs.contains("greeter 1.0.0 by the plugin team"),
         "{jobs}"
     );
+    // The signed tag installs as well (the same version again, forced).
+    let out = d.ctl(&["install", &url("signed"), "--force"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(d.json(&["jobs"]).to_string().contains("greeter tree"));
 }
 
 #[test]

@@ -7,8 +7,13 @@
 //! is fetched too). The signature covers the archive's bytes and is checked before the
 //! archive is unpacked. A signature that is there but does not verify with a trusted key
 //! always fails the install; a missing one fails it only with `require_signatures = true`.
-//! git and folder sources carry no signature: with `require_signatures = true` they are
-//! refused, with the setting named.
+//! A git source (`git+URL#ref`) is signed by a signature of its tree: the file
+//! `.plugd/tree.minisig` in the repository holds a minisign signature of the text
+//! `<tree id>\n`, where the tree id is that of the commit's tree *without* the signature
+//! file (`git rev-parse HEAD^{tree}` before the file is added). plugd checks it right
+//! after the clone, before the build or anything else of the tree runs.
+//! Folder sources carry no signature: with `require_signatures = true` they are refused,
+//! with the setting named.
 
 use std::path::{Path, PathBuf};
 
@@ -101,16 +106,49 @@ impl Trust {
         ))
     }
 
+    /// Checks a signature of a git tree (the text `<tree id>\n`, as `git rev-parse
+    /// HEAD^{tree}` prints it), if the repository carries one. Returns who signed it,
+    /// `None` for an unsigned tree that may be installed, or why not.
+    pub fn check_tree(
+        &self,
+        source: &str,
+        tree: &str,
+        signature: Option<&str>,
+    ) -> Result<Option<String>, String> {
+        let Some(text) = signature else {
+            if self.require {
+                return Err(format!(
+                    "{source} has no {TREE_SIGNATURE} and plugd.toml says `install.require_signatures = true`; sign its tree with a trusted key (see README, Signed plugins)"
+                ));
+            }
+            return Ok(None);
+        };
+        let sig = Signature::decode(text)
+            .map_err(|e| format!("{source}: {TREE_SIGNATURE} is not a minisign signature: {e}"))?;
+        let signed = format!("{tree}\n");
+        for (name, key) in &self.keys {
+            if key.verify(signed.as_bytes(), &sig, false).is_ok() {
+                return Ok(Some(format!("{name} ({})", sig.trusted_comment())));
+            }
+        }
+        Err(format!(
+            "{source}: {TREE_SIGNATURE} does not verify the tree {tree} with any key in `install.trusted_keys`; the tree changed since it was signed, or the signer is not trusted"
+        ))
+    }
+
     /// Refuses a source kind that cannot carry a signature when signatures are required.
     pub fn check_unsigned_kind(&self, source: &str, kind: &str) -> Result<(), String> {
         if self.require {
             return Err(format!(
-                "{source}: a {kind} carries no signature, and plugd.toml says `install.require_signatures = true`; install a signed archive (.tar.gz or .zip with its .minisig beside it)"
+                "{source}: a {kind} carries no signature, and plugd.toml says `install.require_signatures = true`; install a signed archive (.tar.gz or .zip with its .minisig beside it) or a git repository with a signed tree"
             ));
         }
         Ok(())
     }
 }
+
+/// Where a git repository carries the signature of its tree.
+pub const TREE_SIGNATURE: &str = ".plugd/tree.minisig";
 
 /// The detached signature beside a local file, if any.
 pub fn signature_beside(file: &Path) -> Option<String> {

@@ -70,7 +70,6 @@ impl Daemon {
         let _ = std::fs::remove_dir_all(&scratch);
         let trust = lock(&self.config).trust.clone();
         let folder = if let Some(url) = source.strip_prefix("git+") {
-            trust.check_unsigned_kind(source, "git repository")?;
             let (url, reference) = match url.split_once('#') {
                 Some((u, r)) => (u, Some(r)),
                 None => (url, None),
@@ -102,6 +101,17 @@ impl Daemon {
             let what = format!("git clone {url}");
             self.jobs.output(job, vec![format!("$ {what}")]);
             fetch(git, &what, "install git to install from a repository", cancel, &scratch).await?;
+            // The tree's signature, checked before anything of it runs.
+            let sig_file = scratch.join(crate::signing::TREE_SIGNATURE);
+            let signature = std::fs::symlink_metadata(&sig_file)
+                .ok()
+                .filter(|m| m.is_file() && m.len() <= 64 << 10)
+                .and_then(|_| std::fs::read_to_string(&sig_file).ok());
+            if signature.is_some() || trust.require {
+                let tree = tree_without_signature(&scratch, signature.is_some()).await?;
+                let signer = trust.check_tree(source, &tree, signature.as_deref())?;
+                self.jobs.output(job, vec![signed_line(source, &signer)]);
+            }
             let _ = std::fs::remove_dir_all(scratch.join(".git"));
             Some(crate::install::plugin_folder(&scratch))
         } else if source.starts_with("http://") || source.starts_with("https://") {
@@ -564,4 +574,38 @@ fn signed_line(source: &str, signer: &Option<String>) -> String {
         Some(who) => format!("{source}: signature verified, signed by {who}"),
         None => format!("{source}: not signed (no .minisig beside it); installing it as it is"),
     }
+}
+
+/// The id of the cloned commit's tree without the signature file in it (what the signer
+/// signed: `git rev-parse HEAD^{tree}` before adding the file).
+async fn tree_without_signature(repo: &Path, has_signature: bool) -> Result<String, String> {
+    let git = |args: &[&str]| {
+        let mut c = tokio::process::Command::new("git");
+        c.env("GIT_ALLOW_PROTOCOL", "https:http:ssh:git:file")
+            .args(["-c", "core.hooksPath=/dev/null", "-C"])
+            .arg(repo)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        c
+    };
+    if has_signature {
+        let out = git(&["rm", "-q", "--cached", "--", crate::signing::TREE_SIGNATURE])
+            .output()
+            .await
+            .map_err(|e| format!("git rm: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{} is not a file of the commit (git rm: {})",
+                crate::signing::TREE_SIGNATURE,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    let args: &[&str] = if has_signature { &["write-tree"] } else { &["rev-parse", "HEAD^{tree}"] };
+    let out = git(args).output().await.map_err(|e| format!("git {}: {e}", args[0]))?;
+    if !out.status.success() {
+        return Err(format!("git {}: {}", args[0], String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
