@@ -1474,6 +1474,22 @@ fn with_required_signatures_only_archives_signed_by_a_trusted_key_install() {
             && jobs.contains("greeter 1.0.0 by the plugin team"),
         "{jobs}"
     );
+    // plugctl validate says who signed an archive (keys from plugd.toml), and refuses a
+    // changed one.
+    let config = d.root.path().join("plugd.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_plugctl"))
+        .args(["validate", archive.to_str().unwrap(), "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("signature: signed by") && text.contains("trusted.pub"), "{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_plugctl"))
+        .args(["validate", tampered.to_str().unwrap(), "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not verify"));
     // The signed tag installs as well (the same version again, forced).
     let out = d.ctl(&["install", &url("signed"), "--force"]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));

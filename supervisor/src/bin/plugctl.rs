@@ -140,9 +140,17 @@ enum Cmd {
         utc: bool,
     },
     /// Check a plugin folder without a daemon: manifest, entrypoint, and a real start and stop.
+    /// Check a plugin folder or archive without a daemon: its signature (an archive's
+    /// .minisig, checked with the trusted keys), manifest, entrypoint, and a real start and stop.
     Validate {
-        /// The plugin folder (or its plugin.toml).
+        /// The plugin folder (or its plugin.toml), or a .tar.gz / .zip archive.
         dir: PathBuf,
+        /// A trusted minisign public key (base64, or a minisign.pub file); repeatable.
+        #[arg(long = "trusted-key", value_name = "KEY")]
+        trusted_keys: Vec<String>,
+        /// Take the trusted keys from this plugd.toml's [install] section.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Stop every plugin and the daemon.
     Shutdown,
@@ -261,7 +269,59 @@ fn print_table(rows: &serde_json::Value) {
     }
 }
 
-fn validate(dir: PathBuf, json: bool) -> Result<(), String> {
+/// An archive's signature status for `validate`, and the folder to validate (unpacked
+/// into `scratch` for an archive).
+fn signature_and_folder(
+    path: &std::path::Path,
+    trusted_keys: &[String],
+    config: Option<&std::path::Path>,
+    scratch: &std::path::Path,
+) -> Result<(String, PathBuf), String> {
+    let name = path.to_string_lossy();
+    let zip = name.ends_with(".zip");
+    if !(zip || name.ends_with(".tar.gz") || name.ends_with(".tgz")) {
+        return Ok(("a folder: no signature to check".into(), path.to_path_buf()));
+    }
+    let trust = match config {
+        Some(c) => supervisor::config::DaemonConfig::load(c).map_err(|e| e.to_string())?.trust,
+        None => {
+            supervisor::signing::Trust::from_config(trusted_keys, false, std::path::Path::new("."))?
+        }
+    };
+    let signature = supervisor::signing::signature_beside(path);
+    let line = match (&signature, trust.has_keys()) {
+        (None, _) => "not signed (no .minisig beside it)".to_string(),
+        (Some(_), false) => {
+            "has a .minisig, not checked: give --trusted-key KEY or --config plugd.toml".to_string()
+        }
+        (Some(sig), true) => match trust.check_archive(path, Some(sig))? {
+            Some(who) => format!("signed by {who}"),
+            None => "not signed".to_string(),
+        },
+    };
+    let unpacked = scratch.join("unpacked");
+    if zip {
+        supervisor::install::unpack_zip(path, &unpacked)?;
+    } else {
+        supervisor::install::unpack_tar_gz(path, &unpacked)?;
+    }
+    Ok((line, supervisor::install::plugin_folder(&unpacked)?))
+}
+
+fn validate(
+    dir: PathBuf,
+    json: bool,
+    trusted_keys: &[String],
+    config: Option<&std::path::Path>,
+) -> Result<(), String> {
+    let scratch = std::env::temp_dir().join(format!("plugctl-unpack-{}", std::process::id()));
+    let checked = signature_and_folder(&dir, trusted_keys, config, &scratch);
+    let result = checked.and_then(|(signature, folder)| validate_folder(folder, json, &signature));
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+fn validate_folder(dir: PathBuf, json: bool, signature: &str) -> Result<(), String> {
     let spec = supervisor::PluginSpec::from_manifest(&dir).map_err(|e| e.to_string())?;
     let name = spec.name().to_string();
     let state = std::env::temp_dir().join(format!("plugctl-validate-{}", std::process::id()));
@@ -289,6 +349,7 @@ fn validate(dir: PathBuf, json: bool) -> Result<(), String> {
             "ok: {name} {} ({}) started, answered the handshake and stopped cleanly",
             st.version, st.kind
         );
+        println!("  signature: {signature}");
         println!("  sdk: {}", st.sdk.unwrap_or_default());
         println!("  sandbox: {}", st.sandbox.join(", "));
         for u in st.sandbox_unavailable {
@@ -322,8 +383,8 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Cmd::Validate { dir } => {
-            return match validate(dir, args.json) {
+        Cmd::Validate { dir, trusted_keys, config } => {
+            return match validate(dir, args.json, &trusted_keys, config.as_deref()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("plugctl: {e}");
