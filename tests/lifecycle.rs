@@ -568,3 +568,22 @@ async fn engine_mode_keeps_every_call_path_and_the_heartbeat_working() {
     assert_eq!(back, "back to normal");
     sup.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_refused_while_handed_over_names_the_state_that_refused_it() {
+    let sup = supervisor();
+    let echo = sup.load(example("echo")).await.unwrap();
+    let frozen = sup.freeze().await;
+    assert!(frozen.iter().all(|(_, r)| r.is_ok()), "handed over");
+    let err = echo.call::<_, String>("echo", "late").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::Unavailable);
+    assert!(err.message.contains("state: draining"), "not the Ready it was: {}", err.message);
+    // The frozen process is ours to end.
+    for (_, f) in frozen {
+        let f = f.unwrap();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(f.instance.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}

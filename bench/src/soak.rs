@@ -5,7 +5,7 @@
 //! ```
 //!
 //! Five echo plugins: two untouched (`steady-1`, `steady-2`), one SIGKILLed at random
-//! (`victim`), one whose version is bumped and reloaded with SIGHUP (a hot update,
+//! (`victim`), one whose version is bumped and plugd sent SIGHUP (a hot update,
 //! `updated`), one restarted, stopped and started (`cycled`). Callers hammer all five
 //! over the control socket (persistent connections) and over HTTP (a connection per
 //! call) while plugd itself gets SIGUSR2 every ~20 s. Every failed call is classified:
@@ -356,7 +356,19 @@ fn chaos(s: &Shared, root: &Path, bin: &Path, socket: &Path, plugd: u32, length:
             1 => {
                 version += 1;
                 let _ = write_plugin(root, bin, "updated", &format!("1.0.{version}"));
-                let _ = control(socket, r#"{"cmd":"reload"}"#);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(plugd as i32),
+                    nix::sys::signal::Signal::SIGHUP,
+                );
+                // Until the new version serves (the hot update is done).
+                let want = format!("1.0.{version}");
+                let give_up = Instant::now() + Duration::from_secs(30);
+                while Instant::now() < give_up
+                    && control(socket, r#"{"cmd":"status","name":"updated"}"#)
+                        .is_none_or(|r| r["data"][0]["version"] != want.as_str())
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 record("hot update", Some("updated"), from);
             }
             _ => {
