@@ -1485,6 +1485,18 @@ fn with_required_signatures_only_archives_signed_by_a_trusted_key_install() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("signature: signed by") && text.contains("trusted.pub"), "{text}");
     let out = Command::new(env!("CARGO_BIN_EXE_plugctl"))
+        .args([
+            "--json",
+            "validate",
+            archive.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["signature"].as_str().unwrap_or("").starts_with("signed by"), "{v}");
+    let out = Command::new(env!("CARGO_BIN_EXE_plugctl"))
         .args(["validate", tampered.to_str().unwrap(), "--config", config.to_str().unwrap()])
         .output()
         .unwrap();

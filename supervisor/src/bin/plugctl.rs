@@ -343,7 +343,9 @@ fn validate_folder(dir: PathBuf, json: bool, signature: &str) -> Result<(), Stri
     let _ = std::fs::remove_dir_all(&state);
     let st = result?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
+        let mut v = serde_json::to_value(&st).unwrap_or_default();
+        v["signature"] = serde_json::json!(signature);
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
         println!(
             "ok: {name} {} ({}) started, answered the handshake and stopped cleanly",
