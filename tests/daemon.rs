@@ -1534,3 +1534,32 @@ fn a_pinned_entrypoint_that_changed_is_refused_not_run() {
     let out = d.ctl(&["reload"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("entrypoint_sha256"));
 }
+
+#[test]
+fn logs_follow_misses_no_line_of_a_burst() {
+    let d = Plugd::start(|dir| add_plugin(dir, "logbomb", "logbomb", ""));
+    eventually("ready", || d.all_ready(&["logbomb"]));
+    let out_file = d.root.path().join("follow.txt");
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_plugctl"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["logs", "logbomb", "-f", "-n", "1"])
+        .stdout(std::fs::File::create(&out_file).unwrap())
+        .spawn()
+        .unwrap();
+    eventually("the follower printed its first line", || {
+        std::fs::metadata(&out_file).is_ok_and(|m| m.len() > 0)
+    });
+    // 600 lines within one poll interval, far more than -n 1, many in the same millisecond.
+    assert!(d.ctl(&["call", "logbomb", "flood", "600"]).status.success());
+    eventually("the follower printed every line", || {
+        std::fs::read_to_string(&out_file).unwrap_or_default().matches("flood line ").count() >= 600
+    });
+    let _ = follower.kill();
+    let _ = follower.wait();
+    let text = std::fs::read_to_string(&out_file).unwrap();
+    for i in [0, 1, 299, 599] {
+        assert!(text.contains(&format!("flood line {i}\n")), "line {i} missing");
+    }
+    assert_eq!(text.matches("flood line ").count(), 600, "each line once");
+}

@@ -173,9 +173,13 @@ pub enum Request {
         name: String,
         /// How many lines at most.
         n: usize,
-        /// Only lines after this time (ms since the epoch), for following.
+        /// Only lines after this time (ms since the epoch).
         #[serde(default)]
         since_ms: Option<u64>,
+        /// Every line after this number (for following: lines of the same millisecond
+        /// and bursts larger than `n` are not lost; a gap is said).
+        #[serde(default)]
+        since_seq: Option<u64>,
     },
     /// Stop every plugin and exit.
     Shutdown,

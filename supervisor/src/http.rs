@@ -390,6 +390,7 @@ async fn versions(State(api): State<Arc<Api>>, Path(name): Path<String>) -> Resp
 struct LogsQuery {
     n: Option<usize>,
     since_ms: Option<u64>,
+    since_seq: Option<u64>,
     #[serde(default)]
     follow: bool,
 }
@@ -401,12 +402,22 @@ async fn logs(
 ) -> Response {
     let n = q.n.unwrap_or(100).min(10_000);
     if !q.follow {
-        return api.run(Request::Logs { name, n, since_ms: q.since_ms }).await;
+        return api
+            .run(Request::Logs { name, n, since_ms: q.since_ms, since_seq: q.since_seq })
+            .await;
     }
-    // Follow: the same query every 250 ms for lines after the last one sent, as SSE
-    // `log` events, until the client goes away (the send fails and the task ends).
-    let first =
-        api.daemon.handle(Request::Logs { name: name.clone(), n, since_ms: q.since_ms }).await;
+    // Follow: every 250 ms, the lines numbered after the last one sent, as SSE `log` events
+    // (a gap, if the ring dropped lines meanwhile, comes as a line that says so), until
+    // the client goes away (the send fails and the task ends).
+    let first = api
+        .daemon
+        .handle(Request::Logs {
+            name: name.clone(),
+            n,
+            since_ms: q.since_ms,
+            since_seq: q.since_seq,
+        })
+        .await;
     if !first.ok {
         return reply_to_response(first, false);
     }
@@ -414,10 +425,10 @@ async fn logs(
     let daemon = api.daemon.clone();
     tokio::spawn(async move {
         let mut reply = first;
-        let mut last = q.since_ms;
+        let mut last = q.since_seq.unwrap_or(0);
         loop {
             for line in reply.data.as_ref().and_then(|d| d.as_array()).into_iter().flatten() {
-                last = line["ts_ms"].as_u64().or(last);
+                last = line["seq"].as_u64().unwrap_or(last).max(last);
                 if tx.send(Event::default().event("log").data(line.to_string())).is_err() {
                     return;
                 }
@@ -426,9 +437,9 @@ async fn logs(
             if tx.is_closed() {
                 return;
             }
-            reply = daemon
-                .handle(Request::Logs { name: name.clone(), n: 10_000, since_ms: last })
-                .await;
+            let req =
+                Request::Logs { name: name.clone(), n: 0, since_ms: None, since_seq: Some(last) };
+            reply = daemon.handle(req).await;
             if !reply.ok {
                 let _ =
                     tx.send(Event::default().event("error").data(reply.error.unwrap_or_default()));

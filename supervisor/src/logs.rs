@@ -47,6 +47,9 @@ pub enum LogSource {
 /// One captured line.
 #[derive(Debug, Clone, Serialize)]
 pub struct LogLine {
+    /// Its number in the plugin's log, from 1, one more for every line: a follower asks for
+    /// the lines after the last number it saw, and sees a gap when the ring dropped some.
+    pub seq: u64,
     /// Wall-clock time it was captured, in milliseconds since the Unix epoch.
     pub ts_ms: u64,
     /// Where it came from.
@@ -73,6 +76,8 @@ struct Ring {
     /// Lines not re-emitted in this window, and ever.
     dropped_now: u64,
     dropped: u64,
+    /// The number of the last line pushed.
+    seq: u64,
 }
 
 /// `text` as one safe line: at most [`MAX_LINE`] bytes (cut on a character boundary, with
@@ -138,7 +143,10 @@ impl LogRing {
                 r.dropped += 1;
             }
             r.bytes += text.len();
+            r.seq += 1;
+            let seq = r.seq;
             r.lines.push_back(LogLine {
+                seq,
                 ts_ms,
                 source,
                 level: level_name(level),
@@ -172,6 +180,32 @@ impl LogRing {
     pub fn tail(&self, n: usize) -> Vec<LogLine> {
         let r = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         r.lines.iter().skip(r.lines.len().saturating_sub(n)).cloned().collect()
+    }
+
+    /// Every line after number `seq`, oldest first. When the ring no longer holds some of
+    /// them, a supervisor line saying how many are gone comes first (numbered just before
+    /// the oldest line returned), so a follower never loses lines silently.
+    pub fn after(&self, seq: u64) -> Vec<LogLine> {
+        let r = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        // Numbers start again in a new plugd (after SIGUSR2): a follower ahead of them gets
+        // the whole ring, not nothing.
+        let seq = if seq > r.seq { 0 } else { seq };
+        let mut out: Vec<LogLine> = r.lines.iter().filter(|l| l.seq > seq).cloned().collect();
+        if let Some(first) = out.first() {
+            let gone = first.seq - seq - 1;
+            if gone > 0 {
+                let text = format!(
+                    "{gone} lines are gone: the ring keeps the last {RING_LINES} lines and {} KiB",
+                    RING_BYTES >> 10
+                );
+                let (seq, ts_ms) = (first.seq - 1, first.ts_ms);
+                out.insert(
+                    0,
+                    LogLine { seq, ts_ms, source: LogSource::Supervisor, level: "warn", text },
+                );
+            }
+        }
+        out
     }
 
     /// Lines that were over the rate limit and not written to plugd's own log.
@@ -313,5 +347,26 @@ mod tests {
         // All in the ring (up to its bound); at least the excess of one second counted.
         assert!(ring.dropped() >= RATE_BURST as u64, "{}", ring.dropped());
         assert_eq!(ring.tail(1)[0].text, format!("line {}", RATE_BURST as usize * 3 - 1));
+    }
+
+    #[test]
+    fn a_follower_gets_every_line_after_its_last_and_is_told_of_a_gap() {
+        let ring = LogRing::default();
+        for i in 0..10 {
+            ring.push("p", LogSource::Stdout, LogLevel::Info, format!("line {i}"));
+        }
+        let after = ring.after(7);
+        assert_eq!(after.iter().map(|l| l.seq).collect::<Vec<_>>(), [8, 9, 10]);
+        // Lines of the same millisecond are all there: numbers, not times.
+        assert_eq!(ring.after(0).len(), 10);
+        for i in 0..RING_LINES {
+            ring.push("p", LogSource::Stdout, LogLevel::Info, format!("more {i}"));
+        }
+        // Lines 1..=10 were pushed out: a follower at 5 is told 5 are gone.
+        let after = ring.after(5);
+        assert!(after[0].text.starts_with("5 lines are gone"), "{}", after[0].text);
+        assert_eq!(after.len(), RING_LINES + 1);
+        // A follower from an earlier plugd (numbers ahead of this ring's): everything.
+        assert_eq!(ring.after(1 << 40).len(), RING_LINES + 1);
     }
 }

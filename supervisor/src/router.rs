@@ -451,6 +451,11 @@ impl PluginHandle {
     pub fn logs(&self, n: usize) -> Vec<LogLine> {
         self.shared.ring.tail(n)
     }
+
+    /// Every log line after number `seq` (see [`LogLine::seq`]), a gap said first.
+    pub fn logs_after(&self, seq: u64) -> Vec<LogLine> {
+        self.shared.ring.after(seq)
+    }
 }
 
 /// A typed argument as a bincode payload.

@@ -416,7 +416,9 @@ fn main() -> ExitCode {
         Cmd::Enable { name } => Request::Enable { name },
         Cmd::Disable { name } => Request::Disable { name },
         Cmd::Call { name, method, arg } => Request::Call { name, method, json: arg },
-        Cmd::Logs { ref name, n, .. } => Request::Logs { name: name.clone(), n, since_ms: None },
+        Cmd::Logs { ref name, n, .. } => {
+            Request::Logs { name: name.clone(), n, since_ms: None, since_seq: None }
+        }
         Cmd::Shutdown => Request::Shutdown,
         Cmd::Info => Request::Info,
     };
@@ -462,7 +464,7 @@ fn main() -> ExitCode {
             let mut last = 0u64;
             let print = |lines: &serde_json::Value, last: &mut u64| {
                 for l in lines.as_array().cloned().unwrap_or_default() {
-                    *last = (*last).max(l["ts_ms"].as_u64().unwrap_or(0));
+                    *last = (*last).max(l["seq"].as_u64().unwrap_or(0));
                     if args.json {
                         println!("{l}");
                     } else {
@@ -484,7 +486,8 @@ fn main() -> ExitCode {
                     match client.ask(&Request::Logs {
                         name: name.clone(),
                         n: *n,
-                        since_ms: Some(last),
+                        since_ms: None,
+                        since_seq: Some(last),
                     }) {
                         Ok(Reply { ok: true, data: Some(d), .. }) => print(&d, &mut last),
                         _ => return ExitCode::from(3),

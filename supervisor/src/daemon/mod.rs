@@ -625,13 +625,16 @@ impl Daemon {
             Request::Uninstall { name, version, purge } => {
                 self.uninstall(&name, version.as_deref(), purge).await
             }
-            Request::Logs { name, n, since_ms } => match self.sup.get(&name) {
+            Request::Logs { name, n, since_ms, since_seq } => match self.sup.get(&name) {
                 Some(h) => {
-                    let lines: Vec<_> = h
-                        .logs(n.min(crate::logs::RING_LINES))
-                        .into_iter()
-                        .filter(|l| since_ms.is_none_or(|s| l.ts_ms > s))
-                        .collect();
+                    let lines: Vec<_> = match since_seq {
+                        Some(seq) => h.logs_after(seq),
+                        None => h
+                            .logs(n.min(crate::logs::RING_LINES))
+                            .into_iter()
+                            .filter(|l| since_ms.is_none_or(|s| l.ts_ms > s))
+                            .collect(),
+                    };
                     Ok(serde_json::to_value(lines).unwrap_or_default())
                 }
                 None => self.spec(&name).map(|_| serde_json::json!([])),
