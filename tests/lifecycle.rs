@@ -587,3 +587,22 @@ async fn a_call_refused_while_handed_over_names_the_state_that_refused_it() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_claims_out_of_memory_is_reported_by_what_the_kernel_saw() {
+    let dir = tempfile::tempdir().unwrap();
+    let sup = supervisor();
+    let spec = plugin(&dir, "liar", "crasher", "[restart]\npolicy = \"never\"\n");
+    let c = sup.load(spec).await.unwrap();
+    // It prints an allocator's words (a caught panic), then exits 3 on its own.
+    let _ = c
+        .call::<_, ()>("panic", "memory allocation of 1099511627776 bytes failed: out of memory")
+        .await;
+    eventually("the claim is in its output", || {
+        c.logs(50).iter().any(|l| l.text.contains("out of memory"))
+    })
+    .await;
+    let _ = c.call::<_, ()>("crash", "exit").await;
+    eventually("ended", || c.status().last_exit.is_some()).await;
+    assert_eq!(c.status().last_exit, Some(ExitReason::Exited { code: 3 }), "not a memory limit");
+}

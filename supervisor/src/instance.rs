@@ -421,13 +421,9 @@ impl Instance {
         if let (Some(bytes), Some(libc::SIGXFSZ)) = (limits.file_size, signal) {
             return ExitReason::FileSizeLimit { limit_bytes: bytes };
         }
-        if let Some(bytes) = limits.memory {
-            if reason.is_failure()
-                && self.markers.out_of_memory.load(std::sync::atomic::Ordering::Relaxed)
-            {
-                return ExitReason::MemoryLimit { limit_bytes: bytes };
-            }
-        }
+        // A memory limit is only ever what the supervisor measured (the RSS watch, which
+        // ends the plugin itself as `Fault::Memory`): a plugin that prints "out of memory"
+        // and dies is reported as what the kernel says it did, never by its own words.
         reason
     }
 

@@ -224,8 +224,6 @@ impl LogRing {
 pub struct Markers {
     /// The syscall number the SDK reported just before a seccomp SIGSYS killed it.
     pub syscall: Mutex<Option<i64>>,
-    /// An allocation failure was printed (Rust, Python and C++ runtimes' wording).
-    pub out_of_memory: std::sync::atomic::AtomicBool,
     /// Woken when a violation is reported, even by a forked child of the plugin.
     pub violation: tokio::sync::Notify,
 }
@@ -240,16 +238,6 @@ impl Markers {
                 *self.syscall.lock().unwrap_or_else(|p| p.into_inner()) = Some(nr);
                 self.violation.notify_one();
             }
-        }
-        const OOM: &[&str] = &[
-            "memory allocation of",
-            "MemoryError",
-            "std::bad_alloc",
-            "out of memory",
-            "Cannot allocate memory",
-        ];
-        if OOM.iter().any(|m| text.contains(m)) {
-            self.out_of_memory.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
