@@ -1,7 +1,7 @@
 //! End to end: the tick-engine demo host trades through a Rust and a Python strategy.
 //!
 //! Both strategies implement the same mean-reversion rule and see the same ticks, so
-//! when every call was answered they must make the same decisions: that checks the
+//! every call is answered and they make the same decisions: that checks the
 //! Python SDK's bincode schemas against the Rust types byte for byte, through plugd.
 
 use std::collections::BTreeMap;
@@ -34,9 +34,8 @@ fn rust_and_python_strategies_trade_the_same_ticks_alike() {
     let (rust, py) = (totals["tick-strategy"], totals["py-strategy"]);
     assert!(py.0 + py.1 > 0, "the Python strategy traded: {stdout}");
     assert!(rust.0 + rust.1 > 0, "the Rust strategy traded: {stdout}");
-    if rust.2 == 0 && py.2 == 0 {
-        assert_eq!((rust.0, rust.1), (py.0, py.1), "same rule, same ticks: {stdout}");
-    } else {
-        eprintln!("some calls failed (a loaded machine): decisions not compared\n{stdout}");
-    }
+    // Every call of these two is answered (their deadline is the manifest's, seconds): a
+    // failed one is a failure of the test, not a reason to skip the comparison.
+    assert_eq!((rust.2, py.2), (0, 0), "windows with failed calls: {stdout}");
+    assert_eq!((rust.0, rust.1), (py.0, py.1), "same rule, same ticks: {stdout}");
 }
