@@ -260,15 +260,82 @@ pub struct Limits {
     pub cpus: Option<Vec<usize>>,
 }
 
+/// A closed set of words a manifest key takes, with the words.
+macro_rules! words {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $word:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+        #[serde(rename_all = "lowercase")]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),+
+        }
+
+        impl $name {
+            /// Every word, in the order the manifest documents them.
+            pub const WORDS: &'static [&'static str] = &[$($word),+];
+
+            /// The manifest word.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $word),+ }
+            }
+
+            fn from_word(word: &str) -> Option<$name> {
+                match word { $($word => Some($name::$variant),)+ _ => None }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+words! {
+    /// `network`: whether the plugin (or an install step) has the host's network.
+    Network {
+        /// Its own network namespace (and, for a plugin, no inet sockets).
+        #[default]
+        None = "none",
+        /// The host's network.
+        Host = "host",
+    }
+}
+
+words! {
+    /// `sandbox.syscalls`: the seccomp profile.
+    SyscallProfile {
+        /// A deny list of what no plugin needs (see `sandbox::seccomp`).
+        #[default]
+        Default = "default",
+        /// An allow list: only what a plain computing plugin needs.
+        Strict = "strict",
+        /// No seccomp filter.
+        Off = "off",
+    }
+}
+
+words! {
+    /// `sandbox.filesystem`: what of the file system the plugin sees.
+    Filesystem {
+        /// A minimal root (and Landlock): its folder read-only, its state folder read-write.
+        #[default]
+        Isolated = "isolated",
+        /// The host's file system (own namespaces and /proc still).
+        Host = "host",
+    }
+}
+
 /// `[sandbox]`: isolation layers. Parsed and validated here; see `sandbox` for what is enforced.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SandboxConfig {
-    /// "none" (own network namespace, no inet sockets) or "host".
-    pub network: String,
-    /// "default", "strict" or "off".
-    pub syscalls: String,
-    /// "isolated" (Landlock: plugin folder read-only, state folder read-write) or "host".
-    pub filesystem: String,
+    /// Own network namespace and no inet sockets, or the host's network.
+    pub network: Network,
+    /// The seccomp profile.
+    pub syscalls: SyscallProfile,
+    /// A minimal root, or the host's file system.
+    pub filesystem: Filesystem,
     /// Whether the plugin may execve after its own start.
     pub execve: bool,
     /// Run as this user (when the supervisor is root).
@@ -286,9 +353,9 @@ pub struct SandboxConfig {
 impl Default for SandboxConfig {
     fn default() -> Self {
         Self {
-            network: "none".into(),
-            syscalls: "default".into(),
-            filesystem: "isolated".into(),
+            network: Network::None,
+            syscalls: SyscallProfile::Default,
+            filesystem: Filesystem::Isolated,
             execve: false,
             user: None,
             group: None,
@@ -530,18 +597,20 @@ impl Check<'_> {
         }
     }
 
-    fn one_of(
+    /// One of a closed set of words (absent: the type's default); anything else is an
+    /// error naming the key and the words.
+    fn word<T: Default>(
         &self,
         key: &str,
         v: Option<String>,
-        allowed: &[&str],
-        default: &str,
-    ) -> Result<String, ManifestError> {
-        let v = v.unwrap_or_else(|| default.to_string());
-        if allowed.contains(&v.as_str()) {
-            Ok(v)
-        } else {
-            Err(self.bad(key, format!("= {v:?} is not one of {allowed:?}")))
+        words: &[&str],
+        parse: fn(&str) -> Option<T>,
+    ) -> Result<T, ManifestError> {
+        match v {
+            None => Ok(T::default()),
+            Some(v) => {
+                parse(&v).ok_or_else(|| self.bad(key, format!("= {v:?} is not one of {words:?}")))
+            }
         }
     }
 }
@@ -812,18 +881,18 @@ impl Manifest {
             }
         }
         let sandbox = SandboxConfig {
-            network: c.one_of("sandbox.network", s.network, &["none", "host"], "none")?,
-            syscalls: c.one_of(
+            network: c.word("sandbox.network", s.network, Network::WORDS, Network::from_word)?,
+            syscalls: c.word(
                 "sandbox.syscalls",
                 s.syscalls,
-                &["default", "strict", "off"],
-                "default",
+                SyscallProfile::WORDS,
+                SyscallProfile::from_word,
             )?,
-            filesystem: c.one_of(
+            filesystem: c.word(
                 "sandbox.filesystem",
                 s.filesystem,
-                &["isolated", "host"],
-                "isolated",
+                Filesystem::WORDS,
+                Filesystem::from_word,
             )?,
             execve: s.execve.unwrap_or(false),
             user: s.user,
@@ -858,7 +927,8 @@ impl Manifest {
                 ))
             }
             Some(b) => Some(BuildConfig {
-                network: c.one_of("build.network", b.network, &["none", "host"], "none")? == "host",
+                network: c.word("build.network", b.network, Network::WORDS, Network::from_word)?
+                    == Network::Host,
                 command: b.command,
             }),
         };
@@ -882,7 +952,8 @@ impl Manifest {
                 None => PythonConfig::default().requirements,
             },
             pip_args: py.pip_args.unwrap_or_default(),
-            network: c.one_of("python.network", py.network, &["none", "host"], "none")? == "host",
+            network: c.word("python.network", py.network, Network::WORDS, Network::from_word)?
+                == Network::Host,
         };
         Ok(Manifest {
             runtime,
@@ -1009,7 +1080,7 @@ entrypoint = "tick-strategy"
         assert_eq!(m.entrypoint, Entrypoint::Name("tick-strategy".into()));
         assert_eq!(m.restart, RestartConfig::default());
         assert_eq!(m.timeouts, Timeouts::default());
-        assert_eq!(m.sandbox.network, "none");
+        assert_eq!(m.sandbox.network, Network::None);
     }
 
     #[test]

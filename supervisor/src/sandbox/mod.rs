@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use seccompiler::BpfProgram;
 
-use crate::manifest::PluginSpec;
+use crate::manifest::{Filesystem, Network, PluginSpec, SyscallProfile};
 
 /// Steps of the child-side sequence, in order; a failure names one.
 pub const STEPS: &[&str] = &[
@@ -310,13 +310,13 @@ impl SandboxPlan {
             let why = format!("plugd is not root and {}: the plugin runs as plugd's own uid, in plugd's pid, mount, ipc and uts namespaces, on the host's file system (Landlock and seccomp still apply)", host.user_ns.as_ref().err().map(String::as_str).unwrap_or("has no user namespace"));
             missing(&mut plan, "user", why.clone());
             missing(&mut plan, "jail", why);
-            if sb.network == "none" {
+            if sb.network == Network::None {
                 missing(&mut plan, "netns", "needs root or a user namespace (see jail)".into());
             }
         }
 
         // The jail: namespaces and a minimal root.
-        let isolated = sb.filesystem == "isolated";
+        let isolated = sb.filesystem == Filesystem::Isolated;
         let executables = landlock::executables_behind(program);
         let mut read: Vec<PathBuf> = vec![spec.dir.clone()];
         read.extend(executables.iter().cloned());
@@ -338,7 +338,7 @@ impl SandboxPlan {
                 staging: &staging,
                 uid,
                 gid,
-                own_network: sb.network == "none",
+                own_network: sb.network == Network::None,
                 own_root: isolated,
                 read: read.clone(),
                 write: write.clone(),
@@ -349,7 +349,7 @@ impl SandboxPlan {
             .map_err(|e| format!("{}: {e}", spec.manifest_path.display()))?;
             let mut ns = if host.is_root { vec![] } else { vec!["user"] };
             ns.extend(["pid", "mount", "ipc", "uts"]);
-            if sb.network == "none" {
+            if sb.network == Network::None {
                 ns.push("net");
                 plan.report.in_force.push("netns".into());
             }
@@ -363,7 +363,7 @@ impl SandboxPlan {
             plan.jail = Some(j);
         }
 
-        if sb.network == "none" {
+        if sb.network == Network::None {
             match seccomp::deny_inet() {
                 Ok(p) => {
                     plan.seccomp.push(p);
@@ -395,7 +395,7 @@ impl SandboxPlan {
                 // The jail's /dev holds only the nodes above: it may be listed.
                 rules.push(("/dev".into(), Grant::Read));
             }
-            match landlock::Rules::plan(&rules, sb.network == "none") {
+            match landlock::Rules::plan(&rules, sb.network == Network::None) {
                 Ok(r) => {
                     plan.report.in_force.push(format!("landlock(abi {})", r.abi()));
                     if !sb.execve {
@@ -410,7 +410,7 @@ impl SandboxPlan {
             }
         }
 
-        match seccomp::profile(&sb.syscalls) {
+        match seccomp::profile(sb.syscalls) {
             Ok(p) if p.is_empty() => {}
             Ok(p) => {
                 plan.seccomp.splice(0..0, p);
@@ -512,7 +512,7 @@ impl SandboxPlan {
             .in_force
             .push(if job.network { "network(host)" } else { "network(none)" }.into());
         plan.report.in_force.push("no-new-privs".into());
-        match seccomp::profile("default") {
+        match seccomp::profile(SyscallProfile::Default) {
             Ok(p) => {
                 plan.seccomp = p;
                 plan.report.in_force.push("seccomp(default)".into());

@@ -17,6 +17,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::manifest::SyscallProfile;
+
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
@@ -204,14 +206,14 @@ fn compile(
 
 /// The syscall profile for `sandbox.syscalls` ("default" or "strict"; "off" has none):
 /// one or more filters, all installed (the kernel applies the strictest answer).
-pub fn profile(kind: &str) -> Result<Vec<BpfProgram>, String> {
+pub fn profile(kind: SyscallProfile) -> Result<Vec<BpfProgram>, String> {
     match kind {
-        "off" => Ok(Vec::new()),
-        "strict" => {
+        SyscallProfile::Off => Ok(Vec::new()),
+        SyscallProfile::Strict => {
             let rules = STRICT_ALLOW.iter().map(|(_, nr)| (*nr, vec![])).collect();
             Ok(vec![compile(rules, SeccompAction::Trap, SeccompAction::Allow)?])
         }
-        _ => {
+        SyscallProfile::Default => {
             let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
                 DEFAULT_DENY.iter().map(|(_, nr)| (*nr, vec![])).collect();
             // clone with any namespace flag: one rule per flag, any of them matches.
@@ -283,9 +285,9 @@ mod tests {
 
     #[test]
     fn profiles_compile() {
-        assert_eq!(profile("default").unwrap().len(), 2);
-        assert_eq!(profile("strict").unwrap().len(), 1);
-        assert!(profile("off").unwrap().is_empty());
+        assert_eq!(profile(SyscallProfile::Default).unwrap().len(), 2);
+        assert_eq!(profile(SyscallProfile::Strict).unwrap().len(), 1);
+        assert!(profile(SyscallProfile::Off).unwrap().is_empty());
         assert_eq!(syscall_name(libc::SYS_io_uring_setup), Some("io_uring_setup"));
         assert_eq!(syscall_name(libc::SYS_mknodat), Some("mknodat"));
         assert!(!deny_inet().unwrap().is_empty());
