@@ -279,9 +279,7 @@ impl Instance {
             socket,
             stdout,
             stderr,
-            unread: std::mem::take(
-                &mut self.wire.read.lock().unwrap_or_else(|p| p.into_inner()).rbuf,
-            ),
+            unread: std::mem::take(&mut self.wire.read.lock().rbuf),
             sdk: self.sdk,
             lockdown: self.lockdown,
         })
@@ -342,7 +340,7 @@ pub(crate) async fn run_adopted(frozen: Frozen, cfg: InstanceConfig, wiring: Wir
             return;
         }
     };
-    inst.wire.read.lock().unwrap_or_else(|p| p.into_inner()).rbuf = frozen.unread;
+    inst.wire.read.lock().rbuf = frozen.unread;
     inst.sdk = frozen.sdk.clone();
     inst.lockdown = frozen.lockdown.clone();
     let pid = inst.proc.pid();
@@ -391,7 +389,7 @@ enum Wake {
 impl Instance {
     /// A sandbox violation, naming the syscall the SDK reported (if any).
     fn violation(&self) -> ExitReason {
-        let nr = *self.markers.syscall.lock().unwrap_or_else(|p| p.into_inner());
+        let nr = *self.markers.syscall.lock();
         ExitReason::SandboxViolation { syscall: nr.map(name_of) }
     }
 
@@ -439,11 +437,11 @@ impl Instance {
 
     /// Appends a frame to the write buffer (written by the next flush).
     fn encode(&self, msg: &Message) -> Result<(), plugin_proto::CodecError> {
-        encode_frame(msg, &mut self.wire.write.lock().unwrap_or_else(|p| p.into_inner()))
+        encode_frame(msg, &mut self.wire.write.lock())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        let mut w = self.wire.write.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.wire.write.lock();
         write_available(self.wire.sock(), &mut w)
     }
 
@@ -496,13 +494,13 @@ impl Instance {
 
     /// True if frames wait to be written.
     fn unwritten(&self) -> bool {
-        !self.wire.write.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+        !self.wire.write.lock().is_empty()
     }
 
     /// Reads what is available now, without waiting; Ok(false) on end of stream. A blocking
     /// caller that owns the socket reads for us meanwhile.
     fn fill(&mut self) -> io::Result<bool> {
-        let Ok(mut read) = self.wire.read.try_lock() else {
+        let Some(mut read) = self.wire.read.try_lock() else {
             return Ok(true);
         };
         // Until the socket is empty: nothing may be left behind unseen (readiness may already
@@ -522,7 +520,7 @@ impl Instance {
     /// (nothing while a blocking caller owns the socket: it decodes then).
     fn decode_all(&self) -> (Vec<Message>, Option<String>) {
         let mut out = Vec::new();
-        if let Ok(mut read) = self.wire.read.try_lock() {
+        if let Some(mut read) = self.wire.read.try_lock() {
             let ReadSide { rbuf, decoder, fault, .. } = &mut *read;
             loop {
                 match decoder.next(rbuf) {
@@ -571,7 +569,7 @@ impl Instance {
     ) -> Result<Wake, String> {
         loop {
             let next = {
-                let mut read = self.wire.read.lock().unwrap_or_else(|p| p.into_inner());
+                let mut read = self.wire.read.lock();
                 let ReadSide { rbuf, decoder, .. } = &mut *read;
                 decoder.next(rbuf)
             };
@@ -910,7 +908,7 @@ impl Instance {
             }
             if let Err(e) = self.flush() {
                 tracing::debug!(plugin = %self.cfg.name, "socket write failed: {e}");
-                self.wire.write.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                self.wire.write.lock().clear();
                 self.eof = true;
             }
             self.watch_writes();
@@ -1156,7 +1154,7 @@ async fn read_ready(sock: &Option<AsyncFd<UnixStream>>, wire: &Wire) -> bool {
     let Ok(mut guard) = sock.readable().await else {
         return false;
     };
-    let Ok(mut read) = wire.read.try_lock() else {
+    let Some(mut read) = wire.read.try_lock() else {
         guard.clear_ready();
         return true;
     };

@@ -10,7 +10,9 @@
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::SystemTime;
 
 use plugin_proto::LogLevel;
@@ -121,7 +123,7 @@ impl LogRing {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let (emit, report, first_drop) = {
-            let mut r = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let mut r = self.inner.lock();
             let second = ts_ms / 1000;
             let mut report = None;
             if second != r.window {
@@ -178,7 +180,7 @@ impl LogRing {
 
     /// The last `n` lines, oldest first.
     pub fn tail(&self, n: usize) -> Vec<LogLine> {
-        let r = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let r = self.inner.lock();
         r.lines.iter().skip(r.lines.len().saturating_sub(n)).cloned().collect()
     }
 
@@ -186,7 +188,7 @@ impl LogRing {
     /// them, a supervisor line saying how many are gone comes first (numbered just before
     /// the oldest line returned), so a follower never loses lines silently.
     pub fn after(&self, seq: u64) -> Vec<LogLine> {
-        let r = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let r = self.inner.lock();
         // Numbers start again in a new plugd (after SIGUSR2): a follower ahead of them gets
         // the whole ring, not nothing.
         let seq = if seq > r.seq { 0 } else { seq };
@@ -210,12 +212,12 @@ impl LogRing {
 
     /// Lines that were over the rate limit and not written to plugd's own log.
     pub fn dropped(&self) -> u64 {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).dropped
+        self.inner.lock().dropped
     }
 
     /// Bytes of text held.
     pub fn bytes(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).bytes
+        self.inner.lock().bytes
     }
 }
 
@@ -235,7 +237,7 @@ impl Markers {
     fn scan(&self, text: &str) {
         if let Some(nr) = text.strip_prefix(VIOLATION_MARKER) {
             if let Ok(nr) = nr.trim().parse() {
-                *self.syscall.lock().unwrap_or_else(|p| p.into_inner()) = Some(nr);
+                *self.syscall.lock() = Some(nr);
                 self.violation.notify_one();
             }
         }

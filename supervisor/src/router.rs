@@ -12,7 +12,9 @@
 //! `wire`), with no task or thread hand-off.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -413,7 +415,7 @@ impl PluginHandle {
     }
 
     fn unavailable(&self) -> CallError {
-        let live = self.shared.live.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let live = self.shared.live.lock().clone();
         let mut msg = format!("plugin {} is not ready (state: {}", self.shared.name, live.state);
         if let Some(r) = &live.last_exit {
             msg.push_str(&format!(", last exit: {r}"));
@@ -425,7 +427,7 @@ impl PluginHandle {
     /// A snapshot of the plugin's status.
     pub fn status(&self) -> PluginStatus {
         let s = &self.shared;
-        let live = s.live.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let live = s.live.lock().clone();
         PluginStatus {
             name: s.name.clone(),
             version: live.version.clone(),

@@ -86,7 +86,7 @@ impl Slot {
     /// Adds the layers an instance applied to itself (reported in its Hello), labelled
     /// as voluntary, to the sandbox the status shows.
     fn record_lockdown(&self, lockdown: &[String]) {
-        let mut live = self.shared.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut live = self.shared.live.lock();
         for layer in lockdown.iter().map(|l| format!("{l}(sdk, voluntary)")) {
             if !live.sandbox.in_force.contains(&layer) {
                 live.sandbox.in_force.push(layer);
@@ -95,7 +95,7 @@ impl Slot {
     }
 
     fn publish(&self, m: &Machine, pid: Option<u32>, sdk: Option<String>) {
-        let mut live = self.shared.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut live = self.shared.live.lock();
         live.state = m.state;
         live.restarts = m.restarts;
         live.last_exit = m.last_exit.clone();
@@ -193,7 +193,7 @@ impl Slot {
                         match self.spawn(&spec, generation, None, true, ev_tx.clone()).await {
                             Ok(new) => {
                                 self.note(LogLevel::Info, format!("updating to {} beside the running instance", spec.manifest.version));
-                                self.shared.live.lock().unwrap_or_else(|p| p.into_inner()).updating_to = Some(spec.manifest.version.to_string());
+                                self.shared.live.lock().updating_to = Some(spec.manifest.version.to_string());
                                 update = Some(Update { spec: *spec, reply, new, retiring: None });
                             }
                             Err(reason) => {
@@ -209,12 +209,12 @@ impl Slot {
                         };
                         self.shared.route.store(None);
                         // Calls refused from now on say why: in-flight calls are finishing.
-                        self.shared.live.lock().unwrap_or_else(|p| p.into_inner()).state = State::Draining;
+                        self.shared.live.lock().state = State::Draining;
                         let (tx, rx) = oneshot::channel();
                         let _ = c.control.send(Control::Freeze(tx)).await;
                         match rx.await {
                             Ok(Ok(instance)) => {
-                                let sandbox = self.shared.live.lock().unwrap_or_else(|p| p.into_inner()).sandbox.clone();
+                                let sandbox = self.shared.live.lock().sandbox.clone();
                                 let _ = reply.send(Ok(FrozenPlugin { instance, restarts: machine.restarts, sandbox }));
                                 return; // the process now belongs to the successor
                             }
@@ -255,7 +255,7 @@ impl Slot {
                                     u.retiring = Some(old);
                                 }
                                 pid = Some(*p);
-                                let mut live = self.shared.live.lock().unwrap_or_else(|p| p.into_inner());
+                                let mut live = self.shared.live.lock();
                                 live.pid = pid;
                                 live.sdk = Some(s.clone());
                                 live.version = u.spec.manifest.version.to_string();
@@ -266,7 +266,7 @@ impl Slot {
                             (InstanceEvent::Exited { reason, .. }, None) if gen == new_gen => {
                                 let why = format!("the new instance did not start: {reason}");
                                 self.note(LogLevel::Error, format!("update failed, still serving the running version: {why}"));
-                                self.shared.live.lock().unwrap_or_else(|p| p.into_inner()).updating_to = None;
+                                self.shared.live.lock().updating_to = None;
                                 if let Some(u) = update.take() {
                                     let _ = u.reply.send(Err(why));
                                 }
@@ -276,7 +276,7 @@ impl Slot {
                             (InstanceEvent::Exited { state, reason }, Some(old)) if gen == old => {
                                 let _ = u.new.control.send(Control::Release(state.clone())).await;
                                 self.note(LogLevel::Info, format!("updated to {} (old instance: {reason})", u.spec.manifest.version));
-                                self.shared.live.lock().unwrap_or_else(|p| p.into_inner()).updating_to = None;
+                                self.shared.live.lock().updating_to = None;
                                 if let Some(u) = update.take() {
                                     self.spec = u.spec;
                                     let _ = u.reply.send(Ok(()));
@@ -289,12 +289,12 @@ impl Slot {
                             (InstanceEvent::Exited { reason, .. }, Some(_)) if gen == new_gen => {
                                 let why = format!("the new instance ended before the hand-over: {reason}");
                                 self.note(LogLevel::Error, format!("update failed: {why}; the running version restarts once it has drained"));
-                                *self.shared.live.lock().unwrap_or_else(|p| p.into_inner()).exits.entry(reason.kind()).or_default() += 1;
+                                *self.shared.live.lock().exits.entry(reason.kind()).or_default() += 1;
                                 current = None;
                                 pid = None;
                                 self.shared.route.store(None);
                                 {
-                                    let mut live = self.shared.live.lock().unwrap_or_else(|p| p.into_inner());
+                                    let mut live = self.shared.live.lock();
                                     live.updating_to = None;
                                     live.version = self.spec.manifest.version.to_string();
                                     // Not Ready: nothing is routed until the old one has drained
@@ -345,7 +345,7 @@ impl Slot {
                             self.shared.route.store(None);
                             let level = if reason.is_failure() { LogLevel::Error } else { LogLevel::Info };
                             self.note(level, format!("instance ended: {reason}"));
-                            *self.shared.live.lock().unwrap_or_else(|p| p.into_inner()).exits.entry(reason.kind()).or_default() += 1;
+                            *self.shared.live.lock().exits.entry(reason.kind()).or_default() += 1;
                             Event::ProcessExited(reason)
                         }
                     }
@@ -504,7 +504,7 @@ impl Slot {
                 format!("sandbox layer unavailable, running without it: {missing}"),
             );
         }
-        self.shared.live.lock().unwrap_or_else(|p| p.into_inner()).sandbox = report;
+        self.shared.live.lock().sandbox = report;
         let raw = self
             .spawner
             .spawn(plan)

@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use arc_swap::ArcSwapOption;
 use plugin_proto::DEFAULT_MAX_FRAME;
@@ -136,8 +138,8 @@ impl Supervisor {
         Supervisor { config, spawner, host, plugins: Mutex::new(Vec::new()) }
     }
 
-    fn plugins(&self) -> std::sync::MutexGuard<'_, Vec<Loaded>> {
-        self.plugins.lock().unwrap_or_else(|p| p.into_inner())
+    fn plugins(&self) -> parking_lot::MutexGuard<'_, Vec<Loaded>> {
+        self.plugins.lock()
     }
 
     fn unknown(&self, name: &str) -> SupervisorError {
@@ -268,8 +270,7 @@ impl Supervisor {
             host: self.host.clone(),
         };
         if let Some(f) = &adopt {
-            handle.shared.live.lock().unwrap_or_else(|p| p.into_inner()).sandbox =
-                f.sandbox.clone();
+            handle.shared.live.lock().sandbox = f.sandbox.clone();
         }
         tokio::spawn(slot.run(rx, adopt));
         if !start {

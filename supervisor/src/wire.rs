@@ -16,11 +16,11 @@
 //! readiness while a caller reads), or the instance is stopping and waits for
 //! the caller to be done.
 
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -231,7 +231,7 @@ pub(crate) struct Wire {
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock()
 }
 
 /// Why a blocking call did not even start.
@@ -289,12 +289,12 @@ impl Wire {
     pub fn close(&self) -> bool {
         self.closing.store(true, Ordering::SeqCst);
         self.release(); // a caller waiting for a release must see the close
-        self.read.try_lock().is_ok()
+        self.read.try_lock().is_some()
     }
 
     /// True if no blocking call holds the socket.
     pub fn idle(&self) -> bool {
-        self.read.try_lock().is_ok()
+        self.read.try_lock().is_some()
     }
 
     fn push(&self, item: Inbound) {
@@ -340,7 +340,7 @@ impl Wire {
                 if wait.is_zero() {
                     return Err(NotSent::Failed(self.deadline_error()));
                 }
-                held = self.released.wait_timeout(held, wait).unwrap_or_else(|p| p.into_inner()).0;
+                self.released.wait_for(&mut held, wait);
             }
         }
         let mut read = lock(&self.read);

@@ -9,7 +9,9 @@
 //! between two requests, or in the middle of writing one, never notices the upgrade.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -99,11 +101,7 @@ impl Conns {
             let parked = serve_connection(&daemon, &conn, unread, &me).await;
             if let Some(unread) = parked {
                 match OwnedFd::try_from(conn) {
-                    Ok(fd) => me
-                        .parked
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(Parked { fd, unread }),
+                    Ok(fd) => me.parked.lock().push(Parked { fd, unread }),
                     Err(e) => {
                         tracing::warn!("cannot keep a control connection across the upgrade: {e}")
                     }
@@ -127,7 +125,7 @@ impl Conns {
                 DRAIN.as_secs()
             ),
         }
-        std::mem::take(&mut *self.parked.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(&mut *self.parked.lock())
     }
 
     /// The upgrade did not happen: serve the parked connections again.
