@@ -9,8 +9,23 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
+/// Where plugd and the example plugins are. `cargo test -p supervisor` alone does not
+/// build the examples package: then they are built here, once, in the same profile.
 pub fn bin_dir() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
     let dir = Path::new(env!("CARGO_BIN_EXE_plugd")).parent().unwrap().to_path_buf();
+    BUILT.call_once(|| {
+        if dir.join("logbomb").exists() {
+            return;
+        }
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args(["build", "-q", "-p", "plugd-examples", "--bins"]);
+        if dir.ends_with("release") {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().expect("run cargo to build the example plugins");
+        assert!(status.success(), "building the example plugins failed");
+    });
     assert!(
         dir.join("echo").exists(),
         "example plugins are not built; run `cargo test --workspace`"
