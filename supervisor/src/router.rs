@@ -200,7 +200,12 @@ pub(crate) struct Shared {
     pub name: String,
     pub kind: PluginKind,
     pub default_deadline: Duration,
+    /// Where calls go now; changed only through [`Shared::set_route`].
     pub route: ArcSwapOption<Route>,
+    /// Bumped at every route change, so a blocking caller that met a closing instance
+    /// waits for the next route instead of polling.
+    pub route_changes: Mutex<u64>,
+    pub route_changed: parking_lot::Condvar,
     pub calls_ok: AtomicU64,
     pub calls_err: AtomicU64,
     pub latency: Latency,
@@ -208,6 +213,30 @@ pub(crate) struct Shared {
     pub engine: std::sync::atomic::AtomicBool,
     pub live: Mutex<LiveStatus>,
     pub ring: LogRing,
+}
+
+impl Shared {
+    /// Publishes where calls go (None: nowhere) and wakes blocking callers waiting for it.
+    pub fn set_route(&self, route: Option<Arc<Route>>) {
+        self.route.store(route);
+        *self.route_changes.lock() += 1;
+        self.route_changed.notify_all();
+    }
+
+    /// Waits (at most `limit`) until the route is no longer `old`.
+    fn wait_route_change(&self, old: &Arc<Route>, limit: Duration) {
+        let mut changes = self.route_changes.lock();
+        let moved = |s: &Shared| s.route.load().as_ref().is_none_or(|now| !Arc::ptr_eq(now, old));
+        if !moved(self) {
+            let seen = *changes;
+            let until = std::time::Instant::now() + limit;
+            while *changes == seen {
+                if self.route_changed.wait_until(&mut changes, until).timed_out() {
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// A cheap, cloneable handle for calling one plugin by name.
@@ -380,16 +409,13 @@ impl PluginHandle {
                 }
                 Err(NotSent::Closing(p)) => {
                     payload = Some(p);
-                    let moved = self
-                        .shared
-                        .route
-                        .load()
-                        .as_ref()
-                        .is_some_and(|now| !Arc::ptr_eq(now, &route));
-                    if !moved {
-                        // Give the slot a moment to publish the new route.
-                        std::thread::sleep(Duration::from_micros(200));
-                    }
+                    // The slot publishes the next route as it retires this one: wait for
+                    // that (woken by it), never past the call's deadline.
+                    let left = deadline
+                        .map(|d| d.saturating_duration_since(std::time::Instant::now()))
+                        .unwrap_or(Duration::from_secs(1))
+                        .min(Duration::from_secs(1));
+                    self.shared.wait_route_change(&route, left);
                     now = std::time::Instant::now();
                 }
             }

@@ -207,7 +207,7 @@ impl Slot {
                             let _ = reply.send(Err(format!("not ready ({})", machine.state)));
                             continue;
                         };
-                        self.shared.route.store(None);
+                        self.shared.set_route(None);
                         // Calls refused from now on say why: in-flight calls are finishing.
                         self.shared.live.lock().state = State::Draining;
                         let (tx, rx) = oneshot::channel();
@@ -246,7 +246,7 @@ impl Slot {
                                 self.record_lockdown(lockdown);
                                 let calls = u.new.calls.clone();
                                 if let Some(calls) = calls {
-                                    self.shared.route.store(Some(Arc::new(calls)));
+                                    self.shared.set_route(Some(Arc::new(calls)));
                                 }
                                 let old = current.replace(Current { generation: new_gen, control: u.new.control.clone(), calls: u.new.calls.take() });
                                 if let Some(mut old) = old {
@@ -292,7 +292,7 @@ impl Slot {
                                 *self.shared.live.lock().exits.entry(reason.kind()).or_default() += 1;
                                 current = None;
                                 pid = None;
-                                self.shared.route.store(None);
+                                self.shared.set_route(None);
                                 {
                                     let mut live = self.shared.live.lock();
                                     live.updating_to = None;
@@ -342,7 +342,7 @@ impl Slot {
                             }
                             current = None;
                             pid = None;
-                            self.shared.route.store(None);
+                            self.shared.set_route(None);
                             let level = if reason.is_failure() { LogLevel::Error } else { LogLevel::Info };
                             self.note(level, format!("instance ended: {reason}"));
                             *self.shared.live.lock().exits.entry(reason.kind()).or_default() += 1;
@@ -385,11 +385,11 @@ impl Slot {
                         }
                         Action::Route => {
                             if let Some(calls) = current.as_ref().and_then(|c| c.calls.clone()) {
-                                self.shared.route.store(Some(Arc::new(calls)));
+                                self.shared.set_route(Some(Arc::new(calls)));
                             }
                         }
                         Action::Unroute => {
-                            self.shared.route.store(None);
+                            self.shared.set_route(None);
                             if let Some(c) = current.as_mut() {
                                 c.calls = None;
                             }
@@ -450,7 +450,7 @@ impl Slot {
             }
         }
         // The supervisor is gone: dropping the control queue makes the instance kill its group.
-        self.shared.route.store(None);
+        self.shared.set_route(None);
         drop(current);
     }
 

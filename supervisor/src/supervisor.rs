@@ -228,6 +228,8 @@ impl Supervisor {
             kind: m.kind,
             default_deadline: m.timeouts.call,
             route: ArcSwapOption::empty(),
+            route_changes: Default::default(),
+            route_changed: Default::default(),
             calls_ok: AtomicU64::new(0),
             calls_err: AtomicU64::new(0),
             latency: Default::default(),
