@@ -361,6 +361,20 @@ fn streamed_calls_arrive_piece_by_piece_and_logs_can_be_followed() {
         !lines.iter().any(|l| l["text"].as_str().is_some_and(|t| t.contains("ready")))
     });
     assert!(!lines.is_empty());
+    // And a line written later arrives as it is written (a subscription, not a re-read).
+    let follower = std::thread::spawn(move || {
+        let mut got = false;
+        read_sse(port, "GET", "/v1/plugins/echo/logs?follow=true&n=1", Some(TOKEN), b"", |e, d| {
+            got = e == "log" && d.contains("written later");
+            !got
+        });
+        got
+    });
+    eventually("the line arrives live", || {
+        http(port, "POST", "/v1/plugins/echo/call/log", Some(TOKEN), b"\"written later\"");
+        follower.is_finished()
+    });
+    assert!(follower.join().unwrap());
 }
 
 /// A plugin folder running the echo binary, with extra manifest text.

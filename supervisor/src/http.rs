@@ -406,9 +406,10 @@ async fn logs(
             .run(Request::Logs { name, n, since_ms: q.since_ms, since_seq: q.since_seq })
             .await;
     }
-    // Follow: every 250 ms, the lines numbered after the last one sent, as SSE `log` events
-    // (a gap, if the ring dropped lines meanwhile, comes as a line that says so), until
-    // the client goes away (the send fails and the task ends).
+    // Follow: the tail, then every new line as the plugin's log gets it (a subscription,
+    // not polling), as SSE `log` events; lines a slow client missed are said as a `gap`
+    // event. Ends when the client goes away or the plugin is unloaded (`end`).
+    let live = api.daemon.plugin(&name).map(|h| h.subscribe_logs());
     let first = api
         .daemon
         .handle(Request::Logs {
@@ -423,6 +424,40 @@ async fn logs(
     }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
     let daemon = api.daemon.clone();
+    if let Some(mut live) = live {
+        tokio::spawn(async move {
+            let mut last = 0u64;
+            for line in first.data.as_ref().and_then(|d| d.as_array()).into_iter().flatten() {
+                last = line["seq"].as_u64().unwrap_or(last).max(last);
+                if tx.send(Event::default().event("log").data(line.to_string())).is_err() {
+                    return;
+                }
+            }
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                let event = tokio::select! {
+                    r = live.recv() => match r {
+                        Ok(line) if line.seq <= last => continue,
+                        Ok(line) => {
+                            last = line.seq;
+                            Event::default().event("log").data(serde_json::to_string(&line).unwrap_or_default())
+                        }
+                        Err(RecvError::Lagged(n)) => Event::default().event("gap").data(format!("{n} lines were not sent: this client read too slowly")),
+                        Err(RecvError::Closed) => {
+                            let _ = tx.send(Event::default().event("end").data("the plugin was unloaded"));
+                            return;
+                        }
+                    },
+                    _ = tx.closed() => return,
+                };
+                if tx.send(event).is_err() {
+                    return;
+                }
+            }
+        });
+        return Sse::new(EventStream(rx)).keep_alive(KeepAlive::default()).into_response();
+    }
+    // Not loaded (disabled, say): its log is empty until it is; poll for that.
     tokio::spawn(async move {
         let mut reply = first;
         let mut last = q.since_seq.unwrap_or(0);

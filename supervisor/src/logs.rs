@@ -63,9 +63,18 @@ pub struct LogLine {
 }
 
 /// A bounded ring of a plugin's recent log lines, shared by its instances.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LogRing {
     inner: Arc<Mutex<Ring>>,
+    /// New lines for followers (`subscribe`); a follower that falls behind is told how
+    /// many it missed.
+    live: tokio::sync::broadcast::Sender<LogLine>,
+}
+
+impl Default for LogRing {
+    fn default() -> Self {
+        LogRing { inner: Default::default(), live: tokio::sync::broadcast::channel(1024).0 }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -147,13 +156,11 @@ impl LogRing {
             r.bytes += text.len();
             r.seq += 1;
             let seq = r.seq;
-            r.lines.push_back(LogLine {
-                seq,
-                ts_ms,
-                source,
-                level: level_name(level),
-                text: text.clone(),
-            });
+            let line = LogLine { seq, ts_ms, source, level: level_name(level), text: text.clone() };
+            if self.live.receiver_count() > 0 {
+                let _ = self.live.send(line.clone());
+            }
+            r.lines.push_back(line);
             while r.lines.len() > RING_LINES || (r.bytes > RING_BYTES && r.lines.len() > 1) {
                 if let Some(old) = r.lines.pop_front() {
                     r.bytes -= old.text.len();
@@ -208,6 +215,12 @@ impl LogRing {
             }
         }
         out
+    }
+
+    /// Every line pushed from now on, as it comes (subscribe before reading the tail, and
+    /// skip lines numbered at or below the last one read).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<LogLine> {
+        self.live.subscribe()
     }
 
     /// Lines that were over the rate limit and not written to plugd's own log.

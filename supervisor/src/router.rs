@@ -480,6 +480,11 @@ impl PluginHandle {
         self.shared.ring.tail(n)
     }
 
+    /// New log lines as they come (see [`LogRing::subscribe`]).
+    pub fn subscribe_logs(&self) -> tokio::sync::broadcast::Receiver<LogLine> {
+        self.shared.ring.subscribe()
+    }
+
     /// Every log line after number `seq` (see [`LogLine::seq`]), a gap said first.
     pub fn logs_after(&self, seq: u64) -> Vec<LogLine> {
         self.shared.ring.after(seq)
