@@ -347,12 +347,14 @@ fn sigusr2_upgrades_in_place_without_restarting_plugins_or_losing_calls() {
             (ok, failed)
         })
     };
-    std::thread::sleep(Duration::from_millis(200));
+    let calls = |d: &Plugd| d.plugin("echo")["calls_ok"].as_u64().unwrap_or(0);
+    eventually("the caller is calling", || calls(&d) >= 5);
     d.signal(Signal::SIGUSR2);
     eventually("the new generation answers", || {
         d.ctl(&["info"]).status.success() && info(&d)["generation"] == 1
     });
-    std::thread::sleep(Duration::from_millis(200));
+    // Calls go on in the new generation (its counters start at 0).
+    eventually("the caller is calling the new plugd", || calls(&d) >= 5);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = caller.join().unwrap();
     assert!(failed.is_empty(), "calls lost across the upgrade: {failed:?}");

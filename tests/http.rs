@@ -673,12 +673,15 @@ fn no_http_call_fails_across_in_place_upgrades() {
         let (code, _) = http(port, "GET", "/v1/plugins", Some(TOKEN), b"");
         (code == 200).then(|| d.json(&["info"])["generation"].as_u64()).flatten()
     };
+    // Calls answered by the current generation (its counters start at 0 after an upgrade).
+    let answered = || d.plugin("echo")["calls_ok"].as_u64().unwrap_or(0);
     for next in 1..=2u64 {
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        let before = answered();
+        eventually("calls are being made", || answered() >= before + 5);
         d.signal(nix::sys::signal::Signal::SIGUSR2);
         eventually("the next generation answers", || generation() == Some(next));
     }
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    eventually("calls go on after the last upgrade", || answered() >= 5);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = caller.join().unwrap();
     assert!(failed.is_empty(), "HTTP calls failed across the upgrades: {failed:?}");

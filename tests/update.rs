@@ -95,7 +95,8 @@ async fn twenty_updates_under_load_lose_no_call() {
             (versions, failed)
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Every caller is under way before the first swap.
+    eventually("the callers are calling", || echo.status().calls_ok >= 100).await;
     let t0 = Instant::now();
     for i in 0..20 {
         let spec = if i % 2 == 0 { v2.clone() } else { v1.clone() };
