@@ -98,20 +98,55 @@ pub fn place(
     Ok(target)
 }
 
-/// Tells a running install to stop: every step checks it, and a running command's process
-/// group is killed within 50 ms.
-#[derive(Debug, Default)]
-pub struct Cancel(std::sync::atomic::AtomicBool);
+/// Tells a running install to stop: every step checks it, and a running command is killed
+/// at once — the waits wake on it (a pipe a blocking wait polls beside the step's pidfd, a
+/// Notify for async waits), nothing polls a flag on a timer.
+#[derive(Debug)]
+pub struct Cancel {
+    flag: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+    /// Read end (polled by blocking waits) and write end (a byte is written on cancel).
+    pipe: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
+}
+
+impl Default for Cancel {
+    fn default() -> Self {
+        let pipe =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK).ok();
+        Cancel { flag: Default::default(), notify: Default::default(), pipe }
+    }
+}
 
 impl Cancel {
     /// Asks the install to stop.
     pub fn cancel(&self) {
-        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.notify.notify_waiters();
+        if let Some((_, w)) = &self.pipe {
+            let _ = nix::unistd::write(w, b"x");
+        }
     }
 
     /// True once cancelled.
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
+        self.flag.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Resolves once cancelled.
+    pub async fn cancelled(&self) {
+        loop {
+            let woken = self.notify.notified();
+            if self.is_cancelled() {
+                return;
+            }
+            woken.await;
+        }
+    }
+
+    /// The descriptor that turns readable on cancel, for a blocking wait to poll.
+    pub fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.pipe.as_ref().map(|(r, _)| r.as_fd())
     }
 }
 
@@ -229,8 +264,14 @@ impl Steps {
         let deadline = Instant::now() + STEP_TIMEOUT;
         // Ok(status), or Err(true) when cancelled, Err(false) when out of time.
         let status = loop {
-            // Polls the pidfd; every 50 ms it looks at the clock and the cancel flag.
-            if let Some(status) = child.wait_timeout(Duration::from_millis(50)) {
+            // Sleeps in poll() on the pidfd and the cancel pipe, until the deadline.
+            let mut left = deadline.saturating_duration_since(Instant::now());
+            let wake = cancel.and_then(Cancel::fd);
+            if cancel.is_some() && wake.is_none() {
+                // No pipe (out of descriptors when the job was made): look at the flag often.
+                left = left.min(Duration::from_millis(50));
+            }
+            if let Some(status) = child.wait_or(wake, left) {
                 break Ok(status);
             }
             if Instant::now() >= deadline || cancel.is_some_and(Cancel::is_cancelled) {

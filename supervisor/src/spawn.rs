@@ -765,13 +765,26 @@ impl JobProcess {
         ))
     }
 
-    /// Waits up to `timeout` for the step to end; its exit status once it has (reaped,
-    /// with whatever it left behind killed), else `None`.
-    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<WaitStatus> {
+    /// Waits up to `timeout` for the step to end, or for `wake` to turn readable (a
+    /// cancel); its exit status once it has ended (reaped, with whatever it left behind
+    /// killed), else `None`.
+    pub fn wait_or(
+        &mut self,
+        wake: Option<std::os::fd::BorrowedFd<'_>>,
+        timeout: Duration,
+    ) -> Option<WaitStatus> {
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        let mut p = libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: poll on one stack-owned pollfd naming a descriptor we own.
-        if unsafe { libc::poll(&mut p, 1, ms) } <= 0 {
+        let mut p = [
+            libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd {
+                fd: wake.map(|w| w.as_raw_fd()).unwrap_or(-1),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: poll on two stack-owned pollfds naming descriptors we hold (a negative fd
+        // is ignored by poll).
+        if unsafe { libc::poll(p.as_mut_ptr(), 2, ms) } <= 0 || p[0].revents == 0 {
             return None;
         }
         let (status, _) = try_reap(self.pidfd.as_fd(), self.pid)?;

@@ -502,11 +502,7 @@ async fn fetch(
                 let _ = nix::sys::signal::killpg(p, nix::sys::signal::Signal::SIGKILL);
             }
         };
-        let cancelled = async {
-            while !cancel.is_cancelled() {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        };
+        let cancelled = cancel.cancelled();
         let limit = std::time::Duration::from_secs(300);
         let out = tokio::select! {
             out = tokio::time::timeout(limit, child.wait_with_output()) => match out {
