@@ -3,6 +3,10 @@
 //! One datagram per message to the socket named by `NOTIFY_SOCKET` (a path,
 //! or `@name` for the abstract namespace). Without `NOTIFY_SOCKET` every call
 //! is a no-op, so plugd runs the same outside systemd.
+//!
+//! Hand-written rather than the `sd-notify` crate: its 0.4 line connects to
+//! `NOTIFY_SOCKET` as a file path, so an abstract `@name` socket (which systemd and
+//! container managers hand out) would never be reached. Revisit when it supports them.
 
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
