@@ -16,6 +16,24 @@
 //! only while the leader is not yet reaped — a live or zombie leader keeps its
 //! pid and group id reserved, so a recycled PID can never be hit.
 //!
+//! Every syscall the child makes between clone and exec, in order (no allocation, no
+//! lock, no other call; anything added here must be async-signal-safe and listed):
+//!
+//! - all children: `prctl(PR_SET_PDEATHSIG)`, `poll` (the supervisor's pidfd),
+//!   `setpgid`, `fcntl(F_DUPFD_CLOEXEC / F_SETFD)`, `dup2`, `close`, `close_range`,
+//!   `sched_setaffinity`, `open`/`write`/`close` (`cgroup.procs`);
+//! - a jail's init: `open`/`write`/`close` (`/proc/self/setgroups`, `uid_map`, `gid_map` in
+//!   a user namespace), `mount`, `mkdir`, `open`/`close` (mount points), `symlink`,
+//!   `open`/`write`/`close` (generated `/etc` files), `chdir`, `pivot_root`, `umount2`,
+//!   `sethostname`, `prctl(PR_CAPBSET_DROP)`, `setgroups`, `setresgid`, `setresuid`,
+//!   `capset`, `prctl(PR_CAP_AMBIENT)`, `clone` (the plugin), then in its loop
+//!   `sigprocmask`, `sigwaitinfo`, `waitpid`, `kill`, `write` (the status pipe), `_exit`;
+//! - the plugin: `sigaction`, `sigprocmask`, `close`, `prctl(PR_SET_PDEATHSIG)`,
+//!   `setrlimit`, (without a jail: the id and capability calls above), `chdir`,
+//!   `prctl(PR_SET_NO_NEW_PRIVS)`, `landlock_create_ruleset`/`landlock_add_rule`/
+//!   `landlock_restrict_self`, `seccomp`/`prctl(PR_SET_SECCOMP)`, `execve`;
+//! - on any failure: `write` (step, op, errno to the report pipe) and `_exit`.
+//!
 //! `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits,
 //! not the process. All forks therefore happen on one dedicated spawner
 //! thread that lives as long as the [`Spawner`]; tokio's blocking-pool
