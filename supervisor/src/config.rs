@@ -19,6 +19,27 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// `log_format`: how plugd writes its own log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// One human-readable line per event (no colours unless a terminal).
+    #[default]
+    Text,
+    /// One JSON object per event, for log shippers.
+    Json,
+}
+
+impl LogFormat {
+    /// The config word ("text" or "json") as the format, if it is one.
+    pub fn from_word(word: &str) -> Option<LogFormat> {
+        match word {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+}
+
 /// The daemon's settings, resolved to absolute paths.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DaemonConfig {
@@ -28,8 +49,8 @@ pub struct DaemonConfig {
     pub plugin_dirs: Vec<PathBuf>,
     /// Persistent state (disabled plugins, per-plugin state folders).
     pub state_dir: PathBuf,
-    /// "text" or "json".
-    pub log_format: String,
+    /// How plugd writes its log.
+    pub log_format: LogFormat,
     /// `[defaults]`: sections applied to every plugin.toml under the keys it does not set.
     pub defaults: toml::Table,
     /// Where the config came from (None: built-in default).
@@ -130,7 +151,7 @@ impl DaemonConfig {
             socket: default_socket(),
             plugin_dirs: vec![bundled_examples()],
             state_dir: default_state_dir(),
-            log_format: "text".into(),
+            log_format: LogFormat::Text,
             defaults: toml::Table::new(),
             source: None,
             http: None,
@@ -151,10 +172,11 @@ impl DaemonConfig {
             toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let base = std::fs::canonicalize(&base).unwrap_or(base);
-        let log_format = raw.log_format.unwrap_or_else(|| "text".into());
-        if log_format != "text" && log_format != "json" {
-            return Err(format!("`log_format` = {log_format:?} is not \"text\" or \"json\""));
-        }
+        let log_format = match raw.log_format.as_deref() {
+            None => LogFormat::Text,
+            Some(word) => LogFormat::from_word(word)
+                .ok_or_else(|| format!("`log_format` = {word:?} is not \"text\" or \"json\""))?,
+        };
         let plugin_dirs = raw.plugin_dirs.unwrap_or_default();
         if plugin_dirs.is_empty() {
             return Err(

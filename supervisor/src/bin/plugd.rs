@@ -33,11 +33,15 @@ fn main() -> std::process::ExitCode {
         },
         None => DaemonConfig::builtin(),
     };
-    let format = args.log_format.clone().unwrap_or_else(|| config.log_format.clone());
+    let format = args
+        .log_format
+        .as_deref()
+        .and_then(supervisor::config::LogFormat::from_word)
+        .unwrap_or(config.log_format);
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
-    if format == "json" {
+    if format == supervisor::config::LogFormat::Json {
         builder.json().init();
     } else {
         builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
