@@ -705,22 +705,7 @@ fn install_from_a_tar_gz_and_from_a_git_repository() {
     for entry in ["plugin.toml", "bin"] {
         Command::new("cp").arg("-r").arg(v2.join(entry)).arg(&repo).status().unwrap();
     }
-    let git = |args: &[&str]| {
-        let out = Command::new("git")
-            .args([
-                "-c",
-                "user.email=t@example.invalid",
-                "-c",
-                "user.name=t",
-                "-c",
-                "init.defaultBranch=main",
-            ])
-            .args(args)
-            .current_dir(&repo)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
+    let git = |args: &[&str]| git_in(&repo, args);
     git(&["init", "-q"]);
     git(&["add", "."]);
     git(&["commit", "-q", "-m", "greeter 2.0.0"]);
@@ -1337,6 +1322,19 @@ fn descriptors_adopted_across_an_upgrade_do_not_leak() {
     assert!(sockets >= 1, "{fds:?}");
 }
 
+/// Runs git in `repo` with a throwaway identity; its stdout, trimmed (the test fails if git does).
+fn git_in(repo: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "user.email=t@example.invalid", "-c", "user.name=t"])
+        .args(["-c", "init.defaultBranch=main"])
+        .args(args)
+        .current_dir(repo)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// A `.tar.gz` of `folder` (as its top folder) at `to`.
 fn tar_gz(folder: &Path, to: &Path) {
     let file = std::fs::File::create(to).unwrap();
@@ -1395,23 +1393,7 @@ fn with_required_signatures_only_archives_signed_by_a_trusted_key_install() {
     for entry in ["plugin.toml", "bin"] {
         Command::new("cp").arg("-r").arg(folder.join(entry)).arg(&repo).status().unwrap();
     }
-    let git = |args: &[&str]| {
-        let out = Command::new("git")
-            .args([
-                "-c",
-                "user.email=t@example.invalid",
-                "-c",
-                "user.name=t",
-                "-c",
-                "init.defaultBranch=main",
-            ])
-            .args(args)
-            .current_dir(&repo)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let git = |args: &[&str]| git_in(&repo, args);
     git(&["init", "-q"]);
     git(&["add", "."]);
     git(&["commit", "-q", "-m", "greeter"]);

@@ -458,6 +458,26 @@ fn ptr(s: &Option<CString>) -> *const libc::c_char {
     s.as_ref().map(|s| s.as_ptr()).unwrap_or(std::ptr::null())
 }
 
+/// Opens `path` with `flags` (mode 0644 if created) and writes `text` in one write.
+/// Async-signal-safe.
+fn write_file(path: &CString, flags: libc::c_int, text: &[u8]) -> io::Result<()> {
+    // SAFETY: a NUL-terminated path and a byte buffer owned by the plan; open, write and
+    // close are async-signal-safe.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), flags, 0o644);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = libc::write(fd, text.as_ptr().cast(), text.len());
+        let e = io::Error::last_os_error();
+        libc::close(fd);
+        if n != text.len() as isize {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 /// One op, async-signal-safe: every pointer refers to data prepared before the fork.
 fn run_op(op: &Op) -> io::Result<()> {
     // SAFETY (for each call below): the arguments are NUL-terminated strings or byte
@@ -493,36 +513,12 @@ fn run_op(op: &Op) -> io::Result<()> {
                 Ok(())
             }
             Op::Symlink { target, path } => check(libc::symlink(target.as_ptr(), path.as_ptr())),
-            Op::Write { path, text } => {
-                let fd = libc::open(
-                    path.as_ptr(),
-                    libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC | libc::O_CLOEXEC,
-                    0o644,
-                );
-                if fd < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                let n = libc::write(fd, text.as_ptr().cast(), text.len());
-                let e = io::Error::last_os_error();
-                libc::close(fd);
-                if n != text.len() as isize {
-                    return Err(e);
-                }
-                Ok(())
-            }
-            Op::Proc { path, text } => {
-                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                let n = libc::write(fd, text.as_ptr().cast(), text.len());
-                let e = io::Error::last_os_error();
-                libc::close(fd);
-                if n != text.len() as isize {
-                    return Err(e);
-                }
-                Ok(())
-            }
+            Op::Write { path, text } => write_file(
+                path,
+                libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC | libc::O_CLOEXEC,
+                text,
+            ),
+            Op::Proc { path, text } => write_file(path, libc::O_WRONLY | libc::O_CLOEXEC, text),
             Op::Pivot(root) => {
                 check(libc::chdir(root.as_ptr()))?;
                 // pivot_root(".", "."): the old root ends up stacked on the new one, and is
