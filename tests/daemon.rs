@@ -4,7 +4,7 @@
 //! _plugctl exist); the example plugins are found next to them, built by the same
 //! `cargo test --workspace`.
 
-mod plugd_harness;
+mod kit;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
@@ -16,7 +16,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
-use plugd_harness::*;
+use kit::daemon::*;
 
 #[test]
 fn plugctl_drives_a_running_daemon() {
@@ -238,7 +238,7 @@ fn the_control_socket_shrugs_off_garbage_and_strangers() {
     // Another uid: refused by the socket's mode, and by the peer check when the mode is opened up.
     // A copy of plugctl they can run (the checkout may sit in a folder only root can enter).
     let plugctl = d.root.path().join("plugctl");
-    std::fs::copy(env!("CARGO_BIN_EXE_plugctl"), &plugctl).unwrap();
+    std::fs::copy(plugd_bin("plugctl"), &plugctl).unwrap();
     let as_nobody = |d: &Plugd| {
         let mut cmd = Command::new(&plugctl);
         cmd.arg("--socket").arg(&d.socket).arg("status").uid(65534).gid(65534);
@@ -264,7 +264,7 @@ fn the_control_socket_shrugs_off_garbage_and_strangers() {
 
 #[test]
 fn plugctl_without_a_daemon_exits_3_and_names_the_socket() {
-    let out = Command::new(env!("CARGO_BIN_EXE_plugctl"))
+    let out = Command::new(plugd_bin("plugctl"))
         .args(["--socket", "/nonexistent/plugd.sock", "status"])
         .output()
         .unwrap();
@@ -274,7 +274,7 @@ fn plugctl_without_a_daemon_exits_3_and_names_the_socket() {
 
 #[test]
 fn validate_checks_a_folder_without_a_daemon() {
-    let out = Command::new(env!("CARGO_BIN_EXE_plugctl"))
+    let out = Command::new(plugd_bin("plugctl"))
         .arg("validate")
         .arg(examples().join("echo"))
         .output()
@@ -287,11 +287,7 @@ fn validate_checks_a_folder_without_a_daemon() {
         "name = \"x\"\nversion = \"1\"\napi_version = \"^1\"\nentrypoint = \"x\"\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_plugctl"))
-        .arg("validate")
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = Command::new(plugd_bin("plugctl")).arg("validate").arg(dir.path()).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`version`"));
 }
@@ -303,7 +299,7 @@ fn info(d: &Plugd) -> Value {
 /// A copy of plugd in the test's folder, so the test may replace "the installed binary".
 fn plugd_copy(root: &Path) -> PathBuf {
     let exe = root.join("plugd");
-    std::fs::copy(env!("CARGO_BIN_EXE_plugd"), &exe).unwrap();
+    std::fs::copy(plugd_bin("plugd"), &exe).unwrap();
     exe
 }
 
@@ -329,7 +325,7 @@ fn sigusr2_upgrades_in_place_without_restarting_plugins_or_losing_calls() {
             let (mut ok, mut failed) = (0u32, Vec::new());
             let mut i = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let out = Command::new(env!("CARGO_BIN_EXE_plugctl"))
+                let out = Command::new(plugd_bin("plugctl"))
                     .arg("--socket")
                     .arg(&socket)
                     .args(["call", "echo", "echo", &i.to_string()])
@@ -773,7 +769,7 @@ fn sigkill_during_an_install_leaves_the_old_state_or_the_new_one() {
     let installer = {
         let (socket, folder) = (d.socket.clone(), folder.clone());
         std::thread::spawn(move || {
-            Command::new(env!("CARGO_BIN_EXE_plugctl"))
+            Command::new(plugd_bin("plugctl"))
                 .arg("--socket")
                 .arg(&socket)
                 .arg("install")
@@ -1461,14 +1457,14 @@ fn with_required_signatures_only_archives_signed_by_a_trusted_key_install() {
     // plugctl validate says who signed an archive (keys from plugd.toml), and refuses a
     // changed one.
     let config = d.root.path().join("plugd.toml");
-    let out = Command::new(env!("CARGO_BIN_EXE_plugctl"))
+    let out = Command::new(plugd_bin("plugctl"))
         .args(["validate", archive.to_str().unwrap(), "--config", config.to_str().unwrap()])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("signature: signed by") && text.contains("trusted.pub"), "{text}");
-    let out = Command::new(env!("CARGO_BIN_EXE_plugctl"))
+    let out = Command::new(plugd_bin("plugctl"))
         .args([
             "--json",
             "validate",
@@ -1480,7 +1476,7 @@ fn with_required_signatures_only_archives_signed_by_a_trusted_key_install() {
         .unwrap();
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["signature"].as_str().unwrap_or("").starts_with("signed by"), "{v}");
-    let out = Command::new(env!("CARGO_BIN_EXE_plugctl"))
+    let out = Command::new(plugd_bin("plugctl"))
         .args(["validate", tampered.to_str().unwrap(), "--config", config.to_str().unwrap()])
         .output()
         .unwrap();
@@ -1498,7 +1494,7 @@ fn a_pinned_entrypoint_that_changed_is_refused_not_run() {
     let dir = d.plugins().join("pinned");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(bin_dir().join("echo"), dir.join("echo")).unwrap();
-    let hash = supervisor::signing::sha256_of(&dir.join("echo")).unwrap();
+    let hash = supervisor::spawn::sha256_of(&dir.join("echo")).unwrap();
     let manifest = |pin: &str| {
         format!("name = \"pinned\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"echo\"\nentrypoint_sha256 = \"{pin}\"\n[restart]\npolicy = \"never\"\n")
     };
@@ -1524,7 +1520,7 @@ fn logs_follow_misses_no_line_of_a_burst() {
     let d = Plugd::start(|dir| add_plugin(dir, "logbomb", "logbomb", ""));
     eventually("ready", || d.all_ready(&["logbomb"]));
     let out_file = d.root.path().join("follow.txt");
-    let mut follower = Command::new(env!("CARGO_BIN_EXE_plugctl"))
+    let mut follower = Command::new(plugd_bin("plugctl"))
         .arg("--socket")
         .arg(&d.socket)
         .args(["logs", "logbomb", "-f", "-n", "1"])

@@ -4,12 +4,12 @@
 //! bundled "after-ready" mode) ignores the closed socket and sleeps, so only the
 //! parent-death signal can end it. That is what this test is about.
 
-mod common;
+mod kit;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use common::*;
+use kit::*;
 
 #[test]
 fn sigkill_of_the_host_leaves_no_plugin_alive() {

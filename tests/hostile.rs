@@ -1,10 +1,10 @@
 //! End to end: plugins that send garbage, hang, or refuse to die — and a neighbour that keeps serving.
 
-mod common;
+mod kit;
 
 use std::time::{Duration, Instant};
 
-use common::*;
+use kit::*;
 use supervisor::{ErrorCode, ExitReason, State, SupervisorError};
 
 /// Asserts the echo neighbour answers right now.

@@ -1,12 +1,12 @@
 //! End to end: the HTTP admin API of a real plugd, with real requests over TCP.
 
-mod plugd_harness;
+mod kit;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 
-use plugd_harness::*;
+use kit::daemon::*;
 use serde_json::Value;
 
 const TOKEN: &str = "test-token-0123456789abcdef";
@@ -218,7 +218,7 @@ fn a_public_listen_without_a_token_is_refused_at_start() {
         "socket = \"run/plugd.sock\"\nplugin_dirs = [\"plugins\"]\nstate_dir = \"state\"\n[http]\nlisten = \"0.0.0.0:0\"\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_plugd"))
+    let out = Command::new(plugd_bin("plugd"))
         .arg("--config")
         .arg(root.path().join("plugd.toml"))
         .stdin(Stdio::null())

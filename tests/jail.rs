@@ -6,11 +6,11 @@
 //! unprivileged mode reports instead (a user-namespace jail, or the jail missing and why).
 //! `tests/daemon.rs` runs plugd as an ordinary user to test that mode end to end.
 
-mod common;
+mod kit;
 
 use std::time::Duration;
 
-use common::*;
+use kit::*;
 use supervisor::{ExitReason, PluginHandle, State, Supervisor};
 
 fn is_root() -> bool {

@@ -1,10 +1,10 @@
 //! End to end: load, call, crash, restart, fail, stop — with real plugin processes.
 
-mod common;
+mod kit;
 
 use std::time::{Duration, Instant};
 
-use common::*;
+use kit::*;
 use plugd_examples::{Order, Tick};
 use supervisor::{Deadline, ErrorCode, ExitReason, Payload, PayloadCodec, State, SupervisorError};
 
@@ -58,6 +58,31 @@ async fn load_call_unload() {
     assert_eq!(err.code, ErrorCode::Unavailable);
     let err = sup.unload("echo").await.unwrap_err();
     assert!(matches!(err, SupervisorError::UnknownPlugin { .. }), "{err}");
+}
+
+/// The host library builds no venvs: without a `prepare` hook, a Python plugin whose venv
+/// was never built fails to start with a message naming the fix; with the installer's
+/// venv builder it starts and answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_without_a_venv_builder_says_how_to_run_a_python_plugin() {
+    let state = tempfile::tempdir().unwrap();
+    let config = |prepare| supervisor::SupervisorConfig {
+        bin_dirs: vec![bin_dir()],
+        state_dir: state.path().to_path_buf(),
+        prepare,
+        ..Default::default()
+    };
+    let bare = supervisor::Supervisor::new(config(None)).unwrap();
+    let err = bare.load(example("py-signal")).await.unwrap_err().to_string();
+    assert!(err.contains("py-signal") && err.contains("virtualenv"), "{err}");
+    assert!(err.contains("plugd_install::python::Venvs"), "the message names the fix: {err}");
+    bare.shutdown().await;
+
+    let built = std::sync::Arc::new(plugd_install::python::Venvs);
+    let sup = supervisor::Supervisor::new(config(Some(built))).unwrap();
+    let h = sup.load(example("py-signal")).await.unwrap();
+    assert_eq!(h.status().state, State::Ready);
+    sup.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

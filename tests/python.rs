@@ -4,12 +4,12 @@
 //! folder and point pip at it with `--no-index --find-links`. Two plugins pinned to
 //! the two versions run side by side, sandboxed, and each reports what it imported.
 
-mod plugd_harness;
+mod kit;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use plugd_harness::*;
+use kit::daemon::*;
 
 /// Writes `<name>-<version>-py3-none-any.whl` holding a module whose `__version__` is `version`.
 fn wheel(dir: &Path, name: &str, version: &str) {

@@ -1,13 +1,13 @@
 //! End to end: every hostile plugin is contained, with the right classified reason,
 //! while a well-behaved neighbour keeps answering calls at the same time.
 
-mod common;
+mod kit;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use kit::*;
 use supervisor::{Deadline, ErrorCode, ExitReason, PluginHandle, State, Supervisor};
 
 /// Calls the echo neighbour every few milliseconds until dropped; checks every call succeeded.

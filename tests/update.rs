@@ -1,13 +1,13 @@
 //! End to end: hot update — a new version starts beside the old one, routing switches,
 //! the old one drains and hands over its state; no call is lost, duplicated or refused.
 
-mod common;
+mod kit;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use kit::*;
 use plugd_examples::{Order, Tick};
 use supervisor::{Deadline, PluginSpec, SupervisorError};
 

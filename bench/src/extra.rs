@@ -31,7 +31,11 @@ pub const SANDBOX_OFF: &str =
     "[sandbox]\nnetwork = \"host\"\nfilesystem = \"host\"\nsyscalls = \"off\"\nexecve = true\nuser = \"root\"\n";
 
 fn supervisor() -> Result<Supervisor> {
-    Ok(Supervisor::new(SupervisorConfig { bin_dirs: vec![bin_dir()?], ..Default::default() })?)
+    Ok(Supervisor::new(SupervisorConfig {
+        bin_dirs: vec![bin_dir()?],
+        prepare: Some(std::sync::Arc::new(plugd_install::python::Venvs)),
+        ..Default::default()
+    })?)
 }
 
 /// A 2-worker runtime for the supervisor; with `pinned`, its threads run on every CPU but

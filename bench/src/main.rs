@@ -141,8 +141,11 @@ fn plugins_dir() -> PathBuf {
 }
 
 async fn plugd_runs(warmup: usize, samples: usize, sizes: &[usize]) -> Result<Vec<Stats>> {
-    let sup =
-        Supervisor::new(SupervisorConfig { bin_dirs: vec![bin_dir()?], ..Default::default() })?;
+    let sup = Supervisor::new(SupervisorConfig {
+        bin_dirs: vec![bin_dir()?],
+        prepare: Some(std::sync::Arc::new(plugd_install::python::Venvs)),
+        ..Default::default()
+    })?;
     let strat = sup.load(PluginSpec::from_manifest(plugins_dir().join("tick-strategy"))?).await?;
     let echo = sup.load(PluginSpec::from_manifest(plugins_dir().join("echo"))?).await?;
     let mut out = Vec::new();
@@ -204,8 +207,11 @@ async fn spawn_to_ready(n: usize, label: &str, sandbox: &str) -> Result<Stats> {
         dir.join("plugin.toml"),
         format!("name = \"echo\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"{}\"\n[sandbox]\n{sandbox}\n", exe.display()),
     )?;
-    let sup =
-        Supervisor::new(SupervisorConfig { bin_dirs: vec![bin_dir()?], ..Default::default() })?;
+    let sup = Supervisor::new(SupervisorConfig {
+        bin_dirs: vec![bin_dir()?],
+        prepare: Some(std::sync::Arc::new(plugd_install::python::Venvs)),
+        ..Default::default()
+    })?;
     let mut ns = Vec::with_capacity(n);
     for _ in 0..n {
         let spec = PluginSpec::from_manifest(&dir)?;

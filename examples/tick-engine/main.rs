@@ -104,7 +104,11 @@ async fn main() -> Result<()> {
         )
         .init();
     let args = parse_args();
-    let sup = Supervisor::new(SupervisorConfig::default())?;
+    // The Python strategy needs its venv built: the installer's venv builder does it.
+    let sup = Supervisor::new(SupervisorConfig {
+        prepare: Some(std::sync::Arc::new(plugd_install::python::Venvs)),
+        ..Default::default()
+    })?;
     let mut handles = Vec::new();
     for spec in strategies(&args.plugins)? {
         let name = spec.name().to_string();

@@ -23,3 +23,22 @@ pub use message::{
     Welcome,
 };
 pub use version::{negotiate, MAGIC, PROTO_MAX, PROTO_MIN};
+
+/// The one rule for a plugin name, wherever a name comes from (a manifest, a control
+/// request, an HTTP path): 1-64 lowercase letters, digits, `-` or `_` — so a name can
+/// never climb out of the folders it names.
+pub fn check_plugin_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-' || ch == '_');
+    if ok {
+        Ok(())
+    } else {
+        let shown: String = name.chars().take(80).collect();
+        Err(format!(
+            "{shown:?} is not a valid plugin name; use 1-64 lowercase letters, digits, '-' or '_'"
+        ))
+    }
+}

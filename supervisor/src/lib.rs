@@ -17,25 +17,22 @@
 //! groups), `instance` (the actor owning one plugin's socket), [`lifecycle`]
 //! (the pure restart state machine), `slot` (one task per plugin performing
 //! lifecycle actions), [`router`] (handles and call routing), [`logs`]
-//! (captured output), [`exit`] (classified exit reasons).
+//! (captured output), [`exit`] (classified exit reasons), [`python`] (finding a Python
+//! plugin's venv; building one is `plugd-install`'s job, handed in as a
+//! [`PrepareRuntime`]).
+//!
+//! This crate is what an engine links: no HTTP, no archives, no command line, no pip.
+//! The daemon (`plugd-daemon`), the installer (`plugd-install`), the control protocol
+//! (`plugd-control`) and the binaries (`plugd`) are crates of their own on top of it.
 
-pub mod config;
-pub mod control;
-pub mod daemon;
-pub mod discovery;
 pub mod exit;
-pub mod http;
-pub mod install;
 mod instance;
-pub mod jobs;
 pub mod lifecycle;
 pub mod logs;
 pub mod manifest;
-pub mod notify;
 pub mod python;
 pub mod router;
 pub mod sandbox;
-pub mod signing;
 mod slot;
 pub mod spawn;
 mod supervisor;
@@ -49,4 +46,4 @@ pub use manifest::{Manifest, ManifestError, PluginKind, PluginSpec, RestartPolic
 pub use plugin_proto::{CallError, ErrorCode, Payload, PayloadCodec};
 pub use router::{Deadline, PluginHandle, PluginStatus};
 pub use slot::FrozenPlugin;
-pub use supervisor::{Supervisor, SupervisorConfig, SupervisorError};
+pub use supervisor::{PrepareRuntime, Supervisor, SupervisorConfig, SupervisorError};

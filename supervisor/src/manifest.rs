@@ -370,24 +370,8 @@ impl Default for SandboxConfig {
 pub const SANDBOX_LAYERS: &[&str] =
     &["rlimits", "seccomp", "netns", "landlock", "cgroup", "no-new-privs", "user"];
 
-/// The one rule for a plugin name, wherever a name comes from (a manifest, a control
-/// request, an HTTP path): 1-64 lowercase letters, digits, `-` or `_` — so a name can
-/// never climb out of the folders it names.
-pub fn check_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-' || ch == '_');
-    if ok {
-        Ok(())
-    } else {
-        let shown: String = name.chars().take(80).collect();
-        Err(format!(
-            "{shown:?} is not a valid plugin name; use 1-64 lowercase letters, digits, '-' or '_'"
-        ))
-    }
-}
+/// Checks a plugin name (the rule lives in `plugin-proto`, shared with the control protocol).
+pub use plugin_proto::check_plugin_name as check_name;
 
 /// A validated `plugin.toml`.
 #[derive(Debug, Clone)]

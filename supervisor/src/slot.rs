@@ -76,6 +76,7 @@ pub(crate) struct Slot {
     pub max_frame: u32,
     pub state_root: PathBuf,
     pub host: Arc<HostFacts>,
+    pub prepare: Option<Arc<dyn crate::PrepareRuntime>>,
 }
 
 impl Slot {
@@ -483,15 +484,17 @@ impl Slot {
         hold: bool,
         events: mpsc::UnboundedSender<(u64, InstanceEvent)>,
     ) -> Result<Current, ExitReason> {
-        if let crate::manifest::Entrypoint::Script(_) = &spec.manifest.entrypoint {
+        if let (crate::manifest::Entrypoint::Script(_), Some(prepare)) =
+            (&spec.manifest.entrypoint, &self.prepare)
+        {
             // pip can take minutes: never on a runtime thread. A reused venv costs one read.
-            let (s, root, host) = (spec.clone(), self.state_root.clone(), self.host.clone());
-            let prepared =
-                tokio::task::spawn_blocking(move || crate::python::prepare(&s, &root, &host, None))
-                    .await
-                    .map_err(|e| ExitReason::SpawnFailed { detail: format!("venv task: {e}") })?
-                    .map_err(|detail| ExitReason::SpawnFailed { detail })?;
-            for line in prepared.log {
+            let (s, root, host, prepare) =
+                (spec.clone(), self.state_root.clone(), self.host.clone(), prepare.clone());
+            let log = tokio::task::spawn_blocking(move || prepare.prepare(&s, &root, &host))
+                .await
+                .map_err(|e| ExitReason::SpawnFailed { detail: format!("venv task: {e}") })?
+                .map_err(|detail| ExitReason::SpawnFailed { detail })?;
+            for line in log {
                 self.note(LogLevel::Info, line);
             }
         }

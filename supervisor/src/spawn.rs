@@ -91,7 +91,7 @@ impl SpawnPlan {
         if let Some(want) = &m.entrypoint_sha256 {
             // Before every exec: a changed file is refused, not run.
             let file = which(&program).unwrap_or_else(|| program.clone());
-            let got = crate::signing::sha256_of(&file).map_err(|e| {
+            let got = sha256_of(&file).map_err(|e| {
                 format!(
                     "plugin {}: cannot read {} to check its SHA-256: {e}",
                     m.name,
@@ -1135,4 +1135,21 @@ impl Drop for Process {
             });
         }
     }
+}
+
+/// The SHA-256 of a file, as lowercase hex.
+pub fn sha256_of(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }

@@ -29,6 +29,23 @@ pub struct SupervisorConfig {
     pub max_frame: u32,
     /// Where each plugin gets its private writable folder (`<state_dir>/<name>`).
     pub state_dir: PathBuf,
+    /// Builds a Python plugin's virtualenv before it starts (`plugd_install::python::Venvs`
+    /// runs pip in the build jail). Without one, a Python plugin runs only if its venv was
+    /// already built (by `plugctl install` or a plugd sharing this state folder).
+    pub prepare: Option<Arc<dyn PrepareRuntime>>,
+}
+
+/// Gets a plugin's runtime ready before each start, on a blocking thread (it may take
+/// minutes): for a Python plugin, its virtualenv. What it returns is logged as the
+/// plugin's own lines; an error fails the start with that text.
+pub trait PrepareRuntime: Send + Sync + std::fmt::Debug {
+    /// Builds or checks the runtime of `spec`; `state_root` is the supervisor's state folder.
+    fn prepare(
+        &self,
+        spec: &PluginSpec,
+        state_root: &std::path::Path,
+        host: &HostFacts,
+    ) -> Result<Vec<String>, String>;
 }
 
 impl Default for SupervisorConfig {
@@ -42,7 +59,7 @@ impl Default for SupervisorConfig {
             std::env::var_os("PLUGD_STATE_DIR").map(PathBuf::from).unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("plugd-{}", nix::unistd::geteuid())).join("state")
             });
-        Self { bin_dirs, max_frame: DEFAULT_MAX_FRAME, state_dir }
+        Self { bin_dirs, max_frame: DEFAULT_MAX_FRAME, state_dir, prepare: None }
     }
 }
 
@@ -270,6 +287,7 @@ impl Supervisor {
             max_frame: self.config.max_frame,
             state_root: self.config.state_dir.clone(),
             host: self.host.clone(),
+            prepare: self.config.prepare.clone(),
         };
         if let Some(f) = &adopt {
             handle.shared.live.lock().sandbox = f.sandbox.clone();

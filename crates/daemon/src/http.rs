@@ -508,18 +508,18 @@ async fn call_streamed(api: &Api, name: String, method: String, json: String) ->
             false,
         );
     };
-    let (chunk_tx, mut chunk_rx) = tokio::sync::mpsc::unbounded_channel::<crate::Payload>();
+    let (chunk_tx, mut chunk_rx) = tokio::sync::mpsc::unbounded_channel::<supervisor::Payload>();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
-    let as_json = |p: &crate::Payload| match p.codec {
-        crate::PayloadCodec::Json => String::from_utf8_lossy(&p.data).into_owned(),
-        crate::PayloadCodec::Bincode => {
+    let as_json = |p: &supervisor::Payload| match p.codec {
+        supervisor::PayloadCodec::Json => String::from_utf8_lossy(&p.data).into_owned(),
+        supervisor::PayloadCodec::Bincode => {
             serde_json::json!({ "bincode_bytes": p.data.len() }).to_string()
         }
     };
     tokio::spawn(async move {
-        let payload = crate::Payload::raw(crate::PayloadCodec::Json, json.into_bytes());
+        let payload = supervisor::Payload::raw(supervisor::PayloadCodec::Json, json.into_bytes());
         let call =
-            handle.call_streaming(&method, payload, crate::Deadline::Default, Some(chunk_tx));
+            handle.call_streaming(&method, payload, supervisor::Deadline::Default, Some(chunk_tx));
         tokio::pin!(call);
         let result = loop {
             tokio::select! {

@@ -1,40 +1,37 @@
-//! A running plugd daemon in a temp folder, and plugctl against it, for the end-to-end tests.
-#![allow(dead_code)] // each test file uses a different part
+//! A running plugd daemon in a temp folder, and plugctl against it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-/// Where plugd and the example plugins are. `cargo test -p supervisor` alone does not
-/// build the examples package: then they are built here, once, in the same profile.
-pub fn bin_dir() -> PathBuf {
+pub use super::{alive, bin_dir, eventually_blocking as eventually};
+
+/// `plugd` or `plugctl`, as cargo builds them in this test's profile. The first use in a
+/// test process runs `cargo build -p plugd` (a no-op when up to date), so a test never
+/// runs a stale daemon after an edit.
+pub fn plugd_bin(name: &str) -> PathBuf {
     static BUILT: std::sync::Once = std::sync::Once::new();
-    let dir = Path::new(env!("CARGO_BIN_EXE_plugd")).parent().unwrap().to_path_buf();
+    let dir = bin_dir();
     BUILT.call_once(|| {
-        if dir.join("logbomb").exists() {
-            return;
-        }
         let mut cargo = Command::new(env!("CARGO"));
-        cargo.args(["build", "-q", "-p", "plugd-examples", "--bins"]);
+        cargo.args(["build", "-q", "-p", "plugd", "--bins", "--target-dir"]);
+        cargo.arg(dir.parent().expect("cargo's target folder"));
         if dir.ends_with("release") {
             cargo.arg("--release");
         }
-        let status = cargo.status().expect("run cargo to build the example plugins");
-        assert!(status.success(), "building the example plugins failed");
+        let status = cargo.status().expect("run cargo to build plugd and plugctl");
+        assert!(status.success(), "building plugd and plugctl failed");
     });
-    assert!(
-        dir.join("echo").exists(),
-        "example plugins are not built; run `cargo test --workspace`"
-    );
-    dir
+    dir.join(name)
 }
 
+/// The bundled example plugin folders.
 pub fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/plugins")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins")
 }
 
 /// The folder of example plugin `name` (its manifest, its source).
@@ -68,25 +65,7 @@ pub fn add_plugin(dir: &Path, example: &str, name: &str, extra: &str) {
     std::fs::write(dir.join(name).join("plugin.toml"), out).unwrap();
 }
 
-pub fn alive(pid: u64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            !matches!(
-                s.rsplit(')').next().and_then(|r| r.trim_start().chars().next()),
-                Some('Z') | None
-            )
-        })
-        .unwrap_or(false)
-}
-
-pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let give_up = Instant::now() + Duration::from_secs(30);
-    while !cond() {
-        assert!(Instant::now() < give_up, "gave up waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(30));
-    }
-}
-
+/// A plugd daemon with its own temp root, killed when the test ends.
 pub struct Plugd {
     pub child: Child,
     pub socket: PathBuf,
@@ -106,7 +85,7 @@ impl Plugd {
     }
 
     pub fn start_with(root: tempfile::TempDir, env: &[(&str, String)]) -> Plugd {
-        Plugd::start_exe(Path::new(env!("CARGO_BIN_EXE_plugd")), root, env)
+        Plugd::start_exe(&plugd_bin("plugd"), root, env)
     }
 
     pub fn start_exe(exe: &Path, root: tempfile::TempDir, env: &[(&str, String)]) -> Plugd {
@@ -121,7 +100,7 @@ impl Plugd {
         let root = tempfile::tempdir().unwrap();
         let bin = root.path().join("bin");
         std::fs::create_dir_all(&bin).unwrap();
-        std::fs::copy(env!("CARGO_BIN_EXE_plugd"), bin.join("plugd")).unwrap();
+        std::fs::copy(plugd_bin("plugd"), bin.join("plugd")).unwrap();
         for ex in examples {
             std::fs::copy(bin_dir().join(ex), bin.join(ex)).unwrap();
             let dir = root.path().join("plugins").join(ex);
@@ -207,7 +186,7 @@ impl Plugd {
     }
 
     pub fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_plugctl"))
+        Command::new(plugd_bin("plugctl"))
             .arg("--socket")
             .arg(&self.socket)
             .args(args)

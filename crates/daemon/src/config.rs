@@ -205,7 +205,7 @@ impl DaemonConfig {
                 max_body: match &h.max_body {
                     None => crate::http::DEFAULT_MAX_BODY,
                     Some(toml::Value::Integer(n)) if *n > 0 => *n as usize,
-                    Some(toml::Value::String(s)) => crate::units::parse_size(s)
+                    Some(toml::Value::String(s)) => supervisor::units::parse_size(s)
                         .map_err(|e| format!("`http.max_body` = {s:?}: {e}"))?
                         as usize,
                     Some(other) => {

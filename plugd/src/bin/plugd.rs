@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use supervisor::config::DaemonConfig;
+use plugd_daemon::config::DaemonConfig;
 
 /// Runs plugins from the configured folders as sandboxed, supervised processes.
 #[derive(Parser)]
@@ -36,12 +36,12 @@ fn main() -> std::process::ExitCode {
     let format = args
         .log_format
         .as_deref()
-        .and_then(supervisor::config::LogFormat::from_word)
+        .and_then(plugd_daemon::config::LogFormat::from_word)
         .unwrap_or(config.log_format);
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
-    if format == supervisor::config::LogFormat::Json {
+    if format == plugd_daemon::config::LogFormat::Json {
         builder.json().init();
     } else {
         builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
@@ -58,7 +58,7 @@ fn main() -> std::process::ExitCode {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(supervisor::daemon::run(config, args.strict, spawner))?;
+            rt.block_on(plugd_daemon::daemon::run(config, args.strict, spawner))?;
             Ok(())
         })();
         quit.stop_loop();

@@ -22,14 +22,14 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::config::DaemonConfig;
 use crate::control::{Reply, Request};
 use crate::discovery::{discover, fingerprint};
-use crate::instance::Frozen;
 use crate::manifest::PluginSpec;
 use crate::notify::Notifier;
 use crate::router::Deadline;
 use crate::sandbox::SandboxReport;
-use crate::slot::FrozenPlugin;
 use crate::spawn::{entrypoint_program, ExecRequest};
-use crate::supervisor::{Supervisor, SupervisorConfig};
+use supervisor::Frozen;
+use supervisor::FrozenPlugin;
+use supervisor::{Supervisor, SupervisorConfig};
 
 /// The control socket listener (a Unix domain socket; its descriptor survives an upgrade).
 type Listener = interprocess::os::unix::uds_local_socket::tokio::Listener;
@@ -59,7 +59,7 @@ pub enum DaemonError {
     Strict(usize),
     /// The supervisor could not start.
     #[error(transparent)]
-    Supervisor(#[from] crate::supervisor::SupervisorError),
+    Supervisor(#[from] supervisor::SupervisorError),
     /// The HTTP admin API could not start (address, token).
     #[error("{0}")]
     Http(String),
@@ -114,8 +114,11 @@ impl Daemon {
         config: DaemonConfig,
         spawner: crate::spawn::Spawner,
     ) -> Result<Daemon, DaemonError> {
-        let sup_config =
-            SupervisorConfig { state_dir: config.state_dir.join("plugins"), ..Default::default() };
+        let sup_config = SupervisorConfig {
+            state_dir: config.state_dir.join("plugins"),
+            prepare: Some(std::sync::Arc::new(crate::python::Venvs)),
+            ..Default::default()
+        };
         let bin_dirs = sup_config.bin_dirs.clone();
         let config_jobs_dir = config.state_dir.join("jobs");
         let disabled = std::fs::read_to_string(config.state_dir.join("disabled.json"))
@@ -318,7 +321,7 @@ impl Daemon {
                     let running = self
                         .sup
                         .get(&name)
-                        .is_some_and(|h| h.status().state == crate::State::Ready);
+                        .is_some_and(|h| h.status().state == supervisor::State::Ready);
                     if running {
                         match self.sup.update(spec.clone()).await {
                             Ok(_) => report.updated.push(name.clone()),
@@ -362,7 +365,7 @@ impl Daemon {
     ) -> BTreeSet<String> {
         let known = lock(&self.known);
         let running =
-            |n: &str| self.sup.get(n).is_some_and(|h| h.status().state == crate::State::Ready);
+            |n: &str| self.sup.get(n).is_some_and(|h| h.status().state == supervisor::State::Ready);
         let mut refused: BTreeMap<String, String> = BTreeMap::new();
         for (dependent, k) in known.iter().filter(|(n, _)| running(n)) {
             // What the dependent asks for now: its edited manifest if it still reads.
@@ -789,7 +792,7 @@ impl Daemon {
         if !problems.is_empty() && !force {
             return Err(format!("{}; use --force to update anyway", problems.join("; ")));
         }
-        if self.sup.get(name).is_none_or(|h| h.status().state != crate::State::Ready) {
+        if self.sup.get(name).is_none_or(|h| h.status().state != supervisor::State::Ready) {
             return Err(format!(
                 "plugin {name} is not running; `plugctl start {name}` runs the new version"
             ));
@@ -838,7 +841,7 @@ impl Daemon {
     }
 
     /// The handle of a loaded plugin (for streaming calls over HTTP).
-    pub fn plugin(&self, name: &str) -> Option<crate::PluginHandle> {
+    pub fn plugin(&self, name: &str) -> Option<supervisor::PluginHandle> {
         self.sup.get(name)
     }
 

@@ -127,7 +127,7 @@ pub(super) async fn upgrade(
         .sup
         .status()
         .into_iter()
-        .filter(|p| p.state == crate::State::Stopped)
+        .filter(|p| p.state == supervisor::State::Stopped)
         .map(|p| p.name)
         .collect();
     let frozen = daemon.sup.freeze().await;

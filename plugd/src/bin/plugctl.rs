@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use interprocess::local_socket::{prelude::*, GenericFilePath, Stream};
-use supervisor::control::{Reply, Request};
+use plugd_control::{Reply, Request};
 
 /// Control a running plugd.
 #[derive(Parser)]
@@ -283,12 +283,14 @@ fn signature_and_folder(
         return Ok(("a folder: no signature to check".into(), path.to_path_buf()));
     }
     let trust = match config {
-        Some(c) => supervisor::config::DaemonConfig::load(c).map_err(|e| e.to_string())?.trust,
-        None => {
-            supervisor::signing::Trust::from_config(trusted_keys, false, std::path::Path::new("."))?
-        }
+        Some(c) => plugd_daemon::config::DaemonConfig::load(c).map_err(|e| e.to_string())?.trust,
+        None => plugd_install::signing::Trust::from_config(
+            trusted_keys,
+            false,
+            std::path::Path::new("."),
+        )?,
     };
-    let signature = supervisor::signing::signature_beside(path);
+    let signature = plugd_install::signing::signature_beside(path);
     let line = match (&signature, trust.has_keys()) {
         (None, _) => "not signed (no .minisig beside it)".to_string(),
         (Some(_), false) => {
@@ -301,11 +303,11 @@ fn signature_and_folder(
     };
     let unpacked = scratch.join("unpacked");
     if zip {
-        supervisor::install::unpack_zip(path, &unpacked)?;
+        plugd_install::install::unpack_zip(path, &unpacked)?;
     } else {
-        supervisor::install::unpack_tar_gz(path, &unpacked)?;
+        plugd_install::install::unpack_tar_gz(path, &unpacked)?;
     }
-    Ok((line, supervisor::install::plugin_folder(&unpacked)?))
+    Ok((line, plugd_install::install::plugin_folder(&unpacked)?))
 }
 
 fn validate(
@@ -332,6 +334,7 @@ fn validate_folder(dir: PathBuf, json: bool, signature: &str) -> Result<(), Stri
     let result = rt.block_on(async {
         let sup = supervisor::Supervisor::new(supervisor::SupervisorConfig {
             state_dir: state.clone(),
+            prepare: Some(std::sync::Arc::new(plugd_install::python::Venvs)),
             ..Default::default()
         })
         .map_err(|e| e.to_string())?;
@@ -368,7 +371,7 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let args = Args::parse();
-    let socket = args.socket.clone().unwrap_or_else(supervisor::config::default_socket);
+    let socket = args.socket.clone().unwrap_or_else(plugd_daemon::config::default_socket);
     let follow = matches!(args.cmd, Cmd::Logs { follow: true, .. });
     let utc = matches!(args.cmd, Cmd::Logs { utc: true, .. });
     let req = match args.cmd {
@@ -781,7 +784,7 @@ fn follow_job(client: &mut Client, id: u64) -> Result<Reply, String> {
 
 /// A job's work in words (as `jobs::Work::describe`), from its JSON.
 fn describe(work: &serde_json::Value) -> String {
-    serde_json::from_value::<supervisor::jobs::Work>(work.clone())
+    serde_json::from_value::<plugd_install::jobs::Work>(work.clone())
         .map(|w| w.describe())
         .unwrap_or_else(|_| work.to_string())
 }

@@ -233,7 +233,7 @@ impl Request {
             _ => (None, None),
         };
         if let Some(name) = name {
-            crate::manifest::check_name(name)?;
+            plugin_proto::check_plugin_name(name)?;
         }
         if let Some(v) = version {
             semver::Version::parse(v).map_err(|e| {

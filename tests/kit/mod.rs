@@ -1,5 +1,8 @@
-//! Helpers shared by the end-to-end tests: real binaries, real processes.
-#![allow(dead_code)]
+//! The test kit of the end-to-end tests: real binaries, real processes. The host-library
+//! helpers are here; [`daemon`] runs a real plugd and plugctl against it.
+#![allow(dead_code, unused_imports)] // each test file uses a different part
+
+pub mod daemon;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -36,7 +39,7 @@ pub fn plugin(dir: &tempfile::TempDir, name: &str, bin: &str, rest: &str) -> Plu
 }
 
 /// True if `pid` exists and is not a zombie.
-pub fn alive(pid: u32) -> bool {
+pub fn alive(pid: impl std::fmt::Display) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
             // The state is the first field after the parenthesised command name.
@@ -82,6 +85,6 @@ pub fn jail_members(pid: u32) -> Vec<u32> {
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|p| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok().as_ref() == Some(&ns))
-        .filter(|p| alive(*p))
+        .filter(|p| alive(p))
         .collect()
 }
