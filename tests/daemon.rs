@@ -227,7 +227,25 @@ fn the_control_socket_shrugs_off_garbage_and_strangers() {
     s.write_all(b"\x00\xffnot json at all\n").unwrap();
     let mut line = String::new();
     BufReader::new(s.try_clone().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.contains("\"ok\":false") && line.contains("bad request"), "{line}");
+    let reply: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(reply["ok"], false, "{line}");
+    assert_eq!(reply["error"]["kind"], "bad_request", "{line}");
+    assert!(reply["error"]["message"].as_str().unwrap().contains("bad request"), "{line}");
+    // Each failure says what kind it is, so clients branch on the kind, not the text.
+    let mut conn = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    let kind = |conn: &mut std::os::unix::net::UnixStream, req: &str| {
+        let r = ask_on(conn, req);
+        assert_eq!(r["ok"], false, "{req}: {r}");
+        r["error"]["kind"].as_str().unwrap().to_string()
+    };
+    assert_eq!(kind(&mut conn, r#"{"cmd":"stop","name":"nope"}"#), "not_found");
+    assert_eq!(kind(&mut conn, r#"{"cmd":"stop","name":"../etc"}"#), "bad_request");
+    assert_eq!(kind(&mut conn, r#"{"cmd":"job","id":999}"#), "not_found");
+    let call = r#"{"cmd":"call","name":"echo","method":"echo","json":"{nope"}"#;
+    assert_eq!(kind(&mut conn, call), "bad_request");
+    let call = r#"{"cmd":"call","name":"echo","method":"no_such_method","json":"1"}"#;
+    assert_eq!(kind(&mut conn, call), "plugin");
+    drop(conn);
     let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
     let _ = s.write_all(&vec![b'x'; 2 << 20]);
     let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();

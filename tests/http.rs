@@ -83,7 +83,9 @@ fn every_endpoint_answers_and_mutations_need_the_token() {
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["state"], "ready");
     let (code, body) = http(port, "GET", "/v1/plugins/nope", Some(TOKEN), b"");
     assert_eq!(code, 404, "{body}");
-    assert!(body.contains("no plugin named nope"), "{body}");
+    let error: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["kind"], "not_found", "{body}");
+    assert!(error["error"].as_str().unwrap().contains("no plugin named nope"), "{body}");
 
     // Calls: JSON in, JSON out; only with the token.
     let (code, body) = http(port, "POST", "/v1/plugins/echo/call/echo", None, br#"{"hi":1}"#);
@@ -106,7 +108,7 @@ fn every_endpoint_answers_and_mutations_need_the_token() {
     assert!(body.contains("not valid JSON"), "{body}");
     let (code, body) = http(port, "POST", "/v1/plugins/echo/call/nosuch", Some(TOKEN), b"null");
     assert_eq!(code, 502, "the plugin said no: {body}");
-    assert!(body.contains("unknown method"), "{body}");
+    assert!(body.contains("unknown method") && body.contains(r#""kind":"plugin""#), "{body}");
     let big = vec![b' '; 100 * 1024];
     let (code, _) = http(port, "POST", "/v1/plugins/echo/call/echo", Some(TOKEN), &big);
     assert_eq!(code, 413);

@@ -121,26 +121,6 @@ pub struct CallLatency {
     pub sum_us: u64,
 }
 
-impl CallLatency {
-    /// The upper bound of the bucket holding quantile `q` (0..=1), in microseconds; None if
-    /// there were no calls, `u64::MAX` if it falls past the last bound.
-    pub fn quantile_us(&self, q: f64) -> Option<u64> {
-        let total: u64 = self.counts.iter().sum();
-        if total == 0 {
-            return None;
-        }
-        let want = ((total as f64) * q).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, c) in self.counts.iter().enumerate() {
-            seen += c;
-            if seen >= want {
-                return Some(self.bounds_us.get(i).copied().unwrap_or(u64::MAX));
-            }
-        }
-        Some(u64::MAX)
-    }
-}
-
 /// Lock-free call-latency buckets.
 pub(crate) struct Latency {
     counts: Vec<AtomicU64>,

@@ -8,7 +8,7 @@
 //! → {"cmd":"call","name":"echo","method":"echo","json":"\"hi\""}
 //! ← {"ok":true,"data":"hi"}
 //! → {"cmd":"stop","name":"nope"}
-//! ← {"ok":false,"error":"no plugin named nope …"}
+//! ← {"ok":false,"error":{"kind":"not_found","message":"no plugin named nope …"}}
 //! ```
 //!
 //! The socket is created with mode 0600 and each connection's peer uid must
@@ -187,7 +187,103 @@ pub enum Request {
     Info,
 }
 
-/// The daemon's answer.
+/// What kind of failure an [`ApiError`] is: decided where the error is made, mapped once
+/// to an HTTP status ([`ErrorKind::http_status`]) and sent as is in the control protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// No such plugin, version or job.
+    NotFound,
+    /// The request itself is wrong: a bad name, version or JSON argument.
+    BadRequest,
+    /// The request is valid but the daemon's state refuses it now (a plugin not running,
+    /// disabled, a job not ended, an update that would break a dependent).
+    Conflict,
+    /// The plugin answered a call with an error, or died while answering it.
+    Plugin,
+    /// The operation was tried and failed (an install, a venv build, a file write).
+    Failed,
+    /// The daemon is at its limit of connections; try again.
+    Busy,
+    /// The client sent nothing complete in time.
+    Timeout,
+    /// The caller has not proven who it is (a missing or wrong HTTP token).
+    Unauthorized,
+    /// The caller is known and may not do this (a plugin process, another uid).
+    Forbidden,
+    /// The request is larger than the daemon takes.
+    TooLarge,
+}
+
+impl ErrorKind {
+    /// The HTTP status this kind of failure is answered with.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorKind::NotFound => 404,
+            ErrorKind::BadRequest => 400,
+            ErrorKind::Conflict | ErrorKind::Failed => 409,
+            ErrorKind::Plugin => 502,
+            ErrorKind::Busy => 503,
+            ErrorKind::Timeout => 408,
+            ErrorKind::Unauthorized => 401,
+            ErrorKind::Forbidden => 403,
+            ErrorKind::TooLarge => 413,
+        }
+    }
+}
+
+/// A failed request: its kind and a message that names the plugin, file and fix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// What kind of failure.
+    pub kind: ErrorKind,
+    /// What happened and what to do next.
+    pub message: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl ApiError {
+    /// An error of `kind`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ApiError {
+        ApiError { kind, message: message.into() }
+    }
+
+    /// No such plugin, version or job.
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorKind::NotFound, message)
+    }
+
+    /// The request is malformed.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorKind::BadRequest, message)
+    }
+
+    /// The state refuses the request now.
+    pub fn conflict(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorKind::Conflict, message)
+    }
+
+    /// The plugin failed the call.
+    pub fn plugin(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorKind::Plugin, message)
+    }
+}
+
+/// An operation's own failure text (an install step, a file write) is a [`ErrorKind::Failed`].
+impl From<String> for ApiError {
+    fn from(message: String) -> ApiError {
+        ApiError::new(ErrorKind::Failed, message)
+    }
+}
+
+/// The daemon's answer: `{"ok":true,"data":…}` or `{"ok":false,"error":{"kind","message"}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reply {
     /// Whether the operation succeeded.
@@ -197,7 +293,7 @@ pub struct Reply {
     pub data: Option<serde_json::Value>,
     /// Why not, when not ok.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    pub error: Option<ApiError>,
 }
 
 impl Reply {
@@ -206,16 +302,112 @@ impl Reply {
         Reply { ok: true, data: Some(data), error: None }
     }
 
-    /// A failure with a message.
-    pub fn err(error: impl Into<String>) -> Reply {
-        Reply { ok: false, data: None, error: Some(error.into()) }
+    /// A failure.
+    pub fn err(error: ApiError) -> Reply {
+        Reply { ok: false, data: None, error: Some(error) }
+    }
+
+    /// The failure's message ("" for a success).
+    pub fn message(&self) -> &str {
+        self.error.as_ref().map(|e| e.message.as_str()).unwrap_or("")
+    }
+}
+
+impl From<Result<serde_json::Value, ApiError>> for Reply {
+    fn from(result: Result<serde_json::Value, ApiError>) -> Reply {
+        match result {
+            Ok(v) => Reply::ok(v),
+            Err(e) => Reply::err(e),
+        }
+    }
+}
+
+/// One plugin in `status`: what the daemon, the HTTP API and plugctl all read.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StatusEntry {
+    /// Plugin name.
+    pub name: String,
+    /// Running (or configured) version.
+    pub version: String,
+    /// During a hot update: the version being started beside the running one.
+    #[serde(default)]
+    pub updating_to: Option<String>,
+    /// What it is for (`strategy`, `signal`, …).
+    pub kind: String,
+    /// Lifecycle state (`ready`, `failed`, …), or `disabled` / `stopped` when not loaded.
+    pub state: String,
+    /// Process id of the current instance.
+    pub pid: Option<u32>,
+    /// Restarts since it was loaded.
+    pub restarts: u32,
+    /// Why the last instance ended (or why it could not start), in words.
+    pub last_exit: Option<String>,
+    /// The same reason as data (`{"kind": "crashed", …}`), for programs.
+    #[serde(default)]
+    pub last_exit_detail: serde_json::Value,
+    /// Time since the current instance became ready, in milliseconds.
+    pub uptime_ms: Option<u64>,
+    /// Calls answered with a result.
+    pub calls_ok: u64,
+    /// Calls that failed.
+    pub calls_err: u64,
+    /// The SDK the plugin reported in its Hello.
+    #[serde(default)]
+    pub sdk: Option<String>,
+    /// Sandbox layers in force.
+    pub sandbox: Vec<String>,
+    /// Layers asked for that this machine cannot provide, with the reason.
+    pub sandbox_unavailable: Vec<String>,
+    /// The call-latency histogram.
+    #[serde(default)]
+    pub latency: LatencyView,
+    /// How its instances ended, counted by kind of reason.
+    #[serde(default)]
+    pub exits: std::collections::BTreeMap<String, u64>,
+    /// Log lines over the rate limit.
+    pub log_lines_dropped: u64,
+    /// False once disabled (it stays off across restarts of plugd).
+    pub enabled: bool,
+    /// Its manifest file.
+    pub manifest: String,
+}
+
+/// A call-latency histogram as `status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencyView {
+    /// Bucket upper bounds in microseconds.
+    pub bounds_us: Vec<u64>,
+    /// Calls per bucket (not cumulative); one more entry than `bounds_us`, for the rest.
+    pub counts: Vec<u64>,
+    /// Sum of all call times, in microseconds.
+    pub sum_us: u64,
+}
+
+impl LatencyView {
+    /// The upper bound of the bucket holding quantile `q` (0..=1), in microseconds; None if
+    /// there were no calls, `u64::MAX` if it falls past the last bound.
+    pub fn quantile_us(&self, q: f64) -> Option<u64> {
+        let total: u64 = self.counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= want {
+                return Some(self.bounds_us.get(i).copied().unwrap_or(u64::MAX));
+            }
+        }
+        Some(u64::MAX)
     }
 }
 
 impl Request {
     /// Checks every plugin name and version the request carries before it reaches the file
     /// system: names by the manifest's rule, versions as semver.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), ApiError> {
         use Request::*;
         let (name, version) = match self {
             Status { name } => (name.as_deref(), None),
@@ -233,12 +425,12 @@ impl Request {
             _ => (None, None),
         };
         if let Some(name) = name {
-            plugin_proto::check_plugin_name(name)?;
+            plugin_proto::check_plugin_name(name).map_err(ApiError::bad_request)?;
         }
         if let Some(v) = version {
             semver::Version::parse(v).map_err(|e| {
                 let shown: String = v.chars().take(80).collect();
-                format!("{shown:?} is not a version ({e}); write e.g. 1.2.0")
+                ApiError::bad_request(format!("{shown:?} is not a version ({e}); write e.g. 1.2.0"))
             })?;
         }
         Ok(())
@@ -257,6 +449,26 @@ mod tests {
         let r: Request = serde_json::from_str(r#"{"cmd":"status"}"#).unwrap();
         assert_eq!(r, Request::Status { name: None });
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"format_disk"}"#).is_err());
-        assert_eq!(serde_json::to_string(&Reply::err("x")).unwrap(), r#"{"ok":false,"error":"x"}"#);
+        assert_eq!(
+            serde_json::to_string(&Reply::err(ApiError::not_found("x"))).unwrap(),
+            r#"{"ok":false,"error":{"kind":"not_found","message":"x"}}"#
+        );
+    }
+
+    #[test]
+    fn latency_quantiles_name_the_bucket_bound() {
+        let l = LatencyView { bounds_us: vec![10, 100], counts: vec![98, 1, 1], sum_us: 0 };
+        assert_eq!(l.quantile_us(0.5), Some(10));
+        assert_eq!(l.quantile_us(0.99), Some(100));
+        assert_eq!(l.quantile_us(1.0), Some(u64::MAX));
+        assert_eq!(LatencyView::default().quantile_us(0.99), None);
+    }
+
+    #[test]
+    fn a_bad_name_or_version_is_a_bad_request() {
+        let bad = Request::Start { name: "../etc".into() }.check().unwrap_err();
+        assert_eq!((bad.kind, bad.kind.http_status()), (ErrorKind::BadRequest, 400));
+        let bad = Request::Rollback { name: "a".into(), version: Some("x".into()) }.check();
+        assert_eq!(bad.unwrap_err().kind, ErrorKind::BadRequest);
     }
 }

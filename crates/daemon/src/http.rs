@@ -27,7 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use crate::control::{Reply, Request};
+use crate::control::{ErrorKind, Reply, Request, StatusEntry};
 use crate::daemon::Daemon;
 
 /// `[http]` of plugd.toml.
@@ -122,7 +122,7 @@ pub async fn bind(
         .route("/v1/jobs/{id}/{action}", post(job_action))
         .route("/metrics", get(metrics))
         .fallback(|| async {
-            failure(StatusCode::NOT_FOUND, "no such endpoint; see docs/http-api.md")
+            failure(ErrorKind::NotFound, "no such endpoint; see docs/http-api.md")
         })
         .layer(DefaultBodyLimit::max(cfg.max_body))
         .layer(axum::middleware::from_fn_with_state(api.clone(), guard))
@@ -276,7 +276,7 @@ async fn guard(
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > api.max_body as u64) {
         return failure(
-            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::TooLarge,
             format!("the body is over {} bytes ([http] max_body)", api.max_body),
         );
     }
@@ -286,13 +286,13 @@ async fn guard(
     {
         Err(_) => {
             return failure(
-                StatusCode::REQUEST_TIMEOUT,
+                ErrorKind::Timeout,
                 format!("the body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
             )
         }
         Ok(Err(_)) => {
             return failure(
-                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorKind::TooLarge,
                 format!("the body is over {} bytes ([http] max_body), or broke off", api.max_body),
             )
         }
@@ -301,8 +301,10 @@ async fn guard(
     next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
-fn failure(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+/// An error response: the status from its kind, and `{"error": message, "kind": kind}`.
+fn failure(kind: ErrorKind, message: impl Into<String>) -> Response {
+    let status = StatusCode::from_u16(kind.http_status()).unwrap_or(StatusCode::CONFLICT);
+    (status, Json(serde_json::json!({ "error": message.into(), "kind": kind }))).into_response()
 }
 
 impl Api {
@@ -313,7 +315,7 @@ impl Api {
         }
         let Some(token) = &self.token else {
             return Some(failure(
-                StatusCode::UNAUTHORIZED,
+                ErrorKind::Unauthorized,
                 "this needs a token: set [http] token_file in plugd.toml and send `Authorization: Bearer <token>` (or [http] public_reads = true to open reads)",
             ));
         };
@@ -325,13 +327,12 @@ impl Api {
         if constant_time_eq(sent.as_bytes(), token.as_bytes()) {
             None
         } else {
-            Some(failure(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"))
+            Some(failure(ErrorKind::Unauthorized, "missing or wrong bearer token"))
         }
     }
 
     async fn run(&self, req: Request) -> Response {
-        let is_call = matches!(req, Request::Call { .. });
-        reply_to_response(self.daemon.handle(req).await, is_call)
+        reply_to_response(self.daemon.handle(req).await)
     }
 }
 
@@ -341,30 +342,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The HTTP status for a daemon answer.
-fn reply_to_response(reply: Reply, is_call: bool) -> Response {
-    if reply.ok {
-        return Json(reply.data.unwrap_or(serde_json::Value::Null)).into_response();
+fn reply_to_response(reply: Reply) -> Response {
+    match reply.error {
+        None => Json(reply.data.unwrap_or(serde_json::Value::Null)).into_response(),
+        Some(e) => failure(e.kind, e.message),
     }
-    let error = reply.error.unwrap_or_default();
-    let status = if error.starts_with("no plugin named")
-        || error.contains("is not installed")
-        || error.starts_with("no job ")
-    {
-        StatusCode::NOT_FOUND
-    } else if error.contains("is not valid JSON")
-        || error.contains("is not a valid plugin name")
-        || error.contains("is not a version")
-    {
-        StatusCode::BAD_REQUEST
-    } else if error.contains("is not running") || error.contains("is not ready") {
-        StatusCode::CONFLICT
-    } else if is_call {
-        // The plugin answered with an error (or died): the upstream failed, not the request.
-        StatusCode::BAD_GATEWAY
-    } else {
-        StatusCode::CONFLICT
-    };
-    failure(status, error)
 }
 
 async fn list(State(api): State<Arc<Api>>) -> Response {
@@ -378,7 +360,7 @@ async fn one(State(api): State<Arc<Api>>, Path(name): Path<String>) -> Response 
         {
             Json(list.swap_remove(0)).into_response()
         }
-        other => reply_to_response(other, false),
+        other => reply_to_response(other),
     }
 }
 
@@ -420,7 +402,7 @@ async fn logs(
         })
         .await;
     if !first.ok {
-        return reply_to_response(first, false);
+        return reply_to_response(first);
     }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
     let daemon = api.daemon.clone();
@@ -476,8 +458,7 @@ async fn logs(
                 Request::Logs { name: name.clone(), n: 0, since_ms: None, since_seq: Some(last) };
             reply = daemon.handle(req).await;
             if !reply.ok {
-                let _ =
-                    tx.send(Event::default().event("error").data(reply.error.unwrap_or_default()));
+                let _ = tx.send(Event::default().event("error").data(reply.message()));
                 return;
             }
         }
@@ -503,10 +484,7 @@ impl futures_core::Stream for EventStream {
 /// `reply` (or `error`) event ends the stream.
 async fn call_streamed(api: &Api, name: String, method: String, json: String) -> Response {
     let Some(handle) = api.daemon.plugin(&name) else {
-        return reply_to_response(
-            api.daemon.handle(Request::Status { name: Some(name) }).await,
-            false,
-        );
+        return reply_to_response(api.daemon.handle(Request::Status { name: Some(name) }).await);
     };
     let (chunk_tx, mut chunk_rx) = tokio::sync::mpsc::unbounded_channel::<supervisor::Payload>();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
@@ -559,11 +537,11 @@ async fn call(
     let json = match std::str::from_utf8(&body) {
         Ok(t) if t.trim().is_empty() => "null".to_string(),
         Ok(t) => t.to_string(),
-        Err(_) => return failure(StatusCode::BAD_REQUEST, "the body is not UTF-8 JSON"),
+        Err(_) => return failure(ErrorKind::BadRequest, "the body is not UTF-8 JSON"),
     };
     if let Err(e) = serde_json::from_str::<serde_json::Value>(&json) {
         return failure(
-            StatusCode::BAD_REQUEST,
+            ErrorKind::BadRequest,
             format!("the body (the argument of {name}.{method}) is not valid JSON: {e}"),
         );
     }
@@ -587,7 +565,7 @@ async fn action(
         "disable" => Request::Disable { name },
         other => {
             return failure(
-                StatusCode::NOT_FOUND,
+                ErrorKind::NotFound,
                 format!(
                     "no action {other:?}; use start, stop, restart, enable, disable, update, uninstall or call/METHOD"
                 ),
@@ -606,7 +584,7 @@ async fn install(State(api): State<Arc<Api>>, body: Bytes) -> Response {
         Ok(p) => p,
         Err(e) => {
             return failure(
-                StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
                 format!(
                 "the body must be {{\"source\": \"…\", \"force\": false, \"enable\": false}}: {e}"
             ),
@@ -690,7 +668,7 @@ async fn job_for(api: &Api, name: String, action: &str, body: &[u8]) -> Response
             Ok(o) => o,
             Err(e) => {
                 return failure(
-                    StatusCode::BAD_REQUEST,
+                    ErrorKind::BadRequest,
                     format!("the body of {action} takes version, force and purge: {e}"),
                 )
             }
@@ -699,7 +677,7 @@ async fn job_for(api: &Api, name: String, action: &str, body: &[u8]) -> Response
     // Unknown plugins answer 404 now rather than as a failed job.
     let known = api.daemon.handle(Request::Status { name: Some(name.clone()) }).await;
     if !known.ok {
-        return reply_to_response(known, false);
+        return reply_to_response(known);
     }
     let req = if action == "update" {
         Request::UpdateJob { name, version: o.version, force: o.force }
@@ -714,7 +692,7 @@ fn accepted(reply: Reply) -> Response {
     if reply.ok {
         (StatusCode::ACCEPTED, Json(reply.data.unwrap_or_default())).into_response()
     } else {
-        reply_to_response(reply, false)
+        reply_to_response(reply)
     }
 }
 
@@ -734,15 +712,15 @@ async fn job_action(
         "cancel" => api.run(Request::CancelJob { id }).await,
         "retry" => accepted(api.daemon.handle(Request::RetryJob { id }).await),
         other => {
-            failure(StatusCode::NOT_FOUND, format!("no job action {other:?}; use cancel or retry"))
+            failure(ErrorKind::NotFound, format!("no job action {other:?}; use cancel or retry"))
         }
     }
 }
 
 async fn metrics(State(api): State<Arc<Api>>) -> Response {
-    let status = match api.daemon.handle(Request::Status { name: None }).await {
-        Reply { ok: true, data: Some(serde_json::Value::Array(list)), .. } => list,
-        other => return reply_to_response(other, false),
+    let status = match api.daemon.entries(None) {
+        Ok(list) => list,
+        Err(e) => return failure(e.kind, e.message),
     };
     let mut text = render_metrics(&status, api.started.elapsed().as_secs_f64());
     let jobs = match api.daemon.handle(Request::Jobs).await {
@@ -759,13 +737,12 @@ async fn metrics(State(api): State<Arc<Api>>) -> Response {
 }
 
 /// Prometheus text exposition of the status snapshot (one sample per plugin and series).
-pub fn render_metrics(status: &[serde_json::Value], uptime_secs: f64) -> String {
+pub fn render_metrics(status: &[StatusEntry], uptime_secs: f64) -> String {
     const STATES: &[&str] =
         &["starting", "ready", "draining", "stopping", "exited", "failed", "stopped", "disabled"];
     let mut out = String::new();
-    let label = |v: &serde_json::Value| -> String {
-        v.as_str().unwrap_or_default().replace('\\', "\\\\").replace('"', "\\\"").replace('\n', " ")
-    };
+    let label =
+        |v: &str| -> String { v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', " ") };
     let _ = writeln!(
         out,
         "# HELP plugd_uptime_seconds Seconds since this plugd process started its HTTP API."
@@ -795,61 +772,43 @@ pub fn render_metrics(status: &[serde_json::Value], uptime_secs: f64) -> String 
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
         for p in status {
-            let plugin = label(&p["name"]);
+            let plugin = label(&p.name);
             match name {
                 "plugd_plugin_state" => {
-                    let state = p["state"].as_str().unwrap_or("");
+                    let state = p.state.as_str();
                     for s in STATES {
                         let v = u8::from(*s == state);
                         let _ = writeln!(out, "{name}{{plugin=\"{plugin}\",state=\"{s}\"}} {v}");
                     }
                 }
                 "plugd_plugin_restarts_total" | "plugd_plugin_log_lines_dropped_total" => {
-                    let key =
-                        if name.contains("restarts") { "restarts" } else { "log_lines_dropped" };
-                    let _ = writeln!(
-                        out,
-                        "{name}{{plugin=\"{plugin}\"}} {}",
-                        p[key].as_u64().unwrap_or(0)
-                    );
+                    let v = if name.contains("restarts") {
+                        u64::from(p.restarts)
+                    } else {
+                        p.log_lines_dropped
+                    };
+                    let _ = writeln!(out, "{name}{{plugin=\"{plugin}\"}} {v}");
                 }
                 "plugd_plugin_calls_total" => {
-                    for (result, key) in [("ok", "calls_ok"), ("error", "calls_err")] {
-                        let v = p[key].as_u64().unwrap_or(0);
+                    for (result, v) in [("ok", p.calls_ok), ("error", p.calls_err)] {
                         let _ =
                             writeln!(out, "{name}{{plugin=\"{plugin}\",result=\"{result}\"}} {v}");
                     }
                 }
                 "plugd_plugin_resident_memory_bytes" | "plugd_plugin_cpu_seconds_total" => {
-                    let Some(pid) = p["pid"].as_u64() else { continue };
-                    let Some((rss, cpu)) = crate::spawn::proc_usage(pid as u32) else { continue };
+                    let Some(pid) = p.pid else { continue };
+                    let Some((rss, cpu)) = crate::spawn::proc_usage(pid) else { continue };
                     let v = if name.ends_with("bytes") { rss as f64 } else { cpu };
                     let _ = writeln!(out, "{name}{{plugin=\"{plugin}\"}} {v}");
                 }
                 "plugd_plugin_exits_total" => {
-                    for (reason, n) in p["exits"].as_object().into_iter().flatten() {
-                        let r = reason.replace('"', "");
-                        let _ = writeln!(
-                            out,
-                            "{name}{{plugin=\"{plugin}\",reason=\"{r}\"}} {}",
-                            n.as_u64().unwrap_or(0)
-                        );
+                    for (reason, n) in &p.exits {
+                        let r = label(reason);
+                        let _ = writeln!(out, "{name}{{plugin=\"{plugin}\",reason=\"{r}\"}} {n}");
                     }
                 }
                 "plugd_plugin_call_duration_seconds" => {
-                    let lat = &p["latency"];
-                    let counts: Vec<u64> = lat["counts"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|c| c.as_u64())
-                        .collect();
-                    let bounds: Vec<u64> = lat["bounds_us"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|b| b.as_u64())
-                        .collect();
+                    let (counts, bounds) = (&p.latency.counts, &p.latency.bounds_us);
                     if counts.len() != bounds.len() + 1 {
                         continue;
                     }
@@ -865,12 +824,12 @@ pub fn render_metrics(status: &[serde_json::Value], uptime_secs: f64) -> String 
                             "{name}_bucket{{plugin=\"{plugin}\",le=\"{le}\"}} {cumulative}"
                         );
                     }
-                    let sum = lat["sum_us"].as_u64().unwrap_or(0) as f64 / 1e6;
+                    let sum = p.latency.sum_us as f64 / 1e6;
                     let _ = writeln!(out, "{name}_sum{{plugin=\"{plugin}\"}} {sum}");
                     let _ = writeln!(out, "{name}_count{{plugin=\"{plugin}\"}} {cumulative}");
                 }
                 _ => {
-                    for layer in p["sandbox"].as_array().into_iter().flatten() {
+                    for layer in &p.sandbox {
                         let l = label(layer);
                         let _ = writeln!(out, "{name}{{plugin=\"{plugin}\",layer=\"{l}\"}} 1");
                     }
@@ -887,12 +846,13 @@ mod tests {
 
     #[test]
     fn metrics_text_has_one_sample_per_plugin_and_series() {
-        let status = vec![serde_json::json!({
+        let status: Vec<StatusEntry> = serde_json::from_value(serde_json::json!([{
             "name": "echo", "state": "ready", "restarts": 2, "calls_ok": 7, "calls_err": 1,
             "pid": std::process::id(), "sandbox": ["netns", "landlock(abi 7)"],
             "exits": {"crashed": 2},
             "latency": {"bounds_us": [100, 1000], "counts": [3, 4, 1], "sum_us": 2500},
-        })];
+        }]))
+        .unwrap();
         let text = render_metrics(&status, 1.5);
         for line in [
             "plugd_plugin_state{plugin=\"echo\",state=\"ready\"} 1",

@@ -159,6 +159,17 @@ fn lock<T>(m: &Mutex<T>) -> parking_lot::MutexGuard<'_, T> {
     m.lock()
 }
 
+/// Why a job could not be cancelled.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CancelError {
+    /// There is no job with this id.
+    #[error("no job {0}")]
+    NoJob(u64),
+    /// The job has already ended.
+    #[error("job {0} already ended ({state})", state = format!("{:?}", .1).to_lowercase())]
+    Ended(u64, JobState),
+}
+
 impl Jobs {
     /// Loads the jobs kept in `dir`; those a previous plugd left unfinished are marked failed.
     pub fn load(dir: &Path) -> Jobs {
@@ -247,11 +258,11 @@ impl Jobs {
     }
 
     /// Cancels a queued or running job. Err if there is no such job or it already ended.
-    pub fn cancel(&self, id: u64) -> Result<Job, String> {
+    pub fn cancel(&self, id: u64) -> Result<Job, CancelError> {
         let mut entries = lock(&self.entries);
-        let e = entries.get_mut(&id).ok_or_else(|| format!("no job {id}"))?;
+        let e = entries.get_mut(&id).ok_or(CancelError::NoJob(id))?;
         if e.job.state.is_final() {
-            return Err(format!("job {id} already ended ({:?})", e.job.state).to_lowercase());
+            return Err(CancelError::Ended(id, e.job.state));
         }
         e.cancel.cancel();
         if e.job.state == JobState::Queued {
@@ -326,7 +337,9 @@ mod tests {
         assert_eq!(jobs.wait(a).await.unwrap().state, JobState::Succeeded);
         let _running = jobs.start(b).await.unwrap();
         assert_eq!(jobs.cancel(c).unwrap().state, JobState::Cancelled, "queued: cancelled at once");
-        assert!(jobs.cancel(a).unwrap_err().contains("already ended"));
+        assert!(
+            matches!(jobs.cancel(a), Err(CancelError::Ended(id, JobState::Succeeded)) if id == a)
+        );
         // b is left running, as if plugd died now.
         let again = Jobs::load(dir.path());
         let b = again.get(b).unwrap();

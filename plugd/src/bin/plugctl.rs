@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use interprocess::local_socket::{prelude::*, GenericFilePath, Stream};
-use plugd_control::{Reply, Request};
+use plugd_control::{Reply, Request, StatusEntry};
 
 /// Control a running plugd.
 #[derive(Parser)]
@@ -214,8 +214,8 @@ fn cell(v: &serde_json::Value) -> String {
     }
 }
 
-fn uptime(v: &serde_json::Value) -> String {
-    match v.as_u64() {
+fn uptime(ms: Option<u64>) -> String {
+    match ms {
         None => "-".into(),
         Some(ms) if ms < 60_000 => format!("{}s", ms / 1000),
         Some(ms) if ms < 3_600_000 => format!("{}m", ms / 60_000),
@@ -224,22 +224,23 @@ fn uptime(v: &serde_json::Value) -> String {
 }
 
 fn print_table(rows: &serde_json::Value) {
-    let rows = rows.as_array().cloned().unwrap_or_else(|| vec![rows.clone()]);
+    let rows: Vec<StatusEntry> = serde_json::from_value(rows.clone())
+        .or_else(|_| serde_json::from_value(rows.clone()).map(|one| vec![one]))
+        .unwrap_or_default();
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     let table: Vec<[String; 9]> = rows
-        .iter()
+        .into_iter()
         .map(|r| {
-            let sandbox: Vec<String> =
-                r["sandbox"].as_array().map(|a| a.iter().map(cell).collect()).unwrap_or_default();
             [
-                cell(&r["name"]),
-                cell(&r["version"]),
-                cell(&r["kind"]),
-                cell(&r["state"]),
-                cell(&r["pid"]),
-                uptime(&r["uptime_ms"]),
-                cell(&r["restarts"]),
-                cell(&r["last_exit"]),
-                if sandbox.is_empty() { "-".into() } else { sandbox.join(",") },
+                r.name,
+                r.version,
+                r.kind,
+                r.state,
+                or_dash(r.pid.map(|p| p.to_string())),
+                uptime(r.uptime_ms),
+                r.restarts.to_string(),
+                or_dash(r.last_exit),
+                if r.sandbox.is_empty() { "-".into() } else { r.sandbox.join(",") },
             ]
         })
         .collect();
@@ -458,7 +459,7 @@ fn main() -> ExitCode {
         if args.json {
             println!("{}", serde_json::to_string(&reply).unwrap_or_default());
         }
-        eprintln!("plugctl: {}", reply.error.unwrap_or_default());
+        eprintln!("plugctl: {}", reply.message());
         return ExitCode::from(1);
     }
     let data = reply.data.unwrap_or_default();
@@ -624,42 +625,27 @@ struct Sample {
 
 fn sample(client: &mut Client) -> Result<(std::time::Instant, Vec<(String, Sample)>), String> {
     let reply = client.ask(&Request::Status { name: None })?;
-    let list = match reply {
-        Reply { ok: true, data: Some(serde_json::Value::Array(list)), .. } => list,
-        other => return Err(other.error.unwrap_or_else(|| "no status".into())),
+    let list: Vec<StatusEntry> = match reply {
+        Reply { ok: true, data: Some(data), .. } => {
+            serde_json::from_value(data).map_err(|e| format!("plugd sent a bad status: {e}"))?
+        }
+        other => return Err(other.error.map(|e| e.message).unwrap_or_else(|| "no status".into())),
     };
     let now = std::time::Instant::now();
     let out = list
-        .iter()
+        .into_iter()
         .map(|p| {
-            let pid = p["pid"].as_u64();
-            let usage = pid.and_then(|pid| supervisor::spawn::proc_usage(pid as u32));
-            let counts: Vec<u64> = p["latency"]["counts"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|c| c.as_u64())
-                .collect();
-            let bounds: Vec<u64> = p["latency"]["bounds_us"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|c| c.as_u64())
-                .collect();
+            let usage = p.pid.and_then(supervisor::spawn::proc_usage);
             let sample = Sample {
-                state: cell(&p["state"]),
-                pid,
-                restarts: p["restarts"].as_u64().unwrap_or(0),
-                calls: p["calls_ok"].as_u64().unwrap_or(0) + p["calls_err"].as_u64().unwrap_or(0),
+                pid: p.pid.map(u64::from),
+                restarts: u64::from(p.restarts),
+                calls: p.calls_ok + p.calls_err,
                 cpu_secs: usage.map(|u| u.1),
                 rss: usage.map(|u| u.0),
-                p99_us: {
-                    let h =
-                        supervisor::router::CallLatency { bounds_us: bounds, counts, sum_us: 0 };
-                    h.quantile_us(0.99)
-                },
+                p99_us: p.latency.quantile_us(0.99),
+                state: p.state,
             };
-            (cell(&p["name"]), sample)
+            (p.name, sample)
         })
         .collect();
     Ok((now, out))
@@ -774,7 +760,7 @@ fn follow_job(client: &mut Client, id: u64) -> Result<Reply, String> {
                 return Ok(if state == "succeeded" {
                     Reply::ok(job["result"].clone())
                 } else {
-                    Reply::err(job["error"].as_str().unwrap_or(&state).to_string())
+                    Reply::err(job["error"].as_str().unwrap_or(&state).to_string().into())
                 });
             }
             _ => std::thread::sleep(std::time::Duration::from_millis(150)),

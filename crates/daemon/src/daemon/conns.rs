@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{watch, Notify, Semaphore};
 
 use super::{plugin_peer, Daemon};
-use crate::control::{Reply, Request, MAX_LINE};
+use crate::control::{ApiError, ErrorKind, Reply, Request, MAX_LINE};
 
 /// Control connections served at once; one more is refused with a reply saying so.
 pub(super) const MAX_CONNS: u32 = 64;
@@ -89,9 +89,9 @@ impl Conns {
     fn serve(self: &Arc<Self>, daemon: Arc<Daemon>, conn: Conn, unread: Vec<u8>) {
         let Ok(permit) = self.slots.clone().try_acquire_owned() else {
             tokio::spawn(async move {
-                let reply = Reply::err(format!(
+                let reply = Reply::err(ApiError::new(ErrorKind::Busy, format!(
                     "plugd is serving {MAX_CONNS} control connections, the most it takes at once; try again"
-                ));
+                )));
                 let _ = send(&conn, &reply).await;
             });
             return;
@@ -184,7 +184,7 @@ async fn serve_connection(
         let mut buf = vec![0u8; 4096];
         let mut r = conn;
         let _ = tokio::time::timeout(Duration::from_secs(2), r.read(&mut buf)).await;
-        let _ = send(conn, &Reply::err(refusal)).await;
+        let _ = send(conn, &Reply::err(ApiError::new(ErrorKind::Forbidden, refusal))).await;
         return None;
     }
     let mut upgrading = conns.upgrading.subscribe();
@@ -199,17 +199,25 @@ async fn serve_connection(
                     Reply::ok(serde_json::json!("shutting down"))
                 }
                 Ok(req) => daemon.handle(req).await,
-                Err(e) => Reply::err(format!("bad request: {e}")),
+                Err(e) => {
+                    // A line that is not a request: answered, then the connection closes.
+                    let _ =
+                        send(conn, &Reply::err(ApiError::bad_request(format!("bad request: {e}"))))
+                            .await;
+                    return None;
+                }
             };
-            let bad =
-                !reply.ok && reply.error.as_deref().is_some_and(|e| e.starts_with("bad request"));
-            if send(conn, &reply).await.is_err() || bad {
+            if send(conn, &reply).await.is_err() {
                 return None;
             }
             continue;
         }
         if pending.len() > MAX_LINE {
-            let _ = send(conn, &Reply::err(format!("request longer than {MAX_LINE} bytes"))).await;
+            let _ = send(
+                conn,
+                &Reply::err(ApiError::bad_request(format!("request longer than {MAX_LINE} bytes"))),
+            )
+            .await;
             return None;
         }
         if *upgrading.borrow_and_update() {
@@ -224,7 +232,7 @@ async fn serve_connection(
             _ = upgrading.changed() => {}
             _ = tokio::time::sleep(IDLE) => {
                 let why = if pending.is_empty() { "idle" } else { "no complete request" };
-                let _ = send(conn, &Reply::err(format!("{why} for {} s; closing the connection", IDLE.as_secs()))).await;
+                let _ = send(conn, &Reply::err(ApiError::new(ErrorKind::Timeout, format!("{why} for {} s; closing the connection", IDLE.as_secs())))).await;
                 return None;
             }
         }

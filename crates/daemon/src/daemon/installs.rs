@@ -1,6 +1,7 @@
 //! The daemon's installed plugins: install (as jobs), versions, switching versions,
 //! uninstall, and checking a plugin folder without installing it.
 
+use crate::control::ApiError;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -18,9 +19,10 @@ impl Daemon {
         if let Some(_slot) = self.jobs.start(id).await {
             let work = self.jobs.get(id).map(|j| j.work);
             let result = match work {
-                Some(crate::jobs::Work::Install(p)) => {
-                    self.install(&p.source, p.force, p.enable, id, &cancel).await
-                }
+                Some(crate::jobs::Work::Install(p)) => self
+                    .install(&p.source, p.force, p.enable, id, &cancel)
+                    .await
+                    .map_err(Into::into),
                 Some(crate::jobs::Work::Update { name, version: None, force }) => {
                     self.update_one(&name, force, false).await
                 }
@@ -30,9 +32,9 @@ impl Daemon {
                 Some(crate::jobs::Work::Uninstall { name, version, purge }) => {
                     self.uninstall(&name, version.as_deref(), purge).await
                 }
-                None => Err(format!("no job {id}")),
+                None => Err(ApiError::not_found(format!("no job {id}"))),
             };
-            self.jobs.finish(id, result);
+            self.jobs.finish(id, result.map_err(|e| e.message));
         }
         self.jobs.wait(id).await.unwrap_or_else(|| unreachable_job(id))
     }
@@ -42,12 +44,12 @@ impl Daemon {
         &self,
         params: crate::jobs::Work,
         retry_of: Option<u64>,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, ApiError> {
         let me = self
             .me
             .get()
             .and_then(std::sync::Weak::upgrade)
-            .ok_or_else(|| "background jobs need the running daemon".to_string())?;
+            .ok_or_else(|| ApiError::conflict("background jobs need the running daemon"))?;
         let (id, cancel) = self.jobs.create(params, retry_of);
         tokio::spawn(async move {
             me.run_job(id, cancel).await;
@@ -288,7 +290,7 @@ impl Daemon {
             None => {
                 crate::install::set_current(&root, &name, &version)?;
                 self.reload().await;
-                self.status(Some(&name))
+                self.status(Some(&name)).map_err(|e| e.message)
             }
             Some(running) => Ok(serde_json::json!(format!(
                 "installed {name} {version} beside {running}; `plugctl update {name} {version}` switches to it"
@@ -297,12 +299,12 @@ impl Daemon {
     }
 
     /// Installed versions of `name`.
-    pub(super) fn versions(&self, name: &str) -> Result<serde_json::Value, String> {
+    pub(super) fn versions(&self, name: &str) -> Result<serde_json::Value, ApiError> {
         let (all, current) = crate::install::versions(&self.installed_root(), name);
         if all.is_empty() {
-            return Err(format!(
+            return Err(ApiError::not_found(format!(
                 "plugin {name} is not installed (plugins from configured folders have no versions)"
-            ));
+            )));
         }
         let list: Vec<serde_json::Value> = all
             .iter()
@@ -318,17 +320,17 @@ impl Daemon {
         version: &str,
         force: bool,
         dry_run: bool,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<serde_json::Value, ApiError> {
         let root = self.installed_root();
         let (all, current) = crate::install::versions(&root, name);
         let target = semver::Version::parse(version)
-            .map_err(|e| format!("{version:?} is not a version: {e}"))?;
+            .map_err(|e| ApiError::bad_request(format!("{version:?} is not a version: {e}")))?;
         if !all.contains(&target) {
             let have: Vec<String> = all.iter().map(|v| v.to_string()).collect();
-            return Err(format!(
+            return Err(ApiError::not_found(format!(
                 "{name} {version} is not installed (installed: {})",
                 have.join(", ")
-            ));
+            )));
         }
         if dry_run {
             return self
@@ -343,7 +345,10 @@ impl Daemon {
             self.update_plan(name, &spec)
         };
         if !plan.is_empty() && !force {
-            return Err(format!("{}; use --force to update anyway", plan.join("; ")));
+            return Err(ApiError::conflict(format!(
+                "{}; use --force to update anyway",
+                plan.join("; ")
+            )));
         }
         crate::install::set_current(&root, name, version)?;
         match self.update_one(name, true, false).await {
@@ -363,18 +368,18 @@ impl Daemon {
         name: &str,
         version: Option<&str>,
         purge: bool,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<serde_json::Value, ApiError> {
         let root = self.installed_root();
         let (all, current) = crate::install::versions(&root, name);
         if all.is_empty() {
-            return Err(format!("plugin {name} is not installed; plugins from configured folders are removed by deleting their folder"));
+            return Err(ApiError::not_found(format!("plugin {name} is not installed; plugins from configured folders are removed by deleting their folder")));
         }
         if let Some(v) = version {
             if current.as_ref().map(|c| c.to_string()).as_deref() == Some(v) {
-                return Err(format!("{name} {v} is the current version; update or roll back first, or uninstall the whole plugin"));
+                return Err(ApiError::conflict(format!("{name} {v} is the current version; update or roll back first, or uninstall the whole plugin")));
             }
             if !all.iter().any(|x| x.to_string() == v) {
-                return Err(format!("{name} {v} is not installed"));
+                return Err(ApiError::not_found(format!("{name} {v} is not installed")));
             }
             std::fs::remove_dir_all(root.join(name).join(v)).map_err(|e| e.to_string())?;
             if let Ok(parsed) = semver::Version::parse(v) {

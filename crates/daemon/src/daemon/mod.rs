@@ -16,10 +16,11 @@ use parking_lot::Mutex;
 use interprocess::local_socket::tokio::prelude::*;
 use interprocess::local_socket::{GenericFilePath, ListenerOptions};
 use interprocess::os::unix::local_socket::ListenerOptionsExt;
-use plugin_proto::{Payload, PayloadCodec};
+use plugin_proto::{ErrorCode, Payload, PayloadCodec};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::DaemonConfig;
+use crate::control::{ApiError, LatencyView, StatusEntry};
 use crate::control::{Reply, Request};
 use crate::discovery::{discover, fingerprint};
 use crate::manifest::PluginSpec;
@@ -420,60 +421,86 @@ impl Daemon {
     }
 
     /// Status of every known plugin (or one), as stable JSON objects.
-    pub fn status(&self, only: Option<&str>) -> Result<serde_json::Value, String> {
-        let known: Vec<(String, String, String, String)> = lock(&self.known)
+    pub fn status(&self, only: Option<&str>) -> Result<serde_json::Value, ApiError> {
+        let entries = self.entries(only)?;
+        Ok(serde_json::to_value(entries).unwrap_or_default())
+    }
+
+    /// Status of every known plugin (or one): loaded ones from their handle, the others
+    /// (stopped, disabled, failed to start) from what the daemon knows of them.
+    pub fn entries(&self, only: Option<&str>) -> Result<Vec<StatusEntry>, ApiError> {
+        let known: Vec<(String, PluginSpec)> = lock(&self.known)
             .iter()
-            .map(|(n, k)| {
-                (
-                    n.clone(),
-                    k.spec.manifest.version.to_string(),
-                    k.spec.manifest.kind.to_string(),
-                    k.spec.manifest_path.display().to_string(),
-                )
-            })
+            .filter(|(n, _)| only.is_none_or(|o| o == n))
+            .map(|(n, k)| (n.clone(), k.spec.clone()))
             .collect();
         let mut out = Vec::new();
-        for (name, version, kind, manifest) in known {
-            if only.is_some_and(|o| o != name) {
-                continue;
-            }
-            let mut v = match self.sup.get(&name) {
+        for (name, spec) in known {
+            let enabled = !lock(&self.disabled).contains(&name);
+            let manifest = spec.manifest_path.display().to_string();
+            let entry = match self.sup.get(&name) {
                 Some(h) => {
                     let st = h.status();
-                    let mut v = serde_json::to_value(&st).unwrap_or_default();
-                    v["last_exit"] = st.last_exit.as_ref().map(|r| r.to_string()).into();
-                    v["last_exit_detail"] = serde_json::to_value(&st.last_exit).unwrap_or_default();
-                    v
+                    StatusEntry {
+                        last_exit: st.last_exit.as_ref().map(|r| r.to_string()),
+                        last_exit_detail: serde_json::to_value(&st.last_exit).unwrap_or_default(),
+                        state: st.state.to_string(),
+                        kind: st.kind.to_string(),
+                        latency: LatencyView {
+                            bounds_us: st.latency.bounds_us,
+                            counts: st.latency.counts,
+                            sum_us: st.latency.sum_us,
+                        },
+                        name: st.name,
+                        version: st.version,
+                        updating_to: st.updating_to,
+                        pid: st.pid,
+                        restarts: st.restarts,
+                        uptime_ms: st.uptime_ms,
+                        calls_ok: st.calls_ok,
+                        calls_err: st.calls_err,
+                        sdk: st.sdk,
+                        sandbox: st.sandbox,
+                        sandbox_unavailable: st.sandbox_unavailable,
+                        exits: st.exits,
+                        log_lines_dropped: st.log_lines_dropped,
+                        enabled,
+                        manifest,
+                    }
                 }
                 None => {
-                    let disabled = lock(&self.disabled).contains(&name);
                     let error = lock(&self.start_errors).get(&name).cloned();
-                    serde_json::json!({
-                        "name": name, "version": version, "kind": kind,
-                        "state": if disabled { "disabled" } else if error.is_some() { "failed" } else { "stopped" },
-                        "pid": null, "restarts": 0, "last_exit": error, "uptime_ms": null,
-                        "calls_ok": 0, "calls_err": 0, "log_lines_dropped": 0, "sandbox": [], "sandbox_unavailable": [],
-                    })
+                    let state = match (enabled, &error) {
+                        (false, _) => "disabled",
+                        (true, Some(_)) => "failed",
+                        (true, None) => "stopped",
+                    };
+                    StatusEntry {
+                        version: spec.manifest.version.to_string(),
+                        kind: spec.manifest.kind.to_string(),
+                        state: state.into(),
+                        last_exit: error,
+                        name,
+                        enabled,
+                        manifest,
+                        ..StatusEntry::default()
+                    }
                 }
             };
-            v["enabled"] = (!lock(&self.disabled).contains(&name)).into();
-            v["manifest"] = manifest.into();
-            out.push(v);
+            out.push(entry);
         }
-        if let Some(o) = only {
-            if out.is_empty() {
-                return Err(self.unknown(o));
-            }
+        match only {
+            Some(o) if out.is_empty() => Err(self.unknown(o)),
+            _ => Ok(out),
         }
-        Ok(serde_json::Value::Array(out))
     }
 
-    fn unknown(&self, name: &str) -> String {
+    fn unknown(&self, name: &str) -> ApiError {
         let names: Vec<String> = lock(&self.known).iter().map(|(n, _)| n.clone()).collect();
-        format!("no plugin named {name}; known plugins: {}", names.join(", "))
+        ApiError::not_found(format!("no plugin named {name}; known plugins: {}", names.join(", ")))
     }
 
-    fn spec(&self, name: &str) -> Result<PluginSpec, String> {
+    fn spec(&self, name: &str) -> Result<PluginSpec, ApiError> {
         let found = lock(&self.known).iter().find(|(n, _)| n == name).map(|(_, k)| k.spec.clone());
         // The lock is released above: `unknown` takes it again.
         found.ok_or_else(|| self.unknown(name))
@@ -481,9 +508,8 @@ impl Daemon {
 
     /// A one-line summary for systemd's STATUS=.
     pub fn summary(&self) -> String {
-        let v = self.status(None).unwrap_or_default();
-        let all = v.as_array().cloned().unwrap_or_default();
-        let count = |s: &str| all.iter().filter(|p| p["state"] == s).count();
+        let all = self.entries(None).unwrap_or_default();
+        let count = |s: &str| all.iter().filter(|p| p.state == s).count();
         format!(
             "{} plugins: {} ready, {} failed, {} disabled",
             all.len(),
@@ -493,9 +519,11 @@ impl Daemon {
         )
     }
 
-    async fn start_one(&self, name: &str) -> Result<serde_json::Value, String> {
+    async fn start_one(&self, name: &str) -> Result<serde_json::Value, ApiError> {
         if lock(&self.disabled).contains(name) {
-            return Err(format!("plugin {name} is disabled; run `plugctl enable {name}` first"));
+            return Err(ApiError::conflict(format!(
+                "plugin {name} is disabled; run `plugctl enable {name}` first"
+            )));
         }
         if self.sup.get(name).is_some() {
             self.sup.start(name).await.map_err(|e| e.to_string())?;
@@ -515,13 +543,13 @@ impl Daemon {
         if let Err(e) = req.check() {
             return Reply::err(e);
         }
-        let result = match req {
+        let result: Result<serde_json::Value, ApiError> = match req {
             Request::Status { name } => self.status(name.as_deref()),
             Request::Start { name } => self.start_one(&name).await,
             Request::Stop { name } => match self.sup.get(&name) {
                 Some(_) => match self.sup.stop(&name).await {
                     Ok(_) => self.status(Some(&name)),
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(e.to_string().into()),
                 },
                 None => self.spec(&name).and_then(|_| self.status(Some(&name))),
             },
@@ -537,7 +565,7 @@ impl Daemon {
                 Ok(_) => {
                     lock(&self.disabled).remove(&name);
                     match self.persist_disabled() {
-                        Err(e) => Err(e),
+                        Err(e) => Err(e.into()),
                         Ok(()) => self.start_one(&name).await,
                     }
                 }
@@ -549,7 +577,9 @@ impl Daemon {
                     if self.sup.get(&name).is_some() {
                         let _ = self.sup.unload(&name).await;
                     }
-                    self.persist_disabled().and_then(|_| self.status(Some(&name)))
+                    self.persist_disabled()
+                        .map_err(ApiError::from)
+                        .and_then(|_| self.status(Some(&name)))
                 }
             },
             Request::Call { name, method, json } => self.call(&name, &method, json).await,
@@ -572,7 +602,9 @@ impl Daemon {
                 let job = self.run_job(id, cancel).await;
                 match job.state {
                     crate::jobs::JobState::Succeeded => Ok(job.result.unwrap_or_default()),
-                    _ => Err(job.error.unwrap_or_else(|| format!("job {id} did not finish"))),
+                    _ => {
+                        Err(job.error.unwrap_or_else(|| format!("job {id} did not finish")).into())
+                    }
                 }
             }
             Request::InstallJob { source, force, enable } => self
@@ -596,14 +628,19 @@ impl Daemon {
                 .jobs
                 .get(id)
                 .map(|j| serde_json::to_value(j).unwrap_or_default())
-                .ok_or_else(|| format!("no job {id}")),
+                .ok_or_else(|| ApiError::not_found(format!("no job {id}"))),
             Request::CancelJob { id } => {
-                self.jobs.cancel(id).map(|j| serde_json::to_value(j).unwrap_or_default())
+                self.jobs.cancel(id).map(|j| serde_json::to_value(j).unwrap_or_default()).map_err(
+                    |e| match e {
+                        crate::jobs::CancelError::NoJob(_) => ApiError::not_found(e.to_string()),
+                        crate::jobs::CancelError::Ended(..) => ApiError::conflict(e.to_string()),
+                    },
+                )
             }
             Request::RetryJob { id } => match self.jobs.get(id) {
-                None => Err(format!("no job {id}")),
+                None => Err(ApiError::not_found(format!("no job {id}"))),
                 Some(j) if !j.state.is_final() => {
-                    Err(format!("job {id} has not ended yet; cancel it first"))
+                    Err(ApiError::conflict(format!("job {id} has not ended yet; cancel it first")))
                 }
                 Some(j) => {
                     self.spawn_job(j.work, Some(id)).map(|new| serde_json::json!({ "job_id": new }))
@@ -622,9 +659,9 @@ impl Daemon {
                 };
                 match target {
                     Some(v) => self.switch_version(&name, &v, false, false).await,
-                    None => Err(format!(
+                    None => Err(ApiError::not_found(format!(
                         "{name} has no installed version below the current one to roll back to"
-                    )),
+                    ))),
                 }
             }
             Request::Uninstall { name, version, purge } => {
@@ -651,10 +688,7 @@ impl Daemon {
                 "version": env!("CARGO_PKG_VERSION"),
             })),
         };
-        match result {
-            Ok(v) => Reply::ok(v),
-            Err(e) => Reply::err(e),
-        }
+        Reply::from(result)
     }
 
     /// Re-reads one plugin's folder and hot-swaps the running instance to it.
@@ -663,7 +697,7 @@ impl Daemon {
         name: &str,
         force: bool,
         dry_run: bool,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<serde_json::Value, ApiError> {
         let path = lock(&self.known)
             .iter()
             .find(|(n, _)| n == name)
@@ -774,28 +808,31 @@ impl Daemon {
         path: &Path,
         force: bool,
         dry_run: bool,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<serde_json::Value, ApiError> {
         let defaults = lock(&self.config).defaults.clone();
         let spec =
             PluginSpec::from_manifest_with_defaults(path, &defaults).map_err(|e| e.to_string())?;
         if spec.name() != name {
-            return Err(format!(
+            return Err(ApiError::conflict(format!(
                 "{} now names the plugin {:?}; use `plugctl reload` to pick up a rename",
                 path.display(),
                 spec.name()
-            ));
+            )));
         }
         let (plan, problems) = self.update_plan(name, &spec);
         if dry_run {
             return Ok(plan);
         }
         if !problems.is_empty() && !force {
-            return Err(format!("{}; use --force to update anyway", problems.join("; ")));
+            return Err(ApiError::conflict(format!(
+                "{}; use --force to update anyway",
+                problems.join("; ")
+            )));
         }
         if self.sup.get(name).is_none_or(|h| h.status().state != supervisor::State::Ready) {
-            return Err(format!(
+            return Err(ApiError::conflict(format!(
                 "plugin {name} is not running; `plugctl start {name}` runs the new version"
-            ));
+            )));
         }
         let fp = self.fingerprint_of(&spec);
         self.sup.update(spec.clone()).await.map_err(|e| e.to_string())?;
@@ -814,12 +851,14 @@ impl Daemon {
         name: &str,
         method: &str,
         json: String,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<serde_json::Value, ApiError> {
         if let Err(e) = serde_json::from_str::<serde_json::Value>(&json) {
-            return Err(format!("the argument is not valid JSON: {e}"));
+            return Err(ApiError::bad_request(format!("the argument is not valid JSON: {e}")));
         }
         let h = self.sup.get(name).ok_or_else(|| match self.spec(name) {
-            Ok(_) => format!("plugin {name} is not running; `plugctl start {name}`"),
+            Ok(_) => {
+                ApiError::conflict(format!("plugin {name} is not running; `plugctl start {name}`"))
+            }
             Err(e) => e,
         })?;
         let reply = h
@@ -829,14 +868,19 @@ impl Daemon {
                 Deadline::Default,
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match e.code {
+                // Not running or not ready: the daemon's state, not the plugin's answer.
+                ErrorCode::Unavailable => ApiError::conflict(e.to_string()),
+                _ => ApiError::plugin(e.to_string()),
+            })?;
         match reply.codec {
-            PayloadCodec::Json => serde_json::from_slice(&reply.data)
-                .map_err(|e| format!("plugin {name} replied with invalid JSON: {e}")),
-            PayloadCodec::Bincode => Err(format!(
+            PayloadCodec::Json => serde_json::from_slice(&reply.data).map_err(|e| {
+                ApiError::plugin(format!("plugin {name} replied with invalid JSON: {e}"))
+            }),
+            PayloadCodec::Bincode => Err(ApiError::plugin(format!(
                 "plugin {name} replied in bincode ({} bytes), which plugctl cannot show",
                 reply.data.len()
-            )),
+            ))),
         }
     }
 
