@@ -1561,3 +1561,42 @@ fn logs_follow_misses_no_line_of_a_burst() {
     }
     assert_eq!(text.matches("flood line ").count(), 600, "each line once");
 }
+
+/// Reloads, hot updates and restarts from several clients at once run one at a time:
+/// each succeeds, and the plugin list ends as it began — each plugin once, ready.
+#[test]
+fn concurrent_reloads_updates_and_restarts_leave_one_consistent_plugin_list() {
+    let d = Plugd::start(|dir| {
+        add_plugin(dir, "echo", "echo", "");
+        add_plugin(dir, "echo", "twin", "");
+    });
+    eventually("ready", || d.all_ready(&["echo", "twin"]));
+    std::thread::scope(|s| {
+        for client in 0..4 {
+            let d = &d;
+            s.spawn(move || {
+                for round in 0..4 {
+                    let args: &[&str] = match (client + round) % 3 {
+                        0 => &["reload"],
+                        1 => &["update", "echo"],
+                        _ => &["restart", "twin"],
+                    };
+                    let out = d.ctl(args);
+                    assert!(
+                        out.status.success(),
+                        "{args:?}: {}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            });
+        }
+    });
+    let mut names: Vec<String> =
+        d.status().iter().map(|p| p["name"].as_str().unwrap().to_string()).collect();
+    names.sort();
+    assert_eq!(names, ["echo", "twin"]);
+    assert!(d.all_ready(&["echo", "twin"]), "{:?}", d.status());
+    let out = d.ctl(&["call", "echo", "echo", "7"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "7");
+}

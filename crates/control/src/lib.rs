@@ -405,6 +405,24 @@ impl LatencyView {
 }
 
 impl Request {
+    /// True for requests that change which plugins run or how: the daemon runs them one
+    /// at a time. Installs are not listed: they fetch and build unlocked, then commit locked.
+    pub fn changes_plugins(&self) -> bool {
+        use Request::*;
+        matches!(
+            self,
+            Start { .. }
+                | Stop { .. }
+                | Restart { .. }
+                | Reload
+                | Update { .. }
+                | Enable { .. }
+                | Disable { .. }
+                | Rollback { .. }
+                | Uninstall { .. }
+        )
+    }
+
     /// Checks every plugin name and version the request carries before it reaches the file
     /// system: names by the manifest's rule, versions as semver.
     pub fn check(&self) -> Result<(), ApiError> {

@@ -24,12 +24,15 @@ impl Daemon {
                     .await
                     .map_err(Into::into),
                 Some(crate::jobs::Work::Update { name, version: None, force }) => {
+                    let _op = self.ops.lock().await;
                     self.update_one(&name, force, false).await
                 }
                 Some(crate::jobs::Work::Update { name, version: Some(v), force }) => {
+                    let _op = self.ops.lock().await;
                     self.switch_version(&name, &v, force, false).await
                 }
                 Some(crate::jobs::Work::Uninstall { name, version, purge }) => {
+                    let _op = self.ops.lock().await;
                     self.uninstall(&name, version.as_deref(), purge).await
                 }
                 None => Err(ApiError::not_found(format!("no job {id}"))),
@@ -253,7 +256,6 @@ impl Daemon {
                 other.display()
             ));
         }
-        let (_, current) = crate::install::versions(&root, &name);
         // Build (if asked), validate, and make a Python plugin's venv from the copy before it
         // is renamed into place: a failure of any step installs nothing.
         let bin_dirs = self.bin_dirs.clone();
@@ -283,13 +285,17 @@ impl Daemon {
         .map_err(|e| format!("install task failed: {e}"))?;
         self.jobs.output(job, lines);
         placed?;
+        // The commit: from here the plugin list changes, one operation at a time (the
+        // fetch and build above ran unlocked, so a long pip install blocks nothing).
+        let _op = self.ops.lock().await;
+        let (_, current) = crate::install::versions(&root, &name);
         if enable && lock(&self.disabled).remove(&name) {
             self.persist_disabled()?;
         }
         match current {
             None => {
                 crate::install::set_current(&root, &name, &version)?;
-                self.reload().await;
+                self.reload_locked().await;
                 self.status(Some(&name)).map_err(|e| e.message)
             }
             Some(running) => Ok(serde_json::json!(format!(

@@ -84,6 +84,10 @@ pub struct Daemon {
     generation: std::sync::atomic::AtomicU64,
     /// Install jobs (kept under `<state>/jobs`).
     jobs: crate::jobs::Jobs,
+    /// One state-changing operation at a time: reloads, starts and stops, updates,
+    /// uninstalls and an install's commit never interleave their writes to the plugin
+    /// list (each holds this across its awaits). Reads (status, calls, logs) never take it.
+    ops: tokio::sync::Mutex<()>,
     /// This daemon, for spawning background jobs (set by `run`).
     me: std::sync::OnceLock<std::sync::Weak<Daemon>>,
 }
@@ -135,6 +139,7 @@ impl Daemon {
             start_errors: Mutex::new(BTreeMap::new()),
             generation: std::sync::atomic::AtomicU64::new(0),
             jobs: crate::jobs::Jobs::load(&config_jobs_dir),
+            ops: tokio::sync::Mutex::new(()),
             me: std::sync::OnceLock::new(),
         })
     }
@@ -264,6 +269,12 @@ impl Daemon {
 
     /// Re-reads the config (if from a file) and the plugin folders; applies only the difference.
     pub async fn reload(&self) -> ReloadReport {
+        let _op = self.ops.lock().await;
+        self.reload_locked().await
+    }
+
+    /// [`Daemon::reload`] for a caller that holds the operation lock.
+    async fn reload_locked(&self) -> ReloadReport {
         let mut report = ReloadReport::default();
         let source = lock(&self.config).source.clone();
         if let Some(path) = source {
@@ -543,6 +554,8 @@ impl Daemon {
         if let Err(e) = req.check() {
             return Reply::err(e);
         }
+        // Installs and jobs take the lock themselves, around their commit only.
+        let _op = if req.changes_plugins() { Some(self.ops.lock().await) } else { None };
         let result: Result<serde_json::Value, ApiError> = match req {
             Request::Status { name } => self.status(name.as_deref()),
             Request::Start { name } => self.start_one(&name).await,
@@ -559,7 +572,9 @@ impl Daemon {
                 }
                 self.start_one(&name).await
             }
-            Request::Reload => Ok(serde_json::to_value(self.reload().await).unwrap_or_default()),
+            Request::Reload => {
+                Ok(serde_json::to_value(self.reload_locked().await).unwrap_or_default())
+            }
             Request::Enable { name } => match self.spec(&name) {
                 Err(e) => Err(e),
                 Ok(_) => {

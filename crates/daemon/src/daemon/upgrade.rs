@@ -122,6 +122,9 @@ pub(super) async fn upgrade(
     if let Some(server) = http.as_deref_mut() {
         server.drain(super::conns::DRAIN).await;
     }
+    // An update, uninstall or install commit running as a background job finishes first
+    // (held until the exec, or dropped if the upgrade gives up): nothing is frozen halfway.
+    let _op = daemon.ops.lock().await;
     // 3. Every Ready plugin finishes its in-flight calls and is handed over.
     let stopped: Vec<String> = daemon
         .sup
