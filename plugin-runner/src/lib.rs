@@ -60,4 +60,8 @@ pub trait Plugin: Sized + 'static {
     /// Receives the state the previous instance returned from `on_shutdown` during a hot
     /// update, before this instance serves any call.
     fn restore_state(&mut self, _blob: &[u8]) {}
+
+    /// A one-way message from the host for which no handler of that name is registered
+    /// (a Notify naming a registered method runs that handler, its result dropped).
+    fn on_notify(&mut self, _method: &str, _payload: &Payload) {}
 }

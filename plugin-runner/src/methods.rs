@@ -56,7 +56,12 @@ impl<P> Methods<P> {
         self
     }
 
-    /// The registered method names, sorted (sent in Hello).
+    /// Whether a handler is registered under `method`.
+    pub fn has(&self, method: &str) -> bool {
+        self.handlers.contains_key(method)
+    }
+
+    /// Names of all registered methods, sorted (sent in Hello).
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.handlers.keys().cloned().collect();
         names.sort();

@@ -32,6 +32,9 @@ pub enum ServeError {
     /// The socket failed or carried something that is not the protocol.
     #[error("protocol error: {0}")]
     Protocol(#[from] FrameError),
+    /// The supervisor sent a message only a plugin may send.
+    #[error("protocol error: the supervisor sent {0}, which only a plugin may send")]
+    WrongWay(String),
 }
 
 /// Knobs for [`serve_with`].
@@ -148,14 +151,27 @@ fn whole_frame_buffered(buffered: &[u8]) -> bool {
             >= u32::from_le_bytes([buffered[0], buffered[1], buffered[2], buffered[3]]) as usize
 }
 
-/// Serves `plugin` until the supervisor shuts it down, then exits the process.
-/// Exit status: 0 after a graceful shutdown or when the supervisor went away, 1 on error.
+/// Serves `plugin` until the supervisor shuts it down, then exits the process with
+/// [`ServeError::exit_status`]: 0 after a graceful shutdown or when the supervisor went
+/// away, 2 when not started by plugd or rejected, 1 when `on_load` (or the lockdown
+/// plugd asked for) failed, 3 on a protocol error — the same as the Python SDK.
 pub fn serve<P: Plugin>(plugin: P) -> ! {
     match serve_with(plugin, ServeOptions::default()) {
         Ok(()) => std::process::exit(0),
         Err(e) => {
             eprintln!("plugin error: {e}");
-            std::process::exit(1)
+            std::process::exit(e.exit_status())
+        }
+    }
+}
+
+impl ServeError {
+    /// The process exit status [`serve`] uses for this error (shared with the Python SDK).
+    pub fn exit_status(&self) -> i32 {
+        match self {
+            ServeError::NotSupervised(_) | ServeError::Rejected(_) => 2,
+            ServeError::Load(_) => 1,
+            ServeError::Protocol(_) | ServeError::WrongWay(_) => 3,
         }
     }
 }
@@ -246,6 +262,10 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
     max_frame = welcome.max_frame.min(DEFAULT_MAX_FRAME);
     let ctx = LoadContext { config_json: welcome.config_json, state: welcome.state };
     plugin.on_load(&ctx).map_err(ServeError::Load)?;
+    // The handed-over state always reaches restore_state too (as in the Python SDK).
+    if let Some(blob) = &ctx.state {
+        plugin.restore_state(blob);
+    }
     // Lock down after on_load (which may legitimately start helpers) and before Ready.
     let layers = crate::lockdown::apply_requested().map_err(ServeError::Load)?;
     if !layers.is_empty() {
@@ -273,9 +293,10 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
             Message::Notify { method, payload } if method == "plugd.state" => {
                 plugin.restore_state(&payload.data);
             }
-            Message::Notify { method, payload } => {
+            Message::Notify { method, payload } if methods.has(&method) => {
                 let _ = run_handler(&mut methods, &mut plugin, &method, &payload, &options);
             }
+            Message::Notify { method, payload } => plugin.on_notify(&method, &payload),
             Message::Ping { seq } => answer(&Message::Pong { seq })?,
             // Calls are served in arrival order, so a cancelled call is either done or
             // still unread; the supervisor drops a late reply, which is all cancel needs.
@@ -287,9 +308,7 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
                 send(&Message::Goodbye)?;
                 return Ok(());
             }
-            other => {
-                tracing::warn!("ignoring unexpected {} from the supervisor", other.kind());
-            }
+            other => return Err(ServeError::WrongWay(other.kind().to_string())),
         }
     }
 }

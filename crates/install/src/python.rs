@@ -46,6 +46,7 @@ pub const SDK_FILES: &[(&str, &str)] = &[
         "plugd_plugin/lockdown.py",
         include_str!("../../../plugin-runner/python/plugd_plugin/lockdown.py"),
     ),
+    ("plugd_plugin/py.typed", include_str!("../../../plugin-runner/python/plugd_plugin/py.typed")),
 ];
 
 /// The venv's build output (what was run and what it printed).

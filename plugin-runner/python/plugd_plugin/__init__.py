@@ -5,26 +5,43 @@ speaks the plugd protocol on the socket the supervisor passed as fd 3 and
 returns only when the plugin is told to stop. Standard library only, so it
 installs into any plugin's virtualenv (plugd puts it there itself).
 
+    from dataclasses import dataclass
     from plugd_plugin import Plugin, method, serve
 
-    class Echo(Plugin):
+    @dataclass
+    class Point:
+        x: int
+        y: int
+
+    class Geometry(Plugin):
         def on_load(self, config):          # the [config] table of plugin.toml
-            self.prefix = config.get("prefix", "")
+            self.scale = config.get("scale", 1)
 
-        @method()                           # callable as "echo", JSON in and out
-        def echo(self, value):
-            return self.prefix + value
+        @method                             # callable as "norm1", JSON in and out...
+        def norm1(self, p: Point) -> int:   # ...and bincode, from the type hints
+            return self.scale * (abs(p.x) + abs(p.y))
 
-    serve(Echo())
+    serve(Geometry())
 
 Calls are served one at a time, in order. A handler that raises
 ``PluginError`` answers the call with error code Failed; any other exception
 answers Panicked (and the plugin keeps running). A handler written as a
 generator streams: each ``yield`` is sent as a Chunk, its ``return`` value is
-the final reply. Rust hosts send bincode: declare ``args=`` / ``returns=``
-with :mod:`plugd_plugin.schema` types to accept those calls.
+the final reply. Rust hosts send bincode: a handler whose argument and result
+are annotated (``int``, ``float``, ``str``, ``bool``, ``bytes``, ``list[T]``,
+``T | None``, ``@dataclass`` classes, ``enum.Enum``) takes those calls; other
+shapes are declared with ``args=`` / ``returns=`` and :mod:`plugd_plugin.schema`.
+
+``serve`` raises :class:`ServeError` when it cannot run the plugin; uncaught, it ends
+the process with the same exit status as the Rust SDK: 2 when not started by plugd or
+rejected, 1 when ``on_load`` (or the lockdown plugd asked for) failed, 3 on a protocol
+error. After a graceful stop, or when plugd closed the socket, it returns.
 """
 
+from __future__ import annotations
+
+import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -33,31 +50,90 @@ import sys
 import threading
 import traceback
 import types
+import typing
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
 
 from . import lockdown, schema, wire
-from .wire import CODEC_BINCODE, CODEC_JSON, CallError, Payload, ProtocolError
+from .wire import CODEC_BINCODE, CODEC_JSON, CallError, ErrorCode, LogLevel, Payload, ProtocolError
 
-__all__ = ["Plugin", "PluginError", "method", "serve", "schema", "wire", "SDK"]
+__all__ = ["Plugin", "PluginError", "ServeError", "NotSupervised", "Rejected", "LoadFailed",
+           "ProtocolFailure", "ErrorCode", "method", "serve", "schema", "wire", "SDK"]
 
-SDK = "plugd-plugin-py/0.1.0"
+SDK = "plugd-plugin-py/0.2.0"
 
 # Notify methods with a meaning to plugd itself (PROTOCOL.md section 5).
 _STATE_NOTIFY = "plugd.state"
+
+_log = logging.getLogger("plugd_plugin")
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class PluginError(Exception):
     """Raise from a handler to answer the call with error code Failed and this message."""
 
 
-def method(name=None, args=None, returns=None):
-    """Marks a plugin method as callable under ``name`` (default: the function's name).
+class ServeError(SystemExit):
+    """:func:`serve` could not run the plugin. Uncaught, it exits with :attr:`status`."""
 
-    ``args`` and ``returns`` are :mod:`plugd_plugin.schema` types describing the bincode
-    shape of the argument and result; without them the handler serves JSON calls only.
+    status = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(self.status)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NotSupervised(ServeError):
+    """The process was not started by plugd (no ``PLUGD_FD``, or it is not a socket)."""
+
+    status = 2
+
+
+class Rejected(ServeError):
+    """The supervisor refused the handshake."""
+
+    status = 2
+
+
+class LoadFailed(ServeError):
+    """``on_load`` raised, or the lockdown plugd asked for could not be applied."""
+
+    status = 1
+
+
+class ProtocolFailure(ServeError):
+    """The socket failed or carried something that is not the protocol."""
+
+    status = 3
+
+
+@overload
+def method(name: F) -> F: ...
+
+
+@overload
+def method(name: str | None = None, args: schema.Schema | None = None,
+           returns: schema.Schema | None = None) -> Callable[[F], F]: ...
+
+
+def method(name: Any = None, args: schema.Schema | None = None,
+           returns: schema.Schema | None = None) -> Any:
+    """Marks a plugin method as callable, bare (``@method``) or with arguments.
+
+    ``name`` defaults to the function's name. ``args`` and ``returns`` are
+    :mod:`plugd_plugin.schema` types for the bincode shape of the argument and result;
+    without them the function's type hints are used, and without hints the handler serves
+    JSON calls only.
     """
+    if callable(name):  # bare @method
+        return method()(name)
 
-    def mark(fn):
-        fn._plugd_method = (name or fn.__name__, args, returns)
+    def mark(fn: F) -> F:
+        setattr(fn, "_plugd_method", (name or fn.__name__, args, returns))
         return fn
 
     return mark
@@ -67,61 +143,100 @@ class Plugin:
     """Base class of a plugin; override what you need."""
 
     #: Name sent in Hello; default: ``PLUGD_PLUGIN_NAME`` (set by plugd from the manifest).
-    name = None
+    name: str | None = None
     #: Version sent in Hello; default: ``PLUGD_PLUGIN_VERSION``.
-    version = None
+    version: str | None = None
     #: Plain methods callable by their own name (JSON only), besides those marked ``@method``.
-    exports = ()
+    exports: tuple[str, ...] = ()
 
-    def on_load(self, config):
+    def on_load(self, config: dict[str, Any]) -> None:
         """Called once before the first call with the manifest's ``[config]`` table (a dict)."""
 
-    def on_shutdown(self):
+    def on_shutdown(self) -> bytes | None:
         """Called on a graceful stop; return bytes to hand to the next instance, or None."""
         return None
 
-    def restore_state(self, state):
-        """Receives the bytes the previous instance returned from ``on_shutdown`` (after ``on_load``)."""
+    def restore_state(self, state: bytes) -> None:
+        """Receives what the previous instance returned from ``on_shutdown``: after
+        ``on_load`` on a restart, before the first call on a hot update."""
 
-    def on_notify(self, method_name, value):
-        """A one-way message from the host (JSON value, or bytes for a bincode payload)."""
+    def on_notify(self, method_name: str, value: Any) -> None:
+        """A one-way message from the host for which no handler of that name exists
+        (JSON value, or bytes for a bincode payload)."""
 
-    def register(self, name, fn, args=None, returns=None):
+    def register(self, name: str, fn: Callable[[Any], Any], args: schema.Schema | None = None,
+                 returns: schema.Schema | None = None) -> None:
         """Adds a handler at run time (before ``serve``), like ``@method`` does statically."""
-        self.__dict__.setdefault("_plugd_extra", {})[name] = (fn, args, returns)
+        self.__dict__.setdefault("_plugd_extra", {})[name] = _Handler(fn, args, returns, None)
 
 
-def _handlers(plugin):
-    found = {}
+@dataclasses.dataclass
+class _Handler:
+    fn: Callable[[Any], Any]
+    args: schema.Schema | None
+    returns: schema.Schema | None
+    # The annotated argument type: JSON arguments are converted to it (dataclasses, enums).
+    arg_type: Any
+
+
+def _from_hints(fn: Callable[..., Any], args: schema.Schema | None,
+                returns: schema.Schema | None) -> _Handler:
+    """A handler whose missing schemas come from the function's type hints, where they can."""
+    try:
+        hints = typing.get_type_hints(fn, include_extras=True)
+    except Exception:  # unresolvable forward references: JSON only, as without hints
+        hints = {}
+    params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+    arg_type = hints.get(params[0].name) if params else None
+
+    def schema_of(tp: Any) -> schema.Schema | None:
+        if tp is None:
+            return None
+        try:
+            return schema.of(tp)
+        except TypeError:
+            return None
+
+    if args is None:
+        args = schema_of(arg_type)
+    if returns is None and not inspect.isgeneratorfunction(fn):
+        returns = schema_of(hints.get("return"))
+    return _Handler(fn, args, returns, arg_type)
+
+
+def _handlers(plugin: Plugin) -> dict[str, _Handler]:
+    found: dict[str, _Handler] = {}
     for name in plugin.exports:
         fn = getattr(plugin, name, None)
         if not callable(fn):
             raise TypeError("exports names %r, which is not a method of %s"
                             % (name, type(plugin).__name__))
-        found[name] = (fn, None, None)
+        found[name] = _Handler(fn, None, None, None)
     for attr in dir(type(plugin)):
         fn = getattr(type(plugin), attr, None)
         mark = getattr(fn, "_plugd_method", None)
-        if mark is not None:
+        if fn is not None and mark is not None:
             name, args, returns = mark
-            found[name] = (getattr(plugin, attr), args, returns)
+            handler = _from_hints(fn, args, returns)
+            handler.fn = getattr(plugin, attr)
+            found[name] = handler
     found.update(plugin.__dict__.get("_plugd_extra", {}))
     return found
 
 
-_LEVELS = ((logging.ERROR, wire.LOG_ERROR), (logging.WARNING, wire.LOG_WARN),
-           (logging.INFO, wire.LOG_INFO), (logging.DEBUG, wire.LOG_DEBUG))
+_LEVELS = ((logging.ERROR, LogLevel.ERROR), (logging.WARNING, LogLevel.WARN),
+           (logging.INFO, LogLevel.INFO), (logging.DEBUG, LogLevel.DEBUG))
 
 
 class _LogForwarder(logging.Handler):
     """Sends Python log records to the host as Log frames."""
 
-    def __init__(self, conn):
+    def __init__(self, conn: _Connection) -> None:
         super().__init__()
         self.conn = conn
 
-    def emit(self, record):
-        level = next((tag for floor, tag in _LEVELS if record.levelno >= floor), wire.LOG_TRACE)
+    def emit(self, record: logging.LogRecord) -> None:
+        level = next((tag for floor, tag in _LEVELS if record.levelno >= floor), LogLevel.TRACE)
         try:
             self.conn.send(wire.Log(level, self.format(record)))
         except Exception:  # the socket is gone; the supervisor will notice on its own
@@ -131,57 +246,60 @@ class _LogForwarder(logging.Handler):
 class _Connection:
     """The protocol socket: whole frames in, whole frames out (sends may come from threads)."""
 
-    def __init__(self, sock):
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         # Not sock.makefile(): every read must offer a whole record's room (seqpacket).
         self.reader = wire.SocketReader(sock)
         self.lock = threading.Lock()
         self.max_frame = wire.DEFAULT_MAX_FRAME
 
-    def send(self, msg):
+    def send(self, msg: wire.Message) -> None:
         data = wire.frame(msg, self.max_frame)
         with self.lock:
             wire.send_all(self.sock, data)
 
-    def recv(self):
+    def recv(self) -> wire.Message | None:
         body = wire.read_frame(self.reader, self.max_frame)
         return None if body is None else wire.decode(body)
 
 
-def _decode_arg(payload, args):
+def _decode_arg(payload: Payload, h: _Handler) -> Any:
     if payload.codec == CODEC_JSON:
-        return json.loads(payload.data.decode("utf-8")) if payload.data else None
-    if args is not None:
-        return schema.decode(args, payload.data)
+        value = json.loads(payload.data.decode("utf-8")) if payload.data else None
+        return value if h.arg_type is None else schema.from_plain(h.arg_type, value)
+    if h.args is not None:
+        return schema.decode(h.args, payload.data)
     if not payload.data:
         return None  # bincode of () is empty
-    raise ValueError("this handler takes JSON; declare args= with plugd_plugin.schema types "
-                     "to accept bincode calls")
+    raise ValueError("this handler takes JSON; annotate its argument, or declare args= with "
+                     "plugd_plugin.schema types, to accept bincode calls")
 
 
-def _encode(value, codec, returns):
+def _encode(value: Any, codec: int, returns: schema.Schema | None) -> Payload:
     if codec == CODEC_JSON:
-        return Payload(CODEC_JSON, json.dumps(value, separators=(",", ":")).encode("utf-8"))
+        text = json.dumps(schema.to_plain(value), separators=(",", ":"))
+        return Payload(CODEC_JSON, text.encode("utf-8"))
     if returns is not None:
         return Payload(CODEC_BINCODE, schema.encode(returns, value))
     if value is None:
         return Payload(CODEC_BINCODE, b"")
-    raise ValueError("the caller wants bincode; declare returns= with plugd_plugin.schema types")
+    raise ValueError("the caller wants bincode; annotate the result, or declare returns= with "
+                     "plugd_plugin.schema types")
 
 
-def _serve_call(conn, handlers, call):
-    entry = handlers.get(call.method)
-    if entry is None:
+def _serve_call(conn: _Connection, handlers: dict[str, _Handler],
+                call: wire.Call) -> Payload | CallError:
+    h = handlers.get(call.method)
+    if h is None:
         known = ", ".join(sorted(handlers)) or "none"
-        return CallError(wire.UNKNOWN_METHOD,
+        return CallError(ErrorCode.UNKNOWN_METHOD,
                          "no method %r in this plugin (it has: %s)" % (call.method, known))
-    fn, args, returns = entry
     try:
-        arg = _decode_arg(call.payload, args)
+        arg = _decode_arg(call.payload, h)
     except Exception as e:
-        return CallError(wire.BAD_PAYLOAD, "argument of %s: %s" % (call.method, e))
+        return CallError(ErrorCode.BAD_PAYLOAD, "argument of %s: %s" % (call.method, e))
     try:
-        result = fn(arg)
+        result = h.fn(arg)
         if isinstance(result, types.GeneratorType):
             gen = result
             while True:
@@ -190,41 +308,42 @@ def _serve_call(conn, handlers, call):
                 except StopIteration as stop:
                     result = stop.value
                     break
-                conn.send(wire.Chunk(call.id, _encode(piece, call.payload.codec, returns)))
+                conn.send(wire.Chunk(call.id, _encode(piece, call.payload.codec, h.returns)))
     except PluginError as e:
-        return CallError(wire.FAILED, str(e))
+        return CallError(ErrorCode.FAILED, str(e))
     except Exception as e:
-        logging.getLogger("plugd_plugin").warning(
-            "handler %s raised:\n%s", call.method, traceback.format_exc().rstrip())
-        return CallError(wire.PANICKED, "%s raised %s: %s" % (call.method, type(e).__name__, e))
+        _log.warning("handler %s raised:\n%s", call.method, traceback.format_exc().rstrip())
+        return CallError(ErrorCode.PANICKED, "%s raised %s: %s" % (call.method, type(e).__name__, e))
     try:
-        return _encode(result, call.payload.codec, returns)
+        return _encode(result, call.payload.codec, h.returns)
     except Exception as e:
-        return CallError(wire.FAILED, "result of %s cannot be encoded: %s" % (call.method, e))
+        return CallError(ErrorCode.FAILED, "result of %s cannot be encoded: %s" % (call.method, e))
 
 
-def _fail(message, code):
-    sys.stderr.write("plugd_plugin: %s\n" % message)
+def _fail(error: ServeError) -> ServeError:
+    """Says why on stderr (plugd keeps it in the plugin's log) and hands the error back."""
+    sys.stderr.write("plugd_plugin: %s\n" % error.message)
     sys.stderr.flush()
-    sys.exit(code)
+    return error
 
 
-def serve(plugin, fd=None):
-    """Runs ``plugin`` until plugd stops it; exits the process with 0 after a graceful stop.
+def serve(plugin: Plugin, fd: int | None = None) -> None:
+    """Runs ``plugin`` until plugd stops it; returns after a graceful stop.
 
-    ``fd`` defaults to ``PLUGD_FD`` (3). Exits with status 2 if the process was not
-    started by plugd or was rejected, 1 if ``on_load`` raised, 3 on a protocol error.
+    ``fd`` defaults to ``PLUGD_FD`` (3). Raises :class:`NotSupervised` or :class:`Rejected`
+    (exit status 2), :class:`LoadFailed` (1) or :class:`ProtocolFailure` (3).
     """
     if fd is None:
         env = os.environ.get("PLUGD_FD")
-        if env is None:
-            _fail("not started by a plugd supervisor (no PLUGD_FD); run this plugin through "
-                  "plugd or a host that links the supervisor crate", 2)
+        if env is None or not env.isdigit():
+            raise _fail(NotSupervised(
+                "not started by a plugd supervisor (no PLUGD_FD); run this plugin through "
+                "plugd or a host that links the supervisor crate"))
         fd = int(env)
     try:
         sock = socket.socket(fileno=fd)
     except OSError as e:
-        _fail("fd %s is not the plugd socket: %s" % (fd, e), 2)
+        raise _fail(NotSupervised("fd %s is not the plugd socket: %s" % (fd, e))) from None
     conn = _Connection(sock)
     handlers = _handlers(plugin)
     name = plugin.name or os.environ.get("PLUGD_PLUGIN_NAME") or os.path.basename(sys.argv[0])
@@ -234,11 +353,11 @@ def serve(plugin, fd=None):
                              sorted(handlers), SDK))
         welcome = conn.recv()
     except (OSError, ProtocolError) as e:
-        _fail("handshake failed: %s" % e, 3)
+        raise _fail(ProtocolFailure("handshake failed: %s" % e)) from None
     if isinstance(welcome, wire.Reject):
-        _fail("the supervisor rejected this plugin: %s" % welcome.reason, 2)
+        raise _fail(Rejected("the supervisor rejected this plugin: %s" % welcome.reason))
     if not isinstance(welcome, wire.Welcome):
-        _fail("expected Welcome, got %r" % (welcome,), 3)
+        raise _fail(ProtocolFailure("expected Welcome, got %r" % (welcome,)))
     conn.max_frame = welcome.max_frame
 
     forwarder = _LogForwarder(conn)
@@ -249,67 +368,70 @@ def serve(plugin, fd=None):
         root.setLevel(logging.INFO)
 
     try:
-        plugin.on_load(json.loads(welcome.config_json) if welcome.config_json else {})
-        if welcome.state is not None:
-            plugin.restore_state(welcome.state)
-    except Exception:
-        logging.getLogger("plugd_plugin").error("on_load failed:\n%s",
-                                                traceback.format_exc().rstrip())
-        sys.stderr.write(traceback.format_exc())
-        sys.exit(1)
-    # Lock down after on_load (which may legitimately start helpers) and before Ready.
-    try:
-        layers = lockdown.apply_requested()
-    except OSError as e:
-        logging.getLogger("plugd_plugin").warning("cannot block execve: %s", e)
-        layers = []
-    if layers:
-        conn.send(wire.Notify("plugd.lockdown", Payload(CODEC_JSON, json.dumps(layers).encode())))
-    conn.send(wire.Ready())
-
-    try:
+        try:
+            plugin.on_load(json.loads(welcome.config_json) if welcome.config_json else {})
+            if welcome.state is not None:
+                plugin.restore_state(welcome.state)
+        except Exception as e:
+            _log.error("on_load failed:\n%s", traceback.format_exc().rstrip())
+            raise _fail(LoadFailed("on_load failed: %s: %s" % (type(e).__name__, e))) from None
+        # Lock down after on_load (which may legitimately start helpers) and before Ready.
+        try:
+            layers = lockdown.apply_requested()
+        except OSError as e:
+            raise _fail(LoadFailed("cannot apply the lockdown plugd asked for: %s" % e)) from None
+        if layers:
+            conn.send(wire.Notify("plugd.lockdown",
+                                  Payload(CODEC_JSON, json.dumps(layers).encode())))
+        conn.send(wire.Ready())
         _loop(conn, plugin, handlers)
     except (OSError, ProtocolError) as e:
+        raise _fail(ProtocolFailure("protocol error: %s" % e)) from None
+    finally:
         root.removeHandler(forwarder)
-        _fail("protocol error: %s" % e, 3)
+        logging.shutdown()
 
 
-def _loop(conn, plugin, handlers):
+def _notify(plugin: Plugin, handlers: dict[str, _Handler], msg: wire.Notify) -> None:
+    """A notify runs the handler of that name (its result is dropped), else ``on_notify``."""
+    try:
+        if msg.method == _STATE_NOTIFY:
+            plugin.restore_state(msg.payload.data)
+        elif msg.method in handlers:
+            h = handlers[msg.method]
+            h.fn(_decode_arg(msg.payload, h))
+        else:
+            value: Any = msg.payload.data
+            if msg.payload.codec == CODEC_JSON:
+                value = json.loads(value.decode("utf-8")) if value else None
+            plugin.on_notify(msg.method, value)
+    except Exception:
+        _log.warning("notify %s raised:\n%s", msg.method, traceback.format_exc().rstrip())
+
+
+def _loop(conn: _Connection, plugin: Plugin, handlers: dict[str, _Handler]) -> None:
     while True:
         msg = conn.recv()
         if msg is None:  # the supervisor closed the socket: nothing left to serve
-            sys.exit(0)
-        kind = type(msg)
-        if kind is wire.Call:
+            return
+        if isinstance(msg, wire.Call):
             conn.send(wire.Reply(msg.id, _serve_call(conn, handlers, msg)))
-        elif kind is wire.Ping:
+        elif isinstance(msg, wire.Ping):
             conn.send(wire.Pong(msg.seq))
-        elif kind is wire.Cancel:
+        elif isinstance(msg, wire.Cancel):
             pass  # calls run one at a time: a cancelled call has already been answered
-        elif kind is wire.Notify:
-            try:
-                if msg.method == _STATE_NOTIFY:
-                    plugin.restore_state(msg.payload.data)
-                else:
-                    value = msg.payload.data
-                    if msg.payload.codec == CODEC_JSON:
-                        value = json.loads(value.decode("utf-8")) if value else None
-                    plugin.on_notify(msg.method, value)
-            except Exception:
-                logging.getLogger("plugd_plugin").warning(
-                    "notify %s raised:\n%s", msg.method, traceback.format_exc().rstrip())
-        elif kind is wire.Shutdown:
+        elif isinstance(msg, wire.Notify):
+            _notify(plugin, handlers, msg)
+        elif isinstance(msg, wire.Shutdown):
             state = None
             try:
                 state = plugin.on_shutdown()
             except Exception:
-                logging.getLogger("plugd_plugin").error(
-                    "on_shutdown raised:\n%s", traceback.format_exc().rstrip())
+                _log.error("on_shutdown raised:\n%s", traceback.format_exc().rstrip())
             if state is not None:
                 conn.send(wire.State(bytes(state)))
             conn.send(wire.Goodbye())
-            logging.shutdown()
-            sys.exit(0)
+            return
         else:
             raise ProtocolError("the supervisor sent %s, which only a plugin may send"
-                                % kind.__name__)
+                                % type(msg).__name__)

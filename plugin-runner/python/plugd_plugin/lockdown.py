@@ -6,6 +6,8 @@ a small seccomp filter installed through ctypes. An execve then kills the
 process with SIGSYS, which plugd reports as a sandbox violation.
 """
 
+from __future__ import annotations
+
 import ctypes
 import os
 import platform
@@ -30,9 +32,9 @@ class _Prog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_Insn))]
 
 
-def _program(arch, execve, execveat, x32):
+def _program(arch: int, execve: int, execveat: int, x32: int | None) -> list[_Insn]:
     # Every jump lands on the final KILL; offsets count from the next instruction.
-    body = [(_LD_ABS_W, 4, None)]
+    body: list[tuple[int, int, str | None]] = [(_LD_ABS_W, 4, None)]
     body.append((_JEQ_K, arch, "arch-ok"))
     body.append((_LD_ABS_W, 0, None))
     if x32 is not None:
@@ -53,7 +55,7 @@ def _program(arch, execve, execveat, x32):
     return insns
 
 
-def apply_requested():
+def apply_requested() -> list[str]:
     """Blocks execve for the whole process if PLUGD_LOCK_EXEC=1; returns the layers applied."""
     if os.environ.get("PLUGD_LOCK_EXEC") != "1":
         return []

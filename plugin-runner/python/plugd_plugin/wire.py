@@ -5,8 +5,14 @@ This is a transcription of ``plugin-proto/PROTOCOL.md``; the golden vectors in
 ``tests/test_wire.py``. Standard library only.
 """
 
+from __future__ import annotations
+
+import dataclasses
+import enum
+import socket
 import struct
-from collections import namedtuple
+from dataclasses import dataclass
+from typing import Any, Protocol, Union
 
 MAGIC = 0x4447_4C50  # "PLGD" little-endian
 PROTO_MIN = 1
@@ -16,44 +22,184 @@ DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 CODEC_BINCODE = 0
 CODEC_JSON = 1
 
-# ErrorCode tags (PROTOCOL.md section 3).
-UNAVAILABLE, UNKNOWN_METHOD, BAD_PAYLOAD, DEADLINE_EXCEEDED, CANCELLED, PANICKED, FAILED, \
-    PLUGIN_EXITED, INTERNAL = range(9)
 
-# LogLevel tags.
-LOG_ERROR, LOG_WARN, LOG_INFO, LOG_DEBUG, LOG_TRACE = range(5)
+class ErrorCode(enum.IntEnum):
+    """Why a call failed (PROTOCOL.md section 3); the value is the wire tag."""
+
+    UNAVAILABLE = 0
+    UNKNOWN_METHOD = 1
+    BAD_PAYLOAD = 2
+    DEADLINE_EXCEEDED = 3
+    CANCELLED = 4
+    PANICKED = 5
+    FAILED = 6
+    PLUGIN_EXITED = 7
+    INTERNAL = 8
+
+
+class LogLevel(enum.IntEnum):
+    """Severity of a Log frame; the value is the wire tag."""
+
+    ERROR = 0
+    WARN = 1
+    INFO = 2
+    DEBUG = 3
+    TRACE = 4
+
+
+# The tags under their historical names, for plugins written against earlier SDKs.
+UNAVAILABLE, UNKNOWN_METHOD, BAD_PAYLOAD, DEADLINE_EXCEEDED, CANCELLED, PANICKED, FAILED, \
+    PLUGIN_EXITED, INTERNAL = tuple(ErrorCode)
+LOG_ERROR, LOG_WARN, LOG_INFO, LOG_DEBUG, LOG_TRACE = tuple(LogLevel)
 
 
 class ProtocolError(Exception):
     """Bytes that are not a valid plugd frame or message."""
 
 
-Payload = namedtuple("Payload", "codec data")
-CallError = namedtuple("CallError", "code message")
+@dataclass(frozen=True)
+class Payload:
+    """An argument or result: the codec tag and the encoded bytes."""
 
-Hello = namedtuple("Hello", "magic proto_min proto_max name version methods sdk")
-Welcome = namedtuple("Welcome", "proto config_json heartbeat_ms max_frame state")
-Reject = namedtuple("Reject", "reason")
-Ready = namedtuple("Ready", "")
-Call = namedtuple("Call", "id method deadline_us payload")
-# result is a Payload (Ok) or a CallError (Err).
-Reply = namedtuple("Reply", "id result")
-Chunk = namedtuple("Chunk", "id payload")
-Cancel = namedtuple("Cancel", "id")
-Notify = namedtuple("Notify", "method payload")
-Ping = namedtuple("Ping", "seq")
-Pong = namedtuple("Pong", "seq")
-Shutdown = namedtuple("Shutdown", "grace_ms")
-State = namedtuple("State", "blob")
-Goodbye = namedtuple("Goodbye", "")
-Log = namedtuple("Log", "level message")
+    codec: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class CallError:
+    """A failed call: its code and a message for people."""
+
+    code: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Plugin → supervisor: who it is and what it serves."""
+
+    magic: int
+    proto_min: int
+    proto_max: int
+    name: str
+    version: str
+    methods: list[str]
+    sdk: str
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """Supervisor → plugin: the handshake's answer."""
+
+    proto: int
+    config_json: str
+    heartbeat_ms: int
+    max_frame: int
+    state: bytes | None
+
+
+@dataclass(frozen=True)
+class Reject:
+    """Supervisor → plugin: the handshake is refused."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Plugin → supervisor: loaded, serving calls."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """Supervisor → plugin: run a method."""
+
+    id: int
+    method: str
+    deadline_us: int
+    payload: Payload
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Plugin → supervisor: a call's result (a Payload) or error (a CallError)."""
+
+    id: int
+    result: Payload | CallError
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Plugin → supervisor: one piece of a streamed result."""
+
+    id: int
+    payload: Payload
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Supervisor → plugin: the caller no longer waits for this call."""
+
+    id: int
+
+
+@dataclass(frozen=True)
+class Notify:
+    """Either way: a one-way message."""
+
+    method: str
+    payload: Payload
+
+
+@dataclass(frozen=True)
+class Ping:
+    """Supervisor → plugin: a heartbeat."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class Pong:
+    """Plugin → supervisor: the heartbeat's answer."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Supervisor → plugin: finish and say goodbye within ``grace_ms``."""
+
+    grace_ms: int
+
+
+@dataclass(frozen=True)
+class State:
+    """Plugin → supervisor: the blob to hand to the next instance."""
+
+    blob: bytes
+
+
+@dataclass(frozen=True)
+class Goodbye:
+    """Plugin → supervisor: done; the process exits next."""
+
+
+@dataclass(frozen=True)
+class Log:
+    """Plugin → supervisor: a log line."""
+
+    level: LogLevel
+    message: str
+
+
+Message = Union[Hello, Welcome, Reject, Ready, Call, Reply, Chunk, Cancel, Notify, Ping, Pong,
+                Shutdown, State, Goodbye, Log]
 
 # The wire tag of a message is its index here: append only, never reorder.
-MESSAGES = [Hello, Welcome, Reject, Ready, Call, Reply, Chunk, Cancel, Notify, Ping, Pong,
-            Shutdown, State, Goodbye, Log]
+MESSAGES: list[type[Any]] = [Hello, Welcome, Reject, Ready, Call, Reply, Chunk, Cancel, Notify,
+                             Ping, Pong, Shutdown, State, Goodbye, Log]
 
 # Field types, in order, of every message.
-FIELDS = {
+FIELDS: dict[type[Any], tuple[str, ...]] = {
     Hello: ("u32", "u16", "u16", "str", "str", "strs", "str"),
     Welcome: ("u16", "str", "u64", "u32", "optbytes"),
     Reject: ("str",),
@@ -71,12 +217,12 @@ FIELDS = {
     Log: ("u8tag", "str"),
 }
 
-_WIDTH = {"u16": 16, "u32": 32, "u64": 64}
+_WIDTH: dict[str, int] = {"u16": 16, "u32": 32, "u64": 64}
 
 
 # ---- primitive encoding -------------------------------------------------------------------
 
-def put_varint(out, value, bits=64):
+def put_varint(out: bytearray, value: int, bits: int = 64) -> None:
     """Appends an unsigned integer as a bincode varint (checked against its width)."""
     if value < 0 or value >= 1 << bits:
         raise ProtocolError("integer %d does not fit in u%d" % (value, bits))
@@ -93,13 +239,13 @@ def put_varint(out, value, bits=64):
         out += struct.pack("<Q", value)
 
 
-def put_bytes(out, data):
+def put_bytes(out: bytearray, data: bytes) -> None:
     """Appends a length-prefixed byte string."""
     put_varint(out, len(data))
     out += data
 
 
-def put_str(out, text):
+def put_str(out: bytearray, text: str) -> None:
     """Appends a length-prefixed UTF-8 string."""
     put_bytes(out, text.encode("utf-8"))
 
@@ -107,11 +253,11 @@ def put_str(out, text):
 class Reader:
     """Reads bincode values from a bytes object, failing on anything short or malformed."""
 
-    def __init__(self, data):
+    def __init__(self, data: bytes) -> None:
         self.data = memoryview(data)
         self.pos = 0
 
-    def take(self, n):
+    def take(self, n: int) -> bytes:
         if self.pos + n > len(self.data):
             raise ProtocolError("message ends early: wanted %d more bytes at offset %d"
                                 % (n, self.pos))
@@ -119,10 +265,10 @@ class Reader:
         self.pos += n
         return chunk
 
-    def u8(self):
+    def u8(self) -> int:
         return self.take(1)[0]
 
-    def varint(self, bits=64):
+    def varint(self, bits: int = 64) -> int:
         first = self.u8()
         if first < 251:
             return first
@@ -133,39 +279,39 @@ class Reader:
             raise ProtocolError("varint of %d bytes does not fit in u%d" % (size, bits))
         return int.from_bytes(self.take(size), "little")
 
-    def bytes_(self):
+    def bytes_(self) -> bytes:
         n = self.varint()
         return self.take(n)
 
-    def str_(self):
+    def str_(self) -> str:
         raw = self.bytes_()
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ProtocolError("string is not UTF-8: %s" % e) from None
 
-    def done(self):
+    def done(self) -> None:
         if self.pos != len(self.data):
             raise ProtocolError("%d bytes left over after the message" % (len(self.data) - self.pos))
 
 
 # ---- fields ---------------------------------------------------------------------------------
 
-def _put_payload(out, p):
+def _put_payload(out: bytearray, p: Payload) -> None:
     if p.codec not in (CODEC_BINCODE, CODEC_JSON):
         raise ProtocolError("unknown payload codec %r" % (p.codec,))
     out.append(p.codec)
     put_bytes(out, p.data)
 
 
-def _read_payload(r):
+def _read_payload(r: Reader) -> Payload:
     codec = r.varint(32)
     if codec not in (CODEC_BINCODE, CODEC_JSON):
         raise ProtocolError("unknown payload codec %d" % codec)
     return Payload(codec, r.bytes_())
 
 
-def _put_field(out, kind, value):
+def _put_field(out: bytearray, kind: str, value: Any) -> None:
     if kind in _WIDTH:
         put_varint(out, value, _WIDTH[kind])
     elif kind == "str":
@@ -198,7 +344,7 @@ def _put_field(out, kind, value):
         raise AssertionError(kind)
 
 
-def _read_field(r, kind):
+def _read_field(r: Reader, kind: str) -> Any:
     if kind in _WIDTH:
         return r.varint(_WIDTH[kind])
     if kind == "str":
@@ -224,19 +370,19 @@ def _read_field(r, kind):
             code = r.varint(32)
             if code > INTERNAL:
                 raise ProtocolError("unknown error code %d" % code)
-            return CallError(code, r.str_())
+            return CallError(ErrorCode(code), r.str_())
         raise ProtocolError("invalid Result tag %d" % tag)
     if kind == "u8tag":
         level = r.varint(32)
         if level > LOG_TRACE:
             raise ProtocolError("unknown log level %d" % level)
-        return level
+        return LogLevel(level)
     raise AssertionError(kind)  # pragma: no cover
 
 
 # ---- messages and frames --------------------------------------------------------------------
 
-def encode(msg):
+def encode(msg: Message) -> bytes:
     """The body bytes of one message (no length header)."""
     cls = type(msg)
     try:
@@ -245,24 +391,25 @@ def encode(msg):
         raise ProtocolError("%r is not a protocol message" % (msg,)) from None
     out = bytearray()
     put_varint(out, tag, 32)
-    for kind, value in zip(FIELDS[cls], msg):
+    values = [getattr(msg, f.name) for f in dataclasses.fields(msg)]
+    for kind, value in zip(FIELDS[cls], values):
         _put_field(out, kind, value)
     return bytes(out)
 
 
-def decode(body):
+def decode(body: bytes) -> Message:
     """The message in one frame body; raises ProtocolError on anything malformed."""
     r = Reader(body)
     tag = r.varint(32)
     if tag >= len(MESSAGES):
         raise ProtocolError("unknown message tag %d" % tag)
     cls = MESSAGES[tag]
-    msg = cls(*[_read_field(r, kind) for kind in FIELDS[cls]])
+    msg: Message = cls(*[_read_field(r, kind) for kind in FIELDS[cls]])
     r.done()
     return msg
 
 
-def frame(msg, max_frame=DEFAULT_MAX_FRAME):
+def frame(msg: Message, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
     """One whole frame: u32 little-endian body length, then the body."""
     body = encode(msg)
     if len(body) > max_frame:
@@ -280,14 +427,14 @@ class SocketReader:
     recv: the same code then serves a stream socket and a seqpacket one, whose records
     would lose their tails if read into less."""
 
-    def __init__(self, sock):
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.scratch = bytearray(RECORD_MAX)
         self.view = memoryview(self.scratch)
         self.start = 0
         self.end = 0
 
-    def read(self, n):
+    def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; b"" at the end of the stream."""
         if self.start == self.end:
             got = self.sock.recv_into(self.view, RECORD_MAX)
@@ -299,11 +446,11 @@ class SocketReader:
         self.start += take
         return chunk
 
-    def close(self):
+    def close(self) -> None:
         self.view.release()
 
 
-def send_all(sock, data):
+def send_all(sock: socket.socket, data: bytes) -> None:
     """Writes ``data`` in pieces of at most RECORD_MAX bytes (one record each on a seqpacket
     socket; a stream does not mind)."""
     view = memoryview(data)
@@ -311,7 +458,13 @@ def send_all(sock, data):
         sock.sendall(view[i:i + RECORD_MAX])
 
 
-def read_frame(stream, max_frame=DEFAULT_MAX_FRAME):
+class _Stream(Protocol):
+    """Anything with ``read(n) -> bytes`` (a SocketReader, a binary file)."""
+
+    def read(self, n: int, /) -> bytes: ...
+
+
+def read_frame(stream: _Stream, max_frame: int = DEFAULT_MAX_FRAME) -> bytes | None:
     """Reads one frame body from a binary file object; None at a clean end of stream."""
     header = _read_exact(stream, 4, allow_eof=True)
     if header is None:
@@ -324,7 +477,7 @@ def read_frame(stream, max_frame=DEFAULT_MAX_FRAME):
     return _read_exact(stream, n, allow_eof=False)
 
 
-def _read_exact(stream, n, allow_eof):
+def _read_exact(stream: _Stream, n: int, allow_eof: bool) -> bytes | None:
     buf = bytearray()
     while len(buf) < n:
         chunk = stream.read(n - len(buf))

@@ -1,10 +1,25 @@
 """A plugin used by test_serve.py: every feature of the SDK in a few lines."""
 
+import enum
 import logging
+from dataclasses import dataclass
+from typing import Annotated
 
 from plugd_plugin import Plugin, PluginError, method, schema, serve
 
 POINT = schema.Struct(("x", schema.I32), ("y", schema.I32))
+
+
+class Side(enum.Enum):
+    Buy = 0
+    Sell = 1
+
+
+@dataclass
+class Order:
+    side: Side
+    qty: Annotated[int, schema.U32]
+    price: float | None
 
 
 class Sample(Plugin):
@@ -40,6 +55,19 @@ class Sample(Plugin):
     @method()
     def boom(self, _):
         return 1 / 0
+
+    @method
+    def bumped(self, n: int) -> int:
+        """Bare @method; also the target of a Notify named "bumped"."""
+        self.count += n
+        return self.count
+
+    @method
+    def flip(self, order: Order) -> Order:
+        """Typed by hints alone: bincode and JSON, dataclass and enum in and out."""
+        assert isinstance(order, Order) and isinstance(order.side, Side)
+        other = Side.Sell if order.side is Side.Buy else Side.Buy
+        return Order(other, order.qty * 2, None)
 
     @method()
     def count_to(self, n):

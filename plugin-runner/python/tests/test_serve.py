@@ -84,7 +84,8 @@ class Serve(unittest.TestCase):
         h = self.sup.hello
         self.assertEqual((h.magic, h.proto_min, h.proto_max), (wire.MAGIC, 1, 1))
         self.assertEqual((h.name, h.version), ("sample", "1.2.3"))
-        self.assertEqual(h.methods, ["add", "boom", "count_to", "fail", "greet", "shout"])
+        self.assertEqual(h.methods,
+                         ["add", "boom", "bumped", "count_to", "fail", "flip", "greet", "shout"])
         self.assertTrue(h.sdk.startswith("plugd-plugin-py/"))
         self.assertEqual(self.sup.ready, wire.Ready())
 
@@ -119,6 +120,23 @@ class Serve(unittest.TestCase):
         self.assertTrue(any("greeting bob" in log.message and log.level == wire.LOG_INFO
                             for log in self.sup.logs), self.sup.logs)
 
+    def test_type_hints_describe_bincode_and_json_alike(self):
+        order = schema.Struct(("side", schema.Enum(("Buy", None), ("Sell", None))),
+                              ("qty", schema.U32), ("price", schema.Option(schema.F64)))
+        arg = schema.encode(order, {"side": "Buy", "qty": 3, "price": 1.5})
+        reply, _ = self.sup.call(1, "flip", Payload(CODEC_BINCODE, arg))
+        want = schema.encode(order, {"side": "Sell", "qty": 6, "price": None})
+        self.assertEqual(reply.result, Payload(CODEC_BINCODE, want))
+        reply, _ = self.sup.call(2, "flip", js({"side": "Sell", "qty": 1, "price": None}))
+        self.assertEqual(json.loads(reply.result.data), {"side": "Buy", "qty": 2, "price": None})
+        reply, _ = self.sup.call(3, "bumped", Payload(CODEC_BINCODE, schema.encode(schema.I64, 5)))
+        self.assertEqual(reply.result, Payload(CODEC_BINCODE, schema.encode(schema.I64, 5)))
+
+    def test_a_notify_runs_the_handler_of_that_name(self):
+        self.sup.send(wire.Notify("bumped", js(4)))
+        reply, _ = self.sup.call(1, "bumped", js(1))
+        self.assertEqual(reply.result, Payload(CODEC_JSON, b"5"))
+
     def test_seqpacket_socket_carries_frames_larger_than_a_record(self):
         sup = FakeSupervisor(kind=socket.SOCK_SEQPACKET)
         self.addCleanup(sup.close)
@@ -150,6 +168,20 @@ class Serve(unittest.TestCase):
     def test_closed_socket_ends_the_plugin(self):
         self.sup.sock.shutdown(socket.SHUT_RDWR)
         self.assertEqual(self.sup.proc.wait(timeout=30), 0)
+
+
+class Raises(unittest.TestCase):
+    def test_serve_raises_instead_of_exiting(self):
+        from plugd_plugin import NotSupervised, Plugin, ServeError, serve
+        saved = os.environ.pop("PLUGD_FD", None)
+        try:
+            with self.assertRaises(NotSupervised) as caught:
+                serve(Plugin())
+        finally:
+            if saved is not None:
+                os.environ["PLUGD_FD"] = saved
+        self.assertIsInstance(caught.exception, ServeError)
+        self.assertEqual(caught.exception.code, 2)
 
 
 class NotSupervised(unittest.TestCase):
