@@ -774,49 +774,63 @@ fn update_checks_requires_and_dry_run_shows_the_change() {
     assert_eq!(st[0]["version"], "2.0.0");
 }
 
+/// SIGKILL at an exact point of an install (a fault point, not a lucky sleep): before the
+/// version folder is renamed into place, the next plugd shows the old state and leaves
+/// nothing behind; after it, the new one, current and running.
 #[test]
 fn sigkill_during_an_install_leaves_the_old_state_or_the_new_one() {
-    let mut d = Plugd::start(|_| {});
-    let src = tempfile::tempdir().unwrap();
-    let folder = greeter_source(src.path(), "1.0.0");
-    // Enough files that the copy takes a while.
-    std::fs::create_dir_all(folder.join("data")).unwrap();
-    for i in 0..3000 {
-        std::fs::write(folder.join("data").join(format!("{i}.txt")), "some data\n").unwrap();
-    }
-    let installer = {
-        let (socket, folder) = (d.socket.clone(), folder.clone());
-        std::thread::spawn(move || {
-            Command::new(plugd_bin("plugctl"))
-                .arg("--socket")
-                .arg(&socket)
-                .arg("install")
-                .arg(&folder)
-                .output()
-        })
-    };
-    std::thread::sleep(Duration::from_millis(40));
-    d.signal(Signal::SIGKILL);
-    let _ = d.child.wait();
-    let _ = installer.join();
-    let d = d.restart_after_kill();
-    let installed = d.root.path().join("state/installed");
-    let leftovers: Vec<String> =
-        walk_names(&installed).into_iter().filter(|n| n.starts_with('.')).collect();
-    assert!(leftovers.is_empty(), "half-done files remain: {leftovers:?}");
-    let version = installed.join("greeter/1.0.0");
-    if version.exists() {
-        // The new state: complete, current, and running.
-        assert_eq!(std::fs::read_dir(version.join("data")).unwrap().count(), 3000);
-        assert_eq!(
-            std::fs::read_link(installed.join("greeter/current")).unwrap(),
-            Path::new("1.0.0")
-        );
-        eventually("installed plugin runs", || d.all_ready(&["greeter"]));
-    } else {
-        // The old state: nothing installed, and installing again works.
-        assert!(d.status().iter().all(|p| p["name"] != "greeter"));
-        assert!(d.ctl(&["install", folder.to_str().unwrap()]).status.success());
+    for (point, lands) in [("install.copied", false), ("install.placed", true)] {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("plugins")).unwrap();
+        let reached = root.path().join("fault-reached");
+        let env = [
+            ("PLUGD_FAULT", point.to_string()),
+            ("PLUGD_FAULT_REACHED", reached.display().to_string()),
+        ];
+        let mut d = Plugd::start_with(root, &env);
+        let src = tempfile::tempdir().unwrap();
+        let folder = greeter_source(src.path(), "1.0.0");
+        std::fs::create_dir_all(folder.join("data")).unwrap();
+        for i in 0..300 {
+            std::fs::write(folder.join("data").join(format!("{i}.txt")), "some data\n").unwrap();
+        }
+        let installer = {
+            let (socket, folder) = (d.socket.clone(), folder.clone());
+            std::thread::spawn(move || {
+                Command::new(plugd_bin("plugctl"))
+                    .arg("--socket")
+                    .arg(&socket)
+                    .arg("install")
+                    .arg(&folder)
+                    .output()
+            })
+        };
+        eventually(&format!("plugd stops at {point}"), || reached.exists());
+        d.signal(Signal::SIGKILL);
+        let _ = d.child.wait();
+        let _ = installer.join();
+        let d = d.restart_after_kill();
+        let installed = d.root.path().join("state/installed");
+        let leftovers: Vec<String> =
+            walk_names(&installed).into_iter().filter(|n| n.starts_with('.')).collect();
+        assert!(leftovers.is_empty(), "{point}: half-done files remain: {leftovers:?}");
+        let version = installed.join("greeter/1.0.0");
+        if lands {
+            // The new state: complete, current, and running.
+            assert_eq!(std::fs::read_dir(version.join("data")).unwrap().count(), 300);
+            assert_eq!(
+                std::fs::read_link(installed.join("greeter/current")).unwrap(),
+                Path::new("1.0.0")
+            );
+            eventually("installed plugin runs", || d.all_ready(&["greeter"]));
+        } else {
+            // The old state: nothing installed, and installing again works.
+            assert!(!version.exists(), "{point}: a version appeared");
+            assert!(d.status().iter().all(|p| p["name"] != "greeter"));
+            let out = d.ctl(&["install", folder.to_str().unwrap()]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            eventually("installed plugin runs", || d.all_ready(&["greeter"]));
+        }
     }
 }
 

@@ -18,7 +18,9 @@ pub fn plugd_bin(name: &str) -> PathBuf {
     let dir = bin_dir();
     BUILT.call_once(|| {
         let mut cargo = Command::new(env!("CARGO"));
-        cargo.args(["build", "-q", "-p", "plugd", "--bins", "--target-dir"]);
+        // With the fault points crash tests stop at (inert unless PLUGD_FAULT is set).
+        cargo.args(["build", "-q", "-p", "plugd", "--bins", "--features", "fault-injection"]);
+        cargo.arg("--target-dir");
         cargo.arg(dir.parent().expect("cargo's target folder"));
         if dir.ends_with("release") {
             cargo.arg("--release");

@@ -88,6 +88,7 @@ pub fn place(
         let _ = std::fs::remove_dir(root.join(name));
         return Err(e);
     }
+    crate::fault::point("install.copied");
     if target.exists() {
         let old = root.join(name).join(format!(".replaced-{}-{version}", std::process::id()));
         std::fs::rename(&target, &old)

@@ -10,6 +10,7 @@
 // The host's modules, under the names this crate's modules have always used.
 pub(crate) use supervisor::{exit, manifest, sandbox, spawn};
 
+pub mod fault;
 pub mod install;
 pub mod jobs;
 pub mod python;

@@ -285,6 +285,7 @@ impl Daemon {
         .map_err(|e| format!("install task failed: {e}"))?;
         self.jobs.output(job, lines);
         placed?;
+        plugd_install::fault::point("install.placed");
         // The commit: from here the plugin list changes, one operation at a time (the
         // fetch and build above ran unlocked, so a long pip install blocks nothing).
         let _op = self.ops.lock().await;
