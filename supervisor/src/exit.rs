@@ -73,24 +73,84 @@ pub enum ExitReason {
     },
 }
 
+/// The kind of an [`ExitReason`], without its details: what status counts exits by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ExitKind {
+    /// Exited with a status.
+    Exited,
+    /// Killed by a signal plugd did not send.
+    Crashed,
+    /// Stopped by plugd.
+    Stopped,
+    /// Could not be started.
+    SpawnFailed,
+    /// Never became ready.
+    StartupTimeout,
+    /// Broke the protocol.
+    ProtocolViolation,
+    /// Stopped answering heartbeats.
+    Hung,
+    /// Speaks no protocol version plugd speaks.
+    VersionMismatch,
+    /// Over its memory limit.
+    MemoryLimit,
+    /// Over its CPU time limit.
+    CpuTimeLimit,
+    /// Over its file size limit.
+    FileSizeLimit,
+    /// Killed by its seccomp filter.
+    SandboxViolation,
+}
+
+impl ExitKind {
+    /// The words status and `/metrics` use ("crashed", "memory limit", …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitKind::Exited => "exited",
+            ExitKind::Crashed => "crashed",
+            ExitKind::Stopped => "stopped",
+            ExitKind::SpawnFailed => "spawn failed",
+            ExitKind::StartupTimeout => "startup timeout",
+            ExitKind::ProtocolViolation => "protocol violation",
+            ExitKind::Hung => "hung",
+            ExitKind::VersionMismatch => "version mismatch",
+            ExitKind::MemoryLimit => "memory limit",
+            ExitKind::CpuTimeLimit => "cpu time limit",
+            ExitKind::FileSizeLimit => "file size limit",
+            ExitKind::SandboxViolation => "sandbox violation",
+        }
+    }
+}
+
+impl std::fmt::Display for ExitKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for ExitKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 impl ExitReason {
     /// The kind of reason without its details, for counting ("crashed", "memory limit", …).
-    pub fn kind(&self) -> String {
+    pub fn kind(&self) -> ExitKind {
         match self {
-            ExitReason::Exited { .. } => "exited",
-            ExitReason::Signaled { .. } => "crashed",
-            ExitReason::Stopped { .. } => "stopped",
-            ExitReason::SpawnFailed { .. } => "spawn failed",
-            ExitReason::StartupTimeout { .. } => "startup timeout",
-            ExitReason::ProtocolViolation { .. } => "protocol violation",
-            ExitReason::Hung { .. } => "hung",
-            ExitReason::VersionMismatch { .. } => "version mismatch",
-            ExitReason::MemoryLimit { .. } => "memory limit",
-            ExitReason::CpuTimeLimit { .. } => "cpu time limit",
-            ExitReason::FileSizeLimit { .. } => "file size limit",
-            ExitReason::SandboxViolation { .. } => "sandbox violation",
+            ExitReason::Exited { .. } => ExitKind::Exited,
+            ExitReason::Signaled { .. } => ExitKind::Crashed,
+            ExitReason::Stopped { .. } => ExitKind::Stopped,
+            ExitReason::SpawnFailed { .. } => ExitKind::SpawnFailed,
+            ExitReason::StartupTimeout { .. } => ExitKind::StartupTimeout,
+            ExitReason::ProtocolViolation { .. } => ExitKind::ProtocolViolation,
+            ExitReason::Hung { .. } => ExitKind::Hung,
+            ExitReason::VersionMismatch { .. } => ExitKind::VersionMismatch,
+            ExitReason::MemoryLimit { .. } => ExitKind::MemoryLimit,
+            ExitReason::CpuTimeLimit { .. } => ExitKind::CpuTimeLimit,
+            ExitReason::FileSizeLimit { .. } => ExitKind::FileSizeLimit,
+            ExitReason::SandboxViolation { .. } => ExitKind::SandboxViolation,
         }
-        .to_string()
     }
 
     /// Whether this exit counts as a failure for the `on-failure` restart policy.

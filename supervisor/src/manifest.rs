@@ -347,7 +347,7 @@ pub struct SandboxConfig {
     /// Extra paths the plugin may write.
     pub write_paths: Vec<PathBuf>,
     /// Layers whose absence must fail the start instead of warning.
-    pub require: Vec<String>,
+    pub require: Vec<crate::sandbox::LayerKind>,
 }
 
 impl Default for SandboxConfig {
@@ -366,10 +366,6 @@ impl Default for SandboxConfig {
     }
 }
 
-/// Sandbox layer names accepted in `sandbox.require`.
-pub const SANDBOX_LAYERS: &[&str] =
-    &["rlimits", "seccomp", "netns", "landlock", "cgroup", "no-new-privs", "user"];
-
 /// Checks a plugin name (the rule lives in `plugin-proto`, shared with the control protocol).
 pub use plugin_proto::check_plugin_name as check_name;
 
@@ -384,9 +380,9 @@ pub struct Manifest {
     pub kind: PluginKind,
     /// Requirement on [`PLUGIN_API_VERSION`].
     pub api_version: semver::VersionReq,
-    /// How to start it.
     /// `entrypoint_sha256`: the entrypoint file's SHA-256 (hex), checked before every exec.
     pub entrypoint_sha256: Option<String>,
+    /// How to start it.
     pub entrypoint: Entrypoint,
     /// One line for people.
     pub description: Option<String>,
@@ -855,13 +851,20 @@ impl Manifest {
         };
 
         let s = raw.sandbox;
-        let require = s.require.unwrap_or_default();
-        for layer in &require {
-            if !SANDBOX_LAYERS.contains(&layer.as_str()) {
-                return Err(c.bad(
-                    "sandbox.require",
-                    format!("names unknown layer {layer:?}; known layers are {SANDBOX_LAYERS:?}"),
-                ));
+        let mut require = Vec::new();
+        for word in s.require.unwrap_or_default() {
+            match crate::sandbox::LayerKind::from_word(&word)
+                .filter(|k| crate::sandbox::LayerKind::REQUIRABLE.contains(k))
+            {
+                Some(kind) => require.push(kind),
+                None => {
+                    let known: Vec<&str> =
+                        crate::sandbox::LayerKind::REQUIRABLE.iter().map(|k| k.word()).collect();
+                    return Err(c.bad(
+                        "sandbox.require",
+                        format!("names unknown layer {word:?}; known layers are {known:?}"),
+                    ));
+                }
             }
         }
         let sandbox = SandboxConfig {

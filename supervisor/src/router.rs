@@ -99,7 +99,7 @@ pub struct PluginStatus {
     /// How long calls took (every call since the plugin was loaded, answered or not).
     pub latency: CallLatency,
     /// How its instances ended, counted by kind of reason ("crashed", "memory limit", …).
-    pub exits: std::collections::BTreeMap<String, u64>,
+    pub exits: std::collections::BTreeMap<crate::exit::ExitKind, u64>,
     /// Log lines over the rate limit, kept for `logs` but not written to plugd's own log.
     pub log_lines_dropped: u64,
 }
@@ -166,7 +166,7 @@ pub(crate) struct LiveStatus {
     pub version: String,
     pub updating_to: Option<String>,
     /// Instance ends by kind of reason.
-    pub exits: std::collections::BTreeMap<String, u64>,
+    pub exits: std::collections::BTreeMap<crate::exit::ExitKind, u64>,
 }
 
 /// Where calls to the current instance go: its actor's queue, and its socket for blocking calls.
@@ -447,8 +447,8 @@ impl PluginHandle {
             calls_ok: s.calls_ok.load(Ordering::Relaxed),
             calls_err: s.calls_err.load(Ordering::Relaxed),
             sdk: live.sdk,
-            sandbox: live.sandbox.in_force,
-            sandbox_unavailable: live.sandbox.unavailable,
+            sandbox: live.sandbox.in_force_text(),
+            sandbox_unavailable: live.sandbox.unavailable_text(),
             latency: s.latency.snapshot(),
             exits: live.exits,
             log_lines_dropped: s.ring.dropped(),

@@ -88,7 +88,7 @@ impl Slot {
     /// as voluntary, to the sandbox the status shows.
     fn record_lockdown(&self, lockdown: &[String]) {
         let mut live = self.shared.live.lock();
-        for layer in lockdown.iter().map(|l| format!("{l}(sdk, voluntary)")) {
+        for layer in lockdown.iter().map(|l| crate::sandbox::Layer::Voluntary(l.clone())) {
             if !live.sandbox.in_force.contains(&layer) {
                 live.sandbox.in_force.push(layer);
             }

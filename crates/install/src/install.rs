@@ -198,9 +198,9 @@ impl Steps {
     /// One line for the job's output: the layers the steps run under.
     pub fn describe(&self) -> String {
         let r = &self.sandbox.report;
-        let mut line = format!("(install steps run jailed: {})", r.in_force.join(" "));
+        let mut line = format!("(install steps run jailed: {})", r.in_force_text().join(" "));
         if !r.unavailable.is_empty() {
-            line = format!("{line}; unavailable: {}", r.unavailable.join("; "));
+            line = format!("{line}; unavailable: {}", r.unavailable_text().join("; "));
         }
         line
     }

@@ -20,8 +20,11 @@ pub mod cgroup;
 pub mod identity;
 pub mod jail;
 pub mod landlock;
+pub mod layer;
 pub mod rlimit;
 pub mod seccomp;
+
+pub use layer::{Layer, LayerKind, Missing};
 
 use std::ffi::CString;
 use std::io;
@@ -88,9 +91,21 @@ pub fn explain_failure(plan: &SandboxPlan, step: u32, index: u32, errno: i32) ->
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SandboxReport {
     /// Layers the supervisor applies, e.g. `landlock(abi 7)`, `seccomp(default)`.
-    pub in_force: Vec<String>,
+    pub in_force: Vec<Layer>,
     /// `layer: reason` for each requested layer that is not available.
-    pub unavailable: Vec<String>,
+    pub unavailable: Vec<Missing>,
+}
+
+impl SandboxReport {
+    /// The layers in force, as status shows them (`landlock(abi 7)`).
+    pub fn in_force_text(&self) -> Vec<String> {
+        self.in_force.iter().map(ToString::to_string).collect()
+    }
+
+    /// The missing layers, as status shows them (`cgroup: why`).
+    pub fn unavailable_text(&self) -> Vec<String> {
+        self.unavailable.iter().map(ToString::to_string).collect()
+    }
 }
 
 /// Facts about the host the plan depends on, gathered once per supervisor.
@@ -231,8 +246,8 @@ impl SandboxPlan {
         let m = &spec.manifest;
         let sb = &m.sandbox;
         let mut plan = SandboxPlan::default();
-        let missing = |plan: &mut SandboxPlan, layer: &str, why: String| {
-            plan.report.unavailable.push(format!("{layer}: {why}"));
+        let missing = |plan: &mut SandboxPlan, kind: LayerKind, why: String| {
+            plan.report.unavailable.push(Missing { kind: Some(kind), why });
         };
         let state_root = state_dir.parent().unwrap_or(state_dir);
 
@@ -249,10 +264,13 @@ impl SandboxPlan {
                 _ => "core=0",
             })
             .collect();
-        plan.report.in_force.push(format!("rlimits({})", names.join(",")));
+        plan.report.in_force.push(Layer::applied(LayerKind::Rlimits, Some(names.join(","))));
         if let Some(bytes) = m.limits.memory {
             // Counted over every process of the plugin by the supervisor (see `instance`).
-            plan.report.in_force.push(format!("memory-watch({} MiB, all processes)", bytes >> 20));
+            plan.report.in_force.push(Layer::applied(
+                LayerKind::MemoryWatch,
+                Some(format!("{} MiB, all processes", bytes >> 20)),
+            ));
         }
         if let Some(cpus) = &m.limits.cpus {
             let mut set = nix::sched::CpuSet::new();
@@ -266,9 +284,13 @@ impl SandboxPlan {
             if bad.is_empty() {
                 plan.cpus = Some(set);
                 let list: Vec<String> = cpus.iter().map(|c| c.to_string()).collect();
-                plan.report.in_force.push(format!("cpus({})", list.join(",")));
+                plan.report.in_force.push(Layer::applied(LayerKind::Cpus, Some(list.join(","))));
             } else {
-                missing(&mut plan, "cpus", format!("CPUs {bad:?} do not exist here (0..{online})"));
+                missing(
+                    &mut plan,
+                    LayerKind::Cpus,
+                    format!("CPUs {bad:?} do not exist here (0..{online})"),
+                );
             }
         }
 
@@ -280,16 +302,18 @@ impl SandboxPlan {
                 Ok(d) => match cgroup::plugin_cgroup(d, &m.name, &m.limits) {
                     Ok((procs, applied)) if !applied.is_empty() => {
                         plan.cgroup_procs = CString::new(procs.as_os_str().as_encoded_bytes()).ok();
-                        plan.report.in_force.push(format!("cgroup({})", applied.join(",")));
+                        plan.report
+                            .in_force
+                            .push(Layer::applied(LayerKind::Cgroup, Some(applied.join(","))));
                     }
                     Ok(_) => missing(
                         &mut plan,
-                        "cgroup",
+                        LayerKind::Cgroup,
                         "no requested limit has an available controller".into(),
                     ),
-                    Err(e) => missing(&mut plan, "cgroup", e),
+                    Err(e) => missing(&mut plan, LayerKind::Cgroup, e),
                 },
-                Err(why) => missing(&mut plan, "cgroup", why.clone()),
+                Err(why) => missing(&mut plan, LayerKind::Cgroup, why.clone()),
             }
         }
 
@@ -300,18 +324,25 @@ impl SandboxPlan {
             plan.run_as = plan.ids;
             plan.report.in_force.push(label);
             plan.drop_caps = Some(host.last_cap);
-            plan.report.in_force.push("no-capabilities".into());
+            plan.report.in_force.push(Layer::applied(LayerKind::NoCapabilities, None));
         } else if let Some((uid, _)) = host.user_ns_ids() {
             plan.drop_caps = Some(host.last_cap);
-            plan.report.in_force.push(format!("userns(plugd's uid {uid} as 0 inside)"));
-            plan.report.in_force.push("no-capabilities".into());
-            missing(&mut plan, "user", format!("plugd is not root, so the plugin has no uid of its own: it runs as plugd's uid {uid} (0 in its own user namespace, with no capabilities), sharing its process count; it reaches plugd's files only through its binds"));
+            plan.report.in_force.push(Layer::applied(
+                LayerKind::Userns,
+                Some(format!("plugd's uid {uid} as 0 inside")),
+            ));
+            plan.report.in_force.push(Layer::applied(LayerKind::NoCapabilities, None));
+            missing(&mut plan, LayerKind::User, format!("plugd is not root, so the plugin has no uid of its own: it runs as plugd's uid {uid} (0 in its own user namespace, with no capabilities), sharing its process count; it reaches plugd's files only through its binds"));
         } else {
             let why = format!("plugd is not root and {}: the plugin runs as plugd's own uid, in plugd's pid, mount, ipc and uts namespaces, on the host's file system (Landlock and seccomp still apply)", host.user_ns.as_ref().err().map(String::as_str).unwrap_or("has no user namespace"));
-            missing(&mut plan, "user", why.clone());
-            missing(&mut plan, "jail", why);
+            missing(&mut plan, LayerKind::User, why.clone());
+            missing(&mut plan, LayerKind::Jail, why);
             if sb.network == Network::None {
-                missing(&mut plan, "netns", "needs root or a user namespace (see jail)".into());
+                missing(
+                    &mut plan,
+                    LayerKind::Netns,
+                    "needs root or a user namespace (see jail)".into(),
+                );
             }
         }
 
@@ -351,15 +382,15 @@ impl SandboxPlan {
             ns.extend(["pid", "mount", "ipc", "uts"]);
             if sb.network == Network::None {
                 ns.push("net");
-                plan.report.in_force.push("netns".into());
+                plan.report.in_force.push(Layer::applied(LayerKind::Netns, None));
             }
-            plan.report.in_force.push(format!("namespaces({})", ns.join(",")));
-            plan.report.in_force.push(if isolated {
-                "root(minimal, pivot_root)".into()
-            } else {
-                "root(host file system)".into()
-            });
-            plan.report.in_force.push("init(pid 1: reaps, forwards signals)".into());
+            plan.report.in_force.push(Layer::applied(LayerKind::Namespaces, Some(ns.join(","))));
+            let root = if isolated { "minimal, pivot_root" } else { "host file system" };
+            plan.report.in_force.push(Layer::applied(LayerKind::Root, Some(root.into())));
+            plan.report.in_force.push(Layer::applied(
+                LayerKind::Init,
+                Some("pid 1: reaps, forwards signals".into()),
+            ));
             plan.jail = Some(j);
         }
 
@@ -367,13 +398,15 @@ impl SandboxPlan {
             match seccomp::deny_inet() {
                 Ok(p) => {
                     plan.seccomp.push(p);
-                    plan.report.in_force.push("seccomp(no-inet)".into());
+                    plan.report
+                        .in_force
+                        .push(Layer::applied(LayerKind::Seccomp, Some("no-inet".into())));
                 }
-                Err(e) => missing(&mut plan, "seccomp", e),
+                Err(e) => missing(&mut plan, LayerKind::Seccomp, e),
             }
         }
 
-        plan.report.in_force.push("no-new-privs".into());
+        plan.report.in_force.push(Layer::applied(LayerKind::NoNewPrivs, None));
 
         if isolated {
             use landlock::Grant;
@@ -397,16 +430,24 @@ impl SandboxPlan {
             }
             match landlock::Rules::plan(&rules, sb.network == Network::None) {
                 Ok(r) => {
-                    plan.report.in_force.push(format!("landlock(abi {})", r.abi()));
+                    plan.report.in_force.push(Layer::applied(
+                        LayerKind::Landlock,
+                        Some(format!("abi {}", r.abi())),
+                    ));
                     if !sb.execve {
-                        plan.report.in_force.push("exec(entrypoint only)".into());
+                        plan.report
+                            .in_force
+                            .push(Layer::applied(LayerKind::Exec, Some("entrypoint only".into())));
                     }
                     if r.scoped() {
-                        plan.report.in_force.push("landlock-scope(signals,abstract-unix)".into());
+                        plan.report.in_force.push(Layer::applied(
+                            LayerKind::LandlockScope,
+                            Some("signals,abstract-unix".into()),
+                        ));
                     }
                     plan.landlock = Some(r);
                 }
-                Err(why) => missing(&mut plan, "landlock", why),
+                Err(why) => missing(&mut plan, LayerKind::Landlock, why),
             }
         }
 
@@ -414,31 +455,30 @@ impl SandboxPlan {
             Ok(p) if p.is_empty() => {}
             Ok(p) => {
                 plan.seccomp.splice(0..0, p);
-                plan.report.in_force.push(format!("seccomp({})", sb.syscalls));
+                plan.report
+                    .in_force
+                    .push(Layer::applied(LayerKind::Seccomp, Some(sb.syscalls.to_string())));
             }
-            Err(e) => missing(&mut plan, "seccomp", e),
+            Err(e) => missing(&mut plan, LayerKind::Seccomp, e),
         }
 
-        for layer in &sb.require {
-            let present = plan
-                .report
-                .in_force
-                .iter()
-                .any(|l| l == layer || l.starts_with(&format!("{layer}(")));
-            let present = present || (layer == "rlimits" && !plan.rlimits.is_empty());
+        for &layer in &sb.require {
+            let present = plan.report.in_force.iter().any(|l| l.kind() == Some(layer))
+                || (layer == LayerKind::Rlimits && !plan.rlimits.is_empty());
             if !present {
                 let why = plan
                     .report
                     .unavailable
                     .iter()
-                    .find(|u| u.starts_with(layer.as_str()))
-                    .cloned()
+                    .find(|u| u.kind == Some(layer))
+                    .map(|u| u.to_string())
                     .unwrap_or_else(|| {
                         format!("{layer}: not requested by the rest of the manifest")
                     });
                 return Err(format!(
-                    "{}: `sandbox.require` names {layer:?}, which is unavailable here ({why}); remove it from require to run with a warning",
-                    spec.manifest_path.display()
+                    "{}: `sandbox.require` names {:?}, which is unavailable here ({why}); remove it from require to run with a warning",
+                    spec.manifest_path.display(),
+                    layer.word()
                 ));
             }
         }
@@ -469,11 +509,14 @@ impl SandboxPlan {
                 (uid, gid)
             } else {
                 let outer = user_ns.map(|(u, _)| u).unwrap_or_default();
-                plan.report.in_force.push(format!("userns(plugd's uid {outer} as 0 inside)"));
+                plan.report.in_force.push(Layer::applied(
+                    LayerKind::Userns,
+                    Some(format!("plugd's uid {outer} as 0 inside")),
+                ));
                 (0, 0)
             };
             plan.drop_caps = Some(host.last_cap);
-            plan.report.in_force.push("no-capabilities".into());
+            plan.report.in_force.push(Layer::applied(LayerKind::NoCapabilities, None));
             let mut read = vec![spec.dir.clone()];
             read.extend(job.read.iter().cloned());
             read.extend(spec.manifest.sandbox.read_paths.iter().cloned());
@@ -499,25 +542,33 @@ impl SandboxPlan {
             if !job.network {
                 ns.push("net");
             }
-            plan.report.in_force.push(format!("namespaces({})", ns.join(",")));
-            plan.report.in_force.push("root(minimal, pivot_root)".into());
+            plan.report.in_force.push(Layer::applied(LayerKind::Namespaces, Some(ns.join(","))));
+            plan.report
+                .in_force
+                .push(Layer::applied(LayerKind::Root, Some("minimal, pivot_root".into())));
             plan.jail = Some(jail);
         } else {
-            plan.report.unavailable.push(format!(
-                "jail: plugd is not root and {}, so the step runs as plugd's own user on the host's file system",
-                host.user_ns.as_ref().err().map(String::as_str).unwrap_or("has no user namespace")
-            ));
+            plan.report.unavailable.push(Missing {
+                kind: Some(LayerKind::Jail),
+                why: format!(
+                    "plugd is not root and {}, so the step runs as plugd's own user on the host's file system",
+                    host.user_ns.as_ref().err().map(String::as_str).unwrap_or("has no user namespace")
+                ),
+            });
         }
-        plan.report
-            .in_force
-            .push(if job.network { "network(host)" } else { "network(none)" }.into());
-        plan.report.in_force.push("no-new-privs".into());
+        let network = if job.network { "host" } else { "none" };
+        plan.report.in_force.push(Layer::applied(LayerKind::Network, Some(network.into())));
+        plan.report.in_force.push(Layer::applied(LayerKind::NoNewPrivs, None));
         match seccomp::profile(SyscallProfile::Default) {
             Ok(p) => {
                 plan.seccomp = p;
-                plan.report.in_force.push("seccomp(default)".into());
+                plan.report
+                    .in_force
+                    .push(Layer::applied(LayerKind::Seccomp, Some("default".into())));
             }
-            Err(e) => plan.report.unavailable.push(format!("seccomp: {e}")),
+            Err(e) => {
+                plan.report.unavailable.push(Missing { kind: Some(LayerKind::Seccomp), why: e })
+            }
         }
         Ok(plan)
     }
@@ -628,11 +679,13 @@ pub fn plugin_ids(
     spec: &PluginSpec,
     state_root: &Path,
     host: &HostFacts,
-) -> Result<(u32, u32, String), String> {
+) -> Result<(u32, u32, Layer), String> {
     let m = &spec.manifest;
     let sb = &m.sandbox;
     let (uid, gid, label) = match sb.user.as_deref() {
-        Some("root") => (0, 0, "user(root: no uid isolation)".to_string()),
+        Some("root") => {
+            (0, 0, Layer::applied(LayerKind::User, Some("root: no uid isolation".into())))
+        }
         Some(user) => {
             let u = nix::unistd::User::from_name(user).ok().flatten().ok_or_else(|| {
                 format!(
@@ -640,12 +693,16 @@ pub fn plugin_ids(
                     spec.manifest_path.display()
                 )
             })?;
-            (u.uid.as_raw(), u.gid.as_raw(), format!("user({user})"))
+            (
+                u.uid.as_raw(),
+                u.gid.as_raw(),
+                Layer::applied(LayerKind::User, Some(user.to_string())),
+            )
         }
         None => {
             let uid = identity::plugin_uid(state_root, &m.name, &host.uid_range)
                 .map_err(|e| format!("plugin {}: cannot allocate its uid: {e}", m.name))?;
-            (uid, uid, format!("user(uid {uid})"))
+            (uid, uid, Layer::applied(LayerKind::User, Some(format!("uid {uid}"))))
         }
     };
     let gid = match &sb.group {

@@ -473,7 +473,7 @@ impl Daemon {
                         sdk: st.sdk,
                         sandbox: st.sandbox,
                         sandbox_unavailable: st.sandbox_unavailable,
-                        exits: st.exits,
+                        exits: st.exits.into_iter().map(|(k, n)| (k.to_string(), n)).collect(),
                         log_lines_dropped: st.log_lines_dropped,
                         enabled,
                         manifest,
