@@ -273,7 +273,11 @@ async fn a_new_version_that_dies_before_the_hand_over_fails_the_update_and_the_o
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The long call has reached the old instance (it logs as it starts) before the update.
+    eventually("the old instance has the long call", || {
+        svc.logs(100).iter().any(|l| l.text.contains("answering in 1500 ms"))
+    })
+    .await;
     let err = sup.update(v2).await.unwrap_err().to_string();
     assert!(err.contains("new instance") && err.contains("SIGABRT"), "{err}");
     assert_eq!(in_flight.await.unwrap().unwrap(), 1500, "the old instance finished its call");

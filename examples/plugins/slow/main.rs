@@ -7,6 +7,8 @@ struct Slow;
 impl Plugin for Slow {
     fn methods(m: &mut Methods<Self>) {
         m.typed("slow", |_, ms: u64| -> Result<u64, String> {
+            // Tests wait for this line to know the call reached this instance.
+            tracing::info!("answering in {ms} ms");
             std::thread::sleep(std::time::Duration::from_millis(ms));
             Ok(ms)
         });
