@@ -252,18 +252,8 @@ impl SandboxPlan {
         let state_root = state_dir.parent().unwrap_or(state_dir);
 
         plan.rlimits = rlimit::plan(&m.limits);
-        let names: Vec<&str> = plan
-            .rlimits
-            .iter()
-            .map(|r| match r.resource {
-                libc::RLIMIT_AS => "as",
-                libc::RLIMIT_CPU => "cpu",
-                libc::RLIMIT_NOFILE => "nofile",
-                libc::RLIMIT_NPROC => "nproc",
-                libc::RLIMIT_FSIZE => "fsize",
-                _ => "core=0",
-            })
-            .collect();
+        let names: Vec<&str> =
+            plan.rlimits.iter().map(|r| rlimit::short_name(r.resource)).collect();
         plan.report.in_force.push(Layer::applied(LayerKind::Rlimits, Some(names.join(","))));
         if let Some(bytes) = m.limits.memory {
             // Counted over every process of the plugin by the supervisor (see `instance`).
@@ -496,7 +486,11 @@ impl SandboxPlan {
     pub fn for_job(job: &JobSpec<'_>, host: &HostFacts) -> Result<SandboxPlan, String> {
         let spec = job.spec;
         let mut plan = SandboxPlan {
-            rlimits: vec![rlimit::Rlimit { resource: libc::RLIMIT_CORE, soft: 0, hard: 0 }],
+            rlimits: vec![rlimit::Rlimit {
+                resource: nix::sys::resource::Resource::RLIMIT_CORE,
+                soft: 0,
+                hard: 0,
+            }],
             ..SandboxPlan::default()
         };
         let user_ns = host.user_ns_ids();

@@ -1,12 +1,30 @@
 //! Resource limits (setrlimit) from `[limits]`, applied in the child before exec.
+//!
+//! Through nix's resource module (the design card's other choice beside the `rlimit`
+//! crate): nix is already here, so it costs no crate, and its `setrlimit` is one syscall
+//! with no allocation, as the child between fork and exec needs.
+
+use nix::sys::resource::{setrlimit, Resource};
 
 use crate::manifest::Limits;
+
+/// The short name a report shows for a limit (`core=0` for the one always set).
+pub fn short_name(resource: Resource) -> &'static str {
+    match resource {
+        Resource::RLIMIT_AS => "as",
+        Resource::RLIMIT_CPU => "cpu",
+        Resource::RLIMIT_NOFILE => "nofile",
+        Resource::RLIMIT_NPROC => "nproc",
+        Resource::RLIMIT_FSIZE => "fsize",
+        _ => "core=0",
+    }
+}
 
 /// One rlimit to set: resource, soft, hard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rlimit {
-    /// `libc::RLIMIT_*`.
-    pub resource: libc::__rlimit_resource_t,
+    /// Which limit.
+    pub resource: Resource,
     /// Soft limit.
     pub soft: u64,
     /// Hard limit.
@@ -16,27 +34,27 @@ pub struct Rlimit {
 /// The rlimits for these limits. Core dumps are always off (a dump of a
 /// plugin's memory is a leak of whatever secrets it held, and slow).
 pub fn plan(limits: &Limits) -> Vec<Rlimit> {
-    let mut out = vec![Rlimit { resource: libc::RLIMIT_CORE, soft: 0, hard: 0 }];
+    let mut out = vec![Rlimit { resource: Resource::RLIMIT_CORE, soft: 0, hard: 0 }];
     let mut set = |resource, v: u64| out.push(Rlimit { resource, soft: v, hard: v });
     // `memory` is resident memory over all the plugin's processes, watched by the
     // supervisor (and cgroup memory.max where delegated): RLIMIT_AS would refuse runtimes
     // that reserve far more address space than they touch. It is an explicit option.
     if let Some(m) = limits.address_space {
-        set(libc::RLIMIT_AS, m);
+        set(Resource::RLIMIT_AS, m);
     }
     if let Some(n) = limits.open_files {
-        set(libc::RLIMIT_NOFILE, n);
+        set(Resource::RLIMIT_NOFILE, n);
     }
     if let Some(n) = limits.processes {
-        set(libc::RLIMIT_NPROC, n);
+        set(Resource::RLIMIT_NPROC, n);
     }
     if let Some(n) = limits.file_size {
-        set(libc::RLIMIT_FSIZE, n);
+        set(Resource::RLIMIT_FSIZE, n);
     }
     if let Some(cpu) = limits.cpu_time {
         // SIGXCPU at the soft limit, SIGKILL one second later for a plugin that ignores it.
         let secs = cpu.as_secs().max(1);
-        out.push(Rlimit { resource: libc::RLIMIT_CPU, soft: secs, hard: secs + 1 });
+        out.push(Rlimit { resource: Resource::RLIMIT_CPU, soft: secs, hard: secs + 1 });
     }
     out
 }
@@ -44,11 +62,7 @@ pub fn plan(limits: &Limits) -> Vec<Rlimit> {
 /// Applies the limits to the calling process. Async-signal-safe (one syscall each).
 pub fn apply(limits: &[Rlimit]) -> std::io::Result<()> {
     for l in limits {
-        let r = libc::rlimit { rlim_cur: l.soft, rlim_max: l.hard };
-        // SAFETY: setrlimit reads a struct we own; no other memory is touched.
-        if unsafe { libc::setrlimit(l.resource, &r) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        setrlimit(l.resource, l.soft, l.hard).map_err(std::io::Error::from)?;
     }
     Ok(())
 }
@@ -68,10 +82,14 @@ mod tests {
             ..Default::default()
         };
         let p = plan(&limits);
-        assert!(p.contains(&Rlimit { resource: libc::RLIMIT_CORE, soft: 0, hard: 0 }));
-        assert!(p.contains(&Rlimit { resource: libc::RLIMIT_AS, soft: 64 << 20, hard: 64 << 20 }));
-        assert!(p.contains(&Rlimit { resource: libc::RLIMIT_CPU, soft: 2, hard: 3 }));
-        assert!(p.contains(&Rlimit { resource: libc::RLIMIT_FSIZE, soft: 4096, hard: 4096 }));
+        assert!(p.contains(&Rlimit { resource: Resource::RLIMIT_CORE, soft: 0, hard: 0 }));
+        assert!(p.contains(&Rlimit {
+            resource: Resource::RLIMIT_AS,
+            soft: 64 << 20,
+            hard: 64 << 20
+        }));
+        assert!(p.contains(&Rlimit { resource: Resource::RLIMIT_CPU, soft: 2, hard: 3 }));
+        assert!(p.contains(&Rlimit { resource: Resource::RLIMIT_FSIZE, soft: 4096, hard: 4096 }));
         assert_eq!(plan(&Limits::default()).len(), 1, "only core dumps off by default");
     }
 }
