@@ -21,6 +21,7 @@
 
 mod extra;
 mod plugctl_cost;
+mod proc_cost;
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -228,6 +229,12 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--raw-child") {
         raw_child(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(64));
+    }
+    // plugd's /proc reads against sysinfo's, for one plugin's memory and CPU.
+    if args.first().map(String::as_str) == Some("--proc-usage") {
+        let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(2000);
+        proc_cost::run(n)?;
+        return Ok(());
     }
     // Only the pinned current-thread on_tick loop, for profiling the hot path with perf.
     if args.first().map(String::as_str) == Some("--pinned-only") {

@@ -30,6 +30,7 @@ mod instance;
 pub mod lifecycle;
 pub mod logs;
 pub mod manifest;
+mod proc;
 pub mod python;
 pub mod router;
 pub mod sandbox;
