@@ -55,6 +55,14 @@ pub enum DaemonError {
         /// Why.
         source: std::io::Error,
     },
+    /// A signal handler (SIGTERM, SIGINT, SIGHUP, SIGUSR2) could not be installed.
+    #[error("cannot handle {signal}: {source}; plugd needs it to stop, reload and upgrade")]
+    Signal {
+        /// The signal.
+        signal: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
     /// `--strict` and discovery found problems.
     #[error("refusing to start (--strict) because of {0} problem(s) listed above")]
     Strict(usize),
@@ -997,13 +1005,13 @@ pub async fn run(
         None => None,
     };
     let mut term = signal(SignalKind::terminate())
-        .map_err(|e| DaemonError::Socket { path: socket.clone(), source: e })?;
+        .map_err(|source| DaemonError::Signal { signal: "SIGTERM", source })?;
     let mut int = signal(SignalKind::interrupt())
-        .map_err(|e| DaemonError::Socket { path: socket.clone(), source: e })?;
+        .map_err(|source| DaemonError::Signal { signal: "SIGINT", source })?;
     let mut hup = signal(SignalKind::hangup())
-        .map_err(|e| DaemonError::Socket { path: socket.clone(), source: e })?;
+        .map_err(|source| DaemonError::Signal { signal: "SIGHUP", source })?;
     let mut usr2 = signal(SignalKind::user_defined2())
-        .map_err(|e| DaemonError::Socket { path: socket.clone(), source: e })?;
+        .map_err(|source| DaemonError::Signal { signal: "SIGUSR2", source })?;
     daemon.start_all_adopting(strict, handed, stopped).await?;
     if let Some(server) = &mut http_server {
         server.serve().map_err(DaemonError::Http)?;
