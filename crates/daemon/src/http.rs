@@ -14,7 +14,6 @@
 //! snapshot plus each plugin process's RSS and CPU time from `/proc`.
 //! `docs/http-api.md` shows every endpoint with a `curl` line.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,6 +28,10 @@ use axum::{Json, Router};
 
 use crate::control::{ErrorKind, Reply, Request, StatusEntry};
 use crate::daemon::Daemon;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 /// `[http]` of plugd.toml.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -722,122 +725,166 @@ async fn metrics(State(api): State<Arc<Api>>) -> Response {
         Ok(list) => list,
         Err(e) => return failure(e.kind, e.message),
     };
-    let mut text = render_metrics(&status, api.started.elapsed().as_secs_f64());
     let jobs = match api.daemon.handle(Request::Jobs).await {
         Reply { ok: true, data: Some(serde_json::Value::Array(list)), .. } => list,
         _ => Vec::new(),
     };
-    let _ = writeln!(text, "# HELP plugd_jobs Install jobs known to plugd, by state.");
-    let _ = writeln!(text, "# TYPE plugd_jobs gauge");
-    for state in ["queued", "running", "succeeded", "failed", "cancelled"] {
-        let n = jobs.iter().filter(|j| j["state"] == state).count();
-        let _ = writeln!(text, "plugd_jobs{{state=\"{state}\"}} {n}");
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    let job_states = ["queued", "running", "succeeded", "failed", "cancelled"]
+        .map(|state| (state, jobs.iter().filter(|j| j["state"] == state).count() as u64));
+    let text = render_metrics(&status, &job_states, api.started.elapsed().as_secs_f64());
+    let kind = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    ([(header::CONTENT_TYPE, kind)], text).into_response()
 }
 
-/// Prometheus text exposition of the status snapshot (one sample per plugin and series).
-pub fn render_metrics(status: &[StatusEntry], uptime_secs: f64) -> String {
-    const STATES: &[&str] =
-        &["starting", "ready", "draining", "stopping", "exited", "failed", "stopped", "disabled"];
-    let mut out = String::new();
-    let label =
-        |v: &str| -> String { v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', " ") };
-    let _ = writeln!(
-        out,
-        "# HELP plugd_uptime_seconds Seconds since this plugd process started its HTTP API."
-    );
-    let _ = writeln!(out, "# TYPE plugd_uptime_seconds gauge");
-    let _ = writeln!(out, "plugd_uptime_seconds {uptime_secs:.3}");
-    let series: [(&str, &str, &str); 9] = [
-        ("plugd_plugin_state", "gauge", "1 for the state the plugin is in."),
-        ("plugd_plugin_restarts_total", "counter", "Restarts since the plugin was loaded."),
-        (
-            "plugd_plugin_log_lines_dropped_total",
-            "counter",
-            "Log lines over the rate limit, not written to plugd's log.",
-        ),
-        ("plugd_plugin_calls_total", "counter", "Calls answered, by result."),
-        ("plugd_plugin_resident_memory_bytes", "gauge", "Resident memory of the plugin process."),
-        ("plugd_plugin_cpu_seconds_total", "counter", "CPU time used by the plugin process."),
-        ("plugd_plugin_sandbox_layer", "gauge", "1 for each sandbox layer in force."),
-        ("plugd_plugin_exits_total", "counter", "Instance ends, by kind of reason."),
-        (
-            "plugd_plugin_call_duration_seconds",
-            "histogram",
-            "Call round-trip time seen by the host.",
-        ),
-    ];
-    for (name, kind, help) in series {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for p in status {
-            let plugin = label(&p.name);
-            match name {
-                "plugd_plugin_state" => {
-                    let state = p.state.as_str();
-                    for s in STATES {
-                        let v = u8::from(*s == state);
-                        let _ = writeln!(out, "{name}{{plugin=\"{plugin}\",state=\"{s}\"}} {v}");
-                    }
-                }
-                "plugd_plugin_restarts_total" | "plugd_plugin_log_lines_dropped_total" => {
-                    let v = if name.contains("restarts") {
-                        u64::from(p.restarts)
-                    } else {
-                        p.log_lines_dropped
-                    };
-                    let _ = writeln!(out, "{name}{{plugin=\"{plugin}\"}} {v}");
-                }
-                "plugd_plugin_calls_total" => {
-                    for (result, v) in [("ok", p.calls_ok), ("error", p.calls_err)] {
-                        let _ =
-                            writeln!(out, "{name}{{plugin=\"{plugin}\",result=\"{result}\"}} {v}");
-                    }
-                }
-                "plugd_plugin_resident_memory_bytes" | "plugd_plugin_cpu_seconds_total" => {
-                    let Some(pid) = p.pid else { continue };
-                    let Some((rss, cpu)) = crate::spawn::proc_usage(pid) else { continue };
-                    let v = if name.ends_with("bytes") { rss as f64 } else { cpu };
-                    let _ = writeln!(out, "{name}{{plugin=\"{plugin}\"}} {v}");
-                }
-                "plugd_plugin_exits_total" => {
-                    for (reason, n) in &p.exits {
-                        let r = label(reason);
-                        let _ = writeln!(out, "{name}{{plugin=\"{plugin}\",reason=\"{r}\"}} {n}");
-                    }
-                }
-                "plugd_plugin_call_duration_seconds" => {
-                    let (counts, bounds) = (&p.latency.counts, &p.latency.bounds_us);
-                    if counts.len() != bounds.len() + 1 {
-                        continue;
-                    }
-                    let mut cumulative = 0;
-                    for (i, c) in counts.iter().enumerate() {
-                        cumulative += c;
-                        let le = bounds
-                            .get(i)
-                            .map(|b| format!("{}", *b as f64 / 1e6))
-                            .unwrap_or_else(|| "+Inf".into());
-                        let _ = writeln!(
-                            out,
-                            "{name}_bucket{{plugin=\"{plugin}\",le=\"{le}\"}} {cumulative}"
-                        );
-                    }
-                    let sum = p.latency.sum_us as f64 / 1e6;
-                    let _ = writeln!(out, "{name}_sum{{plugin=\"{plugin}\"}} {sum}");
-                    let _ = writeln!(out, "{name}_count{{plugin=\"{plugin}\"}} {cumulative}");
-                }
-                _ => {
-                    for layer in &p.sandbox {
-                        let l = label(layer);
-                        let _ = writeln!(out, "{name}{{plugin=\"{plugin}\",layer=\"{l}\"}} 1");
-                    }
-                }
+/// Reads one counter of a plugin's status.
+type PerPlugin = fn(&StatusEntry) -> u64;
+
+/// The plugin states `plugd_plugin_state` has a sample for.
+const STATES: &[&str] =
+    &["starting", "ready", "draining", "stopping", "exited", "failed", "stopped", "disabled"];
+
+/// One scrape's snapshot, written out by prometheus-client's OpenMetrics encoder.
+#[derive(Debug)]
+struct Snapshot {
+    status: Vec<StatusEntry>,
+    jobs: Vec<(&'static str, u64)>,
+    uptime_secs: f64,
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut out: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let help = "Seconds since this plugd process started its HTTP API.";
+        let mut m = out.encode_descriptor("plugd_uptime_seconds", help, None, MetricType::Gauge)?;
+        m.encode_gauge(&self.uptime_secs)?;
+
+        let help = "1 for the state the plugin is in.";
+        let mut m = out.encode_descriptor("plugd_plugin_state", help, None, MetricType::Gauge)?;
+        for p in &self.status {
+            for s in STATES {
+                let labels = [("plugin", p.name.as_str()), ("state", s)];
+                m.encode_family(&labels)?.encode_gauge(&u64::from(*s == p.state))?;
             }
         }
+
+        // Counters: the encoder adds `_total` to these names.
+        let per_plugin: [(&str, &str, PerPlugin); 2] = [
+            ("plugd_plugin_restarts", "Restarts since the plugin was loaded.", |p| {
+                u64::from(p.restarts)
+            }),
+            (
+                "plugd_plugin_log_lines_dropped",
+                "Log lines over the rate limit, not written to plugd's log.",
+                |p| p.log_lines_dropped,
+            ),
+        ];
+        for (name, help, value) in per_plugin {
+            let mut m = out.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for p in &self.status {
+                let labels = [("plugin", p.name.as_str())];
+                m.encode_family(&labels)?.encode_counter::<NoLabelSet, _, u64>(&value(p), None)?;
+            }
+        }
+
+        let help = "Calls answered, by result.";
+        let mut m = out.encode_descriptor("plugd_plugin_calls", help, None, MetricType::Counter)?;
+        for p in &self.status {
+            for (result, n) in [("ok", p.calls_ok), ("error", p.calls_err)] {
+                let labels = [("plugin", p.name.as_str()), ("result", result)];
+                m.encode_family(&labels)?.encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+            }
+        }
+
+        let usage: Vec<(&str, (u64, f64))> = self
+            .status
+            .iter()
+            .filter_map(|p| Some((p.name.as_str(), crate::spawn::proc_usage(p.pid?)?)))
+            .collect();
+        let help = "Resident memory of the plugin's processes.";
+        let name = "plugd_plugin_resident_memory_bytes";
+        let mut m = out.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (plugin, (rss, _)) in &usage {
+            m.encode_family(&[("plugin", *plugin)])?.encode_gauge(rss)?;
+        }
+        let help = "CPU time used by the plugin's processes.";
+        let name = "plugd_plugin_cpu_seconds";
+        let mut m = out.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (plugin, (_, cpu)) in &usage {
+            m.encode_family(&[("plugin", *plugin)])?
+                .encode_counter::<NoLabelSet, _, u64>(cpu, None)?;
+        }
+
+        let help = "1 for each sandbox layer in force.";
+        let name = "plugd_plugin_sandbox_layer";
+        let mut m = out.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for p in &self.status {
+            for layer in &p.sandbox {
+                let labels = [("plugin", p.name.as_str()), ("layer", layer.as_str())];
+                m.encode_family(&labels)?.encode_gauge(&1u64)?;
+            }
+        }
+
+        let help = "Instance ends, by kind of reason.";
+        let mut m = out.encode_descriptor("plugd_plugin_exits", help, None, MetricType::Counter)?;
+        for p in &self.status {
+            for (reason, n) in &p.exits {
+                let labels = [("plugin", p.name.as_str()), ("reason", reason.as_str())];
+                m.encode_family(&labels)?.encode_counter::<NoLabelSet, _, u64>(n, None)?;
+            }
+        }
+
+        let help = "Call round-trip time seen by the host.";
+        let name = "plugd_plugin_call_duration_seconds";
+        let mut m = out.encode_descriptor(name, help, None, MetricType::Histogram)?;
+        for p in &self.status {
+            let lat = &p.latency;
+            if lat.counts.len() != lat.bounds_us.len() + 1 {
+                continue;
+            }
+            let buckets: Vec<(f64, u64)> = lat
+                .counts
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    (lat.bounds_us.get(i).map(|b| *b as f64 / 1e6).unwrap_or(f64::INFINITY), *c)
+                })
+                .collect();
+            let count = lat.counts.iter().sum();
+            let labels = [("plugin", p.name.as_str())];
+            m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
+                lat.sum_us as f64 / 1e6,
+                count,
+                &buckets,
+                None,
+            )?;
+        }
+
+        let help = "Install jobs known to plugd, by state.";
+        let mut m = out.encode_descriptor("plugd_jobs", help, None, MetricType::Gauge)?;
+        for (state, n) in &self.jobs {
+            m.encode_family(&[("state", *state)])?.encode_gauge(n)?;
+        }
+        Ok(())
     }
-    out
+}
+
+/// The OpenMetrics text of a status snapshot (one sample per plugin and series), written
+/// by prometheus-client; label values are escaped by it.
+pub fn render_metrics(
+    status: &[StatusEntry],
+    jobs: &[(&'static str, u64)],
+    uptime_secs: f64,
+) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Snapshot {
+        status: status.to_vec(),
+        jobs: jobs.to_vec(),
+        uptime_secs,
+    }));
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {
+        tracing::warn!("encoding /metrics failed: {e}");
+    }
+    text
 }
 
 #[cfg(test)]
@@ -853,7 +900,7 @@ mod tests {
             "latency": {"bounds_us": [100, 1000], "counts": [3, 4, 1], "sum_us": 2500},
         }]))
         .unwrap();
-        let text = render_metrics(&status, 1.5);
+        let text = render_metrics(&status, &[("failed", 2)], 1.5);
         for line in [
             "plugd_plugin_state{plugin=\"echo\",state=\"ready\"} 1",
             "plugd_plugin_state{plugin=\"echo\",state=\"failed\"} 0",
@@ -861,17 +908,19 @@ mod tests {
             "plugd_plugin_calls_total{plugin=\"echo\",result=\"ok\"} 7",
             "plugd_plugin_calls_total{plugin=\"echo\",result=\"error\"} 1",
             "plugd_plugin_sandbox_layer{plugin=\"echo\",layer=\"landlock(abi 7)\"} 1",
-            "plugd_uptime_seconds 1.500",
+            "plugd_uptime_seconds 1.5",
+            "plugd_jobs{state=\"failed\"} 2",
             "plugd_plugin_exits_total{plugin=\"echo\",reason=\"crashed\"} 2",
-            "plugd_plugin_call_duration_seconds_bucket{plugin=\"echo\",le=\"0.0001\"} 3",
-            "plugd_plugin_call_duration_seconds_bucket{plugin=\"echo\",le=\"0.001\"} 7",
-            "plugd_plugin_call_duration_seconds_bucket{plugin=\"echo\",le=\"+Inf\"} 8",
+            "plugd_plugin_call_duration_seconds_bucket{le=\"0.0001\",plugin=\"echo\"} 3",
+            "plugd_plugin_call_duration_seconds_bucket{le=\"0.001\",plugin=\"echo\"} 7",
+            "plugd_plugin_call_duration_seconds_bucket{le=\"+Inf\",plugin=\"echo\"} 8",
             "plugd_plugin_call_duration_seconds_sum{plugin=\"echo\"} 0.0025",
             "plugd_plugin_call_duration_seconds_count{plugin=\"echo\"} 8",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
         assert!(text.contains("plugd_plugin_resident_memory_bytes{plugin=\"echo\"} "));
+        assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
     }
 
     #[test]
