@@ -32,6 +32,7 @@ use crate::logs::{capture, LogRing, LogSource, Markers};
 use crate::manifest::{Limits, Timeouts};
 use crate::sandbox::seccomp::syscall_name;
 use crate::spawn::{Process, RawChild, WaitStatus};
+use crate::stop;
 use crate::wire::{write_available, Filled, Inbound, ReadSide, Wire};
 
 fn name_of(nr: i64) -> String {
@@ -132,8 +133,8 @@ struct Instance {
     ping_seq: u64,
     missed_deadlines: u32,
     kill_reason: Option<ExitReason>,
-    stopping: bool,
-    escalated: bool,
+    /// Where it is in its stop sequence (see [`crate::stop`]).
+    stop: stop::Phase,
     lockdown: Vec<String>,
     markers: std::sync::Arc<Markers>,
     stdout: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<Option<OwnedFd>>)>,
@@ -242,8 +243,7 @@ impl Instance {
             ping_seq: 0,
             missed_deadlines: 0,
             kill_reason: None,
-            stopping: false,
-            escalated: false,
+            stop: stop::Phase::Running,
             lockdown: Vec::new(),
             markers,
             stdout,
@@ -551,10 +551,10 @@ impl Instance {
         if let Some(r) = &self.kill_reason {
             return r.clone();
         }
-        if self.stopping {
+        if self.stop.stopping() {
             return match status {
-                WaitStatus::Exited(0) => ExitReason::Stopped { forced: self.escalated },
-                _ if self.escalated => ExitReason::Stopped { forced: true },
+                WaitStatus::Exited(0) => ExitReason::Stopped { forced: self.stop.escalated() },
+                _ if self.stop.escalated() => ExitReason::Stopped { forced: true },
                 other => other.as_reason(),
             };
         }
@@ -615,8 +615,7 @@ impl Instance {
                     return Err(self.kill(reason).await);
                 }
                 Wake::Killed => {
-                    self.stopping = true;
-                    self.escalated = true;
+                    self.stop = stop::Phase::Killed;
                     return Err(self.kill(ExitReason::Stopped { forced: true }).await);
                 }
             };
@@ -868,9 +867,6 @@ impl Instance {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut calls_open = true;
         let mut holding = self.cfg.hold;
-        let mut drain_until: Option<Instant> = None;
-        let mut shutdown_sent = false;
-        let mut escalate_at: Option<Instant> = None;
         let mut eof_until: Option<Instant> = None;
         // The last line of the memory limit: RLIMIT_AS stops most, this catches what it misses.
         let mut rss_watch = tokio::time::interval(Duration::from_millis(250));
@@ -913,17 +909,8 @@ impl Instance {
             }
             self.watch_writes();
             // Drained: nothing queued, nothing in flight (async or blocking) → Shutdown.
-            if self.stopping
-                && !shutdown_sent
-                && !calls_open
-                && self.pending.is_empty()
-                && self.wire.idle()
-            {
-                shutdown_sent = true;
-                let grace = t.shutdown;
-                let _ = self.queue(&Message::Shutdown { grace_ms: grace.as_millis() as u64 });
-                escalate_at = Some(Instant::now() + grace);
-                let _ = events.send((self.cfg.generation, InstanceEvent::Drained));
+            if self.stop.draining() && !calls_open && self.pending.is_empty() && self.wire.idle() {
+                self.advance(stop::Event::Drained, &mut calls, &mut calls_open, events);
             }
             // Frozen: nothing queued, nothing in flight, nothing unwritten → hand over.
             if self.freeze.is_some()
@@ -934,7 +921,7 @@ impl Instance {
             {
                 return None;
             }
-            if self.eof && eof_until.is_none() && !self.stopping {
+            if self.eof && eof_until.is_none() && !self.stop.stopping() {
                 eof_until = Some(Instant::now() + t.kill.max(Duration::from_millis(100)));
             }
             let next_deadline = self.deadlines.first().map(|(d, _)| *d).unwrap_or(far);
@@ -971,13 +958,9 @@ impl Instance {
                     None => calls_open = false,
                 },
                 c = control.recv() => match c {
-                    Some(Control::Stop) if !self.stopping => {
-                        self.stopping = true;
-                        self.wire.close();
-                        calls.close();
-                        drain_until = Some(Instant::now() + t.drain);
+                    Some(Control::Stop) => {
+                        self.advance(stop::Event::Asked, &mut calls, &mut calls_open, events);
                     }
-                    Some(Control::Stop) => {}
                     Some(Control::Release(state)) => {
                         if let Some(blob) = state {
                             let payload = Payload::raw(plugin_proto::PayloadCodec::Bincode, blob);
@@ -987,7 +970,7 @@ impl Instance {
                         self.wire.release();
                     }
                     Some(Control::Freeze(reply)) => {
-                        if self.stopping || self.freeze.is_some() {
+                        if self.stop.stopping() || self.freeze.is_some() {
                             let _ = reply.send(Err("the plugin is stopping".into()));
                         } else {
                             self.freeze = Some(reply);
@@ -997,12 +980,11 @@ impl Instance {
                     }
                     // Kill, or the slot is gone (the supervisor was dropped): nothing may outlive it.
                     Some(Control::Kill) | None => {
-                        self.stopping = true;
-                        self.escalated = true;
+                        self.stop = stop::Phase::Killed;
                         break self.kill(ExitReason::Stopped { forced: true }).await;
                     }
                 },
-                _ = heartbeat.tick(), if !t.heartbeat.is_zero() && !self.stopping && self.freeze.is_none() => {
+                _ = heartbeat.tick(), if !t.heartbeat.is_zero() && !self.stop.stopping() && self.freeze.is_none() => {
                     if let Err(fault) = self.heartbeat() {
                         break self.fault(fault).await;
                     }
@@ -1061,26 +1043,9 @@ impl Instance {
                     armed_for = self.deadlines.first().map(|(d, _)| *d).unwrap_or(far);
                     deadline_timer.as_mut().reset(armed_for);
                 }
-                _ = sleep_until(drain_until.unwrap_or(far)), if drain_until.is_some() && !shutdown_sent => {
-                    // Drain timeout: answer what is left and shut down anyway.
-                    self.log(LogLevel::Warn, format!("drain timeout: {} calls still in flight", self.pending.len()));
-                    self.fail_pending(ErrorCode::Unavailable, "stopped before it replied (drain timeout)");
-                    while let Ok(req) = calls.try_recv() {
-                        let _ = req.reply.send(Err(CallError::new(ErrorCode::Unavailable, "plugin is stopping")));
-                    }
-                    calls_open = false;
-                }
-                _ = sleep_until(escalate_at.unwrap_or(far)), if escalate_at.is_some() => {
-                    if !self.escalated {
-                        self.escalated = true;
-                        self.log(LogLevel::Warn, format!("no exit {} ms after Shutdown; sending SIGTERM", t.shutdown.as_millis()));
-                        self.proc.signal_group(Signal::SIGTERM);
-                        escalate_at = Some(Instant::now() + t.kill);
-                    } else {
-                        self.log(LogLevel::Warn, format!("no exit {} ms after SIGTERM; sending SIGKILL", t.kill.as_millis()));
-                        self.proc.signal_group(Signal::SIGKILL);
-                        escalate_at = None;
-                    }
+                // The stop sequence's timer: drain timeout, then Shutdown's grace, then SIGTERM's.
+                _ = sleep_until(self.stop.timer().unwrap_or(far)), if self.stop.timer().is_some() => {
+                    self.advance(stop::Event::TimerDue, &mut calls, &mut calls_open, events);
                 }
                 _ = sleep_until(eof_until.unwrap_or(far)), if eof_until.is_some() => {
                     break self.fault(Fault::Protocol("closed its socket but did not exit".into())).await;
@@ -1102,6 +1067,63 @@ impl Instance {
             let _ = reply.send(Err(format!("the plugin ended while freezing: {reason}")));
         }
         Some(reason)
+    }
+
+    /// Feeds `event` to the stop machine and performs what it returns.
+    fn advance(
+        &mut self,
+        event: stop::Event,
+        calls: &mut mpsc::Receiver<CallRequest>,
+        calls_open: &mut bool,
+        events: &mpsc::UnboundedSender<(u64, InstanceEvent)>,
+    ) {
+        let t = &self.cfg.timeouts;
+        let timeouts = stop::Timeouts { drain: t.drain, shutdown: t.shutdown, kill: t.kill };
+        let (shutdown, kill) = (t.shutdown, t.kill);
+        let (next, actions) = stop::step(self.stop, event, Instant::now(), timeouts);
+        self.stop = next;
+        for action in actions {
+            match action {
+                stop::Action::CloseCalls => {
+                    self.wire.close();
+                    calls.close();
+                }
+                stop::Action::FailInFlight => {
+                    let n = self.pending.len();
+                    self.log(LogLevel::Warn, format!("drain timeout: {n} calls still in flight"));
+                    self.fail_pending(
+                        ErrorCode::Unavailable,
+                        "stopped before it replied (drain timeout)",
+                    );
+                    while let Ok(req) = calls.try_recv() {
+                        let err = CallError::new(ErrorCode::Unavailable, "plugin is stopping");
+                        let _ = req.reply.send(Err(err));
+                    }
+                    *calls_open = false;
+                }
+                stop::Action::SendShutdown => {
+                    let grace_ms = shutdown.as_millis() as u64;
+                    let _ = self.queue(&Message::Shutdown { grace_ms });
+                    let _ = events.send((self.cfg.generation, InstanceEvent::Drained));
+                }
+                stop::Action::SignalTerm => {
+                    let ms = shutdown.as_millis();
+                    self.log(
+                        LogLevel::Warn,
+                        format!("no exit {ms} ms after Shutdown; sending SIGTERM"),
+                    );
+                    self.proc.signal_group(Signal::SIGTERM);
+                }
+                stop::Action::SignalKill => {
+                    let ms = kill.as_millis();
+                    self.log(
+                        LogLevel::Warn,
+                        format!("no exit {ms} ms after SIGTERM; sending SIGKILL"),
+                    );
+                    self.proc.signal_group(Signal::SIGKILL);
+                }
+            }
+        }
     }
 
     async fn fault(&mut self, fault: Fault) -> ExitReason {

@@ -15,7 +15,8 @@
 //!
 //! Rooms: [`manifest`] (plugin.toml), [`spawn`] (fork/exec, pidfd, process
 //! groups), `instance` (the actor owning one plugin's socket), [`lifecycle`]
-//! (the pure restart state machine), `slot` (one task per plugin performing
+//! (the pure restart state machine), `stop` (the pure stop sequence of one instance:
+//! drain, Shutdown, SIGTERM, SIGKILL), `slot` (one task per plugin performing
 //! lifecycle actions), [`router`] (handles and call routing), [`logs`]
 //! (captured output), [`exit`] (classified exit reasons), [`python`] (finding a Python
 //! plugin's venv; building one is `plugd-install`'s job, handed in as a
@@ -36,6 +37,7 @@ pub mod router;
 pub mod sandbox;
 mod slot;
 pub mod spawn;
+mod stop;
 mod supervisor;
 pub mod units;
 mod wire;
