@@ -840,6 +840,9 @@ impl Drop for JobProcess {
 pub use crate::proc::proc_usage;
 use crate::proc::{children_of, descendants, rss_of, zombie_cpu_secs};
 
+// pidfd_open and waitid(P_PIDFD) stay raw libc calls: nix 0.29 has no pidfd API, and
+// rustix (which has) would bring rustix and linux-raw-sys, taking the host library to 60
+// crates, over the budget supervisor/tests/footprint.rs holds.
 fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no memory is passed.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
