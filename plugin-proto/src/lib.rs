@@ -11,6 +11,8 @@
 //! that `tests/golden.rs` checks; an SDK in another language is written from
 //! that document alone.
 
+#![warn(missing_docs)]
+
 pub mod codec;
 pub mod frame;
 pub mod message;

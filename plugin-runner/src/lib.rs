@@ -28,6 +28,8 @@
 //!
 //! Everything here speaks the protocol documented in `plugin-proto/PROTOCOL.md`.
 
+#![warn(missing_docs)]
+
 mod lockdown;
 mod logging;
 mod methods;

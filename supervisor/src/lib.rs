@@ -26,6 +26,8 @@
 //! The daemon (`plugd-daemon`), the installer (`plugd-install`), the control protocol
 //! (`plugd-control`) and the binaries (`plugd`) are crates of their own on top of it.
 
+#![warn(missing_docs)]
+
 pub mod exit;
 mod instance;
 pub mod lifecycle;

@@ -16,6 +16,8 @@
 //! JSON or an unknown command gets an error reply; none of it reaches a
 //! plugin or disturbs the daemon.
 
+#![warn(missing_docs)]
+
 use serde::{Deserialize, Serialize};
 
 /// Longest request line accepted.

@@ -5,6 +5,8 @@
 //! upgrade, SIGTERM stop) and install jobs, [`http`] serves the HTTP API and `/metrics`,
 //! and [`notify`] speaks systemd's notify protocol.
 
+#![warn(missing_docs)]
+
 // The host's and the installer's modules, under the names this crate's modules use.
 pub(crate) use plugd_control as control;
 pub(crate) use plugd_install::{install, jobs, python, signing};

@@ -7,6 +7,8 @@
 //! their output kept. The daemon and `plugctl validate` use it; an engine that only runs
 //! plugins does not need it.
 
+#![warn(missing_docs)]
+
 // The host's modules, under the names this crate's modules have always used.
 pub(crate) use supervisor::{exit, manifest, sandbox, spawn};
 
