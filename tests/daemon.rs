@@ -834,6 +834,50 @@ fn sigkill_during_an_install_leaves_the_old_state_or_the_new_one() {
     }
 }
 
+/// An install cut by an in-place upgrade (SIGUSR2 while the version folder is being copied):
+/// the next plugd reports the job failed, not running, and leaves nothing half-done.
+#[test]
+fn an_install_cut_by_an_upgrade_is_reported_failed_and_leaves_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("plugins")).unwrap();
+    let reached = root.path().join("fault-reached");
+    let env = [
+        ("PLUGD_FAULT", "install.copied".to_string()),
+        ("PLUGD_FAULT_REACHED", reached.display().to_string()),
+    ];
+    let exe = plugd_copy(root.path());
+    let d = Plugd::start_exe(&exe, root, &env);
+    let src = tempfile::tempdir().unwrap();
+    let folder = greeter_source(src.path(), "1.0.0");
+    let installer = {
+        let (socket, folder) = (d.socket.clone(), folder.clone());
+        std::thread::spawn(move || {
+            Command::new(plugd_bin("plugctl"))
+                .arg("--socket")
+                .arg(&socket)
+                .arg("install")
+                .arg(&folder)
+                .output()
+        })
+    };
+    eventually("the install is mid-copy", || reached.exists());
+    d.signal(Signal::SIGUSR2);
+    eventually("the next generation answers", || {
+        d.ctl(&["info"]).status.success() && info(&d)["generation"] == 1
+    });
+    let _ = installer.join();
+    let jobs = d.json(&["jobs"]);
+    let job = &jobs.as_array().unwrap()[0];
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["error"], "interrupted by restart", "{job}");
+    let installed = d.root.path().join("state/installed");
+    let leftovers: Vec<String> =
+        walk_names(&installed).into_iter().filter(|n| n.starts_with('.')).collect();
+    assert!(leftovers.is_empty(), "half-done files remain: {leftovers:?}");
+    assert!(!installed.join("greeter/1.0.0").exists());
+    assert!(d.status().iter().all(|p| p["name"] != "greeter"));
+}
+
 fn walk_names(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
