@@ -316,6 +316,26 @@ async fn a_required_layer_that_is_missing_fails_the_start() {
     sup.shutdown().await;
 }
 
+/// `require = ["user"]` asks for a uid of its own: a plugin that runs as root has none,
+/// so the start fails and says why; without `user = "root"` it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requiring_the_user_layer_refuses_a_plugin_that_runs_as_root() {
+    let sup = supervisor();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = "[sandbox]\nuser = \"root\"\nrequire = [\"user\"]\n";
+    let err = sup.load(plugin(&dir, "as-root", "echo", manifest)).await.unwrap_err().to_string();
+    assert!(err.contains("`sandbox.require` names \"user\""), "{err}");
+    // As root (CI), the reason is the root user itself; otherwise no plugin gets a uid
+    // of its own, and the reason says that instead.
+    let root = nix::unistd::geteuid().is_root();
+    assert_eq!(err.contains("runs it as root"), root, "{err}");
+    if root {
+        let spec = plugin(&dir, "own-uid", "echo", "[sandbox]\nrequire = [\"user\"]\n");
+        sup.load(spec).await.expect("a uid of its own satisfies require = [\"user\"]");
+    }
+    sup.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_cpus_pins_the_plugin() {
     let sup = supervisor();

@@ -453,9 +453,14 @@ impl SandboxPlan {
         }
 
         for &layer in &sb.require {
-            let present = plan.report.in_force.iter().any(|l| l.kind() == Some(layer))
-                || (layer == LayerKind::Rlimits && !plan.rlimits.is_empty());
+            let present = match layer {
+                // A uid of its own: root (`sandbox.user = "root"`) is not one.
+                LayerKind::User => plan.run_as.is_some_and(|(uid, _)| uid != 0),
+                LayerKind::Rlimits => !plan.rlimits.is_empty(),
+                _ => plan.report.in_force.iter().any(|l| l.kind() == Some(layer)),
+            };
             if !present {
+                let root = layer == LayerKind::User && plan.run_as.is_some_and(|(uid, _)| uid == 0);
                 let why = plan
                     .report
                     .unavailable
@@ -463,7 +468,11 @@ impl SandboxPlan {
                     .find(|u| u.kind == Some(layer))
                     .map(|u| u.to_string())
                     .unwrap_or_else(|| {
-                        format!("{layer}: not requested by the rest of the manifest")
+                        if root {
+                            "user: `sandbox.user = \"root\"` runs it as root, with no uid of its own".into()
+                        } else {
+                            format!("{layer}: not requested by the rest of the manifest")
+                        }
                     });
                 return Err(format!(
                     "{}: `sandbox.require` names {:?}, which is unavailable here ({why}); remove it from require to run with a warning",
