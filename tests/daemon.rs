@@ -782,11 +782,7 @@ fn sigkill_during_an_install_leaves_the_old_state_or_the_new_one() {
     for (point, lands) in [("install.copied", false), ("install.placed", true)] {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(root.path().join("plugins")).unwrap();
-        let reached = root.path().join("fault-reached");
-        let env = [
-            ("PLUGD_FAULT", point.to_string()),
-            ("PLUGD_FAULT_REACHED", reached.display().to_string()),
-        ];
+        let (env, reached) = fault_env(root.path(), point);
         let mut d = Plugd::start_with(root, &env);
         let src = tempfile::tempdir().unwrap();
         let folder = greeter_source(src.path(), "1.0.0");
@@ -794,17 +790,7 @@ fn sigkill_during_an_install_leaves_the_old_state_or_the_new_one() {
         for i in 0..300 {
             std::fs::write(folder.join("data").join(format!("{i}.txt")), "some data\n").unwrap();
         }
-        let installer = {
-            let (socket, folder) = (d.socket.clone(), folder.clone());
-            std::thread::spawn(move || {
-                Command::new(plugd_bin("plugctl"))
-                    .arg("--socket")
-                    .arg(&socket)
-                    .arg("install")
-                    .arg(&folder)
-                    .output()
-            })
-        };
+        let installer = install_in_background(&d, &folder);
         eventually(&format!("plugd stops at {point}"), || reached.exists());
         d.signal(Signal::SIGKILL);
         let _ = d.child.wait();
@@ -840,26 +826,12 @@ fn sigkill_during_an_install_leaves_the_old_state_or_the_new_one() {
 fn an_install_cut_by_an_upgrade_is_reported_failed_and_leaves_nothing() {
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(root.path().join("plugins")).unwrap();
-    let reached = root.path().join("fault-reached");
-    let env = [
-        ("PLUGD_FAULT", "install.copied".to_string()),
-        ("PLUGD_FAULT_REACHED", reached.display().to_string()),
-    ];
+    let (env, reached) = fault_env(root.path(), "install.copied");
     let exe = plugd_copy(root.path());
     let d = Plugd::start_exe(&exe, root, &env);
     let src = tempfile::tempdir().unwrap();
     let folder = greeter_source(src.path(), "1.0.0");
-    let installer = {
-        let (socket, folder) = (d.socket.clone(), folder.clone());
-        std::thread::spawn(move || {
-            Command::new(plugd_bin("plugctl"))
-                .arg("--socket")
-                .arg(&socket)
-                .arg("install")
-                .arg(&folder)
-                .output()
-        })
-    };
+    let installer = install_in_background(&d, &folder);
     eventually("the install is mid-copy", || reached.exists());
     d.signal(Signal::SIGUSR2);
     eventually("the next generation answers", || {
@@ -876,6 +848,34 @@ fn an_install_cut_by_an_upgrade_is_reported_failed_and_leaves_nothing() {
     assert!(leftovers.is_empty(), "half-done files remain: {leftovers:?}");
     assert!(!installed.join("greeter/1.0.0").exists());
     assert!(d.status().iter().all(|p| p["name"] != "greeter"));
+}
+
+/// The environment that makes plugd stop for good at fault point `point`, and the marker
+/// file it writes when it gets there.
+fn fault_env(root: &Path, point: &str) -> ([(&'static str, String); 2], PathBuf) {
+    let reached = root.join("fault-reached");
+    let env = [
+        ("PLUGD_FAULT", point.to_string()),
+        ("PLUGD_FAULT_REACHED", reached.display().to_string()),
+    ];
+    (env, reached)
+}
+
+/// `plugctl install FOLDER` on a thread of its own (it waits while plugd is stopped at a
+/// fault point, or gets its answer from the next plugd).
+fn install_in_background(
+    d: &Plugd,
+    folder: &Path,
+) -> std::thread::JoinHandle<std::io::Result<std::process::Output>> {
+    let (socket, folder) = (d.socket.clone(), folder.to_path_buf());
+    std::thread::spawn(move || {
+        Command::new(plugd_bin("plugctl"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("install")
+            .arg(&folder)
+            .output()
+    })
 }
 
 fn walk_names(dir: &Path) -> Vec<String> {
