@@ -236,6 +236,20 @@ fn main() -> Result<()> {
         proc_cost::run(n)?;
         return Ok(());
     }
+    // Only the pipelined throughput (`--pipelined-only N`: N calls per depth), for
+    // comparing builds of the write path.
+    if args.first().map(String::as_str) == Some("--pipelined-only") {
+        let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(200_000);
+        let rt =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        for p in rt.block_on(extra::pipelined(&[1, 16, 256], n))? {
+            println!(
+                "pipelined {:>4} in flight: raw {:>8.0} msg/s  plugd {:>8.0} calls/s  ratio {:.2}",
+                p.k, p.raw_per_s, p.plugd_per_s, p.ratio
+            );
+        }
+        return Ok(());
+    }
     // Only the pinned current-thread on_tick loop, for profiling the hot path with perf.
     if args.first().map(String::as_str) == Some("--pinned-only") {
         let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(200_000);

@@ -1,39 +1,39 @@
 //! One plugin process: the actor that owns its socket.
 //!
-//! The actor runs the handshake, then multiplexes calls from the plugin's
-//! handles onto the socket, matches replies by id, enforces call deadlines,
-//! sends heartbeats, and on a stop drains in-flight calls before sending
-//! Shutdown and escalating to SIGTERM and SIGKILL of the process group. It
+//! The actor runs the handshake, then reads the socket (delivering replies to
+//! the calls they answer through the connection core, [`crate::conn`], where
+//! callers write their own Call frames), sends heartbeats, watches memory and
+//! the sandbox, and on a stop closes the connection, waits for in-flight calls
+//! before sending Shutdown, and escalates to SIGTERM and SIGKILL of the
+//! process group. It
 //! reports `Ready`, `Drained` and `Exited(reason)` to its plugin's slot task;
 //! it never decides about restarts (that is `lifecycle`).
 //!
 //! Nothing the plugin sends can panic this task: every frame is checked, and
 //! a bad one ends the instance with "protocol violation".
 
-use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use plugin_proto::frame::encode_frame;
 use plugin_proto::{
-    negotiate, Call, CallError, ErrorCode, LogLevel, Message, Payload, Side, Welcome, MAGIC,
-    PROTO_MAX, PROTO_MIN,
+    negotiate, ErrorCode, LogLevel, Message, Payload, Side, Welcome, MAGIC, PROTO_MAX, PROTO_MIN,
 };
 use std::os::unix::net::UnixStream;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 
+use crate::conn::{Conn, Inbound};
 use crate::exit::ExitReason;
 use crate::logs::{capture, LogRing, LogSource, Markers};
 use crate::manifest::{Limits, Timeouts};
 use crate::sandbox::seccomp::syscall_name;
 use crate::spawn::{Process, RawChild, WaitStatus};
 use crate::stop;
-use crate::wire::{write_available, Filled, Inbound, ReadSide, Wire};
+use crate::wire::{Filled, ReadSide};
 
 fn name_of(nr: i64) -> String {
     syscall_name(nr).map(str::to_string).unwrap_or_else(|| format!("syscall {nr}"))
@@ -45,16 +45,6 @@ const ENGINE_TICK: Duration = Duration::from_millis(2);
 /// The longest gap between engine-mode reads while the engine thread keeps calling (it
 /// reads everything itself then; frames that arrive as it stops wait at most this long).
 const ENGINE_TICK_BUSY: Duration = Duration::from_millis(16);
-
-/// A call on its way to an instance.
-pub(crate) struct CallRequest {
-    pub method: String,
-    pub payload: Payload,
-    pub deadline: Option<Instant>,
-    pub reply: oneshot::Sender<Result<Payload, CallError>>,
-    /// Where streamed pieces (Chunk frames) go, for a caller that wants them.
-    pub chunks: Option<mpsc::UnboundedSender<Payload>>,
-}
 
 /// Orders from the slot to its instance.
 #[derive(Debug)]
@@ -94,18 +84,10 @@ pub(crate) struct InstanceConfig {
     pub max_frame: u32,
     pub ring: LogRing,
     pub limits: Limits,
-    /// Hold calls until `Control::Release` (hot update).
-    pub hold: bool,
 }
 
 /// The Notify method an SDK uses to say which layers it applied to itself.
 pub(crate) const LOCKDOWN_NOTIFY: &str = "plugd.lockdown";
-
-struct Pending {
-    reply: oneshot::Sender<Result<Payload, CallError>>,
-    deadline: Option<Instant>,
-    chunks: Option<mpsc::UnboundedSender<Payload>>,
-}
 
 /// Why the serving loop ended early with a kill.
 enum Fault {
@@ -120,18 +102,13 @@ struct Instance {
     proc: Process,
     /// The socket registered with the runtime for reading; None in engine mode.
     sock: Option<AsyncFd<UnixStream>>,
-    /// The socket's buffers and ids, shared with blocking callers.
-    wire: Arc<Wire>,
-    /// `wire.answered` when missed deadlines were last counted.
-    answered_seen: u64,
-    pending: HashMap<u64, Pending>,
-    deadlines: BTreeSet<(Instant, u64)>,
+    /// The connection core, shared with callers.
+    conn: Arc<Conn>,
     state_blob: Option<Vec<u8>>,
     eof: bool,
     missed_pings: u32,
     ping_outstanding: bool,
     ping_seq: u64,
-    missed_deadlines: u32,
     kill_reason: Option<ExitReason>,
     /// Where it is in its stop sequence (see [`crate::stop`]).
     stop: stop::Phase,
@@ -174,8 +151,7 @@ pub struct Frozen {
 
 /// The channels an instance talks through.
 pub(crate) struct Wiring {
-    pub calls: mpsc::Receiver<CallRequest>,
-    pub wire: Arc<Wire>,
+    pub conn: Arc<Conn>,
     pub control: mpsc::Receiver<Control>,
     pub events: mpsc::UnboundedSender<(u64, InstanceEvent)>,
 }
@@ -206,7 +182,7 @@ impl Instance {
         pidfd: OwnedFd,
         socket: std::os::unix::net::UnixStream,
         pipes: (Option<OwnedFd>, Option<OwnedFd>),
-        wire: Arc<Wire>,
+        conn: Arc<Conn>,
         cfg: InstanceConfig,
     ) -> Result<Instance, ExitReason> {
         let proc = Process::attach(pid, plugin_pid, pidfd, status).map_err(|e| {
@@ -232,16 +208,12 @@ impl Instance {
             cfg,
             proc,
             sock: Some(sock),
-            wire,
-            answered_seen: 0,
-            pending: HashMap::new(),
-            deadlines: BTreeSet::new(),
+            conn,
             state_blob: None,
             eof: false,
             missed_pings: 0,
             ping_outstanding: false,
             ping_seq: 0,
-            missed_deadlines: 0,
             kill_reason: None,
             stop: stop::Phase::Running,
             lockdown: Vec::new(),
@@ -268,7 +240,7 @@ impl Instance {
         let [stdout, stderr] = pipes;
         let socket = match self.sock.take() {
             Some(s) => OwnedFd::from(s.into_inner()),
-            None => OwnedFd::from(self.wire.sock().try_clone()?),
+            None => OwnedFd::from(self.conn.sock().try_clone()?),
         };
         let released = self.proc.release()?;
         Ok(Frozen {
@@ -279,7 +251,7 @@ impl Instance {
             socket,
             stdout,
             stderr,
-            unread: std::mem::take(&mut self.wire.read.lock().rbuf),
+            unread: std::mem::take(&mut self.conn.read.lock().rbuf),
             sdk: self.sdk,
             lockdown: self.lockdown,
         })
@@ -288,7 +260,7 @@ impl Instance {
 
 /// Runs one freshly spawned instance: handshake, serve, and report `Exited` (or hand it over).
 pub(crate) async fn run(raw: RawChild, cfg: InstanceConfig, wiring: Wiring) {
-    let Wiring { calls, wire, mut control, events } = wiring;
+    let Wiring { conn, mut control, events } = wiring;
     let generation = cfg.generation;
     let pipes = (Some(raw.stdout), Some(raw.stderr));
     let mut inst = match Instance::build(
@@ -296,7 +268,7 @@ pub(crate) async fn run(raw: RawChild, cfg: InstanceConfig, wiring: Wiring) {
         raw.pidfd,
         raw.socket,
         pipes,
-        wire,
+        conn,
         cfg,
     ) {
         Ok(i) => i,
@@ -311,19 +283,16 @@ pub(crate) async fn run(raw: RawChild, cfg: InstanceConfig, wiring: Wiring) {
             let pid = inst.proc.pid();
             let lockdown = inst.lockdown.clone();
             let _ = events.send((generation, InstanceEvent::Ready { pid, sdk, lockdown }));
-            inst.serve(calls, &mut control, &events).await
+            inst.serve(&mut control, &events).await
         }
-        Err(reason) => {
-            drop(calls);
-            Some(reason)
-        }
+        Err(reason) => Some(reason),
     };
     finish(inst, end, &events).await;
 }
 
 /// Carries on with a Ready instance handed over by a predecessor process.
 pub(crate) async fn run_adopted(frozen: Frozen, cfg: InstanceConfig, wiring: Wiring) {
-    let Wiring { calls, wire, mut control, events } = wiring;
+    let Wiring { conn, mut control, events } = wiring;
     let generation = cfg.generation;
     let socket = std::os::unix::net::UnixStream::from(frozen.socket);
     let mut inst = match Instance::build(
@@ -331,7 +300,7 @@ pub(crate) async fn run_adopted(frozen: Frozen, cfg: InstanceConfig, wiring: Wir
         frozen.pidfd,
         socket,
         (frozen.stdout, frozen.stderr),
-        wire,
+        conn,
         cfg,
     ) {
         Ok(i) => i,
@@ -340,7 +309,7 @@ pub(crate) async fn run_adopted(frozen: Frozen, cfg: InstanceConfig, wiring: Wir
             return;
         }
     };
-    inst.wire.read.lock().rbuf = frozen.unread;
+    inst.conn.read.lock().rbuf = frozen.unread;
     inst.sdk = frozen.sdk.clone();
     inst.lockdown = frozen.lockdown.clone();
     let pid = inst.proc.pid();
@@ -348,7 +317,7 @@ pub(crate) async fn run_adopted(frozen: Frozen, cfg: InstanceConfig, wiring: Wir
         generation,
         InstanceEvent::Ready { pid, sdk: frozen.sdk, lockdown: frozen.lockdown },
     ));
-    let end = inst.serve(calls, &mut control, &events).await;
+    let end = inst.serve(&mut control, &events).await;
     finish(inst, end, &events).await;
 }
 
@@ -360,6 +329,8 @@ async fn finish(
     let generation = inst.cfg.generation;
     match end {
         Some(reason) => {
+            // No call starts on an instance that is gone (serve failed what was in flight).
+            inst.conn.close();
             let reason = inst.classify(reason).await;
             let state = inst.state_blob.take();
             let _ = events.send((generation, InstanceEvent::Exited { reason, state }));
@@ -431,18 +402,7 @@ impl Instance {
 
     /// Encodes a frame into the write buffer and writes what the socket takes now.
     fn queue(&mut self, msg: &Message) -> io::Result<()> {
-        self.encode(msg).map_err(io::Error::other)?;
-        self.flush()
-    }
-
-    /// Appends a frame to the write buffer (written by the next flush).
-    fn encode(&self, msg: &Message) -> Result<(), plugin_proto::CodecError> {
-        encode_frame(msg, &mut self.wire.write.lock())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        let mut w = self.wire.write.lock();
-        write_available(self.wire.sock(), &mut w)
+        self.conn.queue(msg)
     }
 
     /// Registers for "room to write" while frames wait to be written, and not otherwise.
@@ -452,7 +412,7 @@ impl Instance {
     fn watch_writes(&mut self) {
         let waiting = self.unwritten() && !self.eof;
         if waiting && self.write_watch.is_none() {
-            let watch = self.wire.sock().try_clone().map(OwnedFd::from).and_then(|fd| {
+            let watch = self.conn.sock().try_clone().map(OwnedFd::from).and_then(|fd| {
                 // SAFETY: the duplicate moves into the AsyncFd, which closes it when dropped;
                 // nothing else uses or closes it.
                 unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::WRITABLE) }
@@ -472,12 +432,12 @@ impl Instance {
 
     /// Takes the socket off the runtime's epoll in engine mode, and puts it back after.
     fn follow_engine_mode(&mut self) {
-        let engine = self.wire.engine.load(std::sync::atomic::Ordering::Relaxed);
+        let engine = self.conn.engine.load(std::sync::atomic::Ordering::Relaxed);
         if engine && self.sock.is_some() {
             // Dropping the registration closes only this descriptor; the wire keeps the socket.
             self.sock = None;
         } else if !engine && self.sock.is_none() && !self.eof {
-            let again = self.wire.sock().try_clone().and_then(|s| {
+            let again = self.conn.sock().try_clone().and_then(|s| {
                 // SAFETY: the duplicate moves into the AsyncFd, which closes it when dropped;
                 // nothing else uses or closes it.
                 unsafe { AsyncFd::register_with_interest(s, tokio::io::Interest::READABLE) }
@@ -494,25 +454,25 @@ impl Instance {
 
     /// True if frames wait to be written.
     fn unwritten(&self) -> bool {
-        !self.wire.write.lock().is_empty()
+        self.conn.unwritten()
     }
 
     /// Reads what is available now, without waiting; Ok(false) on end of stream. A blocking
     /// caller that owns the socket reads for us meanwhile.
     fn fill(&mut self) -> io::Result<bool> {
-        let Some(mut read) = self.wire.read.try_lock() else {
+        let Some(mut read) = self.conn.read.try_lock() else {
             return Ok(true);
         };
         // Until the socket is empty: nothing may be left behind unseen (readiness may already
         // be cleared). A plugin that writes faster than this reads gets a turn later.
         for _ in 0..16 {
-            match read.fill(self.wire.sock())? {
+            match read.fill(self.conn.sock())? {
                 Filled::Drained => return Ok(true),
                 Filled::Eof => return Ok(false),
                 Filled::More => {}
             }
         }
-        self.wire.wake.notify_one();
+        self.conn.wake.notify_one();
         Ok(true)
     }
 
@@ -520,7 +480,7 @@ impl Instance {
     /// (nothing while a blocking caller owns the socket: it decodes then).
     fn decode_all(&self) -> (Vec<Message>, Option<String>) {
         let mut out = Vec::new();
-        if let Some(mut read) = self.wire.read.try_lock() {
+        if let Some(mut read) = self.conn.read.try_lock() {
             let ReadSide { rbuf, decoder, fault, .. } = &mut *read;
             loop {
                 match decoder.next(rbuf) {
@@ -569,7 +529,7 @@ impl Instance {
     ) -> Result<Wake, String> {
         loop {
             let next = {
-                let mut read = self.wire.read.lock();
+                let mut read = self.conn.read.lock();
                 let ReadSide { rbuf, decoder, .. } = &mut *read;
                 decoder.next(rbuf)
             };
@@ -579,11 +539,11 @@ impl Instance {
                 Err(e) => return Err(e.to_string()),
             }
             if self.unwritten() {
-                let _ = self.flush();
+                let _ = self.conn.flush();
             }
             tokio::select! {
                 status = self.proc.wait() => return Ok(Wake::Exited(status)),
-                open = read_ready(&self.sock, &self.wire), if !self.eof && self.sock.is_some() => {
+                open = read_ready(&self.sock, &self.conn), if !self.eof && self.sock.is_some() => {
                     self.eof = !open;
                 }
                 _ = sleep_until(until) => return Ok(Wake::Timeout),
@@ -685,32 +645,6 @@ impl Instance {
         self.kill(r).await
     }
 
-    fn start_call(&mut self, req: CallRequest) {
-        let id = self.wire.next_id.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let now = Instant::now();
-        let deadline_us = match req.deadline {
-            Some(d) if d <= now => {
-                let _ = req.reply.send(Err(CallError::new(
-                    ErrorCode::DeadlineExceeded,
-                    format!("plugin {}: deadline passed before the call was sent", self.cfg.name),
-                )));
-                return;
-            }
-            Some(d) => (d - now).as_micros().max(1) as u64,
-            None => 0,
-        };
-        let msg = Message::Call(Call { id, method: req.method, deadline_us, payload: req.payload });
-        if let Err(e) = self.encode(&msg) {
-            let _ = req.reply.send(Err(CallError::new(ErrorCode::Internal, e.to_string())));
-            return;
-        }
-        if let Some(d) = req.deadline {
-            self.deadlines.insert((d, id));
-        }
-        self.pending
-            .insert(id, Pending { reply: req.reply, deadline: req.deadline, chunks: req.chunks });
-    }
-
     /// Handles every whole frame in the read buffer.
     fn on_frames(&mut self) -> Result<(), Fault> {
         let (msgs, bad) = self.decode_all();
@@ -725,29 +659,13 @@ impl Instance {
 
     /// Handles what blocking callers left: frames that were not theirs, and events.
     fn on_inbox(&mut self) -> Result<(), Fault> {
-        for item in self.wire.take_inbox() {
+        for item in self.conn.take_inbox() {
             match item {
                 Inbound::Frame(msg) => self.on_message(msg)?,
-                Inbound::MissedDeadline => {
-                    let answered = self.wire.answered.load(std::sync::atomic::Ordering::Relaxed);
-                    if answered != self.answered_seen {
-                        self.answered_seen = answered;
-                        self.missed_deadlines = 0;
-                    }
-                    self.count_missed_deadline()?;
-                }
                 Inbound::Eof => self.eof = true,
                 Inbound::Fault(e) => return Err(Fault::Protocol(e)),
+                Inbound::Hung(detail) => return Err(Fault::Hung(detail)),
             }
-        }
-        Ok(())
-    }
-
-    fn count_missed_deadline(&mut self) -> Result<(), Fault> {
-        self.missed_deadlines += 1;
-        let limit = self.cfg.timeouts.missed_deadlines;
-        if limit > 0 && self.missed_deadlines >= limit {
-            return Err(Fault::Hung(format!("{limit} calls in a row missed their deadline")));
         }
         Ok(())
     }
@@ -762,23 +680,7 @@ impl Instance {
                 )));
             }
             match msg {
-                Message::Reply(reply) => {
-                    if let Some(p) = self.pending.remove(&reply.id) {
-                        if let Some(d) = p.deadline {
-                            self.deadlines.remove(&(d, reply.id));
-                        }
-                        self.missed_deadlines = 0;
-                        let _ = p.reply.send(reply.result);
-                    } else if reply.id
-                        >= self.wire.next_id.load(std::sync::atomic::Ordering::SeqCst)
-                    {
-                        return Err(Fault::Protocol(format!(
-                            "reply to call {} that was never made",
-                            reply.id
-                        )));
-                    }
-                    // Otherwise a late reply to a call that already timed out: dropped.
-                }
+                Message::Reply(reply) => self.conn.deliver(reply).map_err(Fault::Protocol)?,
                 Message::Pong { .. } => self.ping_outstanding = false,
                 Message::Log { level, message } => {
                     self.cfg.ring.push(&self.cfg.name, LogSource::Sdk, level, message)
@@ -788,13 +690,7 @@ impl Instance {
                 Message::Notify { method, payload } if method == LOCKDOWN_NOTIFY => {
                     self.lockdown = payload.decode().unwrap_or_default();
                 }
-                // A piece of a streamed answer goes to a caller that asked for pieces; for
-                // any other call (or one already answered) it is legal and dropped.
-                Message::Chunk { id, payload } => {
-                    if let Some(tx) = self.pending.get(&id).and_then(|p| p.chunks.as_ref()) {
-                        let _ = tx.send(payload);
-                    }
-                }
+                Message::Chunk { id, payload } => self.conn.deliver_chunk(id, payload),
                 // Plugin-initiated notifications have no consumer on this host API yet.
                 Message::Notify { .. } => {}
                 other => {
@@ -803,25 +699,6 @@ impl Instance {
                         other.kind()
                     )))
                 }
-            }
-        }
-        Ok(())
-    }
-
-    fn expire_deadlines(&mut self) -> Result<(), Fault> {
-        let now = Instant::now();
-        while let Some(&(d, id)) = self.deadlines.first() {
-            if d > now {
-                break;
-            }
-            self.deadlines.pop_first();
-            if let Some(p) = self.pending.remove(&id) {
-                let _ = p.reply.send(Err(CallError::new(
-                    ErrorCode::DeadlineExceeded,
-                    format!("plugin {} did not reply in time", self.cfg.name),
-                )));
-                let _ = self.encode(&Message::Cancel { id });
-                self.count_missed_deadline()?;
             }
         }
         Ok(())
@@ -841,22 +718,13 @@ impl Instance {
         }
         self.ping_seq += 1;
         self.ping_outstanding = true;
-        let _ = self.encode(&Message::Ping { seq: self.ping_seq });
+        let _ = self.conn.encode(&Message::Ping { seq: self.ping_seq });
         Ok(())
-    }
-
-    fn fail_pending(&mut self, code: ErrorCode, why: &str) {
-        for (_, p) in self.pending.drain() {
-            let _ =
-                p.reply.send(Err(CallError::new(code, format!("plugin {}: {why}", self.cfg.name))));
-        }
-        self.deadlines.clear();
     }
 
     /// The Ready phase until the process is gone.
     async fn serve(
         &mut self,
-        mut calls: mpsc::Receiver<CallRequest>,
         control: &mut mpsc::Receiver<Control>,
         events: &mpsc::UnboundedSender<(u64, InstanceEvent)>,
     ) -> Option<ExitReason> {
@@ -865,30 +733,23 @@ impl Instance {
         let period = t.heartbeat.max(Duration::from_millis(1));
         let mut heartbeat = tokio::time::interval_at(first_beat(Instant::now(), period), period);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut calls_open = true;
-        let mut holding = self.cfg.hold;
         let mut eof_until: Option<Instant> = None;
         // The last line of the memory limit: RLIMIT_AS stops most, this catches what it misses.
         let mut rss_watch = tokio::time::interval(Duration::from_millis(250));
         rss_watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let rss_limit = self.cfg.limits.memory;
-        // One timer for all call deadlines, moved only when an earlier deadline appears or it
-        // fires: re-arming a timer per call costs more than the call path itself when pinned.
-        let deadline_timer = sleep_until(far);
-        tokio::pin!(deadline_timer);
-        let mut armed_for = far;
         // Created once: a fresh Notified per loop turn would register and deregister a waiter.
         let markers = self.markers.clone();
         let violated = markers.violation.notified();
         tokio::pin!(violated);
-        // Blocking callers wake the actor through the wire (see `wire`).
-        let wire = self.wire.clone();
-        let woken = wire.wake.notified();
+        // Callers and engine threads wake the actor through the connection (see `conn`).
+        let conn = self.conn.clone();
+        let woken = conn.wake.notified();
         tokio::pin!(woken);
         // Frames that came in with the handshake (or from a predecessor) are already read:
         // the socket will not report them again.
         let mut leftover = self.on_frames();
-        // In engine mode (see `wire`) the socket is read on this tick instead of on readiness.
+        // In engine mode (see `conn`) the socket is read on this tick instead of on readiness.
         // While the engine thread keeps calling it reads everything itself, so the tick backs
         // off (each one wakes the runtime, which on a shared CPU delays a call); once calls
         // pause it is short again.
@@ -902,32 +763,22 @@ impl Instance {
             if let Err(fault) = std::mem::replace(&mut leftover, Ok(())) {
                 break self.fault(fault).await;
             }
-            if let Err(e) = self.flush() {
+            if let Err(e) = self.conn.flush() {
                 tracing::debug!(plugin = %self.cfg.name, "socket write failed: {e}");
-                self.wire.write.lock().clear();
+                self.conn.discard_unwritten();
                 self.eof = true;
             }
             self.watch_writes();
-            // Drained: nothing queued, nothing in flight (async or blocking) → Shutdown.
-            if self.stop.draining() && !calls_open && self.pending.is_empty() && self.wire.idle() {
-                self.advance(stop::Event::Drained, &mut calls, &mut calls_open, events);
+            // Drained: closed, nothing in flight (async or engine thread) → Shutdown.
+            if self.stop.draining() && self.conn.idle() {
+                self.advance(stop::Event::Drained, events);
             }
-            // Frozen: nothing queued, nothing in flight, nothing unwritten → hand over.
-            if self.freeze.is_some()
-                && !calls_open
-                && self.pending.is_empty()
-                && self.wire.idle()
-                && !self.unwritten()
-            {
+            // Frozen: closed, nothing in flight, nothing unwritten → hand over.
+            if self.freeze.is_some() && self.conn.idle() && !self.unwritten() {
                 return None;
             }
             if self.eof && eof_until.is_none() && !self.stop.stopping() {
                 eof_until = Some(Instant::now() + t.kill.max(Duration::from_millis(100)));
-            }
-            let next_deadline = self.deadlines.first().map(|(d, _)| *d).unwrap_or(far);
-            if next_deadline < armed_for {
-                armed_for = next_deadline;
-                deadline_timer.as_mut().reset(armed_for);
             }
             tokio::select! {
                 biased;
@@ -938,7 +789,7 @@ impl Instance {
                     }
                     break self.exit_reason(status);
                 }
-                open = read_ready(&self.sock, &self.wire), if !self.eof && self.sock.is_some() => {
+                open = read_ready(&self.sock, &self.conn), if !self.eof && self.sock.is_some() => {
                     self.eof = !open;
                     if let Err(fault) = self.on_frames() {
                         break self.fault(fault).await;
@@ -947,35 +798,21 @@ impl Instance {
                 r = room_to_write(&self.write_watch), if self.write_watch.is_some() && !self.eof => {
                     if r.is_err() { self.eof = true; }
                 }
-                req = calls.recv(), if calls_open && !holding => match req {
-                    Some(req) => {
-                        self.start_call(req);
-                        // Take whatever else is already queued before writing: one write for a burst.
-                        while let Ok(req) = calls.try_recv() {
-                            self.start_call(req);
-                        }
-                    }
-                    None => calls_open = false,
-                },
                 c = control.recv() => match c {
-                    Some(Control::Stop) => {
-                        self.advance(stop::Event::Asked, &mut calls, &mut calls_open, events);
-                    }
+                    Some(Control::Stop) => self.advance(stop::Event::Asked, events),
                     Some(Control::Release(state)) => {
                         if let Some(blob) = state {
                             let payload = Payload::raw(plugin_proto::PayloadCodec::Bincode, blob);
                             let _ = self.queue(&Message::Notify { method: STATE_NOTIFY.into(), payload });
                         }
-                        holding = false;
-                        self.wire.release();
+                        self.conn.release();
                     }
                     Some(Control::Freeze(reply)) => {
                         if self.stop.stopping() || self.freeze.is_some() {
                             let _ = reply.send(Err("the plugin is stopping".into()));
                         } else {
                             self.freeze = Some(reply);
-                            self.wire.close();
-                            calls.close();
+                            self.conn.close();
                         }
                     }
                     // Kill, or the slot is gone (the supervisor was dropped): nothing may outlive it.
@@ -997,7 +834,7 @@ impl Instance {
                 _ = &mut engine_tick, if self.sock.is_none() && !self.eof => {
                     // While the engine thread is calling, it reads everything (and leaves the
                     // rest in the inbox): stay off the read lock so it never waits for us.
-                    let answered = self.wire.answered.load(std::sync::atomic::Ordering::Relaxed);
+                    let answered = self.conn.engine_calls.load(std::sync::atomic::Ordering::Relaxed);
                     if answered == engine_seen {
                         engine_every = ENGINE_TICK;
                         match self.fill() {
@@ -1017,7 +854,7 @@ impl Instance {
                 // A blocking caller left frames or events, bytes it did not read, or unwritten
                 // bytes; or it finished while we wait to stop.
                 _ = &mut woken => {
-                    woken.set(wire.wake.notified());
+                    woken.set(conn.wake.notified());
                     if !self.eof {
                         match self.fill() {
                             Ok(true) => {}
@@ -1036,16 +873,9 @@ impl Instance {
                         }
                     }
                 }
-                _ = &mut deadline_timer, if armed_for < far => {
-                    if let Err(fault) = self.expire_deadlines() {
-                        break self.fault(fault).await;
-                    }
-                    armed_for = self.deadlines.first().map(|(d, _)| *d).unwrap_or(far);
-                    deadline_timer.as_mut().reset(armed_for);
-                }
                 // The stop sequence's timer: drain timeout, then Shutdown's grace, then SIGTERM's.
                 _ = sleep_until(self.stop.timer().unwrap_or(far)), if self.stop.timer().is_some() => {
-                    self.advance(stop::Event::TimerDue, &mut calls, &mut calls_open, events);
+                    self.advance(stop::Event::TimerDue, events);
                 }
                 _ = sleep_until(eof_until.unwrap_or(far)), if eof_until.is_some() => {
                     break self.fault(Fault::Protocol("closed its socket but did not exit".into())).await;
@@ -1055,14 +885,8 @@ impl Instance {
         // Callers waiting on this instance learn the classified reason ("memory limit"), not
         // just the signal.
         let reason = self.classify(reason).await;
-        self.fail_pending(ErrorCode::PluginExited, &format!("ended before it replied: {reason}"));
-        calls.close();
-        while let Ok(req) = calls.try_recv() {
-            let _ = req.reply.send(Err(CallError::new(
-                ErrorCode::Unavailable,
-                format!("plugin {} is not running: {reason}", self.cfg.name),
-            )));
-        }
+        self.conn
+            .fail_in_flight(ErrorCode::PluginExited, &format!("ended before it replied: {reason}"));
         if let Some(reply) = self.freeze.take() {
             let _ = reply.send(Err(format!("the plugin ended while freezing: {reason}")));
         }
@@ -1073,8 +897,6 @@ impl Instance {
     fn advance(
         &mut self,
         event: stop::Event,
-        calls: &mut mpsc::Receiver<CallRequest>,
-        calls_open: &mut bool,
         events: &mpsc::UnboundedSender<(u64, InstanceEvent)>,
     ) {
         let t = &self.cfg.timeouts;
@@ -1084,22 +906,14 @@ impl Instance {
         self.stop = next;
         for action in actions {
             match action {
-                stop::Action::CloseCalls => {
-                    self.wire.close();
-                    calls.close();
-                }
+                stop::Action::CloseCalls => self.conn.close(),
                 stop::Action::FailInFlight => {
-                    let n = self.pending.len();
+                    let n = self.conn.in_flight();
                     self.log(LogLevel::Warn, format!("drain timeout: {n} calls still in flight"));
-                    self.fail_pending(
+                    self.conn.fail_in_flight(
                         ErrorCode::Unavailable,
                         "stopped before it replied (drain timeout)",
                     );
-                    while let Ok(req) = calls.try_recv() {
-                        let err = CallError::new(ErrorCode::Unavailable, "plugin is stopping");
-                        let _ = req.reply.send(Err(err));
-                    }
-                    *calls_open = false;
                 }
                 stop::Action::SendShutdown => {
                     let grace_ms = shutdown.as_millis() as u64;
@@ -1169,14 +983,14 @@ async fn room_to_write(watch: &Option<AsyncFd<OwnedFd>>) -> io::Result<()> {
 /// if no newer readiness event arrived meanwhile, so no wake-up is lost.) While a blocking
 /// caller owns the socket the readiness is cleared too: that caller reads, and wakes the
 /// actor afterwards if bytes are left.
-async fn read_ready(sock: &Option<AsyncFd<UnixStream>>, wire: &Wire) -> bool {
+async fn read_ready(sock: &Option<AsyncFd<UnixStream>>, conn: &Conn) -> bool {
     let Some(sock) = sock else {
         return std::future::pending().await;
     };
     let Ok(mut guard) = sock.readable().await else {
         return false;
     };
-    let Some(mut read) = wire.read.try_lock() else {
+    let Some(mut read) = conn.read.try_lock() else {
         guard.clear_ready();
         return true;
     };

@@ -28,6 +28,8 @@
 
 #![warn(missing_docs)]
 
+mod calls;
+mod conn;
 pub mod exit;
 mod instance;
 pub mod lifecycle;

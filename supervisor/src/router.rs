@@ -1,15 +1,15 @@
 //! Routing calls to a plugin: [`PluginHandle`] and [`Deadline`].
 //!
 //! A handle holds an atomically swappable pointer to the current instance's
-//! call queue. The slot task stores it when the instance becomes Ready and
-//! clears it when routing stops; a call reads it without a lock. A call that
-//! finds no route fails fast with `Unavailable` (a stale tick is worthless).
-//! A call that races a route change (its queue closed under it) retries on
-//! the new route, so a switch of instances loses no call.
-//!
-//! [`PluginHandle::call_blocking`] is the path for a host's own engine thread:
-//! it writes and reads the instance's socket on the calling thread (see
-//! `wire`), with no task or thread hand-off.
+//! connection ([`crate::conn::Conn`]). The slot task stores it when the
+//! instance becomes Ready and clears it when routing stops; a call reads it
+//! without a lock. A call that finds no route fails fast with `Unavailable` (a
+//! stale tick is worthless). A call that meets a closing connection (a hot
+//! update retiring it) waits for the next route — woken by the route change,
+//! never past its deadline — and retries there, so a switch of instances loses
+//! no call. Both call paths, async and [`PluginHandle::call_blocking`] (a
+//! host's own engine thread), go through the same connection core and this
+//! same retry.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,15 +20,14 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use plugin_proto::{CallError, ErrorCode, Payload};
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::conn::{Conn, NotSent, ROUTE_WAIT};
 use crate::exit::ExitReason;
-use crate::instance::CallRequest;
 use crate::lifecycle::State;
 use crate::logs::{LogLine, LogRing};
 use crate::manifest::PluginKind;
-use crate::wire::{NotSent, Wire};
 
 /// When a call gives up waiting for its reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -169,23 +168,18 @@ pub(crate) struct LiveStatus {
     pub exits: std::collections::BTreeMap<crate::exit::ExitKind, u64>,
 }
 
-/// Where calls to the current instance go: its actor's queue, and its socket for blocking calls.
-#[derive(Clone)]
-pub(crate) struct Route {
-    pub calls: mpsc::Sender<CallRequest>,
-    pub wire: Arc<Wire>,
-}
-
 pub(crate) struct Shared {
     pub name: String,
     pub kind: PluginKind,
     pub default_deadline: Duration,
     /// Where calls go now; changed only through [`Shared::set_route`].
-    pub route: ArcSwapOption<Route>,
-    /// Bumped at every route change, so a blocking caller that met a closing instance
-    /// waits for the next route instead of polling.
+    pub route: ArcSwapOption<Conn>,
+    /// Bumped at every route change, so a caller that met a closing instance waits for
+    /// the next route instead of polling (engine threads on the condvar, tasks on the
+    /// notify).
     pub route_changes: Mutex<u64>,
     pub route_changed: parking_lot::Condvar,
+    pub route_moved: tokio::sync::Notify,
     pub calls_ok: AtomicU64,
     pub calls_err: AtomicU64,
     pub latency: Latency,
@@ -197,17 +191,32 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Publishes where calls go (None: nowhere) and wakes blocking callers waiting for it.
-    pub fn set_route(&self, route: Option<Arc<Route>>) {
+    pub fn set_route(&self, route: Option<Arc<Conn>>) {
         self.route.store(route);
         *self.route_changes.lock() += 1;
         self.route_changed.notify_all();
+        self.route_moved.notify_waiters();
+    }
+
+    /// True if calls no longer go to `old`.
+    fn moved_from(&self, old: &Arc<Conn>) -> bool {
+        self.route.load().as_ref().is_none_or(|now| !Arc::ptr_eq(now, old))
     }
 
     /// Waits (at most `limit`) until the route is no longer `old`.
-    fn wait_route_change(&self, old: &Arc<Route>, limit: Duration) {
+    async fn route_change(&self, old: &Arc<Conn>, limit: Duration) {
+        let moved = self.route_moved.notified();
+        tokio::pin!(moved);
+        moved.as_mut().enable();
+        if !self.moved_from(old) {
+            let _ = tokio::time::timeout(limit, moved).await;
+        }
+    }
+
+    /// [`Shared::route_change`] for an engine thread.
+    fn route_change_blocking(&self, old: &Arc<Conn>, limit: Duration) {
         let mut changes = self.route_changes.lock();
-        let moved = |s: &Shared| s.route.load().as_ref().is_none_or(|now| !Arc::ptr_eq(now, old));
-        if !moved(self) {
+        if !self.moved_from(old) {
             let seen = *changes;
             let until = std::time::Instant::now() + limit;
             while *changes == seen {
@@ -309,38 +318,31 @@ impl PluginHandle {
         deadline: Deadline,
         chunks: Option<mpsc::UnboundedSender<Payload>>,
     ) -> Result<Payload, CallError> {
-        let deadline = deadline.resolve(self.shared.default_deadline);
-        let (tx, rx) = oneshot::channel();
-        let mut req =
-            CallRequest { method: method.to_string(), payload, deadline, reply: tx, chunks };
-        // A closed queue means routing moved while we sent; a few retries cover any swap.
+        let deadline = deadline.resolve(self.shared.default_deadline).map(Instant::into_std);
+        let mut payload = payload;
+        // An instance that is stopping (a hot update retiring it) sends us to the new route.
         for _ in 0..4 {
-            let Some(queue) = self.shared.route.load_full() else {
-                return Err(self.unavailable());
+            let Some(conn) = self.shared.route.load_full() else {
+                break;
             };
-            match queue.calls.send(req).await {
-                Ok(()) => {
-                    return rx.await.unwrap_or_else(|_| {
-                        Err(CallError::new(
-                            ErrorCode::PluginExited,
-                            format!("plugin {} went away before replying", self.shared.name),
-                        ))
-                    })
-                }
-                Err(mpsc::error::SendError(back)) => {
-                    req = back;
-                    let now = self.shared.route.load();
-                    let moved = match now.as_ref() {
-                        Some(q) => !Arc::ptr_eq(q, &queue),
-                        None => false,
-                    };
-                    if !moved {
-                        return Err(self.unavailable());
-                    }
+            match conn.call(method, payload, deadline, chunks.clone()).await {
+                Ok(answer) => return answer,
+                Err(NotSent::Failed(e)) => return Err(e),
+                Err(NotSent::Closing(p)) => {
+                    payload = p;
+                    self.shared.route_change(&conn, self.route_wait(deadline)).await;
                 }
             }
         }
         Err(self.unavailable())
+    }
+
+    /// How long a caller that met a closing instance waits for the next route.
+    fn route_wait(&self, deadline: Option<std::time::Instant>) -> Duration {
+        deadline
+            .map(|d| d.saturating_duration_since(std::time::Instant::now()))
+            .unwrap_or(ROUTE_WAIT)
+            .min(ROUTE_WAIT)
     }
 
     /// Calls `method` on the calling thread, blocking until the reply: the thread writes the
@@ -374,11 +376,11 @@ impl PluginHandle {
         let mut result = None;
         // An instance that is stopping (a hot update retiring it) sends us to the new route.
         for _ in 0..4 {
-            let Some(route) = self.shared.route.load_full() else {
+            let Some(conn) = self.shared.route.load_full() else {
                 break;
             };
             let p = payload.take().unwrap_or_else(Payload::empty);
-            match route.wire.call_blocking(method, p, deadline, now) {
+            match conn.call_blocking(method, p, deadline, now) {
                 Ok(r) => {
                     result = Some(r);
                     break;
@@ -391,11 +393,7 @@ impl PluginHandle {
                     payload = Some(p);
                     // The slot publishes the next route as it retires this one: wait for
                     // that (woken by it), never past the call's deadline.
-                    let left = deadline
-                        .map(|d| d.saturating_duration_since(std::time::Instant::now()))
-                        .unwrap_or(Duration::from_secs(1))
-                        .min(Duration::from_secs(1));
-                    self.shared.wait_route_change(&route, left);
+                    self.shared.route_change_blocking(&conn, self.route_wait(deadline));
                     now = std::time::Instant::now();
                 }
             }
@@ -414,9 +412,9 @@ impl PluginHandle {
     /// most a tick later. Kept across restarts and updates until turned off.
     pub fn set_engine_mode(&self, on: bool) {
         self.shared.engine.store(on, Ordering::Relaxed);
-        if let Some(route) = self.shared.route.load_full() {
-            route.wire.engine.store(on, Ordering::Relaxed);
-            route.wire.wake.notify_one();
+        if let Some(conn) = self.shared.route.load_full() {
+            conn.engine.store(on, Ordering::Relaxed);
+            conn.wake.notify_one();
         }
     }
 

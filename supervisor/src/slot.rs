@@ -15,18 +15,15 @@ use plugin_proto::LogLevel;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 
+use crate::conn::Conn;
 use crate::exit::ExitReason;
 use crate::instance::{self, Control, InstanceConfig, InstanceEvent};
 use crate::lifecycle::{transition, Action, Event, Machine, State};
 use crate::logs::LogSource;
 use crate::manifest::PluginSpec;
-use crate::router::{Route, Shared};
+use crate::router::Shared;
 use crate::sandbox::{HostFacts, SandboxReport};
 use crate::spawn::{SpawnPlan, Spawner};
-use crate::wire::Wire;
-
-/// Calls queued per instance before callers wait for room.
-const CALL_QUEUE: usize = 1024;
 
 /// Orders from the supervisor to a slot.
 pub(crate) enum SlotCommand {
@@ -65,7 +62,8 @@ pub struct FrozenPlugin {
 struct Current {
     generation: u64,
     control: mpsc::Sender<Control>,
-    calls: Option<Route>,
+    /// Its connection, while calls may be routed to it.
+    calls: Option<Arc<Conn>>,
 }
 
 pub(crate) struct Slot {
@@ -127,29 +125,20 @@ impl Slot {
             machine.restarts = frozen.restarts;
             // Starting: the instance reports Ready at once, and the machine routes to it.
             machine.state = State::Starting;
-            let (calls_tx, calls_rx) = mpsc::channel(CALL_QUEUE);
             let (control_tx, control_rx) = mpsc::channel(4);
-            let cfg = self.instance_config(&self.spec, generation, None, false);
+            let cfg = self.instance_config(&self.spec, generation, None);
             let shared_sock =
                 frozen.instance.socket.try_clone().map(std::os::unix::net::UnixStream::from);
             match shared_sock {
                 Ok(sock) => {
-                    let wire = Arc::new(Wire::new(
-                        sock,
-                        self.max_frame,
-                        false,
-                        self.shared.engine.load(std::sync::atomic::Ordering::Relaxed),
-                        self.spec.name(),
-                    ));
+                    let conn = self.connect(sock, &self.spec, false);
                     let wiring = instance::Wiring {
-                        calls: calls_rx,
-                        wire: wire.clone(),
+                        conn: conn.clone(),
                         control: control_rx,
                         events: ev_tx.clone(),
                     };
                     tokio::spawn(instance::run_adopted(frozen.instance, cfg, wiring));
-                    let route = Route { calls: calls_tx, wire };
-                    current = Some(Current { generation, control: control_tx, calls: Some(route) });
+                    current = Some(Current { generation, control: control_tx, calls: Some(conn) });
                 }
                 Err(e) => {
                     // Without a second descriptor the instance cannot be shared; let it go.
@@ -247,7 +236,7 @@ impl Slot {
                                 self.record_lockdown(lockdown);
                                 let calls = u.new.calls.clone();
                                 if let Some(calls) = calls {
-                                    self.shared.set_route(Some(Arc::new(calls)));
+                                    self.shared.set_route(Some(calls));
                                 }
                                 let old = current.replace(Current { generation: new_gen, control: u.new.control.clone(), calls: u.new.calls.take() });
                                 if let Some(mut old) = old {
@@ -386,7 +375,7 @@ impl Slot {
                         }
                         Action::Route => {
                             if let Some(calls) = current.as_ref().and_then(|c| c.calls.clone()) {
-                                self.shared.set_route(Some(Arc::new(calls)));
+                                self.shared.set_route(Some(calls));
                             }
                         }
                         Action::Unroute => {
@@ -460,7 +449,6 @@ impl Slot {
         spec: &PluginSpec,
         generation: u64,
         state: Option<Vec<u8>>,
-        hold: bool,
     ) -> InstanceConfig {
         let m = &spec.manifest;
         InstanceConfig {
@@ -472,7 +460,6 @@ impl Slot {
             max_frame: self.max_frame,
             ring: self.shared.ring.clone(),
             limits: m.limits.clone(),
-            hold,
         }
     }
 
@@ -514,9 +501,8 @@ impl Slot {
             .await
             .map_err(|e| ExitReason::SpawnFailed { detail: e.to_string() })?;
         self.note(LogLevel::Info, format!("started pid {}", raw.pid));
-        let (calls_tx, calls_rx) = mpsc::channel(CALL_QUEUE);
         let (control_tx, control_rx) = mpsc::channel(4);
-        let cfg = self.instance_config(spec, generation, state, hold);
+        let cfg = self.instance_config(spec, generation, state);
         let sock = raw.socket.try_clone().map_err(|e| {
             let _ = nix::sys::signal::killpg(
                 nix::unistd::Pid::from_raw(raw.pid),
@@ -524,17 +510,26 @@ impl Slot {
             );
             ExitReason::SpawnFailed { detail: format!("cannot share the plugin socket: {e}") }
         })?;
-        let wire = Arc::new(Wire::new(
+        let conn = self.connect(sock, spec, hold);
+        let wiring = instance::Wiring { conn: conn.clone(), control: control_rx, events };
+        tokio::spawn(instance::run(raw, cfg, wiring));
+        Ok(Current { generation, control: control_tx, calls: Some(conn) })
+    }
+
+    /// The connection core for an instance's socket (`hold`: a hot update's new instance).
+    fn connect(
+        &self,
+        sock: std::os::unix::net::UnixStream,
+        spec: &PluginSpec,
+        hold: bool,
+    ) -> Arc<Conn> {
+        Arc::new(Conn::new(
             sock,
             self.max_frame,
             hold,
             self.shared.engine.load(std::sync::atomic::Ordering::Relaxed),
             spec.name(),
-        ));
-        let wiring =
-            instance::Wiring { calls: calls_rx, wire: wire.clone(), control: control_rx, events };
-        tokio::spawn(instance::run(raw, cfg, wiring));
-        let route = Route { calls: calls_tx, wire };
-        Ok(Current { generation, control: control_tx, calls: Some(route) })
+            spec.manifest.timeouts.missed_deadlines,
+        ))
     }
 }

@@ -247,6 +247,7 @@ impl Supervisor {
             route: ArcSwapOption::empty(),
             route_changes: Default::default(),
             route_changed: Default::default(),
+            route_moved: Default::default(),
             calls_ok: AtomicU64::new(0),
             calls_err: AtomicU64::new(0),
             latency: Default::default(),

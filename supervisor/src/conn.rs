@@ -1,0 +1,855 @@
+//! The connection core: one plugin socket and the calls in flight on it, shared by both
+//! call paths.
+//!
+//! A caller — an async task ([`Conn::call`]) or a host's engine thread
+//! ([`Conn::call_blocking`]) — starts its call in the [`CallTable`] and appends its Call
+//! frame to the write buffer in one step under the table's lock, then writes what the
+//! socket takes itself. Only the reply is demultiplexed: whoever reads the socket (the
+//! instance actor, or an engine thread waiting for its own reply) hands every Reply to
+//! [`Conn::deliver`], which completes the call it answers, and leaves every other frame
+//! (pongs, logs, state) in the actor's inbox. An async call therefore costs the wake-up of
+//! the reader and of the caller, with no hop through the actor on the way out. Deadlines,
+//! "did not reply in time", the Cancel sent on a miss, the count of misses in a row and
+//! encode failures are each written once, here, for both paths.
+//!
+//! An engine thread owns the read side for the whole of its call and waits in one blocking
+//! `recv` — the same two wake-ups per round trip as a raw socketpair ping-pong. The actor
+//! reads only when that lock is free; an engine thread wakes it after its call only if it
+//! must (frames left in the inbox or the buffer, bytes the actor did not see, or the
+//! instance waiting to stop).
+//!
+//! Lock order: the read side, then the table, then the write buffer; no lock is held
+//! across a `send` (see [`Conn::write_out`]).
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::socket::MsgFlags;
+use parking_lot::{Condvar, Mutex, MutexGuard};
+use plugin_proto::frame::encode_frame;
+use plugin_proto::{Call, CallError, ErrorCode, Message, Payload, Reply};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::calls::{CallTable, Completed, Expired, Gate};
+use crate::wire::{recv_into, write_available, Filled, ReadSide, LONG_WAIT};
+
+/// What waits for a call's reply.
+pub(crate) enum Waiter {
+    /// An async caller: the reply goes here, and streamed pieces too if it wants them.
+    Async {
+        reply: oneshot::Sender<Result<Payload, CallError>>,
+        chunks: Option<mpsc::UnboundedSender<Payload>>,
+    },
+    /// An engine thread, which reads its own reply.
+    Blocking,
+}
+
+/// What other readers (and callers) leave for the instance actor.
+#[derive(Debug)]
+pub(crate) enum Inbound {
+    /// A frame that is not a reply (those are delivered where they belong).
+    Frame(Message),
+    /// The socket reached end of stream, or broke.
+    Eof,
+    /// The plugin sent something that is not a valid frame.
+    Fault(String),
+    /// Calls missed their deadline too many times in a row.
+    Hung(String),
+}
+
+/// Why a call did not even start.
+pub(crate) enum NotSent {
+    /// The instance is stopping or handed over: try the current route (payload back).
+    Closing(Payload),
+    /// A definite answer.
+    Failed(CallError),
+}
+
+/// One plugin socket and its calls (see the module doc).
+pub(crate) struct Conn {
+    /// A duplicate of the instance's socket (the same open file), in blocking mode: every
+    /// read and write passes `MSG_DONTWAIT` except an engine thread's wait for its reply.
+    sock: UnixStream,
+    name: String,
+    table: Mutex<CallTable<Waiter>>,
+    /// The table's gate, readable without its lock (a hint for fast paths; decisions are
+    /// taken under the lock).
+    gate: AtomicU8,
+    /// Wakes engine threads waiting for a held connection.
+    released: Condvar,
+    /// Wakes async callers waiting for a held connection.
+    released_async: Notify,
+    /// Frames not yet written (appended whole), and whether a thread is writing them.
+    out: Mutex<Outbox>,
+    /// Bytes read but not decoded; an engine thread holds it for its whole call.
+    pub read: Mutex<ReadSide>,
+    inbox: Mutex<Vec<Inbound>>,
+    /// Wakes the actor: the inbox, unwritten or unread bytes, or idle while closing.
+    pub wake: Notify,
+    /// Engine mode: the actor stays off the runtime's epoll for this socket and reads on a
+    /// tick instead, so an engine thread's replies wake nobody but that thread.
+    pub engine: AtomicBool,
+    /// Engine-thread calls made (the actor's read tick backs off while it moves).
+    pub engine_calls: AtomicU64,
+}
+
+/// Frames waiting to be written, and whether a thread is writing a batch of them now.
+struct Outbox {
+    bytes: Vec<u8>,
+    /// A thread is in `send` with a batch taken from `bytes`: others append and leave.
+    writing: bool,
+}
+
+fn gate_code(g: Gate) -> u8 {
+    match g {
+        Gate::Held => 0,
+        Gate::Open => 1,
+        Gate::Closing => 2,
+    }
+}
+
+/// Forgets call `id` if its caller leaves before the reply (a dropped future), and tells
+/// the plugin so it can stop working on it.
+struct Leave<'a> {
+    conn: &'a Conn,
+    id: Option<u64>,
+}
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            let mut t = self.conn.table.lock();
+            if t.abandon(id) {
+                self.conn.cancel(&mut t, id);
+                drop(t);
+                let _ = self.conn.send_now();
+            }
+        }
+    }
+}
+
+impl Conn {
+    /// Shares `sock` (a duplicate of the instance's socket). `hold`: a hot update's new
+    /// instance, whose calls wait for [`Conn::release`]; `missed_limit`: calls in a row
+    /// past their deadline that mean hung (0: never).
+    pub fn new(
+        sock: UnixStream,
+        max_frame: u32,
+        hold: bool,
+        engine: bool,
+        name: &str,
+        missed_limit: u32,
+    ) -> Conn {
+        // Asked of the socket itself, so an instance adopted across an upgrade is right too.
+        let records = matches!(
+            nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::SockType),
+            Ok(nix::sys::socket::SockType::SeqPacket)
+        );
+        let table = CallTable::new(hold, missed_limit);
+        Conn {
+            sock,
+            name: name.to_string(),
+            gate: AtomicU8::new(gate_code(table.gate())),
+            table: Mutex::new(table),
+            released: Condvar::new(),
+            released_async: Notify::new(),
+            out: Mutex::new(Outbox { bytes: Vec::with_capacity(4096), writing: false }),
+            read: Mutex::new(ReadSide::new(max_frame, records)),
+            inbox: Mutex::new(Vec::new()),
+            wake: Notify::new(),
+            engine: AtomicBool::new(engine),
+            engine_calls: AtomicU64::new(0),
+        }
+    }
+
+    /// The shared socket; use [`crate::wire::read_available`] and [`write_available`],
+    /// which never wait.
+    pub fn sock(&self) -> &UnixStream {
+        &self.sock
+    }
+
+    // ----- the instance actor's side -----
+
+    fn gate_moved(&self, t: &CallTable<Waiter>) {
+        self.gate.store(gate_code(t.gate()), Ordering::SeqCst);
+        self.released.notify_all();
+        self.released_async.notify_waiters();
+    }
+
+    /// Lets calls start (a hot update's hand-over is done).
+    pub fn release(&self) {
+        let mut t = self.table.lock();
+        t.release();
+        self.gate_moved(&t);
+    }
+
+    /// No new call starts: callers go to the next route.
+    pub fn close(&self) {
+        let mut t = self.table.lock();
+        t.close();
+        self.gate_moved(&t);
+    }
+
+    /// Closed and no call in flight (async or engine thread).
+    pub fn idle(&self) -> bool {
+        self.table.lock().idle()
+    }
+
+    /// Calls in flight.
+    pub fn in_flight(&self) -> usize {
+        self.table.lock().in_flight()
+    }
+
+    /// Closes, and answers every async call in flight with `code` and `why`; returns how
+    /// many. (An engine thread's call ends with the socket: it reads the end of stream.)
+    pub fn fail_in_flight(&self, code: ErrorCode, why: &str) -> usize {
+        let failed = {
+            let mut t = self.table.lock();
+            let failed = t.fail_all(|w| matches!(w, Waiter::Async { .. }));
+            self.gate_moved(&t);
+            failed
+        };
+        let n = failed.len();
+        for w in failed {
+            if let Waiter::Async { reply, .. } = w {
+                let _ =
+                    reply.send(Err(CallError::new(code, format!("plugin {}: {why}", self.name))));
+            }
+        }
+        n
+    }
+
+    /// Takes everything other readers left for the actor.
+    pub fn take_inbox(&self) -> Vec<Inbound> {
+        std::mem::take(&mut *self.inbox.lock())
+    }
+
+    fn push(&self, item: Inbound) {
+        self.inbox.lock().push(item);
+        self.wake.notify_one();
+    }
+
+    /// Encodes a frame into the write buffer and writes what the socket takes now.
+    pub fn queue(&self, msg: &Message) -> io::Result<()> {
+        self.encode(msg).map_err(io::Error::other)?;
+        self.flush()
+    }
+
+    /// Appends a frame to the write buffer (written by the next flush).
+    pub fn encode(&self, msg: &Message) -> Result<(), plugin_proto::CodecError> {
+        encode_frame(msg, &mut self.out.lock().bytes)
+    }
+
+    /// Writes what the socket takes now of the write buffer (see [`Conn::write_out`]).
+    pub fn flush(&self) -> io::Result<()> {
+        self.write_out()
+    }
+
+    /// Drops what was never written (the socket broke).
+    pub fn discard_unwritten(&self) {
+        self.out.lock().bytes.clear();
+    }
+
+    /// True if frames wait to be written (or are being written).
+    pub fn unwritten(&self) -> bool {
+        let o = self.out.lock();
+        o.writing || !o.bytes.is_empty()
+    }
+
+    /// Writes what the socket takes now, combining writers: a thread that finds another
+    /// one writing leaves its frames to it, and the writer takes every batch appended
+    /// meanwhile before it stops. Concurrent callers so share `send` calls (and the plugin
+    /// its reads) instead of queueing for a lock to make one each. What the socket does not
+    /// take goes back in front and waits for the actor (it watches for room to write).
+    fn write_out(&self) -> io::Result<()> {
+        let mut batch = {
+            let mut o = self.out.lock();
+            if o.writing || o.bytes.is_empty() {
+                return Ok(());
+            }
+            o.writing = true;
+            std::mem::take(&mut o.bytes)
+        };
+        loop {
+            let sent = write_available(&self.sock, &mut batch);
+            let mut o = self.out.lock();
+            match sent {
+                Err(e) => {
+                    o.bytes.clear();
+                    o.writing = false;
+                    return Err(e);
+                }
+                Ok(()) if !batch.is_empty() => {
+                    batch.extend_from_slice(&o.bytes);
+                    o.bytes = batch;
+                    o.writing = false;
+                    drop(o);
+                    self.wake.notify_one();
+                    return Ok(());
+                }
+                Ok(()) => {
+                    // `batch` is empty now: it trades places with what came meanwhile (the
+                    // buffer keeps its allocation either way).
+                    std::mem::swap(&mut o.bytes, &mut batch);
+                    if batch.is_empty() {
+                        o.writing = false;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    // ----- any reader -----
+
+    /// A Reply came in: completes the call it answers. Err: it answers a call never made.
+    pub fn deliver(&self, reply: Reply) -> Result<(), String> {
+        let done = {
+            let mut t = self.table.lock();
+            let done = t.complete(reply.id);
+            self.settled(&t);
+            done
+        };
+        match done {
+            Completed::Waiting(Waiter::Async { reply: tx, .. }) => {
+                let _ = tx.send(reply.result);
+            }
+            // An engine thread holds the read side until it has its own reply, so no one
+            // else reads it; nothing to do if that ever changed.
+            Completed::Waiting(Waiter::Blocking) | Completed::Late => {}
+            Completed::Unknown => {
+                return Err(format!("reply to call {} that was never made", reply.id))
+            }
+        }
+        Ok(())
+    }
+
+    /// A streamed piece of call `id`'s answer: to its caller if it asked for pieces; for
+    /// any other call (or one already answered) it is legal and dropped.
+    pub fn deliver_chunk(&self, id: u64, payload: Payload) {
+        if let Some(Waiter::Async { chunks: Some(tx), .. }) = self.table.lock().waiter(id) {
+            let _ = tx.send(payload);
+        }
+    }
+
+    /// After a call left the table: a closing connection that just became idle wakes the
+    /// actor, which waits for that to shut down or hand over.
+    fn settled(&self, t: &CallTable<Waiter>) {
+        if t.idle() {
+            self.wake.notify_one();
+        }
+    }
+
+    // ----- starting and ending a call -----
+
+    /// The Call's `deadline_us` (0: none), or the error for a deadline already passed.
+    fn deadline_us(&self, deadline: Option<Instant>, now: Instant) -> Result<u64, NotSent> {
+        match deadline {
+            Some(d) if d <= now => Err(NotSent::Failed(CallError::new(
+                ErrorCode::DeadlineExceeded,
+                format!("plugin {}: deadline passed before the call was sent", self.name),
+            ))),
+            Some(d) => Ok((d - now).as_micros().max(1) as u64),
+            None => Ok(0),
+        }
+    }
+
+    /// Starts a call and appends its frame to the write buffer, in one step under the
+    /// table's lock: no Shutdown or hand-over can come between the two (see `calls`'
+    /// model test).
+    fn begin(
+        &self,
+        t: &mut CallTable<Waiter>,
+        waiter: Waiter,
+        method: &str,
+        payload: Payload,
+        deadline_us: u64,
+    ) -> Result<u64, NotSent> {
+        let Ok(id) = t.begin(waiter) else {
+            return Err(NotSent::Closing(payload));
+        };
+        let msg = Message::Call(Call { id, method: method.to_string(), deadline_us, payload });
+        if let Err(e) = encode_frame(&msg, &mut self.out.lock().bytes) {
+            t.abandon(id);
+            return Err(NotSent::Failed(CallError::new(
+                ErrorCode::Internal,
+                format!("plugin {}: cannot encode the call to {method}: {e}", self.name),
+            )));
+        }
+        Ok(id)
+    }
+
+    /// Writes what the socket takes now; what is left the actor writes when there is room.
+    /// Err: the socket is broken (the actor hears of it as the end of the stream).
+    fn send_now(&self) -> Result<(), String> {
+        self.write_out().map_err(|e| {
+            self.push(Inbound::Eof);
+            e.to_string()
+        })
+    }
+
+    /// Tells the plugin call `id` is no longer wanted: appends the Cancel under the table's
+    /// lock, so it cannot follow a Shutdown sent once the table is idle. The caller sends
+    /// it once it has let go of the table.
+    fn cancel(&self, t: &mut CallTable<Waiter>, id: u64) {
+        let _ = encode_frame(&Message::Cancel { id }, &mut self.out.lock().bytes);
+        self.settled(t);
+    }
+
+    /// Call `id` missed its deadline: cancels it and counts the miss. False if its reply
+    /// (or a failure) got there first.
+    fn expire(&self, id: u64) -> bool {
+        let mut t = self.table.lock();
+        let expired = t.expire(id);
+        if expired == Expired::NotPending {
+            return false;
+        }
+        self.cancel(&mut t, id);
+        drop(t);
+        let _ = self.send_now();
+        if let Expired::Hung { limit } = expired {
+            self.push(Inbound::Hung(format!("{limit} calls in a row missed their deadline")));
+        }
+        true
+    }
+
+    /// Forgets call `id` without telling the plugin (the socket is gone anyway).
+    fn forget(&self, id: u64) {
+        let mut t = self.table.lock();
+        t.abandon(id);
+        self.settled(&t);
+    }
+
+    fn late(&self) -> CallError {
+        CallError::new(
+            ErrorCode::DeadlineExceeded,
+            format!("plugin {} did not reply in time", self.name),
+        )
+    }
+
+    fn gone(&self, why: &str) -> CallError {
+        CallError::new(
+            ErrorCode::PluginExited,
+            format!("plugin {} ended before it replied ({why})", self.name),
+        )
+    }
+
+    fn deadline_passed(&self) -> NotSent {
+        NotSent::Failed(CallError::new(
+            ErrorCode::DeadlineExceeded,
+            format!("plugin {}: deadline passed before the call was sent", self.name),
+        ))
+    }
+
+    // ----- the async path -----
+
+    /// One call from an async task: writes its frame, waits for the reply (delivered by
+    /// whoever reads the socket) or the deadline. Dropping the future cancels the call.
+    pub async fn call(
+        &self,
+        method: &str,
+        payload: Payload,
+        deadline: Option<Instant>,
+        chunks: Option<mpsc::UnboundedSender<Payload>>,
+    ) -> Result<Result<Payload, CallError>, NotSent> {
+        let (tx, mut rx) = oneshot::channel();
+        let id = loop {
+            {
+                let mut t = self.table.lock();
+                if t.gate() != Gate::Held {
+                    let deadline_us = self.deadline_us(deadline, Instant::now())?;
+                    let waiter = Waiter::Async { reply: tx, chunks };
+                    break self.begin(&mut t, waiter, method, payload, deadline_us)?;
+                }
+            }
+            self.wait_released(deadline).await?;
+        };
+        let mut leave = Leave { conn: self, id: Some(id) };
+        if let Err(why) = self.send_now() {
+            leave.id = None;
+            self.forget(id);
+            return Ok(Err(self.gone(&why)));
+        }
+        let answer = match deadline {
+            None => (&mut rx).await,
+            Some(d) => {
+                match tokio::time::timeout_at(tokio::time::Instant::from_std(d), &mut rx).await {
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        leave.id = None;
+                        if self.expire(id) {
+                            return Ok(Err(self.late()));
+                        }
+                        // The reply won the race: it is in the channel, or about to be.
+                        (&mut rx).await
+                    }
+                }
+            }
+        };
+        leave.id = None;
+        Ok(answer.unwrap_or_else(|_| Err(self.gone("its connection closed"))))
+    }
+
+    /// Waits until a held connection is released or closed (at most until `deadline`).
+    async fn wait_released(&self, deadline: Option<Instant>) -> Result<(), NotSent> {
+        loop {
+            let released = self.released_async.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if self.table.lock().gate() != Gate::Held {
+                return Ok(());
+            }
+            match deadline {
+                Some(d) => {
+                    let until = tokio::time::Instant::from_std(d);
+                    if tokio::time::timeout_at(until, released).await.is_err() {
+                        return Err(self.deadline_passed());
+                    }
+                }
+                None => released.await,
+            }
+        }
+    }
+
+    // ----- the engine-thread path -----
+
+    /// One call on the calling thread: writes the Call, waits for its Reply on the socket.
+    /// `now` is the caller's recent clock reading (spares a read on the hot path).
+    pub fn call_blocking(
+        &self,
+        method: &str,
+        payload: Payload,
+        deadline: Option<Instant>,
+        now: Instant,
+    ) -> Result<Result<Payload, CallError>, NotSent> {
+        // A new instance of a hot update takes calls only once the old one handed over.
+        // Waited for before taking the read side, which the actor needs meanwhile.
+        if self.gate.load(Ordering::Acquire) == gate_code(Gate::Held) {
+            self.wait_released_blocking(deadline)?;
+        }
+        // A closing connection is left alone: taking the read side would only make the
+        // actor, which needs it to drain, skip a readiness.
+        if self.gate.load(Ordering::SeqCst) == gate_code(Gate::Closing) {
+            return Err(NotSent::Closing(payload));
+        }
+        let mut read = self.read.lock();
+        let outcome = self.call_holding_read(&mut read, method, payload, deadline, now);
+        // Frames read together with our reply are still undecoded in the buffer.
+        let leftover = !read.rbuf.is_empty();
+        drop(read);
+        // Those, and bytes that arrived while we held the socket, were not seen by the actor
+        // (it clears its readiness then); a stopping actor waits for us. So it must look now
+        // — on every way out, a call refused by a gate that closed meanwhile too. In engine
+        // mode the actor reads on its tick once calls pause, so no peek is needed.
+        if leftover
+            || self.gate.load(Ordering::SeqCst) == gate_code(Gate::Closing)
+            || (!self.engine.load(Ordering::Relaxed) && self.unread_bytes())
+        {
+            self.wake.notify_one();
+        }
+        outcome
+    }
+
+    /// [`Conn::call_blocking`] once it holds the read side.
+    fn call_holding_read(
+        &self,
+        read: &mut MutexGuard<'_, ReadSide>,
+        method: &str,
+        payload: Payload,
+        deadline: Option<Instant>,
+        now: Instant,
+    ) -> Result<Result<Payload, CallError>, NotSent> {
+        let id = {
+            let mut t = self.table.lock();
+            let deadline_us = self.deadline_us(deadline, now)?;
+            self.begin(&mut t, Waiter::Blocking, method, payload, deadline_us)?
+        };
+        self.engine_calls.fetch_add(1, Ordering::Relaxed);
+        Ok(match self.send_now() {
+            Ok(()) => self.await_reply(read, id, deadline, now),
+            Err(why) => {
+                self.forget(id);
+                Err(self.gone(&why))
+            }
+        })
+    }
+
+    fn wait_released_blocking(&self, deadline: Option<Instant>) -> Result<(), NotSent> {
+        let mut t = self.table.lock();
+        while t.gate() == Gate::Held {
+            match deadline {
+                Some(d) => {
+                    if Instant::now() >= d {
+                        return Err(self.deadline_passed());
+                    }
+                    self.released.wait_until(&mut t, d);
+                }
+                None => {
+                    self.released.wait_for(&mut t, LONG_WAIT);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// True if bytes wait in the socket (a peek; nothing is consumed).
+    fn unread_bytes(&self) -> bool {
+        let mut one = [0u8; 1];
+        matches!(
+            nix::sys::socket::recv(
+                self.sock.as_raw_fd(),
+                &mut one,
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+            ),
+            Ok(n) if n > 0
+        )
+    }
+
+    /// Reads the socket until call `id`'s reply; delivers other replies, leaves other
+    /// frames for the actor. Every way out leaves `id` out of the table.
+    fn await_reply(
+        &self,
+        read: &mut MutexGuard<'_, ReadSide>,
+        id: u64,
+        deadline: Option<Instant>,
+        sent: Instant,
+    ) -> Result<Payload, CallError> {
+        let mut sent = Some(sent);
+        loop {
+            // Whole frames already read first (the actor may have left some).
+            loop {
+                let ReadSide { rbuf, decoder, .. } = &mut **read;
+                match decoder.next(rbuf) {
+                    Ok(Some(Message::Reply(r))) if r.id == id => {
+                        let mut t = self.table.lock();
+                        t.complete(id);
+                        self.settled(&t);
+                        return r.result;
+                    }
+                    Ok(Some(Message::Reply(r))) => {
+                        if let Err(e) = self.deliver(r) {
+                            return Err(self.broken(id, e));
+                        }
+                    }
+                    // An engine thread has no one to stream pieces to.
+                    Ok(Some(Message::Chunk { id: cid, .. })) if cid == id => {}
+                    Ok(Some(Message::Chunk { id: cid, payload })) => {
+                        self.deliver_chunk(cid, payload)
+                    }
+                    Ok(Some(other)) => self.push(Inbound::Frame(other)),
+                    Ok(None) => break,
+                    Err(e) => return Err(self.broken(id, e.to_string())),
+                }
+            }
+            let wait = match deadline {
+                Some(d) => {
+                    // The first wait counts from when the call was sent; later ones from now.
+                    let now = sent.take().unwrap_or_else(Instant::now);
+                    let left = d.saturating_duration_since(now);
+                    if left.is_zero() {
+                        self.expire(id);
+                        return Err(self.late());
+                    }
+                    left
+                }
+                None => LONG_WAIT,
+            };
+            // One blocking recv is the whole wait: no poll before it.
+            if let Err(e) = read.arm(&self.sock, wait) {
+                self.forget(id);
+                return Err(self.gone(&format!("cannot set the receive timeout: {e}")));
+            }
+            let records = read.records;
+            match recv_into(&self.sock, &mut read.rbuf, MsgFlags::empty(), records) {
+                Ok(Filled::Drained | Filled::More) => {}
+                Ok(Filled::Eof) => {
+                    self.forget(id);
+                    self.push(Inbound::Eof);
+                    return Err(self.gone("closed its socket"));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The receive timeout ran out (the deadline check above answers next) —
+                    // or the socket is not in blocking mode after all. Waiting in poll for
+                    // what is left of the wait makes sure this loop never spins either way.
+                    if let Err(e) = self.poll_readable(deadline) {
+                        self.forget(id);
+                        return Err(self.gone(&e.to_string()));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    return Err(self.broken(id, e.to_string()));
+                }
+                Err(e) => {
+                    self.forget(id);
+                    self.push(Inbound::Eof);
+                    return Err(self.gone(&e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// The plugin broke the protocol during an engine thread's call.
+    fn broken(&self, id: u64, why: String) -> CallError {
+        self.forget(id);
+        let err = self.gone(&format!("protocol violation: {why}"));
+        self.push(Inbound::Fault(why));
+        err
+    }
+
+    /// Waits in poll until the socket is readable or `deadline` (at most [`LONG_WAIT`]).
+    fn poll_readable(&self, deadline: Option<Instant>) -> Result<(), Errno> {
+        let left = match deadline {
+            Some(d) => d.saturating_duration_since(Instant::now()),
+            None => LONG_WAIT,
+        };
+        if left.is_zero() {
+            return Ok(());
+        }
+        let ms = left.as_micros().div_ceil(1000);
+        let timeout = nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX);
+        let mut fds = [nix::poll::PollFd::new(self.sock.as_fd(), nix::poll::PollFlags::POLLIN)];
+        match nix::poll::poll(&mut fds, timeout) {
+            Ok(_) | Err(Errno::EINTR) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// How long a caller that met a closing connection waits for the next route at most.
+pub(crate) const ROUTE_WAIT: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    //! A model check of the read-side hand-off between an engine thread and the actor: the
+    //! actor clears its readiness when it finds the read side taken, so whoever took it
+    //! must wake the actor on the way out if bytes may be left unseen. Every order of the
+    //! steps below is run; a socket left holding bytes nobody will look at is a failure.
+
+    /// Model state: records in the socket, tokio's readiness, the wake permit, the lock.
+    #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+    struct World {
+        socket: u8,
+        to_send: u8,
+        ready: bool,
+        wake: bool,
+        engine_holds: bool,
+        closing: bool,
+        closed_yet: bool,
+        engine_pc: u8,
+    }
+
+    /// `wake_on_refusal`: the engine thread runs the wake check also when the gate it meets
+    /// after taking the read side is closed (the fixed code; false is the old bug).
+    fn steps(w: &World, wake_on_refusal: bool) -> Vec<World> {
+        let mut out = Vec::new();
+        // The plugin sends a record: bytes arrive, and an edge marks the socket readable.
+        if w.to_send > 0 {
+            let mut n = w.clone();
+            n.to_send -= 1;
+            n.socket += 1;
+            n.ready = true;
+            out.push(n);
+        }
+        // The instance closes the gate (a hot update retires it), at any moment.
+        if !w.closed_yet {
+            let mut n = w.clone();
+            n.closing = true;
+            n.closed_yet = true;
+            out.push(n);
+        }
+        // The engine thread: take the read side, meet the gate, read its reply, let go.
+        match w.engine_pc {
+            0 if !w.engine_holds => {
+                let mut n = w.clone();
+                n.engine_holds = true;
+                n.engine_pc = 1;
+                out.push(n);
+            }
+            1 if w.closing => {
+                let mut n = w.clone();
+                n.engine_holds = false;
+                if wake_on_refusal && (n.socket > 0 || n.closing) {
+                    n.wake = true;
+                }
+                n.engine_pc = 9;
+                out.push(n);
+            }
+            1 if w.socket > 0 => {
+                let mut n = w.clone();
+                n.socket -= 1; // its own reply (or one it delivers)
+                n.engine_pc = 2;
+                out.push(n);
+            }
+            2 => {
+                let mut n = w.clone();
+                n.engine_holds = false;
+                if n.socket > 0 || n.closing {
+                    n.wake = true;
+                }
+                n.engine_pc = 9;
+                out.push(n);
+            }
+            _ => {}
+        }
+        // The actor on readiness: reads all if the read side is free, else clears it.
+        if w.ready {
+            let mut n = w.clone();
+            if !n.engine_holds {
+                n.socket = 0;
+            }
+            n.ready = false;
+            out.push(n);
+        }
+        // The actor woken by the engine thread: reads all if it can.
+        if w.wake {
+            let mut n = w.clone();
+            n.wake = false;
+            if !n.engine_holds {
+                n.socket = 0;
+            }
+            out.push(n);
+        }
+        out
+    }
+
+    /// The first end state with bytes nobody will read, if any.
+    fn stuck(wake_on_refusal: bool) -> Option<World> {
+        let start = World {
+            socket: 0,
+            to_send: 3,
+            ready: false,
+            wake: false,
+            engine_holds: false,
+            closing: false,
+            closed_yet: false,
+            engine_pc: 0,
+        };
+        let mut seen = std::collections::HashSet::new();
+        let mut stack = vec![start];
+        while let Some(w) = stack.pop() {
+            if !seen.insert(w.clone()) {
+                continue;
+            }
+            let next = steps(&w, wake_on_refusal);
+            // An end state: nothing can run. An engine thread still waiting (pc 1, gate
+            // open, no bytes) with nothing left to send is the plugin's silence, not ours.
+            if next.is_empty() && w.socket > 0 {
+                return Some(w);
+            }
+            stack.extend(next);
+        }
+        None
+    }
+
+    #[test]
+    fn an_engine_thread_never_leaves_bytes_the_actor_will_not_see() {
+        assert_eq!(stuck(true), None);
+        // The model finds the bug this code once had: refused by a gate that closed while
+        // it took the read side, the engine thread left without waking the actor.
+        assert!(stuck(false).is_some(), "the model no longer tells the two apart");
+    }
+}
