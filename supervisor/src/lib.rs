@@ -43,6 +43,7 @@ mod slot;
 pub mod spawn;
 mod stop;
 mod supervisor;
+mod swap;
 pub mod units;
 mod wire;
 

@@ -24,6 +24,7 @@ use crate::manifest::PluginSpec;
 use crate::router::Shared;
 use crate::sandbox::{HostFacts, SandboxReport};
 use crate::spawn::{SpawnPlan, Spawner};
+use crate::swap::{self, Act, Report};
 
 /// Orders from the supervisor to a slot.
 pub(crate) enum SlotCommand {
@@ -37,15 +38,26 @@ pub(crate) enum SlotCommand {
     Update(Box<PluginSpec>, oneshot::Sender<Result<(), String>>),
 }
 
-/// A hot update in progress.
+/// A hot update in progress: where it is (see [`crate::swap`]) and what it holds.
 struct Update {
-    spec: PluginSpec,
-    reply: oneshot::Sender<Result<(), String>>,
+    phase: swap::Phase,
+    /// The version being installed (taken when it succeeds).
+    spec: Option<PluginSpec>,
+    /// Who asked (answered once, when it succeeds or fails).
+    reply: Option<oneshot::Sender<Result<(), String>>>,
     /// The new instance (starting, then serving once released).
     new: Current,
     /// Once switched: the old instance, draining (its control queue must stay open, or it
     /// would take the closed queue as an order to die).
     retiring: Option<Current>,
+}
+
+impl Update {
+    fn answer(&mut self, result: Result<(), String>) {
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(result);
+        }
+    }
 }
 
 /// A plugin handed over to a successor process: its live instance plus its bookkeeping.
@@ -93,12 +105,14 @@ impl Slot {
         }
     }
 
-    fn publish(&self, m: &Machine, pid: Option<u32>, sdk: Option<String>) {
+    /// Publishes the lifecycle machine's view (and an update's, where it differs) — the
+    /// one place the status's state is written while the slot runs.
+    fn publish(&self, m: &Machine, pid: Option<u32>, sdk: Option<String>, update: Option<&Update>) {
         let mut live = self.shared.live.lock();
-        live.state = m.state;
+        live.state = update.and_then(|u| u.phase.overrides_state()).unwrap_or(m.state);
         live.restarts = m.restarts;
         live.last_exit = m.last_exit.clone();
-        live.ready_since = if m.state == State::Ready {
+        live.ready_since = if live.state == State::Ready {
             live.ready_since.or_else(|| Some(Instant::now()))
         } else {
             None
@@ -156,9 +170,6 @@ impl Slot {
         let mut start_waiters: Vec<oneshot::Sender<Result<(), ExitReason>>> = Vec::new();
         let mut stop_waiters: Vec<oneshot::Sender<()>> = Vec::new();
         let mut update: Option<Update> = None;
-        // After a new version died during its hand-over: the old instance (still draining)
-        // and why the new one ended. Its state and its exit restart the old version.
-        let mut failed_update: Option<(Current, ExitReason)> = None;
         let far = Instant::now() + std::time::Duration::from_secs(86400 * 365);
 
         loop {
@@ -184,7 +195,8 @@ impl Slot {
                             Ok(new) => {
                                 self.note(LogLevel::Info, format!("updating to {} beside the running instance", spec.manifest.version));
                                 self.shared.live.lock().updating_to = Some(spec.manifest.version.to_string());
-                                update = Some(Update { spec: *spec, reply, new, retiring: None });
+                                let phase = swap::Phase::Starting { new: generation };
+                                update = Some(Update { phase, spec: Some(*spec), reply: Some(reply), new, retiring: None });
                             }
                             Err(reason) => {
                                 let _ = reply.send(Err(reason.to_string()));
@@ -227,92 +239,92 @@ impl Slot {
                     None => break,
                 },
                 Some((gen, ev)) = ev_rx.recv() => {
-                    if let Some(u) = update.as_mut() {
-                        let new_gen = u.new.generation;
-                        match (&ev, u.retiring.as_ref().map(|c| c.generation)) {
-                            // The new instance is Ready: switch routing to it (it holds calls until
-                            // released), and retire the old one, which drains and hands over its state.
-                            (InstanceEvent::Ready { pid: p, sdk: s, lockdown }, None) if gen == new_gen => {
-                                self.record_lockdown(lockdown);
-                                let calls = u.new.calls.clone();
-                                if let Some(calls) = calls {
-                                    self.shared.set_route(Some(calls));
-                                }
-                                let old = current.replace(Current { generation: new_gen, control: u.new.control.clone(), calls: u.new.calls.take() });
-                                if let Some(mut old) = old {
-                                    old.calls = None;
-                                    let _ = old.control.send(Control::Stop).await;
-                                    u.retiring = Some(old);
-                                }
-                                pid = Some(*p);
-                                let mut live = self.shared.live.lock();
-                                live.pid = pid;
-                                live.sdk = Some(s.clone());
-                                live.version = u.spec.manifest.version.to_string();
-                                live.ready_since = Some(Instant::now());
-                                continue;
-                            }
-                            // The new instance died before it was Ready: the old one keeps serving.
-                            (InstanceEvent::Exited { reason, .. }, None) if gen == new_gen => {
-                                let why = format!("the new instance did not start: {reason}");
-                                self.note(LogLevel::Error, format!("update failed, still serving the running version: {why}"));
-                                self.shared.live.lock().updating_to = None;
-                                if let Some(u) = update.take() {
-                                    let _ = u.reply.send(Err(why));
-                                }
-                                continue;
-                            }
-                            // The old instance is gone: hand its state to the new one and release it.
-                            (InstanceEvent::Exited { state, reason }, Some(old)) if gen == old => {
-                                let _ = u.new.control.send(Control::Release(state.clone())).await;
-                                self.note(LogLevel::Info, format!("updated to {} (old instance: {reason})", u.spec.manifest.version));
-                                self.shared.live.lock().updating_to = None;
-                                if let Some(u) = update.take() {
-                                    self.spec = u.spec;
-                                    let _ = u.reply.send(Ok(()));
-                                }
-                                continue;
-                            }
-                            // The new instance died after Ready, before the old one handed over: the
-                            // update failed. Once the old one has drained (its in-flight calls
-                            // finish), the old version starts again with its state.
-                            (InstanceEvent::Exited { reason, .. }, Some(_)) if gen == new_gen => {
-                                let why = format!("the new instance ended before the hand-over: {reason}");
-                                self.note(LogLevel::Error, format!("update failed: {why}; the running version restarts once it has drained"));
-                                *self.shared.live.lock().exits.entry(reason.kind()).or_default() += 1;
-                                current = None;
-                                pid = None;
-                                self.shared.set_route(None);
-                                {
+                    // A report about the update's instances goes to its machine first.
+                    let report = match &ev {
+                        InstanceEvent::Ready { .. } => Report::Ready,
+                        InstanceEvent::Drained => Report::Drained,
+                        InstanceEvent::Exited { reason, .. } => Report::Exited(reason.clone()),
+                    };
+                    let running = current.as_ref().map(|c| c.generation);
+                    let stepped = update.as_ref().and_then(|u| swap::step(&u.phase, gen, &report, running));
+                    if let Some((next, acts)) = stepped {
+                        let Some(mut u) = update.take() else { continue };
+                        let mut restart = None;
+                        for act in acts {
+                            match act {
+                                Act::SwitchToNew => {
+                                    let InstanceEvent::Ready { pid: p, sdk: s, lockdown } = &ev else { continue };
+                                    self.record_lockdown(lockdown);
+                                    if let Some(calls) = u.new.calls.clone() {
+                                        self.shared.set_route(Some(calls));
+                                    }
+                                    let old = current.replace(Current { generation: u.new.generation, control: u.new.control.clone(), calls: u.new.calls.take() });
+                                    if let Some(mut old) = old {
+                                        old.calls = None;
+                                        let _ = old.control.send(Control::Stop).await;
+                                        u.retiring = Some(old);
+                                    }
+                                    pid = Some(*p);
                                     let mut live = self.shared.live.lock();
-                                    live.updating_to = None;
-                                    live.version = self.spec.manifest.version.to_string();
-                                    // Not Ready: nothing is routed until the old one has drained
-                                    // and restarted.
-                                    live.state = State::Draining;
-                                    live.pid = None;
+                                    live.pid = pid;
+                                    live.sdk = Some(s.clone());
+                                    if let Some(spec) = &u.spec {
+                                        live.version = spec.manifest.version.to_string();
+                                    }
+                                    live.ready_since = Some(Instant::now());
                                 }
-                                // Keep the old instance's control channel: dropping it kills it.
-                                if let Some(old) = u.retiring.take() {
-                                    failed_update = Some((old, reason.clone()));
+                                Act::ReleaseNew => {
+                                    let state = match &ev { InstanceEvent::Exited { state, .. } => state.clone(), _ => None };
+                                    let _ = u.new.control.send(Control::Release(state)).await;
                                 }
-                                if let Some(u) = update.take() {
-                                    let _ = u.reply.send(Err(why));
+                                Act::Succeed => {
+                                    if let (Some(spec), Report::Exited(reason)) = (u.spec.take(), &report) {
+                                        self.note(LogLevel::Info, format!("updated to {} (old instance: {reason})", spec.manifest.version));
+                                        self.spec = spec;
+                                    }
+                                    self.shared.live.lock().updating_to = None;
+                                    u.answer(Ok(()));
                                 }
+                                Act::FailKeepOld(why) => {
+                                    self.note(LogLevel::Error, format!("update failed, still serving the running version: {why}"));
+                                    self.shared.live.lock().updating_to = None;
+                                    u.answer(Err(why));
+                                }
+                                Act::FailAfterSwitch(why) => {
+                                    self.note(LogLevel::Error, format!("update failed: {why}; the running version restarts once it has drained"));
+                                    if let Report::Exited(reason) = &report {
+                                        *self.shared.live.lock().exits.entry(reason.kind()).or_default() += 1;
+                                    }
+                                    current = None;
+                                    pid = None;
+                                    self.shared.set_route(None);
+                                    {
+                                        let mut live = self.shared.live.lock();
+                                        live.updating_to = None;
+                                        live.version = self.spec.manifest.version.to_string();
+                                    }
+                                    u.answer(Err(why));
+                                }
+                                Act::RestartOld(reason) => {
+                                    if let InstanceEvent::Exited { state: Some(state), .. } = &ev {
+                                        handover = Some(state.clone());
+                                    }
+                                    restart = Some(reason);
+                                }
+                            }
+                        }
+                        if let Some(phase) = next {
+                            u.phase = phase;
+                            update = Some(u);
+                        }
+                        match restart {
+                            // As if the running instance had ended this way: the policy restarts it.
+                            Some(reason) => Event::ProcessExited(reason),
+                            None => {
+                                self.publish(&machine, pid, None, update.as_ref());
                                 continue;
                             }
-                            (_, Some(old)) if gen == old => continue, // the old one's Drained
-                            _ => {}
                         }
-                    }
-                    if failed_update.as_ref().is_some_and(|(old, _)| gen == old.generation) {
-                        let InstanceEvent::Exited { state, .. } = ev else { continue };
-                        if state.is_some() {
-                            handover = state;
-                        }
-                        let Some((_, reason)) = failed_update.take() else { continue };
-                        // As if the running instance had ended this way: the policy restarts it.
-                        Event::ProcessExited(reason)
                     } else {
                     if current.as_ref().map(|c| c.generation) != Some(gen) {
                         continue; // a report from an instance we already let go of
@@ -416,7 +428,7 @@ impl Slot {
                     }
                 }
             }
-            self.publish(&machine, pid, sdk);
+            self.publish(&machine, pid, sdk, update.as_ref());
 
             match machine.state {
                 State::Ready => {
