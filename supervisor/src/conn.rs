@@ -853,3 +853,129 @@ mod tests {
         assert!(stuck(false).is_some(), "the model no longer tells the two apart");
     }
 }
+
+#[cfg(test)]
+mod socket_tests {
+    //! The core against a socketpair standing in for the plugin: what a caller does to
+    //! the frames the plugin sees, with no instance actor at all.
+
+    use super::*;
+    use plugin_proto::frame::FrameDecoder;
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+
+    fn pair(missed_limit: u32) -> (Arc<Conn>, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        theirs.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        (Arc::new(Conn::new(ours, 1 << 20, false, false, "fake", missed_limit)), theirs)
+    }
+
+    /// The next `n` frames the plugin side receives.
+    fn frames(theirs: &mut UnixStream, n: usize) -> Vec<Message> {
+        let decoder = FrameDecoder::new(1 << 20);
+        let (mut buf, mut out, mut chunk) = (Vec::new(), Vec::new(), [0u8; 4096]);
+        while out.len() < n {
+            while let Some(m) = decoder.next(&mut buf).unwrap() {
+                out.push(m);
+            }
+            if out.len() < n {
+                let got = theirs.read(&mut chunk).expect("the plugin side got its frames");
+                buf.extend_from_slice(&chunk[..got]);
+            }
+        }
+        out
+    }
+
+    fn send(theirs: &mut UnixStream, msg: &Message) {
+        let mut buf = Vec::new();
+        encode_frame(msg, &mut buf).unwrap();
+        theirs.write_all(&buf).unwrap();
+    }
+
+    fn call_id(m: &Message) -> u64 {
+        match m {
+            Message::Call(c) => c.id,
+            other => panic!("expected a Call, got {}", other.kind()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_leaves_cancels_its_call_and_its_late_reply_is_dropped() {
+        let (conn, mut theirs) = pair(3);
+        let call = conn.call("work", Payload::empty(), None, None);
+        let gave_up = tokio::time::timeout(Duration::from_millis(50), call).await;
+        assert!(gave_up.is_err(), "no reply came, so the call was still waiting");
+        let got = frames(&mut theirs, 2);
+        let id = call_id(&got[0]);
+        assert!(matches!(got[1], Message::Cancel { id: c } if c == id), "{:?}", got[1].kind());
+        assert_eq!(conn.in_flight(), 0);
+        // A reply to it is late and legal; one to a call never made is a violation.
+        let ok = |id| Reply { id, result: Ok(Payload::empty()) };
+        assert_eq!(conn.deliver(ok(id)), Ok(()));
+        assert!(conn.deliver(ok(id + 5)).unwrap_err().contains("never made"));
+    }
+
+    #[tokio::test]
+    async fn calls_past_their_deadline_are_cancelled_and_enough_in_a_row_mean_hung() {
+        let (conn, mut theirs) = pair(2);
+        for _ in 0..2 {
+            let deadline = Some(Instant::now() + Duration::from_millis(20));
+            let answer = conn.call("work", Payload::empty(), deadline, None).await;
+            let err = answer.ok().expect("the call was sent").unwrap_err();
+            assert_eq!(err.code, ErrorCode::DeadlineExceeded, "{err}");
+            assert!(err.message.contains("plugin fake did not reply in time"), "{err}");
+        }
+        let got = frames(&mut theirs, 4);
+        assert!(matches!(got[1], Message::Cancel { id } if id == call_id(&got[0])));
+        assert!(matches!(got[3], Message::Cancel { id } if id == call_id(&got[2])));
+        let inbox = conn.take_inbox();
+        assert!(
+            inbox
+                .iter()
+                .any(|i| matches!(i, Inbound::Hung(why) if why.contains("2 calls in a row"))),
+            "{inbox:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_engine_thread_hands_an_async_callers_reply_to_it_on_the_way() {
+        let (conn, mut theirs) = pair(3);
+        // An async call waits; no actor runs, so only the engine thread reads the socket.
+        let waiting = {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let p = Payload::raw(plugin_proto::PayloadCodec::Json, b"1".to_vec());
+                conn.call("async", p, None, None).await.ok().expect("sent")
+            })
+        };
+        let async_id = call_id(&frames(&mut theirs, 1)[0]);
+        let engine = {
+            let conn = conn.clone();
+            std::thread::spawn(move || {
+                let deadline = Some(Instant::now() + Duration::from_secs(10));
+                conn.call_blocking("engine", Payload::empty(), deadline, Instant::now())
+                    .ok()
+                    .expect("sent")
+            })
+        };
+        let engine_id = call_id(&frames(&mut theirs, 1)[0]);
+        // The plugin answers the async call first, then the engine thread's.
+        let answer = |id, body: &[u8]| {
+            Message::Reply(Reply {
+                id,
+                result: Ok(Payload::raw(plugin_proto::PayloadCodec::Json, body.to_vec())),
+            })
+        };
+        send(&mut theirs, &answer(async_id, b"\"async\""));
+        send(&mut theirs, &answer(engine_id, b"\"engine\""));
+        let mine = engine.join().unwrap().expect("the engine thread's reply");
+        assert_eq!(mine.data, b"\"engine\"");
+        let theirs_too = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the async caller was answered without an actor")
+            .unwrap()
+            .expect("its reply");
+        assert_eq!(theirs_too.data, b"\"async\"");
+        assert_eq!(conn.in_flight(), 0);
+    }
+}
