@@ -70,7 +70,17 @@ async fn garbage_after_ready_kills_only_that_plugin() {
     let w = sup.load(garbage(&dir, "wrong-way")).await.unwrap();
     eventually("wrong-way plugin classified", || w.status().state == State::Exited).await;
     let reason = w.status().last_exit.unwrap().to_string();
-    assert!(reason.contains("protocol violation") && reason.contains("Call"), "{reason}");
+    assert!(reason.contains("protocol violation") && reason.contains("Shutdown"), "{reason}");
+    neighbour_answers(&echo).await;
+
+    // A plugin that offered only protocol 1 (it was spoken to in 1) and calls the host.
+    let v1 = sup.load(garbage(&dir, "call-on-v1")).await.unwrap();
+    eventually("v1 caller classified", || v1.status().state == State::Exited).await;
+    let reason = v1.status().last_exit.unwrap().to_string();
+    assert!(
+        reason.contains("protocol violation") && reason.contains("need protocol 2"),
+        "{reason}"
+    );
     neighbour_answers(&echo).await;
     sup.shutdown().await;
 }

@@ -24,7 +24,7 @@ pub use message::{
     Call, CallError, ErrorCode, Hello, LogLevel, Message, Payload, PayloadCodec, Reply, Side,
     Welcome,
 };
-pub use version::{negotiate, MAGIC, PROTO_MAX, PROTO_MIN};
+pub use version::{negotiate, MAGIC, PROTO_HOST_CALLS, PROTO_MAX, PROTO_MIN};
 
 /// The one rule for a plugin name, wherever a name comes from (a manifest, a control
 /// request, an HTTP path): 1-64 lowercase letters, digits, `-` or `_` — so a name can

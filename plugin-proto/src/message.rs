@@ -90,7 +90,24 @@ pub enum Message {
 }
 
 impl Message {
-    /// Which side may send this message.
+    /// Whether `side` may send this message on a connection speaking protocol `proto`.
+    /// From version 2 ([`crate::PROTO_HOST_CALLS`]) calls go both ways: a plugin may send
+    /// `Call` and `Cancel` for its own calls to the host, and the supervisor answers them
+    /// with `Reply` (each direction numbers its calls on its own).
+    pub fn may_be_sent_by(&self, side: Side, proto: u16) -> bool {
+        let both_ways = proto >= crate::PROTO_HOST_CALLS
+            && matches!(
+                self,
+                Message::Call(_)
+                    | Message::Reply(_)
+                    | Message::Chunk { .. }
+                    | Message::Cancel { .. }
+            );
+        both_ways || matches!(self.sent_by(), Side::Both) || self.sent_by() == side
+    }
+
+    /// Which side may send this message in protocol version 1 (see
+    /// [`Message::may_be_sent_by`] for later versions).
     pub fn sent_by(&self) -> Side {
         match self {
             Message::Hello(_)

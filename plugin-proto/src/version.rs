@@ -9,8 +9,12 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"PLGD");
 /// Lowest protocol version this crate speaks.
 pub const PROTO_MIN: u16 = 1;
 
-/// Highest protocol version this crate speaks.
-pub const PROTO_MAX: u16 = 1;
+/// Highest protocol version this crate speaks. Version 2 adds host calls: a plugin may
+/// send `Call` (and `Cancel`) to the supervisor, which answers with `Reply`.
+pub const PROTO_MAX: u16 = 2;
+
+/// The first protocol version in which a plugin may call the host.
+pub const PROTO_HOST_CALLS: u16 = 2;
 
 /// Returns the highest version in both `ours` and `theirs`, if any.
 pub fn negotiate(ours: (u16, u16), theirs: (u16, u16)) -> Option<u16> {

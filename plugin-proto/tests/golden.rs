@@ -95,6 +95,45 @@ fn vectors() -> Vec<(&'static str, Message)> {
         ("state", Message::State { blob: vec![1, 2, 3, 4] }),
         ("goodbye", Message::Goodbye),
         ("log", Message::Log { level: LogLevel::Warn, message: "hi".into() }),
+        // Version 2: host calls.
+        (
+            "hello_v2",
+            Message::Hello(Hello {
+                magic: MAGIC,
+                proto_min: 1,
+                proto_max: 2,
+                name: "strat".into(),
+                version: "1.0.0".into(),
+                methods: vec!["on_tick".into()],
+                sdk: "rs/0.2".into(),
+            }),
+        ),
+        (
+            "welcome_v2",
+            Message::Welcome(Welcome {
+                proto: 2,
+                config_json: "{}".into(),
+                heartbeat_ms: 1000,
+                max_frame: 16_777_216,
+                state: None,
+            }),
+        ),
+        (
+            "host_call",
+            Message::Call(Call {
+                id: 1,
+                method: "send_order".into(),
+                deadline_us: 500,
+                payload: Payload::raw(PayloadCodec::Json, b"{\"qty\":1}".to_vec()),
+            }),
+        ),
+        (
+            "host_reply",
+            Message::Reply(Reply {
+                id: 1,
+                result: Ok(Payload::raw(PayloadCodec::Json, b"\"filled\"".to_vec())),
+            }),
+        ),
     ]
 }
 

@@ -207,3 +207,28 @@ fn read_frame_grows_the_body_as_bytes_arrive() {
     let mut spy = Spy { data, at: 0, largest: 0 };
     assert_eq!(read_frame(&mut spy, DEFAULT_MAX_FRAME).unwrap(), msg);
 }
+
+#[test]
+fn calls_go_both_ways_from_protocol_2_and_one_way_before() {
+    use plugin_proto::{Call, Message, Payload, Reply, Side};
+    let call = Message::Call(Call {
+        id: 1,
+        method: "m".into(),
+        deadline_us: 0,
+        payload: Payload::empty(),
+    });
+    let reply = Message::Reply(Reply { id: 1, result: Ok(Payload::empty()) });
+    let cancel = Message::Cancel { id: 1 };
+    for m in [&call, &cancel] {
+        assert!(m.may_be_sent_by(Side::Supervisor, 1));
+        assert!(!m.may_be_sent_by(Side::Plugin, 1), "{} from a plugin needs version 2", m.kind());
+        assert!(m.may_be_sent_by(Side::Plugin, 2));
+    }
+    assert!(!reply.may_be_sent_by(Side::Supervisor, 1));
+    assert!(reply.may_be_sent_by(Side::Supervisor, 2));
+    // Everything else keeps its one direction.
+    assert!(!Message::Ping { seq: 1 }.may_be_sent_by(Side::Plugin, 2));
+    assert!(!Message::Ready.may_be_sent_by(Side::Supervisor, 2));
+    assert!(Message::Notify { method: "x".into(), payload: Payload::empty() }
+        .may_be_sent_by(Side::Plugin, 1));
+}

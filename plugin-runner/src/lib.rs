@@ -30,11 +30,13 @@
 
 #![warn(missing_docs)]
 
+mod ctx;
 mod lockdown;
 mod logging;
 mod methods;
 mod run;
 
+pub use ctx::Ctx;
 pub use logging::LogForwarder;
 pub use methods::Methods;
 pub use plugin_proto::{CallError, ErrorCode, Payload, PayloadCodec};

@@ -6,7 +6,9 @@ use std::fmt::Display;
 use plugin_proto::{CallError, ErrorCode, Payload};
 use serde::{de::DeserializeOwned, Serialize};
 
-type Handler<P> = Box<dyn FnMut(&mut P, &Payload) -> Result<Payload, CallError>>;
+use crate::Ctx;
+
+type Handler<P> = Box<dyn FnMut(&mut P, &mut Ctx<'_>, &Payload) -> Result<Payload, CallError>>;
 
 /// Handlers by method name, each with typed or raw arguments.
 pub struct Methods<P> {
@@ -30,15 +32,27 @@ impl<P> Methods<P> {
         E: Display,
         F: FnMut(&mut P, A) -> Result<R, E> + 'static,
     {
+        self.with_ctx(method, move |plugin, _ctx, arg| f(plugin, arg))
+    }
+
+    /// [`Methods::typed`] for a handler that calls the host through its [`Ctx`]
+    /// (`ctx.call("send_order", &order)`, protocol version 2).
+    pub fn with_ctx<A, R, E, F>(&mut self, method: &str, mut f: F) -> &mut Self
+    where
+        A: DeserializeOwned,
+        R: Serialize,
+        E: Display,
+        F: FnMut(&mut P, &mut Ctx<'_>, A) -> Result<R, E> + 'static,
+    {
         let name = method.to_string();
         self.handlers.insert(
             method.to_string(),
-            Box::new(move |plugin, payload| {
+            Box::new(move |plugin, ctx, payload| {
                 let arg: A = payload.decode().map_err(|e| {
                     CallError::new(ErrorCode::BadPayload, format!("method {name}: {e}"))
                 })?;
-                let out =
-                    f(plugin, arg).map_err(|e| CallError::new(ErrorCode::Failed, e.to_string()))?;
+                let out = f(plugin, ctx, arg)
+                    .map_err(|e| CallError::new(ErrorCode::Failed, e.to_string()))?;
                 payload
                     .encode_like(&out)
                     .map_err(|e| CallError::new(ErrorCode::Internal, format!("method {name}: {e}")))
@@ -48,11 +62,12 @@ impl<P> Methods<P> {
     }
 
     /// Registers a handler that sees the payload as sent and builds its own reply.
-    pub fn raw<F>(&mut self, method: &str, f: F) -> &mut Self
+    pub fn raw<F>(&mut self, method: &str, mut f: F) -> &mut Self
     where
         F: FnMut(&mut P, &Payload) -> Result<Payload, CallError> + 'static,
     {
-        self.handlers.insert(method.to_string(), Box::new(f));
+        self.handlers
+            .insert(method.to_string(), Box::new(move |plugin, _ctx, payload| f(plugin, payload)));
         self
     }
 
@@ -72,11 +87,12 @@ impl<P> Methods<P> {
     pub(crate) fn dispatch(
         &mut self,
         plugin: &mut P,
+        ctx: &mut Ctx<'_>,
         method: &str,
         payload: &Payload,
     ) -> Result<Payload, CallError> {
         match self.handlers.get_mut(method) {
-            Some(h) => h(plugin, payload),
+            Some(h) => h(plugin, ctx, payload),
             None => Err(CallError::new(
                 ErrorCode::UnknownMethod,
                 format!("no method {method:?}; this plugin has {:?}", self.names()),
@@ -102,13 +118,25 @@ mod tests {
         m
     }
 
+    /// Runs `method` with a context that makes no host call.
+    fn call(
+        m: &mut Methods<Acc>,
+        acc: &mut Acc,
+        method: &str,
+        p: &Payload,
+    ) -> Result<Payload, CallError> {
+        let mut io = crate::ctx::Io::detached();
+        let mut ctx = Ctx { io: &mut io, deadline: None };
+        m.dispatch(acc, &mut ctx, method, p)
+    }
+
     #[test]
     fn typed_handler_answers_in_the_callers_codec() {
         let mut m = methods();
         let mut acc = Acc::default();
-        let r = m.dispatch(&mut acc, "add", &Payload::bincode(&5i64).unwrap()).unwrap();
+        let r = call(&mut m, &mut acc, "add", &Payload::bincode(&5i64).unwrap()).unwrap();
         assert_eq!(r.decode::<i64>().unwrap(), 5);
-        let r = m.dispatch(&mut acc, "add", &Payload::json(&2i64).unwrap()).unwrap();
+        let r = call(&mut m, &mut acc, "add", &Payload::json(&2i64).unwrap()).unwrap();
         assert_eq!(r.codec, plugin_proto::PayloadCodec::Json);
         assert_eq!(r.data, b"7");
     }
@@ -117,12 +145,12 @@ mod tests {
     fn errors_are_classified() {
         let mut m = methods();
         let mut acc = Acc::default();
-        let e = m.dispatch(&mut acc, "nope", &Payload::empty()).unwrap_err();
+        let e = call(&mut m, &mut acc, "nope", &Payload::empty()).unwrap_err();
         assert_eq!(e.code, ErrorCode::UnknownMethod);
         assert!(e.message.contains("add"), "{}", e.message);
-        let e = m.dispatch(&mut acc, "add", &Payload::json(&"x").unwrap()).unwrap_err();
+        let e = call(&mut m, &mut acc, "add", &Payload::json(&"x").unwrap()).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadPayload);
-        let e = m.dispatch(&mut acc, "fail", &Payload::empty()).unwrap_err();
+        let e = call(&mut m, &mut acc, "fail", &Payload::empty()).unwrap_err();
         assert_eq!((e.code, e.message.as_str()), (ErrorCode::Failed, "no luck"));
     }
 }

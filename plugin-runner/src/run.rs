@@ -9,11 +9,14 @@ use std::sync::{Arc, Mutex};
 use plugin_proto::frame::{body_len, decode_body, encode_frame, read_frame, RECORD_MAX};
 use plugin_proto::{
     CallError, ErrorCode, FrameError, Hello, Message, Payload, Reply, DEFAULT_MAX_FRAME, MAGIC,
-    PROTO_MAX, PROTO_MIN,
+    PROTO_HOST_CALLS, PROTO_MAX, PROTO_MIN,
 };
 use serde::de::DeserializeOwned;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 use tracing_subscriber::layer::SubscriberExt;
 
+use crate::ctx::{Ctx, Io};
 use crate::logging::LogForwarder;
 use crate::{Methods, Plugin};
 
@@ -92,6 +95,11 @@ pub(crate) struct Wire {
 const HOLD_BACK: usize = 64 * 1024;
 
 impl Wire {
+    /// A writer on `stream` with nothing held back.
+    pub(crate) fn new(stream: UnixStream) -> Wire {
+        Wire { stream, buf: Vec::with_capacity(256) }
+    }
+
     /// Encodes one frame and writes it, with anything held back before it, in one write.
     pub(crate) fn send(&mut self, msg: &Message) -> Result<(), FrameError> {
         encode_frame(msg, &mut self.buf)?;
@@ -122,7 +130,10 @@ impl Wire {
 
 /// The next message: decoded straight from the read buffer when the whole frame is
 /// there (the usual case: one recv brings one or more whole frames), else read in pieces.
-fn next_message(reader: &mut BufReader<UnixStream>, max_frame: u32) -> Result<Message, FrameError> {
+pub(crate) fn next_message(
+    reader: &mut BufReader<UnixStream>,
+    max_frame: u32,
+) -> Result<Message, FrameError> {
     loop {
         match reader.fill_buf() {
             Ok(_) => break,
@@ -201,10 +212,7 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
     let mut methods = Methods::default();
     P::methods(&mut methods);
 
-    let wire = Arc::new(Mutex::new(Wire {
-        stream: stream.try_clone().map_err(FrameError::Io)?,
-        buf: Vec::with_capacity(256),
-    }));
+    let wire = Arc::new(Mutex::new(Wire::new(stream.try_clone().map_err(FrameError::Io)?)));
     if options.forward_logs {
         let subscriber = tracing_subscriber::registry().with(LogForwarder::new(wire.clone()));
         let _ = tracing::subscriber::set_global_default(subscriber);
@@ -274,33 +282,60 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
     }
     send(&Message::Ready)?;
 
+    let mut io = Io {
+        reader,
+        wire: wire.clone(),
+        deferred: VecDeque::new(),
+        next_id: 1,
+        max_frame,
+        proto: welcome.proto,
+    };
     loop {
-        if !whole_frame_buffered(reader.buffer()) {
-            flush()?;
-        }
-        let msg = match next_message(&mut reader, max_frame) {
-            Ok(m) => m,
-            // The supervisor closed the socket: it is gone or dropped us; nothing to answer.
-            Err(FrameError::Closed) => return Ok(()),
-            Err(e) => return Err(e.into()),
+        // Frames a host call read while it waited come first, in the order they came.
+        let msg = match io.deferred.pop_front() {
+            Some(m) => m,
+            None => {
+                if !whole_frame_buffered(io.reader.buffer()) {
+                    flush()?;
+                }
+                match next_message(&mut io.reader, max_frame) {
+                    Ok(m) => m,
+                    // The supervisor closed the socket: it is gone or dropped us; nothing to answer.
+                    Err(FrameError::Closed) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                }
+            }
         };
         match msg {
             Message::Call(call) => {
-                let result =
-                    run_handler(&mut methods, &mut plugin, &call.method, &call.payload, &options);
+                let deadline = (call.deadline_us > 0)
+                    .then(|| Instant::now() + Duration::from_micros(call.deadline_us));
+                let mut ctx = Ctx { io: &mut io, deadline };
+                let result = run_handler(
+                    &mut methods,
+                    &mut plugin,
+                    &mut ctx,
+                    &call.method,
+                    &call.payload,
+                    &options,
+                );
                 answer(&Message::Reply(Reply { id: call.id, result }))?;
             }
             Message::Notify { method, payload } if method == "plugd.state" => {
                 plugin.restore_state(&payload.data);
             }
             Message::Notify { method, payload } if methods.has(&method) => {
-                let _ = run_handler(&mut methods, &mut plugin, &method, &payload, &options);
+                let mut ctx = Ctx { io: &mut io, deadline: None };
+                let _ =
+                    run_handler(&mut methods, &mut plugin, &mut ctx, &method, &payload, &options);
             }
             Message::Notify { method, payload } => plugin.on_notify(&method, &payload),
             Message::Ping { seq } => answer(&Message::Pong { seq })?,
             // Calls are served in arrival order, so a cancelled call is either done or
             // still unread; the supervisor drops a late reply, which is all cancel needs.
             Message::Cancel { .. } => {}
+            // The answer to a host call its handler gave up on (protocol 2): dropped.
+            Message::Reply(_) if io.proto >= PROTO_HOST_CALLS => {}
             Message::Shutdown { .. } => {
                 if let Some(blob) = plugin.on_shutdown() {
                     send(&Message::State { blob })?;
@@ -316,14 +351,15 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
 fn run_handler<P>(
     methods: &mut Methods<P>,
     plugin: &mut P,
+    ctx: &mut Ctx<'_>,
     method: &str,
     payload: &Payload,
     options: &ServeOptions,
 ) -> Result<Payload, CallError> {
     if !options.catch_panics {
-        return methods.dispatch(plugin, method, payload);
+        return methods.dispatch(plugin, ctx, method, payload);
     }
-    match catch_unwind(AssertUnwindSafe(|| methods.dispatch(plugin, method, payload))) {
+    match catch_unwind(AssertUnwindSafe(|| methods.dispatch(plugin, ctx, method, payload))) {
         Ok(result) => result,
         Err(panic) => {
             let what = panic

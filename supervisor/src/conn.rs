@@ -24,17 +24,19 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::MsgFlags;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use plugin_proto::frame::encode_frame;
-use plugin_proto::{Call, CallError, ErrorCode, Message, Payload, Reply};
+use plugin_proto::{Call, CallError, ErrorCode, Message, Payload, Reply, PROTO_HOST_CALLS};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::calls::{CallTable, Completed, Expired, Gate};
+use crate::host::HostMethods;
 use crate::wire::{recv_into, write_available, Filled, ReadSide, LONG_WAIT};
 
 /// What waits for a call's reply.
@@ -95,6 +97,10 @@ pub(crate) struct Conn {
     pub engine: AtomicBool,
     /// Engine-thread calls made (the actor's read tick backs off while it moves).
     pub engine_calls: AtomicU64,
+    /// The protocol version the handshake settled on (host calls need 2).
+    proto: AtomicU16,
+    /// What the plugin may call on the host.
+    host: Arc<HostMethods>,
 }
 
 /// Frames waiting to be written, and whether a thread is writing a batch of them now.
@@ -143,6 +149,7 @@ impl Conn {
         engine: bool,
         name: &str,
         missed_limit: u32,
+        host: Arc<HostMethods>,
     ) -> Conn {
         // Asked of the socket itself, so an instance adopted across an upgrade is right too.
         let records = matches!(
@@ -163,7 +170,36 @@ impl Conn {
             wake: Notify::new(),
             engine: AtomicBool::new(engine),
             engine_calls: AtomicU64::new(0),
+            proto: AtomicU16::new(plugin_proto::PROTO_MIN),
+            host,
         }
+    }
+
+    /// Records the protocol version the handshake settled on.
+    pub fn set_proto(&self, proto: u16) {
+        self.proto.store(proto, Ordering::Relaxed);
+    }
+
+    /// The protocol version in use.
+    pub fn proto(&self) -> u16 {
+        self.proto.load(Ordering::Relaxed)
+    }
+
+    /// Serves a call the plugin made to the host, on this thread, and writes its Reply.
+    pub fn serve_host_call(&self, call: Call) {
+        let result = self.host.serve(&self.name, &call);
+        let reply = Message::Reply(Reply { id: call.id, result });
+        let encoded = encode_frame(&reply, &mut self.out.lock().bytes);
+        if let Err(e) = encoded {
+            // The answer does not fit a frame: say so instead (that always fits).
+            let err = CallError::new(
+                ErrorCode::Internal,
+                format!("the host's answer to {} cannot be sent: {e}", call.method),
+            );
+            let reply = Message::Reply(Reply { id: call.id, result: Err(err) });
+            let _ = encode_frame(&reply, &mut self.out.lock().bytes);
+        }
+        let _ = self.send_now();
     }
 
     /// The shared socket; use [`crate::wire::read_available`] and [`write_available`],
@@ -635,6 +671,11 @@ impl Conn {
                             return Err(self.broken(id, e));
                         }
                     }
+                    // The plugin calls the host while it works on ours: served right here,
+                    // on the engine thread, and then the wait goes on.
+                    Ok(Some(Message::Call(c))) if self.proto() >= PROTO_HOST_CALLS => {
+                        self.serve_host_call(c)
+                    }
                     // An engine thread has no one to stream pieces to.
                     Ok(Some(Message::Chunk { id: cid, .. })) if cid == id => {}
                     Ok(Some(Message::Chunk { id: cid, payload })) => {
@@ -867,7 +908,8 @@ mod socket_tests {
     fn pair(missed_limit: u32) -> (Arc<Conn>, UnixStream) {
         let (ours, theirs) = UnixStream::pair().unwrap();
         theirs.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        (Arc::new(Conn::new(ours, 1 << 20, false, false, "fake", missed_limit)), theirs)
+        let conn = Conn::new(ours, 1 << 20, false, false, "fake", missed_limit, Default::default());
+        (Arc::new(conn), theirs)
     }
 
     /// The next `n` frames the plugin side receives.

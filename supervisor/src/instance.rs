@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use plugin_proto::{
-    negotiate, ErrorCode, LogLevel, Message, Payload, Side, Welcome, MAGIC, PROTO_MAX, PROTO_MIN,
+    negotiate, ErrorCode, LogLevel, Message, Payload, Side, Welcome, MAGIC, PROTO_HOST_CALLS,
+    PROTO_MAX, PROTO_MIN,
 };
 use std::os::unix::net::UnixStream;
 use tokio::io::unix::AsyncFd;
@@ -147,6 +148,8 @@ pub struct Frozen {
     pub sdk: String,
     /// Layers it applied to itself.
     pub lockdown: Vec<String>,
+    /// The protocol version its handshake settled on.
+    pub proto: u16,
 }
 
 /// The channels an instance talks through.
@@ -254,6 +257,7 @@ impl Instance {
             unread: std::mem::take(&mut self.conn.read.lock().rbuf),
             sdk: self.sdk,
             lockdown: self.lockdown,
+            proto: self.conn.proto(),
         })
     }
 }
@@ -310,6 +314,7 @@ pub(crate) async fn run_adopted(frozen: Frozen, cfg: InstanceConfig, wiring: Wir
         }
     };
     inst.conn.read.lock().rbuf = frozen.unread;
+    inst.conn.set_proto(frozen.proto);
     inst.sdk = frozen.sdk.clone();
     inst.lockdown = frozen.lockdown.clone();
     let pid = inst.proc.pid();
@@ -605,6 +610,7 @@ impl Instance {
                             ),
                         );
                     }
+                    self.conn.set_proto(proto);
                     let welcome = Message::Welcome(Welcome {
                         proto,
                         config_json: self.cfg.config_json.clone(),
@@ -673,14 +679,24 @@ impl Instance {
     fn on_message(&mut self, msg: Message) -> Result<(), Fault> {
         {
             self.missed_pings = 0;
-            if msg.sent_by() == Side::Supervisor {
-                return Err(Fault::Protocol(format!(
-                    "plugin sent {}, which only the supervisor may send",
-                    msg.kind()
-                )));
+            let proto = self.conn.proto();
+            if !msg.may_be_sent_by(Side::Plugin, proto) {
+                let why = if matches!(msg, Message::Call(_)) {
+                    format!(
+                        "plugin sent Call on a protocol {proto} connection; calls to the host need protocol {PROTO_HOST_CALLS} (rebuild the plugin with a newer SDK)"
+                    )
+                } else {
+                    format!("plugin sent {}, which only the supervisor may send", msg.kind())
+                };
+                return Err(Fault::Protocol(why));
             }
             match msg {
                 Message::Reply(reply) => self.conn.deliver(reply).map_err(Fault::Protocol)?,
+                // A call to the host (protocol 2), served on this task.
+                Message::Call(call) => self.conn.serve_host_call(call),
+                // The plugin gave up on a host call: host methods run to the end inline, so
+                // its answer is already on the way (the plugin drops it).
+                Message::Cancel { .. } => {}
                 Message::Pong { .. } => self.ping_outstanding = false,
                 Message::Log { level, message } => {
                     self.cfg.ring.push(&self.cfg.name, LogSource::Sdk, level, message)

@@ -31,6 +31,7 @@
 mod calls;
 mod conn;
 pub mod exit;
+pub mod host;
 mod instance;
 pub mod lifecycle;
 pub mod logs;
@@ -48,6 +49,7 @@ pub mod units;
 mod wire;
 
 pub use exit::ExitReason;
+pub use host::HostCall;
 pub use instance::Frozen;
 pub use lifecycle::State;
 pub use manifest::{Manifest, ManifestError, PluginKind, PluginSpec, RestartPolicy, Transport};

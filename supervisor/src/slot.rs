@@ -87,6 +87,8 @@ pub(crate) struct Slot {
     pub state_root: PathBuf,
     pub host: Arc<HostFacts>,
     pub prepare: Option<Arc<dyn crate::PrepareRuntime>>,
+    /// What the host offers its plugins' calls.
+    pub host_methods: Arc<crate::host::HostMethods>,
 }
 
 impl Slot {
@@ -542,6 +544,7 @@ impl Slot {
             self.shared.engine.load(std::sync::atomic::Ordering::Relaxed),
             spec.name(),
             spec.manifest.timeouts.missed_deadlines,
+            self.host_methods.clone(),
         ))
     }
 }

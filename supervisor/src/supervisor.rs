@@ -135,6 +135,8 @@ pub struct Supervisor {
     host: Arc<HostFacts>,
     /// Loaded plugins in load order (shutdown goes in reverse).
     plugins: Mutex<Vec<Loaded>>,
+    /// Methods plugins may call (protocol version 2 host calls).
+    host_methods: Arc<crate::host::HostMethods>,
 }
 
 impl Supervisor {
@@ -152,7 +154,41 @@ impl Supervisor {
         if let Err(why) = &host.cgroup {
             tracing::info!("cgroup layer unavailable: {why}");
         }
-        Supervisor { config, spawner, host, plugins: Mutex::new(Vec::new()) }
+        Supervisor {
+            config,
+            spawner,
+            host,
+            plugins: Mutex::new(Vec::new()),
+            host_methods: Default::default(),
+        }
+    }
+
+    /// Offers `method` to every plugin of this supervisor (protocol version 2): a plugin's
+    /// `ctx.call("send_order", &order)` runs `handler` with the argument decoded from
+    /// bincode or JSON, whichever it sent, and answers in the same codec. An error becomes
+    /// a `Failed` reply, a panic a `Panicked` one. The handler runs on the thread that reads
+    /// that plugin's socket — inline on an engine thread waiting in `call_blocking` — so it
+    /// must be quick. Registering a name again replaces its handler, for plugins already
+    /// running too.
+    pub fn host_method<A, R, E, F>(&self, method: &str, handler: F)
+    where
+        A: serde::de::DeserializeOwned,
+        R: serde::Serialize,
+        E: std::fmt::Display,
+        F: Fn(&crate::HostCall<'_>, A) -> Result<R, E> + Send + Sync + 'static,
+    {
+        self.host_methods.add(method, crate::host::typed(method, handler));
+    }
+
+    /// [`Supervisor::host_method`] with the payload as sent, answering a payload of its own.
+    pub fn host_method_raw<F>(&self, method: &str, handler: F)
+    where
+        F: Fn(&crate::HostCall<'_>, &crate::Payload) -> Result<crate::Payload, crate::CallError>
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.host_methods.add(method, Arc::new(handler));
     }
 
     fn plugins(&self) -> parking_lot::MutexGuard<'_, Vec<Loaded>> {
@@ -289,6 +325,7 @@ impl Supervisor {
             state_root: self.config.state_dir.clone(),
             host: self.host.clone(),
             prepare: self.config.prepare.clone(),
+            host_methods: self.host_methods.clone(),
         };
         if let Some(f) = &adopt {
             handle.shared.live.lock().sandbox = f.sandbox.clone();

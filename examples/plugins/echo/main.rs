@@ -10,6 +10,11 @@ struct Echo {
 impl Plugin for Echo {
     fn methods(m: &mut Methods<Self>) {
         m.raw("echo", |_, p: &Payload| Ok(p.clone()));
+        // Calls the host's `method` with `arg` and returns its answer, or the error as
+        // "Code: message" (for host-call tests).
+        m.with_ctx("host", |_, ctx, (method, arg): (String, String)| -> Result<String, String> {
+            ctx.call::<_, String>(&method, &arg).map_err(|e| format!("{:?}: {}", e.code, e.message))
+        });
         m.typed("pid", |_, _: ()| -> Result<u32, String> { Ok(std::process::id()) });
         // Echo tagged with the version that answered (for hot-update tests).
         m.typed("tagged", |_, n: u64| -> Result<(u64, String), String> {

@@ -3,7 +3,8 @@
 //! `GARBAGE_MODE` (set in the manifest's `[env]`): "noise" (random bytes
 //! instead of Hello), "oversized" (a 4 GiB length header), "after-ready"
 //! (a proper handshake, then random bytes on the first call), "wrong-way"
-//! (after Ready, sends a Call, which only the supervisor may send), "big-record" (with
+//! (after Ready, sends a Shutdown, which only the supervisor may send), "call-on-v1"
+//! (offers only protocol 1, then calls the host, which needs protocol 2), "big-record" (with
 //! `transport = "seqpacket"`: answers the first call with a well-formed reply in a single
 //! 100 KiB record, longer than the 64 KiB a record may be).
 
@@ -34,11 +35,11 @@ fn main() {
         "oversized" => {
             let _ = sock.write_all(&0xFFFF_FFF0u32.to_le_bytes());
         }
-        "after-ready" | "wrong-way" | "big-record" => {
+        "after-ready" | "wrong-way" | "call-on-v1" | "big-record" => {
             let hello = Message::Hello(Hello {
                 magic: MAGIC,
                 proto_min: PROTO_MIN,
-                proto_max: PROTO_MAX,
+                proto_max: if mode == "call-on-v1" { 1 } else { PROTO_MAX },
                 name: "garbage".into(),
                 version: "0.1.0".into(),
                 methods: vec!["anything".into()],
@@ -49,6 +50,8 @@ fn main() {
             let _welcome = read_frame(&mut reader, max).expect("read Welcome");
             write_frame(&mut sock, &Message::Ready, max).expect("send Ready");
             if mode == "wrong-way" {
+                let _ = write_frame(&mut sock, &Message::Shutdown { grace_ms: 0 }, max);
+            } else if mode == "call-on-v1" {
                 let call = Message::Call(Call {
                     id: 1,
                     method: "x".into(),

@@ -24,6 +24,11 @@ EXPECTED = {
     "reply_err": wire.Reply(2, CallError(wire.UNKNOWN_METHOD, "nope")),
     "chunk": wire.Chunk(3, Payload(CODEC_JSON, b"1")),
     "cancel": wire.Cancel(4),
+    # Protocol version 2 (host calls): the same messages, now also the other way.
+    "hello_v2": wire.Hello(wire.MAGIC, 1, 2, "strat", "1.0.0", ["on_tick"], "rs/0.2"),
+    "welcome_v2": wire.Welcome(2, "{}", 1000, 16777216, None),
+    "host_call": wire.Call(1, "send_order", 500, Payload(CODEC_JSON, b'{"qty":1}')),
+    "host_reply": wire.Reply(1, Payload(CODEC_JSON, b'"filled"')),
     "notify": wire.Notify("tick", Payload(CODEC_JSON, b"[]")),
     "ping": wire.Ping(7),
     "pong": wire.Pong(7),

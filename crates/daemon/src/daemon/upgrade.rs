@@ -23,8 +23,15 @@ pub(super) struct HandoverPlugin {
     pub(super) unread: Vec<u8>,
     pub(super) sdk: String,
     pub(super) lockdown: Vec<String>,
+    /// The plugin's protocol version (absent from an older plugd: version 1).
+    #[serde(default = "proto_v1")]
+    pub(super) proto: u16,
     pub(super) restarts: u32,
     pub(super) sandbox: SandboxReport,
+}
+
+fn proto_v1() -> u16 {
+    1
 }
 
 /// What a plugd passes to the plugd that replaces it.
@@ -75,6 +82,7 @@ pub(super) fn thaw(h: HandoverPlugin) -> FrozenPlugin {
             unread: h.unread,
             sdk: h.sdk,
             lockdown: h.lockdown,
+            proto: h.proto,
         },
         restarts: h.restarts,
         sandbox: h.sandbox,
@@ -164,6 +172,7 @@ pub(super) async fn upgrade(
             unread: i.unread,
             sdk: i.sdk,
             lockdown: i.lockdown,
+            proto: i.proto,
             restarts: f.restarts,
             sandbox: f.sandbox,
         });

@@ -1,0 +1,186 @@
+//! What a handler gets besides its argument: calls to the host (protocol version 2).
+
+use std::collections::VecDeque;
+use std::io::BufReader;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use plugin_proto::{Call, CallError, ErrorCode, FrameError, Message, Payload, PROTO_HOST_CALLS};
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::run::{next_message, Wire};
+
+/// The run loop's end of the socket, lent to a handler's [`Ctx`] while it runs.
+pub(crate) struct Io {
+    pub reader: BufReader<UnixStream>,
+    pub wire: Arc<Mutex<Wire>>,
+    /// Frames read while a host call waited for its reply, for the run loop to handle next.
+    pub deferred: VecDeque<Message>,
+    /// The next id of a call to the host (the plugin's own id space).
+    pub next_id: u64,
+    pub max_frame: u32,
+    /// The protocol version the handshake settled on.
+    pub proto: u16,
+}
+
+impl Io {
+    /// An Io on a socket whose other end is gone, for tests of handlers that make no
+    /// host call.
+    #[cfg(test)]
+    pub(crate) fn detached() -> Io {
+        let (ours, _theirs) = UnixStream::pair().expect("a socketpair");
+        let wire = Wire::new(ours.try_clone().expect("a second descriptor"));
+        Io {
+            reader: BufReader::new(ours),
+            wire: Arc::new(Mutex::new(wire)),
+            deferred: VecDeque::new(),
+            next_id: 1,
+            max_frame: plugin_proto::DEFAULT_MAX_FRAME,
+            proto: PROTO_HOST_CALLS,
+        }
+    }
+
+    pub(crate) fn send(&self, msg: &Message) -> Result<(), FrameError> {
+        // Poisoned only if a log write panicked; the wire itself is still usable.
+        self.wire.lock().unwrap_or_else(|p| p.into_inner()).send(msg)
+    }
+}
+
+/// A handler's way to the host: `ctx.call("send_order", &order)`. Calls made while serving
+/// a supervisor call never outlive that call's deadline.
+pub struct Ctx<'a> {
+    pub(crate) io: &'a mut Io,
+    /// When the supervisor stops waiting for the call being served (None: no deadline).
+    pub(crate) deadline: Option<Instant>,
+}
+
+impl Ctx<'_> {
+    /// When the supervisor stops waiting for the call being served, if it set a deadline.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Calls the host's `method` with a bincode-encoded argument and decodes its answer.
+    /// The call may take what is left of the current call's deadline.
+    pub fn call<A: Serialize + ?Sized, R: DeserializeOwned>(
+        &mut self,
+        method: &str,
+        arg: &A,
+    ) -> Result<R, CallError> {
+        self.call_within(method, arg, None)
+    }
+
+    /// [`Ctx::call`], waiting at most `limit` (and never past the current call's deadline).
+    pub fn call_within<A: Serialize + ?Sized, R: DeserializeOwned>(
+        &mut self,
+        method: &str,
+        arg: &A,
+        limit: Option<Duration>,
+    ) -> Result<R, CallError> {
+        let payload = Payload::bincode(arg).map_err(|e| {
+            CallError::new(ErrorCode::BadPayload, format!("host method {method}: {e}"))
+        })?;
+        let answer = self.call_raw(method, payload, limit)?;
+        answer.decode().map_err(|e| {
+            CallError::new(
+                ErrorCode::BadPayload,
+                format!("host method {method}: cannot decode its answer: {e}"),
+            )
+        })
+    }
+
+    /// Calls the host with an already-encoded payload; the answer as the host sent it.
+    pub fn call_raw(
+        &mut self,
+        method: &str,
+        payload: Payload,
+        limit: Option<Duration>,
+    ) -> Result<Payload, CallError> {
+        if self.io.proto < PROTO_HOST_CALLS {
+            return Err(CallError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "the host speaks protocol {}: it takes no calls from plugins (it needs {PROTO_HOST_CALLS}); update the host",
+                    self.io.proto
+                ),
+            ));
+        }
+        let now = Instant::now();
+        let deadline = match (self.deadline, limit.map(|l| now + l)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let deadline_us = match deadline {
+            Some(d) if d <= now => return Err(late(method, "before it was sent")),
+            Some(d) => (d - now).as_micros().max(1) as u64,
+            None => 0,
+        };
+        let id = self.io.next_id;
+        self.io.next_id += 1;
+        let call = Message::Call(Call { id, method: method.into(), deadline_us, payload });
+        self.io.send(&call).map_err(|e| gone(method, &e))?;
+        loop {
+            if !self.wait_readable(deadline).map_err(|e| gone(method, &e))? {
+                let _ = self.io.send(&Message::Cancel { id });
+                return Err(late(method, "in time"));
+            }
+            let msg = next_message(&mut self.io.reader, self.io.max_frame)
+                .map_err(|e| gone(method, &e))?;
+            match msg {
+                Message::Reply(r) if r.id == id => return r.result,
+                // The answer to a host call this plugin already gave up on.
+                Message::Reply(_) => {}
+                // Answered now: a host waiting on us must still see us alive.
+                Message::Ping { seq } => {
+                    self.io.send(&Message::Pong { seq }).map_err(|e| gone(method, &e))?
+                }
+                // Everything else (a supervisor call, a shutdown) is for after this handler.
+                other => self.io.deferred.push_back(other),
+            }
+        }
+    }
+
+    /// Waits until a frame is there to read; false if `deadline` passed first.
+    fn wait_readable(&self, deadline: Option<Instant>) -> Result<bool, FrameError> {
+        loop {
+            if !self.io.reader.buffer().is_empty() {
+                return Ok(true);
+            }
+            let timeout = match deadline {
+                None => nix::poll::PollTimeout::NONE,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(false);
+                    }
+                    let ms = left.as_micros().div_ceil(1000);
+                    nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX)
+                }
+            };
+            let fd = self.io.reader.get_ref().as_fd();
+            let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+            match nix::poll::poll(&mut fds, timeout) {
+                Ok(0) => {} // the deadline check above answers
+                Ok(_) => return Ok(true),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(FrameError::Io(e.into())),
+            }
+        }
+    }
+}
+
+fn late(method: &str, when: &str) -> CallError {
+    CallError::new(
+        ErrorCode::DeadlineExceeded,
+        format!("host method {method} did not answer {when}"),
+    )
+}
+
+fn gone(method: &str, e: &FrameError) -> CallError {
+    CallError::new(
+        ErrorCode::Unavailable,
+        format!("host method {method}: the connection to the host failed: {e}"),
+    )
+}

@@ -1,0 +1,118 @@
+//! End to end: plugins call the host (protocol version 2) — on the async path, inline on an
+//! engine thread, with unknown and panicking methods, and with the caller's deadline
+//! passed on.
+
+mod kit;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kit::*;
+use supervisor::{Deadline, HostCall};
+
+/// Asks the echo plugin to call the host's `method` with `arg`: the host's answer, or the
+/// error the plugin got, as "Code: message" (the plugin fails its own call with it).
+async fn via_plugin(echo: &supervisor::PluginHandle, method: &str, arg: &str) -> String {
+    let arg = (method.to_string(), arg.to_string());
+    match echo.call::<_, String>("host", &arg).await {
+        Ok(answer) => answer,
+        Err(e) => e.message,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_calls_the_host_and_unknown_or_panicking_methods_answer_in_words() {
+    let sup = supervisor();
+    sup.host_method("send_order", |c: &HostCall<'_>, symbol: String| -> Result<String, String> {
+        Ok(format!("filled {symbol} for {}", c.plugin))
+    });
+    sup.host_method("boom", |_: &HostCall<'_>, _: String| -> Result<String, String> {
+        panic!("the order book is on fire")
+    });
+    sup.host_method("refuse", |_: &HostCall<'_>, _: String| -> Result<String, String> {
+        Err("market closed".into())
+    });
+    let echo = sup.load(example("echo")).await.unwrap();
+    assert_eq!(via_plugin(&echo, "send_order", "BTC").await, "filled BTC for echo");
+    let unknown = via_plugin(&echo, "nope", "").await;
+    assert!(
+        unknown.starts_with("UnknownMethod") && unknown.contains("send_order"),
+        "the error names what the host has: {unknown}"
+    );
+    let panicked = via_plugin(&echo, "boom", "").await;
+    assert!(panicked.starts_with("Panicked") && panicked.contains("on fire"), "{panicked}");
+    assert_eq!(via_plugin(&echo, "refuse", "").await, "Failed: market closed");
+    // The host and the plugin both carry on after the panic.
+    assert_eq!(via_plugin(&echo, "send_order", "ETH").await, "filled ETH for echo");
+    assert_eq!(echo.status().restarts, 0);
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_thread_serves_the_plugins_host_call_itself_while_it_waits() {
+    let sup = supervisor();
+    let served_on = Arc::new(Mutex::new(Vec::new()));
+    {
+        let served_on = served_on.clone();
+        sup.host_method(
+            "send_order",
+            move |_: &HostCall<'_>, symbol: String| -> Result<String, String> {
+                served_on.lock().unwrap().push(std::thread::current().id());
+                Ok(format!("filled {symbol}"))
+            },
+        );
+    }
+    let echo = sup.load(example("echo")).await.unwrap();
+    echo.set_engine_mode(true);
+    let engine = {
+        let echo = echo.clone();
+        std::thread::spawn(move || {
+            let me = std::thread::current().id();
+            let mut answers = Vec::new();
+            for i in 0..50 {
+                let arg = ("send_order".to_string(), format!("T{i}"));
+                let got: String = echo
+                    .call_blocking("host", &arg, Deadline::after(Duration::from_secs(10)))
+                    .unwrap();
+                answers.push(got);
+            }
+            (me, answers)
+        })
+    };
+    let (engine_id, answers) = engine.join().unwrap();
+    assert_eq!(answers.first().map(String::as_str), Some("filled T0"));
+    assert_eq!(answers.last().map(String::as_str), Some("filled T49"));
+    let threads = served_on.lock().unwrap().clone();
+    assert_eq!(threads.len(), 50);
+    assert!(
+        threads.iter().all(|t| *t == engine_id),
+        "every host call was served inline on the engine thread that waited"
+    );
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_call_gets_no_more_time_than_the_call_it_serves() {
+    let sup = supervisor();
+    let seen = Arc::new(Mutex::new(None));
+    {
+        let seen = seen.clone();
+        sup.host_method("deadline", move |c: &HostCall<'_>, _: String| -> Result<String, String> {
+            *seen.lock().unwrap() = Some(c.deadline);
+            Ok(String::new())
+        });
+    }
+    let echo = sup.load(example("echo")).await.unwrap();
+    let t0 = Instant::now();
+    let arg = ("deadline".to_string(), String::new());
+    let _: String =
+        echo.call_with("host", &arg, Deadline::after(Duration::from_secs(3))).await.unwrap();
+    let got = seen.lock().unwrap().take().expect("the handler ran");
+    let deadline = got.expect("the plugin passed the call's deadline on");
+    assert!(
+        deadline <= t0 + Duration::from_secs(3) + Duration::from_millis(50),
+        "the host call may not outlive the call it serves ({:?} after it began)",
+        deadline - t0
+    );
+    sup.shutdown().await;
+}
