@@ -116,3 +116,124 @@ async fn a_host_call_gets_no_more_time_than_the_call_it_serves() {
     );
     sup.shutdown().await;
 }
+
+/// Asks `from` to call `plugin.method(arg)` through plugd; the answer or the error text.
+async fn relay(from: &supervisor::PluginHandle, plugin: &str, method: &str, arg: &str) -> String {
+    let arg = (plugin.to_string(), method.to_string(), arg.to_string());
+    match from.call::<_, String>("relay", &arg).await {
+        Ok(answer) => answer,
+        Err(e) => e.message,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_calls_another_through_plugd_only_where_its_manifest_allows() {
+    let sup = supervisor();
+    let dir = tempfile::tempdir().unwrap();
+    let strat = sup
+        .load(plugin(&dir, "strat", "echo", "[calls]\nallow = [\"exchange.echo\", \"ghost.*\"]\n"))
+        .await
+        .unwrap();
+    let exchange = sup.load(plugin(&dir, "exchange", "echo", "")).await.unwrap();
+    // Allowed: the exchange's echo answers, through plugd.
+    assert_eq!(relay(&strat, "exchange", "echo", "buy 1").await, "buy 1");
+    // Not listed: refused by plugd, naming the manifest key that would allow it.
+    let denied = relay(&strat, "exchange", "pid", "").await;
+    assert!(
+        denied.starts_with("Denied")
+            && denied.contains("\"exchange.pid\"")
+            && denied.contains("[calls] allow"),
+        "{denied}"
+    );
+    // Deny by default: the exchange lists nothing.
+    let back = relay(&exchange, "strat", "echo", "x").await;
+    assert!(back.starts_with("Denied") && back.contains("plugin exchange may not call"), "{back}");
+    // Allowed but not loaded.
+    let ghost = relay(&strat, "ghost", "x", "").await;
+    assert!(ghost.starts_with("Unavailable") && ghost.contains("no plugin \"ghost\""), "{ghost}");
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cycle_of_plugin_calls_ends_at_the_deadline_not_in_a_hang() {
+    let sup = supervisor();
+    let dir = tempfile::tempdir().unwrap();
+    let a = sup
+        .load(plugin(&dir, "ping-a", "echo", "[calls]\nallow = [\"ping-b.bounce\"]\n"))
+        .await
+        .unwrap();
+    let b = sup
+        .load(plugin(&dir, "ping-b", "echo", "[calls]\nallow = [\"ping-a.bounce\"]\n"))
+        .await
+        .unwrap();
+    // a → b → a: a is busy in its own handler, so the second call to it cannot be served
+    // before the deadline; every hop has at most what the first call had.
+    let t0 = Instant::now();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(30),
+        a.call_with::<_, String>("bounce", "ping-b", Deadline::after(Duration::from_millis(500))),
+    )
+    .await
+    .expect("the cycle ended instead of hanging");
+    let err = outcome.expect_err("a cycle cannot succeed");
+    // The inner calls end a little before the outer one (the SDK keeps a margin), so the
+    // failure comes back as a's own answer; at worst the outer call itself runs out.
+    assert!(
+        err.code == supervisor::ErrorCode::DeadlineExceeded
+            || err.message.contains("DeadlineExceeded"),
+        "{err}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    // Both plugins serve again once the cycle has unwound (the calls that were waiting in
+    // it end at their deadlines first).
+    let give_up = Instant::now() + Duration::from_secs(30);
+    loop {
+        let x: Result<String, _> = a.call("echo", "a").await;
+        let y: Result<String, _> = b.call("echo", "b").await;
+        if x.is_ok() && y.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < give_up, "the plugins did not serve again: {x:?} {y:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (sa, sb) = (a.status(), b.status());
+    assert_eq!(
+        sa.restarts + sb.restarts,
+        0,
+        "nothing was killed: {:?} / {:?}",
+        sa.last_exit,
+        sb.last_exit
+    );
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_thread_reaches_another_plugin_through_its_strategys_host_call() {
+    let sup = supervisor();
+    let dir = tempfile::tempdir().unwrap();
+    let strat = sup
+        .load(plugin(&dir, "strat", "echo", "[calls]\nallow = [\"exchange.echo\"]\n"))
+        .await
+        .unwrap();
+    let _exchange = sup.load(plugin(&dir, "exchange", "echo", "")).await.unwrap();
+    strat.set_engine_mode(true);
+    let answers = std::thread::spawn(move || {
+        (0..20)
+            .map(|i| {
+                let arg = ("exchange".to_string(), "echo".to_string(), format!("order {i}"));
+                strat
+                    .call_blocking::<_, String>(
+                        "relay",
+                        &arg,
+                        Deadline::after(Duration::from_secs(10)),
+                    )
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    assert_eq!(answers.len(), 20);
+    assert_eq!(answers[7], "order 7", "the async plugd.call ran while the engine thread waited");
+    sup.shutdown().await;
+}

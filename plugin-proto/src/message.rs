@@ -318,6 +318,9 @@ pub enum ErrorCode {
     PluginExited,
     /// Tag 8: anything else that went wrong inside plugd.
     Internal,
+    /// Tag 9: the caller may not make this call (a plugin calling another plugin that its
+    /// manifest's `[calls] allow` does not list).
+    Denied,
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -332,6 +335,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::Failed => "failed",
             ErrorCode::PluginExited => "plugin exited",
             ErrorCode::Internal => "internal error",
+            ErrorCode::Denied => "denied",
         };
         f.write_str(s)
     }
@@ -397,4 +401,19 @@ mod blob {
             Ok(out)
         }
     }
+}
+
+/// The host method through which a plugin calls another plugin (protocol version 2).
+pub const PLUGIN_CALL: &str = "plugd.call";
+
+/// The argument of [`PLUGIN_CALL`]: which plugin, which method, with what. The answer is
+/// that method's answer, as its plugin sent it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginCall {
+    /// The plugin to call.
+    pub plugin: String,
+    /// Its method.
+    pub method: String,
+    /// The argument, encoded for that method.
+    pub payload: Payload,
 }

@@ -101,10 +101,14 @@ impl<W> CallTable<W> {
         self.pending.get_mut(&id)
     }
 
-    /// Call `id`'s deadline passed before its reply.
-    pub fn expire(&mut self, id: u64) -> Expired {
+    /// Call `id`'s deadline passed before its reply. `count`: the miss counts toward hung
+    /// (not while the plugin itself waits on a call it made to the host).
+    pub fn expire(&mut self, id: u64, count: bool) -> Expired {
         if self.pending.remove(&id).is_none() {
             return Expired::NotPending;
+        }
+        if !count {
+            return Expired::Missed;
         }
         self.missed += 1;
         if self.missed_limit > 0 && self.missed >= self.missed_limit {
@@ -276,7 +280,7 @@ mod tests {
                             }
                             w.callers[i].pc = 9;
                         } else {
-                            match w.table.expire(id) {
+                            match w.table.expire(id, true) {
                                 Expired::NotPending => {
                                     // The reply (or a failure) got there first and was
                                     // delivered under the same lock.
@@ -454,23 +458,30 @@ mod tests {
     fn missed_deadlines_in_a_row_make_hung_and_a_reply_resets_the_count() {
         let mut t = CallTable::<()>::new(false, 3);
         let ids: Vec<u64> = (0..5).map(|_| t.begin(()).unwrap()).collect();
-        assert_eq!(t.expire(ids[0]), Expired::Missed);
-        assert_eq!(t.expire(ids[1]), Expired::Missed);
+        assert_eq!(t.expire(ids[0], true), Expired::Missed);
+        assert_eq!(t.expire(ids[1], true), Expired::Missed);
         assert_eq!(t.complete(ids[2]), Completed::Waiting(()));
-        assert_eq!(t.expire(ids[3]), Expired::Missed, "the reply reset the count");
-        assert_eq!(t.expire(ids[4]), Expired::Missed);
+        assert_eq!(t.expire(ids[3], true), Expired::Missed, "the reply reset the count");
+        assert_eq!(t.expire(ids[4], true), Expired::Missed);
         let last = t.begin(()).unwrap();
-        assert_eq!(t.expire(last), Expired::Hung { limit: 3 });
-        assert_eq!(t.expire(last), Expired::NotPending, "expired once");
+        assert_eq!(t.expire(last, true), Expired::Hung { limit: 3 });
+        assert_eq!(t.expire(last, true), Expired::NotPending, "expired once");
         let left = t.begin(()).unwrap();
         assert!(t.abandon(left));
     }
 
     #[test]
     fn replies_are_late_for_ended_calls_and_unknown_for_calls_never_made() {
+        let mut t = CallTable::<()>::new(false, 1);
+        let waiting = t.begin(()).unwrap();
+        assert_eq!(
+            t.expire(waiting, false),
+            Expired::Missed,
+            "a plugin waiting on the host is not hung"
+        );
         let mut t = CallTable::<()>::new(false, 0);
         let id = t.begin(()).unwrap();
-        assert_eq!(t.expire(id), Expired::Missed, "limit 0 never says hung");
+        assert_eq!(t.expire(id, true), Expired::Missed, "limit 0 never says hung");
         assert_eq!(t.complete(id), Completed::Late);
         assert_eq!(t.complete(id + 1), Completed::Unknown);
         assert_eq!(t.complete(0), Completed::Unknown);

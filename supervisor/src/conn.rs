@@ -36,7 +36,7 @@ use plugin_proto::{Call, CallError, ErrorCode, Message, Payload, Reply, PROTO_HO
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::calls::{CallTable, Completed, Expired, Gate};
-use crate::host::HostMethods;
+use crate::host::{run_guarded, HostMethods, Served};
 use crate::wire::{recv_into, write_available, Filled, ReadSide, LONG_WAIT};
 
 /// What waits for a call's reply.
@@ -101,6 +101,12 @@ pub(crate) struct Conn {
     proto: AtomicU16,
     /// What the plugin may call on the host.
     host: Arc<HostMethods>,
+    /// The supervisor's runtime, where an engine thread runs an async host method.
+    rt: Option<tokio::runtime::Handle>,
+    /// Async host calls of this plugin in flight: while it waits on the host, a call of ours
+    /// that misses its deadline does not count toward "hung" (a cycle of plugin calls ends
+    /// at the deadline; it is not a hang).
+    host_in_flight: std::sync::atomic::AtomicU32,
 }
 
 /// Frames waiting to be written, and whether a thread is writing a batch of them now.
@@ -172,6 +178,8 @@ impl Conn {
             engine_calls: AtomicU64::new(0),
             proto: AtomicU16::new(plugin_proto::PROTO_MIN),
             host,
+            rt: tokio::runtime::Handle::try_current().ok(),
+            host_in_flight: Default::default(),
         }
     }
 
@@ -185,18 +193,60 @@ impl Conn {
         self.proto.load(Ordering::Relaxed)
     }
 
-    /// Serves a call the plugin made to the host, on this thread, and writes its Reply.
-    pub fn serve_host_call(&self, call: Call) {
-        let result = self.host.serve(&self.name, &call);
-        let reply = Message::Reply(Reply { id: call.id, result });
+    /// Serves a call the plugin made to the host, from the instance actor: a sync method
+    /// on this task, an async one as a task of its own that answers when done.
+    pub fn serve_host_call(self: &Arc<Self>, call: Call) {
+        let (id, method) = (call.id, call.method.clone());
+        match self.host.serve(&self.name, call) {
+            Served::Now(answer) => self.answer_host_call(id, &method, answer),
+            Served::Later(fut) => {
+                let conn = self.clone();
+                self.host_in_flight.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let answer = run_guarded(method.clone(), fut).await;
+                    conn.host_in_flight.fetch_sub(1, Ordering::SeqCst);
+                    conn.answer_host_call(id, &method, answer);
+                });
+            }
+        }
+    }
+
+    /// Serves a call the plugin made to the host on this (engine) thread, async methods
+    /// included (run to the end on the supervisor's runtime while this thread waits).
+    fn serve_host_call_inline(&self, call: Call) {
+        let (id, method) = (call.id, call.method.clone());
+        let answer = match self.host.serve(&self.name, call) {
+            Served::Now(answer) => answer,
+            Served::Later(fut) => match &self.rt {
+                Some(rt) if tokio::runtime::Handle::try_current().is_err() => {
+                    self.host_in_flight.fetch_add(1, Ordering::SeqCst);
+                    let answer = rt.block_on(run_guarded(method.clone(), fut));
+                    self.host_in_flight.fetch_sub(1, Ordering::SeqCst);
+                    answer
+                }
+                _ => Err(CallError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "host method {method} is async and the call to plugin {} was made with call_blocking from an async runtime's thread; call from a thread of your own",
+                        self.name
+                    ),
+                )),
+            },
+        };
+        self.answer_host_call(id, &method, answer);
+    }
+
+    /// Writes the Reply to the plugin's host call `id`.
+    fn answer_host_call(&self, id: u64, method: &str, answer: Result<Payload, CallError>) {
+        let reply = Message::Reply(Reply { id, result: answer });
         let encoded = encode_frame(&reply, &mut self.out.lock().bytes);
         if let Err(e) = encoded {
             // The answer does not fit a frame: say so instead (that always fits).
             let err = CallError::new(
                 ErrorCode::Internal,
-                format!("the host's answer to {} cannot be sent: {e}", call.method),
+                format!("the host's answer to {method} cannot be sent: {e}"),
             );
-            let reply = Message::Reply(Reply { id: call.id, result: Err(err) });
+            let reply = Message::Reply(Reply { id, result: Err(err) });
             let _ = encode_frame(&reply, &mut self.out.lock().bytes);
         }
         let _ = self.send_now();
@@ -439,8 +489,9 @@ impl Conn {
     /// Call `id` missed its deadline: cancels it and counts the miss. False if its reply
     /// (or a failure) got there first.
     fn expire(&self, id: u64) -> bool {
+        let waiting_on_host = self.host_in_flight.load(Ordering::SeqCst) > 0;
         let mut t = self.table.lock();
-        let expired = t.expire(id);
+        let expired = t.expire(id, !waiting_on_host);
         if expired == Expired::NotPending {
             return false;
         }
@@ -674,7 +725,7 @@ impl Conn {
                     // The plugin calls the host while it works on ours: served right here,
                     // on the engine thread, and then the wait goes on.
                     Ok(Some(Message::Call(c))) if self.proto() >= PROTO_HOST_CALLS => {
-                        self.serve_host_call(c)
+                        self.serve_host_call_inline(c)
                     }
                     // An engine thread has no one to stream pieces to.
                     Ok(Some(Message::Chunk { id: cid, .. })) if cid == id => {}

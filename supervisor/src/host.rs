@@ -9,7 +9,9 @@
 //! keeps running.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -31,16 +33,67 @@ pub struct HostCall<'a> {
 /// A registered handler: the payload as sent in, the reply payload out.
 pub type HostHandler = dyn Fn(&HostCall<'_>, &Payload) -> Result<Payload, CallError> + Send + Sync;
 
+/// An async host method's request: what [`HostCall`] says, owned, and the argument.
+#[derive(Debug, Clone)]
+pub struct HostRequest {
+    /// The plugin that called.
+    pub plugin: String,
+    /// The method it called.
+    pub method: String,
+    /// When the plugin stops waiting for the answer (None: it set no deadline).
+    pub deadline: Option<Instant>,
+    /// The argument as sent.
+    pub payload: Payload,
+}
+
+/// What an async host method returns: its answer, later.
+pub type HostFuture = Pin<Box<dyn Future<Output = Result<Payload, CallError>> + Send>>;
+
+/// A registered async handler (it may await other plugins; it runs as its own task).
+pub type AsyncHostHandler = dyn Fn(HostRequest) -> HostFuture + Send + Sync;
+
+enum Entry {
+    Now(Arc<HostHandler>),
+    Later(Arc<AsyncHostHandler>),
+}
+
+/// How a host call is answered.
+pub(crate) enum Served {
+    /// Right away.
+    Now(Result<Payload, CallError>),
+    /// When this future is done (run it with [`run_guarded`]).
+    Later(HostFuture),
+}
+
 /// The host's methods, shared by every plugin of one supervisor.
 #[derive(Default)]
 pub(crate) struct HostMethods {
-    methods: RwLock<HashMap<String, Arc<HostHandler>>>,
+    methods: RwLock<HashMap<String, Entry>>,
+}
+
+/// Runs an async handler as a task of its own, so a panic in it answers `Panicked`.
+pub(crate) async fn run_guarded(method: String, fut: HostFuture) -> Result<Payload, CallError> {
+    match tokio::spawn(fut).await {
+        Ok(answer) => answer,
+        Err(e) => Err(CallError::new(
+            ErrorCode::Panicked,
+            format!(
+                "host method {method} {}",
+                if e.is_panic() { "panicked" } else { "was cancelled" }
+            ),
+        )),
+    }
 }
 
 impl HostMethods {
     /// Registers (or replaces) `name`.
     pub fn add(&self, name: &str, handler: Arc<HostHandler>) {
-        self.methods.write().insert(name.to_string(), handler);
+        self.methods.write().insert(name.to_string(), Entry::Now(handler));
+    }
+
+    /// Registers (or replaces) an async `name`.
+    pub fn add_async(&self, name: &str, handler: Arc<AsyncHostHandler>) {
+        self.methods.write().insert(name.to_string(), Entry::Later(handler));
     }
 
     /// The registered names, sorted (for an `UnknownMethod` answer).
@@ -50,21 +103,41 @@ impl HostMethods {
         names
     }
 
-    /// Serves one call from `plugin`.
-    pub fn serve(&self, plugin: &str, call: &Call) -> Result<Payload, CallError> {
-        let handler = self.methods.read().get(&call.method).cloned();
-        let Some(handler) = handler else {
-            return Err(CallError::new(
+    /// Serves one call from `plugin`: now, or with a future to run.
+    pub fn serve(&self, plugin: &str, call: Call) -> Served {
+        let entry = match self.methods.read().get(&call.method) {
+            Some(Entry::Now(h)) => Some(Entry::Now(h.clone())),
+            Some(Entry::Later(h)) => Some(Entry::Later(h.clone())),
+            None => None,
+        };
+        let deadline = (call.deadline_us > 0)
+            .then(|| Instant::now() + std::time::Duration::from_micros(call.deadline_us));
+        match entry {
+            Some(Entry::Later(h)) => Served::Later(h(HostRequest {
+                plugin: plugin.to_string(),
+                method: call.method,
+                deadline,
+                payload: call.payload,
+            })),
+            Some(Entry::Now(h)) => Served::Now(self.run(plugin, &call, deadline, h)),
+            None => Served::Now(Err(CallError::new(
                 ErrorCode::UnknownMethod,
                 format!(
                     "the host has no method {:?} (plugin {plugin} called it); it offers {:?}",
                     call.method,
                     self.names()
                 ),
-            ));
-        };
-        let deadline = (call.deadline_us > 0)
-            .then(|| Instant::now() + std::time::Duration::from_micros(call.deadline_us));
+            ))),
+        }
+    }
+
+    fn run(
+        &self,
+        plugin: &str,
+        call: &Call,
+        deadline: Option<Instant>,
+        handler: Arc<HostHandler>,
+    ) -> Result<Payload, CallError> {
         let info = HostCall { plugin, method: &call.method, deadline };
         match catch_unwind(AssertUnwindSafe(|| handler(&info, &call.payload))) {
             Ok(answer) => answer,
@@ -113,6 +186,13 @@ mod tests {
         Call { id: 1, method: method.into(), deadline_us: 0, payload }
     }
 
+    fn now(host: &HostMethods, call: Call) -> Result<Payload, CallError> {
+        match host.serve("strat", call) {
+            Served::Now(answer) => answer,
+            Served::Later(_) => panic!("a sync method answers now"),
+        }
+    }
+
     #[test]
     fn typed_methods_answer_unknown_ones_are_named_and_panics_are_caught() {
         let host = HostMethods::default();
@@ -127,15 +207,15 @@ mod tests {
             "boom",
             typed("boom", |_: &HostCall<'_>, _: ()| -> Result<(), String> { panic!("kaput") }),
         );
-        let r = host.serve("strat", &call("double", Payload::json(&21).unwrap())).unwrap();
+        let r = now(&host, call("double", Payload::json(&21).unwrap())).unwrap();
         assert_eq!(r.data, b"42", "answered in the caller's codec");
-        let e = host.serve("strat", &call("triple", Payload::empty())).unwrap_err();
+        let e = now(&host, call("triple", Payload::empty())).unwrap_err();
         assert_eq!(e.code, ErrorCode::UnknownMethod);
         assert!(e.message.contains("\"triple\"") && e.message.contains("double"), "{e}");
-        let e = host.serve("strat", &call("boom", Payload::empty())).unwrap_err();
+        let e = now(&host, call("boom", Payload::empty())).unwrap_err();
         assert_eq!(e.code, ErrorCode::Panicked);
         assert!(e.message.contains("kaput"), "{e}");
-        let e = host.serve("strat", &call("double", Payload::json(&"x").unwrap())).unwrap_err();
+        let e = now(&host, call("double", Payload::json(&"x").unwrap())).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadPayload);
     }
 }

@@ -693,7 +693,7 @@ impl Instance {
             match msg {
                 Message::Reply(reply) => self.conn.deliver(reply).map_err(Fault::Protocol)?,
                 // A call to the host (protocol 2), served on this task.
-                Message::Call(call) => self.conn.serve_host_call(call),
+                Message::Call(call) => Conn::serve_host_call(&self.conn, call),
                 // The plugin gave up on a host call: host methods run to the end inline, so
                 // its answer is already on the way (the plugin drops it).
                 Message::Cancel { .. } => {}

@@ -49,7 +49,7 @@ pub mod units;
 mod wire;
 
 pub use exit::ExitReason;
-pub use host::HostCall;
+pub use host::{HostCall, HostRequest};
 pub use instance::Frozen;
 pub use lifecycle::State;
 pub use manifest::{Manifest, ManifestError, PluginKind, PluginSpec, RestartPolicy, Transport};

@@ -408,6 +408,60 @@ pub struct Manifest {
     pub python: PythonConfig,
     /// `transport`: the kind of socket between plugd and the plugin.
     pub transport: Transport,
+    /// `[calls] allow`: which methods of other plugins this one may call through the host
+    /// (`plugd.call`); nothing by default.
+    pub calls: Vec<CallRule>,
+}
+
+/// One entry of `[calls] allow`: `"plugin.method"`, or `"plugin.*"` for all its methods.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CallRule {
+    /// The plugin that may be called.
+    pub plugin: String,
+    /// The method (None: any).
+    pub method: Option<String>,
+}
+
+impl CallRule {
+    /// Whether this rule lets a call to `plugin`'s `method` through.
+    pub fn allows(&self, plugin: &str, method: &str) -> bool {
+        self.plugin == plugin && self.method.as_deref().is_none_or(|m| m == method)
+    }
+
+    fn parse(text: &str) -> Result<CallRule, String> {
+        let Some((plugin, method)) = text.split_once('.') else {
+            return Err(format!(
+                "{text:?} names no method; write \"plugin.method\" or \"plugin.*\""
+            ));
+        };
+        check_name(plugin).map_err(|e| format!("{text:?}: the plugin name {e}"))?;
+        let method = match method {
+            "*" => None,
+            "" => {
+                return Err(format!(
+                    "{text:?} names no method; write \"plugin.method\" or \"plugin.*\""
+                ))
+            }
+            m if m.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                return Err(format!("{text:?}: a method name has no spaces"))
+            }
+            m => Some(m.to_string()),
+        };
+        Ok(CallRule { plugin: plugin.to_string(), method })
+    }
+}
+
+impl std::fmt::Display for CallRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.plugin, self.method.as_deref().unwrap_or("*"))
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCalls {
+    #[serde(default)]
+    allow: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -450,6 +504,8 @@ struct RawManifest {
     #[serde(default)]
     python: RawPython,
     transport: Option<String>,
+    #[serde(default)]
+    calls: RawCalls,
 }
 
 #[derive(Deserialize)]
@@ -942,7 +998,16 @@ impl Manifest {
             network: c.word("python.network", py.network, Network::WORDS, Network::from_word)?
                 == Network::Host,
         };
+        let calls = raw
+            .calls
+            .allow
+            .iter()
+            .map(|rule| {
+                CallRule::parse(rule).map_err(|e| c.bad("calls.allow", format!("entry {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Manifest {
+            calls,
             runtime,
             transport,
             python,
@@ -1157,6 +1222,18 @@ symbols = ["BTC"]
             Manifest::parse(&text, Path::new("/p/plugin.toml"))
         };
         assert_eq!(parse("", "\"bin/t\"").unwrap().transport, Transport::Stream);
+        let m =
+            parse("[calls]\nallow = [\"paper-exchange.send_order\", \"feed.*\"]\n", "\"bin/t\"")
+                .unwrap();
+        assert!(m.calls[0].allows("paper-exchange", "send_order"));
+        assert!(!m.calls[0].allows("paper-exchange", "cancel_all"));
+        assert!(m.calls[1].allows("feed", "anything"));
+        assert!(parse("", "\"bin/t\"").unwrap().calls.is_empty(), "deny by default");
+        for bad in ["\"paper-exchange\"", "\"Bad Name.x\"", "\"p.\""] {
+            let e =
+                parse(&format!("[calls]\nallow = [{bad}]\n"), "\"bin/t\"").unwrap_err().to_string();
+            assert!(e.contains("calls.allow"), "{e}");
+        }
         assert_eq!(
             parse("transport = \"seqpacket\"\n", "\"bin/t\"").unwrap().transport,
             Transport::SeqPacket

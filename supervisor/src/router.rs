@@ -187,6 +187,8 @@ pub(crate) struct Shared {
     pub engine: std::sync::atomic::AtomicBool,
     pub live: Mutex<LiveStatus>,
     pub ring: LogRing,
+    /// Its manifest's `[calls] allow`: which other plugins' methods it may call.
+    pub calls: parking_lot::RwLock<Vec<crate::manifest::CallRule>>,
 }
 
 impl Shared {

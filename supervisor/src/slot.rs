@@ -282,6 +282,7 @@ impl Slot {
                                 Act::Succeed => {
                                     if let (Some(spec), Report::Exited(reason)) = (u.spec.take(), &report) {
                                         self.note(LogLevel::Info, format!("updated to {} (old instance: {reason})", spec.manifest.version));
+                                        *self.shared.calls.write() = spec.manifest.calls.clone();
                                         self.spec = spec;
                                     }
                                     self.shared.live.lock().updating_to = None;

@@ -133,8 +133,9 @@ pub struct Supervisor {
     config: SupervisorConfig,
     spawner: Arc<Spawner>,
     host: Arc<HostFacts>,
-    /// Loaded plugins in load order (shutdown goes in reverse).
-    plugins: Mutex<Vec<Loaded>>,
+    /// Loaded plugins in load order (shutdown goes in reverse); shared (weakly) with the
+    /// `plugd.call` host method, which finds the plugin a plugin calls here.
+    plugins: Arc<Mutex<Vec<Loaded>>>,
     /// Methods plugins may call (protocol version 2 host calls).
     host_methods: Arc<crate::host::HostMethods>,
 }
@@ -154,13 +155,26 @@ impl Supervisor {
         if let Err(why) = &host.cgroup {
             tracing::info!("cgroup layer unavailable: {why}");
         }
-        Supervisor {
-            config,
-            spawner,
-            host,
-            plugins: Mutex::new(Vec::new()),
-            host_methods: Default::default(),
-        }
+        let plugins: Arc<Mutex<Vec<Loaded>>> = Default::default();
+        let host_methods = Arc::new(crate::host::HostMethods::default());
+        let directory = Arc::downgrade(&plugins);
+        host_methods.add_async(
+            plugin_proto::PLUGIN_CALL,
+            Arc::new(move |req| Box::pin(plugin_call(directory.clone(), req))),
+        );
+        Supervisor { config, spawner, host, plugins, host_methods }
+    }
+
+    /// [`Supervisor::host_method`] for a handler that awaits (another plugin, a database):
+    /// it runs as a task of its own, so the plugin's socket is not held meanwhile. On an
+    /// engine thread waiting in `call_blocking` it still runs before the wait goes on.
+    pub fn host_method_async<F, Fut>(&self, method: &str, handler: F)
+    where
+        F: Fn(crate::host::HostRequest) -> Fut + Send + Sync + 'static,
+        Fut:
+            std::future::Future<Output = Result<crate::Payload, crate::CallError>> + Send + 'static,
+    {
+        self.host_methods.add_async(method, Arc::new(move |req| Box::pin(handler(req))));
     }
 
     /// Offers `method` to every plugin of this supervisor (protocol version 2): a plugin's
@@ -301,6 +315,7 @@ impl Supervisor {
                 exits: Default::default(),
             }),
             ring: LogRing::default(),
+            calls: parking_lot::RwLock::new(m.calls.clone()),
         });
         let handle = PluginHandle { shared: shared.clone() };
         let (tx, rx) = mpsc::unbounded_channel();
@@ -445,4 +460,56 @@ impl Supervisor {
             let _ = self.unload(&name).await;
         }
     }
+}
+
+/// `plugd.call`: a plugin calls a method of another plugin, if its manifest's
+/// `[calls] allow` lists it; with no more time than the caller gave the host call (so a
+/// cycle of calls ends at the first deadline, never in a hang).
+async fn plugin_call(
+    directory: std::sync::Weak<Mutex<Vec<Loaded>>>,
+    req: crate::host::HostRequest,
+) -> Result<crate::Payload, crate::CallError> {
+    use crate::{CallError, Deadline};
+    use plugin_proto::{ErrorCode, PluginCall};
+    let call: PluginCall = req.payload.decode().map_err(|e| {
+        CallError::new(
+            ErrorCode::BadPayload,
+            format!("{} takes {{plugin, method, payload}}: {e}", plugin_proto::PLUGIN_CALL),
+        )
+    })?;
+    let (caller, target) = {
+        let Some(plugins) = directory.upgrade() else {
+            return Err(CallError::new(ErrorCode::Unavailable, "the supervisor is shutting down"));
+        };
+        let plugins = plugins.lock();
+        let find =
+            |name: &str| plugins.iter().find(|l| l.handle.name() == name).map(|l| l.handle.clone());
+        (find(&req.plugin), find(&call.plugin))
+    };
+    let allowed = caller.as_ref().is_some_and(|c| {
+        c.shared.calls.read().iter().any(|r| r.allows(&call.plugin, &call.method))
+    });
+    if !allowed {
+        return Err(CallError::new(
+            ErrorCode::Denied,
+            format!(
+                "plugin {} may not call {}.{}: add \"{}.{}\" (or \"{}.*\") to [calls] allow in its plugin.toml",
+                req.plugin, call.plugin, call.method, call.plugin, call.method, call.plugin
+            ),
+        ));
+    }
+    let Some(target) = target else {
+        return Err(CallError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "plugin {} called {}.{}, but no plugin {:?} is loaded",
+                req.plugin, call.plugin, call.method, call.plugin
+            ),
+        ));
+    };
+    let deadline = match req.deadline {
+        Some(d) => Deadline::At(tokio::time::Instant::from_std(d)),
+        None => Deadline::Default,
+    };
+    target.call_raw(&call.method, call.payload, deadline).await
 }

@@ -15,6 +15,21 @@ impl Plugin for Echo {
         m.with_ctx("host", |_, ctx, (method, arg): (String, String)| -> Result<String, String> {
             ctx.call::<_, String>(&method, &arg).map_err(|e| format!("{:?}: {}", e.code, e.message))
         });
+        // Calls `method` of another `plugin` through plugd with `arg` (plugin-to-plugin tests).
+        m.with_ctx(
+            "relay",
+            |_, ctx, (plugin, method, arg): (String, String, String)| -> Result<String, String> {
+                ctx.call_plugin::<_, String>(&plugin, &method, &arg)
+                    .map_err(|e| format!("{:?}: {}", e.code, e.message))
+            },
+        );
+        // Calls `bounce` on the plugin named in the argument, naming itself: two plugins that
+        // bounce to each other make a cycle (cut by the deadline).
+        m.with_ctx("bounce", |_, ctx, other: String| -> Result<String, String> {
+            let me = std::env::var("PLUGD_PLUGIN_NAME").unwrap_or_default();
+            ctx.call_plugin::<_, String>(&other, "bounce", &me)
+                .map_err(|e| format!("{:?}: {}", e.code, e.message))
+        });
         m.typed("pid", |_, _: ()| -> Result<u32, String> { Ok(std::process::id()) });
         // Echo tagged with the version that answered (for hot-update tests).
         m.typed("tagged", |_, n: u64| -> Result<(u64, String), String> {

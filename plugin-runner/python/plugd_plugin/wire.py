@@ -35,6 +35,7 @@ class ErrorCode(enum.IntEnum):
     FAILED = 6
     PLUGIN_EXITED = 7
     INTERNAL = 8
+    DENIED = 9
 
 
 class LogLevel(enum.IntEnum):
@@ -49,7 +50,7 @@ class LogLevel(enum.IntEnum):
 
 # The tags under their historical names, for plugins written against earlier SDKs.
 UNAVAILABLE, UNKNOWN_METHOD, BAD_PAYLOAD, DEADLINE_EXCEEDED, CANCELLED, PANICKED, FAILED, \
-    PLUGIN_EXITED, INTERNAL = tuple(ErrorCode)
+    PLUGIN_EXITED, INTERNAL, DENIED = tuple(ErrorCode)
 LOG_ERROR, LOG_WARN, LOG_INFO, LOG_DEBUG, LOG_TRACE = tuple(LogLevel)
 
 
