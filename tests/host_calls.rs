@@ -237,3 +237,56 @@ async fn an_engine_thread_reaches_another_plugin_through_its_strategys_host_call
     assert_eq!(answers[7], "order 7", "the async plugd.call ran while the engine thread waited");
     sup.shutdown().await;
 }
+
+/// The py-strategy example in a folder of its own, with `extra` appended to its manifest.
+fn py_strategy(dir: &tempfile::TempDir, name: &str, extra: &str) -> supervisor::PluginSpec {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/py-strategy");
+    let folder = dir.path().join(name);
+    std::fs::create_dir_all(&folder).unwrap();
+    for file in ["main.py", "requirements.txt"] {
+        std::fs::copy(src.join(file), folder.join(file)).unwrap();
+    }
+    let manifest = std::fs::read_to_string(src.join("plugin.toml")).unwrap();
+    let manifest = manifest.replace("name = \"py-strategy\"", &format!("name = \"{name}\""));
+    std::fs::write(folder.join("plugin.toml"), format!("{manifest}\n{extra}")).unwrap();
+    supervisor::PluginSpec::from_manifest(&folder).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_plugin_calls_the_host_and_another_plugin() {
+    let state = tempfile::tempdir().unwrap();
+    let sup = supervisor::Supervisor::new(supervisor::SupervisorConfig {
+        bin_dirs: vec![bin_dir()],
+        state_dir: state.path().to_path_buf(),
+        prepare: Some(Arc::new(plugd_install::python::Venvs)),
+        ..Default::default()
+    })
+    .unwrap();
+    sup.host_method(
+        "send_order",
+        |c: &HostCall<'_>, order: serde_json::Value| -> Result<_, String> {
+            Ok(serde_json::json!({ "filled": order["qty"], "for": c.plugin }))
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let py = sup
+        .load(py_strategy(&dir, "py-strat", "[calls]\nallow = [\"exchange.echo\"]\n"))
+        .await
+        .unwrap();
+    let _exchange = sup.load(plugin(&dir, "exchange", "echo", "")).await.unwrap();
+    let json = |v: serde_json::Value| supervisor::Payload::json(&v).unwrap();
+    let ten_s = Deadline::after(Duration::from_secs(10));
+    let fill = py.call_raw("place", json(serde_json::json!({"qty": 3})), ten_s).await.unwrap();
+    let fill: serde_json::Value = fill.decode().unwrap();
+    assert_eq!(fill, serde_json::json!({"filled": 3, "for": "py-strat"}));
+    // Through plugd to a Rust plugin (its echo answers the JSON it got).
+    let arg = serde_json::json!({"plugin": "exchange", "method": "echo", "order": {"qty": 5}});
+    let back: serde_json::Value =
+        py.call_raw("place_via", json(arg), ten_s).await.unwrap().decode().unwrap();
+    assert_eq!(back, serde_json::json!({"qty": 5}));
+    // Not allowed: the refusal reaches the Python handler, which fails its call with it.
+    let arg = serde_json::json!({"plugin": "exchange", "method": "pid", "order": null});
+    let err = py.call_raw("place_via", json(arg), ten_s).await.unwrap_err();
+    assert!(err.message.contains("DENIED") && err.message.contains("exchange.pid"), "{err}");
+    sup.shutdown().await;
+}

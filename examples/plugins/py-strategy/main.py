@@ -53,5 +53,15 @@ class MeanReversion(Plugin):
     def get_position(self, _):
         return self.position
 
+    @method()
+    def place(self, order):
+        """Places ``order`` with the host (its ``send_order``) and returns the fill."""
+        return self.host.call("send_order", order)
+
+    @method()
+    def place_via(self, arg):
+        """Places ``arg["order"]`` with another plugin, through plugd."""
+        return self.host.call_plugin(arg["plugin"], arg["method"], arg["order"])
+
 
 serve(MeanReversion())

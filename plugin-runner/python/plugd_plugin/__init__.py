@@ -45,9 +45,11 @@ import inspect
 import json
 import logging
 import os
+import select
 import socket
 import sys
 import threading
+import time
 import traceback
 import types
 import typing
@@ -58,7 +60,8 @@ from . import lockdown, schema, wire
 from .wire import CODEC_BINCODE, CODEC_JSON, CallError, ErrorCode, LogLevel, Payload, ProtocolError
 
 __all__ = ["Plugin", "PluginError", "ServeError", "NotSupervised", "Rejected", "LoadFailed",
-           "ProtocolFailure", "ErrorCode", "method", "serve", "schema", "wire", "SDK"]
+           "ProtocolFailure", "ErrorCode", "Host", "HostCallError", "method", "serve", "schema",
+           "wire", "SDK"]
 
 SDK = "plugd-plugin-py/0.2.0"
 
@@ -148,6 +151,9 @@ class Plugin:
     version: str | None = None
     #: Plain methods callable by their own name (JSON only), besides those marked ``@method``.
     exports: tuple[str, ...] = ()
+    #: The way to the host, set by :func:`serve` before the first call:
+    #: ``self.host.call("send_order", order)``, ``self.host.call_plugin("exchange", "fill", x)``.
+    host: Host
 
     def on_load(self, config: dict[str, Any]) -> None:
         """Called once before the first call with the manifest's ``[config]`` table (a dict)."""
@@ -243,6 +249,39 @@ class _LogForwarder(logging.Handler):
             pass
 
 
+class HostCallError(Exception):
+    """A call to the host failed: ``code`` says how (``ErrorCode.DENIED``, ``UNKNOWN_METHOD``,
+    ``DEADLINE_EXCEEDED``, ...), ``message`` says why, in the host's words."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__("%s: %s" % (code.name, message))
+        self.code = code
+        self.message = message
+
+
+class Host:
+    """The plugin's way to the host (protocol version 2). A call made while the plugin serves
+    a call never outlives that call's deadline; arguments and answers are JSON."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+
+    def call(self, method: str, arg: Any = None, timeout: float | None = None) -> Any:
+        """Calls the host's ``method``; its answer, or :class:`HostCallError`."""
+        payload = Payload(CODEC_JSON, json.dumps(schema.to_plain(arg)).encode("utf-8"))
+        answer = self._conn.call_host(method, payload, timeout)
+        return json.loads(answer.data.decode("utf-8")) if answer.data else None
+
+    def call_plugin(self, plugin: str, method: str, arg: Any = None,
+                    timeout: float | None = None) -> Any:
+        """Calls ``method`` of another plugin through the host (``plugd.call``); this plugin's
+        manifest must list it under ``[calls] allow``, else :class:`HostCallError` DENIED."""
+        inner = Payload(CODEC_JSON, json.dumps(schema.to_plain(arg)).encode("utf-8"))
+        outer = Payload(CODEC_BINCODE, wire.plugin_call(plugin, method, inner))
+        answer = self._conn.call_host(wire.PLUGIN_CALL, outer, timeout)
+        return json.loads(answer.data.decode("utf-8")) if answer.data else None
+
+
 class _Connection:
     """The protocol socket: whole frames in, whole frames out (sends may come from threads)."""
 
@@ -252,6 +291,67 @@ class _Connection:
         self.reader = wire.SocketReader(sock)
         self.lock = threading.Lock()
         self.max_frame = wire.DEFAULT_MAX_FRAME
+        self.proto = wire.PROTO_MIN
+        #: Frames read while a host call waited, for the serving loop to handle next.
+        self.deferred: list[wire.Message] = []
+        self.next_id = 1
+        #: When the supervisor stops waiting for the call being served (monotonic seconds).
+        self.deadline: float | None = None
+
+    def call_host(self, method: str, payload: Payload, timeout: float | None) -> Payload:
+        """Sends a Call to the host and reads until its Reply (answering Pings, keeping
+        other frames for later); the answer's payload, or :class:`HostCallError`."""
+        if self.proto < wire.PROTO_HOST_CALLS:
+            raise HostCallError(ErrorCode.UNAVAILABLE,
+                                "the host speaks protocol %d: it takes no calls from plugins "
+                                "(it needs %d); update the host" % (self.proto,
+                                                                    wire.PROTO_HOST_CALLS))
+        now = time.monotonic()
+        deadline = None
+        if self.deadline is not None:
+            # A little before the call being served ends, so a failure comes back in time
+            # for its handler to answer (a tenth of what is left, at most 10 ms).
+            deadline = self.deadline - min((self.deadline - now) / 10, 0.010)
+        if timeout is not None:
+            deadline = now + timeout if deadline is None else min(deadline, now + timeout)
+        if deadline is not None and deadline <= now:
+            raise HostCallError(ErrorCode.DEADLINE_EXCEEDED,
+                                "host method %s: no time left before it was sent" % method)
+        deadline_us = 0 if deadline is None else max(1, int((deadline - now) * 1e6))
+        cid = self.next_id
+        self.next_id += 1
+        self.send(wire.Call(cid, method, deadline_us, payload))
+        while True:
+            if not self._readable(deadline):
+                self.send(wire.Cancel(cid))
+                raise HostCallError(ErrorCode.DEADLINE_EXCEEDED,
+                                    "host method %s did not answer in time" % method)
+            msg = self.recv()
+            if msg is None:
+                raise HostCallError(ErrorCode.UNAVAILABLE,
+                                    "host method %s: the host closed the connection" % method)
+            if isinstance(msg, wire.Reply) and msg.id == cid:
+                if isinstance(msg.result, CallError):
+                    raise HostCallError(ErrorCode(msg.result.code), msg.result.message)
+                return msg.result
+            if isinstance(msg, wire.Reply):
+                continue  # the answer to a host call given up on earlier
+            if isinstance(msg, wire.Ping):
+                self.send(wire.Pong(msg.seq))
+            else:
+                self.deferred.append(msg)
+
+    def _readable(self, deadline: float | None) -> bool:
+        """True once a frame can be read; False if ``deadline`` passed first."""
+        while True:
+            if self.reader.start < self.reader.end:
+                return True
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                return False
+            ready, _, _ = select.select([self.sock], [], [], wait)
+            if ready:
+                return True
 
     def send(self, msg: wire.Message) -> None:
         data = wire.frame(msg, self.max_frame)
@@ -309,7 +409,7 @@ def _serve_call(conn: _Connection, handlers: dict[str, _Handler],
                     result = stop.value
                     break
                 conn.send(wire.Chunk(call.id, _encode(piece, call.payload.codec, h.returns)))
-    except PluginError as e:
+    except (PluginError, HostCallError) as e:
         return CallError(ErrorCode.FAILED, str(e))
     except Exception as e:
         _log.warning("handler %s raised:\n%s", call.method, traceback.format_exc().rstrip())
@@ -383,6 +483,8 @@ def serve(plugin: Plugin, fd: int | None = None) -> None:
         if layers:
             conn.send(wire.Notify("plugd.lockdown",
                                   Payload(CODEC_JSON, json.dumps(layers).encode())))
+        conn.proto = welcome.proto
+        plugin.host = Host(conn)
         conn.send(wire.Ready())
         _loop(conn, plugin, handlers)
     except (OSError, ProtocolError) as e:
@@ -411,11 +513,18 @@ def _notify(plugin: Plugin, handlers: dict[str, _Handler], msg: wire.Notify) -> 
 
 def _loop(conn: _Connection, plugin: Plugin, handlers: dict[str, _Handler]) -> None:
     while True:
-        msg = conn.recv()
+        # Frames a host call read while it waited come first, in the order they came.
+        msg = conn.deferred.pop(0) if conn.deferred else conn.recv()
         if msg is None:  # the supervisor closed the socket: nothing left to serve
             return
         if isinstance(msg, wire.Call):
-            conn.send(wire.Reply(msg.id, _serve_call(conn, handlers, msg)))
+            conn.deadline = (time.monotonic() + msg.deadline_us / 1e6) if msg.deadline_us else None
+            try:
+                conn.send(wire.Reply(msg.id, _serve_call(conn, handlers, msg)))
+            finally:
+                conn.deadline = None
+        elif isinstance(msg, wire.Reply) and conn.proto >= wire.PROTO_HOST_CALLS:
+            pass  # the answer to a host call its handler gave up on
         elif isinstance(msg, wire.Ping):
             conn.send(wire.Pong(msg.seq))
         elif isinstance(msg, wire.Cancel):

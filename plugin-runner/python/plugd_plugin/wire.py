@@ -16,7 +16,11 @@ from typing import Any, Protocol, Union
 
 MAGIC = 0x4447_4C50  # "PLGD" little-endian
 PROTO_MIN = 1
-PROTO_MAX = 1
+PROTO_MAX = 2  # 2: the plugin may call the host (PROTOCOL.md section 5.8)
+PROTO_HOST_CALLS = 2
+
+#: The host method through which a plugin calls another plugin.
+PLUGIN_CALL = "plugd.call"
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 
 CODEC_BINCODE = 0
@@ -369,7 +373,7 @@ def _read_field(r: Reader, kind: str) -> Any:
             return _read_payload(r)
         if tag == 1:
             code = r.varint(32)
-            if code > INTERNAL:
+            if code > max(ErrorCode):
                 raise ProtocolError("unknown error code %d" % code)
             return CallError(ErrorCode(code), r.str_())
         raise ProtocolError("invalid Result tag %d" % tag)
@@ -395,6 +399,15 @@ def encode(msg: Message) -> bytes:
     values = [getattr(msg, f.name) for f in dataclasses.fields(msg)]
     for kind, value in zip(FIELDS[cls], values):
         _put_field(out, kind, value)
+    return bytes(out)
+
+
+def plugin_call(plugin: str, method: str, payload: Payload) -> bytes:
+    """The bincode argument of ``plugd.call``: ``PluginCall { plugin, method, payload }``."""
+    out = bytearray()
+    _put_field(out, "str", plugin)
+    _put_field(out, "str", method)
+    _put_field(out, "payload", payload)
     return bytes(out)
 
 

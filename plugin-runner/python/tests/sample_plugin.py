@@ -53,6 +53,15 @@ class Sample(Plugin):
         raise PluginError("as asked")
 
     @method()
+    def order(self, qty):
+        # A call to the host while serving a call (protocol 2).
+        return self.host.call("send_order", {"qty": qty})
+
+    @method()
+    def relay(self, arg):
+        return self.host.call_plugin(arg["plugin"], arg["method"], arg["arg"])
+
+    @method()
     def boom(self, _):
         return 1 / 0
 

@@ -15,7 +15,7 @@ POINT = schema.Struct(("x", schema.I32), ("y", schema.I32))
 
 
 class FakeSupervisor:
-    def __init__(self, state=None, config='{"greeting":"hi"}', kind=socket.SOCK_STREAM):
+    def __init__(self, state=None, config='{"greeting":"hi"}', kind=socket.SOCK_STREAM, proto=1):
         ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
         env = dict(os.environ, PLUGD_FD=str(theirs.fileno()), PLUGD_PLUGIN_NAME="sample",
                    PLUGD_PLUGIN_VERSION="1.2.3",
@@ -28,7 +28,7 @@ class FakeSupervisor:
         self.sock = ours
         self.reader = wire.SocketReader(ours)
         self.hello = self.recv()
-        self.send(wire.Welcome(1, config, 1000, wire.DEFAULT_MAX_FRAME, state))
+        self.send(wire.Welcome(proto, config, 1000, wire.DEFAULT_MAX_FRAME, state))
         self.logs = []
         self.ready = self.recv()
 
@@ -82,10 +82,10 @@ class Serve(unittest.TestCase):
 
     def test_handshake(self):
         h = self.sup.hello
-        self.assertEqual((h.magic, h.proto_min, h.proto_max), (wire.MAGIC, 1, 1))
+        self.assertEqual((h.magic, h.proto_min, h.proto_max), (wire.MAGIC, 1, 2))
         self.assertEqual((h.name, h.version), ("sample", "1.2.3"))
-        self.assertEqual(h.methods,
-                         ["add", "boom", "bumped", "count_to", "fail", "flip", "greet", "shout"])
+        self.assertEqual(h.methods, ["add", "boom", "bumped", "count_to", "fail", "flip", "greet",
+                                     "order", "relay", "shout"])
         self.assertTrue(h.sdk.startswith("plugd-plugin-py/"))
         self.assertEqual(self.sup.ready, wire.Ready())
 
@@ -196,3 +196,42 @@ class NotSupervised(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class HostCalls(unittest.TestCase):
+    """Protocol 2: a handler calls the host while it serves a call."""
+
+    def test_a_handler_calls_the_host_answers_pings_meanwhile_and_keeps_the_deadline(self):
+        sup = FakeSupervisor(proto=2)
+        self.addCleanup(sup.close)
+        sup.send(wire.Call(7, "order", 2_000_000, js(3)))
+        host_call = sup.recv()
+        self.assertIsInstance(host_call, wire.Call)
+        self.assertEqual((host_call.method, host_call.payload), ("send_order", js({"qty": 3})))
+        self.assertTrue(0 < host_call.deadline_us < 2_000_000,
+                        "no more than the call being served has left")
+        sup.send(wire.Ping(5))  # the plugin answers while it waits for the host
+        self.assertEqual(sup.recv(), wire.Pong(5))
+        sup.send(wire.Reply(host_call.id, js("filled 3")))
+        self.assertEqual(sup.recv(), wire.Reply(7, js("filled 3")))
+
+    def test_plugin_calls_go_through_plugd_call_and_refusals_say_why(self):
+        sup = FakeSupervisor(proto=2)
+        self.addCleanup(sup.close)
+        sup.send(wire.Call(8, "relay", 0, js({"plugin": "exchange", "method": "fill", "arg": 1})))
+        host_call = sup.recv()
+        self.assertEqual(host_call.method, wire.PLUGIN_CALL)
+        self.assertEqual(host_call.payload, Payload(
+            CODEC_BINCODE, wire.plugin_call("exchange", "fill", js(1))))
+        sup.send(wire.Reply(host_call.id, CallError(wire.ErrorCode.DENIED, "add it to [calls]")))
+        reply = sup.recv()
+        self.assertEqual(reply.id, 8)
+        self.assertEqual(reply.result.code, wire.ErrorCode.FAILED, reply.result.message)
+        self.assertIn("DENIED: add it to [calls]", reply.result.message)
+
+    def test_a_host_that_speaks_protocol_1_takes_no_calls(self):
+        sup = FakeSupervisor(proto=1)
+        self.addCleanup(sup.close)
+        reply, _ = sup.call(9, "order", js(1))
+        self.assertEqual(reply.result.code, wire.ErrorCode.FAILED)
+        self.assertIn("protocol 1", reply.result.message)
