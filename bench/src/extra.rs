@@ -2,6 +2,7 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -425,6 +426,9 @@ pub enum Pinned {
     OnTick,
     /// `echo` of this many bytes (raw payload; the floor moves the same size).
     Echo(usize),
+    /// `on_tick_order`: the strategy calls the host's `send_order` once before replying
+    /// (the floor is two raw round trips of 64 B back to back).
+    OnTickHostCall,
 }
 
 /// The raw floor and plugd's blocking call in engine mode, measured in alternating blocks
@@ -445,9 +449,20 @@ pub fn interleaved(
     let dir = tempfile::tempdir()?;
     let sup = rt.block_on(async { supervisor() })?;
     let (bin, size) = match what {
-        Pinned::OnTick => ("tick-strategy", 64),
+        Pinned::OnTick | Pinned::OnTickHostCall => ("tick-strategy", 64),
         Pinned::Echo(n) => ("echo", n),
     };
+    let orders = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    {
+        let orders = orders.clone();
+        sup.host_method(
+            "send_order",
+            move |_: &supervisor::HostCall<'_>, _: Order| -> Result<u64, String> {
+                Ok(orders.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+            },
+        );
+    }
+    let round_trips = if matches!(what, Pinned::OnTickHostCall) { 2 } else { 1 };
     let transport = if seqpacket { "transport = \"seqpacket\"\n" } else { "" };
     let cpus = if pinned { "[limits]\ncpus = [0]\n" } else { "" };
     let config = format!("{transport}{cpus}[config]\nmax_position = 10\n");
@@ -460,8 +475,10 @@ pub fn interleaved(
     let deadline = Deadline::After(Duration::from_secs(5));
     let mut raw_once = || -> Result<u64> {
         let t0 = Instant::now();
-        ours.write_all(&msg)?;
-        ours.read_exact(&mut back)?;
+        for _ in 0..round_trips {
+            ours.write_all(&msg)?;
+            ours.read_exact(&mut back)?;
+        }
         Ok(t0.elapsed().as_nanos() as u64)
     };
     let mut i = 0u64;
@@ -472,6 +489,12 @@ pub fn interleaved(
                 let tick = Tick { symbol: "BTC-USD".into(), bid: 100.0, ask: 100.02, ts: i };
                 let t0 = Instant::now();
                 let _: Order = plugin.call_blocking("on_tick", &tick, deadline)?;
+                t0.elapsed().as_nanos() as u64
+            }
+            Pinned::OnTickHostCall => {
+                let tick = Tick { symbol: "BTC-USD".into(), bid: 100.0, ask: 100.02, ts: i };
+                let t0 = Instant::now();
+                let _: Order = plugin.call_blocking("on_tick_order", &tick, deadline)?;
                 t0.elapsed().as_nanos() as u64
             }
             Pinned::Echo(_) => {
@@ -501,8 +524,14 @@ pub fn interleaved(
     drop(ours);
     child.wait()?;
     rt.block_on(sup.shutdown());
+    anyhow::ensure!(
+        !matches!(what, Pinned::OnTickHostCall)
+            || orders.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the strategy placed no order with the host"
+    );
     let mut label = match what {
         Pinned::OnTick => "plugd on_tick, blocking, engine mode".to_string(),
+        Pinned::OnTickHostCall => "plugd on_tick + 1 host call, blocking, engine mode".to_string(),
         Pinned::Echo(n) => format!("plugd echo {n} B, blocking, engine mode"),
     };
     if pinned {
@@ -512,13 +541,14 @@ pub fn interleaved(
         label.push_str(", seqpacket");
     }
     let bytes = match what {
-        Pinned::OnTick => 25,
+        Pinned::OnTick | Pinned::OnTickHostCall => 25,
         Pinned::Echo(n) => n,
     };
     Ok((
         stats(
             &format!(
-                "raw socketpair {size} B{} (interleaved)",
+                "raw socketpair {size} B{}{} (interleaved)",
+                if round_trips == 2 { ", 2 round trips" } else { "" },
                 if pinned { ", pinned" } else { "" }
             ),
             size,

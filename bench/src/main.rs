@@ -257,8 +257,14 @@ fn main() -> Result<()> {
         let floor = raw_floor(64, 1000, n)?;
         // `--pinned-only N interleaved`: floor and engine mode in alternating blocks.
         if args.get(2).map(String::as_str) == Some("interleaved") {
-            use extra::Pinned::{Echo, OnTick};
-            let all = [(OnTick, false), (OnTick, true), (Echo(64), true), (Echo(4096), true)];
+            use extra::Pinned::{Echo, OnTick, OnTickHostCall};
+            let all = [
+                (OnTick, false),
+                (OnTick, true),
+                (OnTickHostCall, true),
+                (Echo(64), true),
+                (Echo(4096), true),
+            ];
             for (what, seqpacket) in all {
                 let (floor, through) =
                     extra::interleaved(what, seqpacket, true, 1000, n, n / 1000)?;
@@ -405,9 +411,9 @@ fn main() -> Result<()> {
     // each side's cost (same vCPU ~8 µs, the other one ~50 µs), and alternating blocks
     // cannot make that even.
     let interleave = |pinned: bool| -> Result<Vec<Stats>> {
-        use extra::Pinned::{Echo, OnTick};
+        use extra::Pinned::{Echo, OnTick, OnTickHostCall};
         let mut out = Vec::new();
-        for what in [OnTick, Echo(4096)] {
+        for what in [OnTick, OnTickHostCall, Echo(4096)] {
             for seqpacket in [false, true] {
                 let blocks = (samples / 1000).max(1);
                 let (floor, through) =

@@ -57,6 +57,13 @@ impl Strategy {
 impl Plugin for Strategy {
     fn methods(m: &mut Methods<Self>) {
         m.typed("on_tick", Strategy::on_tick);
+        // The same decision, then the order placed with the host (its `send_order`, whose
+        // answer is an order id) before replying: one host call per tick.
+        m.with_ctx("on_tick_order", |s: &mut Strategy, ctx, tick: Tick| -> Result<Order, String> {
+            let order = s.on_tick(tick)?;
+            let _id: u64 = ctx.call("send_order", &order).map_err(|e| e.to_string())?;
+            Ok(order)
+        });
         m.typed("position", |s: &mut Strategy, _: ()| -> Result<i64, String> { Ok(s.position) });
         m.typed("version", |_, _: ()| -> Result<String, String> {
             std::env::var("PLUGD_PLUGIN_VERSION").map_err(|e| e.to_string())
