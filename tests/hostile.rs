@@ -66,6 +66,18 @@ async fn garbage_after_ready_kills_only_that_plugin() {
     );
     neighbour_answers(&echo).await;
 
+    // A Hello with the magic as four raw bytes gets a Reject that says what the magic is.
+    let raw = sup.load_stopped(garbage(&dir, "raw-magic")).await.unwrap();
+    assert!(sup.start("garbage-raw-magic").await.is_err(), "a malformed Hello never gets Ready");
+    eventually("the plugin printed the Reject it got", || {
+        raw.logs(50)
+            .iter()
+            .any(|l| l.text.contains("got Reject") && l.text.contains("fc 50 4c 47 44"))
+    })
+    .await;
+    let reason = raw.status().last_exit.unwrap().to_string();
+    assert!(reason.contains("not a valid Hello"), "{reason}");
+
     // A plugin that sends a supervisor-only message.
     let w = sup.load(garbage(&dir, "wrong-way")).await.unwrap();
     eventually("wrong-way plugin classified", || w.status().state == State::Exited).await;

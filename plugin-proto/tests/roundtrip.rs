@@ -232,3 +232,30 @@ fn calls_go_both_ways_from_protocol_2_and_one_way_before() {
     assert!(Message::Notify { method: "x".into(), payload: Payload::empty() }
         .may_be_sent_by(Side::Plugin, 1));
 }
+
+/// What PROTOCOL.md §3 says about edge cases of the body encoding, checked.
+#[test]
+fn body_edge_cases_are_as_the_spec_says() {
+    use plugin_proto::frame::decode_body;
+    use plugin_proto::Message;
+    // Ping (tag 9) with seq 5 written minimally, then with a needless u16 marker: both read.
+    assert_eq!(decode_body(&[0x09, 0x05]).unwrap(), Message::Ping { seq: 5 });
+    let lenient = decode_body(&[0x09, 0xfb, 0x05, 0x00]);
+    assert_eq!(lenient.unwrap(), Message::Ping { seq: 5 }, "non-minimal varints are accepted");
+    // Marker 254 (a u128) and 255 (none) are not a u64.
+    for marker in [0xfeu8, 0xff] {
+        let mut body = vec![0x09, marker];
+        body.extend_from_slice(&[0; 16]);
+        assert!(decode_body(&body).is_err(), "marker {marker} in a u64");
+    }
+    // Invalid UTF-8 in a string (Log's message) is refused.
+    assert!(decode_body(&[0x0e, 0x01, 0x02, 0xff, 0xfe]).is_err());
+    // Bytes after the message are refused.
+    assert!(decode_body(&[0x09, 0x05, 0x00]).is_err());
+    // The magic is a u32 varint: fc + 4 bytes; four raw bytes instead misread the fields.
+    let raw_magic = [0x00, 0x50, 0x4c, 0x47, 0x44, 0x01, 0x01, 0x00, 0x00, 0x00, 0x00];
+    // (or it does not decode at all; the supervisor answers Reject either way)
+    if let Ok(Message::Hello(h)) = decode_body(&raw_magic) {
+        assert_ne!(h.magic, plugin_proto::MAGIC);
+    }
+}

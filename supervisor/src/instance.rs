@@ -568,6 +568,14 @@ impl Instance {
         loop {
             let wake = match self.wait_frame(until, control).await {
                 Ok(w) => w,
+                // A first frame that is not a Hello gets a Reject saying so (a plugin written
+                // from the spec learns why), then the kill if it does not exit.
+                Err(detail) if sdk.is_none() => {
+                    let detail = format!(
+                        "the first frame is not a valid Hello ({detail}); its magic is the u32 varint fc 50 4c 47 44, see PROTOCOL.md section 4"
+                    );
+                    return Err(self.reject(ExitReason::ProtocolViolation { detail }).await);
+                }
                 Err(detail) => {
                     return Err(self.kill(ExitReason::ProtocolViolation { detail }).await)
                 }

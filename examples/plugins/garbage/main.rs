@@ -4,7 +4,9 @@
 //! instead of Hello), "oversized" (a 4 GiB length header), "after-ready"
 //! (a proper handshake, then random bytes on the first call), "wrong-way"
 //! (after Ready, sends a Shutdown, which only the supervisor may send), "call-on-v1"
-//! (offers only protocol 1, then calls the host, which needs protocol 2), "big-record" (with
+//! (offers only protocol 1, then calls the host, which needs protocol 2), "raw-magic" (a
+//! Hello whose magic is four raw bytes instead of the varint; it prints what comes back and
+//! exits), "big-record" (with
 //! `transport = "seqpacket"`: answers the first call with a well-formed reply in a single
 //! 100 KiB record, longer than the 64 KiB a record may be).
 
@@ -34,6 +36,20 @@ fn main() {
     match mode.as_str() {
         "oversized" => {
             let _ = sock.write_all(&0xFFFF_FFF0u32.to_le_bytes());
+        }
+        "raw-magic" => {
+            // Tag 0, then "PLGD" as four bytes (the spec says a varint: fc 50 4c 47 44).
+            let body = [0x00, 0x50, 0x4c, 0x47, 0x44, 0x01, 0x01, 0x00, 0x00, 0x00, 0x00];
+            let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+            frame.extend_from_slice(&body);
+            let _ = sock.write_all(&frame);
+            let mut reader = BufReader::new(sock.try_clone().expect("clone socket"));
+            match read_frame(&mut reader, max) {
+                Ok(Message::Reject { reason }) => eprintln!("got Reject: {reason}"),
+                Ok(other) => eprintln!("got {}", other.kind()),
+                Err(e) => eprintln!("got no answer: {e}"),
+            }
+            std::process::exit(2);
         }
         "after-ready" | "wrong-way" | "call-on-v1" | "big-record" => {
             let hello = Message::Hello(Hello {
