@@ -479,6 +479,7 @@ fn install_jobs_run_in_the_background_and_can_be_cancelled_and_retried() {
     let job = wait_job(port, id);
     assert_eq!(job["state"], "failed", "{job}");
     assert!(job["error"].as_str().unwrap().contains("missing ok"), "{job}");
+    assert_eq!(job["error_kind"], "failed", "the kind of failure, typed: {job}");
     std::fs::write(flaky.join("ok"), "").unwrap();
     let (code, body) = http(port, "POST", &format!("/v1/jobs/{id}/retry"), Some(TOKEN), b"");
     assert_eq!(code, 202, "{body}");

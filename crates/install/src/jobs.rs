@@ -127,6 +127,10 @@ pub struct Job {
     pub result: Option<serde_json::Value>,
     /// Why not, when it failed.
     pub error: Option<String>,
+    /// What kind of failure (`not_found`, `conflict`, `failed`, …): the same kinds, and so
+    /// the same HTTP statuses, as the request had it run in the foreground.
+    #[serde(default)]
+    pub error_kind: Option<plugd_control::ErrorKind>,
     /// The job this one retries, if any.
     pub retry_of: Option<u64>,
     /// When it was created, ms since the epoch.
@@ -180,6 +184,7 @@ impl Jobs {
             if !job.state.is_final() {
                 job.state = JobState::Failed;
                 job.error = Some("interrupted by restart".into());
+                job.error_kind = Some(plugd_control::ErrorKind::Failed);
                 job.finished_ms = Some(now_ms());
                 let _ = save(dir, &job);
             }
@@ -204,6 +209,7 @@ impl Jobs {
             output: Vec::new(),
             result: None,
             error: None,
+            error_kind: None,
             retry_of,
             created_ms: now_ms(),
             finished_ms: None,
@@ -238,7 +244,7 @@ impl Jobs {
     }
 
     /// Records how a job ended.
-    pub fn finish(&self, id: u64, result: Result<serde_json::Value, String>) {
+    pub fn finish(&self, id: u64, result: Result<serde_json::Value, plugd_control::ApiError>) {
         let mut entries = lock(&self.entries);
         let Some(e) = entries.get_mut(&id) else { return };
         let cancelled = e.cancel.is_cancelled();
@@ -249,7 +255,8 @@ impl Jobs {
             }
             Err(err) => {
                 e.job.state = if cancelled { JobState::Cancelled } else { JobState::Failed };
-                e.job.error = Some(err);
+                e.job.error = Some(err.message);
+                e.job.error_kind = Some(err.kind);
             }
         }
         e.job.finished_ms = Some(now_ms());
@@ -323,6 +330,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_failed_job_keeps_the_kind_of_its_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::load(dir.path());
+        let (f, _) = jobs.create(params(), None);
+        let permit = jobs.start(f).await.unwrap();
+        jobs.finish(f, Err(plugd_control::ApiError::not_found("no plugin ghost")));
+        drop(permit);
+        let failed = jobs.wait(f).await.unwrap();
+        assert_eq!(
+            (failed.state, failed.error_kind),
+            (JobState::Failed, Some(plugd_control::ErrorKind::NotFound))
+        );
+        // Kept across a restart of the daemon (jobs are files).
+        let again = Jobs::load(dir.path()).get(f).unwrap();
+        assert_eq!(again.error_kind, Some(plugd_control::ErrorKind::NotFound));
+    }
+
+    #[tokio::test]
     async fn jobs_move_through_their_states_and_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let jobs = Jobs::load(dir.path());
@@ -345,6 +370,7 @@ mod tests {
         let b = again.get(b).unwrap();
         assert_eq!(b.state, JobState::Failed);
         assert_eq!(b.error.as_deref(), Some("interrupted by restart"));
+        assert_eq!(b.error_kind, Some(plugd_control::ErrorKind::Failed));
         assert_eq!(again.get(a).unwrap().output, vec!["building".to_string()]);
         assert_eq!(again.get(c).unwrap().state, JobState::Cancelled);
         let (d, _) = again.create(params(), Some(2));

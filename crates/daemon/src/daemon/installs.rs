@@ -37,7 +37,7 @@ impl Daemon {
                 }
                 None => Err(ApiError::not_found(format!("no job {id}"))),
             };
-            self.jobs.finish(id, result.map_err(|e| e.message));
+            self.jobs.finish(id, result);
         }
         self.jobs.wait(id).await.unwrap_or_else(|| unreachable_job(id))
     }
@@ -484,6 +484,7 @@ fn unreachable_job(id: u64) -> crate::jobs::Job {
         output: Vec::new(),
         result: None,
         error: Some(format!("job {id} vanished")),
+        error_kind: Some(plugd_control::ErrorKind::Failed),
         retry_of: None,
         created_ms: 0,
         finished_ms: None,

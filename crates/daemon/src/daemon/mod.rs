@@ -625,9 +625,10 @@ impl Daemon {
                 let job = self.run_job(id, cancel).await;
                 match job.state {
                     crate::jobs::JobState::Succeeded => Ok(job.result.unwrap_or_default()),
-                    _ => {
-                        Err(job.error.unwrap_or_else(|| format!("job {id} did not finish")).into())
-                    }
+                    _ => Err(ApiError::new(
+                        job.error_kind.unwrap_or(plugd_control::ErrorKind::Failed),
+                        job.error.unwrap_or_else(|| format!("job {id} did not finish")),
+                    )),
                 }
             }
             Request::InstallJob { source, force, enable } => self
