@@ -398,11 +398,14 @@ fn three_upgrades_in_a_row_keep_every_plugin_and_a_stopped_one_stays_stopped() {
     std::fs::create_dir_all(&plugins).unwrap();
     add_plugin(&plugins, "echo", "echo", "");
     add_plugin(&plugins, "echo", "parked", "");
+    // Calls echo through plugd (protocol 2): its negotiated version must survive each handover,
+    // or its host call would be taken for a protocol violation and it would be killed.
+    add_plugin(&plugins, "echo", "strat", "[calls]\nallow = [\"echo.echo\"]\n");
     let exe = plugd_copy(root.path());
     let d = Plugd::start_exe(&exe, root, &[]);
-    eventually("ready", || d.all_ready(&["echo", "parked"]));
+    eventually("ready", || d.all_ready(&["echo", "parked", "strat"]));
     assert!(d.ctl(&["stop", "parked"]).status.success());
-    let mut names = vec!["echo".to_string()];
+    let mut names = vec!["echo".to_string(), "strat".to_string()];
     for generation in 1..=3u64 {
         // A plugin started by this generation, before the next upgrade.
         let name = format!("echo-gen{generation}");
@@ -428,6 +431,14 @@ fn three_upgrades_in_a_row_keep_every_plugin_and_a_stopped_one_stays_stopped() {
             assert_eq!(p["restarts"], 0, "generation {generation}: {p}");
             assert!(alive(*pid));
         }
+        let relayed =
+            d.ctl(&["call", "strat", "relay", &format!("[\"echo\",\"echo\",\"g{generation}\"]")]);
+        assert_eq!(
+            String::from_utf8_lossy(&relayed.stdout).trim(),
+            format!("g{generation}"),
+            "generation {generation}: an adopted plugin still calls through plugd: {}",
+            String::from_utf8_lossy(&relayed.stderr)
+        );
         let parked = d.plugin("parked");
         assert_eq!(
             parked["state"], "stopped",
