@@ -29,6 +29,12 @@ async fn a_plugin_calls_the_host_and_unknown_or_panicking_methods_answer_in_word
     sup.host_method("boom", |_: &HostCall<'_>, _: String| -> Result<String, String> {
         panic!("the order book is on fire")
     });
+    sup.host_method_async("async-boom", |_req: supervisor::HostRequest| async move {
+        if _req.plugin == "echo" {
+            panic!("the async book is on fire");
+        }
+        Ok::<_, supervisor::CallError>(supervisor::Payload::empty())
+    });
     sup.host_method("refuse", |_: &HostCall<'_>, _: String| -> Result<String, String> {
         Err("market closed".into())
     });
@@ -41,6 +47,8 @@ async fn a_plugin_calls_the_host_and_unknown_or_panicking_methods_answer_in_word
     );
     let panicked = via_plugin(&echo, "boom", "").await;
     assert!(panicked.starts_with("Panicked") && panicked.contains("on fire"), "{panicked}");
+    let panicked = via_plugin(&echo, "async-boom", "").await;
+    assert!(panicked.starts_with("Panicked") && panicked.contains("async book"), "{panicked}");
     assert_eq!(via_plugin(&echo, "refuse", "").await, "Failed: market closed");
     // The host and the plugin both carry on after the panic.
     assert_eq!(via_plugin(&echo, "send_order", "ETH").await, "filled ETH for echo");

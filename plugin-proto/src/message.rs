@@ -287,6 +287,16 @@ impl CallError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self { code, message: message.into() }
     }
+
+    /// A `Panicked` error for `what` (e.g. "method on_tick"), with the panic's text.
+    pub fn panicked(what: &str, panic: &(dyn std::any::Any + Send)) -> Self {
+        let text = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a non-text panic".into());
+        Self::new(ErrorCode::Panicked, format!("{what} panicked: {text}"))
+    }
 }
 
 impl std::fmt::Display for CallError {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use plugin_proto::frame::{body_len, decode_body, encode_frame, read_frame, RECORD_MAX};
 use plugin_proto::{
-    CallError, ErrorCode, FrameError, Hello, Message, Payload, Reply, DEFAULT_MAX_FRAME, MAGIC,
+    CallError, FrameError, Hello, Message, Payload, Reply, DEFAULT_MAX_FRAME, MAGIC,
     PROTO_HOST_CALLS, PROTO_MAX, PROTO_MIN,
 };
 use serde::de::DeserializeOwned;
@@ -361,14 +361,7 @@ fn run_handler<P>(
     }
     match catch_unwind(AssertUnwindSafe(|| methods.dispatch(plugin, ctx, method, payload))) {
         Ok(result) => result,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic".into());
-            Err(CallError::new(ErrorCode::Panicked, format!("method {method} panicked: {what}")))
-        }
+        Err(panic) => Err(CallError::panicked(&format!("method {method}"), &*panic)),
     }
 }
 

@@ -71,18 +71,17 @@ pub(crate) struct HostMethods {
     methods: RwLock<HashMap<String, Entry>>,
 }
 
-/// Runs an async handler as a task of its own, so a panic in it answers `Panicked`.
-pub(crate) async fn run_guarded(method: String, fut: HostFuture) -> Result<Payload, CallError> {
-    match tokio::spawn(fut).await {
-        Ok(answer) => answer,
-        Err(e) => Err(CallError::new(
-            ErrorCode::Panicked,
-            format!(
-                "host method {method} {}",
-                if e.is_panic() { "panicked" } else { "was cancelled" }
-            ),
-        )),
-    }
+/// Runs an async handler to its answer on the task that awaits this; a panic in it answers
+/// `Panicked` (each poll runs under `catch_unwind`, so no extra task is spawned for it).
+pub(crate) async fn run_guarded(method: String, mut fut: HostFuture) -> Result<Payload, CallError> {
+    std::future::poll_fn(move |cx| match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+        Ok(poll) => poll,
+        Err(panic) => std::task::Poll::Ready(Err(CallError::panicked(
+            &format!("host method {method}"),
+            &*panic,
+        ))),
+    })
+    .await
 }
 
 impl HostMethods {
@@ -142,16 +141,9 @@ impl HostMethods {
         match catch_unwind(AssertUnwindSafe(|| handler(&info, &call.payload))) {
             Ok(answer) => answer,
             Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a non-text panic".into());
-                tracing::error!(plugin, method = %call.method, "host method panicked: {what}");
-                Err(CallError::new(
-                    ErrorCode::Panicked,
-                    format!("host method {} panicked: {what}", call.method),
-                ))
+                let err = CallError::panicked(&format!("host method {}", call.method), &*panic);
+                tracing::error!(plugin, "{}", err.message);
+                Err(err)
             }
         }
     }
