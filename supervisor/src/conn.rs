@@ -199,6 +199,17 @@ impl Conn {
         let (id, method) = (call.id, call.method.clone());
         match self.host.serve(&self.name, call) {
             Served::Now(answer) => self.answer_host_call(id, &method, answer),
+            // A hostile plugin must not grow the host's tasks without bound.
+            Served::Later(_) if self.host_in_flight.load(Ordering::SeqCst) >= HOST_CALLS_MAX => {
+                let err = CallError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "plugin {} has {HOST_CALLS_MAX} calls to the host in flight already; wait for their answers",
+                        self.name
+                    ),
+                );
+                self.answer_host_call(id, &method, Err(err));
+            }
             Served::Later(fut) => {
                 let conn = self.clone();
                 self.host_in_flight.fetch_add(1, Ordering::SeqCst);
@@ -811,6 +822,9 @@ impl Conn {
     }
 }
 
+/// Async host calls one plugin may have in flight; more are answered `Unavailable` at once.
+pub(crate) const HOST_CALLS_MAX: u32 = 64;
+
 /// How long a caller that met a closing connection waits for the next route at most.
 pub(crate) const ROUTE_WAIT: Duration = Duration::from_secs(1);
 
@@ -990,6 +1004,32 @@ mod socket_tests {
             Message::Call(c) => c.id,
             other => panic!("expected a Call, got {}", other.kind()),
         }
+    }
+
+    #[tokio::test]
+    async fn a_plugin_cannot_start_more_async_host_calls_than_the_cap() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        theirs.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let host = Arc::new(HostMethods::default());
+        // A method that never answers: every call to it stays in flight.
+        host.add_async("wait", Arc::new(|_| Box::pin(std::future::pending())));
+        let conn = Arc::new(Conn::new(ours, 1 << 20, false, false, "greedy", 3, host));
+        for id in 1..=u64::from(HOST_CALLS_MAX) + 1 {
+            let call =
+                Call { id, method: "wait".into(), deadline_us: 0, payload: Payload::empty() };
+            Conn::serve_host_call(&conn, call);
+        }
+        // Only the one over the cap is answered, at once, with the reason.
+        let got = frames(&mut theirs, 1);
+        match &got[0] {
+            Message::Reply(Reply { id, result: Err(e) }) => {
+                assert_eq!(*id, u64::from(HOST_CALLS_MAX) + 1);
+                assert_eq!(e.code, ErrorCode::Unavailable);
+                assert!(e.message.contains("in flight already"), "{e}");
+            }
+            other => panic!("expected the refusal, got {}", other.kind()),
+        }
+        assert_eq!(conn.host_in_flight.load(Ordering::SeqCst), HOST_CALLS_MAX);
     }
 
     #[tokio::test]
