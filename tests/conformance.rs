@@ -199,6 +199,23 @@ fn both_sdks_exit_with_the_same_status_for_each_way_to_end() {
         assert_eq!(code, Some(1), "{sdk:?}: on_load failed: {err}");
         assert!(err.contains("asked to fail in on_load"), "{sdk:?}: {err}");
 
+        // The same on protocol 2: the reason is also sent as Reject (PROTOCOL.md 5.2).
+        let mut p = Fake::spawn(sdk, &[]);
+        assert!(matches!(p.recv(), Some(Message::Hello(_))));
+        p.send(&Message::Welcome(Welcome {
+            proto: 2,
+            config_json: r#"{"fail_load": true}"#.into(),
+            heartbeat_ms: 0,
+            max_frame: DEFAULT_MAX_FRAME,
+            state: None,
+        }));
+        let said = p.recv();
+        let Some(Message::Reject { reason }) = said else {
+            panic!("{sdk:?}: expected Reject after a failed on_load, got {said:?}")
+        };
+        assert!(reason.contains("asked to fail in on_load"), "{sdk:?}: {reason}");
+        assert_eq!(p.status().0, Some(1), "{sdk:?}: exits 1 after saying why");
+
         // A message only a plugin may send: a protocol error, 3.
         let mut p = Fake::spawn(sdk, &[]);
         p.handshake("{}", None);

@@ -313,7 +313,7 @@ async fn start_failures_say_why() {
     let err = sup.load(spec).await.unwrap_err().to_string();
     assert!(err.contains("bad-load") && err.contains("failed to start"), "{err}");
     assert!(
-        err.contains("exited(1)") && err.contains("fail_on_load is set"),
+        err.contains("load failed: fail_on_load is set in [config]"),
         "shows the plugin's own words: {err}"
     );
     assert!(sup.get("bad-load").is_none(), "a plugin whose first start fails is not kept");

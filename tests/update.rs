@@ -205,7 +205,7 @@ async fn a_failing_new_version_leaves_the_old_one_serving() {
                 "2.0.0",
                 "[config]\nfail_on_load = true\n",
             ),
-            "exited(1)",
+            "load failed: fail_on_load is set",
         ),
         (
             "garbage",

@@ -27,7 +27,8 @@ pub enum Message {
     Hello(Hello),
     /// Tag 1, supervisor → plugin: the handshake is accepted.
     Welcome(Welcome),
-    /// Tag 2, supervisor → plugin: the handshake is refused; the plugin should exit.
+    /// Tag 2, supervisor → plugin: the handshake is refused; the plugin should exit. From
+    /// protocol 2 a plugin sends it too, in place of `Ready`, when its `on_load` failed.
     Reject {
         /// Why, in words for the plugin author.
         reason: String,
@@ -93,7 +94,8 @@ impl Message {
     /// Whether `side` may send this message on a connection speaking protocol `proto`.
     /// From version 2 ([`crate::PROTO_HOST_CALLS`]) calls go both ways: a plugin may send
     /// `Call` and `Cancel` for its own calls to the host, and the supervisor answers them
-    /// with `Reply` (each direction numbers its calls on its own).
+    /// with `Reply` (each direction numbers its calls on its own); a plugin whose `on_load`
+    /// failed sends `Reject` with the reason instead of `Ready`.
     pub fn may_be_sent_by(&self, side: Side, proto: u16) -> bool {
         let both_ways = proto >= crate::PROTO_HOST_CALLS
             && matches!(
@@ -103,7 +105,11 @@ impl Message {
                     | Message::Chunk { .. }
                     | Message::Cancel { .. }
             );
-        both_ways || matches!(self.sent_by(), Side::Both) || self.sent_by() == side
+        // A plugin that cannot start says why with Reject (PROTOCOL.md 5.2).
+        let load_failed = proto >= crate::PROTO_HOST_CALLS
+            && side == Side::Plugin
+            && matches!(self, Message::Reject { .. });
+        both_ways || load_failed || matches!(self.sent_by(), Side::Both) || self.sent_by() == side
     }
 
     /// Which side may send this message in protocol version 1 (see

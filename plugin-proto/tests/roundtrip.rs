@@ -231,6 +231,11 @@ fn calls_go_both_ways_from_protocol_2_and_one_way_before() {
     assert!(!Message::Ready.may_be_sent_by(Side::Supervisor, 2));
     assert!(Message::Notify { method: "x".into(), payload: Payload::empty() }
         .may_be_sent_by(Side::Plugin, 1));
+    // From version 2 a plugin whose on_load failed says why with Reject (PROTOCOL.md 5.2).
+    let reject = Message::Reject { reason: "no API key in [config]".into() };
+    assert!(reject.may_be_sent_by(Side::Supervisor, 1));
+    assert!(!reject.may_be_sent_by(Side::Plugin, 1));
+    assert!(reject.may_be_sent_by(Side::Plugin, 2));
 }
 
 /// What PROTOCOL.md §3 says about edge cases of the body encoding, checked.

@@ -269,13 +269,21 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
     };
     max_frame = welcome.max_frame.min(DEFAULT_MAX_FRAME);
     let ctx = LoadContext { config_json: welcome.config_json, state: welcome.state };
-    plugin.on_load(&ctx).map_err(ServeError::Load)?;
+    // From protocol 2 a failed start is said to the supervisor (Reject, PROTOCOL.md 5.2), so
+    // the plugin's status shows the reason; the error still ends the process with status 1.
+    let refuse = |why: String| {
+        if welcome.proto >= PROTO_HOST_CALLS {
+            let _ = send(&Message::Reject { reason: why.clone() }).and_then(|()| flush());
+        }
+        ServeError::Load(why)
+    };
+    plugin.on_load(&ctx).map_err(refuse)?;
     // The handed-over state always reaches restore_state too (as in the Python SDK).
     if let Some(blob) = &ctx.state {
         plugin.restore_state(blob);
     }
     // Lock down after on_load (which may legitimately start helpers) and before Ready.
-    let layers = crate::lockdown::apply_requested().map_err(ServeError::Load)?;
+    let layers = crate::lockdown::apply_requested().map_err(refuse)?;
     if !layers.is_empty() {
         let payload = Payload::json(&layers).map_err(FrameError::from)?;
         send(&Message::Notify { method: "plugd.lockdown".into(), payload })?;

@@ -51,6 +51,11 @@ pub enum ExitReason {
         /// The ranges.
         detail: String,
     },
+    /// The plugin's `on_load` failed and it said why (a Reject in place of Ready, protocol 2).
+    LoadFailed {
+        /// The plugin's own words, cut to [`LOAD_FAILED_MAX`] bytes, control characters replaced.
+        detail: String,
+    },
     /// Ran out of its memory limit (allocation failed under RLIMIT_AS, or RSS over the limit).
     MemoryLimit {
         /// The limit in bytes.
@@ -92,6 +97,8 @@ pub enum ExitKind {
     Hung,
     /// Speaks no protocol version plugd speaks.
     VersionMismatch,
+    /// Its `on_load` failed, in its own words.
+    LoadFailed,
     /// Over its memory limit.
     MemoryLimit,
     /// Over its CPU time limit.
@@ -114,6 +121,7 @@ impl ExitKind {
             ExitKind::ProtocolViolation => "protocol violation",
             ExitKind::Hung => "hung",
             ExitKind::VersionMismatch => "version mismatch",
+            ExitKind::LoadFailed => "load failed",
             ExitKind::MemoryLimit => "memory limit",
             ExitKind::CpuTimeLimit => "cpu time limit",
             ExitKind::FileSizeLimit => "file size limit",
@@ -146,6 +154,7 @@ impl ExitReason {
             ExitReason::ProtocolViolation { .. } => ExitKind::ProtocolViolation,
             ExitReason::Hung { .. } => ExitKind::Hung,
             ExitReason::VersionMismatch { .. } => ExitKind::VersionMismatch,
+            ExitReason::LoadFailed { .. } => ExitKind::LoadFailed,
             ExitReason::MemoryLimit { .. } => ExitKind::MemoryLimit,
             ExitReason::CpuTimeLimit { .. } => ExitKind::CpuTimeLimit,
             ExitReason::FileSizeLimit { .. } => ExitKind::FileSizeLimit,
@@ -158,11 +167,28 @@ impl ExitReason {
         !matches!(self, ExitReason::Exited { code: 0 } | ExitReason::Stopped { .. })
     }
 
+    /// A failed `on_load` in the plugin's words: at most [`LOAD_FAILED_MAX`] bytes of them,
+    /// control characters (a terminal escape, a forged newline) replaced by U+FFFD.
+    pub fn load_failed(reason: &str) -> Self {
+        let mut text = String::with_capacity(reason.len().min(LOAD_FAILED_MAX));
+        for c in reason.chars() {
+            if text.len() + c.len_utf8() > LOAD_FAILED_MAX {
+                text.push('…');
+                break;
+            }
+            text.push(if c.is_control() { char::REPLACEMENT_CHARACTER } else { c });
+        }
+        ExitReason::LoadFailed { detail: text }
+    }
+
     /// A startup timeout of `after`.
     pub fn startup_timeout(after: Duration) -> Self {
         ExitReason::StartupTimeout { after_ms: after.as_millis() as u64 }
     }
 }
+
+/// The most of a plugin's own "on_load failed" reason that is kept, in bytes.
+pub const LOAD_FAILED_MAX: usize = 1024;
 
 /// The conventional name of a signal number ("SIGSEGV"), or "signal N".
 pub fn signal_name(signal: i32) -> String {
@@ -193,6 +219,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::ProtocolViolation { detail } => write!(f, "protocol violation: {detail}"),
             ExitReason::Hung { detail } => write!(f, "hung: {detail}"),
             ExitReason::VersionMismatch { detail } => write!(f, "version mismatch: {detail}"),
+            ExitReason::LoadFailed { detail } => write!(f, "load failed: {detail}"),
             ExitReason::MemoryLimit { limit_bytes } => {
                 write!(f, "memory limit ({} MiB)", limit_bytes / (1 << 20))
             }
@@ -223,5 +250,18 @@ mod tests {
         assert!(ExitReason::Exited { code: 3 }.is_failure());
         assert!(!ExitReason::Stopped { forced: true }.is_failure());
         assert_eq!(signal_name(99), "signal 99");
+    }
+
+    #[test]
+    fn a_plugins_load_failure_is_kept_short_and_on_one_line() {
+        let r = ExitReason::load_failed("no api_key\n\x1b[2Jin [config]");
+        assert_eq!(r.to_string(), "load failed: no api_key\u{fffd}\u{fffd}[2Jin [config]");
+        assert_eq!(r.kind().as_str(), "load failed");
+        assert!(r.is_failure());
+        let ExitReason::LoadFailed { detail: reason } = ExitReason::load_failed(&"é".repeat(4000))
+        else {
+            unreachable!()
+        };
+        assert!(reason.len() <= LOAD_FAILED_MAX + '…'.len_utf8() && reason.ends_with('…'));
     }
 }

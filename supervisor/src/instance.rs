@@ -631,6 +631,12 @@ impl Instance {
                     sdk = Some(h.sdk);
                 }
                 Message::Ready if sdk.is_some() => return Ok(sdk.unwrap_or_default()),
+                // Protocol 2: on_load failed and the plugin says why; it exits next.
+                Message::Reject { reason }
+                    if sdk.is_some() && self.conn.proto() >= PROTO_HOST_CALLS =>
+                {
+                    return Err(self.load_failed(&reason).await);
+                }
                 Message::Notify { method, payload } if method == LOCKDOWN_NOTIFY => {
                     self.lockdown = payload.decode().unwrap_or_default();
                 }
@@ -645,18 +651,33 @@ impl Instance {
         }
     }
 
-    /// Sends Reject, gives the plugin a moment to exit on its own, then kills it.
-    async fn reject(&mut self, reason: ExitReason) -> ExitReason {
-        self.log(LogLevel::Error, format!("rejecting plugin: {reason}"));
-        let text = reason.to_string();
+    /// The plugin's on_load failed (it sent Reject): gives it a moment to exit on its own,
+    /// then kills it; the exit reason is its own words either way.
+    async fn load_failed(&mut self, reason: &str) -> ExitReason {
+        let reason = ExitReason::load_failed(reason);
+        self.log(LogLevel::Error, format!("plugin could not start: {reason}"));
         self.kill_reason = Some(reason);
-        let _ = self.queue(&Message::Reject { reason: text });
+        self.exit_or_kill().await
+    }
+
+    /// Waits a moment (the kill timeout, at most 1 s) for a plugin told to go to exit, then
+    /// kills it; the reason is `kill_reason` either way.
+    async fn exit_or_kill(&mut self) -> ExitReason {
         let grace = self.cfg.timeouts.kill.min(Duration::from_secs(1));
         if let Ok(status) = tokio::time::timeout(grace, self.proc.wait()).await {
             return self.exit_reason(status);
         }
         let r = self.kill_reason.clone().unwrap_or(ExitReason::Stopped { forced: true });
         self.kill(r).await
+    }
+
+    /// Sends Reject, gives the plugin a moment to exit on its own, then kills it.
+    async fn reject(&mut self, reason: ExitReason) -> ExitReason {
+        self.log(LogLevel::Error, format!("rejecting plugin: {reason}"));
+        let text = reason.to_string();
+        self.kill_reason = Some(reason);
+        let _ = self.queue(&Message::Reject { reason: text });
+        self.exit_or_kill().await
     }
 
     /// Handles every whole frame in the read buffer.

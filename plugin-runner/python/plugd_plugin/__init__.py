@@ -467,6 +467,16 @@ def serve(plugin: Plugin, fd: int | None = None) -> None:
     if root.level == logging.WARNING:  # the untouched default
         root.setLevel(logging.INFO)
 
+    def refuse(reason: str) -> ServeError:
+        # From protocol 2 the supervisor is told why (Reject, PROTOCOL.md 5.2): the plugin's
+        # status then shows the reason, not only exit status 1.
+        if welcome.proto >= wire.PROTO_HOST_CALLS:
+            try:
+                conn.send(wire.Reject(reason))
+            except OSError:
+                pass
+        return _fail(LoadFailed(reason))
+
     try:
         try:
             plugin.on_load(json.loads(welcome.config_json) if welcome.config_json else {})
@@ -474,12 +484,12 @@ def serve(plugin: Plugin, fd: int | None = None) -> None:
                 plugin.restore_state(welcome.state)
         except Exception as e:
             _log.error("on_load failed:\n%s", traceback.format_exc().rstrip())
-            raise _fail(LoadFailed("on_load failed: %s: %s" % (type(e).__name__, e))) from None
+            raise refuse("on_load failed: %s: %s" % (type(e).__name__, e)) from None
         # Lock down after on_load (which may legitimately start helpers) and before Ready.
         try:
             layers = lockdown.apply_requested()
         except OSError as e:
-            raise _fail(LoadFailed("cannot apply the lockdown plugd asked for: %s" % e)) from None
+            raise refuse("cannot apply the lockdown plugd asked for: %s" % e) from None
         if layers:
             conn.send(wire.Notify("plugd.lockdown",
                                   Payload(CODEC_JSON, json.dumps(layers).encode())))
