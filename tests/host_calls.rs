@@ -287,6 +287,24 @@ async fn a_python_plugin_calls_the_host_and_another_plugin() {
     let fill = py.call_raw("place", json(serde_json::json!({"qty": 3})), ten_s).await.unwrap();
     let fill: serde_json::Value = fill.decode().unwrap();
     assert_eq!(fill, serde_json::json!({"filled": 3, "for": "py-strat"}));
+    // It logged the order with fields (plugd.log), and reads its own status (plugd.status).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        if let Some(l) = py.logs(50).into_iter().find(|l| l.text == "order placed") {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "no logged order: {:?}", py.logs(50));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(line.fields.get("qty").map(String::as_str), Some("3"));
+    assert_eq!(
+        line.fields.get("fill").map(String::as_str),
+        Some(r#"{"filled": 3, "for": "py-strat"}"#)
+    );
+    let me = py.call_raw("whoami", json(serde_json::Value::Null), ten_s).await.unwrap();
+    let me: serde_json::Value = me.decode().unwrap();
+    assert_eq!(me["name"], "py-strat");
+    assert_eq!(me["pid"], serde_json::json!(py.status().pid));
     // Through plugd to a Rust plugin (its echo answers the JSON it got).
     let arg = serde_json::json!({"plugin": "exchange", "method": "echo", "order": {"qty": 5}});
     let back: serde_json::Value =
@@ -296,5 +314,49 @@ async fn a_python_plugin_calls_the_host_and_another_plugin() {
     let arg = serde_json::json!({"plugin": "exchange", "method": "pid", "order": null});
     let err = py.call_raw("place_via", json(arg), ten_s).await.unwrap_err();
     assert!(err.message.contains("DENIED") && err.message.contains("exchange.pid"), "{err}");
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugd_tells_a_plugin_its_own_status_and_keeps_its_log_fields() {
+    let sup = supervisor();
+    let echo = sup.load(example("echo")).await.unwrap();
+    let me: plugin_proto::OwnStatus = echo.call("whoami", &()).await.unwrap();
+    assert_eq!((me.name.as_str(), me.state.as_str(), me.restarts), ("echo", "ready", 0));
+    assert_eq!(me.pid, echo.status().pid, "the status of the instance that asked");
+    assert_eq!(me.sandbox, echo.status().sandbox);
+    let old = me.pid;
+    sup.restart("echo").await.unwrap();
+    let me: plugin_proto::OwnStatus = echo.call("whoami", &()).await.unwrap();
+    assert_ne!(me.pid, old);
+    assert_eq!((me.restarts, me.pid), (echo.status().restarts, echo.status().pid));
+
+    // A line with fields, sent one way: kept with its fields, values sanitized.
+    let fields = vec![("order_id".to_string(), "42".to_string()), ("note".into(), "a\nb".into())];
+    echo.call::<_, ()>("log_fields", &("order placed", &fields)).await.unwrap();
+    let find = |text: &str| echo.logs(50).into_iter().find(|l| l.text.contains(text));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        if let Some(l) = find("order placed") {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "the line never reached the log: {:?}", echo.logs(50));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(line.fields.get("order_id").map(String::as_str), Some("42"));
+    assert_eq!(line.fields.get("note").map(String::as_str), Some("a\\nb"), "no forged newline");
+    // A key that could forge another field is refused, and the refusal is in the log.
+    let bad = vec![("plugin=other".to_string(), "x".to_string())];
+    echo.call::<_, ()>("log_fields", &("forged", &bad)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        if let Some(l) = find("notify was dropped") {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "no word of the refused line: {:?}", echo.logs(50));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(refused.text.contains("field key \"plugin=other\""), "{}", refused.text);
+    assert!(find("forged").is_none(), "the refused line is not kept");
     sup.shutdown().await;
 }

@@ -359,16 +359,22 @@ impl std::fmt::Display for ErrorCode {
 
 /// Severity of a Log message. The variant order is the wire tag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+/// In JSON the lowercase names are accepted too (`"info"`).
 pub enum LogLevel {
     /// Tag 0.
+    #[serde(alias = "error")]
     Error,
     /// Tag 1.
+    #[serde(alias = "warn", alias = "warning")]
     Warn,
     /// Tag 2.
+    #[serde(alias = "info")]
     Info,
     /// Tag 3.
+    #[serde(alias = "debug")]
     Debug,
     /// Tag 4.
+    #[serde(alias = "trace")]
     Trace,
 }
 
@@ -432,4 +438,51 @@ pub struct PluginCall {
     pub method: String,
     /// The argument, encoded for that method.
     pub payload: Payload,
+}
+
+/// The host method through which a plugin reads its own status (protocol version 2): no
+/// argument, answers [`OwnStatus`].
+pub const PLUGD_STATUS: &str = "plugd.status";
+
+/// What [`PLUGD_STATUS`] answers: the calling plugin's status as plugd sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OwnStatus {
+    /// The plugin's name in its manifest.
+    pub name: String,
+    /// The version running.
+    pub version: String,
+    /// Lifecycle state ("ready", "draining", …).
+    pub state: String,
+    /// Process id of the instance that asks.
+    pub pid: Option<u32>,
+    /// Restarts since the plugin was loaded.
+    pub restarts: u32,
+    /// Why the last instance ended, in words.
+    pub last_exit: Option<String>,
+    /// Time since this instance became ready, in milliseconds.
+    pub uptime_ms: Option<u64>,
+    /// Calls answered with a result.
+    pub calls_ok: u64,
+    /// Calls that failed.
+    pub calls_err: u64,
+    /// Sandbox layers in force.
+    pub sandbox: Vec<String>,
+    /// Layers asked for that this machine cannot provide, with the reason.
+    pub sandbox_unavailable: Vec<String>,
+}
+
+/// The host method (and one-way Notify) through which a plugin logs a line with fields
+/// (protocol version 2); the argument is a [`LogRecord`].
+pub const PLUGD_LOG: &str = "plugd.log";
+
+/// A log line with structured fields, the argument of [`PLUGD_LOG`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// Severity.
+    pub level: LogLevel,
+    /// The text.
+    pub message: String,
+    /// Named values (`order_id = "42"`): keys of 1-64 letters, digits, `_`, `.` or `-`.
+    #[serde(default)]
+    pub fields: std::collections::BTreeMap<String, String>,
 }

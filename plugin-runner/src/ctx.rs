@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use plugin_proto::{
-    Call, CallError, ErrorCode, FrameError, Message, Payload, PluginCall, PLUGIN_CALL,
-    PROTO_HOST_CALLS,
+    Call, CallError, ErrorCode, FrameError, LogLevel, LogRecord, Message, OwnStatus, Payload,
+    PluginCall, PLUGD_LOG, PLUGD_STATUS, PLUGIN_CALL, PROTO_HOST_CALLS,
 };
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -117,6 +117,35 @@ impl Ctx<'_> {
                 format!("{plugin}.{method}: cannot decode its answer: {e}"),
             )
         })
+    }
+
+    /// This plugin's status as plugd sees it (`plugd.status`): state, restarts, uptime,
+    /// sandbox layers in force. Only this plugin's own; a host that is not plugd may not
+    /// offer it (`UnknownMethod`).
+    pub fn status(&mut self) -> Result<OwnStatus, CallError> {
+        self.call(PLUGD_STATUS, &())
+    }
+
+    /// Logs `message` with named fields (`("order_id", "42")`) into this plugin's log, one
+    /// way (`Notify "plugd.log"`: nothing waits for it). On a protocol 1 connection the
+    /// fields are written into the text of a plain Log line instead.
+    pub fn log(
+        &mut self,
+        level: LogLevel,
+        message: &str,
+        fields: &[(&str, &dyn std::fmt::Display)],
+    ) -> Result<(), FrameError> {
+        let fields = fields.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        if self.io.proto < PROTO_HOST_CALLS {
+            let mut text = message.to_string();
+            for (k, v) in fields {
+                text.push_str(&format!(" {k}={v:?}"));
+            }
+            return self.io.send(&Message::Log { level, message: text });
+        }
+        let record = LogRecord { level, message: message.into(), fields: fields.collect() };
+        let payload = Payload::bincode(&record)?;
+        self.io.send(&Message::Notify { method: PLUGD_LOG.into(), payload })
     }
 
     /// Calls the host with an already-encoded payload; the answer as the host sent it.

@@ -39,7 +39,7 @@ mod run;
 pub use ctx::Ctx;
 pub use logging::LogForwarder;
 pub use methods::Methods;
-pub use plugin_proto::{CallError, ErrorCode, Payload, PayloadCodec};
+pub use plugin_proto::{CallError, ErrorCode, LogLevel, OwnStatus, Payload, PayloadCodec};
 pub use run::{serve, serve_with, LoadContext, ServeError, ServeOptions};
 
 /// What a plugin implements.

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use plugin_proto::{
-    negotiate, ErrorCode, LogLevel, Message, Payload, Side, Welcome, MAGIC, PROTO_HOST_CALLS,
-    PROTO_MAX, PROTO_MIN,
+    negotiate, ErrorCode, LogLevel, Message, Payload, Side, Welcome, MAGIC, PLUGD_LOG,
+    PROTO_HOST_CALLS, PROTO_MAX, PROTO_MIN,
 };
 use std::os::unix::net::UnixStream;
 use tokio::io::unix::AsyncFd;
@@ -643,6 +643,9 @@ impl Instance {
                 Message::Log { level, message } => {
                     self.cfg.ring.push(&self.cfg.name, LogSource::Sdk, level, message)
                 }
+                Message::Notify { method, payload } if method == PLUGD_LOG => {
+                    self.log_record(&payload)
+                }
                 other => {
                     let detail = format!("unexpected {} during the handshake", other.kind());
                     return Err(self.kill(ExitReason::ProtocolViolation { detail }).await);
@@ -669,6 +672,21 @@ impl Instance {
         }
         let r = self.kill_reason.clone().unwrap_or(ExitReason::Stopped { forced: true });
         self.kill(r).await
+    }
+
+    /// A line with fields sent one-way (`Notify "plugd.log"`): kept in the plugin's log; one
+    /// that cannot be kept is said in the log instead, since there is no one to answer.
+    fn log_record(&self, payload: &Payload) {
+        let kept = payload
+            .decode::<plugin_proto::LogRecord>()
+            .map_err(|e| e.to_string())
+            .and_then(|rec| self.cfg.ring.push_record(&self.cfg.name, rec));
+        if let Err(why) = kept {
+            // Counted as the plugin's own output: rate-limited like it, so bad notifies
+            // cannot flood plugd's log.
+            let text = format!("a {PLUGD_LOG} notify was dropped: {why}");
+            self.cfg.ring.push(&self.cfg.name, LogSource::Sdk, LogLevel::Warn, text);
+        }
     }
 
     /// Sends Reject, gives the plugin a moment to exit on its own, then kills it.
@@ -729,6 +747,9 @@ impl Instance {
                 Message::Pong { .. } => self.ping_outstanding = false,
                 Message::Log { level, message } => {
                     self.cfg.ring.push(&self.cfg.name, LogSource::Sdk, level, message)
+                }
+                Message::Notify { method, payload } if method == PLUGD_LOG => {
+                    self.log_record(&payload)
                 }
                 Message::State { blob } => self.state_blob = Some(blob),
                 Message::Goodbye => {}

@@ -8,14 +8,14 @@
 //! lines per second per plugin; what is over is counted, reported once a second in
 //! plugd's log, and exported (`log_lines_dropped`, `plugd_plugin_log_lines_dropped_total`).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use std::time::SystemTime;
 
-use plugin_proto::LogLevel;
+use plugin_proto::{LogLevel, LogRecord};
 use serde::Serialize;
 use tokio::io::AsyncReadExt;
 
@@ -60,6 +60,51 @@ pub struct LogLine {
     pub level: &'static str,
     /// The text.
     pub text: String,
+    /// Named values a plugin logged with the line (`plugd.log`), sanitized like the text.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub fields: BTreeMap<String, String>,
+}
+
+/// Most fields on one logged line.
+pub const MAX_FIELDS: usize = 32;
+
+/// Checks a plugin's [`LogRecord`] fields: at most [`MAX_FIELDS`], keys of 1-64 letters,
+/// digits, `_`, `.` or `-` (so a key cannot forge `plugin=` in a text log); values are
+/// sanitized as lines are. The error says which key and what is allowed.
+pub fn check_fields(fields: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, String> {
+    if fields.len() > MAX_FIELDS {
+        return Err(format!("{} fields on one line; at most {MAX_FIELDS}", fields.len()));
+    }
+    let key_ok = |k: &str| {
+        !k.is_empty()
+            && k.len() <= 64
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    };
+    let mut out = BTreeMap::new();
+    for (k, v) in fields {
+        if !key_ok(&k) {
+            let shown: String = k.chars().take(70).collect();
+            return Err(format!(
+                "field key {shown:?} is not allowed; use 1-64 letters, digits, '_', '.' or '-'"
+            ));
+        }
+        out.insert(k, sanitize(&v));
+    }
+    Ok(out)
+}
+
+/// What a line counts for in the ring's byte bound.
+fn line_size(text: &str, fields: &BTreeMap<String, String>) -> usize {
+    text.len() + fields.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+}
+
+/// `text` followed by the fields as `key="value"` pairs, for plugd's own (text) log.
+fn with_fields(text: &str, fields: &BTreeMap<String, String>) -> String {
+    let mut out = text.to_string();
+    for (k, v) in fields {
+        out.push_str(&format!(" {k}={v:?}"));
+    }
+    out
 }
 
 /// A bounded ring of a plugin's recent log lines, shared by its instances.
@@ -126,7 +171,24 @@ impl LogRing {
     /// Records a line (made safe by [`sanitize`]) and re-emits it as a tracing event
     /// tagged with the plugin, within the rate limit.
     pub fn push(&self, plugin: &str, source: LogSource, level: LogLevel, text: String) {
-        let text = sanitize(&text);
+        self.push_line(plugin, source, level, sanitize(&text), BTreeMap::new());
+    }
+
+    /// Keeps a line a plugin logged with fields (`plugd.log`); refuses bad fields, saying why.
+    pub fn push_record(&self, plugin: &str, record: LogRecord) -> Result<(), String> {
+        let fields = check_fields(record.fields)?;
+        self.push_line(plugin, LogSource::Sdk, record.level, sanitize(&record.message), fields);
+        Ok(())
+    }
+
+    fn push_line(
+        &self,
+        plugin: &str,
+        source: LogSource,
+        level: LogLevel,
+        text: String,
+        fields: BTreeMap<String, String>,
+    ) {
         let ts_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -153,17 +215,24 @@ impl LogRing {
                 r.dropped_now += 1;
                 r.dropped += 1;
             }
-            r.bytes += text.len();
+            r.bytes += line_size(&text, &fields);
             r.seq += 1;
             let seq = r.seq;
-            let line = LogLine { seq, ts_ms, source, level: level_name(level), text: text.clone() };
+            let line = LogLine {
+                seq,
+                ts_ms,
+                source,
+                level: level_name(level),
+                text: text.clone(),
+                fields: fields.clone(),
+            };
             if self.live.receiver_count() > 0 {
                 let _ = self.live.send(line.clone());
             }
             r.lines.push_back(line);
             while r.lines.len() > RING_LINES || (r.bytes > RING_BYTES && r.lines.len() > 1) {
                 if let Some(old) = r.lines.pop_front() {
-                    r.bytes -= old.text.len();
+                    r.bytes -= line_size(&old.text, &old.fields);
                 }
             }
             (emit, report, first_drop)
@@ -175,6 +244,7 @@ impl LogRing {
             tracing::warn!(plugin, "{n} log lines of this plugin were not written here in the last second (over {RATE_BURST}/s); `plugctl logs` has them");
         }
         if emit {
+            let text = with_fields(&text, &fields);
             match level {
                 LogLevel::Error => tracing::error!(plugin, source = ?source, "{text}"),
                 LogLevel::Warn => tracing::warn!(plugin, source = ?source, "{text}"),
@@ -210,7 +280,14 @@ impl LogRing {
                 let (seq, ts_ms) = (first.seq - 1, first.ts_ms);
                 out.insert(
                     0,
-                    LogLine { seq, ts_ms, source: LogSource::Supervisor, level: "warn", text },
+                    LogLine {
+                        seq,
+                        ts_ms,
+                        source: LogSource::Supervisor,
+                        level: "warn",
+                        text,
+                        fields: BTreeMap::new(),
+                    },
                 );
             }
         }

@@ -158,9 +158,29 @@ impl Supervisor {
         let plugins: Arc<Mutex<Vec<Loaded>>> = Default::default();
         let host_methods = Arc::new(crate::host::HostMethods::default());
         let directory = Arc::downgrade(&plugins);
+        let dir = directory.clone();
         host_methods.add_async(
             plugin_proto::PLUGIN_CALL,
-            Arc::new(move |req| Box::pin(plugin_call(directory.clone(), req))),
+            Arc::new(move |req| Box::pin(plugin_call(dir.clone(), req))),
+        );
+        let dir = directory.clone();
+        host_methods.add(
+            plugin_proto::PLUGD_STATUS,
+            crate::host::typed(plugin_proto::PLUGD_STATUS, move |call, (): ()| {
+                find_plugin(&dir, call.plugin).map(|h| own_status(h.status()))
+            }),
+        );
+        host_methods.add(
+            plugin_proto::PLUGD_LOG,
+            crate::host::typed(
+                plugin_proto::PLUGD_LOG,
+                move |call, rec: plugin_proto::LogRecord| {
+                    let h = find_plugin(&directory, call.plugin)?;
+                    h.shared.ring.push_record(call.plugin, rec).map_err(|e| {
+                        format!("{}: plugin {}: {e}", plugin_proto::PLUGD_LOG, call.plugin)
+                    })
+                },
+            ),
         );
         Supervisor { config, spawner, host, plugins, host_methods }
     }
@@ -462,6 +482,34 @@ impl Supervisor {
     }
 }
 
+/// The loaded plugin called `name`, through the directory the host methods share.
+fn find_plugin(
+    directory: &std::sync::Weak<Mutex<Vec<Loaded>>>,
+    name: &str,
+) -> Result<PluginHandle, String> {
+    let plugins = directory.upgrade().ok_or("the supervisor is shutting down")?;
+    let plugins = plugins.lock();
+    let found = plugins.iter().find(|l| l.handle.name() == name).map(|l| l.handle.clone());
+    found.ok_or_else(|| format!("plugin {name} is not loaded in this supervisor"))
+}
+
+/// `plugd.status`: what a plugin may know of itself (nothing of other plugins).
+fn own_status(st: PluginStatus) -> plugin_proto::OwnStatus {
+    plugin_proto::OwnStatus {
+        name: st.name,
+        version: st.version,
+        state: st.state.to_string(),
+        pid: st.pid,
+        restarts: st.restarts,
+        last_exit: st.last_exit.map(|e| e.to_string()),
+        uptime_ms: st.uptime_ms,
+        calls_ok: st.calls_ok,
+        calls_err: st.calls_err,
+        sandbox: st.sandbox,
+        sandbox_unavailable: st.sandbox_unavailable,
+    }
+}
+
 /// `plugd.call`: a plugin calls a method of another plugin, if its manifest's
 /// `[calls] allow` lists it; with no more time than the caller gave the host call (so a
 /// cycle of calls ends at the first deadline, never in a hang).
@@ -477,15 +525,7 @@ async fn plugin_call(
             format!("{} takes {{plugin, method, payload}}: {e}", plugin_proto::PLUGIN_CALL),
         )
     })?;
-    let (caller, target) = {
-        let Some(plugins) = directory.upgrade() else {
-            return Err(CallError::new(ErrorCode::Unavailable, "the supervisor is shutting down"));
-        };
-        let plugins = plugins.lock();
-        let find =
-            |name: &str| plugins.iter().find(|l| l.handle.name() == name).map(|l| l.handle.clone());
-        (find(&req.plugin), find(&call.plugin))
-    };
+    let caller = find_plugin(&directory, &req.plugin).ok();
     let allowed = caller.as_ref().is_some_and(|c| {
         c.shared.calls.read().iter().any(|r| r.allows(&call.plugin, &call.method))
     });
@@ -498,15 +538,12 @@ async fn plugin_call(
             ),
         ));
     }
-    let Some(target) = target else {
-        return Err(CallError::new(
+    let target = find_plugin(&directory, &call.plugin).map_err(|why| {
+        CallError::new(
             ErrorCode::Unavailable,
-            format!(
-                "plugin {} called {}.{}, but no plugin {:?} is loaded",
-                req.plugin, call.plugin, call.method, call.plugin
-            ),
-        ));
-    };
+            format!("plugin {} called {}.{}: {why}", req.plugin, call.plugin, call.method),
+        )
+    })?;
     let deadline = match req.deadline {
         Some(d) => Deadline::At(tokio::time::Instant::from_std(d)),
         None => Deadline::Default,

@@ -30,6 +30,19 @@ impl Plugin for Echo {
             ctx.call_plugin::<_, String>(&other, "bounce", &me)
                 .map_err(|e| format!("{:?}: {}", e.code, e.message))
         });
+        // Asks plugd for this plugin's own status (plugd.status).
+        m.with_ctx("whoami", |_, ctx, _: ()| -> Result<plugin_runner::OwnStatus, String> {
+            ctx.status().map_err(|e| format!("{:?}: {}", e.code, e.message))
+        });
+        // Logs a line with fields through plugd.log (one way).
+        m.with_ctx(
+            "log_fields",
+            |_, ctx, (text, fields): (String, Vec<(String, String)>)| -> Result<(), String> {
+                let shown: Vec<(&str, &dyn std::fmt::Display)> =
+                    fields.iter().map(|(k, v)| (k.as_str(), v as &dyn std::fmt::Display)).collect();
+                ctx.log(plugin_runner::LogLevel::Info, &text, &shown).map_err(|e| e.to_string())
+            },
+        );
         m.typed("pid", |_, _: ()| -> Result<u32, String> { Ok(std::process::id()) });
         // Echo tagged with the version that answered (for hot-update tests).
         m.typed("tagged", |_, n: u64| -> Result<(u64, String), String> {

@@ -56,7 +56,14 @@ class MeanReversion(Plugin):
     @method()
     def place(self, order):
         """Places ``order`` with the host (its ``send_order``) and returns the fill."""
-        return self.host.call("send_order", order)
+        fill = self.host.call("send_order", order)
+        self.host.log("order placed", qty=order.get("qty"), fill=fill)
+        return fill
+
+    @method()
+    def whoami(self, _):
+        """This plugin's status, as plugd tells it."""
+        return self.host.status()
 
     @method()
     def place_via(self, arg):

@@ -472,8 +472,13 @@ fn main() -> ExitCode {
                     if args.json {
                         println!("{l}");
                     } else {
+                        // Fields a plugin logged with the line (plugd.log), as key="value".
+                        let fields: String = l["fields"]
+                            .as_object()
+                            .map(|m| m.iter().map(|(k, v)| format!(" {k}={:?}", cell(v))).collect())
+                            .unwrap_or_default();
                         println!(
-                            "{} {:<10} {:<5} {}",
+                            "{} {:<10} {:<5} {}{fields}",
                             clock(l["ts_ms"].as_u64().unwrap_or(0), utc),
                             cell(&l["source"]),
                             cell(&l["level"]),

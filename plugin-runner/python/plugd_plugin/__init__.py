@@ -230,6 +230,9 @@ def _handlers(plugin: Plugin) -> dict[str, _Handler]:
     return found
 
 
+_LEVEL_NAMES = {"error": LogLevel.ERROR, "warn": LogLevel.WARN, "warning": LogLevel.WARN,
+                "info": LogLevel.INFO, "debug": LogLevel.DEBUG, "trace": LogLevel.TRACE}
+
 _LEVELS = ((logging.ERROR, LogLevel.ERROR), (logging.WARNING, LogLevel.WARN),
            (logging.INFO, LogLevel.INFO), (logging.DEBUG, LogLevel.DEBUG))
 
@@ -271,6 +274,25 @@ class Host:
         payload = Payload(CODEC_JSON, json.dumps(schema.to_plain(arg)).encode("utf-8"))
         answer = self._conn.call_host(method, payload, timeout)
         return json.loads(answer.data.decode("utf-8")) if answer.data else None
+
+    def status(self) -> dict[str, Any]:
+        """This plugin's own status as plugd sees it (``plugd.status``): ``state``,
+        ``restarts``, ``uptime_ms``, ``sandbox`` layers in force, ..."""
+        return self.call(wire.PLUGD_STATUS)
+
+    def log(self, message: str, level: str = "info", **fields: Any) -> None:
+        """Logs ``message`` with named fields into this plugin's log (``plugd.log``), one way:
+        nothing waits. Values are written as text; keys are letters, digits, ``_ . -``."""
+        if level not in _LEVEL_NAMES:
+            raise ValueError("log level %r is not one of %s" % (level, ", ".join(_LEVEL_NAMES)))
+        shown = {k: v if isinstance(v, str) else json.dumps(schema.to_plain(v))
+                 for k, v in fields.items()}
+        if self._conn.proto < wire.PROTO_HOST_CALLS:
+            text = message + "".join(" %s=%s" % (k, json.dumps(v)) for k, v in shown.items())
+            self._conn.send(wire.Log(_LEVEL_NAMES[level], text))
+            return
+        record = {"level": level, "message": message, "fields": shown}
+        self._conn.send(wire.Notify(wire.PLUGD_LOG, Payload(CODEC_JSON, json.dumps(record).encode())))
 
     def call_plugin(self, plugin: str, method: str, arg: Any = None,
                     timeout: float | None = None) -> Any:

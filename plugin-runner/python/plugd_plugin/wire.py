@@ -21,6 +21,10 @@ PROTO_HOST_CALLS = 2
 
 #: The host method through which a plugin calls another plugin.
 PLUGIN_CALL = "plugd.call"
+#: The host method a plugin reads its own status with (JSON answer).
+PLUGD_STATUS = "plugd.status"
+#: The one-way Notify (or host method) a plugin logs a line with fields with.
+PLUGD_LOG = "plugd.log"
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 
 CODEC_BINCODE = 0
