@@ -23,7 +23,11 @@ installs into any plugin's virtualenv (plugd puts it there itself).
 
     serve(Geometry())
 
-Calls are served one at a time, in order. A handler that raises
+Calls are served one at a time, in order — unless a handler (or a hook: ``on_load``,
+``on_start``, ``on_stop``, ...) is ``async def``: then the plugin is served on an asyncio
+loop, each call to an async handler runs as its own task (calls are served concurrently;
+``await self.host.acall(...)`` lets others run while it waits), and plain handlers still run
+one at a time on the loop. A handler that raises
 ``PluginError`` answers the call with error code Failed; any other exception
 answers Panicked (and the plugin keeps running). A handler written as a
 generator streams: each ``yield`` is sent as a Chunk, its ``return`` value is
@@ -40,6 +44,8 @@ error. After a graceful stop, or when plugd closed the socket, it returns.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import dataclasses
 import inspect
 import json
@@ -158,6 +164,13 @@ class Plugin:
     def on_load(self, config: dict[str, Any]) -> None:
         """Called once before the first call with the manifest's ``[config]`` table (a dict)."""
 
+    def on_start(self) -> None:
+        """Called after ``on_load`` (and ``restore_state``), before the plugin is Ready: start
+        what serves (a server, a background task) here."""
+
+    def on_stop(self) -> None:
+        """Called on a graceful stop, before ``on_shutdown``: stop what ``on_start`` started."""
+
     def on_shutdown(self) -> bytes | None:
         """Called on a graceful stop; return bytes to hand to the next instance, or None."""
         return None
@@ -262,23 +275,37 @@ class HostCallError(Exception):
         self.message = message
 
 
+def _json(value: Any) -> Payload:
+    return Payload(CODEC_JSON, json.dumps(schema.to_plain(value)).encode("utf-8"))
+
+
+def _unjson(answer: Payload) -> Any:
+    return json.loads(answer.data.decode("utf-8")) if answer.data else None
+
+
 class Host:
     """The plugin's way to the host (protocol version 2). A call made while the plugin serves
-    a call never outlives that call's deadline; arguments and answers are JSON."""
+    a call never outlives that call's deadline; arguments and answers are JSON.
+
+    ``call`` waits on the spot (from any handler); in an ``async def`` handler, ``await
+    acall(...)`` lets the plugin serve other calls meanwhile."""
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
 
     def call(self, method: str, arg: Any = None, timeout: float | None = None) -> Any:
         """Calls the host's ``method``; its answer, or :class:`HostCallError`."""
-        payload = Payload(CODEC_JSON, json.dumps(schema.to_plain(arg)).encode("utf-8"))
-        answer = self._conn.call_host(method, payload, timeout)
-        return json.loads(answer.data.decode("utf-8")) if answer.data else None
+        return _unjson(self._conn.call_host(method, _json(arg), timeout))
+
+    async def acall(self, method: str, arg: Any = None, timeout: float | None = None) -> Any:
+        """:meth:`call` for ``async def`` handlers: other calls are served while it waits."""
+        return _unjson(await self._conn.acall_host(method, _json(arg), timeout))
 
     def status(self) -> dict[str, Any]:
         """This plugin's own status as plugd sees it (``plugd.status``): ``state``,
         ``restarts``, ``uptime_ms``, ``sandbox`` layers in force, ..."""
-        return self.call(wire.PLUGD_STATUS)
+        status: dict[str, Any] = self.call(wire.PLUGD_STATUS)
+        return status
 
     def log(self, message: str, level: str = "info", **fields: Any) -> None:
         """Logs ``message`` with named fields into this plugin's log (``plugd.log``), one way:
@@ -292,16 +319,32 @@ class Host:
             self._conn.send(wire.Log(_LEVEL_NAMES[level], text))
             return
         record = {"level": level, "message": message, "fields": shown}
-        self._conn.send(wire.Notify(wire.PLUGD_LOG, Payload(CODEC_JSON, json.dumps(record).encode())))
+        self._conn.send(wire.Notify(wire.PLUGD_LOG, _json(record)))
 
     def call_plugin(self, plugin: str, method: str, arg: Any = None,
                     timeout: float | None = None) -> Any:
         """Calls ``method`` of another plugin through the host (``plugd.call``); this plugin's
         manifest must list it under ``[calls] allow``, else :class:`HostCallError` DENIED."""
-        inner = Payload(CODEC_JSON, json.dumps(schema.to_plain(arg)).encode("utf-8"))
-        outer = Payload(CODEC_BINCODE, wire.plugin_call(plugin, method, inner))
-        answer = self._conn.call_host(wire.PLUGIN_CALL, outer, timeout)
-        return json.loads(answer.data.decode("utf-8")) if answer.data else None
+        outer = Payload(CODEC_BINCODE, wire.plugin_call(plugin, method, _json(arg)))
+        return _unjson(self._conn.call_host(wire.PLUGIN_CALL, outer, timeout))
+
+    async def acall_plugin(self, plugin: str, method: str, arg: Any = None,
+                           timeout: float | None = None) -> Any:
+        """:meth:`call_plugin` for ``async def`` handlers."""
+        outer = Payload(CODEC_BINCODE, wire.plugin_call(plugin, method, _json(arg)))
+        return _unjson(await self._conn.acall_host(wire.PLUGIN_CALL, outer, timeout))
+
+
+#: When the supervisor stops waiting for the call being served (monotonic seconds); one per
+#: asyncio task, so concurrent async handlers each keep their own call's deadline.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("plugd_deadline",
+                                                                        default=None)
+
+
+def _answer(method: str, reply: wire.Reply) -> Payload:
+    if isinstance(reply.result, CallError):
+        raise HostCallError(ErrorCode(reply.result.code), reply.result.message)
+    return reply.result
 
 
 class _Connection:
@@ -317,12 +360,14 @@ class _Connection:
         #: Frames read while a host call waited, for the serving loop to handle next.
         self.deferred: list[wire.Message] = []
         self.next_id = 1
-        #: When the supervisor stops waiting for the call being served (monotonic seconds).
-        self.deadline: float | None = None
+        #: Host calls of async handlers waiting for their Reply, by id.
+        self.pending: dict[int, asyncio.Future[wire.Reply]] = {}
+        #: Set by the asyncio server: run after a blocking host call left frames deferred.
+        self.wake: Callable[[], None] | None = None
 
-    def call_host(self, method: str, payload: Payload, timeout: float | None) -> Payload:
-        """Sends a Call to the host and reads until its Reply (answering Pings, keeping
-        other frames for later); the answer's payload, or :class:`HostCallError`."""
+    def _start_host_call(self, method: str, payload: Payload,
+                         timeout: float | None) -> tuple[int, float | None]:
+        """Sends the Call with the deadline it may have; its id and that deadline."""
         if self.proto < wire.PROTO_HOST_CALLS:
             raise HostCallError(ErrorCode.UNAVAILABLE,
                                 "the host speaks protocol %d: it takes no calls from plugins "
@@ -330,10 +375,11 @@ class _Connection:
                                                                     wire.PROTO_HOST_CALLS))
         now = time.monotonic()
         deadline = None
-        if self.deadline is not None:
+        served = _deadline.get()
+        if served is not None:
             # A little before the call being served ends, so a failure comes back in time
             # for its handler to answer (a tenth of what is left, at most 10 ms).
-            deadline = self.deadline - min((self.deadline - now) / 10, 0.010)
+            deadline = served - min((served - now) / 10, 0.010)
         if timeout is not None:
             deadline = now + timeout if deadline is None else min(deadline, now + timeout)
         if deadline is not None and deadline <= now:
@@ -343,30 +389,63 @@ class _Connection:
         cid = self.next_id
         self.next_id += 1
         self.send(wire.Call(cid, method, deadline_us, payload))
-        while True:
-            if not self._readable(deadline):
-                self.send(wire.Cancel(cid))
-                raise HostCallError(ErrorCode.DEADLINE_EXCEEDED,
-                                    "host method %s did not answer in time" % method)
-            msg = self.recv()
-            if msg is None:
-                raise HostCallError(ErrorCode.UNAVAILABLE,
-                                    "host method %s: the host closed the connection" % method)
-            if isinstance(msg, wire.Reply) and msg.id == cid:
-                if isinstance(msg.result, CallError):
-                    raise HostCallError(ErrorCode(msg.result.code), msg.result.message)
-                return msg.result
-            if isinstance(msg, wire.Reply):
-                continue  # the answer to a host call given up on earlier
-            if isinstance(msg, wire.Ping):
-                self.send(wire.Pong(msg.seq))
-            else:
-                self.deferred.append(msg)
+        return cid, deadline
+
+    def call_host(self, method: str, payload: Payload, timeout: float | None) -> Payload:
+        """Sends a Call to the host and reads until its Reply (answering Pings, keeping
+        other frames for later); the answer's payload, or :class:`HostCallError`."""
+        cid, deadline = self._start_host_call(method, payload, timeout)
+        try:
+            while True:
+                if not self._readable(deadline):
+                    self.send(wire.Cancel(cid))
+                    raise HostCallError(ErrorCode.DEADLINE_EXCEEDED,
+                                        "host method %s did not answer in time" % method)
+                msg = self.recv()
+                if msg is None:
+                    raise HostCallError(ErrorCode.UNAVAILABLE,
+                                        "host method %s: the host closed the connection" % method)
+                if isinstance(msg, wire.Reply) and msg.id == cid:
+                    return _answer(method, msg)
+                if isinstance(msg, wire.Reply):
+                    self.deliver(msg)  # another handler's host call, or one given up on
+                elif isinstance(msg, wire.Ping):
+                    self.send(wire.Pong(msg.seq))
+                else:
+                    self.deferred.append(msg)
+        finally:
+            if self.deferred and self.wake is not None:
+                self.wake()
+
+    async def acall_host(self, method: str, payload: Payload, timeout: float | None) -> Payload:
+        """:meth:`call_host` for async handlers: the reply comes through the asyncio reader."""
+        cid, deadline = self._start_host_call(method, payload, timeout)
+        waiter: asyncio.Future[wire.Reply] = asyncio.get_running_loop().create_future()
+        self.pending[cid] = waiter
+        try:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            reply = await asyncio.wait_for(waiter, wait)
+        except asyncio.TimeoutError:
+            self.send(wire.Cancel(cid))
+            raise HostCallError(ErrorCode.DEADLINE_EXCEEDED,
+                                "host method %s did not answer in time" % method) from None
+        except asyncio.CancelledError:
+            self.send(wire.Cancel(cid))
+            raise
+        finally:
+            self.pending.pop(cid, None)
+        return _answer(method, reply)
+
+    def deliver(self, reply: wire.Reply) -> None:
+        """Hands a host Reply to the async handler waiting for it; a late one is dropped."""
+        waiter = self.pending.pop(reply.id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(reply)
 
     def _readable(self, deadline: float | None) -> bool:
         """True once a frame can be read; False if ``deadline`` passed first."""
         while True:
-            if self.reader.start < self.reader.end:
+            if self.buffered():
                 return True
             wait = None if deadline is None else deadline - time.monotonic()
             if wait is not None and wait <= 0:
@@ -374,6 +453,10 @@ class _Connection:
             ready, _, _ = select.select([self.sock], [], [], wait)
             if ready:
                 return True
+
+    def buffered(self) -> bool:
+        """Whether bytes of a frame are already read from the socket."""
+        return self.reader.start < self.reader.end
 
     def send(self, msg: wire.Message) -> None:
         data = wire.frame(msg, self.max_frame)
@@ -409,8 +492,26 @@ def _encode(value: Any, codec: int, returns: schema.Schema | None) -> Payload:
                      "plugd_plugin.schema types")
 
 
-def _serve_call(conn: _Connection, handlers: dict[str, _Handler],
-                call: wire.Call) -> Payload | CallError:
+def _failed(call: wire.Call, e: BaseException) -> CallError:
+    """The error answer for an exception a handler raised."""
+    if isinstance(e, (PluginError, HostCallError)):
+        return CallError(ErrorCode.FAILED, str(e))
+    _log.warning("handler %s raised:\n%s", call.method, traceback.format_exc().rstrip())
+    return CallError(ErrorCode.PANICKED, "%s raised %s: %s" % (call.method, type(e).__name__, e))
+
+
+def _result(call: wire.Call, h: _Handler, value: Any) -> Payload | CallError:
+    try:
+        return _encode(value, call.payload.codec, h.returns)
+    except Exception as e:
+        return CallError(ErrorCode.FAILED, "result of %s cannot be encoded: %s" % (call.method, e))
+
+
+def _start_call(conn: _Connection, handlers: dict[str, _Handler],
+                call: wire.Call) -> tuple[_Handler, Any] | Payload | CallError:
+    """Runs a handler up to its first wait: the answer when it is a plain function (a
+    generator's chunks sent), or the handler and the awaitable (or async generator) it
+    returned, for the asyncio server to finish."""
     h = handlers.get(call.method)
     if h is None:
         known = ", ".join(sorted(handlers)) or "none"
@@ -422,6 +523,8 @@ def _serve_call(conn: _Connection, handlers: dict[str, _Handler],
         return CallError(ErrorCode.BAD_PAYLOAD, "argument of %s: %s" % (call.method, e))
     try:
         result = h.fn(arg)
+        if inspect.isawaitable(result) or isinstance(result, types.AsyncGeneratorType):
+            return h, result
         if isinstance(result, types.GeneratorType):
             gen = result
             while True:
@@ -431,15 +534,37 @@ def _serve_call(conn: _Connection, handlers: dict[str, _Handler],
                     result = stop.value
                     break
                 conn.send(wire.Chunk(call.id, _encode(piece, call.payload.codec, h.returns)))
-    except (PluginError, HostCallError) as e:
-        return CallError(ErrorCode.FAILED, str(e))
     except Exception as e:
-        _log.warning("handler %s raised:\n%s", call.method, traceback.format_exc().rstrip())
-        return CallError(ErrorCode.PANICKED, "%s raised %s: %s" % (call.method, type(e).__name__, e))
+        return _failed(call, e)
+    return _result(call, h, result)
+
+
+async def _finish_call(conn: _Connection, call: wire.Call, h: _Handler,
+                       pending: Any) -> Payload | CallError:
+    """Awaits what an async handler returned; an async generator streams (its answer is
+    null: an async generator cannot return a value)."""
     try:
-        return _encode(result, call.payload.codec, h.returns)
+        if isinstance(pending, types.AsyncGeneratorType):
+            async for piece in pending:
+                conn.send(wire.Chunk(call.id, _encode(piece, call.payload.codec, h.returns)))
+            result = None
+        else:
+            result = await pending
+    except asyncio.CancelledError:
+        raise
     except Exception as e:
-        return CallError(ErrorCode.FAILED, "result of %s cannot be encoded: %s" % (call.method, e))
+        return _failed(call, e)
+    return _result(call, h, result)
+
+
+def _serve_call(conn: _Connection, handlers: dict[str, _Handler],
+                call: wire.Call) -> Payload | CallError:
+    """Serves one call to the end (the one-at-a-time server)."""
+    started = _start_call(conn, handlers, call)
+    if isinstance(started, tuple):  # only a plugin with async handlers gets here
+        return CallError(ErrorCode.INTERNAL, "%s is async but the plugin is not served on "
+                         "asyncio" % call.method)
+    return started
 
 
 def _fail(error: ServeError) -> ServeError:
@@ -447,6 +572,36 @@ def _fail(error: ServeError) -> ServeError:
     sys.stderr.write("plugd_plugin: %s\n" % error.message)
     sys.stderr.flush()
     return error
+
+
+async def _maybe(value: Any) -> Any:
+    """``value``, awaited if it is awaitable (a hook may be a plain or an ``async def``)."""
+    return await value if inspect.isawaitable(value) else value
+
+
+async def _hook(plugin: Plugin, name: str, *args: Any) -> Any:
+    """Runs the hook ``name`` (plain or ``async def``) to its result."""
+    fn: Callable[..., Any] = getattr(plugin, name)
+    return await _maybe(fn(*args))
+
+
+def _drive(coro: Any) -> Any:
+    """Runs a coroutine that never waits (every hook it calls is plain) without a loop."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("an async hook was awaited outside asyncio")
+
+
+_HOOKS = ("on_load", "on_start", "restore_state", "on_stop", "on_shutdown", "on_notify")
+
+
+def _wants_asyncio(plugin: Plugin, handlers: dict[str, _Handler]) -> bool:
+    """Whether any handler or hook is ``async def`` (then the plugin is served on asyncio)."""
+    fns = [h.fn for h in handlers.values()] + [getattr(plugin, n) for n in _HOOKS]
+    return any(inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn) for fn in fns)
 
 
 def serve(plugin: Plugin, fd: int | None = None) -> None:
@@ -489,36 +644,12 @@ def serve(plugin: Plugin, fd: int | None = None) -> None:
     if root.level == logging.WARNING:  # the untouched default
         root.setLevel(logging.INFO)
 
-    def refuse(reason: str) -> ServeError:
-        # From protocol 2 the supervisor is told why (Reject, PROTOCOL.md 5.2): the plugin's
-        # status then shows the reason, not only exit status 1.
-        if welcome.proto >= wire.PROTO_HOST_CALLS:
-            try:
-                conn.send(wire.Reject(reason))
-            except OSError:
-                pass
-        return _fail(LoadFailed(reason))
-
     try:
-        try:
-            plugin.on_load(json.loads(welcome.config_json) if welcome.config_json else {})
-            if welcome.state is not None:
-                plugin.restore_state(welcome.state)
-        except Exception as e:
-            _log.error("on_load failed:\n%s", traceback.format_exc().rstrip())
-            raise refuse("on_load failed: %s: %s" % (type(e).__name__, e)) from None
-        # Lock down after on_load (which may legitimately start helpers) and before Ready.
-        try:
-            layers = lockdown.apply_requested()
-        except OSError as e:
-            raise refuse("cannot apply the lockdown plugd asked for: %s" % e) from None
-        if layers:
-            conn.send(wire.Notify("plugd.lockdown",
-                                  Payload(CODEC_JSON, json.dumps(layers).encode())))
-        conn.proto = welcome.proto
-        plugin.host = Host(conn)
-        conn.send(wire.Ready())
-        _loop(conn, plugin, handlers)
+        if _wants_asyncio(plugin, handlers):
+            asyncio.run(_AsyncServer(conn, plugin, handlers).run(welcome))
+        else:
+            _drive(_start(conn, plugin, welcome))
+            _loop(conn, plugin, handlers)
     except (OSError, ProtocolError) as e:
         raise _fail(ProtocolFailure("protocol error: %s" % e)) from None
     finally:
@@ -526,35 +657,90 @@ def serve(plugin: Plugin, fd: int | None = None) -> None:
         logging.shutdown()
 
 
-def _notify(plugin: Plugin, handlers: dict[str, _Handler], msg: wire.Notify) -> None:
-    """A notify runs the handler of that name (its result is dropped), else ``on_notify``."""
+async def _start(conn: _Connection, plugin: Plugin, welcome: wire.Welcome) -> None:
+    """on_load, the handed-over state, on_start, the lockdown, then Ready; a failure is
+    said to the supervisor (Reject, protocol 2) and raised as :class:`LoadFailed`."""
+
+    def refuse(reason: str) -> ServeError:
+        # From protocol 2 the supervisor is told why (PROTOCOL.md 5.2): the plugin's status
+        # then shows the reason, not only exit status 1.
+        if welcome.proto >= wire.PROTO_HOST_CALLS:
+            try:
+                conn.send(wire.Reject(reason))
+            except OSError:
+                pass
+        return _fail(LoadFailed(reason))
+
+    conn.proto = welcome.proto
+    plugin.host = Host(conn)
+    try:
+        await _hook(plugin, "on_load", json.loads(welcome.config_json) if welcome.config_json else {})
+        if welcome.state is not None:
+            await _hook(plugin, "restore_state", welcome.state)
+        await _hook(plugin, "on_start")
+    except Exception as e:
+        _log.error("on_load failed:\n%s", traceback.format_exc().rstrip())
+        raise refuse("on_load failed: %s: %s" % (type(e).__name__, e)) from None
+    # Lock down after on_load (which may legitimately start helpers) and before Ready.
+    try:
+        layers = lockdown.apply_requested()
+    except OSError as e:
+        raise refuse("cannot apply the lockdown plugd asked for: %s" % e) from None
+    if layers:
+        conn.send(wire.Notify("plugd.lockdown", Payload(CODEC_JSON, json.dumps(layers).encode())))
+    conn.send(wire.Ready())
+
+
+async def _stop(conn: _Connection, plugin: Plugin) -> None:
+    """On Shutdown: on_stop, then on_shutdown's state handed over, then Goodbye."""
+    state = None
+    try:
+        await _hook(plugin, "on_stop")
+        state = await _hook(plugin, "on_shutdown")
+    except Exception:
+        _log.error("on_stop/on_shutdown raised:\n%s", traceback.format_exc().rstrip())
+    if state is not None:
+        conn.send(wire.State(bytes(state)))
+    conn.send(wire.Goodbye())
+
+
+def _notify(plugin: Plugin, handlers: dict[str, _Handler], msg: wire.Notify) -> Any:
+    """A notify runs the handler of that name (its result is dropped), else ``on_notify``;
+    what an async one returned is handed back, to be awaited."""
     try:
         if msg.method == _STATE_NOTIFY:
-            plugin.restore_state(msg.payload.data)
-        elif msg.method in handlers:
+            return plugin.restore_state(msg.payload.data)
+        if msg.method in handlers:
             h = handlers[msg.method]
-            h.fn(_decode_arg(msg.payload, h))
-        else:
-            value: Any = msg.payload.data
-            if msg.payload.codec == CODEC_JSON:
-                value = json.loads(value.decode("utf-8")) if value else None
-            plugin.on_notify(msg.method, value)
+            return h.fn(_decode_arg(msg.payload, h))
+        value: Any = msg.payload.data
+        if msg.payload.codec == CODEC_JSON:
+            value = json.loads(value.decode("utf-8")) if value else None
+        return plugin.on_notify(msg.method, value)
     except Exception:
         _log.warning("notify %s raised:\n%s", msg.method, traceback.format_exc().rstrip())
+        return None
+
+
+def _wrong_way(msg: wire.Message) -> ProtocolError:
+    return ProtocolError("the supervisor sent %s, which only a plugin may send"
+                         % type(msg).__name__)
 
 
 def _loop(conn: _Connection, plugin: Plugin, handlers: dict[str, _Handler]) -> None:
+    """Serves calls one at a time until Shutdown or the socket closes."""
     while True:
         # Frames a host call read while it waited come first, in the order they came.
         msg = conn.deferred.pop(0) if conn.deferred else conn.recv()
         if msg is None:  # the supervisor closed the socket: nothing left to serve
             return
         if isinstance(msg, wire.Call):
-            conn.deadline = (time.monotonic() + msg.deadline_us / 1e6) if msg.deadline_us else None
+            token = _deadline.set(time.monotonic() + msg.deadline_us / 1e6
+                                  if msg.deadline_us else None)
             try:
                 conn.send(wire.Reply(msg.id, _serve_call(conn, handlers, msg)))
             finally:
-                conn.deadline = None
+                _deadline.reset(token)
         elif isinstance(msg, wire.Reply) and conn.proto >= wire.PROTO_HOST_CALLS:
             pass  # the answer to a host call its handler gave up on
         elif isinstance(msg, wire.Ping):
@@ -564,15 +750,129 @@ def _loop(conn: _Connection, plugin: Plugin, handlers: dict[str, _Handler]) -> N
         elif isinstance(msg, wire.Notify):
             _notify(plugin, handlers, msg)
         elif isinstance(msg, wire.Shutdown):
-            state = None
-            try:
-                state = plugin.on_shutdown()
-            except Exception:
-                _log.error("on_shutdown raised:\n%s", traceback.format_exc().rstrip())
-            if state is not None:
-                conn.send(wire.State(bytes(state)))
-            conn.send(wire.Goodbye())
+            _drive(_stop(conn, plugin))
             return
         else:
-            raise ProtocolError("the supervisor sent %s, which only a plugin may send"
-                                % type(msg).__name__)
+            raise _wrong_way(msg)
+
+
+class _AsyncServer:
+    """Serves a plugin with ``async def`` handlers on an asyncio loop: each call to an async
+    handler runs as its own task (calls are served concurrently; a Cancel cancels the task),
+    plain handlers run on the loop one at a time, and the socket is read by the loop, so
+    pings are answered while handlers await."""
+
+    def __init__(self, conn: _Connection, plugin: Plugin, handlers: dict[str, _Handler]) -> None:
+        self.conn = conn
+        self.plugin = plugin
+        self.handlers = handlers
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.others: set[asyncio.Task[Any]] = set()
+        self.done: asyncio.Future[None] | None = None
+
+    async def run(self, welcome: wire.Welcome) -> None:
+        await _start(self.conn, self.plugin, welcome)
+        loop = asyncio.get_running_loop()
+        self.done = loop.create_future()
+
+        def wake() -> None:
+            loop.call_soon(self.drain)
+
+        self.conn.wake = wake
+        fd = self.conn.sock.fileno()
+        loop.add_reader(fd, self.drain)
+        if self.conn.buffered():
+            loop.call_soon(self.drain)  # frames that came with the Welcome
+        try:
+            await self.done
+        finally:
+            loop.remove_reader(fd)
+            self.conn.wake = None
+            for task in list(self.tasks.values()) + list(self.others):
+                task.cancel()
+
+    def drain(self) -> None:
+        """Handles every frame there is now (the socket is readable, or frames wait)."""
+        assert self.done is not None
+        if self.done.done():
+            return
+        try:
+            while True:
+                msg: wire.Message | None = (self.conn.deferred.pop(0) if self.conn.deferred
+                                            else self.conn.recv())
+                if msg is None:  # the supervisor closed the socket
+                    self.done.set_result(None)
+                    return
+                self.handle(msg)
+                if self.done.done() or not (self.conn.deferred or self.conn.buffered()):
+                    return
+        except Exception as e:  # OSError, ProtocolError: serve() says why
+            if not self.done.done():
+                self.done.set_exception(e)
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.others.add(task)
+        task.add_done_callback(self.others.discard)
+
+    def handle(self, msg: wire.Message) -> None:
+        conn = self.conn
+        if isinstance(msg, wire.Call):
+            token = _deadline.set(time.monotonic() + msg.deadline_us / 1e6
+                                  if msg.deadline_us else None)
+            try:
+                started = _start_call(conn, self.handlers, msg)
+                if isinstance(started, tuple):
+                    # The task copies the context: it keeps this call's deadline.
+                    task = asyncio.get_running_loop().create_task(self.finish(msg, *started))
+                    self.tasks[msg.id] = task
+                else:
+                    conn.send(wire.Reply(msg.id, started))
+            finally:
+                _deadline.reset(token)
+        elif isinstance(msg, wire.Reply) and conn.proto >= wire.PROTO_HOST_CALLS:
+            conn.deliver(msg)
+        elif isinstance(msg, wire.Ping):
+            conn.send(wire.Pong(msg.seq))
+        elif isinstance(msg, wire.Cancel):
+            given_up = self.tasks.pop(msg.id, None)
+            if given_up is not None:
+                given_up.cancel()  # the caller gave up: no answer is owed
+        elif isinstance(msg, wire.Notify):
+            pending = _notify(self.plugin, self.handlers, msg)
+            if inspect.isawaitable(pending):
+                self.spawn(self.notified(msg.method, pending))
+        elif isinstance(msg, wire.Shutdown):
+            self.spawn(self.shutdown())
+        else:
+            raise _wrong_way(msg)
+
+    async def finish(self, call: wire.Call, h: _Handler, pending: Any) -> None:
+        try:
+            answer = await _finish_call(self.conn, call, h, pending)
+            self.conn.send(wire.Reply(call.id, answer))
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:  # the socket failed
+            if self.done is not None and not self.done.done():
+                self.done.set_exception(e)
+        finally:
+            if call.id in self.tasks:
+                del self.tasks[call.id]
+
+    async def notified(self, method: str, pending: Any) -> None:
+        try:
+            await pending
+        except Exception:
+            _log.warning("notify %s raised:\n%s", method, traceback.format_exc().rstrip())
+
+    async def shutdown(self) -> None:
+        # Calls still running finish first (plugd drains before it sends Shutdown, so these
+        # are calls whose callers already gave up), then the hooks.
+        if self.tasks:
+            await asyncio.wait(list(self.tasks.values()))
+        try:
+            await _stop(self.conn, self.plugin)
+        finally:
+            if self.done is not None and not self.done.done():
+                self.done.set_result(None)

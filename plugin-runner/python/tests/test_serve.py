@@ -15,12 +15,13 @@ POINT = schema.Struct(("x", schema.I32), ("y", schema.I32))
 
 
 class FakeSupervisor:
-    def __init__(self, state=None, config='{"greeting":"hi"}', kind=socket.SOCK_STREAM, proto=1):
+    def __init__(self, state=None, config='{"greeting":"hi"}', kind=socket.SOCK_STREAM, proto=1,
+                 script="sample_plugin.py", ready=True):
         ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
         env = dict(os.environ, PLUGD_FD=str(theirs.fileno()), PLUGD_PLUGIN_NAME="sample",
                    PLUGD_PLUGIN_VERSION="1.2.3",
                    PYTHONPATH=os.path.dirname(HERE))
-        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "sample_plugin.py")],
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, script)],
                                      pass_fds=[theirs.fileno()], env=env,
                                      stderr=subprocess.PIPE)
         theirs.close()
@@ -30,7 +31,7 @@ class FakeSupervisor:
         self.hello = self.recv()
         self.send(wire.Welcome(proto, config, 1000, wire.DEFAULT_MAX_FRAME, state))
         self.logs = []
-        self.ready = self.recv()
+        self.ready = self.recv() if ready else None
 
     def send(self, msg):
         wire.send_all(self.sock, wire.frame(msg))
@@ -235,3 +236,60 @@ class HostCalls(unittest.TestCase):
         reply, _ = sup.call(9, "order", js(1))
         self.assertEqual(reply.result.code, wire.ErrorCode.FAILED)
         self.assertIn("protocol 1", reply.result.message)
+
+
+class Async(unittest.TestCase):
+    """Async handlers and hooks: served concurrently on asyncio."""
+
+    def sup(self, **kw):
+        sup = FakeSupervisor(proto=2, script="async_plugin.py", config="{}", **kw)
+        self.addCleanup(sup.close)
+        return sup
+
+    def test_async_calls_run_concurrently_and_pings_are_answered_meanwhile(self):
+        sup = self.sup()
+        self.assertEqual(sup.ready, wire.Ready())
+        sup.send(wire.Call(1, "wait_gate", 0, js(None)))
+        sup.send(wire.Ping(9))
+        self.assertEqual(sup.recv(), wire.Pong(9), "the loop reads while a handler awaits")
+        sup.send(wire.Call(2, "open_gate", 0, js(None)))
+        self.assertEqual(sup.recv(), wire.Reply(2, js("opened")))
+        self.assertEqual(sup.recv(), wire.Reply(1, js("through")))
+        reply, chunks = sup.call(3, "ticks", js(3))
+        self.assertEqual([c.payload.data for c in chunks], [b"0", b"1", b"2"])
+        self.assertEqual(reply.result, Payload(CODEC_JSON, b"null"))
+        reply, _ = sup.call(4, "refuse", js(None))
+        self.assertEqual(reply.result, CallError(wire.FAILED, "market closed"))
+
+    def test_an_awaited_host_call_lets_other_calls_through(self):
+        sup = self.sup()
+        sup.send(wire.Call(1, "order", 1_000_000, js(2)))
+        host_call = sup.recv()
+        self.assertEqual((host_call.method, host_call.payload), ("send_order", js({"qty": 2})))
+        self.assertTrue(0 < host_call.deadline_us < 1_000_000, "the call's deadline is kept")
+        reply, _ = sup.call(2, "open_gate", js(None))  # served while the order waits
+        self.assertEqual(reply.result, js("opened"))
+        sup.send(wire.Reply(host_call.id, js("filled")))
+        reply = sup.recv()
+        self.assertEqual((reply.id, json.loads(reply.result.data)), (1, {"fill": "filled"}))
+
+    def test_cancel_stops_the_task_and_hooks_are_awaited_in_order(self):
+        sup = self.sup()
+        sup.send(wire.Call(1, "sleep_forever", 0, js(None)))
+        sup.send(wire.Ping(1))
+        self.assertEqual(sup.recv(), wire.Pong(1))
+        sup.send(wire.Cancel(1))
+        sup.send(wire.Shutdown(1000))
+        self.assertEqual(sup.recv(), wire.State(b"loaded,started,slept,cancelled,stopped"),
+                         "no Reply for the cancelled call; on_stop before on_shutdown")
+        self.assertEqual(sup.recv(), wire.Goodbye())
+        self.assertEqual(sup.proc.wait(timeout=30), 0)
+
+    def test_a_failing_async_on_load_is_said_with_reject(self):
+        sup = FakeSupervisor(proto=2, script="async_plugin.py", config='{"fail": true}',
+                             ready=False)
+        self.addCleanup(sup.close)
+        said = sup.recv()
+        self.assertIsInstance(said, wire.Reject)
+        self.assertIn("no exchange to connect to", said.reason)
+        self.assertEqual(sup.proc.wait(timeout=30), 1)
