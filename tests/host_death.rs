@@ -36,7 +36,7 @@ fn sigkill_of_the_host_leaves_no_plugin_alive() {
             break;
         }
     }
-    assert_eq!(pids.len(), 4, "tick-engine loads the three bundled strategies and garbage");
+    assert_eq!(pids.len(), 5, "the three bundled strategies, the exchange adapter and garbage");
     for &pid in &pids {
         assert!(alive(pid), "plugin {pid} runs while the host runs");
     }

@@ -429,6 +429,19 @@ pub enum Pinned {
     /// `on_tick_order`: the strategy calls the host's `send_order` once before replying
     /// (the floor is two raw round trips of 64 B back to back).
     OnTickHostCall,
+    /// `on_tick_adapter`: the strategy places its order with the paper-exchange plugin
+    /// through plugd (`plugd.call`) before replying (the floor is three raw round trips).
+    OnTickAdapter,
+}
+
+/// The fill of a paper exchange that fills everything: what a bench's `send_order` answers.
+pub fn paper_fill(order: &Order, id: u64) -> plugd_examples::Fill {
+    let qty = match order {
+        Order::Limit { side: plugd_examples::Side::Buy, qty, .. } => *qty,
+        Order::Limit { side: plugd_examples::Side::Sell, qty, .. } => -qty,
+        Order::Hold => 0,
+    };
+    plugd_examples::Fill { order_id: id, qty, price: 100.0 }
 }
 
 /// The raw floor and plugd's blocking call in engine mode, measured in alternating blocks
@@ -449,7 +462,7 @@ pub fn interleaved(
     let dir = tempfile::tempdir()?;
     let sup = rt.block_on(async { supervisor() })?;
     let (bin, size) = match what {
-        Pinned::OnTick | Pinned::OnTickHostCall => ("tick-strategy", 64),
+        Pinned::OnTick | Pinned::OnTickHostCall | Pinned::OnTickAdapter => ("tick-strategy", 64),
         Pinned::Echo(n) => ("echo", n),
     };
     let orders = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -457,15 +470,31 @@ pub fn interleaved(
         let orders = orders.clone();
         sup.host_method(
             "send_order",
-            move |_: &supervisor::HostCall<'_>, _: Order| -> Result<u64, String> {
-                Ok(orders.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+            move |_: &supervisor::HostCall<'_>, order: Order| -> Result<_, String> {
+                Ok(paper_fill(&order, orders.fetch_add(1, std::sync::atomic::Ordering::Relaxed)))
             },
         );
     }
-    let round_trips = if matches!(what, Pinned::OnTickHostCall) { 2 } else { 1 };
+    let round_trips = match what {
+        Pinned::OnTickHostCall => 2,
+        Pinned::OnTickAdapter => 3,
+        _ => 1,
+    };
     let transport = if seqpacket { "transport = \"seqpacket\"\n" } else { "" };
     let cpus = if pinned { "[limits]\ncpus = [0]\n" } else { "" };
-    let config = format!("{transport}{cpus}[config]\nmax_position = 10\n");
+    let exchange = if matches!(what, Pinned::OnTickAdapter) {
+        let spec = temp_plugin(
+            dir.path(),
+            "paper-exchange",
+            "paper-exchange",
+            &format!("{transport}{cpus}"),
+        )?;
+        Some(rt.block_on(sup.load(spec))?)
+    } else {
+        None
+    };
+    let calls = "[calls]\nallow = [\"paper-exchange.send_order\"]\n";
+    let config = format!("{transport}{cpus}{calls}[config]\nmax_position = 10\n");
     let plugin = rt.block_on(sup.load(temp_plugin(dir.path(), "p", bin, &config)?))?;
     plugin.set_engine_mode(true);
     let (mut ours, mut child) = crate::spawn_raw_child(size)?;
@@ -491,10 +520,15 @@ pub fn interleaved(
                 let _: Order = plugin.call_blocking("on_tick", &tick, deadline)?;
                 t0.elapsed().as_nanos() as u64
             }
-            Pinned::OnTickHostCall => {
+            Pinned::OnTickHostCall | Pinned::OnTickAdapter => {
                 let tick = Tick { symbol: "BTC-USD".into(), bid: 100.0, ask: 100.02, ts: i };
+                let method = if matches!(what, Pinned::OnTickAdapter) {
+                    "on_tick_adapter"
+                } else {
+                    "on_tick_order"
+                };
                 let t0 = Instant::now();
-                let _: Order = plugin.call_blocking("on_tick_order", &tick, deadline)?;
+                let _: Order = plugin.call_blocking(method, &tick, deadline)?;
                 t0.elapsed().as_nanos() as u64
             }
             Pinned::Echo(_) => {
@@ -523,6 +557,10 @@ pub fn interleaved(
     }
     drop(ours);
     child.wait()?;
+    anyhow::ensure!(
+        exchange.is_none_or(|ex| ex.status().calls_ok > 0),
+        "the strategy placed no order with the exchange plugin"
+    );
     rt.block_on(sup.shutdown());
     anyhow::ensure!(
         !matches!(what, Pinned::OnTickHostCall)
@@ -532,6 +570,9 @@ pub fn interleaved(
     let mut label = match what {
         Pinned::OnTick => "plugd on_tick, blocking, engine mode".to_string(),
         Pinned::OnTickHostCall => "plugd on_tick + 1 host call, blocking, engine mode".to_string(),
+        Pinned::OnTickAdapter => {
+            "plugd on_tick + order to an adapter plugin via plugd.call, engine mode".to_string()
+        }
         Pinned::Echo(n) => format!("plugd echo {n} B, blocking, engine mode"),
     };
     if pinned {
@@ -541,14 +582,17 @@ pub fn interleaved(
         label.push_str(", seqpacket");
     }
     let bytes = match what {
-        Pinned::OnTick | Pinned::OnTickHostCall => 25,
+        Pinned::OnTick | Pinned::OnTickHostCall | Pinned::OnTickAdapter => 25,
         Pinned::Echo(n) => n,
     };
     Ok((
         stats(
             &format!(
                 "raw socketpair {size} B{}{} (interleaved)",
-                if round_trips == 2 { ", 2 round trips" } else { "" },
+                match round_trips {
+                    1 => String::new(),
+                    n => format!(", {n} round trips"),
+                },
                 if pinned { ", pinned" } else { "" }
             ),
             size,

@@ -151,7 +151,7 @@ async fn plugd_runs(warmup: usize, samples: usize, sizes: &[usize]) -> Result<Ve
     let echo = sup.load(PluginSpec::from_manifest(plugins_dir().join("echo"))?).await?;
     let mut out = Vec::new();
 
-    let ns = time_on_tick(&strat, warmup, samples).await?;
+    let ns = time_on_tick(&strat, "on_tick", warmup, samples).await?;
     let deadline = Deadline::after(Duration::from_secs(5));
     let tick_bytes =
         plugin_proto::codec::encode(&Tick { symbol: "BTC-USD".into(), bid: 1.0, ask: 1.0, ts: 1 })?
@@ -160,8 +160,28 @@ async fn plugd_runs(warmup: usize, samples: usize, sizes: &[usize]) -> Result<Ve
 
     // The same call to the same strategy written in Python (py-strategy, bincode schemas).
     let py = sup.load(PluginSpec::from_manifest(plugins_dir().join("py-strategy"))?).await?;
-    let ns = time_on_tick(&py, warmup, samples).await?;
+    let ns = time_on_tick(&py, "on_tick", warmup, samples).await?;
     out.push(stats("plugd on_tick, Python plugin", tick_bytes, ns));
+
+    // A tick with one host call (send_order, answered here with a fill) on this async path:
+    // the Rust strategy, the Python one with a plain def, and with an async def on asyncio.
+    let orders = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    sup.host_method(
+        "send_order",
+        move |_: &supervisor::HostCall<'_>, order: Order| -> Result<_, String> {
+            Ok(extra::paper_fill(&order, orders.fetch_add(1, std::sync::atomic::Ordering::Relaxed)))
+        },
+    );
+    let ns = time_on_tick(&strat, "on_tick_order", warmup, samples).await?;
+    out.push(stats("plugd on_tick + 1 host call", tick_bytes, ns));
+    let ns = time_on_tick(&py, "on_tick_order", warmup, samples).await?;
+    out.push(stats("plugd on_tick + 1 host call, Python def", tick_bytes, ns));
+    sup.unload("py-strategy").await?;
+    let mut spec = PluginSpec::from_manifest(plugins_dir().join("py-strategy"))?;
+    spec.manifest.env.insert("PY_STRATEGY_ASYNC".into(), "1".into());
+    let py_async = sup.load(spec).await?;
+    let ns = time_on_tick(&py_async, "on_tick_order", warmup, samples).await?;
+    out.push(stats("plugd on_tick + 1 host call, Python async def", tick_bytes, ns));
 
     for &size in sizes {
         let data = vec![7u8; size];
@@ -180,9 +200,11 @@ async fn plugd_runs(warmup: usize, samples: usize, sizes: &[usize]) -> Result<Ve
     Ok(out)
 }
 
-/// Round trips of `on_tick` (async, typed) after `warmup` untimed ones, in ns.
+/// Round trips of `method` (`on_tick` or a variant; async, typed) after `warmup` untimed
+/// ones, in ns.
 async fn time_on_tick(
     strat: &supervisor::PluginHandle,
+    method: &str,
     warmup: usize,
     samples: usize,
 ) -> Result<Vec<u64>> {
@@ -191,7 +213,7 @@ async fn time_on_tick(
     for i in 0..warmup + samples {
         let tick = Tick { symbol: "BTC-USD".into(), bid: 100.0, ask: 100.02, ts: i as u64 };
         let t0 = Instant::now();
-        let _: Order = strat.call_with("on_tick", &tick, deadline).await?;
+        let _: Order = strat.call_with(method, &tick, deadline).await?;
         if i >= warmup {
             ns.push(t0.elapsed().as_nanos() as u64);
         }
@@ -257,11 +279,12 @@ fn main() -> Result<()> {
         let floor = raw_floor(64, 1000, n)?;
         // `--pinned-only N interleaved`: floor and engine mode in alternating blocks.
         if args.get(2).map(String::as_str) == Some("interleaved") {
-            use extra::Pinned::{Echo, OnTick, OnTickHostCall};
+            use extra::Pinned::{Echo, OnTick, OnTickAdapter, OnTickHostCall};
             let all = [
                 (OnTick, false),
                 (OnTick, true),
                 (OnTickHostCall, true),
+                (OnTickAdapter, true),
                 (Echo(64), true),
                 (Echo(4096), true),
             ];
@@ -411,9 +434,9 @@ fn main() -> Result<()> {
     // each side's cost (same vCPU ~8 µs, the other one ~50 µs), and alternating blocks
     // cannot make that even.
     let interleave = |pinned: bool| -> Result<Vec<Stats>> {
-        use extra::Pinned::{Echo, OnTick, OnTickHostCall};
+        use extra::Pinned::{Echo, OnTick, OnTickAdapter, OnTickHostCall};
         let mut out = Vec::new();
-        for what in [OnTick, OnTickHostCall, Echo(4096)] {
+        for what in [OnTick, OnTickHostCall, OnTickAdapter, Echo(4096)] {
             for seqpacket in [false, true] {
                 let blocks = (samples / 1000).max(1);
                 let (floor, through) =

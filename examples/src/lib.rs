@@ -43,3 +43,24 @@ pub enum Order {
         price: f64,
     },
 }
+
+/// An order a strategy placed, as the engine hands it to the exchange adapter: whose it is
+/// (the strategy plugin's name, which the engine knows from the host call) and what.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlaceOrder {
+    /// The account: the strategy that placed it.
+    pub account: String,
+    /// The order.
+    pub order: Order,
+}
+
+/// The exchange's answer to an order: what was filled, at what price.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fill {
+    /// The exchange's id of the order (0 for `Hold`, which is not an order).
+    pub order_id: u64,
+    /// Quantity filled, positive bought, negative sold (0: nothing).
+    pub qty: i64,
+    /// Price of the fill.
+    pub price: f64,
+}

@@ -1,18 +1,25 @@
 //! tick-engine: a small trading host that delegates `on_tick` to strategy plugins.
 //!
-//! It loads every `kind = "strategy"` plugin in a folder, feeds them a
-//! synthetic tick stream, and once a second prints each strategy's decisions,
-//! call latency and live status — including the bundled `crasher`, which
-//! aborts every few hundred ticks and is restarted by the supervisor while the
-//! other strategy keeps trading.
+//! It loads every `kind = "strategy"` plugin in a folder and the first
+//! `kind = "adapter"` one (the bundled `paper-exchange`), feeds the strategies a
+//! synthetic tick stream (`on_tick_order`), and routes the orders they place
+//! during a tick (`ctx.call("send_order", &order)`, a host method of this engine)
+//! to the adapter, whose fill the strategy sees before it answers the tick. Once a
+//! second it prints each strategy's decisions, call latency and live status —
+//! including the bundled `crasher`, which aborts every few hundred ticks and is
+//! restarted by the supervisor while the others keep trading. At the end it prints
+//! each strategy's position beside the exchange's book of it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use plugd_examples::{Order, Tick};
-use supervisor::{Deadline, PluginKind, PluginSpec, Supervisor, SupervisorConfig};
+use plugd_examples::{Fill, Order, PlaceOrder, Tick};
+use supervisor::{
+    CallError, Deadline, ErrorCode, HostRequest, PluginHandle, PluginKind, PluginSpec, Supervisor,
+    SupervisorConfig,
+};
 
 struct Args {
     plugins: PathBuf,
@@ -20,16 +27,23 @@ struct Args {
     rate: u64,
     /// Extra plugin folders to load and keep running without feeding them ticks.
     extra: Vec<PathBuf>,
+    /// Serve the Python strategies' `on_tick_order` with `async def` (on asyncio).
+    py_async: bool,
 }
 
 fn usage() -> ! {
-    eprintln!("usage: tick-engine [--plugins DIR] [--ticks N (0 = run until killed)] [--rate TICKS_PER_SEC] [--extra PLUGIN_DIR]...");
+    eprintln!("usage: tick-engine [--plugins DIR] [--ticks N (0 = run until killed)] [--rate TICKS_PER_SEC] [--extra PLUGIN_DIR]... [--py-async]");
     std::process::exit(2)
 }
 
 fn parse_args() -> Args {
-    let mut args =
-        Args { plugins: default_plugins_dir(), ticks: 3000, rate: 1000, extra: Vec::new() };
+    let mut args = Args {
+        plugins: default_plugins_dir(),
+        ticks: 3000,
+        rate: 1000,
+        extra: Vec::new(),
+        py_async: false,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| usage());
@@ -38,6 +52,7 @@ fn parse_args() -> Args {
             "--ticks" => args.ticks = value().parse().unwrap_or_else(|_| usage()),
             "--rate" => args.rate = value().parse().unwrap_or_else(|_| usage()),
             "--extra" => args.extra.push(PathBuf::from(value())),
+            "--py-async" => args.py_async = true,
             _ => usage(),
         }
     }
@@ -56,8 +71,10 @@ fn default_plugins_dir() -> PathBuf {
         .unwrap_or(here)
 }
 
-fn strategies(dir: &Path) -> Result<Vec<PluginSpec>> {
+/// The strategies in `dir`, and the adapter their orders go to.
+fn plugins(dir: &Path) -> Result<(Vec<PluginSpec>, PluginSpec)> {
     let mut specs = Vec::new();
+    let mut adapter = None;
     let entries = std::fs::read_dir(dir).with_context(|| {
         format!("cannot read plugin folder {}; pass --plugins DIR", dir.display())
     })?;
@@ -68,14 +85,45 @@ fn strategies(dir: &Path) -> Result<Vec<PluginSpec>> {
             continue;
         }
         let spec = PluginSpec::from_manifest(&path)?;
-        if spec.manifest.kind == PluginKind::Strategy {
-            specs.push(spec);
+        match spec.manifest.kind {
+            PluginKind::Strategy => specs.push(spec),
+            PluginKind::Adapter if adapter.is_none() => adapter = Some(spec),
+            _ => {}
         }
     }
     if specs.is_empty() {
         bail!("no plugin with kind = \"strategy\" in {}", dir.display());
     }
-    Ok(specs)
+    let Some(adapter) = adapter else {
+        bail!(
+            "no plugin with kind = \"adapter\" in {}: the engine routes the strategies' orders to one (the bundled paper-exchange)",
+            dir.display()
+        );
+    };
+    Ok((specs, adapter))
+}
+
+/// Offers the strategies `send_order`: the order goes to the adapter's `send_order`, on
+/// the strategy's account, with what is left of the strategy's own deadline; the fill comes
+/// back in the codec the strategy used (bincode from Rust, JSON from Python).
+fn route_orders(sup: &Supervisor, adapter: PluginHandle) {
+    sup.host_method_async("send_order", move |req: HostRequest| {
+        let adapter = adapter.clone();
+        async move {
+            let order: Order = req.payload.decode().map_err(|e| {
+                CallError::new(ErrorCode::BadPayload, format!("send_order takes an Order: {e}"))
+            })?;
+            let deadline = match req.deadline {
+                Some(at) => Deadline::At(tokio::time::Instant::from_std(at)),
+                None => Deadline::Default,
+            };
+            let place = PlaceOrder { account: req.plugin, order };
+            let fill: Fill = adapter.call_with("send_order", &place, deadline).await?;
+            req.payload
+                .encode_like(&fill)
+                .map_err(|e| CallError::new(ErrorCode::Internal, format!("send_order: {e}")))
+        }
+    });
 }
 
 #[derive(Default)]
@@ -109,8 +157,17 @@ async fn main() -> Result<()> {
         prepare: Some(std::sync::Arc::new(plugd_install::python::Venvs)),
         ..Default::default()
     })?;
+    let (strategies, adapter) = plugins(&args.plugins)?;
+    let name = adapter.name().to_string();
+    let exchange = sup.load(adapter).await.with_context(|| format!("loading adapter {name}"))?;
+    println!("plugin {name} pid {}", exchange.status().pid.unwrap_or(0));
+    route_orders(&sup, exchange.clone());
     let mut handles = Vec::new();
-    for spec in strategies(&args.plugins)? {
+    for mut spec in strategies {
+        if args.py_async && spec.manifest.runtime == supervisor::manifest::Runtime::Python {
+            // py-strategy then registers its async def on_tick_order.
+            spec.manifest.env.insert("PY_STRATEGY_ASYNC".into(), "1".into());
+        }
         let name = spec.name().to_string();
         let h = sup.load(spec).await.with_context(|| format!("loading strategy {name}"))?;
         println!("plugin {name} pid {}", h.status().pid.unwrap_or(0));
@@ -152,7 +209,7 @@ async fn main() -> Result<()> {
                 tokio::spawn(async move {
                     let t0 = Instant::now();
                     let r: Result<Order, _> =
-                        h.call_with("on_tick", &tick, Deadline::Default).await;
+                        h.call_with("on_tick_order", &tick, Deadline::Default).await;
                     (r, t0.elapsed())
                 })
             })
@@ -177,6 +234,7 @@ async fn main() -> Result<()> {
         }
     }
     report(&handles, &mut windows, tick_no);
+    positions(&handles, &exchange).await;
     println!("stopping: draining and shutting down strategies");
     sup.shutdown().await;
     for s in sup.status() {
@@ -184,6 +242,22 @@ async fn main() -> Result<()> {
     }
     println!("engine stopped after {tick_no} ticks");
     Ok(())
+}
+
+/// Each strategy's own position beside the exchange's book of its account.
+async fn positions(handles: &[PluginHandle], exchange: &PluginHandle) {
+    let book: BTreeMap<String, i64> = exchange.call("positions", &()).await.unwrap_or_else(|e| {
+        println!("cannot read the exchange's positions: {e}");
+        BTreeMap::new()
+    });
+    for h in handles {
+        let own = match h.call::<_, i64>("position", &()).await {
+            Ok(p) => p.to_string(),
+            Err(_) => "-".into(),
+        };
+        let booked = book.get(h.name()).copied().unwrap_or(0);
+        println!("position {:<14} strategy {own:>4} exchange {booked:>4}", h.name());
+    }
 }
 
 fn report(handles: &[supervisor::PluginHandle], windows: &mut [Window], tick_no: u64) {

@@ -41,13 +41,17 @@ fn die(mode: &str) -> ! {
 
 impl Plugin for Crasher {
     fn methods(m: &mut Methods<Self>) {
-        m.typed("on_tick", |c: &mut Crasher, _t: Tick| -> Result<Order, String> {
-            c.ticks += 1;
-            if c.config.crash_after > 0 && c.ticks >= c.config.crash_after {
-                die(&c.config.mode);
-            }
-            Ok(Order::Hold)
-        });
+        // The tick-engine calls on_tick_order (a strategy that places orders); this one
+        // only holds, and dies when its time comes.
+        for name in ["on_tick", "on_tick_order"] {
+            m.typed(name, |c: &mut Crasher, _t: Tick| -> Result<Order, String> {
+                c.ticks += 1;
+                if c.config.crash_after > 0 && c.ticks >= c.config.crash_after {
+                    die(&c.config.mode);
+                }
+                Ok(Order::Hold)
+            });
+        }
         m.typed("crash", |_, mode: String| -> Result<(), String> { die(&mode) });
         m.typed("panic", |_, what: String| -> Result<(), String> { panic!("{what}") });
         m.typed("ping", |_, _: ()| -> Result<&'static str, String> { Ok("pong") });

@@ -6,6 +6,7 @@ position) is handed to the next version on a hot update.
 """
 
 import logging
+import os
 import struct
 
 from plugd_plugin import Plugin, PluginError, method, schema, serve
@@ -32,8 +33,8 @@ class MeanReversion(Plugin):
     def on_shutdown(self):
         return struct.pack("<q", self.position)
 
-    @method("on_tick", args=TICK, returns=ORDER)
-    def on_tick(self, tick):
+    def decide(self, tick):
+        """The decision for ``tick`` (the position moves only when the order fills)."""
         bid, ask = tick["bid"], tick["ask"]
         if not (bid > 0 and ask >= bid):
             raise PluginError("crossed or empty book for %s: bid %s ask %s"
@@ -42,12 +43,34 @@ class MeanReversion(Plugin):
         self.ema = mid if self.ema is None else self.ema + self.alpha * (mid - self.ema)
         edge = (mid - self.ema) / self.ema
         if edge < -self.threshold and self.position < self.max_position:
-            self.position += 1
             return {"Limit": {"side": "Buy", "qty": 1, "price": bid}}
         if edge > self.threshold and self.position > -self.max_position:
-            self.position -= 1
             return {"Limit": {"side": "Sell", "qty": 1, "price": ask}}
         return "Hold"
+
+    @method("on_tick", args=TICK, returns=ORDER)
+    def on_tick(self, tick):
+        """Decides and takes the order as filled (no exchange)."""
+        order = self.decide(tick)
+        if order != "Hold":
+            limit = order["Limit"]
+            self.position += limit["qty"] if limit["side"] == "Buy" else -limit["qty"]
+        return order
+
+    @method("on_tick_order", args=TICK, returns=ORDER)
+    def on_tick_order(self, tick):
+        """Decides, places the order with the host (``send_order``: the tick-engine routes it
+        to the paper-exchange) and moves the position by the fill, in this same call."""
+        order = self.decide(tick)
+        self.position += self.host.call("send_order", order)["qty"]
+        return order
+
+    async def on_tick_order_async(self, tick):
+        """:meth:`on_tick_order` as ``async def`` (with ``PY_STRATEGY_ASYNC=1`` in [env]):
+        the plugin is then served on asyncio."""
+        order = self.decide(tick)
+        self.position += (await self.host.acall("send_order", order))["qty"]
+        return order
 
     @method("position", returns=schema.I64)
     def get_position(self, _):
@@ -71,4 +94,8 @@ class MeanReversion(Plugin):
         return self.host.call_plugin(arg["plugin"], arg["method"], arg["order"])
 
 
-serve(MeanReversion())
+strategy = MeanReversion()
+if os.environ.get("PY_STRATEGY_ASYNC") == "1":
+    strategy.register("on_tick_order", strategy.on_tick_order_async, args=TICK, returns=ORDER)
+    logging.getLogger("py-strategy").warning("on_tick_order is async def: served on asyncio")
+serve(strategy)

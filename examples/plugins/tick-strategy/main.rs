@@ -2,10 +2,11 @@
 //!
 //! `on_tick` compares the mid price with an exponential moving average and
 //! buys below it, sells above it, within a position limit from `[config]`.
+//! `on_tick_order` also places the order with the host and trades on its fill.
 //! The position survives a restart-by-update through the state handover.
 
-use plugd_examples::{Order, Side, Tick};
-use plugin_runner::{LoadContext, Methods, Plugin};
+use plugd_examples::{Fill, Order, PlaceOrder, Side, Tick};
+use plugin_runner::{Ctx, LoadContext, Methods, Plugin};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -30,7 +31,8 @@ struct Strategy {
 }
 
 impl Strategy {
-    fn on_tick(&mut self, tick: Tick) -> Result<Order, String> {
+    /// The decision for `tick` (the position moves only when the order fills).
+    fn decide(&mut self, tick: Tick) -> Result<Order, String> {
         if !(tick.bid > 0.0 && tick.ask >= tick.bid) {
             return Err(format!(
                 "crossed or empty book for {}: bid {} ask {}",
@@ -42,14 +44,33 @@ impl Strategy {
         self.ema = Some(ema);
         let edge = (mid - ema) / ema;
         let order = if edge < -self.config.threshold && self.position < self.config.max_position {
-            self.position += 1;
             Order::Limit { side: Side::Buy, qty: 1, price: tick.bid }
         } else if edge > self.config.threshold && self.position > -self.config.max_position {
-            self.position -= 1;
             Order::Limit { side: Side::Sell, qty: 1, price: tick.ask }
         } else {
             Order::Hold
         };
+        Ok(order)
+    }
+
+    /// Decides and takes the order as filled (no exchange: the benchmarks' `on_tick`).
+    fn on_tick(&mut self, tick: Tick) -> Result<Order, String> {
+        let order = self.decide(tick)?;
+        match order {
+            Order::Limit { side: Side::Buy, qty, .. } => self.position += qty,
+            Order::Limit { side: Side::Sell, qty, .. } => self.position -= qty,
+            Order::Hold => {}
+        }
+        Ok(order)
+    }
+
+    /// Decides, places the order with the host (`send_order`: the tick-engine routes it to
+    /// the paper-exchange adapter) and moves the position by what was filled — the fill is
+    /// seen within this same call. One host call per tick, `Hold` included.
+    fn on_tick_order(&mut self, ctx: &mut Ctx<'_>, tick: Tick) -> Result<Order, String> {
+        let order = self.decide(tick)?;
+        let fill: Fill = ctx.call("send_order", &order).map_err(|e| e.to_string())?;
+        self.position += fill.qty;
         Ok(order)
     }
 }
@@ -57,13 +78,22 @@ impl Strategy {
 impl Plugin for Strategy {
     fn methods(m: &mut Methods<Self>) {
         m.typed("on_tick", Strategy::on_tick);
-        // The same decision, then the order placed with the host (its `send_order`, whose
-        // answer is an order id) before replying: one host call per tick.
-        m.with_ctx("on_tick_order", |s: &mut Strategy, ctx, tick: Tick| -> Result<Order, String> {
-            let order = s.on_tick(tick)?;
-            let _id: u64 = ctx.call("send_order", &order).map_err(|e| e.to_string())?;
-            Ok(order)
-        });
+        m.with_ctx("on_tick_order", Strategy::on_tick_order);
+        // The same, with the order placed straight with the paper-exchange plugin through
+        // plugd (`plugd.call`; the manifest must allow "paper-exchange.send_order").
+        m.with_ctx(
+            "on_tick_adapter",
+            |s: &mut Strategy, ctx, tick: Tick| -> Result<Order, String> {
+                let order = s.decide(tick)?;
+                let account = std::env::var("PLUGD_PLUGIN_NAME").unwrap_or_default();
+                let place = PlaceOrder { account, order: order.clone() };
+                let fill: Fill = ctx
+                    .call_plugin("paper-exchange", "send_order", &place)
+                    .map_err(|e| e.to_string())?;
+                s.position += fill.qty;
+                Ok(order)
+            },
+        );
         m.typed("position", |s: &mut Strategy, _: ()| -> Result<i64, String> { Ok(s.position) });
         m.typed("version", |_, _: ()| -> Result<String, String> {
             std::env::var("PLUGD_PLUGIN_VERSION").map_err(|e| e.to_string())
