@@ -157,7 +157,7 @@ fn both_sdks_restore_state_dispatch_notifies_and_shut_down_alike() {
         assert_eq!(p.call(2, "count", serde_json::Value::Null), 4, "{sdk:?}");
         p.notify("mystery", Payload::json(&1).unwrap());
         assert_eq!(p.call(3, "last_notify", serde_json::Value::Null), "mystery", "{sdk:?}");
-        // plugd.state (a hot update's hand-over) reaches restore_state too.
+        // plugd.state (the one way from protocol 2; a hot update in version 1) reaches it too.
         p.notify("plugd.state", Payload::raw(plugin_proto::PayloadCodec::Bincode, b"s2".to_vec()));
         assert_eq!(p.call(4, "state", serde_json::Value::Null), "s2", "{sdk:?}");
         // Shutdown: the state for the next instance, Goodbye, exit 0.

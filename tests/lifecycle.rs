@@ -300,7 +300,12 @@ async fn state_is_handed_to_the_next_instance() {
     sup.restart("tick-strategy").await.unwrap();
     assert_ne!(strat.status().pid, old);
     let after: i64 = strat.call("position", &()).await.unwrap();
-    assert_eq!(after, before, "on_shutdown's State blob reached the new on_load");
+    assert_eq!(after, before, "on_shutdown's State blob reached the new instance");
+    // Protocol 2 has one way for it (PROTOCOL.md 5.7): Notify "plugd.state" after Ready,
+    // which the SDK hands to restore_state — not Welcome.state, which on_load would see.
+    let lines: Vec<String> = strat.logs(100).into_iter().map(|l| l.text).collect();
+    assert!(lines.iter().any(|l| l.contains("position 1 handed over")), "{lines:#?}");
+    assert!(!lines.iter().any(|l| l.contains("restored position")), "{lines:#?}");
     sup.shutdown().await;
 }
 

@@ -186,7 +186,8 @@ pub struct Welcome {
     pub heartbeat_ms: u64,
     /// Largest frame body either side may send, in bytes.
     pub max_frame: u32,
-    /// State left by the previous instance of this plugin, if any.
+    /// State left by the previous instance of this plugin, if any — protocol 1 only; from
+    /// version 2 it is always None and the state comes as `Notify "plugd.state"` after Ready.
     #[serde(with = "serde_bytes")]
     pub state: Option<Vec<u8>>,
 }

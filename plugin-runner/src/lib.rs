@@ -61,8 +61,8 @@ pub trait Plugin: Sized + 'static {
         None
     }
 
-    /// Receives the state the previous instance returned from `on_shutdown` during a hot
-    /// update, before this instance serves any call.
+    /// Receives the state the previous instance returned from `on_shutdown` (after a
+    /// restart or a hot update), after `on_load` and before this instance serves any call.
     fn restore_state(&mut self, _blob: &[u8]) {}
 
     /// A one-way message from the host for which no handler of that name is registered

@@ -78,7 +78,9 @@ impl LoadContext {
         &self.config_json
     }
 
-    /// State the previous instance returned from `on_shutdown`, if any.
+    /// State the previous instance returned from `on_shutdown`, if the supervisor speaks
+    /// protocol 1; from version 2 the state always reaches [`crate::Plugin::restore_state`]
+    /// instead (after `on_load`, before the first call), so handle it there.
     pub fn state(&self) -> Option<&[u8]> {
         self.state.as_deref()
     }

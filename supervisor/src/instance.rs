@@ -624,13 +624,23 @@ impl Instance {
                         config_json: self.cfg.config_json.clone(),
                         heartbeat_ms: self.cfg.timeouts.heartbeat.as_millis() as u64,
                         max_frame: self.cfg.max_frame,
-                        state: self.cfg.state.take(),
+                        // Protocol 2 has one way for state: the Notify after Ready (below).
+                        state: if proto >= PROTO_HOST_CALLS { None } else { self.cfg.state.take() },
                     });
                     // A failed write means the plugin is exiting; its exit status will say why.
                     let _ = self.queue(&welcome);
                     sdk = Some(h.sdk);
                 }
-                Message::Ready if sdk.is_some() => return Ok(sdk.unwrap_or_default()),
+                Message::Ready if sdk.is_some() => {
+                    // The previous instance's state, before any call can be routed here
+                    // (PROTOCOL.md 5.7): a restart hands it over as a hot update does.
+                    if let Some(blob) = self.cfg.state.take() {
+                        let payload = Payload::raw(plugin_proto::PayloadCodec::Bincode, blob);
+                        let _ =
+                            self.queue(&Message::Notify { method: STATE_NOTIFY.into(), payload });
+                    }
+                    return Ok(sdk.unwrap_or_default());
+                }
                 // Protocol 2: on_load failed and the plugin says why; it exits next.
                 Message::Reject { reason }
                     if sdk.is_some() && self.conn.proto() >= PROTO_HOST_CALLS =>

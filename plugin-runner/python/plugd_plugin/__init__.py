@@ -769,6 +769,8 @@ class _AsyncServer:
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.others: set[asyncio.Task[Any]] = set()
         self.done: asyncio.Future[None] | None = None
+        #: Set while an async restore_state runs: no frame is handled before the state is in.
+        self.paused = False
 
     async def run(self, welcome: wire.Welcome) -> None:
         await _start(self.conn, self.plugin, welcome)
@@ -794,7 +796,7 @@ class _AsyncServer:
     def drain(self) -> None:
         """Handles every frame there is now (the socket is readable, or frames wait)."""
         assert self.done is not None
-        if self.done.done():
+        if self.done.done() or self.paused:
             return
         try:
             while True:
@@ -804,7 +806,9 @@ class _AsyncServer:
                     self.done.set_result(None)
                     return
                 self.handle(msg)
-                if self.done.done() or not (self.conn.deferred or self.conn.buffered()):
+                if self.done.done() or self.paused:
+                    return
+                if not (self.conn.deferred or self.conn.buffered()):
                     return
         except Exception as e:  # OSError, ProtocolError: serve() says why
             if not self.done.done():
@@ -840,7 +844,9 @@ class _AsyncServer:
                 given_up.cancel()  # the caller gave up: no answer is owed
         elif isinstance(msg, wire.Notify):
             pending = _notify(self.plugin, self.handlers, msg)
-            if inspect.isawaitable(pending):
+            if inspect.isawaitable(pending) and msg.method == _STATE_NOTIFY:
+                self.hold(pending)
+            elif inspect.isawaitable(pending):
                 self.spawn(self.notified(msg.method, pending))
         elif isinstance(msg, wire.Shutdown):
             self.spawn(self.shutdown())
@@ -859,6 +865,22 @@ class _AsyncServer:
         finally:
             if call.id in self.tasks:
                 del self.tasks[call.id]
+
+    def hold(self, pending: Any) -> None:
+        """Stops reading until ``pending`` (an async restore_state) is done, so that the
+        handed-over state is in before any call is served (PROTOCOL.md 5.7)."""
+        loop = asyncio.get_running_loop()
+        fd = self.conn.sock.fileno()
+        loop.remove_reader(fd)
+        self.paused = True
+
+        async def resume() -> None:
+            await self.notified(_STATE_NOTIFY, pending)
+            self.paused = False
+            loop.add_reader(fd, self.drain)
+            self.drain()
+
+        self.spawn(resume())
 
     async def notified(self, method: str, pending: Any) -> None:
         try:

@@ -19,6 +19,14 @@ class Concurrent(Plugin):
     async def on_stop(self):
         self.events.append("stopped")
 
+    async def restore_state(self, state):
+        await asyncio.sleep(0.05)
+        self.events.append("restored " + state.decode())
+
+    @method()
+    def seen(self, _):
+        return self.events
+
     def on_shutdown(self):
         return ",".join(self.events).encode()
 

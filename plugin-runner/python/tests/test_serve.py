@@ -285,6 +285,12 @@ class Async(unittest.TestCase):
         self.assertEqual(sup.recv(), wire.Goodbye())
         self.assertEqual(sup.proc.wait(timeout=30), 0)
 
+    def test_an_async_restore_state_is_done_before_the_next_call(self):
+        sup = self.sup()
+        sup.send(wire.Notify("plugd.state", Payload(CODEC_BINCODE, b"7")))
+        reply, _ = sup.call(1, "seen", js(None))
+        self.assertEqual(json.loads(reply.result.data), ["loaded", "started", "restored 7"])
+
     def test_a_failing_async_on_load_is_said_with_reject(self):
         sup = FakeSupervisor(proto=2, script="async_plugin.py", config='{"fail": true}',
                              ready=False)
