@@ -337,6 +337,29 @@ fn main() -> Result<()> {
         }
         return Ok(());
     }
+    // Only the async-path rows of on_tick and of a tick with one host call (Rust, Python
+    // def, Python async def) beside the 64 B floor: `--host-calls-only N`.
+    if args.first().map(String::as_str) == Some("--host-calls-only") {
+        let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(20_000);
+        let floor = raw_floor(64, n / 10, n)?;
+        let rt =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let rows = rt.block_on(plugd_runs(n / 10, n, &[]))?;
+        for s in
+            std::iter::once(floor.clone()).chain(rows.into_iter().map(|s| with_ratio(s, &floor)))
+        {
+            println!(
+                "{:<46} p50 {:>7.1} µs  p99 {:>7.1} µs  p99.9 {:>7.1} µs  ×floor p50 {:.2} p99.9 {:.2}",
+                s.name,
+                s.p50_us,
+                s.p99_us,
+                s.p999_us,
+                s.ratio_p50.unwrap_or(1.0),
+                s.ratio_p999.unwrap_or(1.0)
+            );
+        }
+        return Ok(());
+    }
     // The peers script (bench/peers/run.sh) runs this beside each peer: RESULT lines only.
     // spawn→Ready only (the jail's start-up cost): fewest layers vs the full default jail.
     if args.first().map(String::as_str) == Some("--spawn-only") {

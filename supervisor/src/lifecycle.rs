@@ -81,6 +81,17 @@ pub enum Event {
     ProcessExited(ExitReason),
     /// The backoff delay passed.
     BackoffElapsed,
+    /// A live instance handed over by a predecessor plugd (SIGUSR2) is taken on: it is
+    /// starting (it reports Ready at once), with the restarts it already had.
+    Adopt {
+        /// Restarts the predecessor counted.
+        restarts: u32,
+    },
+    /// Hand the ready instance's live process to a successor plugd (SIGUSR2).
+    Freeze,
+    /// The hand-over did not happen, for this reason: the instance is gone, as if it had
+    /// exited so (the restart policy decides).
+    FreezeFailed(ExitReason),
 }
 
 /// What the caller must do after a transition.
@@ -102,6 +113,9 @@ pub enum Action {
     CancelRestart,
     /// Report that the plugin gave up (restart intensity exceeded).
     ReportFailed,
+    /// Ask the instance to give up its process, socket and state for a successor; deliver
+    /// `FreezeFailed` if it cannot (on success the slot's work is done).
+    Freeze,
 }
 
 /// The lifecycle of one plugin: its state plus the restart bookkeeping.
@@ -123,6 +137,20 @@ pub struct Machine {
     pub last_exit: Option<ExitReason>,
     /// State to settle in once a requested stop completes (Stopped or Disabled).
     pub stop_target: State,
+    /// A hand-over to a successor plugd is under way: calls are no longer routed (the
+    /// status shows Draining), the instance still runs.
+    pub freezing: bool,
+}
+
+impl Machine {
+    /// The state the status shows: a Ready instance being handed over shows Draining.
+    pub fn shown_state(&self) -> State {
+        if self.freezing {
+            State::Draining
+        } else {
+            self.state
+        }
+    }
 }
 
 impl Machine {
@@ -137,6 +165,7 @@ impl Machine {
             ready_since: None,
             last_exit: None,
             stop_target: State::Stopped,
+            freezing: false,
         }
     }
 }
@@ -169,6 +198,21 @@ fn step(m: &mut Machine, event: Event, now: Instant, jitter: f64) -> Vec<Action>
             m.stop_target = Stopped;
             vec![Action::Spawn]
         }
+        (Stopped, Event::Adopt { restarts }) => {
+            m.state = Starting;
+            m.restarts = restarts;
+            vec![]
+        }
+        (Ready, Event::Freeze) if !m.freezing => {
+            m.freezing = true;
+            vec![Action::Unroute, Action::Freeze]
+        }
+        (Ready, Event::FreezeFailed(reason)) if m.freezing => {
+            m.freezing = false;
+            on_unplanned_exit(m, reason, now, jitter)
+        }
+        // While the hand-over runs nothing else happens to the instance.
+        (Ready, _) if m.freezing => vec![],
         (Starting, Event::Ready) => {
             m.state = Ready;
             m.ready_since = Some(now);
@@ -437,5 +481,39 @@ mod tests {
         assert_eq!((m.state, a), (State::Disabled, vec![]), "a disabled plugin does not start");
         let (m, _) = run(&m, Event::Enable, t);
         assert_eq!(m.state, State::Stopped);
+    }
+
+    #[test]
+    fn a_handover_unroutes_and_a_failed_one_counts_as_an_exit() {
+        let t = Instant::now();
+        let m = ready(RestartPolicy::OnFailure, 5, t);
+        let (m, a) = run(&m, Event::Freeze, t);
+        assert_eq!(a, vec![Action::Unroute, Action::Freeze]);
+        assert_eq!((m.state, m.shown_state()), (State::Ready, State::Draining));
+        // Nothing else happens to the instance meanwhile; a second Freeze does nothing.
+        for ev in [Event::Freeze, Event::Stop, Event::Start, crash()] {
+            let (n, a) = run(&m, ev, t);
+            assert_eq!((n.state, n.freezing, a), (State::Ready, true, vec![]));
+        }
+        let failed = ExitReason::SpawnFailed { detail: "handover failed: gone".into() };
+        let (m, a) = run(&m, Event::FreezeFailed(failed.clone()), t);
+        assert!(matches!(a[..], [Action::ScheduleRestart(_)]), "{a:?}");
+        assert_eq!(
+            (m.state, m.shown_state(), m.last_exit),
+            (State::Backoff, State::Backoff, Some(failed))
+        );
+        // Only a Ready plugin is handed over.
+        let (n, a) = run(&Machine::new(cfg(RestartPolicy::Always, 5)), Event::Freeze, t);
+        assert_eq!((n.state, n.freezing, a), (State::Stopped, false, vec![]));
+    }
+
+    #[test]
+    fn an_adopted_instance_starts_with_its_restarts_and_is_not_spawned() {
+        let t = Instant::now();
+        let (m, a) =
+            run(&Machine::new(cfg(RestartPolicy::Always, 5)), Event::Adopt { restarts: 7 }, t);
+        assert_eq!((m.state, m.restarts, a), (State::Starting, 7, vec![]));
+        let (m, a) = run(&m, Event::Ready, t);
+        assert_eq!((m.state, a), (State::Ready, vec![Action::Route]));
     }
 }

@@ -111,7 +111,7 @@ impl Slot {
     /// one place the status's state is written while the slot runs.
     fn publish(&self, m: &Machine, pid: Option<u32>, sdk: Option<String>, update: Option<&Update>) {
         let mut live = self.shared.live.lock();
-        live.state = update.and_then(|u| u.phase.overrides_state()).unwrap_or(m.state);
+        live.state = update.and_then(|u| u.phase.overrides_state()).unwrap_or(m.shown_state());
         live.restarts = m.restarts;
         live.last_exit = m.last_exit.clone();
         live.ready_since = if live.state == State::Ready {
@@ -138,9 +138,9 @@ impl Slot {
         let mut generation = 0u64;
         if let Some(frozen) = adopt {
             generation = 1;
-            machine.restarts = frozen.restarts;
             // Starting: the instance reports Ready at once, and the machine routes to it.
-            machine.state = State::Starting;
+            let adopt = Event::Adopt { restarts: frozen.restarts };
+            machine = transition(&machine, adopt, StdInstant::now(), 0.0).0;
             let (control_tx, control_rx) = mpsc::channel(4);
             let cfg = self.instance_config(&self.spec, generation, None);
             let shared_sock =
@@ -172,6 +172,8 @@ impl Slot {
         let mut start_waiters: Vec<oneshot::Sender<Result<(), ExitReason>>> = Vec::new();
         let mut stop_waiters: Vec<oneshot::Sender<()>> = Vec::new();
         let mut update: Option<Update> = None;
+        // Who asked for the hand-over the machine is performing (Action::Freeze).
+        let mut freeze_reply: Option<oneshot::Sender<Result<FrozenPlugin, String>>> = None;
         let far = Instant::now() + std::time::Duration::from_secs(86400 * 365);
 
         loop {
@@ -207,32 +209,12 @@ impl Slot {
                         continue;
                     }
                     Some(SlotCommand::Freeze(reply)) => {
-                        let Some(c) = current.as_ref().filter(|_| machine.state == State::Ready) else {
-                            let _ = reply.send(Err(format!("not ready ({})", machine.state)));
+                        if machine.state != State::Ready || machine.freezing || current.is_none() {
+                            let _ = reply.send(Err(format!("not ready ({})", machine.shown_state())));
                             continue;
-                        };
-                        self.shared.set_route(None);
-                        // Calls refused from now on say why: in-flight calls are finishing.
-                        self.shared.live.lock().state = State::Draining;
-                        let (tx, rx) = oneshot::channel();
-                        let _ = c.control.send(Control::Freeze(tx)).await;
-                        match rx.await {
-                            Ok(Ok(instance)) => {
-                                let sandbox = self.shared.live.lock().sandbox.clone();
-                                let _ = reply.send(Ok(FrozenPlugin { instance, restarts: machine.restarts, sandbox }));
-                                return; // the process now belongs to the successor
-                            }
-                            other => {
-                                let why = match other {
-                                    Ok(Err(e)) => e,
-                                    _ => "the instance ended".into(),
-                                };
-                                let _ = reply.send(Err(why.clone()));
-                                current = None;
-                                pid = None;
-                                Event::ProcessExited(ExitReason::SpawnFailed { detail: format!("handover failed: {why}") })
-                            }
                         }
+                        freeze_reply = Some(reply);
+                        Event::Freeze
                     }
                     Some(SlotCommand::Stop(reply)) => {
                         stop_waiters.push(reply);
@@ -417,6 +399,41 @@ impl Slot {
                             restart_at = Some(Instant::now() + d);
                         }
                         Action::CancelRestart => restart_at = None,
+                        Action::Freeze => {
+                            let (Some(reply), Some(c)) = (freeze_reply.take(), current.as_ref())
+                            else {
+                                continue;
+                            };
+                            // Calls refused from now on say why: in-flight calls are finishing.
+                            self.publish(&machine, pid, None, update.as_ref());
+                            let (tx, rx) = oneshot::channel();
+                            let _ = c.control.send(Control::Freeze(tx)).await;
+                            match rx.await {
+                                Ok(Ok(instance)) => {
+                                    let sandbox = self.shared.live.lock().sandbox.clone();
+                                    let restarts = machine.restarts;
+                                    let _ = reply.send(Ok(FrozenPlugin {
+                                        instance,
+                                        restarts,
+                                        sandbox,
+                                    }));
+                                    return; // the process now belongs to the successor
+                                }
+                                other => {
+                                    let why = match other {
+                                        Ok(Err(e)) => e,
+                                        _ => "the instance ended".into(),
+                                    };
+                                    let _ = reply.send(Err(why.clone()));
+                                    current = None;
+                                    pid = None;
+                                    let detail = format!("handover failed: {why}");
+                                    queue.push(Event::FreezeFailed(ExitReason::SpawnFailed {
+                                        detail,
+                                    }));
+                                }
+                            }
+                        }
                         Action::ReportFailed => {
                             let r = &self.spec.manifest.restart;
                             self.note(
