@@ -93,8 +93,9 @@ pub(crate) struct Conn {
     /// Wakes the actor: the inbox, unwritten or unread bytes, or idle while closing.
     pub wake: Notify,
     /// Engine mode: the actor stays off the runtime's epoll for this socket and reads on a
-    /// tick instead, so an engine thread's replies wake nobody but that thread.
-    pub engine: AtomicBool,
+    /// tick instead, so an engine thread's replies wake nobody but that thread. The
+    /// plugin's own flag (shared with every connection it has had), so it is held once.
+    pub engine: Arc<AtomicBool>,
     /// Engine-thread calls made (the actor's read tick backs off while it moves).
     pub engine_calls: AtomicU64,
     /// The protocol version the handshake settled on (host calls need 2).
@@ -152,7 +153,7 @@ impl Conn {
         sock: UnixStream,
         max_frame: u32,
         hold: bool,
-        engine: bool,
+        engine: Arc<AtomicBool>,
         name: &str,
         missed_limit: u32,
         host: Arc<HostMethods>,
@@ -174,7 +175,7 @@ impl Conn {
             read: Mutex::new(ReadSide::new(max_frame, records)),
             inbox: Mutex::new(Vec::new()),
             wake: Notify::new(),
-            engine: AtomicBool::new(engine),
+            engine,
             engine_calls: AtomicU64::new(0),
             proto: AtomicU16::new(plugin_proto::PROTO_MIN),
             host,
@@ -973,7 +974,15 @@ mod socket_tests {
     fn pair(missed_limit: u32) -> (Arc<Conn>, UnixStream) {
         let (ours, theirs) = UnixStream::pair().unwrap();
         theirs.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let conn = Conn::new(ours, 1 << 20, false, false, "fake", missed_limit, Default::default());
+        let conn = Conn::new(
+            ours,
+            1 << 20,
+            false,
+            Default::default(),
+            "fake",
+            missed_limit,
+            Default::default(),
+        );
         (Arc::new(conn), theirs)
     }
 
@@ -1013,7 +1022,7 @@ mod socket_tests {
         let host = Arc::new(HostMethods::default());
         // A method that never answers: every call to it stays in flight.
         host.add_async("wait", Arc::new(|_| Box::pin(std::future::pending())));
-        let conn = Arc::new(Conn::new(ours, 1 << 20, false, false, "greedy", 3, host));
+        let conn = Arc::new(Conn::new(ours, 1 << 20, false, Default::default(), "greedy", 3, host));
         for id in 1..=u64::from(HOST_CALLS_MAX) + 1 {
             let call =
                 Call { id, method: "wait".into(), deadline_us: 0, payload: Payload::empty() };

@@ -183,8 +183,8 @@ pub(crate) struct Shared {
     pub calls_ok: AtomicU64,
     pub calls_err: AtomicU64,
     pub latency: Latency,
-    /// Engine mode wanted (kept across instances).
-    pub engine: std::sync::atomic::AtomicBool,
+    /// Engine mode wanted (kept across instances; each connection reads this same flag).
+    pub engine: Arc<std::sync::atomic::AtomicBool>,
     pub live: Mutex<LiveStatus>,
     pub ring: LogRing,
     /// Its manifest's `[calls] allow`: which other plugins' methods it may call.
@@ -414,8 +414,8 @@ impl PluginHandle {
     /// most a tick later. Kept across restarts and updates until turned off.
     pub fn set_engine_mode(&self, on: bool) {
         self.shared.engine.store(on, Ordering::Relaxed);
+        // The actor re-reads the flag when woken (on or off its epoll).
         if let Some(conn) = self.shared.route.load_full() {
-            conn.engine.store(on, Ordering::Relaxed);
             conn.wake.notify_one();
         }
     }

@@ -559,7 +559,7 @@ impl Slot {
             sock,
             self.max_frame,
             hold,
-            self.shared.engine.load(std::sync::atomic::Ordering::Relaxed),
+            self.shared.engine.clone(),
             spec.name(),
             spec.manifest.timeouts.missed_deadlines,
             self.host_methods.clone(),
