@@ -335,6 +335,10 @@ class Host:
         return _unjson(await self._conn.acall_host(wire.PLUGIN_CALL, outer, timeout))
 
 
+class _TimedOut(Exception):
+    """An awaited host call passed its deadline."""
+
+
 #: When the supervisor stops waiting for the call being served (monotonic seconds); one per
 #: asyncio task, so concurrent async handlers each keep their own call's deadline.
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("plugd_deadline",
@@ -420,12 +424,18 @@ class _Connection:
     async def acall_host(self, method: str, payload: Payload, timeout: float | None) -> Payload:
         """:meth:`call_host` for async handlers: the reply comes through the asyncio reader."""
         cid, deadline = self._start_host_call(method, payload, timeout)
-        waiter: asyncio.Future[wire.Reply] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[wire.Reply] = loop.create_future()
         self.pending[cid] = waiter
+        # A timer on the loop's clock rather than asyncio.wait_for, which costs a task and
+        # more per call on this hot path.
+        timer = None
+        if deadline is not None:
+            at = loop.time() + max(0.0, deadline - time.monotonic())
+            timer = loop.call_at(at, lambda: waiter.done() or waiter.set_exception(_TimedOut()))
         try:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            reply = await asyncio.wait_for(waiter, wait)
-        except asyncio.TimeoutError:
+            reply = await waiter
+        except _TimedOut:
             self.send(wire.Cancel(cid))
             raise HostCallError(ErrorCode.DEADLINE_EXCEEDED,
                                 "host method %s did not answer in time" % method) from None
@@ -434,6 +444,8 @@ class _Connection:
             raise
         finally:
             self.pending.pop(cid, None)
+            if timer is not None:
+                timer.cancel()
         return _answer(method, reply)
 
     def deliver(self, reply: wire.Reply) -> None:
