@@ -78,6 +78,63 @@ struct Current {
     calls: Option<Arc<Conn>>,
 }
 
+/// What one slot's loop holds between turns.
+struct Run {
+    machine: Machine,
+    /// The instance calls go to (or will, once Ready).
+    current: Option<Current>,
+    /// Numbers instances, so a report from one already let go of is known as such.
+    generation: u64,
+    pid: Option<u32>,
+    /// The SDK a Ready report named this turn, for the status.
+    sdk: Option<String>,
+    restart_at: Option<Instant>,
+    /// State the last instance left for the next one.
+    handover: Option<Vec<u8>>,
+    start_waiters: Vec<oneshot::Sender<Result<(), ExitReason>>>,
+    stop_waiters: Vec<oneshot::Sender<()>>,
+    update: Option<Update>,
+    /// Who asked for the hand-over the machine is performing (Action::Freeze).
+    freeze_reply: Option<oneshot::Sender<Result<FrozenPlugin, String>>>,
+    /// Where instances report to this slot.
+    events: mpsc::UnboundedSender<(u64, InstanceEvent)>,
+}
+
+impl Run {
+    /// Answers those waiting for a start or a stop, once the machine says how it went.
+    fn answer_waiters(&mut self) {
+        match self.machine.state {
+            State::Ready => {
+                for w in self.start_waiters.drain(..) {
+                    let _ = w.send(Ok(()));
+                }
+            }
+            State::Starting | State::Draining | State::Stopping => {}
+            _ => {
+                let why =
+                    self.machine.last_exit.clone().unwrap_or(ExitReason::Stopped { forced: false });
+                for w in self.start_waiters.drain(..) {
+                    let _ = w.send(Err(why.clone()));
+                }
+            }
+        }
+        if self.current.is_none() && !matches!(self.machine.state, State::Starting | State::Ready) {
+            for w in self.stop_waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+}
+
+/// How a turn of the slot's loop ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Turn {
+    /// Go on.
+    Continue,
+    /// The instance now belongs to a successor process: the slot's work is done.
+    HandedOver,
+}
+
 pub(crate) struct Slot {
     pub spec: PluginSpec,
     pub shared: Arc<Shared>,
@@ -127,353 +184,411 @@ impl Slot {
 
     /// Runs until the command queue closes (or the plugin is handed over). With `adopt`,
     /// starts from a live instance a predecessor process handed over instead of spawning.
+    /// Each turn: wait for one thing (a command, an instance's report, the restart timer),
+    /// turn it into a lifecycle event, run the machine and perform its actions, publish.
     pub async fn run(
         mut self,
         mut commands: mpsc::UnboundedReceiver<SlotCommand>,
         adopt: Option<FrozenPlugin>,
     ) {
-        let mut machine = Machine::new(self.spec.manifest.restart.clone());
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<(u64, InstanceEvent)>();
-        let mut current: Option<Current> = None;
-        let mut generation = 0u64;
+        let mut r = Run {
+            machine: Machine::new(self.spec.manifest.restart.clone()),
+            current: None,
+            generation: 0,
+            pid: None,
+            sdk: None,
+            restart_at: None,
+            handover: None,
+            start_waiters: Vec::new(),
+            stop_waiters: Vec::new(),
+            update: None,
+            freeze_reply: None,
+            events: ev_tx,
+        };
         if let Some(frozen) = adopt {
-            generation = 1;
-            // Starting: the instance reports Ready at once, and the machine routes to it.
-            let adopt = Event::Adopt { restarts: frozen.restarts };
-            machine = transition(&machine, adopt, StdInstant::now(), 0.0).0;
-            let (control_tx, control_rx) = mpsc::channel(4);
-            let cfg = self.instance_config(&self.spec, generation, None);
-            let shared_sock =
-                frozen.instance.socket.try_clone().map(std::os::unix::net::UnixStream::from);
-            match shared_sock {
-                Ok(sock) => {
-                    let conn = self.connect(sock, &self.spec, false);
-                    let wiring = instance::Wiring {
-                        conn: conn.clone(),
-                        control: control_rx,
-                        events: ev_tx.clone(),
-                    };
-                    tokio::spawn(instance::run_adopted(frozen.instance, cfg, wiring));
-                    current = Some(Current { generation, control: control_tx, calls: Some(conn) });
-                }
-                Err(e) => {
-                    // Without a second descriptor the instance cannot be shared; let it go.
-                    self.note(LogLevel::Error, format!("cannot adopt the handed-over plugin: {e}"));
-                    let _ = nix::sys::signal::killpg(
-                        nix::unistd::Pid::from_raw(frozen.instance.pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
+            self.adopt(&mut r, frozen);
         }
-        let mut pid: Option<u32> = None;
-        let mut restart_at: Option<Instant> = None;
-        let mut handover: Option<Vec<u8>> = None;
-        let mut start_waiters: Vec<oneshot::Sender<Result<(), ExitReason>>> = Vec::new();
-        let mut stop_waiters: Vec<oneshot::Sender<()>> = Vec::new();
-        let mut update: Option<Update> = None;
-        // Who asked for the hand-over the machine is performing (Action::Freeze).
-        let mut freeze_reply: Option<oneshot::Sender<Result<FrozenPlugin, String>>> = None;
         let far = Instant::now() + std::time::Duration::from_secs(86400 * 365);
-
         loop {
-            let mut sdk = None;
+            r.sdk = None;
             let event = tokio::select! {
                 cmd = commands.recv() => match cmd {
-                    Some(SlotCommand::Start(reply)) => {
-                        if machine.state == State::Ready {
-                            let _ = reply.send(Ok(()));
-                            continue;
-                        }
-                        start_waiters.push(reply);
-                        Event::Start
-                    }
-                    Some(SlotCommand::Update(spec, reply)) => {
-                        if machine.state != State::Ready || update.is_some() {
-                            let why = if update.is_some() { "another update is in progress".to_string() } else { format!("it is not ready ({})", machine.state) };
-                            let _ = reply.send(Err(why));
-                            continue;
-                        }
-                        generation += 1;
-                        match self.spawn(&spec, generation, None, true, ev_tx.clone()).await {
-                            Ok(new) => {
-                                self.note(LogLevel::Info, format!("updating to {} beside the running instance", spec.manifest.version));
-                                self.shared.live.lock().updating_to = Some(spec.manifest.version.to_string());
-                                let phase = swap::Phase::Starting { new: generation };
-                                update = Some(Update { phase, spec: Some(*spec), reply: Some(reply), new, retiring: None });
-                            }
-                            Err(reason) => {
-                                let _ = reply.send(Err(reason.to_string()));
-                            }
-                        }
-                        continue;
-                    }
-                    Some(SlotCommand::Freeze(reply)) => {
-                        if machine.state != State::Ready || machine.freezing || current.is_none() {
-                            let _ = reply.send(Err(format!("not ready ({})", machine.shown_state())));
-                            continue;
-                        }
-                        freeze_reply = Some(reply);
-                        Event::Freeze
-                    }
-                    Some(SlotCommand::Stop(reply)) => {
-                        stop_waiters.push(reply);
-                        Event::Stop
-                    }
+                    Some(cmd) => self.on_command(&mut r, cmd).await,
                     None => break,
                 },
-                Some((gen, ev)) = ev_rx.recv() => {
-                    // A report about the update's instances goes to its machine first.
-                    let report = match &ev {
-                        InstanceEvent::Ready { .. } => Report::Ready,
-                        InstanceEvent::Drained => Report::Drained,
-                        InstanceEvent::Exited { reason, .. } => Report::Exited(reason.clone()),
-                    };
-                    let running = current.as_ref().map(|c| c.generation);
-                    let stepped = update.as_ref().and_then(|u| swap::step(&u.phase, gen, &report, running));
-                    if let Some((next, acts)) = stepped {
-                        let Some(mut u) = update.take() else { continue };
-                        let mut restart = None;
-                        for act in acts {
-                            match act {
-                                Act::SwitchToNew => {
-                                    let InstanceEvent::Ready { pid: p, sdk: s, lockdown } = &ev else { continue };
-                                    self.record_lockdown(lockdown);
-                                    if let Some(calls) = u.new.calls.clone() {
-                                        self.shared.set_route(Some(calls));
-                                    }
-                                    let old = current.replace(Current { generation: u.new.generation, control: u.new.control.clone(), calls: u.new.calls.take() });
-                                    if let Some(mut old) = old {
-                                        old.calls = None;
-                                        let _ = old.control.send(Control::Stop).await;
-                                        u.retiring = Some(old);
-                                    }
-                                    pid = Some(*p);
-                                    let mut live = self.shared.live.lock();
-                                    live.pid = pid;
-                                    live.sdk = Some(s.clone());
-                                    if let Some(spec) = &u.spec {
-                                        live.version = spec.manifest.version.to_string();
-                                    }
-                                    live.ready_since = Some(Instant::now());
-                                }
-                                Act::ReleaseNew => {
-                                    let state = match &ev { InstanceEvent::Exited { state, .. } => state.clone(), _ => None };
-                                    let _ = u.new.control.send(Control::Release(state)).await;
-                                }
-                                Act::Succeed => {
-                                    if let (Some(spec), Report::Exited(reason)) = (u.spec.take(), &report) {
-                                        self.note(LogLevel::Info, format!("updated to {} (old instance: {reason})", spec.manifest.version));
-                                        *self.shared.calls.write() = spec.manifest.calls.clone();
-                                        self.spec = spec;
-                                    }
-                                    self.shared.live.lock().updating_to = None;
-                                    u.answer(Ok(()));
-                                }
-                                Act::FailKeepOld(why) => {
-                                    self.note(LogLevel::Error, format!("update failed, still serving the running version: {why}"));
-                                    self.shared.live.lock().updating_to = None;
-                                    u.answer(Err(why));
-                                }
-                                Act::FailAfterSwitch(why) => {
-                                    self.note(LogLevel::Error, format!("update failed: {why}; the running version restarts once it has drained"));
-                                    if let Report::Exited(reason) = &report {
-                                        *self.shared.live.lock().exits.entry(reason.kind()).or_default() += 1;
-                                    }
-                                    current = None;
-                                    pid = None;
-                                    self.shared.set_route(None);
-                                    {
-                                        let mut live = self.shared.live.lock();
-                                        live.updating_to = None;
-                                        live.version = self.spec.manifest.version.to_string();
-                                    }
-                                    u.answer(Err(why));
-                                }
-                                Act::RestartOld(reason) => {
-                                    if let InstanceEvent::Exited { state: Some(state), .. } = &ev {
-                                        handover = Some(state.clone());
-                                    }
-                                    restart = Some(reason);
-                                }
-                            }
-                        }
-                        if let Some(phase) = next {
-                            u.phase = phase;
-                            update = Some(u);
-                        }
-                        match restart {
-                            // As if the running instance had ended this way: the policy restarts it.
-                            Some(reason) => Event::ProcessExited(reason),
-                            None => {
-                                self.publish(&machine, pid, None, update.as_ref());
-                                continue;
-                            }
-                        }
-                    } else {
-                    if current.as_ref().map(|c| c.generation) != Some(gen) {
-                        continue; // a report from an instance we already let go of
-                    }
-                    match ev {
-                        InstanceEvent::Ready { pid: p, sdk: s, lockdown } => {
-                            pid = Some(p);
-                            sdk = Some(s);
-                            self.record_lockdown(&lockdown);
-                            self.note(LogLevel::Info, format!("ready (pid {p})"));
-                            Event::Ready
-                        }
-                        InstanceEvent::Drained => Event::Drained,
-                        InstanceEvent::Exited { reason, state } => {
-                            if state.is_some() {
-                                handover = state;
-                            }
-                            current = None;
-                            pid = None;
-                            self.shared.set_route(None);
-                            let level = if reason.is_failure() { LogLevel::Error } else { LogLevel::Info };
-                            self.note(level, format!("instance ended: {reason}"));
-                            *self.shared.live.lock().exits.entry(reason.kind()).or_default() += 1;
-                            Event::ProcessExited(reason)
-                        }
-                    }
-                    }
-                },
-                _ = sleep_until(restart_at.unwrap_or(far)), if restart_at.is_some() => {
-                    restart_at = None;
-                    Event::BackoffElapsed
+                Some((gen, ev)) = ev_rx.recv() => self.on_report(&mut r, gen, ev).await,
+                _ = sleep_until(r.restart_at.unwrap_or(far)), if r.restart_at.is_some() => {
+                    r.restart_at = None;
+                    Some(Event::BackoffElapsed)
                 }
             };
-
-            let mut queue = vec![event];
-            while let Some(event) = queue.pop() {
-                let (next, actions) =
-                    transition(&machine, event, StdInstant::now(), fastrand::f64());
-                machine = next;
-                for action in actions {
-                    match action {
-                        Action::Spawn => {
-                            generation += 1;
-                            match self
-                                .spawn(
-                                    &self.spec,
-                                    generation,
-                                    handover.take(),
-                                    false,
-                                    ev_tx.clone(),
-                                )
-                                .await
-                            {
-                                Ok(c) => current = Some(c),
-                                Err(reason) => {
-                                    self.note(LogLevel::Error, format!("start failed: {reason}"));
-                                    queue.push(Event::ProcessExited(reason));
-                                }
-                            }
-                        }
-                        Action::Route => {
-                            if let Some(calls) = current.as_ref().and_then(|c| c.calls.clone()) {
-                                self.shared.set_route(Some(calls));
-                            }
-                        }
-                        Action::Unroute => {
-                            self.shared.set_route(None);
-                            if let Some(c) = current.as_mut() {
-                                c.calls = None;
-                            }
-                        }
-                        Action::GracefulStop => {
-                            if let Some(c) = &current {
-                                let _ = c.control.send(Control::Stop).await;
-                            }
-                        }
-                        Action::Kill => {
-                            if let Some(c) = &current {
-                                let _ = c.control.send(Control::Kill).await;
-                            }
-                        }
-                        Action::ScheduleRestart(d) => {
-                            self.note(
-                                LogLevel::Warn,
-                                format!("restarting in {} ms", d.as_millis()),
-                            );
-                            restart_at = Some(Instant::now() + d);
-                        }
-                        Action::CancelRestart => restart_at = None,
-                        Action::Freeze => {
-                            let (Some(reply), Some(c)) = (freeze_reply.take(), current.as_ref())
-                            else {
-                                continue;
-                            };
-                            // Calls refused from now on say why: in-flight calls are finishing.
-                            self.publish(&machine, pid, None, update.as_ref());
-                            let (tx, rx) = oneshot::channel();
-                            let _ = c.control.send(Control::Freeze(tx)).await;
-                            match rx.await {
-                                Ok(Ok(instance)) => {
-                                    let sandbox = self.shared.live.lock().sandbox.clone();
-                                    let restarts = machine.restarts;
-                                    let _ = reply.send(Ok(FrozenPlugin {
-                                        instance,
-                                        restarts,
-                                        sandbox,
-                                    }));
-                                    return; // the process now belongs to the successor
-                                }
-                                other => {
-                                    let why = match other {
-                                        Ok(Err(e)) => e,
-                                        _ => "the instance ended".into(),
-                                    };
-                                    let _ = reply.send(Err(why.clone()));
-                                    current = None;
-                                    pid = None;
-                                    let detail = format!("handover failed: {why}");
-                                    queue.push(Event::FreezeFailed(ExitReason::SpawnFailed {
-                                        detail,
-                                    }));
-                                }
-                            }
-                        }
-                        Action::ReportFailed => {
-                            let r = &self.spec.manifest.restart;
-                            self.note(
-                                LogLevel::Error,
-                                format!(
-                                    "failed: more than {} restarts within {} s; not restarting until started by hand",
-                                    r.max_restarts,
-                                    r.within.as_secs_f64()
-                                ),
-                            );
-                        }
-                    }
-                }
+            let Some(event) = event else { continue };
+            if self.perform(&mut r, event).await == Turn::HandedOver {
+                return; // the process now belongs to the successor
             }
-            self.publish(&machine, pid, sdk, update.as_ref());
-
-            match machine.state {
-                State::Ready => {
-                    for w in start_waiters.drain(..) {
-                        let _ = w.send(Ok(()));
-                    }
-                }
-                State::Starting | State::Draining | State::Stopping => {}
-                _ => {
-                    let why =
-                        machine.last_exit.clone().unwrap_or(ExitReason::Stopped { forced: false });
-                    for w in start_waiters.drain(..) {
-                        let _ = w.send(Err(why.clone()));
-                    }
-                }
-            }
-            if current.is_none() && !matches!(machine.state, State::Starting | State::Ready) {
-                for w in stop_waiters.drain(..) {
-                    let _ = w.send(());
-                }
-            }
+            self.publish(&r.machine, r.pid, r.sdk.take(), r.update.as_ref());
+            r.answer_waiters();
         }
         // The supervisor is gone: dropping the control queue makes the instance kill its group.
         self.shared.set_route(None);
-        drop(current);
+        drop(r);
+    }
+
+    /// Takes on a live instance a predecessor process handed over (SIGUSR2).
+    fn adopt(&mut self, r: &mut Run, frozen: FrozenPlugin) {
+        r.generation = 1;
+        // Starting: the instance reports Ready at once, and the machine routes to it.
+        let adopt = Event::Adopt { restarts: frozen.restarts };
+        r.machine = transition(&r.machine, adopt, StdInstant::now(), 0.0).0;
+        let (control_tx, control_rx) = mpsc::channel(4);
+        let cfg = self.instance_config(&self.spec, r.generation, None);
+        match frozen.instance.socket.try_clone().map(std::os::unix::net::UnixStream::from) {
+            Ok(sock) => {
+                let conn = self.connect(sock, &self.spec, false);
+                let wiring = instance::Wiring {
+                    conn: conn.clone(),
+                    control: control_rx,
+                    events: r.events.clone(),
+                };
+                tokio::spawn(instance::run_adopted(frozen.instance, cfg, wiring));
+                r.current = Some(Current {
+                    generation: r.generation,
+                    control: control_tx,
+                    calls: Some(conn),
+                });
+            }
+            Err(e) => {
+                // Without a second descriptor the instance cannot be shared; let it go.
+                self.note(LogLevel::Error, format!("cannot adopt the handed-over plugin: {e}"));
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(frozen.instance.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+
+    /// A command from the supervisor: the lifecycle event it makes, if any (a command
+    /// answered at once, or an update, which runs beside the machine, makes none).
+    async fn on_command(&mut self, r: &mut Run, cmd: SlotCommand) -> Option<Event> {
+        match cmd {
+            SlotCommand::Start(reply) => {
+                if r.machine.state == State::Ready {
+                    let _ = reply.send(Ok(()));
+                    return None;
+                }
+                r.start_waiters.push(reply);
+                Some(Event::Start)
+            }
+            SlotCommand::Update(spec, reply) => {
+                self.begin_update(r, *spec, reply).await;
+                None
+            }
+            SlotCommand::Freeze(reply) => {
+                if r.machine.state != State::Ready || r.machine.freezing || r.current.is_none() {
+                    let _ = reply.send(Err(format!("not ready ({})", r.machine.shown_state())));
+                    return None;
+                }
+                r.freeze_reply = Some(reply);
+                Some(Event::Freeze)
+            }
+            SlotCommand::Stop(reply) => {
+                r.stop_waiters.push(reply);
+                Some(Event::Stop)
+            }
+        }
+    }
+
+    /// Starts a hot update's new instance beside the running one (see [`crate::swap`]).
+    async fn begin_update(
+        &mut self,
+        r: &mut Run,
+        spec: PluginSpec,
+        reply: oneshot::Sender<Result<(), String>>,
+    ) {
+        if r.machine.state != State::Ready || r.update.is_some() {
+            let why = if r.update.is_some() {
+                "another update is in progress".to_string()
+            } else {
+                format!("it is not ready ({})", r.machine.state)
+            };
+            let _ = reply.send(Err(why));
+            return;
+        }
+        r.generation += 1;
+        match self.spawn(&spec, r.generation, None, true, r.events.clone()).await {
+            Ok(new) => {
+                self.note(
+                    LogLevel::Info,
+                    format!("updating to {} beside the running instance", spec.manifest.version),
+                );
+                self.shared.live.lock().updating_to = Some(spec.manifest.version.to_string());
+                let phase = swap::Phase::Starting { new: r.generation };
+                r.update = Some(Update {
+                    phase,
+                    spec: Some(spec),
+                    reply: Some(reply),
+                    new,
+                    retiring: None,
+                });
+            }
+            Err(reason) => {
+                let _ = reply.send(Err(reason.to_string()));
+            }
+        }
+    }
+
+    /// A report from an instance: the update's machine takes it first when it is about the
+    /// update's instances; otherwise it is a lifecycle event if it is about the current one.
+    async fn on_report(&mut self, r: &mut Run, gen: u64, ev: InstanceEvent) -> Option<Event> {
+        let report = match &ev {
+            InstanceEvent::Ready { .. } => Report::Ready,
+            InstanceEvent::Drained => Report::Drained,
+            InstanceEvent::Exited { reason, .. } => Report::Exited(reason.clone()),
+        };
+        let running = r.current.as_ref().map(|c| c.generation);
+        let stepped = r.update.as_ref().and_then(|u| swap::step(&u.phase, gen, &report, running));
+        if let Some((next, acts)) = stepped {
+            return self.perform_swap(r, next, acts, &ev, &report).await;
+        }
+        if running != Some(gen) {
+            return None; // a report from an instance we already let go of
+        }
+        match ev {
+            InstanceEvent::Ready { pid, sdk, lockdown } => {
+                r.pid = Some(pid);
+                r.sdk = Some(sdk);
+                self.record_lockdown(&lockdown);
+                self.note(LogLevel::Info, format!("ready (pid {pid})"));
+                Some(Event::Ready)
+            }
+            InstanceEvent::Drained => Some(Event::Drained),
+            InstanceEvent::Exited { reason, state } => {
+                if state.is_some() {
+                    r.handover = state;
+                }
+                r.current = None;
+                r.pid = None;
+                self.shared.set_route(None);
+                let level = if reason.is_failure() { LogLevel::Error } else { LogLevel::Info };
+                self.note(level, format!("instance ended: {reason}"));
+                *self.shared.live.lock().exits.entry(reason.kind()).or_default() += 1;
+                Some(Event::ProcessExited(reason))
+            }
+        }
+    }
+
+    /// Performs what the update's machine decided on a report; a lifecycle event when the
+    /// running version must restart (as if it had ended so), else publishes and says none.
+    async fn perform_swap(
+        &mut self,
+        r: &mut Run,
+        next: Option<swap::Phase>,
+        acts: Vec<Act>,
+        ev: &InstanceEvent,
+        report: &Report,
+    ) -> Option<Event> {
+        let mut u = r.update.take()?;
+        let mut restart = None;
+        for act in acts {
+            match act {
+                Act::SwitchToNew => {
+                    let InstanceEvent::Ready { pid, sdk, lockdown } = ev else { continue };
+                    self.record_lockdown(lockdown);
+                    if let Some(calls) = u.new.calls.clone() {
+                        self.shared.set_route(Some(calls));
+                    }
+                    let new = Current {
+                        generation: u.new.generation,
+                        control: u.new.control.clone(),
+                        calls: u.new.calls.take(),
+                    };
+                    if let Some(mut old) = r.current.replace(new) {
+                        old.calls = None;
+                        let _ = old.control.send(Control::Stop).await;
+                        u.retiring = Some(old);
+                    }
+                    r.pid = Some(*pid);
+                    let mut live = self.shared.live.lock();
+                    live.pid = r.pid;
+                    live.sdk = Some(sdk.clone());
+                    if let Some(spec) = &u.spec {
+                        live.version = spec.manifest.version.to_string();
+                    }
+                    live.ready_since = Some(Instant::now());
+                }
+                Act::ReleaseNew => {
+                    let state = match ev {
+                        InstanceEvent::Exited { state, .. } => state.clone(),
+                        _ => None,
+                    };
+                    let _ = u.new.control.send(Control::Release(state)).await;
+                }
+                Act::Succeed => {
+                    if let (Some(spec), Report::Exited(reason)) = (u.spec.take(), report) {
+                        self.note(
+                            LogLevel::Info,
+                            format!(
+                                "updated to {} (old instance: {reason})",
+                                spec.manifest.version
+                            ),
+                        );
+                        *self.shared.calls.write() = spec.manifest.calls.clone();
+                        self.spec = spec;
+                    }
+                    self.shared.live.lock().updating_to = None;
+                    u.answer(Ok(()));
+                }
+                Act::FailKeepOld(why) => {
+                    self.note(
+                        LogLevel::Error,
+                        format!("update failed, still serving the running version: {why}"),
+                    );
+                    self.shared.live.lock().updating_to = None;
+                    u.answer(Err(why));
+                }
+                Act::FailAfterSwitch(why) => {
+                    self.note(
+                        LogLevel::Error,
+                        format!("update failed: {why}; the running version restarts once it has drained"),
+                    );
+                    if let Report::Exited(reason) = report {
+                        *self.shared.live.lock().exits.entry(reason.kind()).or_default() += 1;
+                    }
+                    r.current = None;
+                    r.pid = None;
+                    self.shared.set_route(None);
+                    {
+                        let mut live = self.shared.live.lock();
+                        live.updating_to = None;
+                        live.version = self.spec.manifest.version.to_string();
+                    }
+                    u.answer(Err(why));
+                }
+                Act::RestartOld(reason) => {
+                    if let InstanceEvent::Exited { state: Some(state), .. } = ev {
+                        r.handover = Some(state.clone());
+                    }
+                    restart = Some(reason);
+                }
+            }
+        }
+        if let Some(phase) = next {
+            u.phase = phase;
+            r.update = Some(u);
+        }
+        match restart {
+            // As if the running instance had ended this way: the policy restarts it.
+            Some(reason) => Some(Event::ProcessExited(reason)),
+            None => {
+                self.publish(&r.machine, r.pid, None, r.update.as_ref());
+                None
+            }
+        }
+    }
+
+    /// Runs `event` (and any it leads to) through the lifecycle machine and performs the
+    /// actions; says whether the plugin was handed over to a successor.
+    async fn perform(&mut self, r: &mut Run, event: Event) -> Turn {
+        let mut queue = vec![event];
+        while let Some(event) = queue.pop() {
+            let (next, actions) = transition(&r.machine, event, StdInstant::now(), fastrand::f64());
+            r.machine = next;
+            for action in actions {
+                match action {
+                    Action::Spawn => {
+                        r.generation += 1;
+                        let state = r.handover.take();
+                        match self
+                            .spawn(&self.spec, r.generation, state, false, r.events.clone())
+                            .await
+                        {
+                            Ok(c) => r.current = Some(c),
+                            Err(reason) => {
+                                self.note(LogLevel::Error, format!("start failed: {reason}"));
+                                queue.push(Event::ProcessExited(reason));
+                            }
+                        }
+                    }
+                    Action::Route => {
+                        if let Some(calls) = r.current.as_ref().and_then(|c| c.calls.clone()) {
+                            self.shared.set_route(Some(calls));
+                        }
+                    }
+                    Action::Unroute => {
+                        self.shared.set_route(None);
+                        if let Some(c) = r.current.as_mut() {
+                            c.calls = None;
+                        }
+                    }
+                    Action::GracefulStop => {
+                        if let Some(c) = &r.current {
+                            let _ = c.control.send(Control::Stop).await;
+                        }
+                    }
+                    Action::Kill => {
+                        if let Some(c) = &r.current {
+                            let _ = c.control.send(Control::Kill).await;
+                        }
+                    }
+                    Action::ScheduleRestart(d) => {
+                        self.note(LogLevel::Warn, format!("restarting in {} ms", d.as_millis()));
+                        r.restart_at = Some(Instant::now() + d);
+                    }
+                    Action::CancelRestart => r.restart_at = None,
+                    Action::ReportFailed => {
+                        let rc = &self.spec.manifest.restart;
+                        self.note(
+                            LogLevel::Error,
+                            format!(
+                                "failed: more than {} restarts within {} s; not restarting until started by hand",
+                                rc.max_restarts,
+                                rc.within.as_secs_f64()
+                            ),
+                        );
+                    }
+                    Action::Freeze => {
+                        if let Some(failed) = self.freeze(r).await {
+                            queue.push(failed);
+                        } else {
+                            return Turn::HandedOver;
+                        }
+                    }
+                }
+            }
+        }
+        Turn::Continue
+    }
+
+    /// Hands the current instance over to a successor: None once it belongs to it, else the
+    /// `FreezeFailed` event (the instance is let go of).
+    async fn freeze(&mut self, r: &mut Run) -> Option<Event> {
+        let reply = r.freeze_reply.take()?;
+        let Some(c) = r.current.as_ref() else {
+            let _ = reply.send(Err("no instance runs".into()));
+            let detail = "handover failed: no instance runs".to_string();
+            return Some(Event::FreezeFailed(ExitReason::SpawnFailed { detail }));
+        };
+        // Calls refused from now on say why: in-flight calls are finishing.
+        self.publish(&r.machine, r.pid, None, r.update.as_ref());
+        let (tx, rx) = oneshot::channel();
+        let _ = c.control.send(Control::Freeze(tx)).await;
+        let why = match rx.await {
+            Ok(Ok(instance)) => {
+                let sandbox = self.shared.live.lock().sandbox.clone();
+                let restarts = r.machine.restarts;
+                let _ = reply.send(Ok(FrozenPlugin { instance, restarts, sandbox }));
+                return None;
+            }
+            Ok(Err(e)) => e,
+            Err(_) => "the instance ended".into(),
+        };
+        let _ = reply.send(Err(why.clone()));
+        r.current = None;
+        r.pid = None;
+        let detail = format!("handover failed: {why}");
+        Some(Event::FreezeFailed(ExitReason::SpawnFailed { detail }))
     }
 
     fn instance_config(
