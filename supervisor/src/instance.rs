@@ -19,8 +19,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use plugin_proto::{
-    negotiate, ErrorCode, LogLevel, Message, Payload, Side, Welcome, MAGIC, PLUGD_LOG,
-    PROTO_HOST_CALLS, PROTO_MAX, PROTO_MIN,
+    ErrorCode, LogLevel, Message, Payload, Side, Welcome, PLUGD_LOG, PROTO_HOST_CALLS,
 };
 use std::os::unix::net::UnixStream;
 use tokio::io::unix::AsyncFd;
@@ -29,6 +28,7 @@ use tokio::time::{sleep_until, Instant};
 
 use crate::conn::{Conn, Inbound};
 use crate::exit::ExitReason;
+use crate::handshake::{self, Outcome, LOCKDOWN_NOTIFY};
 use crate::logs::{capture, LogRing, LogSource, Markers};
 use crate::manifest::{Limits, Timeouts};
 use crate::sandbox::seccomp::syscall_name;
@@ -86,9 +86,6 @@ pub(crate) struct InstanceConfig {
     pub ring: LogRing,
     pub limits: Limits,
 }
-
-/// The Notify method an SDK uses to say which layers it applied to itself.
-pub(crate) const LOCKDOWN_NOTIFY: &str = "plugd.lockdown";
 
 /// Why the serving loop ended early with a kill.
 enum Fault {
@@ -558,65 +555,37 @@ impl Instance {
         }
     }
 
-    /// Hello → Welcome → Ready. Returns the plugin's SDK string, or why it ended.
+    /// Hello → Welcome → Ready, by the rules of [`crate::handshake`]. Returns the plugin's
+    /// SDK string, or why it ended.
     async fn handshake(
         &mut self,
         control: &mut mpsc::Receiver<Control>,
     ) -> Result<String, ExitReason> {
         let until = Instant::now() + self.cfg.timeouts.start;
-        let mut sdk: Option<String> = None;
+        let mut phase = handshake::Phase::AwaitHello;
         loop {
-            let wake = match self.wait_frame(until, control).await {
-                Ok(w) => w,
-                // A first frame that is not a Hello gets a Reject saying so (a plugin written
-                // from the spec learns why), then the kill if it does not exit.
-                Err(detail) if sdk.is_none() => {
-                    let detail = format!(
-                        "the first frame is not a valid Hello ({detail}); its magic is the u32 varint fc 50 4c 47 44, see PROTOCOL.md section 4"
-                    );
-                    return Err(self.reject(ExitReason::ProtocolViolation { detail }).await);
+            let outcome = match self.wait_frame(until, control).await {
+                Ok(Wake::Frame(msg)) => {
+                    let (next, outcome) = handshake::step(&phase, msg, &self.cfg.name);
+                    phase = next;
+                    outcome
                 }
-                Err(detail) => {
-                    return Err(self.kill(ExitReason::ProtocolViolation { detail }).await)
-                }
-            };
-            let msg = match wake {
-                Wake::Frame(m) => m,
-                Wake::Exited(status) => return Err(self.exit_reason(status)),
-                Wake::Timeout => {
+                Err(detail) => handshake::bad_frame(&phase, detail),
+                Ok(Wake::Exited(status)) => return Err(self.exit_reason(status)),
+                Ok(Wake::Timeout) => {
                     let reason = ExitReason::startup_timeout(self.cfg.timeouts.start);
                     return Err(self.kill(reason).await);
                 }
-                Wake::Killed => {
+                Ok(Wake::Killed) => {
                     self.stop = stop::Phase::Killed;
                     return Err(self.kill(ExitReason::Stopped { forced: true }).await);
                 }
             };
-            match msg {
-                Message::Hello(h) if sdk.is_none() => {
-                    if h.magic != MAGIC {
-                        let detail = format!(
-                            "bad magic {:#010x} in Hello (expected {MAGIC:#010x}); this is not a plugd plugin",
-                            h.magic
-                        );
-                        return Err(self.reject(ExitReason::VersionMismatch { detail }).await);
-                    }
-                    let Some(proto) = negotiate((PROTO_MIN, PROTO_MAX), (h.proto_min, h.proto_max))
-                    else {
-                        let detail = format!(
-                            "plugin speaks protocol {}..={}, this supervisor speaks {PROTO_MIN}..={PROTO_MAX}; rebuild the plugin with a matching plugin-runner",
-                            h.proto_min, h.proto_max
-                        );
-                        return Err(self.reject(ExitReason::VersionMismatch { detail }).await);
-                    };
-                    if h.name != self.cfg.name {
-                        self.log(
-                            LogLevel::Warn,
-                            format!(
-                                "plugin calls itself {:?} in Hello; its manifest says {:?}",
-                                h.name, self.cfg.name
-                            ),
-                        );
+            match outcome {
+                Outcome::Keep(msg) => self.keep(msg),
+                Outcome::Welcome { proto, warning } => {
+                    if let Some(w) = warning {
+                        self.log(LogLevel::Warn, w);
                     }
                     self.conn.set_proto(proto);
                     let welcome = Message::Welcome(Welcome {
@@ -629,9 +598,8 @@ impl Instance {
                     });
                     // A failed write means the plugin is exiting; its exit status will say why.
                     let _ = self.queue(&welcome);
-                    sdk = Some(h.sdk);
                 }
-                Message::Ready if sdk.is_some() => {
+                Outcome::Ready(sdk) => {
                     // The previous instance's state, before any call can be routed here
                     // (PROTOCOL.md 5.7): a restart hands it over as a hot update does.
                     if let Some(blob) = self.cfg.state.take() {
@@ -639,28 +607,27 @@ impl Instance {
                         let _ =
                             self.queue(&Message::Notify { method: STATE_NOTIFY.into(), payload });
                     }
-                    return Ok(sdk.unwrap_or_default());
+                    return Ok(sdk);
                 }
-                // Protocol 2: on_load failed and the plugin says why; it exits next.
-                Message::Reject { reason }
-                    if sdk.is_some() && self.conn.proto() >= PROTO_HOST_CALLS =>
-                {
-                    return Err(self.load_failed(&reason).await);
-                }
-                Message::Notify { method, payload } if method == LOCKDOWN_NOTIFY => {
-                    self.lockdown = payload.decode().unwrap_or_default();
-                }
-                Message::Log { level, message } => {
-                    self.cfg.ring.push(&self.cfg.name, LogSource::Sdk, level, message)
-                }
-                Message::Notify { method, payload } if method == PLUGD_LOG => {
-                    self.log_record(&payload)
-                }
-                other => {
-                    let detail = format!("unexpected {} during the handshake", other.kind());
-                    return Err(self.kill(ExitReason::ProtocolViolation { detail }).await);
-                }
+                Outcome::LoadFailed(reason) => return Err(self.load_failed(&reason).await),
+                Outcome::Reject(reason) => return Err(self.reject(reason).await),
+                Outcome::Kill(reason) => return Err(self.kill(reason).await),
             }
+        }
+    }
+
+    /// Keeps what a frame that needs no answer carries: a log line, a log record with
+    /// fields, the layers the SDK applied to itself.
+    fn keep(&mut self, msg: Message) {
+        match msg {
+            Message::Log { level, message } => {
+                self.cfg.ring.push(&self.cfg.name, LogSource::Sdk, level, message)
+            }
+            Message::Notify { method, payload } if method == LOCKDOWN_NOTIFY => {
+                self.lockdown = payload.decode().unwrap_or_default();
+            }
+            Message::Notify { method, payload } if method == PLUGD_LOG => self.log_record(&payload),
+            _ => {}
         }
     }
 

@@ -31,6 +31,7 @@
 mod calls;
 mod conn;
 pub mod exit;
+mod handshake;
 pub mod host;
 mod instance;
 pub mod lifecycle;
