@@ -260,7 +260,7 @@ fn the_control_socket_shrugs_off_garbage_and_strangers() {
     let as_nobody = |d: &Plugd| {
         let mut cmd = Command::new(&plugctl);
         cmd.arg("--socket").arg(&d.socket).arg("status").uid(65534).gid(65534);
-        cmd.output().unwrap()
+        kit::retry_busy(|| cmd.output()).unwrap()
     };
     // The socket's folders must be traversable for the stranger to reach the socket at all.
     for dir in [d.root.path(), &d.root.path().join("run")] {

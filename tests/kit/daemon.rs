@@ -150,17 +150,7 @@ impl Plugd {
             cmd.env(k, v);
         }
         // A binary copied a moment ago can be briefly "busy" while another test thread forks.
-        let mut child = cmd.spawn();
-        for _ in 0..50 {
-            match &child {
-                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
-                    std::thread::sleep(Duration::from_millis(20));
-                    child = cmd.spawn();
-                }
-                _ => break,
-            }
-        }
-        let child = child.unwrap();
+        let child = super::retry_busy(|| cmd.spawn()).unwrap();
         let p = Plugd { child, socket, root };
         eventually("plugd answers", || p.ctl(&["status"]).status.code() == Some(0));
         p

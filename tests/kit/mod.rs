@@ -88,3 +88,21 @@ pub fn jail_members(pid: u32) -> Vec<u32> {
         .filter(|p| alive(p))
         .collect()
 }
+
+/// Runs `start` (a spawn or `output` of a binary copied a moment ago) again while it fails
+/// with ETXTBSY: the copy's write descriptor lives on, for an instant, in a child another
+/// test thread is forking (the descriptor is close-on-exec, but not closed before exec).
+#[allow(dead_code)]
+pub fn retry_busy<T>(mut start: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    let mut result = start();
+    for _ in 0..50 {
+        match &result {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(Duration::from_millis(20));
+                result = start();
+            }
+            _ => break,
+        }
+    }
+    result
+}
