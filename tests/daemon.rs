@@ -1669,3 +1669,36 @@ fn concurrent_reloads_updates_and_restarts_leave_one_consistent_plugin_list() {
     let out = d.ctl(&["call", "echo", "echo", "7"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "7");
 }
+
+#[test]
+fn a_plugin_json_folder_is_served_shown_as_written_and_a_folder_without_a_manifest_reported() {
+    let d = Plugd::start(|plugins| {
+        // A home console's plugin.json: an id, a name for people, its own keys.
+        let dir = plugins.join("greeter");
+        std::fs::create_dir_all(&dir).unwrap();
+        let manifest = serde_json::json!({
+            "id": "greeter", "name": "Greeter Deluxe", "version": "1.2.0", "type": "internal",
+            "runtime": "native", "entrypoint": bin_dir().join("echo").display().to_string(),
+            "homepage": "https://example.invalid/greeter"
+        });
+        std::fs::write(dir.join("plugin.json"), manifest.to_string()).unwrap();
+        // A folder that is no plugin at all.
+        std::fs::create_dir_all(plugins.join("notes")).unwrap();
+    });
+    eventually("the plugin.json plugin is ready", || d.all_ready(&["greeter"]));
+    let back = d.json(&["call", "greeter", "echo", "\"hi\""]);
+    assert_eq!(back, serde_json::json!("hi"));
+    let show = d.ctl(&["show", "greeter"]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(show.status.success(), "{}", String::from_utf8_lossy(&show.stderr));
+    assert!(text.contains("display_name: Greeter Deluxe"), "{text}");
+    assert!(text.contains("homepage: https://example.invalid/greeter"), "{text}");
+    assert!(text.contains("type: internal"), "a type plugd has no kind for is kept: {text}");
+    // The folder with no manifest is reported, naming it, on a reload.
+    let out = d.ctl(&["reload"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("notes") && said.contains("no plugin.toml, plugin.yaml or plugin.json"),
+        "{said}"
+    );
+}

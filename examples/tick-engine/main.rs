@@ -81,6 +81,8 @@ fn plugins(dir: &Path) -> Result<(Vec<PluginSpec>, PluginSpec)> {
     let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
     paths.sort();
     for path in paths {
+        // plugin.toml strategies only: the engine sends bincode Ticks to `on_tick_order`,
+        // and a class brought with its plugin.yaml (py-hedge) takes `on_tick(ctx)` in JSON.
         if !path.join("plugin.toml").is_file() {
             continue;
         }

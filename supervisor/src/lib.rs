@@ -31,6 +31,7 @@
 mod calls;
 mod conn;
 pub mod exit;
+pub mod foreign;
 mod handshake;
 pub mod host;
 mod instance;

@@ -104,6 +104,43 @@ pub enum Entrypoint {
     Command(Vec<String>),
     /// A Python script relative to the plugin folder, run by the plugin's own virtualenv.
     Script(PathBuf),
+    /// A Python class (`plugin:HedgeV2`, `plugin.HedgeV2`): the SDK's launcher imports
+    /// `module` from the plugin folder, instantiates `class` and serves its methods.
+    PyClass {
+        /// The module, dotted, importable from the plugin folder.
+        module: String,
+        /// The class in it.
+        class: String,
+    },
+}
+
+impl Entrypoint {
+    /// Whether the plugin's own virtualenv runs it (a script or a class).
+    pub fn is_python(&self) -> bool {
+        matches!(self, Entrypoint::Script(_) | Entrypoint::PyClass { .. })
+    }
+}
+
+/// `plugin:HedgeV2` or `plugin.HedgeV2` (a dotted path whose last part starts with a capital)
+/// as a module and a class, if it is one.
+fn python_class(text: &str) -> Option<(String, String)> {
+    let (module, class) = match text.split_once(':') {
+        Some((m, c)) => (m, c),
+        None if !text.ends_with(".py") => {
+            let (m, c) = text.rsplit_once('.')?;
+            if !c.starts_with(|ch: char| ch.is_ascii_uppercase()) {
+                return None;
+            }
+            (m, c)
+        }
+        None => return None,
+    };
+    let ident = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with(|c: char| c.is_ascii_digit())
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    (module.split('.').all(ident) && ident(class)).then(|| (module.to_string(), class.to_string()))
 }
 
 /// What runs the plugin's entrypoint.
@@ -411,6 +448,11 @@ pub struct Manifest {
     /// `[calls] allow`: which methods of other plugins this one may call through the host
     /// (`plugd.call`); nothing by default.
     pub calls: Vec<CallRule>,
+    /// The name as a plugin.yaml/plugin.json wrote it, when that is not the plugd name
+    /// (`HedgeV2` for `hedgev2`): shown beside it.
+    pub display_name: Option<String>,
+    /// Keys of a plugin.yaml/plugin.json plugd has no use for, kept as written.
+    pub extra: BTreeMap<String, serde_json::Value>,
 }
 
 /// One entry of `[calls] allow`: `"plugin.method"`, or `"plugin.*"` for all its methods.
@@ -664,17 +706,46 @@ impl Manifest {
         file: &Path,
         defaults: &toml::Table,
     ) -> Result<Manifest, ManifestError> {
+        let toml_file = file.extension().is_none_or(|e| e == "toml");
+        if !toml_file {
+            // plugin.yaml / plugin.json: their keys mapped onto plugin.toml's.
+            let (table, foreign) = crate::foreign::translate(text, file)?;
+            let raw = RawManifest::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
+                ManifestError::Parse {
+                    file: file.into(),
+                    message: e.to_string().trim_end().to_string(),
+                }
+            })?;
+            let mut m = Self::from_raw(raw, Some(table), file, defaults)?;
+            m.display_name = foreign.display_name;
+            m.extra = foreign.extra;
+            return Ok(m);
+        }
         // Parse the file alone first, so its own mistakes are reported with line and column.
-        let mut raw: RawManifest = toml::from_str(text).map_err(|e| ManifestError::Parse {
+        let raw: RawManifest = toml::from_str(text).map_err(|e| ManifestError::Parse {
             file: file.into(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        if !defaults.is_empty() {
-            let mut table: toml::Table =
-                toml::from_str(text).map_err(|e| ManifestError::Parse {
-                    file: file.into(),
-                    message: e.to_string().trim_end().to_string(),
-                })?;
+        let table = if defaults.is_empty() {
+            None
+        } else {
+            Some(toml::from_str(text).map_err(|e: toml::de::Error| ManifestError::Parse {
+                file: file.into(),
+                message: e.to_string().trim_end().to_string(),
+            })?)
+        };
+        Self::from_raw(raw, table, file, defaults)
+    }
+
+    /// Validates a parsed manifest; `table` (the same, as a table) is needed only to apply
+    /// `defaults`.
+    fn from_raw(
+        mut raw: RawManifest,
+        table: Option<toml::Table>,
+        file: &Path,
+        defaults: &toml::Table,
+    ) -> Result<Manifest, ManifestError> {
+        if let (false, Some(mut table)) = (defaults.is_empty(), table) {
             for (section, value) in defaults {
                 let (Some(ours), toml::Value::Table(theirs)) = (
                     table
@@ -732,6 +803,9 @@ impl Manifest {
         let runtime = match raw.runtime.as_deref() {
             None => match &raw.entrypoint {
                 toml::Value::String(s) if s.ends_with(".py") => Runtime::Python,
+                toml::Value::String(s) if s.contains(':') && python_class(s).is_some() => {
+                    Runtime::Python
+                }
                 _ => Runtime::Native,
             },
             Some("native") => Runtime::Native,
@@ -765,6 +839,10 @@ impl Manifest {
         let entrypoint = match raw.entrypoint {
             toml::Value::String(s) if s.trim().is_empty() => {
                 return Err(c.bad("entrypoint", "is empty; give a path such as \"bin/my-plugin\""))
+            }
+            toml::Value::String(s) if runtime == Runtime::Python && python_class(&s).is_some() => {
+                let (module, class) = python_class(&s).unwrap_or_default();
+                Entrypoint::PyClass { module, class }
             }
             toml::Value::String(s) if runtime == Runtime::Python => {
                 if Path::new(&s).is_absolute() || s.split('/').any(|part| part == "..") {
@@ -1026,8 +1104,22 @@ impl Manifest {
             sandbox,
             env: raw.env,
             config,
+            display_name: None,
+            extra: BTreeMap::new(),
         })
     }
+}
+
+/// The module `module` as importable from the plugin folder `dir`: as written, or with
+/// leading parts dropped where a manifest wrote it from a package root above the folder
+/// (`plugins.client_manager.plugin` in `plugins/client_manager/` is `plugin`).
+fn resolve_module(dir: &Path, module: &str) -> Option<String> {
+    let parts: Vec<&str> = module.split('.').collect();
+    (0..parts.len()).map(|k| &parts[k..]).find_map(|rest| {
+        let path = dir.join(rest.join("/"));
+        let found = path.with_extension("py").is_file() || path.join("__init__.py").is_file();
+        found.then(|| rest.join("."))
+    })
 }
 
 /// A plugin ready to be loaded: its validated manifest and where it lives.
@@ -1042,7 +1134,8 @@ pub struct PluginSpec {
 }
 
 impl PluginSpec {
-    /// Reads and validates `plugin.toml` (or a folder containing one).
+    /// Reads and validates a manifest file, or the one in a plugin folder (`plugin.toml`,
+    /// `plugin.yaml` or `plugin.json`; two is an error naming both).
     pub fn from_manifest(path: impl AsRef<Path>) -> Result<PluginSpec, ManifestError> {
         Self::from_manifest_with_defaults(path, &toml::Table::new())
     }
@@ -1054,14 +1147,31 @@ impl PluginSpec {
     ) -> Result<PluginSpec, ManifestError> {
         let mut path = path.as_ref().to_path_buf();
         if path.is_dir() {
-            path.push("plugin.toml");
+            path = crate::foreign::manifest_path(&path)?;
         }
         let text = std::fs::read_to_string(&path)
             .map_err(|source| ManifestError::Read { file: path.clone(), source })?;
         let manifest = Manifest::parse_with_defaults(&text, &path, defaults)?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
         let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
-        let spec = PluginSpec { manifest, dir, manifest_path: path };
+        let mut spec = PluginSpec { manifest, dir, manifest_path: path };
+        if let Entrypoint::PyClass { module, .. } = &mut spec.manifest.entrypoint {
+            match resolve_module(&spec.dir, module) {
+                Some(found) => *module = found,
+                None => {
+                    return Err(ManifestError::Invalid {
+                        file: spec.manifest_path.clone(),
+                        key: "entrypoint".into(),
+                        problem: format!(
+                            "names module {module:?}, but {} has no {}.py (nor {}/__init__.py); fix the module path (relative to the plugin folder)",
+                            spec.dir.display(),
+                            module.replace('.', "/"),
+                            module.replace('.', "/"),
+                        ),
+                    })
+                }
+            }
+        }
         let problem = match &spec.manifest.entrypoint {
             Entrypoint::Path(p) => check_executable(&spec.dir.join(p)).err(),
             Entrypoint::Script(p) if !spec.dir.join(p).is_file() => Some(format!(

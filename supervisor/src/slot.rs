@@ -618,9 +618,7 @@ impl Slot {
         hold: bool,
         events: mpsc::UnboundedSender<(u64, InstanceEvent)>,
     ) -> Result<Current, ExitReason> {
-        if let (crate::manifest::Entrypoint::Script(_), Some(prepare)) =
-            (&spec.manifest.entrypoint, &self.prepare)
-        {
+        if let (true, Some(prepare)) = (spec.manifest.entrypoint.is_python(), &self.prepare) {
             // pip can take minutes: never on a runtime thread. A reused venv costs one read.
             let (s, root, host, prepare) =
                 (spec.clone(), self.state_root.clone(), self.host.clone(), prepare.clone());

@@ -108,10 +108,17 @@ impl SpawnPlan {
             }
         }
         let mut extra_read = Vec::new();
-        if let Entrypoint::Script(_) = &m.entrypoint {
+        if m.entrypoint.is_python() {
             // Built beforehand by `python::prepare` (the slot does it on a blocking thread).
             let env = crate::python::current(spec, state_root)?;
-            args = vec![program.display().to_string()];
+            args = match &m.entrypoint {
+                // The SDK's launcher imports the class from the plugin folder (the working
+                // directory, first on `sys.path` with `-m`) and serves it.
+                Entrypoint::PyClass { module, class } => {
+                    vec!["-m".into(), "plugd_plugin.launch".into(), format!("{module}:{class}")]
+                }
+                _ => vec![program.display().to_string()],
+            };
             program = env.python;
             extra_read = env.read_paths;
         }
@@ -162,7 +169,7 @@ impl SpawnPlan {
         env.push(("PLUGD_PLUGIN_NAME".into(), m.name.clone()));
         env.push(("PLUGD_PLUGIN_VERSION".into(), m.version.to_string()));
         env.push(("PLUGD_STATE_DIR".into(), state_dir.display().to_string()));
-        if let Entrypoint::Script(_) = &m.entrypoint {
+        if m.entrypoint.is_python() {
             // Output reaches the log line by line; the plugin folder is read-only anyway.
             env.push(("PYTHONUNBUFFERED".into(), "1".into()));
             env.push(("PYTHONDONTWRITEBYTECODE".into(), "1".into()));
@@ -211,6 +218,13 @@ pub fn entrypoint_program(
             (full, Vec::new())
         }
         Entrypoint::Command(argv) => (PathBuf::from(&argv[0]), argv[1..].to_vec()),
+        // The module's file (what `entrypoint_sha256` pins); `SpawnPlan::for_spec` runs the
+        // SDK's launcher with the venv python.
+        Entrypoint::PyClass { module, .. } => {
+            let path = spec.dir.join(module.replace('.', "/"));
+            let file = path.with_extension("py");
+            (if file.is_file() { file } else { path.join("__init__.py") }, Vec::new())
+        }
         // The script itself; `SpawnPlan::for_spec` runs it with the plugin's venv python.
         Entrypoint::Script(p) => {
             let full = spec.dir.join(p);

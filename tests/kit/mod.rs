@@ -21,8 +21,13 @@ pub fn supervisor() -> Supervisor {
 
 /// The bundled example plugin folder `name`.
 pub fn example(name: &str) -> PluginSpec {
-    PluginSpec::from_manifest(Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins").join(name))
-        .unwrap()
+    PluginSpec::from_manifest(example_dir(name)).unwrap()
+}
+
+/// The folder of the bundled example plugin `name`.
+#[allow(dead_code)]
+pub fn example_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins").join(name)
 }
 
 /// A plugin folder in a temp dir with this manifest (entrypoint is set to the example binary `bin`).

@@ -373,6 +373,12 @@ pub struct StatusEntry {
     pub enabled: bool,
     /// Its manifest file.
     pub manifest: String,
+    /// The name as its plugin.yaml/plugin.json wrote it, where that differs (`HedgeV2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    /// Keys of its plugin.yaml/plugin.json plugd keeps but has no use for.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub manifest_extra: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// A call-latency histogram as `status` shows it.

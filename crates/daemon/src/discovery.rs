@@ -1,7 +1,8 @@
 //! Finding plugins in folders and checking them as a set before anything starts.
 //!
-//! Each subfolder of a plugin directory that holds a `plugin.toml` is a
-//! plugin. The set is checked as a whole — duplicate names, `requires` that
+//! Each subfolder of a plugin directory that holds a manifest (`plugin.toml`,
+//! `plugin.yaml` or `plugin.json`) is a plugin; a subfolder with none is reported.
+//! The set is checked as a whole — duplicate names, `requires` that
 //! are missing or not satisfied by the version present, dependency cycles —
 //! and every problem goes into one report. What remains valid is returned in
 //! dependency order (a plugin after everything it requires); stopping goes in
@@ -11,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use crate::manifest::PluginSpec;
+use supervisor::foreign::has_manifest;
 
 /// The outcome of scanning plugin directories.
 #[derive(Debug, Default)]
@@ -38,18 +40,26 @@ pub fn discover(dirs: &[PathBuf], defaults: &toml::Table) -> Discovery {
             }
         };
         // A plugin folder, or an installed plugin: `<name>/current` → the active version.
-        let mut folders: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter_map(|p| {
-                if p.join("plugin.toml").is_file() {
-                    Some(p)
-                } else if p.join("current/plugin.toml").is_file() {
-                    Some(p.join("current"))
-                } else {
-                    None
-                }
-            })
-            .collect();
+        // A folder holds plugin.toml, plugin.yaml or plugin.json (two of them is a problem
+        // `from_manifest` names); one with none is reported, never skipped in silence.
+        let mut folders: Vec<PathBuf> = Vec::new();
+        for p in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+            let hidden = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+            if !p.is_dir() || hidden {
+                continue;
+            }
+            if has_manifest(&p) {
+                folders.push(p);
+            } else if has_manifest(&p.join("current")) {
+                folders.push(p.join("current"));
+            } else {
+                problems.push(format!(
+                    "{}: no plugin.toml, plugin.yaml or plugin.json in this folder of {}; it is not loaded (add a manifest, or move the folder out)",
+                    p.display(),
+                    dir.display()
+                ));
+            }
+        }
         folders.sort();
         for folder in folders {
             match PluginSpec::from_manifest_with_defaults(&folder, defaults) {

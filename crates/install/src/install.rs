@@ -28,7 +28,7 @@ pub fn versions(root: &Path, name: &str) -> (Vec<semver::Version>, Option<semver
         .into_iter()
         .flatten()
         .filter_map(|e| e.ok())
-        .filter(|e| e.path().join("plugin.toml").is_file() && e.file_name() != "current")
+        .filter(|e| supervisor::foreign::has_manifest(&e.path()) && e.file_name() != "current")
         .filter_map(|e| semver::Version::parse(&e.file_name().to_string_lossy()).ok())
         .collect();
     out.sort();
@@ -644,18 +644,22 @@ pub fn unpack_zip(archive: &Path, into: &Path) -> Result<(), String> {
 
 /// The plugin folder inside an unpacked archive or a clone: the top, or its single subfolder.
 pub fn plugin_folder(top: &Path) -> Result<PathBuf, String> {
-    if top.join("plugin.toml").is_file() {
+    use supervisor::foreign::has_manifest;
+    if has_manifest(top) {
         return Ok(top.to_path_buf());
     }
     let subs: Vec<PathBuf> = std::fs::read_dir(top)
         .map_err(|e| e.to_string())?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("plugin.toml").is_file())
+        .filter(|p| has_manifest(p))
         .collect();
     match subs.as_slice() {
         [one] => Ok(one.clone()),
-        [] => Err("no plugin.toml at the top or in a single subfolder".into()),
-        _ => Err("several subfolders hold a plugin.toml; install one folder at a time".into()),
+        [] => {
+            Err("no plugin.toml, plugin.yaml or plugin.json at the top or in a single subfolder"
+                .into())
+        }
+        _ => Err("several subfolders hold a manifest; install one folder at a time".into()),
     }
 }
 

@@ -47,6 +47,11 @@ pub const SDK_FILES: &[(&str, &str)] = &[
         include_str!("../../../plugin-runner/python/plugd_plugin/lockdown.py"),
     ),
     ("plugd_plugin/py.typed", include_str!("../../../plugin-runner/python/plugd_plugin/py.typed")),
+    ("plugd_plugin/kinds.py", include_str!("../../../plugin-runner/python/plugd_plugin/kinds.py")),
+    (
+        "plugd_plugin/launch.py",
+        include_str!("../../../plugin-runner/python/plugd_plugin/launch.py"),
+    ),
 ];
 
 /// The venv's build output (what was run and what it printed).

@@ -31,6 +31,12 @@ enum Cmd {
         /// Only this plugin.
         name: Option<String>,
     },
+    /// Show one plugin in full: its status, the name its manifest wrote (`HedgeV2`), and
+    /// the keys of a plugin.yaml/plugin.json plugd keeps but has no use for.
+    Show {
+        /// The plugin.
+        name: String,
+    },
     /// Start a plugin.
     Start {
         /// The plugin.
@@ -223,6 +229,27 @@ fn uptime(ms: Option<u64>) -> String {
     }
 }
 
+/// `plugctl show`: every field of each status entry, one per line (maps indented).
+fn print_detail(rows: &serde_json::Value) {
+    for row in rows.as_array().cloned().unwrap_or_default() {
+        for (key, value) in row.as_object().cloned().unwrap_or_default() {
+            match value {
+                serde_json::Value::Object(map) if !map.is_empty() => {
+                    println!("{key}:");
+                    for (k, v) in map {
+                        println!("  {k}: {}", cell(&v));
+                    }
+                }
+                serde_json::Value::Array(items) => {
+                    let items: Vec<String> = items.iter().map(cell).collect();
+                    println!("{key}: {}", items.join(", "));
+                }
+                other => println!("{key}: {}", cell(&other)),
+            }
+        }
+    }
+}
+
 fn print_table(rows: &serde_json::Value) {
     let rows: Vec<StatusEntry> = serde_json::from_value(rows.clone())
         .or_else(|_| serde_json::from_value(rows.clone()).map(|one| vec![one]))
@@ -375,6 +402,7 @@ fn main() -> ExitCode {
     let socket = args.socket.clone().unwrap_or_else(plugd_daemon::config::default_socket);
     let follow = matches!(args.cmd, Cmd::Logs { follow: true, .. });
     let utc = matches!(args.cmd, Cmd::Logs { utc: true, .. });
+    let detail = matches!(&args.cmd, Cmd::Show { .. });
     let req = match args.cmd {
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Args::command(), "plugctl", &mut std::io::stdout());
@@ -399,6 +427,7 @@ fn main() -> ExitCode {
             };
         }
         Cmd::Status { name } => Request::Status { name },
+        Cmd::Show { name } => Request::Status { name: Some(name) },
         Cmd::Start { name } => Request::Start { name },
         Cmd::Stop { name } => Request::Stop { name },
         Cmd::Restart { name } => Request::Restart { name },
@@ -560,6 +589,7 @@ fn main() -> ExitCode {
         {
             println!("{}", cell(&data))
         }
+        Request::Status { .. } if detail => print_detail(&data),
         Request::Status { .. }
         | Request::Update { .. }
         | Request::Install { .. }

@@ -67,7 +67,8 @@ from .wire import CODEC_BINCODE, CODEC_JSON, CallError, ErrorCode, LogLevel, Pay
 
 __all__ = ["Plugin", "PluginError", "ServeError", "NotSupervised", "Rejected", "LoadFailed",
            "ProtocolFailure", "ErrorCode", "Host", "HostCallError", "method", "serve", "schema",
-           "wire", "SDK"]
+           "wire", "SDK", "Context", "StrategyPlugin", "SignalPlugin", "AdapterPlugin",
+           "EnginePlugin", "UtilityPlugin"]
 
 SDK = "plugd-plugin-py/0.2.0"
 
@@ -162,7 +163,9 @@ class Plugin:
     host: Host
 
     def on_load(self, config: dict[str, Any]) -> None:
-        """Called once before the first call with the manifest's ``[config]`` table (a dict)."""
+        """Called once before the first call with the manifest's ``[config]`` table (a dict).
+        Raise :class:`PluginError` to fail the start with its message as the reason plugd
+        shows; any other exception fails it too, named with its type."""
 
     def on_start(self) -> None:
         """Called after ``on_load`` (and ``restore_state``), before the plugin is Ready: start
@@ -432,7 +435,12 @@ class _Connection:
         timer = None
         if deadline is not None:
             at = loop.time() + max(0.0, deadline - time.monotonic())
-            timer = loop.call_at(at, lambda: waiter.done() or waiter.set_exception(_TimedOut()))
+
+            def expire() -> None:
+                if not waiter.done():
+                    waiter.set_exception(_TimedOut())
+
+            timer = loop.call_at(at, expire)
         try:
             reply = await waiter
         except _TimedOut:
@@ -690,6 +698,9 @@ async def _start(conn: _Connection, plugin: Plugin, welcome: wire.Welcome) -> No
         if welcome.state is not None:
             await _hook(plugin, "restore_state", welcome.state)
         await _hook(plugin, "on_start")
+    except PluginError as e:
+        # Raised on purpose: its words are the reason, as they are.
+        raise refuse(str(e)) from None
     except Exception as e:
         _log.error("on_load failed:\n%s", traceback.format_exc().rstrip())
         raise refuse("on_load failed: %s: %s" % (type(e).__name__, e)) from None
@@ -910,3 +921,8 @@ class _AsyncServer:
         finally:
             if self.done is not None and not self.done.done():
                 self.done.set_result(None)
+
+
+# The kind bases (they build on Plugin and Host, defined above).
+from .kinds import (AdapterPlugin, Context, EnginePlugin, SignalPlugin,  # noqa: E402
+                    StrategyPlugin, UtilityPlugin)

@@ -213,7 +213,8 @@ impl Daemon {
         }
         let (_, defaults) = self.dirs_and_defaults();
         // Everything but the entrypoint is checked on the source: a [build] may produce it.
-        let manifest_path = source.join("plugin.toml");
+        let manifest_path =
+            supervisor::foreign::manifest_path(&source).map_err(|e| e.to_string())?;
         let text = std::fs::read_to_string(&manifest_path)
             .map_err(|e| format!("cannot read {}: {e}", manifest_path.display()))?;
         let manifest =
@@ -340,9 +341,7 @@ impl Daemon {
             )));
         }
         if dry_run {
-            return self
-                .update_from(name, &root.join(name).join(version).join("plugin.toml"), force, true)
-                .await;
+            return self.update_from(name, &root.join(name).join(version), force, true).await;
         }
         let (_, plan) = {
             let defaults = lock(&self.config).defaults.clone();
@@ -421,7 +420,8 @@ impl Daemon {
     /// `[defaults]`) and its entrypoint. A summary, or what is wrong.
     pub fn validate_folder(&self, folder: &Path) -> Result<serde_json::Value, String> {
         let (_, defaults) = self.dirs_and_defaults();
-        let manifest_path = folder.join("plugin.toml");
+        let manifest_path =
+            supervisor::foreign::manifest_path(folder).map_err(|e| e.to_string())?;
         let text = std::fs::read_to_string(&manifest_path)
             .map_err(|e| format!("cannot read {}: {e}", manifest_path.display()))?;
         let m = crate::manifest::Manifest::parse_with_defaults(&text, &manifest_path, &defaults)

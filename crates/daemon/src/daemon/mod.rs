@@ -457,7 +457,9 @@ impl Daemon {
         for (name, spec) in known {
             let enabled = !lock(&self.disabled).contains(&name);
             let manifest = spec.manifest_path.display().to_string();
-            let entry = match self.sup.get(&name) {
+            let display_name = spec.manifest.display_name.clone();
+            let manifest_extra = spec.manifest.extra.clone();
+            let mut entry = match self.sup.get(&name) {
                 Some(h) => {
                     let st = h.status();
                     StatusEntry {
@@ -485,6 +487,7 @@ impl Daemon {
                         log_lines_dropped: st.log_lines_dropped,
                         enabled,
                         manifest,
+                        ..StatusEntry::default()
                     }
                 }
                 None => {
@@ -506,6 +509,8 @@ impl Daemon {
                     }
                 }
             };
+            entry.display_name = display_name;
+            entry.manifest_extra = manifest_extra;
             out.push(entry);
         }
         match only {

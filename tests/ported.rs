@@ -1,0 +1,123 @@
+//! End to end: plugins brought as their users wrote them — a plugin.yaml naming a
+//! `StrategyPlugin` class, a plugin.json naming a plain class by `class_path` — reach their
+//! first call with no plugd-specific file; a class that cannot be imported says why; a
+//! folder with two manifests is refused, naming both.
+
+mod kit;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kit::*;
+use serde_json::json;
+use supervisor::{Deadline, HostCall, Payload, PluginSpec};
+
+fn python_supervisor(state: &tempfile::TempDir) -> supervisor::Supervisor {
+    supervisor::Supervisor::new(supervisor::SupervisorConfig {
+        bin_dirs: vec![bin_dir()],
+        state_dir: state.path().to_path_buf(),
+        prepare: Some(Arc::new(plugd_install::python::Venvs)),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+async fn call(
+    h: &supervisor::PluginHandle,
+    method: &str,
+    arg: serde_json::Value,
+) -> serde_json::Value {
+    let deadline = Deadline::after(Duration::from_secs(10));
+    match h.call_raw(method, Payload::json(&arg).unwrap(), deadline).await {
+        Ok(p) => p.decode().unwrap(),
+        Err(e) => panic!("{method}: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_yaml_strategy_class_runs_as_it_was_written() {
+    let state = tempfile::tempdir().unwrap();
+    let sup = python_supervisor(&state);
+    sup.host_method(
+        "send_order",
+        |c: &HostCall<'_>, order: serde_json::Value| -> Result<_, String> {
+            Ok(json!({"filled": order["qty"], "side": order["side"], "for": c.plugin}))
+        },
+    );
+    let spec = PluginSpec::from_manifest(example_dir("py-hedge")).unwrap();
+    assert_eq!(spec.name(), "hedgev2", "a name with capitals is lowercased for the CLI");
+    assert_eq!(spec.manifest.display_name.as_deref(), Some("HedgeV2"));
+    assert_eq!(spec.manifest.kind, supervisor::PluginKind::Strategy);
+    assert_eq!(spec.manifest.extra["author"], json!("the desk"), "unknown keys are kept");
+    let hedge = sup.load(spec).await.unwrap();
+    // on_tick(ctx): the tick as ctx.tick, the order through ctx.send_order to the host.
+    let done = call(&hedge, "on_tick", json!({"exposure": 2.0})).await;
+    assert_eq!(
+        done,
+        json!({"hedge": 1.0, "fill": {"filled": 1.0, "side": "Sell", "for": "hedgev2"}})
+    );
+    assert_eq!(call(&hedge, "on_tick", json!({"exposure": 0.0})).await, json!({"hedge": 0}));
+    // A method with no argument, and the async on_load(self) with no config ran.
+    let pos = call(&hedge, "position", json!(null)).await;
+    assert_eq!(pos, json!({"exposure": 2.0, "hedged": 1.0, "loaded": true}));
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_json_class_path_and_an_unimportable_class() {
+    let state = tempfile::tempdir().unwrap();
+    let sup = python_supervisor(&state);
+    let dir = tempfile::tempdir().unwrap();
+    // A runtime's plugin: class_path from a package root above the folder, a plain class
+    // (no plugd base), async hooks, a config-taking __init__.
+    let folder = dir.path().join("plugins/client_manager");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(
+        folder.join("plugin.json"),
+        r#"{"class_path": "plugins.client_manager.plugin.ClientManagerPlugin",
+            "name": "client_manager", "version": "1.0.0",
+            "description": "Client Manager", "dependencies": [],
+            "config": {"greeting": "hello"}, "homepage": "https://example.invalid"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        folder.join("plugin.py"),
+        "class ClientManagerPlugin:\n    def __init__(self, config):\n        self.greeting = config['greeting']\n        self.started = False\n    async def on_load(self):\n        pass\n    async def on_start(self):\n        self.started = True\n    def greet(self, who):\n        return '%s %s (started: %s)' % (self.greeting, who, self.started)\n    def _private(self):\n        return 'hidden'\n",
+    )
+    .unwrap();
+    let spec = PluginSpec::from_manifest(&folder).unwrap();
+    assert_eq!(spec.manifest.extra["homepage"], json!("https://example.invalid"));
+    let cm = sup.load(spec).await.unwrap();
+    assert_eq!(call(&cm, "greet", json!("ann")).await, json!("hello ann (started: True)"));
+    let deadline = Deadline::after(Duration::from_secs(10));
+    let err = cm.call_raw("_private", Payload::json(&json!(null)).unwrap(), deadline).await;
+    assert!(err.is_err_and(|e| e.message.contains("no method")), "private methods are not served");
+
+    // A class whose module imports what is not installed: the load fails, in words.
+    let broken = dir.path().join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(
+        broken.join("plugin.json"),
+        r#"{"name": "broken", "version": "1.0.0", "class_path": "plugin.Broken"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        broken.join("plugin.py"),
+        "import no_such_package_here\nclass Broken:\n    pass\n",
+    )
+    .unwrap();
+    let err = sup.load(PluginSpec::from_manifest(&broken).unwrap()).await.unwrap_err().to_string();
+    assert!(
+        err.contains("load failed: cannot import plugin") && err.contains("no_such_package_here"),
+        "{err}"
+    );
+
+    // Two manifests in one folder: refused, naming both.
+    std::fs::write(folder.join("plugin.toml"), "name = \"x\"\n").unwrap();
+    let err = PluginSpec::from_manifest(&folder).unwrap_err().to_string();
+    assert!(
+        err.contains("plugin.toml") && err.contains("plugin.json") && err.contains("keep one"),
+        "{err}"
+    );
+    sup.shutdown().await;
+}
