@@ -112,6 +112,32 @@ async fn a_plugin_json_class_path_and_an_unimportable_class() {
         "{err}"
     );
 
+    // A script that runs and ends without serve(): told what is missing.
+    let quiet = dir.path().join("quiet");
+    std::fs::create_dir_all(&quiet).unwrap();
+    std::fs::write(
+        quiet.join("plugin.json"),
+        r#"{"name": "quiet", "version": "1.0.0", "entrypoint": "main.py"}"#,
+    )
+    .unwrap();
+    std::fs::write(quiet.join("main.py"), "print('set up, all done')\n").unwrap();
+    let err = sup.load(PluginSpec::from_manifest(&quiet).unwrap()).await.unwrap_err().to_string();
+    assert!(
+        err.contains("status 0 before its Hello") && err.contains("serve(MyPlugin())"),
+        "{err}"
+    );
+    // A Python script named like a binary: told how to name it, not to run cargo.
+    let named = dir.path().join("named");
+    std::fs::create_dir_all(&named).unwrap();
+    std::fs::write(
+        named.join("plugin.toml"),
+        "name = \"named\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"main\"\n",
+    )
+    .unwrap();
+    std::fs::write(named.join("main.py"), "").unwrap();
+    let err = sup.load(PluginSpec::from_manifest(&named).unwrap()).await.unwrap_err().to_string();
+    assert!(err.contains("main.py is here") && !err.contains("cargo"), "{err}");
+
     // Two manifests in one folder: refused, naming both.
     std::fs::write(folder.join("plugin.toml"), "name = \"x\"\n").unwrap();
     let err = PluginSpec::from_manifest(&folder).unwrap_err().to_string();

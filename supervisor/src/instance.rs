@@ -571,6 +571,13 @@ impl Instance {
                     outcome
                 }
                 Err(detail) => handshake::bad_frame(&phase, detail),
+                Ok(Wake::Exited(WaitStatus::Exited(0)))
+                    if phase == handshake::Phase::AwaitHello && self.kill_reason.is_none() =>
+                {
+                    // It ran and ended well, without a word of the protocol: say what is missing.
+                    let detail = "the plugin exited with status 0 before its Hello: it ran but never spoke plugd's protocol; a Python script must end with serve(MyPlugin()) (or name a class as its entrypoint, \"module:Class\"), a Rust plugin must call plugin_runner::serve".to_string();
+                    return Err(ExitReason::ProtocolViolation { detail });
+                }
                 Ok(Wake::Exited(status)) => return Err(self.exit_reason(status)),
                 Ok(Wake::Timeout) => {
                     let reason = ExitReason::startup_timeout(self.cfg.timeouts.start);

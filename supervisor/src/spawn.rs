@@ -190,6 +190,23 @@ impl SpawnPlan {
     }
 }
 
+/// What to do about an entrypoint name found nowhere: a Python plugin is told how to name
+/// its script or class, a native one to build it or give its path.
+fn missing_name_hint(dir: &Path, name: &str) -> String {
+    let python_here = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.path().extension().is_some_and(|x| x == "py"));
+    if dir.join(format!("{name}.py")).is_file() {
+        format!("{name}.py is here: for a Python plugin write entrypoint = \"{name}.py\" (or a class, \"module:Class\")")
+    } else if python_here {
+        "for a Python plugin name its script (entrypoint = \"main.py\") or its class (\"module:Class\"), or set runtime = \"python\"".into()
+    } else {
+        "build it (a Rust plugin: cargo build --release) or give its path".into()
+    }
+}
+
 /// The program and arguments a spec runs: a path relative to the plugin folder, a bare
 /// name found in the plugin folder or `bin_dirs`, or a command line.
 pub fn entrypoint_program(
@@ -210,9 +227,10 @@ pub fn entrypoint_program(
             let found = dirs.iter().map(|d| d.join(n)).find(|p| check_executable(p).is_ok());
             let full = found.ok_or_else(|| {
                 format!(
-                    "{}: `entrypoint` = {n:?} was not found as an executable in {}; build it (cargo build --workspace) or give a path",
+                    "{}: `entrypoint` = {n:?} was not found as an executable in {}; {}",
                     spec.manifest_path.display(),
-                    dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+                    dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
+                    missing_name_hint(&spec.dir, n)
                 )
             })?;
             (full, Vec::new())
