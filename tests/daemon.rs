@@ -933,6 +933,21 @@ fn install_runs_the_build_step_and_a_failed_build_installs_nothing() {
     let st = d.json(&["install", good.to_str().unwrap()]);
     assert_eq!(st[0]["state"], "ready");
     assert!(!good.join("bin").exists(), "the build ran in the installed copy, not in the source");
+
+    // Installed, but it cannot start: the install fails, saying so and why.
+    let bad_load = src.path().join("bad-load");
+    std::fs::create_dir_all(bad_load.join("bin")).unwrap();
+    std::fs::copy(bin_dir().join("crasher"), bad_load.join("bin/crasher")).unwrap();
+    std::fs::write(
+        bad_load.join("plugin.toml"),
+        "name = \"bad-load\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"bin/crasher\"\n[restart]\npolicy = \"never\"\n[config]\nfail_on_load = true\n",
+    )
+    .unwrap();
+    let out = d.ctl(&["install", bad_load.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("installed bad-load 1.0.0, but it failed to start"), "{err}");
+    assert!(err.contains("fail_on_load is set"), "the plugin's own reason: {err}");
 }
 
 /// A build script that tries every way out of the build jail it can think of and writes

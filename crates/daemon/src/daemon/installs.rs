@@ -298,6 +298,13 @@ impl Daemon {
             None => {
                 crate::install::set_current(&root, &name, &version)?;
                 self.reload_locked().await;
+                // Installed is not done: a plugin that then fails to start fails the job,
+                // saying so (the files stay, for its logs and a fix).
+                if let Some(why) = lock(&self.start_errors).get(&name).cloned() {
+                    return Err(format!(
+                        "installed {name} {version}, but it failed to start: {why}; `plugctl logs {name}` has its output: fix it and `plugctl start {name}`, or `plugctl uninstall {name}`"
+                    ));
+                }
                 self.status(Some(&name)).map_err(|e| e.message)
             }
             Some(running) => Ok(serde_json::json!(format!(
