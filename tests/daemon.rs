@@ -308,6 +308,47 @@ fn validate_checks_a_folder_without_a_daemon() {
     let out = Command::new(plugd_bin("plugctl")).arg("validate").arg(dir.path()).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`version`"));
+
+    // `requires`, checked as plugd would against the plugins its config names.
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    add_plugin(&plugins, "echo", "feed", ""); // feed 1.0.0
+    let config = root.path().join("plugd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "plugin_dirs = [\"{}\"]\nstate_dir = \"{}\"\n",
+            plugins.display(),
+            root.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let needy = tempfile::tempdir().unwrap();
+    let manifest = |req: &str| {
+        format!(
+            "name = \"needy\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"{}\"\nrequires = [\"{req}\"]\n",
+            bin_dir().join("echo").display()
+        )
+    };
+    let validate = || {
+        Command::new(plugd_bin("plugctl"))
+            .arg("validate")
+            .arg(needy.path())
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    std::fs::write(needy.path().join("plugin.toml"), manifest("feed ^2")).unwrap();
+    let out = validate();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("requires feed ^2, but feed 1.0.0"), "{err}");
+    std::fs::write(needy.path().join("plugin.toml"), manifest("feed ^1")).unwrap();
+    let out = validate();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("requires: feed ^1 (all present)"));
 }
 
 fn info(d: &Plugd) -> Value {

@@ -3,7 +3,7 @@
 //! Exit codes: 0 ok, 1 the operation failed, 2 usage error, 3 plugd not reachable.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -346,13 +346,67 @@ fn validate(
 ) -> Result<(), String> {
     let scratch = std::env::temp_dir().join(format!("plugctl-unpack-{}", std::process::id()));
     let checked = signature_and_folder(&dir, trusted_keys, config, &scratch);
-    let result = checked.and_then(|(signature, folder)| validate_folder(folder, json, &signature));
+    let result =
+        checked.and_then(|(signature, folder)| validate_folder(folder, json, &signature, config));
     let _ = std::fs::remove_dir_all(&scratch);
     result
 }
 
-fn validate_folder(dir: PathBuf, json: bool, signature: &str) -> Result<(), String> {
+/// Checks `requires` as plugd would: against the plugins in the configured folders and
+/// the installed ones. Without a config there is nothing to check against (said, not failed).
+fn check_requires(spec: &supervisor::PluginSpec, config: Option<&Path>) -> Result<String, String> {
+    let reqs = &spec.manifest.requires;
+    if reqs.is_empty() {
+        return Ok("none".into());
+    }
+    let Some(config) = config else {
+        return Ok(
+            "not checked: give --config plugd.toml to check them against what plugd runs".into()
+        );
+    };
+    let c = plugd_daemon::config::DaemonConfig::load(config).map_err(|e| e.to_string())?;
+    let mut dirs = c.plugin_dirs.clone();
+    dirs.push(plugd_install::install::root(&c.state_dir));
+    let found = plugd_daemon::discovery::discover(&dirs, &c.defaults);
+    let mut problems = Vec::new();
+    for req in reqs {
+        match found.plugins.iter().find(|p| p.name() == req.name) {
+            None => problems.push(format!(
+                "requires {}, which is not among the plugins of {}",
+                req.name,
+                config.display()
+            )),
+            Some(p) if !req.version.matches(&p.manifest.version) => problems.push(format!(
+                "requires {} {}, but {} {} is what {} runs",
+                req.name,
+                req.version,
+                req.name,
+                p.manifest.version,
+                config.display()
+            )),
+            Some(_) => {}
+        }
+    }
+    if problems.is_empty() {
+        let names: Vec<String> = reqs.iter().map(|r| format!("{} {}", r.name, r.version)).collect();
+        Ok(format!("{} (all present)", names.join(", ")))
+    } else {
+        Err(format!(
+            "{}: {}; plugd would not start it (install what it needs, or fix `requires`)",
+            spec.manifest_path.display(),
+            problems.join("; ")
+        ))
+    }
+}
+
+fn validate_folder(
+    dir: PathBuf,
+    json: bool,
+    signature: &str,
+    config: Option<&Path>,
+) -> Result<(), String> {
     let spec = supervisor::PluginSpec::from_manifest(&dir).map_err(|e| e.to_string())?;
+    let requires = check_requires(&spec, config)?;
     let name = spec.name().to_string();
     let state = std::env::temp_dir().join(format!("plugctl-validate-{}", std::process::id()));
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -376,6 +430,7 @@ fn validate_folder(dir: PathBuf, json: bool, signature: &str) -> Result<(), Stri
     if json {
         let mut v = serde_json::to_value(&st).unwrap_or_default();
         v["signature"] = serde_json::json!(signature);
+        v["requires"] = serde_json::json!(requires);
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
         println!(
@@ -383,6 +438,7 @@ fn validate_folder(dir: PathBuf, json: bool, signature: &str) -> Result<(), Stri
             st.version, st.kind
         );
         println!("  signature: {signature}");
+        println!("  requires: {requires}");
         println!("  sdk: {}", st.sdk.unwrap_or_default());
         println!("  sandbox: {}", st.sandbox.join(", "));
         for u in st.sandbox_unavailable {
