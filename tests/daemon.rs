@@ -1758,3 +1758,23 @@ fn a_plugin_json_folder_is_served_shown_as_written_and_a_folder_without_a_manife
         "{said}"
     );
 }
+
+#[test]
+fn a_reload_removes_the_virtualenv_of_a_plugin_whose_folder_is_gone() {
+    let d = Plugd::start(|plugins| {
+        add_plugin(plugins, "echo", "leaving", "");
+        add_plugin(plugins, "echo", "staying", "");
+    });
+    eventually("both ready", || d.all_ready(&["leaving", "staying"]));
+    // Their venvs, as a Python plugin's would be (the kind of folder a reload cleans up).
+    let venvs = d.root.path().join("state/plugins/.venv");
+    for name in ["leaving", "staying"] {
+        std::fs::create_dir_all(venvs.join(name).join("1.0.0/bin")).unwrap();
+    }
+    std::fs::remove_dir_all(d.root.path().join("plugins/leaving")).unwrap();
+    let report = d.json(&["reload"]);
+    assert_eq!(report["removed"], serde_json::json!(["leaving"]), "{report}");
+    assert_eq!(report["venvs_removed"], serde_json::json!(["leaving"]), "{report}");
+    assert!(!venvs.join("leaving").exists());
+    assert!(venvs.join("staying/1.0.0").is_dir(), "a plugin still here keeps its venv");
+}

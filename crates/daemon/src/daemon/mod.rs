@@ -115,6 +115,8 @@ pub struct ReloadReport {
     pub unchanged: Vec<String>,
     /// Discovery problems.
     pub problems: Vec<String>,
+    /// Plugins whose virtualenvs were removed because no plugin folder has them any more.
+    pub venvs_removed: Vec<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> parking_lot::MutexGuard<'_, T> {
@@ -303,6 +305,13 @@ impl Daemon {
         report.problems.extend(d.problems);
         let old: Vec<(String, String)> =
             lock(&self.known).iter().map(|(n, k)| (n.clone(), k.fingerprint.clone())).collect();
+        // Plugins whose folder is gone from disk (not merely unreadable for now): their
+        // virtualenvs go too, below.
+        let gone: BTreeSet<String> = lock(&self.known)
+            .iter()
+            .filter(|(_, k)| !k.spec.dir.exists())
+            .map(|(n, _)| n.clone())
+            .collect();
         let new_names: BTreeSet<String> = d.plugins.iter().map(|s| s.name().to_string()).collect();
         for (name, _) in old.iter().rev() {
             if !new_names.contains(name) {
@@ -360,6 +369,8 @@ impl Daemon {
             known.push((name, Known { spec, fingerprint: fp }));
         }
         *lock(&self.known) = known;
+        let stray: BTreeSet<String> = gone.difference(&new_names).cloned().collect();
+        report.venvs_removed = self.remove_venvs(&stray);
         for p in &report.problems {
             tracing::error!("{p}");
         }
@@ -372,6 +383,31 @@ impl Daemon {
             report.unchanged.len()
         );
         report
+    }
+
+    /// Removes the virtualenvs of `names`, plugins whose folder was removed (a venv can
+    /// hold hundreds of MiB). Names what it removed; a venv it cannot remove is said in
+    /// plugd's log.
+    fn remove_venvs(&self, names: &BTreeSet<String>) -> Vec<String> {
+        let root = lock(&self.config).state_dir.join("plugins");
+        let mut removed = Vec::new();
+        for name in names {
+            let dir = supervisor::python::venvs_of(&root, name);
+            if !dir.is_dir() {
+                continue;
+            }
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => removed.push(name.clone()),
+                Err(e) => tracing::warn!(
+                    "cannot remove the virtualenv of {name} at {}: {e}",
+                    dir.display()
+                ),
+            }
+        }
+        if !removed.is_empty() {
+            tracing::info!("removed the virtualenvs of plugins that are gone: {removed:?}");
+        }
+        removed
     }
 
     /// A reload must not take a running plugin's dependents down: an edit that moves a plugin
