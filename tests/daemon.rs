@@ -1778,3 +1778,31 @@ fn a_reload_removes_the_virtualenv_of_a_plugin_whose_folder_is_gone() {
     assert!(!venvs.join("leaving").exists());
     assert!(venvs.join("staying/1.0.0").is_dir(), "a plugin still here keeps its venv");
 }
+
+#[test]
+fn instances_of_one_plugin_run_as_processes_of_their_own_with_their_own_config() {
+    let d = Plugd::start(|plugins| {
+        let dir = plugins.join("hedge");
+        std::fs::create_dir_all(&dir).unwrap();
+        let manifest = format!(
+            "name = \"hedge\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"{}\"\n[config]\ndesk = \"eu\"\nsymbol = \"BTC\"\n\n[[instances]]\nname = \"hedge-btc\"\n\n[[instances]]\nname = \"hedge-eth\"\nconfig = {{ symbol = \"ETH\" }}\n",
+            bin_dir().join("echo").display()
+        );
+        std::fs::write(dir.join("plugin.toml"), manifest).unwrap();
+    });
+    eventually("both instances ready", || d.all_ready(&["hedge-btc", "hedge-eth"]));
+    assert!(d.plugin("hedge").is_null(), "the plugin itself runs only as its instances");
+    let (btc, eth) = (d.pid("hedge-btc"), d.pid("hedge-eth"));
+    assert!(btc != 0 && eth != 0 && btc != eth, "a process each");
+    let config = |name: &str| -> Value {
+        let text = d.json(&["call", name, "config", "null"]);
+        serde_json::from_str(text.as_str().unwrap()).unwrap()
+    };
+    assert_eq!(config("hedge-btc"), serde_json::json!({"desk": "eu", "symbol": "BTC"}));
+    assert_eq!(config("hedge-eth"), serde_json::json!({"desk": "eu", "symbol": "ETH"}));
+    // Each has its own restarts: one stopped, the other serves on.
+    let out = d.ctl(&["stop", "hedge-btc"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(d.plugin("hedge-eth")["state"], "ready");
+    assert_eq!(d.pid("hedge-eth"), eth);
+}

@@ -105,6 +105,7 @@ const OWN_KEYS: &[&str] = &[
     "python",
     "transport",
     "calls",
+    "instances",
 ];
 
 /// The plugd name for `name` as written: lowercase, with spaces and dots as `-`.

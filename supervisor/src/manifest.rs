@@ -453,6 +453,22 @@ pub struct Manifest {
     pub display_name: Option<String>,
     /// Keys of a plugin.yaml/plugin.json plugd has no use for, kept as written.
     pub extra: BTreeMap<String, serde_json::Value>,
+    /// `[[instances]]`: the same plugin run several times, each its own process with its
+    /// own name and config (see [`PluginSpec::instances`]).
+    pub instances: Vec<Instance>,
+    /// For one of those instances: the plugin it is an instance of (its venv is that one's).
+    pub instance_of: Option<String>,
+}
+
+/// One `[[instances]]` entry: a name and what it changes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    /// Its own plugin name (a status row, restarts, logs of its own).
+    pub name: String,
+    /// Keys laid over the plugin's `[config]` (top-level keys replace).
+    pub config: serde_json::Map<String, serde_json::Value>,
+    /// Environment added to the plugin's `[env]`.
+    pub env: BTreeMap<String, String>,
 }
 
 /// One entry of `[calls] allow`: `"plugin.method"`, or `"plugin.*"` for all its methods.
@@ -548,6 +564,18 @@ struct RawManifest {
     transport: Option<String>,
     #[serde(default)]
     calls: RawCalls,
+    #[serde(default)]
+    instances: Vec<RawInstance>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInstance {
+    name: String,
+    #[serde(default)]
+    config: toml::Table,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -1025,6 +1053,27 @@ impl Manifest {
 
         let config = serde_json::to_value(&raw.config)
             .map_err(|e| c.bad("config", format!("cannot be handed to the plugin as JSON: {e}")))?;
+        let mut instances: Vec<Instance> = Vec::new();
+        for (i, inst) in raw.instances.into_iter().enumerate() {
+            let key = format!("instances[{i}].name");
+            if let Err(e) = check_name(&inst.name) {
+                return Err(c.bad(&key, format!("= {e}")));
+            }
+            if inst.name == name || instances.iter().any(|o| o.name == inst.name) {
+                return Err(c.bad(
+                    &key,
+                    format!("= {:?} is taken (by the plugin or another instance); give each instance its own name", inst.name),
+                ));
+            }
+            let serde_json::Value::Object(config) =
+                serde_json::to_value(&inst.config).map_err(|e| {
+                    c.bad(&format!("instances[{i}].config"), format!("cannot be JSON: {e}"))
+                })?
+            else {
+                return Err(c.bad(&format!("instances[{i}].config"), "must be a table"));
+            };
+            instances.push(Instance { name: inst.name, config, env: inst.env });
+        }
         for key in raw.env.keys() {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
                 return Err(
@@ -1106,6 +1155,8 @@ impl Manifest {
             config,
             display_name: None,
             extra: BTreeMap::new(),
+            instances,
+            instance_of: None,
         })
     }
 }
@@ -1134,6 +1185,38 @@ pub struct PluginSpec {
 }
 
 impl PluginSpec {
+    /// The plugins this spec runs: itself, or one spec per `[[instances]]` entry — each
+    /// with the instance's name, its config laid over the plugin's, its env added — which
+    /// share the plugin's folder, code and virtualenv. plugd's discovery runs them all; a
+    /// host that loads a spec itself calls this to do the same.
+    pub fn instances(self) -> Vec<PluginSpec> {
+        if self.manifest.instances.is_empty() {
+            return vec![self];
+        }
+        let base = self.manifest.name.clone();
+        self.manifest
+            .instances
+            .iter()
+            .map(|inst| {
+                let mut spec = self.clone();
+                let m = &mut spec.manifest;
+                m.name = inst.name.clone();
+                m.instance_of = Some(base.clone());
+                m.instances = Vec::new();
+                if let serde_json::Value::Object(cfg) = &mut m.config {
+                    cfg.extend(inst.config.clone());
+                }
+                m.env.extend(inst.env.clone());
+                spec
+            })
+            .collect()
+    }
+
+    /// The name its virtualenv is kept under: the plugin's, for an instance of it.
+    pub fn venv_name(&self) -> &str {
+        self.manifest.instance_of.as_deref().unwrap_or(&self.manifest.name)
+    }
+
     /// Reads and validates a manifest file, or the one in a plugin folder (`plugin.toml`,
     /// `plugin.yaml` or `plugin.json`; two is an error naming both).
     pub fn from_manifest(path: impl AsRef<Path>) -> Result<PluginSpec, ManifestError> {
@@ -1427,5 +1510,32 @@ symbols = ["BTC"]
         assert!(PluginSpec::from_manifest(dir.path()).is_ok());
         let e = PluginSpec::from_manifest(dir.path().join("nope.toml")).unwrap_err().to_string();
         assert!(e.contains("cannot read plugin manifest"), "{e}");
+    }
+
+    #[test]
+    fn instances_run_one_plugin_under_several_names_with_their_own_config() {
+        let m = parse(
+            "[config]\nsymbol = \"BTC\"\nratio = 0.5\n[[instances]]\nname = \"hedge-btc\"\n[[instances]]\nname = \"hedge-eth\"\nconfig = { symbol = \"ETH\" }\nenv = { DESK = \"eu\" }\n",
+        )
+        .unwrap();
+        assert_eq!(m.instances.len(), 2);
+        let spec =
+            PluginSpec { manifest: m, dir: "/p".into(), manifest_path: "/p/plugin.toml".into() };
+        let all = spec.instances();
+        let names: Vec<&str> = all.iter().map(|s| s.name()).collect();
+        assert_eq!(names, ["hedge-btc", "hedge-eth"]);
+        assert_eq!(all[1].manifest.config, serde_json::json!({"symbol": "ETH", "ratio": 0.5}));
+        assert_eq!(all[0].manifest.config["symbol"], "BTC");
+        assert_eq!(all[1].manifest.env.get("DESK").map(String::as_str), Some("eu"));
+        assert_eq!(all[1].venv_name(), "tick-strategy", "instances share the plugin's venv");
+        assert!(all.iter().all(|s| s.manifest.instances.is_empty()));
+
+        let e = parse("[[instances]]\nname = \"a\"\n[[instances]]\nname = \"a\"\n").unwrap_err();
+        assert!(
+            e.to_string().contains("instances[1].name") && e.to_string().contains("taken"),
+            "{e}"
+        );
+        let e = parse("[[instances]]\nname = \"Bad Name\"\n").unwrap_err();
+        assert!(e.to_string().contains("instances[0].name"), "{e}");
     }
 }

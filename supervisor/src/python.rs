@@ -97,7 +97,7 @@ pub fn stamp_for(
 
 /// The venv of `spec` if it exists and matches the plugin's current recipe.
 pub fn current(spec: &PluginSpec, state_root: &Path) -> Result<PythonEnv, String> {
-    let dir = venv_dir(state_root, spec.name(), &spec.manifest.version);
+    let dir = venv_dir(state_root, spec.venv_name(), &spec.manifest.version);
     let interpreter = find_in_path(&spec.manifest.python.interpreter).ok_or_else(|| {
         format!(
             "plugin {}: the Python interpreter {:?} was not found in PATH; install python3 or set `python.interpreter` in {}",
@@ -146,7 +146,7 @@ pub fn env_of(dir: &Path) -> Result<PythonEnv, String> {
 
 /// The requirements text the venv of `spec`'s version was built from, if it exists.
 pub fn built_requirements(state_root: &Path, spec: &PluginSpec) -> Option<String> {
-    let dir = venv_dir(state_root, spec.name(), &spec.manifest.version);
+    let dir = venv_dir(state_root, spec.venv_name(), &spec.manifest.version);
     let stamp = std::fs::read_to_string(dir.join(STAMP)).ok()?;
     stamp.split_once("\nrequirements:\n").map(|(_, r)| r.to_string())
 }

@@ -63,7 +63,8 @@ pub fn discover(dirs: &[PathBuf], defaults: &toml::Table) -> Discovery {
         folders.sort();
         for folder in folders {
             match PluginSpec::from_manifest_with_defaults(&folder, defaults) {
-                Ok(spec) => found.push(spec),
+                // A plugin with [[instances]] is one plugin per instance.
+                Ok(spec) => found.extend(spec.instances()),
                 Err(e) => problems.push(e.to_string()),
             }
         }

@@ -94,7 +94,7 @@ pub fn prepare(
     cancel: Option<&Cancel>,
 ) -> Result<Prepared, String> {
     let name = spec.name();
-    let dir = venv_dir(state_root, name, &spec.manifest.version);
+    let dir = venv_dir(state_root, spec.venv_name(), &spec.manifest.version);
     if let Ok(env) = current(spec, state_root) {
         sync_sdk(&dir)?;
         return Ok(Prepared { env, reused: true, log: Vec::new() });

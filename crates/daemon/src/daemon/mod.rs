@@ -310,8 +310,10 @@ impl Daemon {
         let gone: BTreeSet<String> = lock(&self.known)
             .iter()
             .filter(|(_, k)| !k.spec.dir.exists())
-            .map(|(n, _)| n.clone())
+            .map(|(_, k)| k.spec.venv_name().to_string())
             .collect();
+        let venvs_in_use: BTreeSet<String> =
+            d.plugins.iter().map(|s| s.venv_name().to_string()).collect();
         let new_names: BTreeSet<String> = d.plugins.iter().map(|s| s.name().to_string()).collect();
         for (name, _) in old.iter().rev() {
             if !new_names.contains(name) {
@@ -369,7 +371,7 @@ impl Daemon {
             known.push((name, Known { spec, fingerprint: fp }));
         }
         *lock(&self.known) = known;
-        let stray: BTreeSet<String> = gone.difference(&new_names).cloned().collect();
+        let stray: BTreeSet<String> = gone.difference(&venvs_in_use).cloned().collect();
         report.venvs_removed = self.remove_venvs(&stray);
         for p in &report.problems {
             tracing::error!("{p}");
