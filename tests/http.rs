@@ -537,6 +537,22 @@ fn install_jobs_run_in_the_background_and_can_be_cancelled_and_retried() {
         http(port, "POST", "/v1/plugins/flaky/update", Some(TOKEN), b"{\"version\": 7}");
     assert_eq!(code, 400, "{body}");
     let pid = d.pid("flaky");
+    // A dry run answers the plan at once and changes nothing.
+    let (code, body) = http(
+        port,
+        "POST",
+        "/v1/plugins/flaky/update?dry_run=true",
+        Some(TOKEN),
+        b"{\"version\": \"1.0.0\"}",
+    );
+    assert_eq!(code, 200, "{body}");
+    let plan: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (plan["name"].as_str(), plan["to"].as_str()),
+        (Some("flaky"), Some("1.0.0")),
+        "{plan}"
+    );
+    assert_eq!(d.pid("flaky"), pid, "a dry run changes nothing");
     let (code, body) =
         http(port, "POST", "/v1/plugins/flaky/update", Some(TOKEN), b"{\"version\": \"1.0.0\"}");
     assert_eq!(code, 202, "{body}");
@@ -547,6 +563,9 @@ fn install_jobs_run_in_the_background_and_can_be_cancelled_and_retried() {
         (Some("succeeded"), Some("update")),
         "{job}"
     );
+    // The job's output starts with the plan it applied.
+    let first = job["output"][0].as_str().unwrap_or_default();
+    assert!(first.starts_with("flaky ") && first.ends_with("-> 1.0.0"), "{job}");
     assert_ne!(d.pid("flaky"), pid, "hot-swapped to a new instance");
     let (code, body) =
         http(port, "POST", "/v1/plugins/flaky/uninstall", Some(TOKEN), b"{\"purge\": true}");

@@ -463,6 +463,54 @@ impl Request {
     }
 }
 
+/// A text cell of a JSON value: strings as they are, null as `-`.
+fn text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".into(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// An update plan (what `update --dry-run` answers) as lines for people: the version
+/// change, each changed manifest section, the dependency diff, the problems. `plugctl`
+/// prints them; an update job records them in its output before it applies the update.
+pub fn plan_lines(plan: &serde_json::Value) -> Vec<String> {
+    let mut out = vec![format!(
+        "{} {} -> {}",
+        text(&plan["name"]),
+        plan["from"].as_str().unwrap_or("(not running)"),
+        text(&plan["to"])
+    )];
+    let changes = plan["changes"].as_object().cloned().unwrap_or_default();
+    for (key, change) in &changes {
+        if key != "dependencies" {
+            out.push(format!("  {key}: {} -> {}", text(&change["from"]), text(&change["to"])));
+        }
+    }
+    if let Some(deps) = changes.get("dependencies") {
+        let list = |k: &str| deps[k].as_array().cloned().unwrap_or_default();
+        let (added, removed, changed) = (list("added"), list("removed"), list("changed"));
+        if added.is_empty() && removed.is_empty() && changed.is_empty() {
+            out.push("  dependencies: unchanged".into());
+        } else {
+            out.push(format!("  dependencies ({}):", text(&deps["note"])));
+            for (mark, items) in [("+", added), ("-", removed), ("~", changed)] {
+                for item in items {
+                    out.push(format!("    {mark} {}", text(&item)));
+                }
+            }
+        }
+    }
+    if changes.is_empty() {
+        out.push("  no change besides the version".into());
+    }
+    for p in plan["problems"].as_array().cloned().unwrap_or_default() {
+        out.push(format!("  problem: {}", text(&p)));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

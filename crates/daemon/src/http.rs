@@ -554,12 +554,23 @@ async fn call(
     api.run(Request::Call { name, method, json }).await
 }
 
+/// The query of a plugin action: `?dry_run=true` on `update` answers the plan (what
+/// would change, the dependency diff) at once instead of starting a job.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ActionQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
 async fn action(
     State(api): State<Arc<Api>>,
     Path((name, action)): Path<(String, String)>,
+    Query(q): Query<ActionQuery>,
     body: Bytes,
 ) -> Response {
     let req = match action.as_str() {
+        "update" if q.dry_run => return dry_run_update(&api, name, &body).await,
         "update" | "uninstall" => return job_for(&api, name, &action, &body).await,
         "start" => Request::Start { name },
         "stop" => Request::Stop { name },
@@ -651,31 +662,35 @@ async fn validate(State(api): State<Arc<Api>>, body: Bytes) -> Response {
     }
 }
 
+/// The body of `update` and `uninstall`.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct JobOptions {
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    purge: bool,
+}
+
+impl JobOptions {
+    /// The options in `body` (empty: the defaults), or what is wrong with it.
+    fn from_body(body: &[u8], action: &str) -> Result<JobOptions, String> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(JobOptions::default());
+        }
+        serde_json::from_slice(body)
+            .map_err(|e| format!("the body of {action} takes version, force and purge: {e}"))
+    }
+}
+
 /// `update` / `uninstall` as a background job: `{"version": "2.0.0", "force": false}` or
 /// `{"version": null, "purge": true}` (an empty body takes the defaults).
 async fn job_for(api: &Api, name: String, action: &str, body: &[u8]) -> Response {
-    #[derive(serde::Deserialize, Default)]
-    #[serde(deny_unknown_fields)]
-    struct Options {
-        #[serde(default)]
-        version: Option<String>,
-        #[serde(default)]
-        force: bool,
-        #[serde(default)]
-        purge: bool,
-    }
-    let o: Options = if body.iter().all(u8::is_ascii_whitespace) {
-        Options::default()
-    } else {
-        match serde_json::from_slice(body) {
-            Ok(o) => o,
-            Err(e) => {
-                return failure(
-                    ErrorKind::BadRequest,
-                    format!("the body of {action} takes version, force and purge: {e}"),
-                )
-            }
-        }
+    let o = match JobOptions::from_body(body, action) {
+        Ok(o) => o,
+        Err(e) => return failure(ErrorKind::BadRequest, e),
     };
     // Unknown plugins answer 404 now rather than as a failed job.
     let known = api.daemon.handle(Request::Status { name: Some(name.clone()) }).await;
@@ -688,6 +703,15 @@ async fn job_for(api: &Api, name: String, action: &str, body: &[u8]) -> Response
         Request::UninstallJob { name, version: o.version, purge: o.purge }
     };
     accepted(api.daemon.handle(req).await)
+}
+
+/// `update?dry_run=true`: the plan, now (`{"version": ..., "force": ...}` as for update).
+async fn dry_run_update(api: &Api, name: String, body: &[u8]) -> Response {
+    let o = match JobOptions::from_body(body, "update") {
+        Ok(o) => o,
+        Err(e) => return failure(ErrorKind::BadRequest, e),
+    };
+    api.run(Request::Update { name, version: o.version, force: o.force, dry_run: true }).await
 }
 
 /// 202 with the job id, for requests that start a job.

@@ -668,38 +668,8 @@ fn main() -> ExitCode {
 
 /// Prints an update dry run: what would change, the dependency diff, and what blocks it.
 fn print_plan(plan: &serde_json::Value) {
-    println!(
-        "{} {} -> {}",
-        cell(&plan["name"]),
-        plan["from"].as_str().unwrap_or("(not running)"),
-        cell(&plan["to"])
-    );
-    let changes = plan["changes"].as_object().cloned().unwrap_or_default();
-    for (key, change) in &changes {
-        if key == "dependencies" {
-            continue;
-        }
-        println!("  {key}: {} -> {}", cell(&change["from"]), cell(&change["to"]));
-    }
-    if let Some(deps) = changes.get("dependencies") {
-        let list = |k: &str| deps[k].as_array().cloned().unwrap_or_default();
-        let (added, removed, changed) = (list("added"), list("removed"), list("changed"));
-        if added.is_empty() && removed.is_empty() && changed.is_empty() {
-            println!("  dependencies: unchanged");
-        } else {
-            println!("  dependencies ({}):", cell(&deps["note"]));
-            for (mark, items) in [("+", added), ("-", removed), ("~", changed)] {
-                for item in items {
-                    println!("    {mark} {}", cell(&item));
-                }
-            }
-        }
-    }
-    if changes.is_empty() {
-        println!("  no change besides the version");
-    }
-    for p in plan["problems"].as_array().cloned().unwrap_or_default() {
-        println!("  problem: {}", cell(&p));
+    for line in plugd_control::plan_lines(plan) {
+        println!("{line}");
     }
 }
 

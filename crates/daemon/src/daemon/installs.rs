@@ -25,10 +25,17 @@ impl Daemon {
                     .map_err(Into::into),
                 Some(crate::jobs::Work::Update { name, version: None, force }) => {
                     let _op = self.ops.lock().await;
+                    // The plan first, in the job's output: what changes, dependencies too.
+                    if let Ok(plan) = self.update_one(&name, force, true).await {
+                        self.jobs.output(id, plugd_control::plan_lines(&plan));
+                    }
                     self.update_one(&name, force, false).await
                 }
                 Some(crate::jobs::Work::Update { name, version: Some(v), force }) => {
                     let _op = self.ops.lock().await;
+                    if let Ok(plan) = self.switch_version(&name, &v, force, true).await {
+                        self.jobs.output(id, plugd_control::plan_lines(&plan));
+                    }
                     self.switch_version(&name, &v, force, false).await
                 }
                 Some(crate::jobs::Work::Uninstall { name, version, purge }) => {
