@@ -1806,3 +1806,29 @@ fn instances_of_one_plugin_run_as_processes_of_their_own_with_their_own_config()
     assert_eq!(d.plugin("hedge-eth")["state"], "ready");
     assert_eq!(d.pid("hedge-eth"), eth);
 }
+
+#[test]
+fn install_dry_run_shows_the_plan_and_the_dependencies_and_installs_nothing() {
+    let d = Plugd::start(|_| {});
+    let src = tempfile::tempdir().unwrap();
+    let dir = src.path().join("needs-requests");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("plugin.toml"),
+        "name = \"needs-requests\"\nversion = \"0.3.0\"\napi_version = \"^1\"\nentrypoint = \"main.py\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("main.py"), "").unwrap();
+    std::fs::write(dir.join("requirements.txt"), "requests>=2.31\nidna==3.7\n").unwrap();
+    let out = d.ctl(&["install", "--dry-run", dir.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.starts_with("needs-requests (not running) -> 0.3.0"), "{text}");
+    assert!(text.contains("+ requests>=2.31") && text.contains("+ idna==3.7"), "{text}");
+    assert!(!d.root.path().join("state/installed/needs-requests").exists(), "nothing installed");
+    assert!(d.plugin("needs-requests").is_null());
+    // A dry run reads folders only.
+    let out = d.ctl(&["install", "--dry-run", "/nonexistent/archive.tar.gz"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reads a plugin folder"));
+}

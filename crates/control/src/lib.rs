@@ -76,6 +76,13 @@ pub enum Request {
         #[serde(default)]
         enable: bool,
     },
+    /// What installing a local plugin folder would do, without doing it (nothing is fetched,
+    /// built or pip-installed): the plan, as `update --dry-run` answers it — `name`, `from`
+    /// (the running version, if any), `to`, `changes` with the dependency diff, `problems`.
+    InstallPlan {
+        /// The plugin folder.
+        source: String,
+    },
     /// Start an install in the background; the answer is `{"job_id": N}`.
     InstallJob {
         /// A folder, an archive, an http(s) archive URL or `git+URL#ref`.

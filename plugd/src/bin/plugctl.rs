@@ -77,6 +77,10 @@ enum Cmd {
         /// Clear a persisted disable.
         #[arg(long)]
         enable: bool,
+        /// Only show what would be installed (version, changed sections, the dependencies
+        /// pip would install); nothing is copied, built or installed.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Install jobs (what `install` and the HTTP API ran): all, or one with its output.
     Jobs {
@@ -491,10 +495,14 @@ fn main() -> ExitCode {
         Cmd::Update { name, version, force, dry_run } => {
             Request::Update { name, version, force, dry_run }
         }
-        Cmd::Install { source, force, enable } => {
+        Cmd::Install { source, force, enable, dry_run } => {
             // The daemon resolves the path, so make it absolute here.
-            let source = std::fs::canonicalize(&source).unwrap_or(source);
-            Request::InstallJob { source: source.display().to_string(), force, enable }
+            let source = std::fs::canonicalize(&source).unwrap_or(source).display().to_string();
+            if dry_run {
+                Request::InstallPlan { source }
+            } else {
+                Request::InstallJob { source, force, enable }
+            }
         }
         Cmd::Versions { name } => Request::Versions { name },
         Cmd::Jobs { id: None } => Request::Jobs,
@@ -639,7 +647,9 @@ fn main() -> ExitCode {
                 );
             }
         }
-        Request::Update { .. } if data.get("changes").is_some() => print_plan(&data),
+        Request::Update { .. } | Request::InstallPlan { .. } if data.get("changes").is_some() => {
+            print_plan(&data)
+        }
         Request::Install { .. } | Request::Rollback { .. } | Request::Update { .. }
             if !data.is_array() =>
         {

@@ -320,6 +320,30 @@ impl Daemon {
         }
     }
 
+    /// What installing the plugin folder `source` would do, without doing it: its plan as
+    /// an update's (the running version if any, changed sections, the dependencies pip
+    /// would install into its venv, broken `requires`).
+    pub(super) fn install_plan(&self, source: &str) -> Result<serde_json::Value, ApiError> {
+        let folder = Path::new(source);
+        if !folder.is_dir() {
+            return Err(ApiError::bad_request(format!(
+                "a dry-run install reads a plugin folder, and {source} is not one; unpack the archive or clone the git source first"
+            )));
+        }
+        let (_, defaults) = self.dirs_and_defaults();
+        let manifest_path =
+            supervisor::foreign::manifest_path(folder).map_err(|e| e.to_string())?;
+        let text = std::fs::read_to_string(&manifest_path)
+            .map_err(|e| format!("cannot read {}: {e}", manifest_path.display()))?;
+        let manifest =
+            crate::manifest::Manifest::parse_with_defaults(&text, &manifest_path, &defaults)
+                .map_err(|e| e.to_string())?;
+        let dir = std::fs::canonicalize(folder).map_err(|e| format!("{source}: {e}"))?;
+        let spec = PluginSpec { manifest, dir, manifest_path };
+        let name = spec.name().to_string();
+        Ok(self.update_plan(&name, &spec).0)
+    }
+
     /// Installed versions of `name`.
     pub(super) fn versions(&self, name: &str) -> Result<serde_json::Value, ApiError> {
         let (all, current) = crate::install::versions(&self.installed_root(), name);
