@@ -1832,3 +1832,29 @@ fn install_dry_run_shows_the_plan_and_the_dependencies_and_installs_nothing() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("reads a plugin folder"));
 }
+
+#[test]
+fn plugd_toml_instances_run_a_plugin_under_the_names_it_gives() {
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    add_plugin(&plugins, "echo", "strat", "");
+    // A trading platform's list of strategies: name, plugin, config.
+    std::fs::write(
+        root.path().join("extra.toml"),
+        "[[instances]]\nname = \"strat-fast\"\nplugin = \"strat\"\nconfig = { greeting = \"fast\" }\n\n[[instances]]\nname = \"strat-slow\"\nplugin = \"strat\"\nconfig = { greeting = \"slow\" }\n\n[[instances]]\nname = \"orphan\"\nplugin = \"no-such-plugin\"\n",
+    )
+    .unwrap();
+    let d = Plugd::start_with(root, &[]);
+    eventually("both instances ready", || d.all_ready(&["strat-fast", "strat-slow"]));
+    assert!(d.plugin("strat").is_null(), "the plugin runs as its instances only");
+    let config = |name: &str| -> Value {
+        let text = d.json(&["call", name, "config", "null"]);
+        serde_json::from_str(text.as_str().unwrap()).unwrap()
+    };
+    assert_eq!(config("strat-fast")["greeting"], "fast");
+    assert_eq!(config("strat-slow")["greeting"], "slow");
+    let report = d.json(&["reload"]);
+    let problems = report["problems"].to_string();
+    assert!(problems.contains("instance orphan names plugin no-such-plugin"), "{report}");
+}

@@ -59,6 +59,9 @@ pub struct DaemonConfig {
     pub http: Option<crate::http::HttpConfig>,
     /// `[install]`: the keys trusted to sign plugins, and whether installs must be signed.
     pub trust: crate::signing::Trust,
+    /// `[[instances]]`: plugins run under other names with their own config (the plugin
+    /// named then runs only as its instances), as (plugin, instance).
+    pub instances: Vec<(String, supervisor::manifest::Instance)>,
 }
 
 #[derive(Deserialize)]
@@ -73,6 +76,19 @@ struct RawConfig {
     http: Option<RawHttp>,
     #[serde(default)]
     install: RawInstall,
+    #[serde(default)]
+    instances: Vec<RawInstance>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInstance {
+    name: String,
+    plugin: String,
+    #[serde(default)]
+    config: toml::Table,
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -156,6 +172,7 @@ impl DaemonConfig {
             source: None,
             http: None,
             trust: crate::signing::Trust::default(),
+            instances: Vec::new(),
         }
     }
 
@@ -214,6 +231,30 @@ impl DaemonConfig {
                 },
             }),
         };
+        let mut instances = Vec::new();
+        for (i, inst) in raw.instances.into_iter().enumerate() {
+            for (key, value) in [("name", &inst.name), ("plugin", &inst.plugin)] {
+                plugin_proto::check_plugin_name(value)
+                    .map_err(|e| format!("`instances[{i}].{key}`: {e}"))?;
+            }
+            if instances
+                .iter()
+                .any(|(_, o): &(String, supervisor::manifest::Instance)| o.name == inst.name)
+            {
+                return Err(format!(
+                    "`instances[{i}].name` = {:?} is given twice; each instance needs its own name",
+                    inst.name
+                ));
+            }
+            let serde_json::Value::Object(config) = serde_json::to_value(&inst.config)
+                .map_err(|e| format!("`instances[{i}].config` cannot be JSON: {e}"))?
+            else {
+                return Err(format!("`instances[{i}].config` must be a table"));
+            };
+            let instance =
+                supervisor::manifest::Instance { name: inst.name, config, env: inst.env };
+            instances.push((inst.plugin, instance));
+        }
         let trust = crate::signing::Trust::from_config(
             &raw.install.trusted_keys,
             raw.install.require_signatures,
@@ -228,6 +269,7 @@ impl DaemonConfig {
             state_dir: raw.state_dir.map(|p| expand(&base, &p)).unwrap_or_else(default_state_dir),
             log_format,
             source: Some(path.to_path_buf()),
+            instances,
         })
     }
 }

@@ -26,6 +26,16 @@ pub struct Discovery {
 /// Scans `dirs` (missing directories are reported, not fatal) and checks the set;
 /// `defaults` (plugd.toml `[defaults]`) fill what each manifest leaves out.
 pub fn discover(dirs: &[PathBuf], defaults: &toml::Table) -> Discovery {
+    discover_with(dirs, defaults, &[])
+}
+
+/// [`discover`], with plugd.toml's `[[instances]]` (plugin, instance): a plugin named by
+/// them runs as those instances instead of under its own name.
+pub fn discover_with(
+    dirs: &[PathBuf],
+    defaults: &toml::Table,
+    instances: &[(String, supervisor::manifest::Instance)],
+) -> Discovery {
     let mut found = Vec::new();
     let mut problems = Vec::new();
     for dir in dirs {
@@ -69,6 +79,30 @@ pub fn discover(dirs: &[PathBuf], defaults: &toml::Table) -> Discovery {
             }
         }
     }
+    for (plugin, inst) in instances {
+        if !found.iter().any(|s: &PluginSpec| s.name() == plugin) {
+            problems.push(format!(
+                "plugd.toml: instance {} names plugin {plugin}, which no plugin folder holds",
+                inst.name
+            ));
+        }
+    }
+    let found = found
+        .into_iter()
+        .flat_map(|spec| {
+            let mine: Vec<_> = instances
+                .iter()
+                .filter(|(p, _)| p == spec.name())
+                .map(|(_, i)| i.clone())
+                .collect();
+            if mine.is_empty() {
+                return vec![spec];
+            }
+            let mut spec = spec;
+            spec.manifest.instances = mine;
+            spec.instances()
+        })
+        .collect();
     let mut d = check(found);
     problems.append(&mut d.problems);
     d.problems = problems;

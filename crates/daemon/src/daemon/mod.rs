@@ -22,7 +22,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::config::DaemonConfig;
 use crate::control::{ApiError, LatencyView, StatusEntry};
 use crate::control::{Reply, Request};
-use crate::discovery::{discover, fingerprint};
+use crate::discovery::{discover_with, fingerprint};
 use crate::manifest::PluginSpec;
 use crate::notify::Notifier;
 use crate::router::Deadline;
@@ -219,7 +219,8 @@ impl Daemon {
     ) -> Result<Vec<String>, DaemonError> {
         crate::install::recover(&self.installed_root());
         let (dirs, defaults) = self.dirs_and_defaults();
-        let d = discover(&dirs, &defaults);
+        let instances = lock(&self.config).instances.clone();
+        let d = discover_with(&dirs, &defaults, &instances);
         for p in &d.problems {
             tracing::error!("{p}");
         }
@@ -300,7 +301,8 @@ impl Daemon {
             }
         }
         let (dirs, defaults) = self.dirs_and_defaults();
-        let mut d = discover(&dirs, &defaults);
+        let instances = lock(&self.config).instances.clone();
+        let mut d = discover_with(&dirs, &defaults, &instances);
         let refused = self.refuse_breaking_edits(&mut d, &defaults);
         report.problems.extend(d.problems);
         let old: Vec<(String, String)> =
