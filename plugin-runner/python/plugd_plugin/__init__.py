@@ -421,7 +421,9 @@ class _Connection:
                 else:
                     self.deferred.append(msg)
         finally:
-            if self.deferred and self.wake is not None:
+            # Frames it read for others, or bytes of one it read in part: the asyncio reader
+            # must look again (the socket itself may have nothing more to say).
+            if (self.deferred or self.buffered()) and self.wake is not None:
                 self.wake()
 
     async def acall_host(self, method: str, payload: Payload, timeout: float | None) -> Payload:

@@ -167,6 +167,12 @@ def load(target: str) -> Plugin:
     here = os.getcwd()
     try:
         module = importlib.import_module(module_name)
+    except PermissionError as e:
+        # The jail lets a plugin read its folder, its venv and what the manifest grants.
+        return _Unloadable("cannot import %s from %s: %s cannot be read inside the plugin's "
+                           "sandbox (%s); if the plugin needs it, add its folder to "
+                           "sandbox.read_paths in the manifest"
+                           % (module_name, here, e.filename or "a file it needs", e.strerror))
     except Exception as e:
         return _Unloadable("cannot import %s from %s: %s: %s (check the manifest's entrypoint, "
                            "and requirements.txt for the packages it imports)"
