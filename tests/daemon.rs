@@ -1858,3 +1858,18 @@ fn plugd_toml_instances_run_a_plugin_under_the_names_it_gives() {
     let problems = report["problems"].to_string();
     assert!(problems.contains("instance orphan names plugin no-such-plugin"), "{report}");
 }
+
+#[test]
+fn a_single_file_plugin_is_discovered_and_served_by_plugd() {
+    let d = Plugd::start(|plugins| {
+        std::fs::write(
+            plugins.join("greeter_plugin.py"),
+            "class Greeter:\n    def greet(self, who):\n        return 'hello ' + who\n",
+        )
+        .unwrap();
+    });
+    eventually("the single-file plugin is ready", || d.all_ready(&["greeter"]));
+    assert_eq!(d.json(&["call", "greeter", "greet", "\"ann\""]), serde_json::json!("hello ann"));
+    let st = d.plugin("greeter");
+    assert!(st["manifest"].as_str().unwrap().ends_with("greeter_plugin.py"), "{st}");
+}

@@ -147,3 +147,36 @@ async fn a_plugin_json_class_path_and_an_unimportable_class() {
     );
     sup.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_file_plugin_runs_from_a_copy_away_from_its_neighbours() {
+    let state = tempfile::tempdir().unwrap();
+    let sup = python_supervisor(&state);
+    let plugins = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(plugins.path().join("neighbour")).unwrap();
+    let secret = plugins.path().join("neighbour/secret.txt");
+    std::fs::write(&secret, "the neighbour's key").unwrap();
+    let file = plugins.path().join("greeter_plugin.py");
+    std::fs::write(
+        &file,
+        "class Greeter:\n    def greet(self, who):\n        return 'hello ' + who\n\n    def peek(self, path):\n        try:\n            with open(path) as f:\n                return f.read()\n        except OSError as e:\n            return type(e).__name__\n",
+    )
+    .unwrap();
+    let stage = state.path().join("single");
+    let spec = PluginSpec::single_file(&file, &stage).unwrap();
+    assert_eq!(spec.name(), "greeter");
+    assert_eq!(spec.manifest_path, file);
+    assert!(spec.dir.starts_with(std::fs::canonicalize(&stage).unwrap()), "{}", spec.dir.display());
+    let greeter = sup.load(spec).await.unwrap();
+    assert_eq!(call(&greeter, "greet", json!("ann")).await, json!("hello ann"));
+    // Its jail holds the staged copy, not the folder of plugins beside it.
+    let seen = call(&greeter, "peek", json!(secret.display().to_string())).await;
+    assert_ne!(seen, json!("the neighbour's key"), "{seen}");
+    // A file that defines two classes says so.
+    let two = plugins.path().join("twins_plugin.py");
+    std::fs::write(&two, "class A:\n    pass\nclass B:\n    pass\n").unwrap();
+    let err =
+        sup.load(PluginSpec::single_file(&two, &stage).unwrap()).await.unwrap_err().to_string();
+    assert!(err.contains("defines 2 classes (A, B)"), "{err}");
+    sup.shutdown().await;
+}

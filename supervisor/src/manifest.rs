@@ -1212,6 +1212,45 @@ impl PluginSpec {
             .collect()
     }
 
+    /// A single-file plugin: `foo_plugin.py` dropped into a plugin folder is the plugin
+    /// `foo` (defaults for the rest), serving the one class the file defines. The file is
+    /// copied to `stage/foo/` and run from there, so the plugin's jail holds that copy,
+    /// not the folder of plugins beside it; `manifest_path` is the file itself.
+    pub fn single_file(file: &Path, stage: &Path) -> Result<PluginSpec, ManifestError> {
+        let bad = |problem: String| ManifestError::Invalid {
+            file: file.to_path_buf(),
+            key: "file name".into(),
+            problem,
+        };
+        let stem = file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .filter(|s| s.ends_with("_plugin") && s.len() > "_plugin".len())
+            .ok_or_else(|| bad("is not NAME_plugin.py".into()))?;
+        let name = stem.trim_end_matches("_plugin").to_ascii_lowercase();
+        check_name(&name).map_err(|e| bad(format!("gives the plugin name {e}")))?;
+        let dir = stage.join(&name);
+        let copy = dir.join(format!("{stem}.py"));
+        let text = std::fs::read(file)
+            .map_err(|source| ManifestError::Read { file: file.to_path_buf(), source })?;
+        // Written only when it changed, so a reload sees the same staged file as before.
+        if std::fs::read(&copy).ok().as_deref() != Some(&text[..]) {
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::write(&copy, &text))
+                .map_err(|source| ManifestError::Read { file: copy.clone(), source })?;
+        }
+        let toml = format!(
+            "name = \"{name}\"\nversion = \"0.1.0\"\napi_version = \"*\"\nruntime = \"python\"\nentrypoint = \"{stem}:Plugin\"\ndescription = \"single-file plugin {}\"\n",
+            file.display().to_string().replace('\\', "/").replace('"', "'")
+        );
+        // The manifest it would have had (parsed as plugin.toml: the .py is no manifest).
+        let mut manifest = Manifest::parse(&toml, &dir.join("plugin.toml"))?;
+        // "*": the one class the module defines (the launcher finds it).
+        manifest.entrypoint = Entrypoint::PyClass { module: stem, class: "*".into() };
+        let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+        Ok(PluginSpec { manifest, dir, manifest_path: file.to_path_buf() })
+    }
+
     /// The name its virtualenv is kept under: the plugin's, for an instance of it.
     pub fn venv_name(&self) -> &str {
         self.manifest.instance_of.as_deref().unwrap_or(&self.manifest.name)

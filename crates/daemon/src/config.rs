@@ -187,7 +187,12 @@ impl DaemonConfig {
     pub fn parse(text: &str, path: &Path) -> Result<DaemonConfig, String> {
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
-        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        // `plugd --config plugd.toml` has an empty parent: the current folder, made absolute
+        // (relative plugin and state folders break once a plugin runs in its own folder).
+        let base = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
         let base = std::fs::canonicalize(&base).unwrap_or(base);
         let log_format = match raw.log_format.as_deref() {
             None => LogFormat::Text,
@@ -277,6 +282,18 @@ impl DaemonConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_config_named_without_a_folder_is_relative_to_the_current_one() {
+        let c = DaemonConfig::parse(
+            "plugin_dirs = [\"plugins\"]\nstate_dir = \"state\"\n",
+            Path::new("plugd.toml"),
+        )
+        .unwrap();
+        let here = std::fs::canonicalize(".").unwrap();
+        assert_eq!(c.plugin_dirs, vec![here.join("plugins")]);
+        assert_eq!(c.state_dir, here.join("state"));
+    }
 
     #[test]
     fn relative_paths_follow_the_config_file() {

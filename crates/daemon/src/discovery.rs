@@ -26,15 +26,18 @@ pub struct Discovery {
 /// Scans `dirs` (missing directories are reported, not fatal) and checks the set;
 /// `defaults` (plugd.toml `[defaults]`) fill what each manifest leaves out.
 pub fn discover(dirs: &[PathBuf], defaults: &toml::Table) -> Discovery {
-    discover_with(dirs, defaults, &[])
+    discover_with(dirs, defaults, &[], None)
 }
 
 /// [`discover`], with plugd.toml's `[[instances]]` (plugin, instance): a plugin named by
-/// them runs as those instances instead of under its own name.
+/// them runs as those instances instead of under its own name. With `stage` (a folder of
+/// plugd's state), a `NAME_plugin.py` file in a plugin directory is a plugin of its own,
+/// copied there to run ([`PluginSpec::single_file`]); without, such files are left alone.
 pub fn discover_with(
     dirs: &[PathBuf],
     defaults: &toml::Table,
     instances: &[(String, supervisor::manifest::Instance)],
+    stage: Option<&Path>,
 ) -> Discovery {
     let mut found = Vec::new();
     let mut problems = Vec::new();
@@ -54,7 +57,16 @@ pub fn discover_with(
         // `from_manifest` names); one with none is reported, never skipped in silence.
         let mut folders: Vec<PathBuf> = Vec::new();
         for p in entries.filter_map(|e| e.ok().map(|e| e.path())) {
-            let hidden = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+            let file_name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            let hidden = file_name.as_deref().is_some_and(|n| n.starts_with('.'));
+            let single = file_name.as_deref().is_some_and(|n| n.ends_with("_plugin.py"));
+            if let (true, true, Some(stage)) = (single, p.is_file(), stage) {
+                match PluginSpec::single_file(&p, stage) {
+                    Ok(spec) => found.push(spec),
+                    Err(e) => problems.push(e.to_string()),
+                }
+                continue;
+            }
             if !p.is_dir() || hidden {
                 continue;
             }
@@ -265,5 +277,28 @@ mod tests {
         ] {
             assert!(all.contains(want), "missing {want:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn a_name_plugin_py_file_is_a_plugin_when_there_is_a_stage_and_a_bare_folder_is_reported() {
+        let t = tempfile::tempdir().unwrap();
+        let plugins = t.path().join("plugins");
+        std::fs::create_dir_all(plugins.join("notes")).unwrap();
+        std::fs::write(plugins.join("greeter_plugin.py"), "class G:\n    pass\n").unwrap();
+        std::fs::write(plugins.join("helper.py"), "").unwrap();
+        let stage = t.path().join("stage");
+        let d =
+            discover_with(std::slice::from_ref(&plugins), &toml::Table::new(), &[], Some(&stage));
+        let names: Vec<&str> = d.plugins.iter().map(|s| s.name()).collect();
+        assert_eq!(names, ["greeter"], "{:?}", d.problems);
+        assert!(stage.join("greeter/greeter_plugin.py").is_file(), "staged");
+        assert!(
+            d.problems.iter().any(|p| p.contains("notes") && p.contains("no plugin.toml")),
+            "{:?}",
+            d.problems
+        );
+        // Without a stage (plugctl validate), single files are left alone.
+        let d = discover_with(&[plugins], &toml::Table::new(), &[], None);
+        assert!(d.plugins.is_empty());
     }
 }

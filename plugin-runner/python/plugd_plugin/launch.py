@@ -177,6 +177,19 @@ def load(target: str) -> Plugin:
         return _Unloadable("cannot import %s from %s: %s: %s (check the manifest's entrypoint, "
                            "and requirements.txt for the packages it imports)"
                            % (module_name, here, type(e).__name__, e))
+    if class_name == "*":
+        # A single-file plugin: the one class its module defines (a plugd base class's
+        # subclass first, when it defines several).
+        own = [c for c in vars(module).values()
+               if isinstance(c, type) and c.__module__ == module.__name__]
+        kinds = [c for c in own if issubclass(c, Plugin)]
+        pick = kinds if len(kinds) == 1 else own
+        if len(pick) != 1:
+            return _Unloadable("%s defines %s classes (%s); a single-file plugin defines one, "
+                               "or one subclass of a plugd_plugin base class"
+                               % (getattr(module, "__file__", module_name),
+                                  len(own) or "no", ", ".join(c.__name__ for c in own)))
+        return ClassPlugin(pick[0])
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type):
         return _Unloadable("module %s (%s) has no class %s; the manifest's entrypoint names it"

@@ -219,8 +219,11 @@ impl Daemon {
     ) -> Result<Vec<String>, DaemonError> {
         crate::install::recover(&self.installed_root());
         let (dirs, defaults) = self.dirs_and_defaults();
-        let instances = lock(&self.config).instances.clone();
-        let d = discover_with(&dirs, &defaults, &instances);
+        let (instances, stage) = {
+            let c = lock(&self.config);
+            (c.instances.clone(), c.state_dir.join("single"))
+        };
+        let d = discover_with(&dirs, &defaults, &instances, Some(&stage));
         for p in &d.problems {
             tracing::error!("{p}");
         }
@@ -301,8 +304,11 @@ impl Daemon {
             }
         }
         let (dirs, defaults) = self.dirs_and_defaults();
-        let instances = lock(&self.config).instances.clone();
-        let mut d = discover_with(&dirs, &defaults, &instances);
+        let (instances, stage) = {
+            let c = lock(&self.config);
+            (c.instances.clone(), c.state_dir.join("single"))
+        };
+        let mut d = discover_with(&dirs, &defaults, &instances, Some(&stage));
         let refused = self.refuse_breaking_edits(&mut d, &defaults);
         report.problems.extend(d.problems);
         let old: Vec<(String, String)> =
