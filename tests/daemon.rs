@@ -1872,4 +1872,11 @@ fn a_single_file_plugin_is_discovered_and_served_by_plugd() {
     assert_eq!(d.json(&["call", "greeter", "greet", "\"ann\""]), serde_json::json!("hello ann"));
     let st = d.plugin("greeter");
     assert!(st["manifest"].as_str().unwrap().ends_with("greeter_plugin.py"), "{st}");
+    // Its file removed: the reload unloads it and drops its staged copy.
+    let staged = d.root.path().join("state/single/greeter");
+    assert!(staged.join("greeter_plugin.py").is_file());
+    std::fs::remove_file(d.root.path().join("plugins/greeter_plugin.py")).unwrap();
+    let report = d.json(&["reload"]);
+    assert_eq!(report["removed"], serde_json::json!(["greeter"]), "{report}");
+    assert!(!staged.exists(), "the staged copy is gone too");
 }

@@ -315,10 +315,19 @@ impl Daemon {
             lock(&self.known).iter().map(|(n, k)| (n.clone(), k.fingerprint.clone())).collect();
         // Plugins whose folder is gone from disk (not merely unreadable for now): their
         // virtualenvs go too, below.
+        // (A single-file plugin runs from a staged copy: it is gone when its file is.)
+        let stage = lock(&self.config).state_dir.join("single");
+        let stage = std::fs::canonicalize(&stage).unwrap_or(stage);
+        let is_gone = |k: &Known| !k.spec.dir.exists() || !k.spec.manifest_path.exists();
         let gone: BTreeSet<String> = lock(&self.known)
             .iter()
-            .filter(|(_, k)| !k.spec.dir.exists())
+            .filter(|(_, k)| is_gone(k))
             .map(|(_, k)| k.spec.venv_name().to_string())
+            .collect();
+        let stale_stages: Vec<PathBuf> = lock(&self.known)
+            .iter()
+            .filter(|(_, k)| is_gone(k) && k.spec.dir.starts_with(&stage))
+            .map(|(_, k)| k.spec.dir.clone())
             .collect();
         let venvs_in_use: BTreeSet<String> =
             d.plugins.iter().map(|s| s.venv_name().to_string()).collect();
@@ -381,6 +390,12 @@ impl Daemon {
         *lock(&self.known) = known;
         let stray: BTreeSet<String> = gone.difference(&venvs_in_use).cloned().collect();
         report.venvs_removed = self.remove_venvs(&stray);
+        for dir in stale_stages {
+            // The staged copy of a single-file plugin whose file was removed.
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!("cannot remove {}: {e}", dir.display());
+            }
+        }
         for p in &report.problems {
             tracing::error!("{p}");
         }
