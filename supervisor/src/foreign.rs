@@ -196,12 +196,11 @@ fn to_toml(
         (None, None) => None,
     };
     match entry {
-        Some((key, serde_json::Value::String(s))) => {
+        Some((_, serde_json::Value::String(s))) => {
             if !map.contains_key("runtime") {
                 table.insert("runtime".into(), toml::Value::String("python".into()));
             }
             table.insert("entrypoint".into(), toml::Value::String(s.trim().to_string()));
-            let _ = key;
         }
         Some((key, other)) => {
             return Err(bad(key, format!("= {other} is not text; write e.g. \"plugin.MyPlugin\"")))

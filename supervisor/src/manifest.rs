@@ -471,6 +471,39 @@ pub struct Instance {
     pub env: BTreeMap<String, String>,
 }
 
+impl Instance {
+    /// An instance from what a manifest or plugd.toml wrote, checked as a plugin's own keys
+    /// are (a valid name, a config table, no `PLUGD_` variables); the error is
+    /// `(key under the instance, problem)`, for the caller to place in its file.
+    pub fn new(
+        name: String,
+        config: toml::Table,
+        env: BTreeMap<String, String>,
+    ) -> Result<Instance, (String, String)> {
+        check_name(&name).map_err(|e| ("name".to_string(), format!("= {e}")))?;
+        let config = match serde_json::to_value(&config) {
+            Ok(serde_json::Value::Object(m)) => m,
+            Ok(_) => return Err(("config".into(), "must be a table".into())),
+            Err(e) => return Err(("config".into(), format!("cannot be JSON: {e}"))),
+        };
+        for key in env.keys() {
+            check_env_key(key).map_err(|e| (format!("env.{key}"), e.to_string()))?;
+        }
+        Ok(Instance { name, config, env })
+    }
+}
+
+/// Why `key` cannot be an `[env]` variable of a plugin, if it cannot.
+fn check_env_key(key: &str) -> Result<(), &'static str> {
+    if key.is_empty() || key.contains('=') || key.contains('\0') {
+        return Err("is not a valid environment variable name");
+    }
+    if key.starts_with("PLUGD_") {
+        return Err("uses the PLUGD_ prefix, which plugd sets itself (PLUGD_FD, PLUGD_STATE_DIR, …); choose another name");
+    }
+    Ok(())
+}
+
 /// One entry of `[calls] allow`: `"plugin.method"`, or `"plugin.*"` for all its methods.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CallRule {
@@ -1055,37 +1088,18 @@ impl Manifest {
             .map_err(|e| c.bad("config", format!("cannot be handed to the plugin as JSON: {e}")))?;
         let mut instances: Vec<Instance> = Vec::new();
         for (i, inst) in raw.instances.into_iter().enumerate() {
-            let key = format!("instances[{i}].name");
-            if let Err(e) = check_name(&inst.name) {
-                return Err(c.bad(&key, format!("= {e}")));
-            }
+            let inst = Instance::new(inst.name, inst.config, inst.env)
+                .map_err(|(key, problem)| c.bad(&format!("instances[{i}].{key}"), problem))?;
             if inst.name == name || instances.iter().any(|o| o.name == inst.name) {
                 return Err(c.bad(
-                    &key,
+                    &format!("instances[{i}].name"),
                     format!("= {:?} is taken (by the plugin or another instance); give each instance its own name", inst.name),
                 ));
             }
-            let serde_json::Value::Object(config) =
-                serde_json::to_value(&inst.config).map_err(|e| {
-                    c.bad(&format!("instances[{i}].config"), format!("cannot be JSON: {e}"))
-                })?
-            else {
-                return Err(c.bad(&format!("instances[{i}].config"), "must be a table"));
-            };
-            instances.push(Instance { name: inst.name, config, env: inst.env });
+            instances.push(inst);
         }
         for key in raw.env.keys() {
-            if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return Err(
-                    c.bad(&format!("env.{key}"), "is not a valid environment variable name")
-                );
-            }
-            if key.starts_with("PLUGD_") {
-                return Err(c.bad(
-                    &format!("env.{key}"),
-                    "uses the PLUGD_ prefix, which plugd sets itself (PLUGD_FD, PLUGD_STATE_DIR, …); choose another name",
-                ));
-            }
+            check_env_key(key).map_err(|e| c.bad(&format!("env.{key}"), e))?;
         }
 
         let build = match raw.build {
@@ -1576,5 +1590,20 @@ symbols = ["BTC"]
         );
         let e = parse("[[instances]]\nname = \"Bad Name\"\n").unwrap_err();
         assert!(e.to_string().contains("instances[0].name"), "{e}");
+        // An instance's env obeys the plugin's rule: plugd's own variables are not its.
+        let e = parse("[[instances]]\nname = \"a\"\nenv = { PLUGD_FD = \"9\" }\n").unwrap_err();
+        assert!(
+            e.to_string().contains("instances[0].env.PLUGD_FD")
+                && e.to_string().contains("PLUGD_ prefix"),
+            "{e}"
+        );
+        // plugd.toml's instances go through the same check.
+        let e = Instance::new(
+            "b".into(),
+            toml::Table::new(),
+            [("PLUGD_STATE_DIR".to_string(), "/".to_string())].into(),
+        )
+        .unwrap_err();
+        assert_eq!(e.0, "env.PLUGD_STATE_DIR");
     }
 }

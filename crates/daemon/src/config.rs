@@ -238,26 +238,19 @@ impl DaemonConfig {
         };
         let mut instances = Vec::new();
         for (i, inst) in raw.instances.into_iter().enumerate() {
-            for (key, value) in [("name", &inst.name), ("plugin", &inst.plugin)] {
-                plugin_proto::check_plugin_name(value)
-                    .map_err(|e| format!("`instances[{i}].{key}`: {e}"))?;
-            }
+            plugin_proto::check_plugin_name(&inst.plugin)
+                .map_err(|e| format!("`instances[{i}].plugin`: {e}"))?;
+            let instance = supervisor::manifest::Instance::new(inst.name, inst.config, inst.env)
+                .map_err(|(key, problem)| format!("`instances[{i}].{key}` {problem}"))?;
             if instances
                 .iter()
-                .any(|(_, o): &(String, supervisor::manifest::Instance)| o.name == inst.name)
+                .any(|(_, o): &(String, supervisor::manifest::Instance)| o.name == instance.name)
             {
                 return Err(format!(
                     "`instances[{i}].name` = {:?} is given twice; each instance needs its own name",
-                    inst.name
+                    instance.name
                 ));
             }
-            let serde_json::Value::Object(config) = serde_json::to_value(&inst.config)
-                .map_err(|e| format!("`instances[{i}].config` cannot be JSON: {e}"))?
-            else {
-                return Err(format!("`instances[{i}].config` must be a table"));
-            };
-            let instance =
-                supervisor::manifest::Instance { name: inst.name, config, env: inst.env };
             instances.push((inst.plugin, instance));
         }
         let trust = crate::signing::Trust::from_config(

@@ -25,15 +25,11 @@ pub struct Discovery {
 
 /// Scans `dirs` (missing directories are reported, not fatal) and checks the set;
 /// `defaults` (plugd.toml `[defaults]`) fill what each manifest leaves out.
-pub fn discover(dirs: &[PathBuf], defaults: &toml::Table) -> Discovery {
-    discover_with(dirs, defaults, &[], None)
-}
-
-/// [`discover`], with plugd.toml's `[[instances]]` (plugin, instance): a plugin named by
-/// them runs as those instances instead of under its own name. With `stage` (a folder of
-/// plugd's state), a `NAME_plugin.py` file in a plugin directory is a plugin of its own,
-/// copied there to run ([`PluginSpec::single_file`]); without, such files are left alone.
-pub fn discover_with(
+/// plugd.toml's `[[instances]]` (plugin, instance): a plugin named by them runs as those
+/// instances instead of under its own name. With `stage` (a folder of plugd's state), a
+/// `NAME_plugin.py` file in a plugin directory is a plugin of its own, copied there to run
+/// ([`PluginSpec::single_file`]); without, such files are left alone.
+pub fn discover(
     dirs: &[PathBuf],
     defaults: &toml::Table,
     instances: &[(String, supervisor::manifest::Instance)],
@@ -241,7 +237,7 @@ mod tests {
         write(t.path(), "a-strategy", "1.0.0", &["feed ^1", "risk"]);
         write(t.path(), "feed", "1.2.0", &[]);
         write(t.path(), "risk", "0.3.0", &["feed"]);
-        let d = discover(&[t.path().to_path_buf()], &Default::default());
+        let d = discover(&[t.path().to_path_buf()], &Default::default(), &[], None);
         assert!(d.problems.is_empty(), "{:?}", d.problems);
         assert_eq!(names(&d), vec!["feed", "risk", "a-strategy"]);
     }
@@ -263,6 +259,8 @@ mod tests {
         let d = discover(
             &[t.path().to_path_buf(), other.path().to_path_buf(), t.path().join("nope")],
             &Default::default(),
+            &[],
+            None,
         );
         assert_eq!(names(&d), vec!["feed", "ok"]);
         let all = d.problems.join("\n");
@@ -287,8 +285,7 @@ mod tests {
         std::fs::write(plugins.join("greeter_plugin.py"), "class G:\n    pass\n").unwrap();
         std::fs::write(plugins.join("helper.py"), "").unwrap();
         let stage = t.path().join("stage");
-        let d =
-            discover_with(std::slice::from_ref(&plugins), &toml::Table::new(), &[], Some(&stage));
+        let d = discover(std::slice::from_ref(&plugins), &toml::Table::new(), &[], Some(&stage));
         let names: Vec<&str> = d.plugins.iter().map(|s| s.name()).collect();
         assert_eq!(names, ["greeter"], "{:?}", d.problems);
         assert!(stage.join("greeter/greeter_plugin.py").is_file(), "staged");
@@ -298,7 +295,7 @@ mod tests {
             d.problems
         );
         // Without a stage (plugctl validate), single files are left alone.
-        let d = discover_with(&[plugins], &toml::Table::new(), &[], None);
+        let d = discover(&[plugins], &toml::Table::new(), &[], None);
         assert!(d.plugins.is_empty());
     }
 }

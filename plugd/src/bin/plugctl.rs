@@ -371,7 +371,7 @@ fn check_requires(spec: &supervisor::PluginSpec, config: Option<&Path>) -> Resul
     let c = plugd_daemon::config::DaemonConfig::load(config).map_err(|e| e.to_string())?;
     let mut dirs = c.plugin_dirs.clone();
     dirs.push(plugd_install::install::root(&c.state_dir));
-    let found = plugd_daemon::discovery::discover_with(&dirs, &c.defaults, &c.instances, None);
+    let found = plugd_daemon::discovery::discover(&dirs, &c.defaults, &c.instances, None);
     let mut problems = Vec::new();
     for req in reqs {
         match found.plugins.iter().find(|p| p.name() == req.name) {

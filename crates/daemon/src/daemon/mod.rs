@@ -22,7 +22,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::config::DaemonConfig;
 use crate::control::{ApiError, LatencyView, StatusEntry};
 use crate::control::{Reply, Request};
-use crate::discovery::{discover_with, fingerprint};
+use crate::discovery::{discover, fingerprint};
 use crate::manifest::PluginSpec;
 use crate::notify::Notifier;
 use crate::router::Deadline;
@@ -223,7 +223,7 @@ impl Daemon {
             let c = lock(&self.config);
             (c.instances.clone(), c.state_dir.join("single"))
         };
-        let d = discover_with(&dirs, &defaults, &instances, Some(&stage));
+        let d = discover(&dirs, &defaults, &instances, Some(&stage));
         for p in &d.problems {
             tracing::error!("{p}");
         }
@@ -308,7 +308,7 @@ impl Daemon {
             let c = lock(&self.config);
             (c.instances.clone(), c.state_dir.join("single"))
         };
-        let mut d = discover_with(&dirs, &defaults, &instances, Some(&stage));
+        let mut d = discover(&dirs, &defaults, &instances, Some(&stage));
         let refused = self.refuse_breaking_edits(&mut d, &defaults);
         report.problems.extend(d.problems);
         let old: Vec<(String, String)> =
