@@ -466,8 +466,9 @@ impl Conn {
         method: &str,
         payload: Payload,
         deadline_us: u64,
+        probe: bool,
     ) -> Result<u64, NotSent> {
-        let Ok(id) = t.begin(waiter) else {
+        let Ok(id) = t.begin_as(waiter, probe) else {
             return Err(NotSent::Closing(payload));
         };
         let msg = Message::Call(Call { id, method: method.to_string(), deadline_us, payload });
@@ -555,14 +556,40 @@ impl Conn {
         deadline: Option<Instant>,
         chunks: Option<mpsc::UnboundedSender<Payload>>,
     ) -> Result<Result<Payload, CallError>, NotSent> {
+        self.call_as(method, payload, deadline, chunks, false).await
+    }
+
+    /// plugd's own health check of this instance: a call that is not held back while a
+    /// hot update's new instance waits to be released (it must prove healthy first).
+    pub async fn probe(
+        &self,
+        method: &str,
+        payload: Payload,
+        deadline: Instant,
+    ) -> Result<Payload, CallError> {
+        match self.call_as(method, payload, Some(deadline), None, true).await {
+            Ok(answer) => answer,
+            Err(NotSent::Failed(e)) => Err(e),
+            Err(NotSent::Closing(_)) => Err(self.gone("it is stopping")),
+        }
+    }
+
+    async fn call_as(
+        &self,
+        method: &str,
+        payload: Payload,
+        deadline: Option<Instant>,
+        chunks: Option<mpsc::UnboundedSender<Payload>>,
+        probe: bool,
+    ) -> Result<Result<Payload, CallError>, NotSent> {
         let (tx, mut rx) = oneshot::channel();
         let id = loop {
             {
                 let mut t = self.table.lock();
-                if t.gate() != Gate::Held {
+                if t.gate() != Gate::Held || probe {
                     let deadline_us = self.deadline_us(deadline, Instant::now())?;
                     let waiter = Waiter::Async { reply: tx, chunks };
-                    break self.begin(&mut t, waiter, method, payload, deadline_us)?;
+                    break self.begin(&mut t, waiter, method, payload, deadline_us, probe)?;
                 }
             }
             self.wait_released(deadline).await?;
@@ -665,7 +692,7 @@ impl Conn {
         let id = {
             let mut t = self.table.lock();
             let deadline_us = self.deadline_us(deadline, now)?;
-            self.begin(&mut t, Waiter::Blocking, method, payload, deadline_us)?
+            self.begin(&mut t, Waiter::Blocking, method, payload, deadline_us, false)?
         };
         self.engine_calls.fetch_add(1, Ordering::Relaxed);
         Ok(match self.send_now() {

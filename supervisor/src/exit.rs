@@ -76,6 +76,12 @@ pub enum ExitReason {
         /// The syscall's name, when the plugin's SDK reported it.
         syscall: Option<String>,
     },
+    /// Its `[health]` check failed past the threshold (or never passed within its start
+    /// timeout): plugd killed it.
+    Unhealthy {
+        /// The check and what it got.
+        detail: String,
+    },
 }
 
 /// The kind of an [`ExitReason`], without its details: what status counts exits by.
@@ -107,6 +113,8 @@ pub enum ExitKind {
     FileSizeLimit,
     /// Killed by its seccomp filter.
     SandboxViolation,
+    /// Failed its health check.
+    Unhealthy,
 }
 
 impl ExitKind {
@@ -126,6 +134,7 @@ impl ExitKind {
             ExitKind::CpuTimeLimit => "cpu time limit",
             ExitKind::FileSizeLimit => "file size limit",
             ExitKind::SandboxViolation => "sandbox violation",
+            ExitKind::Unhealthy => "unhealthy",
         }
     }
 }
@@ -159,6 +168,7 @@ impl ExitReason {
             ExitReason::CpuTimeLimit { .. } => ExitKind::CpuTimeLimit,
             ExitReason::FileSizeLimit { .. } => ExitKind::FileSizeLimit,
             ExitReason::SandboxViolation { .. } => ExitKind::SandboxViolation,
+            ExitReason::Unhealthy { .. } => ExitKind::Unhealthy,
         }
     }
 
@@ -233,6 +243,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::SandboxViolation { syscall: None } => {
                 f.write_str("sandbox violation (SIGSYS; the plugin did not report which syscall)")
             }
+            ExitReason::Unhealthy { detail } => write!(f, "unhealthy: {detail}"),
         }
     }
 }

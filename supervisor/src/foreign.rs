@@ -106,6 +106,8 @@ const OWN_KEYS: &[&str] = &[
     "transport",
     "calls",
     "instances",
+    "listen",
+    "health",
 ];
 
 /// The plugd name for `name` as written: lowercase, with spaces and dots as `-`.

@@ -73,6 +73,8 @@ pub(crate) enum InstanceEvent {
     Drained,
     /// The process is gone.
     Exited { reason: ExitReason, state: Option<Vec<u8>> },
+    /// Its `[health]` check changed (see [`crate::health`]).
+    Health(crate::health::HealthView),
 }
 
 /// What an instance needs besides its process.
@@ -85,6 +87,8 @@ pub(crate) struct InstanceConfig {
     pub max_frame: u32,
     pub ring: LogRing,
     pub limits: Limits,
+    /// `[health]` and where its check connects: Ready waits for the first pass.
+    pub health: Option<(crate::serving::HealthConfig, crate::health::Target)>,
 }
 
 /// Why the serving loop ended early with a kill.
@@ -93,6 +97,7 @@ enum Fault {
     Hung(String),
     Memory,
     Violation,
+    Unhealthy(String),
 }
 
 struct Instance {
@@ -119,6 +124,8 @@ struct Instance {
     /// Watches the socket for room to write, only while frames wait to be written (see
     /// `watch_writes`).
     write_watch: Option<AsyncFd<OwnedFd>>,
+    /// The health watch's request to kill the plugin (see [`crate::health`]).
+    unhealthy: Option<oneshot::Receiver<String>>,
 }
 
 /// A Ready instance taken apart for a successor process (plugd's in-place upgrade):
@@ -223,7 +230,32 @@ impl Instance {
             sdk: String::new(),
             freeze: None,
             write_watch: None,
+            unhealthy: None,
         })
+    }
+
+    /// Starts the `[health]` watch, if the plugin has one, handing it `ready` to report on
+    /// the first pass; gives `ready` back when there is no watch. An adopted instance (no
+    /// `ready`) was healthy when handed over; its private probe socket's name is not
+    /// handed over, so an HTTP/TCP check through it is not watched until its next start.
+    fn watch_health(
+        &mut self,
+        events: &mpsc::UnboundedSender<(u64, InstanceEvent)>,
+        ready: Option<InstanceEvent>,
+    ) -> Option<InstanceEvent> {
+        let Some((config, target)) = self.cfg.health.take() else { return ready };
+        let (kill, unhealthy) = oneshot::channel();
+        self.unhealthy = Some(unhealthy);
+        tokio::spawn(crate::health::watch(crate::health::Watch {
+            config,
+            target,
+            conn: self.conn.clone(),
+            generation: self.cfg.generation,
+            events: events.clone(),
+            ready,
+            kill,
+        }));
+        None
     }
 
     /// Takes the actor apart for a successor process.
@@ -283,7 +315,13 @@ pub(crate) async fn run(raw: RawChild, cfg: InstanceConfig, wiring: Wiring) {
             inst.sdk = sdk.clone();
             let pid = inst.proc.pid();
             let lockdown = inst.lockdown.clone();
-            let _ = events.send((generation, InstanceEvent::Ready { pid, sdk, lockdown }));
+            let ready = InstanceEvent::Ready { pid, sdk, lockdown };
+            match inst.watch_health(&events, Some(ready)) {
+                Some(ready) => {
+                    let _ = events.send((generation, ready));
+                }
+                None => {} // the health watch reports Ready on the first pass
+            }
             inst.serve(&mut control, &events).await
         }
         Err(reason) => Some(reason),
@@ -319,6 +357,7 @@ pub(crate) async fn run_adopted(frozen: Frozen, cfg: InstanceConfig, wiring: Wir
         generation,
         InstanceEvent::Ready { pid, sdk: frozen.sdk, lockdown: frozen.lockdown },
     ));
+    inst.watch_health(&events, None);
     let end = inst.serve(&mut control, &events).await;
     finish(inst, end, &events).await;
 }
@@ -916,6 +955,12 @@ impl Instance {
                         break self.fault(fault).await;
                     }
                 }
+                why = async { self.unhealthy.as_mut().expect("guarded").await }, if self.unhealthy.is_some() && !self.stop.stopping() && self.freeze.is_none() => {
+                    match why {
+                        Ok(detail) => break self.fault(Fault::Unhealthy(detail)).await,
+                        Err(_) => self.unhealthy = None,
+                    }
+                }
                 _ = rss_watch.tick(), if rss_limit.is_some() => {
                     if let (Some(limit), Some(rss)) = (rss_limit, self.proc.rss_bytes()) {
                         if rss > limit {
@@ -998,6 +1043,7 @@ impl Instance {
                 ExitReason::MemoryLimit { limit_bytes: self.cfg.limits.memory.unwrap_or(0) }
             }
             Fault::Violation => self.violation(),
+            Fault::Unhealthy(detail) => ExitReason::Unhealthy { detail },
         };
         self.kill(reason).await
     }

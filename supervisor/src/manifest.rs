@@ -458,6 +458,10 @@ pub struct Manifest {
     pub instances: Vec<Instance>,
     /// For one of those instances: the plugin it is an instance of (its venv is that one's).
     pub instance_of: Option<String>,
+    /// `[listen]`: sockets plugd binds and hands to every instance (see [`crate::serving`]).
+    pub listen: Vec<crate::serving::ListenAddr>,
+    /// `[health]`: how plugd checks the plugin serves; None: Ready means healthy.
+    pub health: Option<crate::serving::HealthConfig>,
 }
 
 /// One `[[instances]]` entry: a name and what it changes.
@@ -599,6 +603,9 @@ struct RawManifest {
     calls: RawCalls,
     #[serde(default)]
     instances: Vec<RawInstance>,
+    #[serde(default)]
+    listen: crate::serving::RawListen,
+    health: Option<crate::serving::RawHealth>,
 }
 
 #[derive(Deserialize)]
@@ -1139,6 +1146,32 @@ impl Manifest {
             network: c.word("python.network", py.network, Network::WORDS, Network::from_word)?
                 == Network::Host,
         };
+        let listen = crate::serving::parse_listen(raw.listen).map_err(|(k, p)| c.bad(&k, p))?;
+        let health = match raw.health {
+            None => None,
+            Some(h) => {
+                let host = sandbox.network == Network::Host;
+                let check = crate::serving::parse_check(&h, &listen, host)
+                    .map_err(|(k, p)| c.bad(&k, p))?;
+                let failures = match h.failures {
+                    None => 3,
+                    Some(n) if (1..=1000).contains(&n) => n as u32,
+                    Some(n) => return Err(c.bad("health.failures", format!("= {n} must be 1 to 1000"))),
+                };
+                let s = Duration::from_secs;
+                Some(crate::serving::HealthConfig {
+                    check,
+                    interval: c.positive_duration("health.interval", &h.interval, s(5))?,
+                    timeout: c.positive_duration("health.timeout", &h.timeout, s(2))?,
+                    start_timeout: c.positive_duration(
+                        "health.start_timeout",
+                        &h.start_timeout,
+                        s(60),
+                    )?,
+                    failures,
+                })
+            }
+        };
         let calls = raw
             .calls
             .allow
@@ -1171,6 +1204,8 @@ impl Manifest {
             extra: BTreeMap::new(),
             instances,
             instance_of: None,
+            listen,
+            health,
         })
     }
 }

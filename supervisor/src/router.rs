@@ -101,6 +101,8 @@ pub struct PluginStatus {
     pub exits: std::collections::BTreeMap<crate::exit::ExitKind, u64>,
     /// Log lines over the rate limit, kept for `logs` but not written to plugd's own log.
     pub log_lines_dropped: u64,
+    /// Its `[health]` check's standing (None: it has no check).
+    pub health: Option<crate::health::HealthView>,
 }
 
 /// Upper bounds of the call-latency buckets, in microseconds (a last bucket takes the rest).
@@ -166,6 +168,8 @@ pub(crate) struct LiveStatus {
     pub updating_to: Option<String>,
     /// Instance ends by kind of reason.
     pub exits: std::collections::BTreeMap<crate::exit::ExitKind, u64>,
+    /// The current instance's `[health]`, when the plugin has a check.
+    pub health: Option<crate::health::HealthView>,
 }
 
 pub(crate) struct Shared {
@@ -452,6 +456,7 @@ impl PluginHandle {
             latency: s.latency.snapshot(),
             exits: live.exits,
             log_lines_dropped: s.ring.dropped(),
+            health: live.health,
         }
     }
 

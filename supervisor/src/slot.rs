@@ -25,6 +25,9 @@ use crate::router::Shared;
 use crate::sandbox::{HostFacts, SandboxReport};
 use crate::spawn::{SpawnPlan, Spawner};
 use crate::swap::{self, Act, Report};
+use crate::health::Target;
+use crate::serving::{HealthCheck, ListenAddr};
+use std::os::fd::OwnedFd;
 
 /// Orders from the supervisor to a slot.
 pub(crate) enum SlotCommand {
@@ -146,6 +149,8 @@ pub(crate) struct Slot {
     pub prepare: Option<Arc<dyn crate::PrepareRuntime>>,
     /// What the host offers its plugins' calls.
     pub host_methods: Arc<crate::host::HostMethods>,
+    /// Its `[listen]` sockets, bound at the first start and handed to every instance.
+    pub listeners: parking_lot::Mutex<Vec<(ListenAddr, Arc<OwnedFd>)>>,
 }
 
 impl Slot {
@@ -242,7 +247,18 @@ impl Slot {
         let adopt = Event::Adopt { restarts: frozen.restarts };
         r.machine = transition(&r.machine, adopt, StdInstant::now(), 0.0).0;
         let (control_tx, control_rx) = mpsc::channel(4);
-        let cfg = self.instance_config(&self.spec, r.generation, None);
+        // Its private probe socket's name was not handed over: only a method or an address
+        // check can go on (see `Instance::watch_health`).
+        let target = self.spec.manifest.health.as_ref().and_then(|h| match &h.check {
+            HealthCheck::Method(_) => Some(Target::Method),
+            HealthCheck::Http { addr: Some(a), .. } | HealthCheck::Tcp { addr: Some(a) }
+                if self.spec.manifest.listen.is_empty() =>
+            {
+                Some(Target::Inet(*a))
+            }
+            _ => None,
+        });
+        let cfg = self.instance_config(&self.spec, r.generation, None, target);
         match frozen.instance.socket.try_clone().map(std::os::unix::net::UnixStream::from) {
             Ok(sock) => {
                 let conn = self.connect(sock, &self.spec, false);
@@ -342,7 +358,12 @@ impl Slot {
     /// A report from an instance: the update's machine takes it first when it is about the
     /// update's instances; otherwise it is a lifecycle event if it is about the current one.
     async fn on_report(&mut self, r: &mut Run, gen: u64, ev: InstanceEvent) -> Option<Event> {
+        if let InstanceEvent::Health(view) = ev {
+            self.on_health(r, gen, view);
+            return None;
+        }
         let report = match &ev {
+            InstanceEvent::Health(_) => return None,
             InstanceEvent::Ready { .. } => Report::Ready,
             InstanceEvent::Drained => Report::Drained,
             InstanceEvent::Exited { reason, .. } => Report::Exited(reason.clone()),
@@ -364,6 +385,7 @@ impl Slot {
                 Some(Event::Ready)
             }
             InstanceEvent::Drained => Some(Event::Drained),
+            InstanceEvent::Health(_) => None,
             InstanceEvent::Exited { reason, state } => {
                 if state.is_some() {
                     r.handover = state;
@@ -371,11 +393,40 @@ impl Slot {
                 r.current = None;
                 r.pid = None;
                 self.shared.set_route(None);
+                self.shared.live.lock().health = None;
                 let level = if reason.is_failure() { LogLevel::Error } else { LogLevel::Info };
                 self.note(level, format!("instance ended: {reason}"));
                 *self.shared.live.lock().exits.entry(reason.kind()).or_default() += 1;
                 Some(Event::ProcessExited(reason))
             }
+        }
+    }
+
+    /// A health report: noted in the log (failures, recoveries), and in the status when it
+    /// is about the instance calls go to.
+    fn on_health(&self, r: &Run, gen: u64, view: crate::health::HealthView) {
+        use crate::health::HealthState;
+        let current = r.current.as_ref().is_some_and(|c| c.generation == gen);
+        let new = r.update.as_ref().is_some_and(|u| u.new.generation == gen);
+        if !current && !new {
+            return;
+        }
+        let who = if new { "the new version's " } else { "" };
+        let threshold = self.spec.manifest.health.as_ref().map_or(0, |h| h.failures);
+        let err = view.last_error.clone().unwrap_or_default();
+        match view.state {
+            HealthState::Starting if view.last_error.is_some() => {
+                self.note(LogLevel::Info, format!("waiting for {who}health check: {err}"))
+            }
+            HealthState::Starting => {}
+            HealthState::Healthy => self.note(LogLevel::Info, format!("{who}health check passes")),
+            HealthState::Failing => self.note(
+                LogLevel::Warn,
+                format!("{who}health check failed ({}/{threshold}): {err}", view.failures),
+            ),
+        }
+        if current {
+            self.shared.live.lock().health = Some(view);
         }
     }
 
@@ -596,9 +647,11 @@ impl Slot {
         spec: &PluginSpec,
         generation: u64,
         state: Option<Vec<u8>>,
+        target: Option<Target>,
     ) -> InstanceConfig {
         let m = &spec.manifest;
         InstanceConfig {
+            health: m.health.clone().zip(target),
             name: m.name.clone(),
             generation,
             timeouts: m.timeouts.clone(),
@@ -632,6 +685,9 @@ impl Slot {
         }
         let plan = SpawnPlan::for_spec(spec, &self.bin_dirs, &self.state_root, &self.host)
             .map_err(|detail| ExitReason::SpawnFailed { detail })?;
+        let (sockets, target) =
+            self.sockets_for(spec).map_err(|detail| ExitReason::SpawnFailed { detail })?;
+        let plan = plan.with_listeners(sockets);
         let report: SandboxReport = plan.sandbox.report.clone();
         for missing in &report.unavailable {
             self.note(
@@ -647,7 +703,7 @@ impl Slot {
             .map_err(|e| ExitReason::SpawnFailed { detail: e.to_string() })?;
         self.note(LogLevel::Info, format!("started pid {}", raw.pid));
         let (control_tx, control_rx) = mpsc::channel(4);
-        let cfg = self.instance_config(spec, generation, state);
+        let cfg = self.instance_config(spec, generation, state, target);
         let sock = raw.socket.try_clone().map_err(|e| {
             let _ = nix::sys::signal::killpg(
                 nix::unistd::Pid::from_raw(raw.pid),
@@ -659,6 +715,50 @@ impl Slot {
         let wiring = instance::Wiring { conn: conn.clone(), control: control_rx, events };
         tokio::spawn(instance::run(raw, cfg, wiring));
         Ok(Current { generation, control: control_tx, calls: Some(conn) })
+    }
+
+    /// The sockets an instance of `spec` is handed (its `[listen]` ones, bound at first
+    /// use and kept for every later instance, plus a private probe socket when its health
+    /// check connects), and where its check connects.
+    fn sockets_for(
+        &self,
+        spec: &PluginSpec,
+    ) -> Result<(Vec<(&'static str, OwnedFd)>, Option<Target>), String> {
+        let m = &spec.manifest;
+        let mut out = Vec::new();
+        {
+            let mut bound = self.listeners.lock();
+            for addr in &m.listen {
+                let fd = match bound.iter().find(|(a, _)| a == addr) {
+                    Some((_, fd)) => fd.clone(),
+                    None => {
+                        let fresh = crate::serving::Listeners::bind(std::slice::from_ref(addr))
+                            .map_err(|e| format!("plugin {}: {e}", m.name))?;
+                        let fd = Arc::new(fresh.sockets.into_iter().next().map(|(_, fd)| fd).ok_or("no socket")?);
+                        bound.push((addr.clone(), fd.clone()));
+                        fd
+                    }
+                };
+                let dup = fd.try_clone().map_err(|e| format!("cannot share {addr}: {e}"))?;
+                out.push((addr.fd_name(), dup));
+            }
+            // A hot update may drop an address: its socket closes once no instance has it.
+            bound.retain(|(a, _)| m.listen.contains(a));
+        }
+        let target = match m.health.as_ref().map(|h| &h.check) {
+            None => None,
+            Some(HealthCheck::Method(_)) => Some(Target::Method),
+            Some(HealthCheck::Http { .. } | HealthCheck::Tcp { .. }) if !m.listen.is_empty() => {
+                let (fd, name) = crate::serving::probe_socket(&m.name)
+                    .map_err(|e| format!("plugin {}: cannot make its health probe socket: {e}", m.name))?;
+                out.push(("plugd-health", fd));
+                Some(Target::Probe(name))
+            }
+            Some(HealthCheck::Http { addr, .. } | HealthCheck::Tcp { addr }) => {
+                Some(Target::Inet(addr.ok_or("a health check without [listen] needs an address")?))
+            }
+        };
+        Ok((out, target))
     }
 
     /// The connection core for an instance's socket (`hold`: a hot update's new instance).

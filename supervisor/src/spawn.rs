@@ -27,8 +27,10 @@
 //!   `open`/`write`/`close` (generated `/etc` files), `chdir`, `pivot_root`, `umount2`,
 //!   `sethostname`, `prctl(PR_CAPBSET_DROP)`, `setgroups`, `setresgid`, `setresuid`,
 //!   `capset`, `prctl(PR_CAP_AMBIENT)`, `clone` (the plugin), then in its loop
-//!   `sigprocmask`, `sigwaitinfo`, `waitpid`, `kill`, `write` (the status pipe), `_exit`;
-//! - the plugin: `sigaction`, `sigprocmask`, `close`, `prctl(PR_SET_PDEATHSIG)`,
+//!   `sigprocmask`, `sigwaitinfo`, `waitpid`, `kill`, `write` (the status pipe), `_exit`
+//!   (and `close_range`, so it holds no `[listen]` socket);
+//! - the plugin: `sigaction`, `sigprocmask`, `close`, `prctl(PR_SET_PDEATHSIG)`, with
+//!   `[listen]` `fcntl`/`dup2`/`close`/`getpid` (see `hand_listeners`),
 //!   `setrlimit`, (without a jail: the id and capability calls above), `chdir`,
 //!   `prctl(PR_SET_NO_NEW_PRIVS)`, `landlock_create_ruleset`/`landlock_add_rule`/
 //!   `landlock_restrict_self`, `seccomp`/`prctl(PR_SET_SECCOMP)`, `execve`;
@@ -71,6 +73,9 @@ pub struct SpawnPlan {
     pub sandbox: Arc<SandboxPlan>,
     /// The kind of socket the plugin talks on.
     pub transport: Transport,
+    /// Listening sockets handed over from descriptor 3 on (`[listen]`, see
+    /// [`crate::serving`]), with their `LISTEN_FDNAMES` names; the protocol socket follows.
+    pub listen: Vec<(&'static str, OwnedFd)>,
 }
 
 /// Host variables a plugin inherits; everything else is cleared.
@@ -169,6 +174,8 @@ impl SpawnPlan {
         env.push(("PLUGD_PLUGIN_NAME".into(), m.name.clone()));
         env.push(("PLUGD_PLUGIN_VERSION".into(), m.version.to_string()));
         env.push(("PLUGD_STATE_DIR".into(), state_dir.display().to_string()));
+        // For the SDKs' hint when an inet socket is refused (see the Python SDK's `serving`).
+        env.push(("PLUGD_NETWORK".into(), m.sandbox.network.as_str().into()));
         if m.entrypoint.is_python() {
             // Output reaches the log line by line; the plugin folder is read-only anyway.
             env.push(("PYTHONUNBUFFERED".into(), "1".into()));
@@ -186,7 +193,25 @@ impl SpawnPlan {
             env,
             sandbox: Arc::new(sandbox),
             transport: m.transport,
+            listen: Vec::new(),
         })
+    }
+
+    /// Hands `sockets` to the plugin the systemd way: descriptors 3.. with `LISTEN_FDS`,
+    /// `LISTEN_FDNAMES` and `LISTEN_PID` (written by the child once it knows its pid); the
+    /// protocol socket moves after them (`PLUGD_FD`).
+    pub fn with_listeners(mut self, sockets: Vec<(&'static str, OwnedFd)>) -> SpawnPlan {
+        if sockets.is_empty() {
+            return self;
+        }
+        let n = sockets.len();
+        let names: Vec<&str> = sockets.iter().map(|(name, _)| *name).collect();
+        self.env.retain(|(k, _)| !matches!(k.as_str(), "PLUGD_FD" | "LISTEN_FDS" | "LISTEN_FDNAMES"));
+        self.env.push(("PLUGD_FD".into(), (PLUGIN_FD + n as RawFd).to_string()));
+        self.env.push(("LISTEN_FDS".into(), n.to_string()));
+        self.env.push(("LISTEN_FDNAMES".into(), names.join(":")));
+        self.listen = sockets;
+        self
     }
 }
 
@@ -444,6 +469,12 @@ struct ChildArgs<'a> {
     dir: &'a std::ffi::CStr,
     /// (source descriptor, slot) pairs; -1 where there is none.
     fds: [(RawFd, RawFd); 7],
+    /// Listening sockets to hand over (`[listen]`): placed on `FIRST_FREE..` by
+    /// `child_fds`, moved to 3.. by `hand_listeners` in the plugin.
+    listen: &'a [RawFd],
+    /// Where the child writes its own pid, in decimal and NUL-terminated, into the
+    /// `LISTEN_PID=` entry of `envp` (its private copy of this memory after the clone).
+    listen_pid: *mut u8,
 }
 
 /// Sets the parent-death signal, then exits if the supervisor already died (the signal
@@ -491,7 +522,7 @@ fn child_main(a: &ChildArgs<'_>) -> ! {
     }
     // SAFETY: setpgid with integers only.
     unsafe { libc::setpgid(0, 0) };
-    if let Err(e) = child_fds(&a.fds) {
+    if let Err(e) = child_fds(&a.fds, a.listen) {
         fail(err_fd, step::FDS, 0, &e);
     }
     err_fd = slot::ERROR;
@@ -536,6 +567,7 @@ fn child_main(a: &ChildArgs<'_>) -> ! {
         libc::close(slot::ERROR);
         libc::close(slot::SOCKET);
         libc::close(slot::SUPERVISOR);
+        libc::syscall(libc::SYS_close_range, slot::FIRST_FREE as u32, u32::MAX, 0u32);
         libc::dup2(slot::STDIN, slot::STDOUT);
         libc::dup2(slot::STDIN, slot::STDERR);
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
@@ -543,15 +575,27 @@ fn child_main(a: &ChildArgs<'_>) -> ! {
     crate::sandbox::jail::init_loop(plugin as libc::pid_t, slot::STATUS)
 }
 
-/// Puts each descriptor on its slot and closes everything else. Async-signal-safe.
-fn child_fds(fds: &[(RawFd, RawFd); 7]) -> io::Result<()> {
+/// Puts each descriptor on its slot, the listening sockets on `FIRST_FREE..`, and closes
+/// everything else. Async-signal-safe.
+fn child_fds(fds: &[(RawFd, RawFd); 7], listen: &[RawFd]) -> io::Result<()> {
     let mut high = [-1; 7];
+    let above = slot::FIRST_FREE + listen.len() as RawFd;
     // First out of the way (a source may sit on another's slot), then into place.
     for (i, &(src, _)) in fds.iter().enumerate() {
         if src >= 0 {
             // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor we hold.
-            high[i] = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, slot::FIRST_FREE) };
+            high[i] = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, above) };
             if high[i] < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    for (i, &src) in listen.iter().enumerate() {
+        // SAFETY: fcntl/dup2 on descriptors we hold: each listener goes out of the way,
+        // then onto FIRST_FREE + i (not close-on-exec; its cloexec copy is closed below).
+        unsafe {
+            let h = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, above);
+            if h < 0 || libc::dup2(h, slot::FIRST_FREE + i as RawFd) < 0 {
                 return Err(io::Error::last_os_error());
             }
         }
@@ -574,17 +618,69 @@ fn child_fds(fds: &[(RawFd, RawFd); 7]) -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
         // Everything the supervisor had open (listeners, other plugins' sockets) is gone.
-        if libc::syscall(libc::SYS_close_range, slot::FIRST_FREE as u32, u32::MAX, 0u32) != 0 {
+        if libc::syscall(libc::SYS_close_range, above as u32, u32::MAX, 0u32) != 0 {
             return Err(io::Error::last_os_error());
         }
     }
     Ok(())
 }
 
+/// Moves `n` listening sockets from `FIRST_FREE..` to 3.. and the protocol socket after
+/// them, and writes the plugin's pid into `LISTEN_PID`; returns where the error pipe went.
+/// Runs before the rlimits (which may cap descriptor numbers). Async-signal-safe: fcntl,
+/// dup2, close, getpid and writes to this process's own copy of the environment.
+fn hand_listeners(n: RawFd, listen_pid: *mut u8) -> io::Result<RawFd> {
+    let above = slot::FIRST_FREE + n;
+    // SAFETY: fcntl/dup2/close on descriptors this process holds; `listen_pid` points at
+    // 12 writable bytes of the environment block prepared before the clone (this process
+    // has its own copy of that memory).
+    unsafe {
+        let err = libc::fcntl(slot::ERROR, libc::F_DUPFD_CLOEXEC, above);
+        let sock = libc::fcntl(slot::SOCKET, libc::F_DUPFD, above);
+        if err < 0 || sock < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        libc::close(slot::ERROR);
+        // Upwards: slot 3+i is either free or a listener already moved (i >= 4).
+        for i in 0..n {
+            if libc::dup2(slot::FIRST_FREE + i, slot::SOCKET + i) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        for i in 0..n {
+            if slot::FIRST_FREE + i > slot::SOCKET + n {
+                libc::close(slot::FIRST_FREE + i);
+            }
+        }
+        if libc::dup2(sock, slot::SOCKET + n) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        libc::close(sock);
+        if !listen_pid.is_null() {
+            let mut pid = libc::getpid() as u32;
+            let mut digits = [0u8; 11];
+            let mut len = 0;
+            loop {
+                digits[len] = b'0' + (pid % 10) as u8;
+                len += 1;
+                pid /= 10;
+                if pid == 0 {
+                    break;
+                }
+            }
+            for i in 0..len {
+                *listen_pid.add(i) = digits[len - 1 - i];
+            }
+            *listen_pid.add(len) = 0;
+        }
+        Ok(err)
+    }
+}
+
 /// The plugin's own process: signals, rlimits, identity (without a jail; inside one the
 /// init already dropped it), no_new_privs, Landlock, seccomp, exec. Never returns.
 fn exec_plugin(a: &ChildArgs<'_>, jailed: bool) -> ! {
-    let err_fd = slot::ERROR;
+    let mut err_fd = slot::ERROR;
     // SAFETY: sigaction/sigprocmask/close/prctl with stack-owned data and integers.
     unsafe {
         // Default dispositions (Rust ignores SIGPIPE; the supervisor's handlers mean nothing
@@ -605,6 +701,12 @@ fn exec_plugin(a: &ChildArgs<'_>, jailed: bool) -> ! {
         libc::close(slot::SUPERVISOR);
         if jailed && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
             fail(err_fd, step::SIGNALS, 0, &io::Error::last_os_error());
+        }
+    }
+    if !a.listen.is_empty() {
+        match hand_listeners(a.listen.len() as RawFd, a.listen_pid) {
+            Ok(moved) => err_fd = moved,
+            Err(e) => fail(err_fd, step::FDS, 1, &e),
         }
     }
     if let Err(e) = a.sandbox.apply_rlimits() {
@@ -693,10 +795,20 @@ fn clone_sandboxed(plan: &SpawnPlan, socket: RawFd) -> io::Result<Cloned> {
     for (k, v) in &plan.env {
         env_c.push(cstring("the environment", format!("{k}={v}").as_bytes())?);
     }
+    // `LISTEN_PID=` and room for the pid the child writes itself (see `hand_listeners`).
+    let mut pid_entry: Vec<u8> = b"LISTEN_PID=000000000000\0".to_vec();
+    let listen: Vec<RawFd> = plan.listen.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
     let argv: Vec<*const libc::c_char> =
         argv_c.iter().map(|c| c.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
-    let envp: Vec<*const libc::c_char> =
-        env_c.iter().map(|c| c.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let mut envp: Vec<*const libc::c_char> = env_c.iter().map(|c| c.as_ptr()).collect();
+    let listen_pid = if listen.is_empty() {
+        std::ptr::null_mut()
+    } else {
+        envp.push(pid_entry.as_ptr().cast());
+        // SAFETY: "LISTEN_PID=" is 11 bytes; 12 more follow it in the buffer.
+        unsafe { pid_entry.as_mut_ptr().add(11) }
+    };
+    envp.push(std::ptr::null());
     let dir = cstring("the plugin folder", plan.dir.as_os_str().as_encoded_bytes())?;
     let args = ChildArgs {
         sandbox: &plan.sandbox,
@@ -713,6 +825,8 @@ fn clone_sandboxed(plan: &SpawnPlan, socket: RawFd) -> io::Result<Cloned> {
             (status.as_ref().map(|(_, w)| w.as_raw_fd()).unwrap_or(-1), slot::STATUS),
             (me.as_raw_fd(), slot::SUPERVISOR),
         ],
+        listen: &listen,
+        listen_pid,
     };
     let flags = plan.sandbox.jail.as_ref().map(|j| j.clone_flags).unwrap_or(0);
     let mut pidfd: libc::c_int = -1;

@@ -333,6 +333,7 @@ impl Supervisor {
                 version: m.version.to_string(),
                 updating_to: None,
                 exits: Default::default(),
+                health: None,
             }),
             ring: LogRing::default(),
             calls: parking_lot::RwLock::new(m.calls.clone()),
@@ -361,6 +362,7 @@ impl Supervisor {
             host: self.host.clone(),
             prepare: self.config.prepare.clone(),
             host_methods: self.host_methods.clone(),
+            listeners: Default::default(),
         };
         if let Some(f) = &adopt {
             handle.shared.live.lock().sandbox = f.sandbox.clone();

@@ -386,6 +386,23 @@ pub struct StatusEntry {
     /// Keys of its plugin.yaml/plugin.json plugd keeps but has no use for.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub manifest_extra: std::collections::BTreeMap<String, serde_json::Value>,
+    /// Its `[health]` check's standing, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthEntry>,
+}
+
+/// A plugin's `[health]` check as `status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HealthEntry {
+    /// The check, in words (`http GET /health every 5 s`).
+    pub check: String,
+    /// `starting` (not passed yet), `healthy` or `failing`.
+    pub state: String,
+    /// Failed checks in a row.
+    pub failures: u32,
+    /// What the last failed check got.
+    #[serde(default)]
+    pub last_error: Option<String>,
 }
 
 /// A call-latency histogram as `status` shows it.

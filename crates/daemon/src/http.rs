@@ -790,6 +790,24 @@ impl Collector for Snapshot {
             }
         }
 
+        let help = "1 while the plugin's [health] check passes (plugins with a check only).";
+        let mut m = out.encode_descriptor("plugd_plugin_healthy", help, None, MetricType::Gauge)?;
+        for p in &self.status {
+            if let Some(h) = &p.health {
+                let labels = [("plugin", p.name.as_str())];
+                m.encode_family(&labels)?.encode_gauge(&u64::from(h.state == "healthy"))?;
+            }
+        }
+        let help = "Failed [health] checks in a row.";
+        let name = "plugd_plugin_health_failures";
+        let mut m = out.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for p in &self.status {
+            if let Some(h) = &p.health {
+                let labels = [("plugin", p.name.as_str())];
+                m.encode_family(&labels)?.encode_gauge(&u64::from(h.failures))?;
+            }
+        }
+
         // Counters: the encoder adds `_total` to these names.
         let per_plugin: [(&str, &str, PerPlugin); 2] = [
             ("plugd_plugin_restarts", "Restarts since the plugin was loaded.", |p| {

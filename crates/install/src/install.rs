@@ -242,6 +242,7 @@ impl Steps {
             env,
             sandbox: self.sandbox.clone(),
             transport: crate::manifest::Transport::Stream,
+            listen: Vec::new(),
         };
         let (mut child, stdout, stderr) = JobProcess::start(&plan).map_err(|e| {
             let hint = if self.sandbox.jail.is_some() {

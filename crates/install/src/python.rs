@@ -52,6 +52,10 @@ pub const SDK_FILES: &[(&str, &str)] = &[
         "plugd_plugin/launch.py",
         include_str!("../../../plugin-runner/python/plugd_plugin/launch.py"),
     ),
+    (
+        "plugd_plugin/serving.py",
+        include_str!("../../../plugin-runner/python/plugd_plugin/serving.py"),
+    ),
 ];
 
 /// The venv's build output (what was run and what it printed).

@@ -266,7 +266,10 @@ fn print_table(rows: &serde_json::Value) {
                 r.name,
                 r.version,
                 r.kind,
-                r.state,
+                match &r.health {
+                    Some(h) if h.state != "healthy" => format!("{} (health: {})", r.state, h.state),
+                    _ => r.state,
+                },
                 or_dash(r.pid.map(|p| p.to_string())),
                 uptime(r.uptime_ms),
                 r.restarts.to_string(),

@@ -62,7 +62,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
-from . import lockdown, schema, wire
+from . import lockdown, schema, serving, wire
 from .wire import CODEC_BINCODE, CODEC_JSON, CallError, ErrorCode, LogLevel, Payload, ProtocolError
 
 __all__ = ["Plugin", "PluginError", "ServeError", "NotSupervised", "Rejected", "LoadFailed",
@@ -632,6 +632,7 @@ def serve(plugin: Plugin, fd: int | None = None) -> None:
     ``fd`` defaults to ``PLUGD_FD`` (3). Raises :class:`NotSupervised` or :class:`Rejected`
     (exit status 2), :class:`LoadFailed` (1) or :class:`ProtocolFailure` (3).
     """
+    serving.install_inet_hint()
     if fd is None:
         env = os.environ.get("PLUGD_FD")
         if env is None or not env.isdigit():

@@ -546,6 +546,12 @@ impl Daemon {
                         sandbox_unavailable: st.sandbox_unavailable,
                         exits: st.exits.into_iter().map(|(k, n)| (k.to_string(), n)).collect(),
                         log_lines_dropped: st.log_lines_dropped,
+                        health: st.health.map(|h| plugd_control::HealthEntry {
+                            check: h.check,
+                            state: h.state.to_string(),
+                            failures: h.failures,
+                            last_error: h.last_error,
+                        }),
                         enabled,
                         manifest,
                         ..StatusEntry::default()

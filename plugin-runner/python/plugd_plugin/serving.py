@@ -1,0 +1,114 @@
+"""Servers in a plugin: the listening sockets plugd binds for it (``[listen]``).
+
+A plugin keeps its own network namespace and makes no inet socket: plugd binds each
+``[listen]`` address itself and hands the sockets over the systemd way (``LISTEN_FDS``,
+``LISTEN_FDNAMES``, ``LISTEN_PID``, from descriptor 3). A hot update gives the new
+instance the same sockets, so no connection is refused while versions change.
+
+Serve *every* socket :func:`listen_sockets` returns: with a ``[health]`` check over HTTP
+or TCP one of them (named ``plugd-health``) is this instance's private probe socket.
+
+For an ASGI app (FastAPI, Starlette) one call does it::
+
+    self.server = await plugd_plugin.serving.start_asgi(app)   # in async on_start
+    await self.server.stop()                                    # in async on_stop
+
+For plain asyncio: ``await asyncio.start_server(handle, sock=s)`` for each socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from typing import Any
+
+_FIRST_FD = 3
+_sockets: list[socket.socket] | None = None
+_names: list[str] = []
+
+
+def listen_sockets() -> list[socket.socket]:
+    """The listening sockets plugd handed to this process, in ``[listen]`` order (then the
+    health probe's); empty when there are none. The same objects on every call."""
+    global _sockets, _names
+    if _sockets is not None:
+        return list(_sockets)
+    _sockets = []
+    count = os.environ.get("LISTEN_FDS", "")
+    pid = os.environ.get("LISTEN_PID")
+    if not count.isdigit() or (pid is not None and pid != str(os.getpid())):
+        return []
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    for i in range(int(count)):
+        _sockets.append(socket.socket(fileno=_FIRST_FD + i))
+        _names.append(names[i] if i < len(names) else "")
+    return list(_sockets)
+
+
+def listen_names() -> list[str]:
+    """The ``LISTEN_FDNAMES`` of :func:`listen_sockets` (``tcp``, ``unix``, ``plugd-health``)."""
+    listen_sockets()
+    return list(_names)
+
+
+class Served:
+    """An ASGI app served on the handed sockets; :meth:`stop` ends it gracefully."""
+
+    def __init__(self, server: Any, task: asyncio.Task[Any]) -> None:
+        self.server = server
+        self.task = task
+
+    async def stop(self) -> None:
+        """Stops accepting, lets open requests finish, and returns when it is done."""
+        self.server.should_exit = True
+        await self.task
+
+
+async def start_asgi(app: Any, **config: Any) -> Served:
+    """Serves ``app`` with uvicorn on every handed socket; returns once it accepts.
+
+    ``config`` goes to ``uvicorn.Config`` (``log_level``, ``timeout_keep_alive``, …).
+    Raises ``RuntimeError`` when the manifest has no ``[listen]``.
+    """
+    import uvicorn  # type: ignore[import-not-found, unused-ignore]
+
+    sockets = listen_sockets()
+    if not sockets:
+        raise RuntimeError(
+            "plugd handed this plugin no listening socket: add [listen] tcp = "
+            "[\"127.0.0.1:8000\"] to its manifest (or \"listen\": {\"tcp\": [...]} in "
+            "plugin.json)")
+    config.setdefault("log_level", "info")
+    server = uvicorn.Server(uvicorn.Config(app, **config))
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=sockets))
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("uvicorn ended before it started serving")
+        await asyncio.sleep(0.01)
+    return Served(server, task)
+
+
+_hinted = False
+
+
+def _inet_hint(event: str, args: tuple[Any, ...]) -> None:
+    global _hinted
+    if _hinted or event != "socket.__new__" or len(args) < 2:
+        return
+    if args[1] in (socket.AF_INET, socket.AF_INET6):
+        _hinted = True
+        sys.stderr.write(
+            "plugd: this plugin's sandbox refuses inet sockets (sandbox.network = \"none\"); "
+            "to serve, list the address under [listen] in the manifest and serve "
+            "plugd_plugin.serving.listen_sockets(); for outbound traffic set "
+            "sandbox.network = \"host\"\n")
+
+
+def install_inet_hint() -> None:
+    """Says, once, which manifest key allows it when the plugin makes an inet socket its
+    sandbox refuses (the refusal itself is the kernel's; this only explains it)."""
+    if os.environ.get("PLUGD_NETWORK") == "none":
+        sys.addaudithook(_inet_hint)
