@@ -212,7 +212,9 @@ async fn probe(
             let mut words = line.split_whitespace();
             let code = match (words.next(), words.next().and_then(|c| c.parse::<u16>().ok())) {
                 (Some(v), Some(code)) if v.starts_with("HTTP/") => code,
-                _ if line.is_empty() => return Err(format!("GET {path}: closed without an answer")),
+                _ if line.is_empty() => {
+                    return Err(format!("GET {path}: closed without an answer"))
+                }
                 _ => return Err(format!("GET {path}: not an HTTP answer ({:?})", cut(line))),
             };
             if (200..400).contains(&code) {
@@ -246,7 +248,8 @@ async fn connect(target: &Target) -> Result<Stream, String> {
             let fd = nix::sys::socket::socket(
                 nix::sys::socket::AddressFamily::Unix,
                 nix::sys::socket::SockType::Stream,
-                nix::sys::socket::SockFlag::SOCK_NONBLOCK | nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+                nix::sys::socket::SockFlag::SOCK_NONBLOCK
+                    | nix::sys::socket::SockFlag::SOCK_CLOEXEC,
                 None,
             )
             .map_err(|e| format!("probe socket: {e}"))?;

@@ -1156,7 +1156,9 @@ impl Manifest {
                 let failures = match h.failures {
                     None => 3,
                     Some(n) if (1..=1000).contains(&n) => n as u32,
-                    Some(n) => return Err(c.bad("health.failures", format!("= {n} must be 1 to 1000"))),
+                    Some(n) => {
+                        return Err(c.bad("health.failures", format!("= {n} must be 1 to 1000")))
+                    }
                 };
                 let s = Duration::from_secs;
                 Some(crate::serving::HealthConfig {

@@ -218,7 +218,10 @@ pub(crate) fn parse_check(
             ));
         };
         if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(bad("http", format!("= {url:?}: the path has spaces or control characters")));
+            return Err(bad(
+                "http",
+                format!("= {url:?}: the path has spaces or control characters"),
+            ));
         }
         reachable("http", addr)?;
         return Ok(HealthCheck::Http { addr, path });
@@ -227,11 +230,18 @@ pub(crate) fn parse_check(
         let addr = match tcp {
             toml::Value::Boolean(true) => None,
             toml::Value::String(s) => Some(s.trim().parse::<SocketAddr>().map_err(|_| {
-                bad("tcp", format!("= {s:?} is not an address with a port, e.g. \"127.0.0.1:8080\""))
+                bad(
+                    "tcp",
+                    format!("= {s:?} is not an address with a port, e.g. \"127.0.0.1:8080\""),
+                )
             })?),
-            other => {
-                return Err(bad("tcp", format!("must be an address such as \"127.0.0.1:8080\" (or true with [listen]), not {}", other.type_str())))
-            }
+            other => return Err(bad(
+                "tcp",
+                format!(
+                    "must be an address such as \"127.0.0.1:8080\" (or true with [listen]), not {}",
+                    other.type_str()
+                ),
+            )),
         };
         reachable("tcp", addr)?;
         return Ok(HealthCheck::Tcp { addr });

@@ -17,16 +17,16 @@ use tokio::time::{sleep_until, Instant};
 
 use crate::conn::Conn;
 use crate::exit::ExitReason;
+use crate::health::Target;
 use crate::instance::{self, Control, InstanceConfig, InstanceEvent};
 use crate::lifecycle::{transition, Action, Event, Machine, State};
 use crate::logs::LogSource;
 use crate::manifest::PluginSpec;
 use crate::router::Shared;
 use crate::sandbox::{HostFacts, SandboxReport};
+use crate::serving::{HealthCheck, ListenAddr};
 use crate::spawn::{SpawnPlan, Spawner};
 use crate::swap::{self, Act, Report};
-use crate::health::Target;
-use crate::serving::{HealthCheck, ListenAddr};
 use std::os::fd::OwnedFd;
 
 /// Orders from the supervisor to a slot.
@@ -734,7 +734,14 @@ impl Slot {
                     None => {
                         let fresh = crate::serving::Listeners::bind(std::slice::from_ref(addr))
                             .map_err(|e| format!("plugin {}: {e}", m.name))?;
-                        let fd = Arc::new(fresh.sockets.into_iter().next().map(|(_, fd)| fd).ok_or("no socket")?);
+                        let fd = Arc::new(
+                            fresh
+                                .sockets
+                                .into_iter()
+                                .next()
+                                .map(|(_, fd)| fd)
+                                .ok_or("no socket")?,
+                        );
                         bound.push((addr.clone(), fd.clone()));
                         fd
                     }
@@ -749,8 +756,9 @@ impl Slot {
             None => None,
             Some(HealthCheck::Method(_)) => Some(Target::Method),
             Some(HealthCheck::Http { .. } | HealthCheck::Tcp { .. }) if !m.listen.is_empty() => {
-                let (fd, name) = crate::serving::probe_socket(&m.name)
-                    .map_err(|e| format!("plugin {}: cannot make its health probe socket: {e}", m.name))?;
+                let (fd, name) = crate::serving::probe_socket(&m.name).map_err(|e| {
+                    format!("plugin {}: cannot make its health probe socket: {e}", m.name)
+                })?;
                 out.push(("plugd-health", fd));
                 Some(Target::Probe(name))
             }

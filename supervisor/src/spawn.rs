@@ -206,7 +206,8 @@ impl SpawnPlan {
         }
         let n = sockets.len();
         let names: Vec<&str> = sockets.iter().map(|(name, _)| *name).collect();
-        self.env.retain(|(k, _)| !matches!(k.as_str(), "PLUGD_FD" | "LISTEN_FDS" | "LISTEN_FDNAMES"));
+        self.env
+            .retain(|(k, _)| !matches!(k.as_str(), "PLUGD_FD" | "LISTEN_FDS" | "LISTEN_FDNAMES"));
         self.env.push(("PLUGD_FD".into(), (PLUGIN_FD + n as RawFd).to_string()));
         self.env.push(("LISTEN_FDS".into(), n.to_string()));
         self.env.push(("LISTEN_FDNAMES".into(), names.join(":")));

@@ -111,3 +111,41 @@ pub fn retry_busy<T>(mut start: impl FnMut() -> std::io::Result<T>) -> std::io::
     }
     result
 }
+
+/// A folder of wheels for `packages` (pip requirement specifiers), downloaded from PyPI
+/// once into the target folder and reused after; plugins install from it with
+/// `--no-index --find-links`, so a test's pip never reaches the network itself.
+pub fn wheelhouse(name: &str, packages: &[&str]) -> PathBuf {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("wheelhouse-{name}"));
+    let marker = dir.join(".complete");
+    let want = packages.join("\n");
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(want.as_str()) {
+        return dir;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--disable-pip-version-check",
+            "--only-binary=:all:",
+            "-d",
+        ])
+        .arg(&dir)
+        .args(packages)
+        .output()
+        .expect("python3 -m pip");
+    assert!(
+        out.status.success(),
+        "downloading {packages:?} from PyPI into {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&marker, want).unwrap();
+    dir
+}

@@ -60,8 +60,13 @@ class Served:
         self.server = server
         self.task = task
 
-    async def stop(self) -> None:
-        """Stops accepting, lets open requests finish, and returns when it is done."""
+    async def stop(self, drain: float = 0.5) -> None:
+        """Stops accepting (connections still queued go to the next instance, which has
+        the same sockets), gives the ones just accepted ``drain`` seconds to send their
+        request, lets open requests finish, and returns when it is done."""
+        for server in getattr(self.server, "servers", []):
+            server.close()
+        await asyncio.sleep(drain)
         self.server.should_exit = True
         await self.task
 
@@ -91,24 +96,32 @@ async def start_asgi(app: Any, **config: Any) -> Served:
     return Served(server, task)
 
 
-_hinted = False
-
-
-def _inet_hint(event: str, args: tuple[Any, ...]) -> None:
-    global _hinted
-    if _hinted or event != "socket.__new__" or len(args) < 2:
-        return
-    if args[1] in (socket.AF_INET, socket.AF_INET6):
-        _hinted = True
-        sys.stderr.write(
-            "plugd: this plugin's sandbox refuses inet sockets (sandbox.network = \"none\"); "
-            "to serve, list the address under [listen] in the manifest and serve "
-            "plugd_plugin.serving.listen_sockets(); for outbound traffic set "
-            "sandbox.network = \"host\"\n")
+_HINT = (
+    "plugd: this plugin's sandbox refuses inet sockets (sandbox.network = \"none\"); to "
+    "serve, list the address under [listen] in the manifest and serve "
+    "plugd_plugin.serving.listen_sockets(); for outbound traffic set "
+    "sandbox.network = \"host\"\n")
 
 
 def install_inet_hint() -> None:
-    """Says, once, which manifest key allows it when the plugin makes an inet socket its
-    sandbox refuses (the refusal itself is the kernel's; this only explains it)."""
-    if os.environ.get("PLUGD_NETWORK") == "none":
-        sys.addaudithook(_inet_hint)
+    """Says, once, which manifest key allows it when the sandbox refuses the plugin an inet
+    socket (the refusal itself is the kernel's; this only explains it, from the one place
+    every socket is made: ``socket.socket.__init__``)."""
+    if os.environ.get("PLUGD_NETWORK") != "none":
+        return
+    made = socket.socket.__init__
+    hinted = False
+
+    def init(self: socket.socket, family: Any = -1, type: Any = -1, proto: int = -1,
+             fileno: Any = None) -> None:
+        nonlocal hinted
+        try:
+            made(self, family, type, proto, fileno)
+        except PermissionError:
+            inet = family in (socket.AF_INET, socket.AF_INET6) or family == -1
+            if fileno is None and inet and not hinted:
+                hinted = True
+                sys.stderr.write(_HINT)
+            raise
+
+    socket.socket.__init__ = init  # type: ignore[method-assign]

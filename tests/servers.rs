@@ -1,0 +1,320 @@
+//! End to end: plugins that run their own server. The bundled `client-manager` (a FastAPI
+//! app on uvicorn, brought as its plugin.json and class) serves the socket plugd binds for
+//! it, is `starting` until its health check passes, is updated hot under a client loop
+//! with no refused connection and no failed request, and is restarted when it wedges; a
+//! plain-asyncio plugin shows the start timeout and the method check.
+
+mod kit;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kit::daemon::*;
+
+/// The server's stack, as its requirements.txt pins it.
+const SERVER_WHEELS: &[&str] = &["fastapi==0.165.0", "uvicorn==0.55.0"];
+
+/// A port nobody listens on now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `[defaults]` that make every Python plugin install from `wheels` only.
+fn offline_pip(root: &Path, wheels: &Path) {
+    let w = wheels.display().to_string();
+    std::fs::write(
+        root.join("extra.toml"),
+        format!(
+            "[defaults]\npython = {{ pip_args = [\"--no-index\", \"--find-links\", {w:?}] }}\nsandbox = {{ read_paths = [{w:?}] }}\n"
+        ),
+    )
+    .unwrap();
+}
+
+/// The bundled client-manager, copied into `plugins` as it is, but for its port.
+fn client_manager(plugins: &Path, port: u16) {
+    let src = examples_dir_of("client-manager");
+    let dst = plugins.join("client-manager");
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in ["plugin.json", "plugin.py", "requirements.txt"] {
+        let text = std::fs::read_to_string(src.join(f)).unwrap();
+        std::fs::write(dst.join(f), text.replace("127.0.0.1:10000", &format!("127.0.0.1:{port}")))
+            .unwrap();
+    }
+}
+
+/// One HTTP/1.1 request on a new connection: (status, body), or what went wrong.
+fn http(port: u16, method: &str, path: &str) -> Result<(u16, String), String> {
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).map_err(|e| format!("send: {e}"))?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| format!("read: {e}"))?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("not an HTTP answer: {text:?}"))?;
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    Ok((code, body))
+}
+
+fn body_json(port: u16, path: &str) -> serde_json::Value {
+    let (code, body) = http(port, "GET", path).unwrap();
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn start_client_manager(port: u16) -> Plugd {
+    let wheels = kit::wheelhouse("server", SERVER_WHEELS);
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("plugins")).unwrap();
+    offline_pip(root.path(), &wheels);
+    client_manager(&root.path().join("plugins"), port);
+    Plugd::start_with(root, &[])
+}
+
+#[test]
+fn the_ported_fastapi_plugin_serves_the_socket_plugd_binds_and_is_ready_when_healthy() {
+    let port = free_port();
+    let d = start_client_manager(port);
+    eventually("client_manager ready (pip installs fastapi first)", || {
+        d.all_ready(&["client_manager"])
+    });
+    let st = d.plugin("client_manager");
+    assert_eq!(st["health"]["state"], "healthy", "{st}");
+    assert_eq!(st["health"]["check"], "http GET /health every 1 s");
+    // Its own network namespace, no inet sockets of its own: the socket is plugd's.
+    let sandbox = st["sandbox"].to_string();
+    assert!(sandbox.contains("netns") && sandbox.contains("seccomp(no-inet)"), "{sandbox}");
+    assert_eq!(body_json(port, "/api/clients")["version"], "1.0.0");
+    let (code, _) = http(port, "POST", "/api/clients/alice").unwrap();
+    assert_eq!(code, 200);
+    // The class's public method is served as a plugin method too.
+    let out = d.ctl(&["call", "client_manager", "clients"]);
+    let clients: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(clients, serde_json::json!(["alice"]));
+    // Health reaches /metrics' source, the status, for every API.
+    let metrics_like = d.json(&["status", "client_manager"]);
+    assert_eq!(metrics_like[0]["health"]["failures"], 0);
+}
+
+#[test]
+fn a_hot_update_of_the_server_refuses_no_connection_and_fails_no_request() {
+    let port = free_port();
+    let d = start_client_manager(port);
+    eventually("client_manager ready", || d.all_ready(&["client_manager"]));
+    let old_pid = d.pid("client_manager");
+
+    // A client loop: a new connection per request, as fast as it goes.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let versions = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    // Versions that answered requests sent once the update had returned.
+    let updated = Arc::new(AtomicBool::new(false));
+    let after = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::<String>::new()));
+    let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let client = {
+        let (stop, ok, failed, versions, errors) =
+            (stop.clone(), ok.clone(), failed.clone(), versions.clone(), errors.clone());
+        let (updated, after) = (updated.clone(), after.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let sent_after_update = updated.load(Ordering::SeqCst);
+                match http(port, "GET", "/api/clients") {
+                    Ok((200, body)) => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                        let v = v["version"].as_str().unwrap_or("?").to_string();
+                        if sent_after_update {
+                            after.lock().unwrap().insert(v.clone());
+                        }
+                        let mut seen = versions.lock().unwrap();
+                        if seen.last() != Some(&v) {
+                            seen.push(v);
+                        }
+                    }
+                    Ok((code, body)) => {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        errors.lock().unwrap().push(format!("{code}: {body}"));
+                    }
+                    Err(e) => {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        errors.lock().unwrap().push(e);
+                    }
+                }
+            }
+        })
+    };
+    eventually("the client loop is served", || ok.load(Ordering::SeqCst) > 20);
+
+    let manifest = d.plugins().join("client-manager/plugin.json");
+    let text = std::fs::read_to_string(&manifest).unwrap().replace("\"1.0.0\"", "\"1.1.0\"");
+    std::fs::write(&manifest, text).unwrap();
+    let st = d.json(&["update", "client_manager"]);
+    assert_eq!(st[0]["version"], "1.1.0", "{st}");
+    updated.store(true, Ordering::SeqCst);
+    let served_during = ok.load(Ordering::SeqCst);
+    eventually("the new version answers", || {
+        versions.lock().unwrap().last().map(String::as_str) == Some("1.1.0")
+    });
+    let before = ok.load(Ordering::SeqCst);
+    eventually("more requests after the update", || ok.load(Ordering::SeqCst) > before + 20);
+    stop.store(true, Ordering::SeqCst);
+    client.join().unwrap();
+
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "failed requests: {:?}", errors.lock().unwrap());
+    // Both versions answer while they overlap (one shared accept queue); once the update
+    // has returned, only the new one does.
+    let seen = versions.lock().unwrap().clone();
+    assert_eq!(seen.first().map(String::as_str), Some("1.0.0"), "{seen:?}");
+    assert_eq!(seen.last().map(String::as_str), Some("1.1.0"), "{seen:?}");
+    assert_eq!(after.lock().unwrap().iter().collect::<Vec<_>>(), ["1.1.0"]);
+    assert!(served_during > 20);
+    assert_ne!(d.pid("client_manager"), old_pid);
+    assert!(!kit::alive(old_pid), "the old instance is gone");
+    assert_eq!(d.plugin("client_manager")["restarts"], 0);
+}
+
+#[test]
+fn a_wedged_server_is_restarted_as_unhealthy() {
+    let port = free_port();
+    let d = start_client_manager(port);
+    eventually("client_manager ready", || d.all_ready(&["client_manager"]));
+    let pid = d.pid("client_manager");
+    let (code, _) = http(port, "POST", "/debug/wedge").unwrap();
+    assert_eq!(code, 200);
+    // The process lives and answers plugd's pings; only the health check sees it.
+    eventually("health failing", || d.plugin("client_manager")["health"]["state"] == "failing");
+    eventually("restarted as unhealthy", || {
+        let st = d.plugin("client_manager");
+        st["restarts"] == 1 && st["state"] == "ready" && st["health"]["state"] == "healthy"
+    });
+    let st = d.plugin("client_manager");
+    let why = st["last_exit"].as_str().unwrap_or_default();
+    assert!(
+        why.starts_with("unhealthy: http GET /health failed 3 times in a row: no answer within"),
+        "{st}"
+    );
+    assert_eq!(st["exits"]["unhealthy"], 1);
+    assert_ne!(d.pid("client_manager"), pid);
+    assert!(!kit::alive(pid));
+    // Served again, by the new instance, on the same socket.
+    assert_eq!(body_json(port, "/health")["status"], "ok");
+}
+
+/// A plain-asyncio server plugin (no third-party package): `GET /health` answers only
+/// when the `HEALTHY` file exists in its state folder; `ping` is its method check.
+const ASYNC_SERVER: &str = r#"
+import asyncio, os
+from plugd_plugin import Plugin, method, serve, serving
+
+STATE = os.environ["PLUGD_STATE_DIR"]
+
+async def handle(reader, writer):
+    await reader.readuntil(b"\r\n\r\n")
+    if os.path.exists(os.path.join(STATE, "HEALTHY")):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    else:
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    writer.close()
+
+class Server(Plugin):
+    async def on_start(self):
+        self.servers = [await asyncio.start_server(handle, sock=s) for s in serving.listen_sockets()]
+        self.names = serving.listen_names()
+
+    @method()
+    async def names_(self, _):
+        return self.names
+
+    @method()
+    async def ping(self, _):
+        if not os.path.exists(os.path.join(STATE, "HEALTHY")):
+            raise RuntimeError("not yet")
+        return "pong"
+
+serve(Server())
+"#;
+
+fn async_server(plugins: &Path, name: &str, health: &str, port: u16) {
+    let dir = plugins.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("main.py"), ASYNC_SERVER).unwrap();
+    std::fs::write(
+        dir.join("plugin.toml"),
+        format!(
+            "name = {name:?}\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"main.py\"\n\n[listen]\ntcp = [\"127.0.0.1:{port}\"]\n\n[health]\n{health}\ninterval = \"200ms\"\ntimeout = \"1s\"\nstart_timeout = \"3s\"\nfailures = 2\n"
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_server_stays_starting_until_its_check_passes_and_fails_past_the_start_timeout() {
+    let (http_port, method_port) = (free_port(), free_port());
+    let d = Plugd::start(|dir| {
+        async_server(dir, "web", "http = \"/health\"", http_port);
+        async_server(dir, "svc", "method = \"ping\"", method_port);
+    });
+    let state = d.root.path().join("state/plugins");
+    // No HEALTHY file: both answer the handshake but never pass; past start_timeout (3 s)
+    // plugd gives up on them, saying which check failed and how.
+    eventually("both failed their start", || {
+        d.status().iter().all(|p| {
+            p["state"] == "failed"
+                && p["last_exit"].as_str().is_some_and(|w| w.contains("(start_timeout)"))
+        })
+    });
+    let web = d.plugin("web")["last_exit"].to_string();
+    assert!(
+        web.contains("unhealthy: http GET /health did not pass within 3 s") && web.contains("503"),
+        "{web}"
+    );
+    let svc = d.plugin("svc")["last_exit"].to_string();
+    assert!(
+        svc.contains("unhealthy: method ping did not pass") && svc.contains("not yet"),
+        "{svc}"
+    );
+
+    // Started by hand: `starting` (with what the check got) until it passes.
+    for name in ["web", "svc"] {
+        let sock = d.socket.clone();
+        let start = std::thread::spawn(move || {
+            std::process::Command::new(plugd_bin("plugctl"))
+                .arg("--socket")
+                .arg(sock)
+                .args(["start", name])
+                .output()
+                .unwrap()
+        });
+        eventually("starting, waiting for health", || {
+            let p = d.plugin(name);
+            p["state"] == "starting" && p["health"]["last_error"].is_string()
+        });
+        std::fs::write(state.join(name).join("HEALTHY"), "").unwrap();
+        let out = start.join().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(d.plugin(name)["state"], "ready");
+        assert_eq!(d.plugin(name)["health"]["state"], "healthy");
+    }
+    let (code, body) = http(http_port, "GET", "/").unwrap();
+    assert_eq!((code, body.as_str()), (200, "ok"));
+    // What the plugin was handed: its [listen] socket, and the private probe socket for
+    // an HTTP check (none for a method check).
+    let names = |n: &str| -> serde_json::Value {
+        serde_json::from_slice(&d.ctl(&["call", n, "names_"]).stdout).unwrap()
+    };
+    assert_eq!(names("web"), serde_json::json!(["tcp", "plugd-health"]));
+    assert_eq!(names("svc"), serde_json::json!(["tcp"]));
+}
