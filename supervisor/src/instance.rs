@@ -316,11 +316,9 @@ pub(crate) async fn run(raw: RawChild, cfg: InstanceConfig, wiring: Wiring) {
             let pid = inst.proc.pid();
             let lockdown = inst.lockdown.clone();
             let ready = InstanceEvent::Ready { pid, sdk, lockdown };
-            match inst.watch_health(&events, Some(ready)) {
-                Some(ready) => {
-                    let _ = events.send((generation, ready));
-                }
-                None => {} // the health watch reports Ready on the first pass
+            // With a health check, the watch reports Ready on the first pass.
+            if let Some(ready) = inst.watch_health(&events, Some(ready)) {
+                let _ = events.send((generation, ready));
             }
             inst.serve(&mut control, &events).await
         }

@@ -1643,4 +1643,43 @@ symbols = ["BTC"]
         .unwrap_err();
         assert_eq!(e.0, "env.PLUGD_STATE_DIR");
     }
+
+    #[test]
+    fn listen_and_health_are_checked_key_by_key() {
+        use crate::serving::{HealthCheck, ListenAddr};
+        let m = parse(
+            "[listen]\ntcp = [\"127.0.0.1:8080\"]\nunix = [\"/run/x.sock\"]\n[health]\nhttp = \"/health\"\ninterval = \"2s\"\n",
+        )
+        .unwrap();
+        assert_eq!(m.listen[0], ListenAddr::Tcp("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(m.listen[1], ListenAddr::Unix("/run/x.sock".into()));
+        let h = m.health.unwrap();
+        assert_eq!(h.check, HealthCheck::Http { addr: None, path: "/health".into() });
+        assert_eq!((h.interval.as_secs(), h.timeout.as_secs(), h.failures), (2, 2, 3));
+        // A method check needs no socket; an address check needs a way to the plugin.
+        let m = parse("[health]\nmethod = \"ping\"\n").unwrap();
+        assert_eq!(m.health.unwrap().check, HealthCheck::Method("ping".into()));
+        let e = err("[health]\ntcp = \"127.0.0.1:80\"\n");
+        assert!(e.contains("`health.tcp`") && e.contains("add [listen]"), "{e}");
+        let m =
+            parse("[sandbox]\nnetwork = \"host\"\n[health]\nhttp = \"http://127.0.0.1:80/up\"\n")
+                .unwrap();
+        let addr = Some("127.0.0.1:80".parse().unwrap());
+        assert_eq!(m.health.unwrap().check, HealthCheck::Http { addr, path: "/up".into() });
+        for (bad, key) in [
+            ("[listen]\ntcp = [\"localhost\"]\n", "listen.tcp[0]"),
+            ("[listen]\ntcp = [\"127.0.0.1:0\"]\n", "listen.tcp[0]"),
+            ("[listen]\nunix = [\"rel.sock\"]\n", "listen.unix[0]"),
+            ("[listen]\ntcp = [\"127.0.0.1:1\", \"127.0.0.1:1\"]\n", "listen"),
+            ("[health]\ninterval = \"1s\"\n", "health"),
+            ("[health]\nmethod = \"a\"\nhttp = \"/x\"\n", "health"),
+            ("[health]\nmethod = \"a\"\nfailures = 0\n", "health.failures"),
+            ("[health]\nmethod = \"a\"\ntimeout = \"0s\"\n", "health.timeout"),
+            ("[listen]\ntcp = [\"127.0.0.1:1\"]\n[health]\nhttp = \"ftp://x\"\n", "health.http"),
+            ("[health]\nmethod = \"a\"\nport = 1\n", "unknown field `port`"),
+        ] {
+            let e = err(bad);
+            assert!(e.contains(&format!("`{key}`")) || e.contains(key), "{bad}: {e}");
+        }
+    }
 }

@@ -235,13 +235,15 @@ pub(crate) fn parse_check(
                     format!("= {s:?} is not an address with a port, e.g. \"127.0.0.1:8080\""),
                 )
             })?),
-            other => return Err(bad(
-                "tcp",
-                format!(
+            other => {
+                return Err(bad(
+                    "tcp",
+                    format!(
                     "must be an address such as \"127.0.0.1:8080\" (or true with [listen]), not {}",
                     other.type_str()
                 ),
-            )),
+                ))
+            }
         };
         reachable("tcp", addr)?;
         return Ok(HealthCheck::Tcp { addr });

@@ -29,6 +29,9 @@ use crate::spawn::{SpawnPlan, Spawner};
 use crate::swap::{self, Act, Report};
 use std::os::fd::OwnedFd;
 
+/// Listening sockets handed to an instance, with their `LISTEN_FDNAMES` names.
+type HandedSockets = Vec<(&'static str, OwnedFd)>;
+
 /// Orders from the supervisor to a slot.
 pub(crate) enum SlotCommand {
     /// Start; the reply comes when the instance is Ready or the start failed.
@@ -720,10 +723,7 @@ impl Slot {
     /// The sockets an instance of `spec` is handed (its `[listen]` ones, bound at first
     /// use and kept for every later instance, plus a private probe socket when its health
     /// check connects), and where its check connects.
-    fn sockets_for(
-        &self,
-        spec: &PluginSpec,
-    ) -> Result<(Vec<(&'static str, OwnedFd)>, Option<Target>), String> {
+    fn sockets_for(&self, spec: &PluginSpec) -> Result<(HandedSockets, Option<Target>), String> {
         let m = &spec.manifest;
         let mut out = Vec::new();
         {

@@ -168,7 +168,9 @@ impl DaemonConfig {
             plugin_dirs: vec![bundled_examples()],
             state_dir: default_state_dir(),
             log_format: LogFormat::Text,
-            defaults: toml::Table::new(),
+            // The bundled examples are ours: their pip may download (client-manager needs
+            // FastAPI and uvicorn). The plugins themselves still run without a network.
+            defaults: toml::toml! { [python] network = "host" },
             source: None,
             http: None,
             trust: crate::signing::Trust::default(),
