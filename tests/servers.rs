@@ -23,13 +23,17 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// `[defaults]` that make every Python plugin install from `wheels` only.
-fn offline_pip(root: &Path, wheels: &Path) {
+const TOKEN: &str = "servers-test-token-0123456789";
+
+/// `[defaults]` that make every Python plugin install from `wheels` only, and the HTTP
+/// API on `api_port`.
+fn offline_pip(root: &Path, wheels: &Path, api_port: u16) {
     let w = wheels.display().to_string();
+    std::fs::write(root.join("token"), format!("{TOKEN}\n")).unwrap();
     std::fs::write(
         root.join("extra.toml"),
         format!(
-            "[defaults]\npython = {{ pip_args = [\"--no-index\", \"--find-links\", {w:?}] }}\nsandbox = {{ read_paths = [{w:?}] }}\n"
+            "[http]\nlisten = \"127.0.0.1:{api_port}\"\ntoken_file = \"token\"\n[defaults]\npython = {{ pip_args = [\"--no-index\", \"--find-links\", {w:?}] }}\nsandbox = {{ read_paths = [{w:?}] }}\n"
         ),
     )
     .unwrap();
@@ -49,12 +53,24 @@ fn client_manager(plugins: &Path, port: u16) {
 
 /// One HTTP/1.1 request on a new connection: (status, body), or what went wrong.
 fn http(port: u16, method: &str, path: &str) -> Result<(u16, String), String> {
+    http_as(port, method, path, "")
+}
+
+/// A GET to plugd's own HTTP API, with the token.
+fn api(port: u16, path: &str) -> String {
+    let (code, body) =
+        http_as(port, "GET", path, &format!("Authorization: Bearer {TOKEN}\r\n")).unwrap();
+    assert_eq!(code, 200, "{path}: {body}");
+    body
+}
+
+fn http_as(port: u16, method: &str, path: &str, headers: &str) -> Result<(u16, String), String> {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes()).map_err(|e| format!("send: {e}"))?;
     let mut text = String::new();
@@ -74,19 +90,19 @@ fn body_json(port: u16, path: &str) -> serde_json::Value {
     serde_json::from_str(&body).unwrap()
 }
 
-fn start_client_manager(port: u16) -> Plugd {
+fn start_client_manager(port: u16, api_port: u16) -> Plugd {
     let wheels = kit::wheelhouse("server", SERVER_WHEELS);
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(root.path().join("plugins")).unwrap();
-    offline_pip(root.path(), &wheels);
+    offline_pip(root.path(), &wheels, api_port);
     client_manager(&root.path().join("plugins"), port);
     Plugd::start_with(root, &[])
 }
 
 #[test]
 fn the_ported_fastapi_plugin_serves_the_socket_plugd_binds_and_is_ready_when_healthy() {
-    let port = free_port();
-    let d = start_client_manager(port);
+    let (port, api_port) = (free_port(), free_port());
+    let d = start_client_manager(port, api_port);
     eventually("client_manager ready (pip installs fastapi first)", || {
         d.all_ready(&["client_manager"])
     });
@@ -103,15 +119,20 @@ fn the_ported_fastapi_plugin_serves_the_socket_plugd_binds_and_is_ready_when_hea
     let out = d.ctl(&["call", "client_manager", "clients"]);
     let clients: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(clients, serde_json::json!(["alice"]));
-    // Health reaches /metrics' source, the status, for every API.
-    let metrics_like = d.json(&["status", "client_manager"]);
-    assert_eq!(metrics_like[0]["health"]["failures"], 0);
+    // The HTTP API and /metrics show it too.
+    let one: serde_json::Value =
+        serde_json::from_str(&api(api_port, "/v1/plugins/client_manager")).unwrap();
+    let one = if one.is_array() { one[0].clone() } else { one };
+    assert_eq!(one["health"]["state"], "healthy", "{one}");
+    let metrics = api(api_port, "/metrics");
+    assert!(metrics.contains("plugd_plugin_healthy{plugin=\"client_manager\"} 1"), "{metrics}");
+    assert!(metrics.contains("plugd_plugin_health_failures{plugin=\"client_manager\"} 0"));
 }
 
 #[test]
 fn a_hot_update_of_the_server_refuses_no_connection_and_fails_no_request() {
     let port = free_port();
-    let d = start_client_manager(port);
+    let d = start_client_manager(port, free_port());
     eventually("client_manager ready", || d.all_ready(&["client_manager"]));
     let old_pid = d.pid("client_manager");
 
@@ -188,7 +209,7 @@ fn a_hot_update_of_the_server_refuses_no_connection_and_fails_no_request() {
 #[test]
 fn a_wedged_server_is_restarted_as_unhealthy() {
     let port = free_port();
-    let d = start_client_manager(port);
+    let d = start_client_manager(port, free_port());
     eventually("client_manager ready", || d.all_ready(&["client_manager"]));
     let pid = d.pid("client_manager");
     let (code, _) = http(port, "POST", "/debug/wedge").unwrap();
