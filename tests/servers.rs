@@ -339,3 +339,28 @@ fn a_server_stays_starting_until_its_check_passes_and_fails_past_the_start_timeo
     assert_eq!(names("web"), serde_json::json!(["tcp", "plugd-health"]));
     assert_eq!(names("svc"), serde_json::json!(["tcp"]));
 }
+
+#[test]
+fn an_in_place_upgrade_hands_the_server_and_its_sockets_over() {
+    let port = free_port();
+    let d = start_client_manager(port, free_port());
+    eventually("client_manager ready", || d.all_ready(&["client_manager"]));
+    let pid = d.pid("client_manager");
+    d.signal(nix::sys::signal::Signal::SIGUSR2);
+    eventually("the next generation answers", || {
+        let out = d.ctl(&["--json", "info"]);
+        out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["generation"] == 1
+    });
+    assert_eq!(d.pid("client_manager"), pid, "the same process serves on");
+    assert_eq!(body_json(port, "/api/clients")["version"], "1.0.0");
+    // The new plugd holds the sockets: a hot update hands them on (no "address in use"),
+    // and the new instance's health is checked through its own probe socket.
+    let manifest = d.plugins().join("client-manager/plugin.json");
+    let text = std::fs::read_to_string(&manifest).unwrap().replace("\"1.0.0\"", "\"1.2.0\"");
+    std::fs::write(&manifest, text).unwrap();
+    let st = d.json(&["update", "client_manager"]);
+    assert_eq!(st[0]["version"], "1.2.0", "{st}");
+    assert_eq!(body_json(port, "/api/clients")["version"], "1.2.0");
+    assert_eq!(d.plugin("client_manager")["health"]["state"], "healthy");
+}

@@ -126,6 +126,8 @@ struct Instance {
     write_watch: Option<AsyncFd<OwnedFd>>,
     /// The health watch's request to kill the plugin (see [`crate::health`]).
     unhealthy: Option<oneshot::Receiver<String>>,
+    /// The abstract name of its private health probe socket (handed over with it).
+    probe: Option<Vec<u8>>,
 }
 
 /// A Ready instance taken apart for a successor process (plugd's in-place upgrade):
@@ -154,6 +156,8 @@ pub struct Frozen {
     pub lockdown: Vec<String>,
     /// The protocol version its handshake settled on.
     pub proto: u16,
+    /// The abstract name of its private health probe socket, if it has one.
+    pub probe: Option<Vec<u8>>,
 }
 
 /// The channels an instance talks through.
@@ -209,6 +213,10 @@ impl Instance {
             unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
                 .map_err(|e| cannot(&e))?;
         let markers = std::sync::Arc::new(Markers::default());
+        let probe = match &cfg.health {
+            Some((_, crate::health::Target::Probe(name))) => Some(name.clone()),
+            _ => None,
+        };
         let stdout = start_capture(pipes.0, &cfg, LogSource::Stdout, &markers);
         let stderr = start_capture(pipes.1, &cfg, LogSource::Stderr, &markers);
         Ok(Instance {
@@ -231,6 +239,7 @@ impl Instance {
             freeze: None,
             write_watch: None,
             unhealthy: None,
+            probe,
         })
     }
 
@@ -287,6 +296,7 @@ impl Instance {
             sdk: self.sdk,
             lockdown: self.lockdown,
             proto: self.conn.proto(),
+            probe: self.probe,
         })
     }
 }

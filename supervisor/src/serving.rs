@@ -26,7 +26,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// One `[listen]` address.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub enum ListenAddr {
     /// `tcp = ["127.0.0.1:10000"]`.
     Tcp(SocketAddr),

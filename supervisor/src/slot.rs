@@ -75,6 +75,8 @@ pub struct FrozenPlugin {
     pub restarts: u32,
     /// The sandbox layers it runs under.
     pub sandbox: SandboxReport,
+    /// Its `[listen]` sockets (the successor hands them to later instances).
+    pub listeners: Vec<(ListenAddr, OwnedFd)>,
 }
 
 struct Current {
@@ -250,10 +252,14 @@ impl Slot {
         let adopt = Event::Adopt { restarts: frozen.restarts };
         r.machine = transition(&r.machine, adopt, StdInstant::now(), 0.0).0;
         let (control_tx, control_rx) = mpsc::channel(4);
-        // Its private probe socket's name was not handed over: only a method or an address
-        // check can go on (see `Instance::watch_health`).
+        *self.listeners.lock() =
+            frozen.listeners.into_iter().map(|(a, fd)| (a, Arc::new(fd))).collect();
+        let probe = frozen.instance.probe.clone();
         let target = self.spec.manifest.health.as_ref().and_then(|h| match &h.check {
             HealthCheck::Method(_) => Some(Target::Method),
+            HealthCheck::Http { .. } | HealthCheck::Tcp { .. } if probe.is_some() => {
+                probe.clone().map(Target::Probe)
+            }
             HealthCheck::Http { addr: Some(a), .. } | HealthCheck::Tcp { addr: Some(a) }
                 if self.spec.manifest.listen.is_empty() =>
             {
@@ -632,7 +638,13 @@ impl Slot {
             Ok(Ok(instance)) => {
                 let sandbox = self.shared.live.lock().sandbox.clone();
                 let restarts = r.machine.restarts;
-                let _ = reply.send(Ok(FrozenPlugin { instance, restarts, sandbox }));
+                let listeners = self
+                    .listeners
+                    .lock()
+                    .iter()
+                    .filter_map(|(a, fd)| Some((a.clone(), fd.try_clone().ok()?)))
+                    .collect();
+                let _ = reply.send(Ok(FrozenPlugin { instance, restarts, sandbox, listeners }));
                 return None;
             }
             Ok(Err(e)) => e,

@@ -28,6 +28,12 @@ pub(super) struct HandoverPlugin {
     pub(super) proto: u16,
     pub(super) restarts: u32,
     pub(super) sandbox: SandboxReport,
+    /// Its `[listen]` sockets.
+    #[serde(default)]
+    pub(super) listeners: Vec<(supervisor::serving::ListenAddr, RawFd)>,
+    /// The abstract name of its private health probe socket.
+    #[serde(default)]
+    pub(super) probe: Option<Vec<u8>>,
 }
 
 fn proto_v1() -> u16 {
@@ -83,9 +89,11 @@ pub(super) fn thaw(h: HandoverPlugin) -> FrozenPlugin {
             sdk: h.sdk,
             lockdown: h.lockdown,
             proto: h.proto,
+            probe: h.probe,
         },
         restarts: h.restarts,
         sandbox: h.sandbox,
+        listeners: h.listeners.into_iter().map(|(a, fd)| (a, inherited(fd))).collect(),
     }
 }
 
@@ -175,7 +183,10 @@ pub(super) async fn upgrade(
             proto: i.proto,
             restarts: f.restarts,
             sandbox: f.sandbox,
+            listeners: f.listeners.iter().map(|(a, fd)| (a.clone(), raw(fd))).collect(),
+            probe: i.probe,
         });
+        keep.extend(f.listeners.into_iter().map(|(_, fd)| fd));
         keep.push(i.pidfd);
         keep.extend(i.status);
         keep.push(i.socket);
