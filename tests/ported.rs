@@ -126,6 +126,40 @@ async fn a_plugin_json_class_path_and_an_unimportable_class() {
         err.contains("status 0 before its Hello") && err.contains("serve(MyPlugin())"),
         "{err}"
     );
+    // A script whose import fails before its serve(): the load fails saying which import
+    // and where to look, not a bare "exited(1)".
+    let missing = dir.path().join("missing");
+    std::fs::create_dir_all(&missing).unwrap();
+    std::fs::write(
+        missing.join("plugin.json"),
+        r#"{"name": "missing", "version": "1.0.0", "entrypoint": "main.py"}"#,
+    )
+    .unwrap();
+    std::fs::write(missing.join("main.py"), "import no_such_dep\nfrom plugd_plugin import serve\n")
+        .unwrap();
+    let err = sup.load(PluginSpec::from_manifest(&missing).unwrap()).await.unwrap_err().to_string();
+    assert!(
+        err.contains("load failed: cannot import")
+            && err.contains("main.py")
+            && err.contains("No module named 'no_such_dep'")
+            && err.contains("requirements.txt"),
+        "{err}"
+    );
+    // A home console's plugin.json names no code: the one class in main.py is served.
+    let console = dir.path().join("console");
+    std::fs::create_dir_all(&console).unwrap();
+    std::fs::write(
+        console.join("plugin.json"),
+        r#"{"id": "test_plugin", "name": "Test Plugin", "version": "1.0.0", "type": "internal"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        console.join("main.py"),
+        "class TestPlugin:\n    async def on_load(self):\n        self.loaded = True\n    def ping(self):\n        return 'pong (loaded: %s)' % self.loaded\n",
+    )
+    .unwrap();
+    let tp = sup.load(PluginSpec::from_manifest(&console).unwrap()).await.unwrap();
+    assert_eq!(call(&tp, "ping", json!(null)).await, json!("pong (loaded: True)"));
     // A Python script named like a binary: told how to name it, not to run cargo.
     let named = dir.path().join("named");
     std::fs::create_dir_all(&named).unwrap();

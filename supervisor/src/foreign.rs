@@ -208,10 +208,12 @@ fn to_toml(
             return Err(bad(key, format!("= {other} is not text; write e.g. \"plugin.MyPlugin\"")))
         }
         None => {
+            // A home console's plugin.json names no code: main.py holds the plugin's class
+            // (its loader imports it), or serves itself when imported.
             if !map.contains_key("runtime") {
                 table.insert("runtime".into(), toml::Value::String("python".into()));
             }
-            table.insert("entrypoint".into(), toml::Value::String("main.py".into()));
+            table.insert("entrypoint".into(), toml::Value::String("main:*".into()));
         }
     }
     // `dependencies` of a manifest are other plugins (Python packages live in
@@ -286,7 +288,7 @@ mod tests {
         assert_eq!(t["name"].as_str(), Some("test_plugin"));
         assert_eq!(f.display_name.as_deref(), Some("Test Plugin"));
         assert_eq!(f.extra["type"], serde_json::json!("internal"));
-        assert_eq!(t["entrypoint"].as_str(), Some("main.py"));
+        assert_eq!(t["entrypoint"].as_str(), Some("main:*"));
     }
 
     #[test]

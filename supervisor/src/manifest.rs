@@ -140,7 +140,9 @@ fn python_class(text: &str) -> Option<(String, String)> {
             && !s.starts_with(|c: char| c.is_ascii_digit())
             && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
     };
-    (module.split('.').all(ident) && ident(class)).then(|| (module.to_string(), class.to_string()))
+    // `module:*`: the one class the module defines (a single-file or console plugin).
+    let class_ok = ident(class) || (class == "*" && text.contains(':'));
+    (module.split('.').all(ident) && class_ok).then(|| (module.to_string(), class.to_string()))
 }
 
 /// What runs the plugin's entrypoint.

@@ -122,7 +122,14 @@ impl SpawnPlan {
                 Entrypoint::PyClass { module, class } => {
                     vec!["-m".into(), "plugd_plugin.launch".into(), format!("{module}:{class}")]
                 }
-                _ => vec![program.display().to_string()],
+                // Through the launcher too, which turns an import that fails before the
+                // script's serve() into a load failure that says why.
+                _ => vec![
+                    "-m".into(),
+                    "plugd_plugin.launch".into(),
+                    "--script".into(),
+                    program.display().to_string(),
+                ],
             };
             program = env.python;
             extra_read = env.read_paths;

@@ -77,6 +77,14 @@ _STATE_NOTIFY = "plugd.state"
 
 _log = logging.getLogger("plugd_plugin")
 
+# Set once serve() runs: the launcher then knows a script or module served itself.
+_serve_started = False
+
+
+def _started() -> bool:
+    """Whether :func:`serve` has run in this process."""
+    return _serve_started
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -632,6 +640,8 @@ def serve(plugin: Plugin, fd: int | None = None) -> None:
     ``fd`` defaults to ``PLUGD_FD`` (3). Raises :class:`NotSupervised` or :class:`Rejected`
     (exit status 2), :class:`LoadFailed` (1) or :class:`ProtocolFailure` (3).
     """
+    global _serve_started
+    _serve_started = True
     serving.install_inet_hint()
     if fd is None:
         env = os.environ.get("PLUGD_FD")

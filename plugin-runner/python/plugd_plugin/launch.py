@@ -1,5 +1,9 @@
 """``python -m plugd_plugin.launch module:Class``: serves the class a manifest names.
 
+(``--script main.py`` runs a script plugin, which calls ``serve()`` itself; an import that
+fails before it does — a package missing from requirements.txt, a file the sandbox does
+not let it read — fails its load with the reason, instead of a bare exit status.)
+
 plugd runs this for ``entrypoint = "plugin:HedgeV2"`` (or ``plugin.HedgeV2``, or a
 plugin.json ``class_path``) in the plugin's own virtualenv, in the plugin folder: no
 ``main.py`` and no ``serve()`` call of the plugin author's. The class is made at load time
@@ -17,10 +21,11 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import runpy
 import sys
 from typing import Any, Callable
 
-from . import Plugin, PluginError, _from_hints, _Handler, serve
+from . import Plugin, PluginError, _from_hints, _Handler, _started, serve
 from .kinds import Context
 
 _HOOKS = frozenset({"on_load", "on_start", "on_stop", "on_shutdown", "restore_state",
@@ -161,22 +166,31 @@ class _Unloadable(Plugin):
         raise PluginError(self.reason)
 
 
-def load(target: str) -> Plugin:
-    """The plugin for ``module:Class``, or a stand-in that fails its load saying why."""
+def _import_failure(what: str, e: BaseException) -> str:
+    """Why ``what`` could not be imported, and what to change."""
+    here = os.getcwd()
+    if isinstance(e, PermissionError):
+        # The jail lets a plugin read its folder, its venv and what the manifest grants.
+        return ("cannot import %s from %s: %s cannot be read inside the plugin's sandbox "
+                "(%s); if the plugin needs it, add its folder to sandbox.read_paths in the "
+                "manifest" % (what, here, e.filename or "a file it needs", e.strerror))
+    return ("cannot import %s from %s: %s: %s (check the manifest's entrypoint, and "
+            "requirements.txt for the packages it imports)" % (what, here, type(e).__name__, e))
+
+
+def load(target: str) -> Plugin | None:
+    """The plugin for ``module:Class``, or a stand-in that fails its load saying why; None
+    when importing the module served it already (a module that calls ``serve()`` itself)."""
     module_name, _, class_name = target.partition(":")
     here = os.getcwd()
     try:
         module = importlib.import_module(module_name)
-    except PermissionError as e:
-        # The jail lets a plugin read its folder, its venv and what the manifest grants.
-        return _Unloadable("cannot import %s from %s: %s cannot be read inside the plugin's "
-                           "sandbox (%s); if the plugin needs it, add its folder to "
-                           "sandbox.read_paths in the manifest"
-                           % (module_name, here, e.filename or "a file it needs", e.strerror))
     except Exception as e:
-        return _Unloadable("cannot import %s from %s: %s: %s (check the manifest's entrypoint, "
-                           "and requirements.txt for the packages it imports)"
-                           % (module_name, here, type(e).__name__, e))
+        if _started():
+            raise
+        return _Unloadable(_import_failure(module_name, e))
+    if _started():
+        return None
     if class_name == "*":
         # A single-file plugin: the one class its module defines (a plugd base class's
         # subclass first, when it defines several).
@@ -197,14 +211,33 @@ def load(target: str) -> Plugin:
     return ClassPlugin(cls)
 
 
+def run_script(path: str) -> None:
+    """Runs the script plugin ``path`` as ``__main__``; an import that fails before it
+    calls ``serve()`` is answered with a load failure that says why."""
+    sys.argv = [path]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except (ImportError, PermissionError) as e:
+        if _started():
+            raise
+        serve(_Unloadable(_import_failure(path, e)))
+
+
 def main() -> None:
-    """Entry point of ``python -m plugd_plugin.launch module:Class``."""
+    """Entry point of ``python -m plugd_plugin.launch module:Class`` (or ``--script
+    main.py``)."""
+    if len(sys.argv) == 3 and sys.argv[1] == "--script":
+        run_script(sys.argv[2])
+        return
     if len(sys.argv) != 2 or ":" not in sys.argv[1]:
-        sys.stderr.write("usage: python -m plugd_plugin.launch module:Class\n")
+        sys.stderr.write("usage: python -m plugd_plugin.launch module:Class | --script main.py\n")
         raise SystemExit(2)
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    serve(load(sys.argv[1]))
+    plugin = load(sys.argv[1])
+    if plugin is not None:
+        serve(plugin)
 
 
 if __name__ == "__main__":
