@@ -214,3 +214,49 @@ async fn a_single_file_plugin_runs_from_a_copy_away_from_its_neighbours() {
     assert!(err.contains("defines 2 classes (A, B)"), "{err}");
     sup.shutdown().await;
 }
+
+/// The two home-console tool plugins, as bundled: plugin.json, requirements.txt, main.py.
+#[test]
+fn two_console_tool_plugins_with_conflicting_pins_run_side_by_side() {
+    use kit::daemon::*;
+    let wheels = kit::wheelhouse("tools", &["pydantic>=2,<3", "pydantic<2"]);
+    let root = tempfile::tempdir().unwrap();
+    let plugins = root.path().join("plugins");
+    for ex in ["hc-weather", "hc-legacy-sensor"] {
+        let dst = plugins.join(ex);
+        std::fs::create_dir_all(&dst).unwrap();
+        for f in ["plugin.json", "requirements.txt", "main.py"] {
+            std::fs::copy(examples_dir_of(ex).join(f), dst.join(f)).unwrap();
+        }
+    }
+    let w = wheels.display().to_string();
+    std::fs::write(
+        root.path().join("extra.toml"),
+        format!("[defaults]\npython = {{ pip_args = [\"--no-index\", \"--find-links\", {w:?}] }}\nsandbox = {{ read_paths = [{w:?}] }}\n"),
+    )
+    .unwrap();
+    let d = Plugd::start_with(root, &[]);
+    eventually("both tools ready", || d.all_ready(&["weather", "legacy_sensor"]));
+    let call = |name: &str, method: &str, arg: &str| -> serde_json::Value {
+        let out = d.ctl(&["call", name, method, arg]);
+        assert!(out.status.success(), "{name}.{method}: {}", String::from_utf8_lossy(&out.stderr));
+        // plugctl prints a string result as it is, anything else as JSON.
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+    };
+    let v2 = call("weather", "pydantic_version", "null");
+    let v1 = call("legacy_sensor", "pydantic_version", "null");
+    assert!(v2.as_str().unwrap().starts_with("2."), "{v2}");
+    assert!(v1.as_str().unwrap().starts_with("1."), "{v1}");
+    assert_eq!(
+        call("weather", "forecast", r#"{"city": "Oslo", "celsius": 10}"#),
+        json!({"city": "Oslo", "fahrenheit": 50.0})
+    );
+    assert_eq!(
+        call("legacy_sensor", "reading", r#"{"sensor": "t1", "value": "21.5"}"#),
+        json!({"sensor": "t1", "value": 21.5})
+    );
+    let st = d.plugin("weather");
+    assert_eq!(st["display_name"], "Weather", "{st}");
+    assert_eq!(st["manifest_extra"]["type"], "internal");
+}

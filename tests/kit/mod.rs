@@ -126,26 +126,22 @@ pub fn wheelhouse(name: &str, packages: &[&str]) -> PathBuf {
     }
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let out = std::process::Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "-q",
-            "--disable-pip-version-check",
-            "--only-binary=:all:",
-            "-d",
-        ])
-        .arg(&dir)
-        .args(packages)
-        .output()
-        .expect("python3 -m pip");
-    assert!(
-        out.status.success(),
-        "downloading {packages:?} from PyPI into {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // One package at a time: a wheelhouse may hold conflicting pins (two plugins' worth).
+    for package in packages {
+        let out = std::process::Command::new("python3")
+            .args(["-m", "pip", "download", "-q", "--disable-pip-version-check"])
+            .args(["--only-binary=:all:", "-d"])
+            .arg(&dir)
+            .arg(package)
+            .output()
+            .expect("python3 -m pip");
+        assert!(
+            out.status.success(),
+            "downloading {package} from PyPI into {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     std::fs::write(&marker, want).unwrap();
     dir
 }

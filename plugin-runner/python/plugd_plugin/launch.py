@@ -178,6 +178,25 @@ def _import_failure(what: str, e: BaseException) -> str:
             "requirements.txt for the packages it imports)" % (what, here, type(e).__name__, e))
 
 
+def _the_plugin_class(own: list[type]) -> list[type]:
+    """Of the classes a module defines (its models and helpers too), the plugin: the
+    first rule that leaves exactly one wins — a subclass of a plugd base class; the class
+    whose ``id`` or ``name`` is the plugin's name; one named ``…Plugin``; one with a
+    lifecycle hook; the only class."""
+    me = os.environ.get("PLUGD_PLUGIN_NAME", "")
+    rules: list[Callable[[type], bool]] = [
+        lambda c: issubclass(c, Plugin),
+        lambda c: me != "" and me in (getattr(c, "id", None), getattr(c, "name", None)),
+        lambda c: c.__name__.endswith("Plugin"),
+        lambda c: any(callable(getattr(c, h, None)) for h in ("on_load", "on_start")),
+    ]
+    for rule in rules:
+        found = [c for c in own if rule(c)]
+        if len(found) == 1:
+            return found
+    return own
+
+
 def load(target: str) -> Plugin | None:
     """The plugin for ``module:Class``, or a stand-in that fails its load saying why; None
     when importing the module served it already (a module that calls ``serve()`` itself)."""
@@ -196,11 +215,11 @@ def load(target: str) -> Plugin | None:
         # subclass first, when it defines several).
         own = [c for c in vars(module).values()
                if isinstance(c, type) and c.__module__ == module.__name__]
-        kinds = [c for c in own if issubclass(c, Plugin)]
-        pick = kinds if len(kinds) == 1 else own
+        pick = _the_plugin_class(own)
         if len(pick) != 1:
             return _Unloadable("%s defines %s classes (%s); a single-file plugin defines one, "
-                               "or one subclass of a plugd_plugin base class"
+                               "or marks its plugin class (a plugd_plugin base class, or a "
+                               "name ending in Plugin)"
                                % (getattr(module, "__file__", module_name),
                                   len(own) or "no", ", ".join(c.__name__ for c in own)))
         return ClassPlugin(pick[0])
