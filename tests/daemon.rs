@@ -1827,10 +1827,34 @@ fn install_dry_run_shows_the_plan_and_the_dependencies_and_installs_nothing() {
     assert!(text.contains("+ requests>=2.31") && text.contains("+ idna==3.7"), "{text}");
     assert!(!d.root.path().join("state/installed/needs-requests").exists(), "nothing installed");
     assert!(d.plugin("needs-requests").is_null());
-    // A dry run reads folders only.
+    // An archive and a git source are fetched into a scratch folder for the preview, and
+    // the scratch folder is gone after.
+    let archive = src.path().join("needs-requests-0.3.0.tar.gz");
+    tar_gz(&dir, &archive);
+    let repo = src.path().join("repo");
+    Command::new("cp").arg("-r").arg(&dir).arg(&repo).status().unwrap();
+    let git = |args: &[&str]| git_in(&repo, args);
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "0.3.0"]);
+    let url = format!("git+file://{}", repo.display());
+    for source in [archive.to_str().unwrap(), url.as_str()] {
+        let out = d.ctl(&["install", "--dry-run", source]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{source}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.starts_with("needs-requests (not running) -> 0.3.0"), "{source}: {text}");
+        assert!(text.contains("+ requests>=2.31"), "{source}: {text}");
+    }
+    let installed = d.root.path().join("state/installed");
+    let left: Vec<_> = std::fs::read_dir(&installed)
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "no plugin and no scratch folder left: {left:?}");
+    assert!(d.plugin("needs-requests").is_null());
+    // A source that is not there is named.
     let out = d.ctl(&["install", "--dry-run", "/nonexistent/archive.tar.gz"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("reads a plugin folder"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/archive.tar.gz"));
 }
 
 #[test]

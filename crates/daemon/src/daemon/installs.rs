@@ -80,6 +80,34 @@ impl Daemon {
         std::fs::create_dir_all(&root).map_err(|e| format!("create {}: {e}", root.display()))?;
         let scratch = root.join(format!(".fetch-{}-{job}", std::process::id()));
         let _ = std::fs::remove_dir_all(&scratch);
+        let folder = self.fetch_source(source, &scratch, Some(job), cancel).await;
+        let result = match folder {
+            Err(e) => Err(e),
+            Ok(Some(Ok(f))) => self.install_folder(&f, force, enable, job, cancel).await,
+            Ok(Some(Err(e))) => Err(format!("{source}: {e}")),
+            Ok(None) => self.install_folder(Path::new(source), force, enable, job, cancel).await,
+        };
+        let _ = std::fs::remove_dir_all(&scratch);
+        result
+    }
+
+    /// A line of job `job`'s output (none for a dry run, which has no job).
+    fn note(&self, job: Option<u64>, lines: Vec<String>) {
+        if let Some(job) = job {
+            self.jobs.output(job, lines);
+        }
+    }
+
+    /// Brings a git source, a URL or an archive into `scratch` (its signature checked as
+    /// configured): the plugin folder in it (or why there is none); None for a folder
+    /// source, which is used where it is.
+    async fn fetch_source(
+        &self,
+        source: &str,
+        scratch: &Path,
+        job: Option<u64>,
+        cancel: &Arc<crate::install::Cancel>,
+    ) -> Result<Option<Result<std::path::PathBuf, String>>, String> {
         let trust = lock(&self.config).trust.clone();
         let folder = if let Some(url) = source.strip_prefix("git+") {
             let (url, reference) = match url.split_once('#') {
@@ -109,10 +137,10 @@ impl Daemon {
             if let Some(r) = reference {
                 git.arg(format!("--branch={r}"));
             }
-            git.arg("--").arg(url).arg(&scratch);
+            git.arg("--").arg(url).arg(scratch);
             let what = format!("git clone {url}");
-            self.jobs.output(job, vec![format!("$ {what}")]);
-            fetch(git, &what, "install git to install from a repository", cancel, &scratch).await?;
+            self.note(job, vec![format!("$ {what}")]);
+            fetch(git, &what, "install git to install from a repository", cancel, scratch).await?;
             // The tree's signature, checked before anything of it runs.
             let sig_file = scratch.join(crate::signing::TREE_SIGNATURE);
             let signature = std::fs::symlink_metadata(&sig_file)
@@ -120,12 +148,12 @@ impl Daemon {
                 .filter(|m| m.is_file() && m.len() <= 64 << 10)
                 .and_then(|_| std::fs::read_to_string(&sig_file).ok());
             if signature.is_some() || trust.require {
-                let tree = tree_without_signature(&scratch, signature.is_some()).await?;
+                let tree = tree_without_signature(scratch, signature.is_some()).await?;
                 let signer = trust.check_tree(source, &tree, signature.as_deref())?;
-                self.jobs.output(job, vec![signed_line(source, &signer)]);
+                self.note(job, vec![signed_line(source, &signer)]);
             }
             let _ = std::fs::remove_dir_all(scratch.join(".git"));
-            Some(crate::install::plugin_folder(&scratch))
+            Some(crate::install::plugin_folder(scratch))
         } else if source.starts_with("http://") || source.starts_with("https://") {
             let zip = source.ends_with(".zip");
             if !(zip || source.ends_with(".tar.gz") || source.ends_with(".tgz")) {
@@ -133,7 +161,7 @@ impl Daemon {
                     "{source}: only .tar.gz and .zip archives can be installed from a URL"
                 ));
             }
-            std::fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(scratch).map_err(|e| e.to_string())?;
             let download = scratch.join(if zip { "download.zip" } else { "download.tar.gz" });
             let mut curl = tokio::process::Command::new("curl");
             curl.args([
@@ -150,8 +178,8 @@ impl Daemon {
             .arg(&download)
             .arg(source);
             let what = format!("downloading {source}");
-            self.jobs.output(job, vec![format!("$ curl {source}")]);
-            fetch(curl, &what, "install curl to install from a URL", cancel, &scratch).await?;
+            self.note(job, vec![format!("$ curl {source}")]);
+            fetch(curl, &what, "install curl to install from a URL", cancel, scratch).await?;
             // Its detached signature, if the server has one (a missing one is not an error
             // unless signatures are required).
             let sig_file = scratch.join("download.minisig");
@@ -161,14 +189,14 @@ impl Daemon {
                 .arg(&sig_file)
                 .arg(format!("{source}.minisig"));
             let signature = if trust.has_keys() || trust.require {
-                let _ = fetch(curl, "downloading the signature", "install curl", cancel, &scratch)
-                    .await;
+                let _ =
+                    fetch(curl, "downloading the signature", "install curl", cancel, scratch).await;
                 std::fs::read_to_string(&sig_file).ok()
             } else {
                 None
             };
             let signer = trust.check_archive(&download, signature.as_deref())?;
-            self.jobs.output(job, vec![signed_line(source, &signer)]);
+            self.note(job, vec![signed_line(source, &signer)]);
             let unpacked = scratch.join("unpacked");
             let unpack =
                 if zip { crate::install::unpack_zip } else { crate::install::unpack_tar_gz };
@@ -182,24 +210,18 @@ impl Daemon {
             let archive = Path::new(source);
             let signer = trust
                 .check_archive(archive, crate::signing::signature_beside(archive).as_deref())?;
-            self.jobs.output(job, vec![signed_line(source, &signer)]);
+            self.note(job, vec![signed_line(source, &signer)]);
             let unpack = if source.ends_with(".zip") {
                 crate::install::unpack_zip
             } else {
                 crate::install::unpack_tar_gz
             };
-            Some(unpack(archive, &scratch).and_then(|_| crate::install::plugin_folder(&scratch)))
+            Some(unpack(archive, scratch).and_then(|_| crate::install::plugin_folder(scratch)))
         } else {
             trust.check_unsigned_kind(source, "folder")?;
             None
         };
-        let result = match folder {
-            Some(Ok(f)) => self.install_folder(&f, force, enable, job, cancel).await,
-            Some(Err(e)) => Err(format!("{source}: {e}")),
-            None => self.install_folder(Path::new(source), force, enable, job, cancel).await,
-        };
-        let _ = std::fs::remove_dir_all(&scratch);
-        result
+        Ok(folder)
     }
 
     /// Installs a plugin folder; starts it if it is new, else keeps the running version.
@@ -320,14 +342,34 @@ impl Daemon {
         }
     }
 
-    /// What installing the plugin folder `source` would do, without doing it: its plan as
-    /// an update's (the running version if any, changed sections, the dependencies pip
-    /// would install into its venv, broken `requires`).
-    pub(super) fn install_plan(&self, source: &str) -> Result<serde_json::Value, ApiError> {
+    /// What installing `source` (a folder, an archive, a URL or a git source, fetched into a
+    /// scratch folder first and signature-checked as an install would) would do, without
+    /// doing it: its plan as an update's (the running version if any, changed sections, the
+    /// dependencies pip would install into its venv, broken `requires`).
+    pub(super) async fn install_plan(&self, source: &str) -> Result<serde_json::Value, ApiError> {
+        let scratch = self.installed_root().join(format!(
+            ".plan-{}-{}",
+            std::process::id(),
+            PLANS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let cancel = Arc::new(crate::install::Cancel::default());
+        let fetched = self.fetch_source(source, &scratch, None, &cancel).await;
+        let plan = match fetched {
+            Err(e) => Err(ApiError::bad_request(e)),
+            Ok(Some(Err(e))) => Err(ApiError::bad_request(format!("{source}: {e}"))),
+            Ok(Some(Ok(folder))) => self.folder_plan(&folder.to_string_lossy()),
+            Ok(None) => self.folder_plan(source),
+        };
+        let _ = std::fs::remove_dir_all(&scratch);
+        plan
+    }
+
+    /// What installing the plugin folder `source` would change (see `update_plan`).
+    fn folder_plan(&self, source: &str) -> Result<serde_json::Value, ApiError> {
         let folder = Path::new(source);
         if !folder.is_dir() {
             return Err(ApiError::bad_request(format!(
-                "a dry-run install reads a plugin folder, and {source} is not one; unpack the archive or clone the git source first"
+                "{source} is not a plugin folder (nor a .tar.gz, .zip or git+ URL)"
             )));
         }
         let (_, defaults) = self.dirs_and_defaults();
@@ -656,3 +698,6 @@ async fn tree_without_signature(repo: &Path, has_signature: bool) -> Result<Stri
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
+
+/// Numbers the scratch folders of dry-run installs.
+static PLANS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

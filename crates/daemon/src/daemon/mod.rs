@@ -684,7 +684,7 @@ impl Daemon {
             Request::Update { name, version: Some(v), force, dry_run } => {
                 self.switch_version(&name, &v, force, dry_run).await
             }
-            Request::InstallPlan { source } => self.install_plan(&source),
+            Request::InstallPlan { source } => self.install_plan(&source).await,
             Request::Install { source, force, enable } => {
                 // The same job machinery as HTTP installs, waited for here.
                 let (id, cancel) = self.jobs.create(
