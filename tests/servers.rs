@@ -260,6 +260,17 @@ class Server(Plugin):
         return self.names
 
     @method()
+    async def bind_own(self, port):
+        # What a server that ignores [listen] does: its own inet socket, refused.
+        import socket
+        try:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", port))
+            return "bound"
+        except OSError as e:
+            return type(e).__name__
+
+    @method()
     async def ping(self, _):
         if not os.path.exists(os.path.join(STATE, "HEALTHY")):
             raise RuntimeError("not yet")
@@ -284,15 +295,17 @@ fn async_server(plugins: &Path, name: &str, health: &str, port: u16) {
 #[test]
 fn a_server_stays_starting_until_its_check_passes_and_fails_past_the_start_timeout() {
     let (http_port, method_port) = (free_port(), free_port());
+    let tcp_port = free_port();
     let d = Plugd::start(|dir| {
         async_server(dir, "web", "http = \"/health\"", http_port);
         async_server(dir, "svc", "method = \"ping\"", method_port);
+        async_server(dir, "tcp", "tcp = true", tcp_port);
     });
     let state = d.root.path().join("state/plugins");
     // No HEALTHY file: both answer the handshake but never pass; past start_timeout (3 s)
     // plugd gives up on them, saying which check failed and how.
     eventually("both failed their start", || {
-        d.status().iter().all(|p| {
+        d.status().iter().filter(|p| p["name"] != "tcp").all(|p| {
             p["state"] == "failed"
                 && p["last_exit"].as_str().is_some_and(|w| w.contains("(start_timeout)"))
         })
@@ -338,6 +351,20 @@ fn a_server_stays_starting_until_its_check_passes_and_fails_past_the_start_timeo
     };
     assert_eq!(names("web"), serde_json::json!(["tcp", "plugd-health"]));
     assert_eq!(names("svc"), serde_json::json!(["tcp"]));
+
+    // A TCP check passes once the socket accepts (the kernel queues the connection).
+    assert_eq!(d.plugin("tcp")["state"], "ready");
+    assert_eq!(d.plugin("tcp")["health"]["check"], "tcp connect every 0.2 s");
+    // A plugin making its own inet socket is refused by the sandbox, and its log says
+    // which manifest keys allow a server or outbound traffic.
+    let out = d.ctl(&["call", "tcp", "bind_own", &free_port().to_string()]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "PermissionError");
+    eventually("the hint is logged", || {
+        let logs = String::from_utf8(d.ctl(&["logs", "tcp", "-n", "50"]).stdout).unwrap();
+        logs.contains("refuses inet sockets")
+            && logs.contains("[listen]")
+            && logs.contains("sandbox.network = \"host\"")
+    });
 }
 
 #[test]

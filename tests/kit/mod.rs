@@ -2,6 +2,7 @@
 //! helpers are here; [`daemon`] runs a real plugd and plugctl against it.
 #![allow(dead_code, unused_imports)] // each test file uses a different part
 
+pub mod browser;
 pub mod daemon;
 
 use std::path::{Path, PathBuf};

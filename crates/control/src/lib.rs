@@ -386,6 +386,12 @@ pub struct StatusEntry {
     /// Keys of its plugin.yaml/plugin.json plugd keeps but has no use for.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub manifest_extra: std::collections::BTreeMap<String, serde_json::Value>,
+    /// Resident memory of its processes, in bytes (while it runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+    /// CPU time its processes used, in seconds (while it runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<f64>,
     /// Its `[health]` check's standing, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthEntry>,

@@ -106,6 +106,7 @@ struct RawHttp {
     listen: String,
     token_file: Option<PathBuf>,
     max_body: Option<toml::Value>,
+    max_upload: Option<toml::Value>,
     #[serde(default)]
     public_reads: bool,
 }
@@ -226,16 +227,12 @@ impl DaemonConfig {
                 })?,
                 token_file: h.token_file.map(|p| expand(&base, &p)),
                 public_reads: h.public_reads,
-                max_body: match &h.max_body {
-                    None => crate::http::DEFAULT_MAX_BODY,
-                    Some(toml::Value::Integer(n)) if *n > 0 => *n as usize,
-                    Some(toml::Value::String(s)) => supervisor::units::parse_size(s)
-                        .map_err(|e| format!("`http.max_body` = {s:?}: {e}"))?
-                        as usize,
-                    Some(other) => {
-                        return Err(format!("`http.max_body` = {other} is not a size such as \"1MiB\""))
-                    }
-                },
+                max_body: size("http.max_body", &h.max_body, crate::http::DEFAULT_MAX_BODY)?,
+                max_upload: size(
+                    "http.max_upload",
+                    &h.max_upload,
+                    crate::http::DEFAULT_MAX_UPLOAD,
+                )?,
             }),
         };
         let mut instances = Vec::new();
@@ -271,6 +268,18 @@ impl DaemonConfig {
             source: Some(path.to_path_buf()),
             instances,
         })
+    }
+}
+
+/// A size key of plugd.toml (`"1MiB"` or a number of bytes), or `default` when absent.
+fn size(key: &str, value: &Option<toml::Value>, default: usize) -> Result<usize, String> {
+    match value {
+        None => Ok(default),
+        Some(toml::Value::Integer(n)) if *n > 0 => Ok(*n as usize),
+        Some(toml::Value::String(s)) => supervisor::units::parse_size(s)
+            .map(|n| n as usize)
+            .map_err(|e| format!("`{key}` = {s:?}: {e}")),
+        Some(other) => Err(format!("`{key}` = {other} is not a size such as \"1MiB\"")),
     }
 }
 

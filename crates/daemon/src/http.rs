@@ -42,6 +42,8 @@ pub struct HttpConfig {
     pub token_file: Option<PathBuf>,
     /// Largest request body accepted, in bytes.
     pub max_body: usize,
+    /// Largest body of an install or validate upload (an archive), in bytes.
+    pub max_upload: usize,
     /// `GET`s without the token (on a trusted host: any local user can read every
     /// plugin's status and logs).
     pub public_reads: bool,
@@ -60,12 +62,16 @@ pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10)
 /// Default request body cap.
 pub const DEFAULT_MAX_BODY: usize = 1 << 20;
 
+/// Default cap of an uploaded archive (`POST /v1/install`, `/v1/validate`).
+pub const DEFAULT_MAX_UPLOAD: usize = 64 << 20;
+
 struct Api {
     daemon: Arc<Daemon>,
     token: Option<String>,
     /// Reads need the token too (unless `public_reads`).
     guard_reads: bool,
     max_body: usize,
+    max_upload: usize,
     started: std::time::Instant,
 }
 
@@ -108,6 +114,7 @@ pub async fn bind(
         token,
         guard_reads: !cfg.public_reads,
         max_body: cfg.max_body,
+        max_upload: cfg.max_upload,
         started: std::time::Instant::now(),
     });
     let app = Router::new()
@@ -124,10 +131,12 @@ pub async fn bind(
         .route("/v1/jobs/{id}", get(job))
         .route("/v1/jobs/{id}/{action}", post(job_action))
         .route("/metrics", get(metrics))
+        .route("/", get(dashboard_page))
+        .route("/assets/{file}", get(dashboard_asset))
         .fallback(|| async {
             failure(ErrorKind::NotFound, "no such endpoint; see docs/http-api.md")
         })
-        .layer(DefaultBodyLimit::max(cfg.max_body))
+        .layer(DefaultBodyLimit::max(cfg.max_body.max(cfg.max_upload)))
         .layer(axum::middleware::from_fn_with_state(api.clone(), guard))
         .with_state(api);
     // The listener a previous plugd handed over, if it listens where the config says.
@@ -269,24 +278,34 @@ async fn guard(
     next: axum::middleware::Next,
 ) -> Response {
     let mutating = !matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+    // The dashboard's page and scripts are public: it asks for the token itself and sends
+    // it with every API request.
+    let path = req.uri().path();
+    if !mutating && (path == "/" || path.starts_with("/assets/")) {
+        return next.run(req).await;
+    }
     if let Some(r) = api.check(req.headers(), mutating) {
         return r;
     }
+    // Archives are bigger than API requests.
+    let (limit, key) = if matches!(path, "/v1/install" | "/v1/validate") {
+        (api.max_upload, "max_upload")
+    } else {
+        (api.max_body, "max_body")
+    };
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > api.max_body as u64) {
+    if declared.is_some_and(|n| n > limit as u64) {
         return failure(
             ErrorKind::TooLarge,
-            format!("the body is over {} bytes ([http] max_body)", api.max_body),
+            format!("the body is over {limit} bytes ([http] {key})"),
         );
     }
     let (parts, body) = req.into_parts();
-    let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, api.max_body))
-        .await
-    {
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit)).await {
         Err(_) => {
             return failure(
                 ErrorKind::Timeout,
@@ -296,7 +315,7 @@ async fn guard(
         Ok(Err(_)) => {
             return failure(
                 ErrorKind::TooLarge,
-                format!("the body is over {} bytes ([http] max_body), or broke off", api.max_body),
+                format!("the body is over {limit} bytes ([http] {key}), or broke off"),
             )
         }
         Ok(Ok(b)) => b,
@@ -593,7 +612,47 @@ async fn reload(State(api): State<Arc<Api>>) -> Response {
     api.run(Request::Reload).await
 }
 
-async fn install(State(api): State<Arc<Api>>, body: Bytes) -> Response {
+/// The query of `POST /v1/install` when the body is an uploaded archive.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct InstallQuery {
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    enable: bool,
+}
+
+async fn install(
+    State(api): State<Arc<Api>>,
+    Query(q): Query<InstallQuery>,
+    body: Bytes,
+) -> Response {
+    // An uploaded .tar.gz or .zip (the dashboard's file input): kept under the state folder
+    // for the job (and a retry), then installed like an archive on disk.
+    let gz = body.starts_with(&[0x1f, 0x8b]);
+    if gz || body.starts_with(b"PK\x03\x04") {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = api.daemon.uploads_dir();
+        let file = dir.join(format!(
+            "upload-{}-{n}.{}",
+            std::process::id(),
+            if gz { "tar.gz" } else { "zip" }
+        ));
+        let written = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&file, &body));
+        if let Err(e) = written {
+            return failure(
+                ErrorKind::Failed,
+                format!("cannot keep the upload at {}: {e}", file.display()),
+            );
+        }
+        let source = file.display().to_string();
+        return accepted(
+            api.daemon
+                .handle(Request::InstallJob { source, force: q.force, enable: q.enable })
+                .await,
+        );
+    }
     let params: crate::jobs::InstallParams = match serde_json::from_slice(&body) {
         Ok(p) => p,
         Err(e) => {
@@ -712,6 +771,40 @@ async fn dry_run_update(api: &Api, name: String, body: &[u8]) -> Response {
         Err(e) => return failure(ErrorKind::BadRequest, e),
     };
     api.run(Request::Update { name, version: o.version, force: o.force, dry_run: true }).await
+}
+
+/// The dashboard's files, built into the binary (plain JavaScript: no Node toolchain).
+const DASHBOARD: &[(&str, &str, &str)] = &[
+    ("dashboard.js", "text/javascript; charset=utf-8", include_str!("dashboard/dashboard.js")),
+    ("dashboard.css", "text/css; charset=utf-8", include_str!("dashboard/dashboard.css")),
+];
+
+/// Headers of every dashboard response: its own scripts only, never framed, no sniffing.
+fn dashboard_headers() -> [(header::HeaderName, &'static str); 4] {
+    [
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; form-action 'none'",
+        ),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-cache"),
+    ]
+}
+
+async fn dashboard_page() -> Response {
+    let page = include_str!("dashboard/index.html");
+    (dashboard_headers(), [(header::CONTENT_TYPE, "text/html; charset=utf-8")], page)
+        .into_response()
+}
+
+async fn dashboard_asset(Path(file): Path<String>) -> Response {
+    match DASHBOARD.iter().find(|(name, _, _)| *name == file) {
+        Some((_, kind, text)) => {
+            (dashboard_headers(), [(header::CONTENT_TYPE, *kind)], *text).into_response()
+        }
+        None => failure(ErrorKind::NotFound, format!("no dashboard file {file:?}")),
+    }
 }
 
 /// 202 with the job id, for requests that start a job.
@@ -971,6 +1064,7 @@ mod tests {
             listen: listen.parse().unwrap(),
             token_file,
             max_body: DEFAULT_MAX_BODY,
+            max_upload: DEFAULT_MAX_UPLOAD,
             public_reads: false,
         };
         let e = token_for(&cfg("0.0.0.0:7070", None)).unwrap_err();

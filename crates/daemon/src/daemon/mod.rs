@@ -546,6 +546,8 @@ impl Daemon {
                         sandbox_unavailable: st.sandbox_unavailable,
                         exits: st.exits.into_iter().map(|(k, n)| (k.to_string(), n)).collect(),
                         log_lines_dropped: st.log_lines_dropped,
+                        rss_bytes: st.pid.and_then(supervisor::spawn::proc_usage).map(|u| u.0),
+                        cpu_seconds: st.pid.and_then(supervisor::spawn::proc_usage).map(|u| u.1),
                         health: st.health.map(|h| plugd_control::HealthEntry {
                             check: h.check,
                             state: h.state.to_string(),
@@ -979,6 +981,11 @@ impl Daemon {
                 reply.data.len()
             ))),
         }
+    }
+
+    /// Where archives uploaded over HTTP wait for their install job.
+    pub fn uploads_dir(&self) -> PathBuf {
+        lock(&self.config).state_dir.join("uploads")
     }
 
     /// The handle of a loaded plugin (for streaming calls over HTTP).
