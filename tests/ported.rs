@@ -258,5 +258,8 @@ fn two_console_tool_plugins_with_conflicting_pins_run_side_by_side() {
     );
     let st = d.plugin("weather");
     assert_eq!(st["display_name"], "Weather", "{st}");
+    // One plugin's status lists what it requires (the dashboard's detail shows it).
+    assert_eq!(d.json(&["status", "weather"])[0]["requirements"], json!(["pydantic>=2,<3"]));
+    assert_eq!(d.json(&["status", "legacy_sensor"])[0]["requirements"], json!(["pydantic<2"]));
     assert_eq!(st["manifest_extra"]["type"], "internal");
 }

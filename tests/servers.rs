@@ -391,3 +391,33 @@ fn an_in_place_upgrade_hands_the_server_and_its_sockets_over() {
     assert_eq!(body_json(port, "/api/clients")["version"], "1.2.0");
     assert_eq!(d.plugin("client_manager")["health"]["state"], "healthy");
 }
+
+#[test]
+fn a_hot_update_waits_for_the_new_versions_health_and_keeps_the_old_one_when_it_never_passes() {
+    let port = free_port();
+    let d = Plugd::start(|dir| async_server(dir, "web", "method = \"ping\"", port));
+    let state = d.root.path().join("state/plugins/web");
+    eventually("the state folder", || state.is_dir());
+    std::fs::write(state.join("HEALTHY"), "").unwrap();
+    let out = d.ctl(&["start", "web"]);
+    assert!(out.status.success() || d.plugin("web")["state"] == "ready");
+    eventually("web ready", || d.all_ready(&["web"]));
+    let pid = d.pid("web");
+    // Version 2 checks a method it does not have: it never becomes healthy, so the update
+    // fails after its start_timeout and version 1 serves on, untouched.
+    let manifest = d.plugins().join("web/plugin.toml");
+    let text = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .replace("version = \"1.0.0\"", "version = \"2.0.0\"")
+        .replace("method = \"ping\"", "method = \"no_such_check\"");
+    std::fs::write(&manifest, text).unwrap();
+    let out = d.ctl(&["update", "web"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no_such_check") && err.contains("start_timeout"), "{err}");
+    let st = d.plugin("web");
+    assert_eq!((st["version"].as_str(), st["state"].as_str()), (Some("1.0.0"), Some("ready")));
+    assert_eq!(d.pid("web"), pid, "the old instance was never stopped");
+    let (code, body) = http(port, "GET", "/").unwrap();
+    assert_eq!((code, body.as_str()), (200, "ok"));
+}

@@ -392,6 +392,10 @@ pub struct StatusEntry {
     /// CPU time its processes used, in seconds (while it runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_seconds: Option<f64>,
+    /// A Python plugin's requirements (its requirements file, as pip reads it); filled in
+    /// when one plugin's status is asked for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requirements: Vec<String>,
     /// Its `[health]` check's standing, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthEntry>,

@@ -380,6 +380,12 @@ fn parse_requirement(line: &str) -> Option<(String, String)> {
     Some((name, spec))
 }
 
+/// The requirements a requirements file lists (`name` + specifier, normalised; comments,
+/// options and blank lines left out).
+pub fn requirements_list(text: &str) -> Vec<String> {
+    text.lines().filter_map(parse_requirement).map(|(name, spec)| format!("{name}{spec}")).collect()
+}
+
 /// How the requirements of two versions of a plugin differ.
 #[derive(Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DependencyDiff {

@@ -580,6 +580,11 @@ impl Daemon {
             };
             entry.display_name = display_name;
             entry.manifest_extra = manifest_extra;
+            if only.is_some() && spec.manifest.entrypoint.is_python() {
+                let file = spec.dir.join(&spec.manifest.python.requirements);
+                let text = std::fs::read_to_string(file).unwrap_or_default();
+                entry.requirements = plugd_install::python::requirements_list(&text);
+            }
             out.push(entry);
         }
         match only {
