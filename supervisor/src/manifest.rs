@@ -186,6 +186,9 @@ pub struct PythonConfig {
     pub pip_args: Vec<String>,
     /// `network = "host"`: pip may download packages (else it runs without a network).
     pub network: bool,
+    /// `packaged = true`: the entrypoint's module is installed into the venv (a plugin
+    /// that came as a wheel), not a file of the plugin folder.
+    pub packaged: bool,
 }
 
 impl Default for PythonConfig {
@@ -195,6 +198,7 @@ impl Default for PythonConfig {
             requirements: "requirements.txt".into(),
             pip_args: Vec::new(),
             network: false,
+            packaged: false,
         }
     }
 }
@@ -568,6 +572,7 @@ struct RawPython {
     requirements: Option<PathBuf>,
     pip_args: Option<Vec<String>>,
     network: Option<String>,
+    packaged: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -1147,6 +1152,7 @@ impl Manifest {
             pip_args: py.pip_args.unwrap_or_default(),
             network: c.word("python.network", py.network, Network::WORDS, Network::from_word)?
                 == Network::Host,
+            packaged: py.packaged.unwrap_or(false),
         };
         let listen = crate::serving::parse_listen(raw.listen).map_err(|(k, p)| c.bad(&k, p))?;
         let health = match raw.health {
@@ -1330,7 +1336,10 @@ impl PluginSpec {
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
         let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
         let mut spec = PluginSpec { manifest, dir, manifest_path: path };
-        if let Entrypoint::PyClass { module, .. } = &mut spec.manifest.entrypoint {
+        let packaged = spec.manifest.python.packaged;
+        if let (Entrypoint::PyClass { module, .. }, false) =
+            (&mut spec.manifest.entrypoint, packaged)
+        {
             match resolve_module(&spec.dir, module) {
                 Some(found) => *module = found,
                 None => {

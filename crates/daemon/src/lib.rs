@@ -9,7 +9,7 @@
 
 // The host's and the installer's modules, under the names this crate's modules use.
 pub(crate) use plugd_control as control;
-pub(crate) use plugd_install::{install, jobs, python, signing};
+pub(crate) use plugd_install::{install, jobs, python, signing, wheel};
 pub(crate) use supervisor::{logs, manifest, router, sandbox, spawn};
 
 pub mod config;

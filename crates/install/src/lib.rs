@@ -17,3 +17,4 @@ pub mod install;
 pub mod jobs;
 pub mod python;
 pub mod signing;
+pub mod wheel;

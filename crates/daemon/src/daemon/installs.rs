@@ -80,15 +80,113 @@ impl Daemon {
         std::fs::create_dir_all(&root).map_err(|e| format!("create {}: {e}", root.display()))?;
         let scratch = root.join(format!(".fetch-{}-{job}", std::process::id()));
         let _ = std::fs::remove_dir_all(&scratch);
-        let folder = self.fetch_source(source, &scratch, Some(job), cancel).await;
-        let result = match folder {
+        let fetched = if crate::wheel::is_wheel(source) {
+            self.fetch_wheel(source, &scratch, Some(job), cancel).await.map(|f| Some(Ok(f)))
+        } else {
+            self.fetch_source(source, &scratch, Some(job), cancel)
+                .await
+                .map(|f| f.map(|f| f.map(|f| vec![f])))
+        };
+        let result = match fetched {
             Err(e) => Err(e),
-            Ok(Some(Ok(f))) => self.install_folder(&f, force, enable, job, cancel).await,
+            Ok(Some(Ok(folders))) => {
+                // A wheel may hold several plugins: each is installed, in order.
+                let mut done = Vec::new();
+                let mut failed = None;
+                for f in &folders {
+                    match self.install_folder(f, force, enable, job, cancel).await {
+                        Ok(serde_json::Value::Array(items)) => done.extend(items),
+                        Ok(other) => done.push(other),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                match failed {
+                    Some(e) => Err(e),
+                    None => Ok(serde_json::Value::Array(done)),
+                }
+            }
             Ok(Some(Err(e))) => Err(format!("{source}: {e}")),
             Ok(None) => self.install_folder(Path::new(source), force, enable, job, cancel).await,
         };
         let _ = std::fs::remove_dir_all(&scratch);
         result
+    }
+
+    /// Brings the wheel `source` (a file, or an http(s) URL) into `scratch`, checks its
+    /// signature as an archive's, and writes a plugin folder per plugin it declares.
+    async fn fetch_wheel(
+        &self,
+        source: &str,
+        scratch: &Path,
+        job: Option<u64>,
+        cancel: &Arc<crate::install::Cancel>,
+    ) -> Result<Vec<std::path::PathBuf>, String> {
+        let trust = lock(&self.config).trust.clone();
+        std::fs::create_dir_all(scratch)
+            .map_err(|e| format!("create {}: {e}", scratch.display()))?;
+        let remote = source.starts_with("http://") || source.starts_with("https://");
+        let (wheel, signature) = if remote {
+            // pip reads the name and version from the file name: keep it (a plain name only).
+            let file = source.rsplit('/').next().unwrap_or_default();
+            if file.is_empty() || file.starts_with('.') || file.contains(['\\', '?', '#']) {
+                return Err(format!("{source}: the URL must end in the wheel's file name"));
+            }
+            let wheel = scratch.join(file);
+            let mut curl = tokio::process::Command::new("curl");
+            curl.args([
+                "--fail",
+                "--silent",
+                "--show-error",
+                "--location",
+                "--proto",
+                "=http,https",
+            ])
+            .arg("--max-filesize")
+            .arg(crate::install::MAX_BYTES.to_string())
+            .arg("--output")
+            .arg(&wheel)
+            .arg(source);
+            self.note(job, vec![format!("$ curl {source}")]);
+            fetch(
+                curl,
+                &format!("downloading {source}"),
+                "install curl to install from a URL",
+                cancel,
+                scratch,
+            )
+            .await?;
+            let sig_file = scratch.join("download.minisig");
+            let signature = if trust.has_keys() || trust.require {
+                let mut curl = tokio::process::Command::new("curl");
+                curl.args(["--fail", "--silent", "--location", "--proto", "=http,https"])
+                    .args(["--max-filesize", "65536", "--output"])
+                    .arg(&sig_file)
+                    .arg(format!("{source}.minisig"));
+                let _ =
+                    fetch(curl, "downloading the signature", "install curl", cancel, scratch).await;
+                std::fs::read_to_string(&sig_file).ok()
+            } else {
+                None
+            };
+            (wheel, signature)
+        } else {
+            let wheel = std::path::PathBuf::from(source);
+            let signature = crate::signing::signature_beside(&wheel);
+            (wheel, signature)
+        };
+        let signer = trust.check_archive(&wheel, signature.as_deref())?;
+        self.note(job, vec![signed_line(source, &signer)]);
+        let info = crate::wheel::read(&wheel)?;
+        let extra = if remote { None } else { crate::wheel::beside(&wheel)? };
+        let names: Vec<&str> = info.plugins.iter().map(|(n, _)| n.as_str()).collect();
+        self.note(
+            job,
+            vec![format!("{} {} declares plugins: {}", info.name, info.version, names.join(", "))],
+        );
+        crate::wheel::plugin_folders(&wheel, &info, extra.as_ref(), &scratch.join("plugins"))
     }
 
     /// A line of job `job`'s output (none for a dry run, which has no job).
@@ -353,12 +451,25 @@ impl Daemon {
             PLANS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let cancel = Arc::new(crate::install::Cancel::default());
-        let fetched = self.fetch_source(source, &scratch, None, &cancel).await;
-        let plan = match fetched {
-            Err(e) => Err(ApiError::bad_request(e)),
-            Ok(Some(Err(e))) => Err(ApiError::bad_request(format!("{source}: {e}"))),
-            Ok(Some(Ok(folder))) => self.folder_plan(&folder.to_string_lossy()),
-            Ok(None) => self.folder_plan(source),
+        let plan = if crate::wheel::is_wheel(source) {
+            match self.fetch_wheel(source, &scratch, None, &cancel).await {
+                Err(e) => Err(ApiError::bad_request(e)),
+                Ok(folders) => folders
+                    .iter()
+                    .map(|f| self.folder_plan(&f.to_string_lossy()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(|plans| match <[_; 1]>::try_from(plans) {
+                        Ok([one]) => one,
+                        Err(plans) => serde_json::Value::Array(plans),
+                    }),
+            }
+        } else {
+            match self.fetch_source(source, &scratch, None, &cancel).await {
+                Err(e) => Err(ApiError::bad_request(e)),
+                Ok(Some(Err(e))) => Err(ApiError::bad_request(format!("{source}: {e}"))),
+                Ok(Some(Ok(folder))) => self.folder_plan(&folder.to_string_lossy()),
+                Ok(None) => self.folder_plan(source),
+            }
         };
         let _ = std::fs::remove_dir_all(&scratch);
         plan

@@ -1,0 +1,157 @@
+//! End to end: plugins shipped as a Python wheel. The test builds a wheel with `pip wheel`
+//! from a fixture package declaring two `plugd.plugins` entry points, installs it from a
+//! file and (a later version) from an `http://127.0.0.1` URL; both plugins answer, with no
+//! plugin.toml written by anyone; versions sit side by side, update, rollback and
+//! uninstall work as for folders.
+
+mod kit;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use kit::daemon::*;
+
+/// Builds `plugd_demo_tools-<version>` as a wheel into `out` with `pip wheel` (offline:
+/// setuptools and wheel come from the test wheelhouse).
+fn build_wheel(src: &Path, out: &Path, version: &str, wheels: &Path) -> PathBuf {
+    let pkg = src.join(format!("pkg-{version}"));
+    std::fs::create_dir_all(pkg.join("plugd_demo_tools")).unwrap();
+    std::fs::write(
+        pkg.join("pyproject.toml"),
+        format!(
+            r#"[build-system]
+requires = ["setuptools>=61", "wheel"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "plugd-demo-tools"
+version = "{version}"
+description = "Two demo tools"
+
+[project.entry-points."plugd.plugins"]
+calc = "plugd_demo_tools:Calc"
+greet = "plugd_demo_tools.greeting:Greeter"
+"#
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        pkg.join("plugd_demo_tools/__init__.py"),
+        format!("VERSION = {version:?}\n\nclass Calc:\n    def add(self, pair: list) -> float:\n        return pair[0] + pair[1]\n\n    def release(self) -> str:\n        return VERSION\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        pkg.join("plugd_demo_tools/greeting.py"),
+        "class Greeter:\n    def __init__(self, config=None):\n        self.greeting = (config or {}).get('greeting', 'hello')\n\n    def greet(self, who: str) -> str:\n        return '%s, %s' % (self.greeting, who)\n",
+    )
+    .unwrap();
+    let st = std::process::Command::new("python3")
+        .args(["-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps"])
+        .args(["--no-index", "--find-links"])
+        .arg(wheels)
+        .arg("-w")
+        .arg(out)
+        .arg(&pkg)
+        .status()
+        .unwrap();
+    assert!(st.success(), "pip wheel {version}");
+    out.join(format!("plugd_demo_tools-{version}-py3-none-any.whl"))
+}
+
+/// Serves the file `path` once per connection at `http://127.0.0.1:PORT/<its name>`.
+fn serve_file(path: PathBuf) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut conn = conn;
+            let mut req = [0u8; 4096];
+            let n = conn.read(&mut req).unwrap_or(0);
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            let wanted = String::from_utf8_lossy(&req[..n]).starts_with(&format!("GET /{name} "));
+            let body = if wanted { std::fs::read(&path).unwrap() } else { Vec::new() };
+            let status = if wanted { "200 OK" } else { "404 Not Found" };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(&body);
+        }
+    });
+    port
+}
+
+fn call(d: &Plugd, name: &str, method: &str, arg: &str) -> String {
+    let out = d.ctl(&["call", name, method, arg]);
+    assert!(out.status.success(), "{name}.{method}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_wheel_with_two_entry_points_installs_as_two_plugins_from_a_file_and_a_url() {
+    let build = kit::wheelhouse("wheel-build", &["setuptools>=61", "wheel"]);
+    let src = tempfile::tempdir().unwrap();
+    let dist = src.path().join("dist");
+    let v1 = build_wheel(src.path(), &dist, "0.2.1", &build);
+    let v2 = build_wheel(src.path(), &dist.join("v2"), "0.3.0", &build);
+    let d = Plugd::start(|_| {});
+
+    // From a file: two plugins, named by the entry points, versioned by the wheel.
+    let out = d.ctl(&["install", v1.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eventually("both ready", || d.all_ready(&["calc", "greet"]));
+    assert_eq!(call(&d, "calc", "add", "[2, 3]"), "5");
+    assert_eq!(call(&d, "calc", "release", "null"), "0.2.1");
+    assert_eq!(call(&d, "greet", "greet", "\"ann\""), "hello, ann");
+    assert_eq!(d.plugin("calc")["version"], "0.2.1");
+
+    // From a URL: the next version, installed beside the running one.
+    let port = serve_file(v2.clone());
+    let url = format!("http://127.0.0.1:{port}/{}", v2.file_name().unwrap().to_string_lossy());
+    let out = d.ctl(&["install", &url]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(d.plugin("calc")["version"], "0.2.1", "the running version keeps running");
+    let versions = d.json(&["versions", "calc"]);
+    assert_eq!(
+        versions,
+        serde_json::json!([{"version":"0.2.1","current":true},{"version":"0.3.0","current":false}])
+    );
+    let st = d.json(&["update", "calc", "0.3.0"]);
+    assert_eq!(st[0]["version"], "0.3.0");
+    assert_eq!(call(&d, "calc", "release", "null"), "0.3.0");
+    let st = d.json(&["rollback", "calc"]);
+    assert_eq!(st[0]["version"], "0.2.1");
+    assert_eq!(call(&d, "calc", "release", "null"), "0.2.1");
+
+    // Uninstall one plugin of the wheel; the other is untouched.
+    assert!(d.ctl(&["uninstall", "greet"]).status.success());
+    assert!(d.plugin("greet").is_null());
+    assert_eq!(call(&d, "calc", "add", "[1, 1]"), "2");
+
+    // A wheel that declares no plugin says how to declare one.
+    let plain = build_wheel(src.path(), &dist.join("plain"), "1.0.0", &build);
+    let bare = src.path().join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    {
+        // The same wheel without its entry points.
+        let mut zin = zip::ZipArchive::new(std::fs::File::open(&plain).unwrap()).unwrap();
+        let target = bare.join(plain.file_name().unwrap());
+        let mut zout = zip::ZipWriter::new(std::fs::File::create(&target).unwrap());
+        for i in 0..zin.len() {
+            let f = zin.by_index(i).unwrap();
+            if !f.name().ends_with("entry_points.txt") {
+                zout.raw_copy_file(f).unwrap();
+            }
+        }
+        zout.finish().unwrap();
+        let out = d.ctl(&["install", target.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && err.contains("declares no plugin")
+                && err.contains("plugd.plugins"),
+            "{err}"
+        );
+    }
+}
