@@ -495,6 +495,9 @@ impl Slot {
                             ),
                         );
                         *self.shared.calls.write() = spec.manifest.calls.clone();
+                        // An address the new version no longer lists closes once no
+                        // instance holds it (kept until now: a failed update runs the old one).
+                        self.listeners.lock().retain(|(a, _)| spec.manifest.listen.contains(a));
                         self.spec = spec;
                     }
                     self.shared.live.lock().updating_to = None;
@@ -761,8 +764,6 @@ impl Slot {
                 let dup = fd.try_clone().map_err(|e| format!("cannot share {addr}: {e}"))?;
                 out.push((addr.fd_name(), dup));
             }
-            // A hot update may drop an address: its socket closes once no instance has it.
-            bound.retain(|(a, _)| m.listen.contains(a));
         }
         let target = match m.health.as_ref().map(|h| &h.check) {
             None => None,
