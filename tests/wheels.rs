@@ -82,6 +82,23 @@ fn serve_file(path: PathBuf) -> u16 {
     port
 }
 
+const TOKEN: &str = "wheels-test-token-0123456789";
+
+/// POSTs `body` to plugd's HTTP API with the token: the JSON answer.
+fn post(port: u16, path: &str, body: &[u8]) -> serde_json::Value {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
 fn call(d: &Plugd, name: &str, method: &str, arg: &str) -> String {
     let out = d.ctl(&["call", name, method, arg]);
     assert!(out.status.success(), "{name}.{method}: {}", String::from_utf8_lossy(&out.stderr));
@@ -95,7 +112,17 @@ fn a_wheel_with_two_entry_points_installs_as_two_plugins_from_a_file_and_a_url()
     let dist = src.path().join("dist");
     let v1 = build_wheel(src.path(), &dist, "0.2.1", &build);
     let v2 = build_wheel(src.path(), &dist.join("v2"), "0.3.0", &build);
-    let d = Plugd::start(|_| {});
+    let v3 = build_wheel(src.path(), &dist.join("v3"), "0.4.0", &build);
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("plugins")).unwrap();
+    std::fs::write(root.path().join("token"), format!("{TOKEN}\n")).unwrap();
+    std::fs::write(
+        root.path().join("extra.toml"),
+        format!("[http]\nlisten = \"127.0.0.1:{api}\"\ntoken_file = \"token\"\n"),
+    )
+    .unwrap();
+    let d = Plugd::start_with(root, &[]);
 
     // From a file: two plugins, named by the entry points, versioned by the wheel.
     let out = d.ctl(&["install", v1.to_str().unwrap()]);
@@ -123,6 +150,18 @@ fn a_wheel_with_two_entry_points_installs_as_two_plugins_from_a_file_and_a_url()
     let st = d.json(&["rollback", "calc"]);
     assert_eq!(st[0]["version"], "0.2.1");
     assert_eq!(call(&d, "calc", "release", "null"), "0.2.1");
+
+    // Uploaded over HTTP (the dashboard's file input): a wheel, not taken for a .zip.
+    let job = post(api, "/v1/install", &std::fs::read(&v3).unwrap());
+    let id = job["job_id"].as_u64().unwrap_or_else(|| panic!("{job}"));
+    eventually("the upload's job ends", || {
+        let j = d.json(&["jobs", &id.to_string()]);
+        j["state"] == "succeeded" || j["state"] == "failed"
+    });
+    let j = d.json(&["jobs", &id.to_string()]);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let versions = d.json(&["versions", "greet"]);
+    assert_eq!(versions.as_array().map(Vec::len), Some(3), "{versions}");
 
     // Uninstall one plugin of the wheel; the other is untouched.
     assert!(d.ctl(&["uninstall", "greet"]).status.success());

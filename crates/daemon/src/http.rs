@@ -646,6 +646,20 @@ async fn install(
                 format!("cannot keep the upload at {}: {e}", file.display()),
             );
         }
+        // A wheel is a .zip too: it keeps the file name pip wants, in a folder of its own.
+        let file = match crate::wheel::file_name(&file) {
+            Some(name) => {
+                let own = dir.join(format!("wheel-{}-{n}", std::process::id()));
+                let named = own.join(name);
+                match std::fs::create_dir_all(&own).and_then(|_| std::fs::rename(&file, &named)) {
+                    Ok(()) => named,
+                    Err(e) => {
+                        return failure(ErrorKind::Failed, format!("cannot keep the wheel: {e}"))
+                    }
+                }
+            }
+            None => file,
+        };
         let source = file.display().to_string();
         return accepted(
             api.daemon

@@ -95,6 +95,38 @@ pub fn read(path: &Path) -> Result<WheelInfo, String> {
     Ok(WheelInfo { name, version, summary, plugins })
 }
 
+/// The file name pip wants for the wheel at `path` (`{name}-{version}-{tag}.whl`, from its
+/// METADATA and WHEEL), or None when it is not a wheel (a plain .zip).
+pub fn file_name(path: &Path) -> Option<String> {
+    let file = std::fs::File::open(path).ok()?;
+    let mut zip = zip::ZipArchive::new(file).ok()?;
+    let dist_info = zip
+        .file_names()
+        .filter_map(|n| n.split_once(".dist-info/").map(|(d, _)| d.to_string()))
+        .find(|d| !d.contains('/'))?;
+    let mut text_of = |file: &str| -> Option<String> {
+        let mut text = String::new();
+        let f = zip.by_name(&format!("{dist_info}.dist-info/{file}")).ok()?;
+        f.take(MAX_METADATA).read_to_string(&mut text).ok()?;
+        Some(text)
+    };
+    let (metadata, wheel) = (text_of("METADATA")?, text_of("WHEEL")?);
+    let header = |text: &str, key: &str| {
+        text.lines()
+            .take_while(|l| !l.is_empty())
+            .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')))
+            .map(|v| v.trim().to_string())
+    };
+    let safe = |s: &str| {
+        !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "._+!".contains(c))
+    };
+    let name = header(&metadata, "Name")?.replace(['-', '.'], "_");
+    let version = header(&metadata, "Version")?;
+    let tag = header(&wheel, "Tag")?;
+    [&name, &version].iter().all(|s| safe(s)).then_some(())?;
+    tag.split('-').all(safe).then(|| format!("{name}-{version}-{tag}.whl"))
+}
+
 /// The `name = value` lines of `[group]` in an entry_points.txt.
 fn entry_points_of(text: &str, group: &str) -> Vec<(String, String)> {
     let mut inside = false;
@@ -219,6 +251,7 @@ mod tests {
         let out = dir.path().join("out");
         let folders = plugin_folders(&w, &info, Some(&extra), &out).unwrap();
         assert_eq!(folders, [out.join("calc"), out.join("bing")]);
+        assert_eq!(file_name(&w), None, "no WHEEL file: not a wheel pip would take");
         let spec = supervisor::PluginSpec::from_manifest(&folders[1]).unwrap();
         assert_eq!(spec.name(), "bing");
         assert_eq!(spec.manifest.version.to_string(), "0.2.0");
