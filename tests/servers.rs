@@ -421,3 +421,68 @@ fn a_hot_update_waits_for_the_new_versions_health_and_keeps_the_old_one_when_it_
     let (code, body) = http(port, "GET", "/").unwrap();
     assert_eq!((code, body.as_str()), (200, "ok"));
 }
+
+/// A server that binds its own port (for `network = "host"`, no `[listen]`).
+const OWN_PORT_SERVER: &str = r#"
+import asyncio, os
+from plugd_plugin import Plugin, serve
+
+async def handle(reader, writer):
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    await writer.drain()
+    writer.close()
+
+class Own(Plugin):
+    async def on_start(self):
+        port = int(os.environ["PORT"])
+        self.server = await asyncio.start_server(handle, "127.0.0.1", port)
+
+serve(Own())
+"#;
+
+#[test]
+fn a_unix_listen_socket_and_an_address_check_for_a_host_network_server() {
+    let (unix_dir, own_port) = (tempfile::tempdir().unwrap(), free_port());
+    let path = unix_dir.path().join("web.sock");
+    let d = Plugd::start(|dir| {
+        // [listen] unix: plugd binds the path and hands the socket over.
+        let web = dir.join("unixweb");
+        std::fs::create_dir_all(&web).unwrap();
+        std::fs::write(web.join("main.py"), ASYNC_SERVER).unwrap();
+        std::fs::write(
+            web.join("plugin.toml"),
+            format!(
+                "name = \"unixweb\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"main.py\"\n\n[listen]\nunix = [{:?}]\n\n[health]\ntcp = true\ninterval = \"200ms\"\n",
+                path.display().to_string()
+            ),
+        )
+        .unwrap();
+        // network = "host", no [listen]: the check connects to the address it names.
+        let own = dir.join("hostweb");
+        std::fs::create_dir_all(&own).unwrap();
+        std::fs::write(own.join("main.py"), OWN_PORT_SERVER).unwrap();
+        std::fs::write(
+            own.join("plugin.toml"),
+            format!(
+                "name = \"hostweb\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"main.py\"\n\n[env]\nPORT = \"{own_port}\"\n\n[sandbox]\nnetwork = \"host\"\n\n[health]\nhttp = \"http://127.0.0.1:{own_port}/\"\ninterval = \"200ms\"\n"
+            ),
+        )
+        .unwrap();
+    });
+    eventually("both ready", || d.all_ready(&["unixweb", "hostweb"]));
+    assert_eq!(
+        d.plugin("hostweb")["health"]["check"],
+        format!("http GET http://127.0.0.1:{own_port}/ every 0.2 s")
+    );
+    // The unix socket plugd bound answers with the plugin's server behind it.
+    let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    // (503: the plugin's own answer while its HEALTHY file is absent.)
+    assert!(text.starts_with("HTTP/1.1 503 Service Unavailable"), "{text}");
+    // Its own port, in the host's network.
+    let (code, body) = http(own_port, "GET", "/").unwrap();
+    assert_eq!((code, body.as_str()), (200, "ok"));
+}
