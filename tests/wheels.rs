@@ -37,7 +37,7 @@ greet = "plugd_demo_tools.greeting:Greeter"
     .unwrap();
     std::fs::write(
         pkg.join("plugd_demo_tools/__init__.py"),
-        format!("VERSION = {version:?}\n\nclass Calc:\n    def add(self, pair: list) -> float:\n        return pair[0] + pair[1]\n\n    def release(self) -> str:\n        return VERSION\n"),
+        format!("VERSION = {version:?}\n\nclass Calc:\n    seen = 0\n\n    def add(self, pair: list[float]) -> float:\n        \"\"\"Adds two numbers.\"\"\"\n        Calc.seen += 1\n        return pair[0] + pair[1]\n\n    def calls(self) -> int:\n        return Calc.seen\n\n    def release(self) -> str:\n        return VERSION\n"),
     )
     .unwrap();
     std::fs::write(
@@ -132,6 +132,31 @@ fn a_wheel_with_two_entry_points_installs_as_two_plugins_from_a_file_and_a_url()
     assert_eq!(call(&d, "calc", "release", "null"), "0.2.1");
     assert_eq!(call(&d, "greet", "greet", "\"ann\""), "hello, ann");
     assert_eq!(d.plugin("calc")["version"], "0.2.1");
+    // Described methods: from the docstring and type hints, shown by `plugctl show`...
+    let shown = d.json(&["show", "calc"]);
+    let add = shown[0]["methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "add")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        add,
+        serde_json::json!({"name": "add", "description": "Adds two numbers.",
+            "input": {"type": "array", "items": {"type": "number"}}, "output": {"type": "number"}})
+    );
+    // ...and an input that does not match is refused by plugd, before the plugin sees it.
+    let out = d.ctl(&["call", "calc", "add", r#"["two", 3]"#]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused");
+    assert!(
+        err.contains(
+            "the input of add does not match its schema: $[0]: expected number, got string"
+        ),
+        "{err}"
+    );
+    assert_eq!(call(&d, "calc", "calls", "null"), "1", "only the valid call reached the plugin");
 
     // From a URL: the next version, installed beside the running one.
     let port = serve_file(v2.clone());

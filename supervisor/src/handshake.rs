@@ -84,7 +84,8 @@ pub(crate) fn step(phase: &Phase, msg: Message, name: &str) -> (Phase, Outcome) 
         (_, msg @ Message::Log { .. }) => (same, Outcome::Keep(msg)),
         (_, msg @ Message::Notify { .. })
             if matches!(&msg, Message::Notify { method, .. }
-                if method == LOCKDOWN_NOTIFY || method == plugin_proto::PLUGD_LOG) =>
+                if method == LOCKDOWN_NOTIFY || method == plugin_proto::PLUGD_LOG
+                    || method == crate::describe::DESCRIBE_NOTIFY) =>
         {
             (same, Outcome::Keep(msg))
         }
@@ -174,6 +175,11 @@ mod tests {
             let notice =
                 Message::Notify { method: LOCKDOWN_NOTIFY.into(), payload: Payload::empty() };
             assert_eq!(step(&phase, notice.clone(), "s").1, Outcome::Keep(notice));
+            let described = Message::Notify {
+                method: crate::describe::DESCRIBE_NOTIFY.into(),
+                payload: Payload::empty(),
+            };
+            assert_eq!(step(&phase, described.clone(), "s").1, Outcome::Keep(described));
             let other = Message::Notify { method: "hi".into(), payload: Payload::empty() };
             assert!(matches!(step(&phase, other, "s").1, Outcome::Kill(_)));
         }

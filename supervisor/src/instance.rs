@@ -68,7 +68,13 @@ pub(crate) const STATE_NOTIFY: &str = "plugd.state";
 #[derive(Debug)]
 pub(crate) enum InstanceEvent {
     /// Handshake and `on_load` done; `lockdown` lists layers the plugin applied to itself.
-    Ready { pid: u32, sdk: String, lockdown: Vec<String> },
+    /// `methods`: what the plugin described (`plugd.describe`), if it did.
+    Ready {
+        pid: u32,
+        sdk: String,
+        lockdown: Vec<String>,
+        methods: Vec<crate::describe::MethodInfo>,
+    },
     /// In-flight calls are done; Shutdown was sent.
     Drained,
     /// The process is gone.
@@ -128,6 +134,8 @@ struct Instance {
     unhealthy: Option<oneshot::Receiver<String>>,
     /// The abstract name of its private health probe socket (handed over with it).
     probe: Option<Vec<u8>>,
+    /// What it described of its methods before Ready.
+    methods: Vec<crate::describe::MethodInfo>,
 }
 
 /// A Ready instance taken apart for a successor process (plugd's in-place upgrade):
@@ -158,6 +166,8 @@ pub struct Frozen {
     pub proto: u16,
     /// The abstract name of its private health probe socket, if it has one.
     pub probe: Option<Vec<u8>>,
+    /// The methods it described.
+    pub methods: Vec<crate::describe::MethodInfo>,
 }
 
 /// The channels an instance talks through.
@@ -240,6 +250,7 @@ impl Instance {
             write_watch: None,
             unhealthy: None,
             probe,
+            methods: Vec::new(),
         })
     }
 
@@ -297,6 +308,7 @@ impl Instance {
             lockdown: self.lockdown,
             proto: self.conn.proto(),
             probe: self.probe,
+            methods: self.methods,
         })
     }
 }
@@ -325,7 +337,8 @@ pub(crate) async fn run(raw: RawChild, cfg: InstanceConfig, wiring: Wiring) {
             inst.sdk = sdk.clone();
             let pid = inst.proc.pid();
             let lockdown = inst.lockdown.clone();
-            let ready = InstanceEvent::Ready { pid, sdk, lockdown };
+            let methods = inst.methods.clone();
+            let ready = InstanceEvent::Ready { pid, sdk, lockdown, methods };
             // With a health check, the watch reports Ready on the first pass.
             if let Some(ready) = inst.watch_health(&events, Some(ready)) {
                 let _ = events.send((generation, ready));
@@ -363,7 +376,12 @@ pub(crate) async fn run_adopted(frozen: Frozen, cfg: InstanceConfig, wiring: Wir
     let pid = inst.proc.pid();
     let _ = events.send((
         generation,
-        InstanceEvent::Ready { pid, sdk: frozen.sdk, lockdown: frozen.lockdown },
+        InstanceEvent::Ready {
+            pid,
+            sdk: frozen.sdk,
+            lockdown: frozen.lockdown,
+            methods: frozen.methods,
+        },
     ));
     inst.watch_health(&events, None);
     let end = inst.serve(&mut control, &events).await;
@@ -681,6 +699,18 @@ impl Instance {
                 self.lockdown = payload.decode().unwrap_or_default();
             }
             Message::Notify { method, payload } if method == PLUGD_LOG => self.log_record(&payload),
+            Message::Notify { method, payload } if method == crate::describe::DESCRIBE_NOTIFY => {
+                match crate::describe::parse(&payload.data) {
+                    Some(methods) => self.methods = methods,
+                    None => self.log(
+                        LogLevel::Warn,
+                        format!(
+                            "its method descriptions are not a JSON list of methods (or over {} KiB); shown without them",
+                            crate::describe::DESCRIBE_MAX >> 10
+                        ),
+                    ),
+                }
+            }
             _ => {}
         }
     }

@@ -30,6 +30,7 @@
 
 mod calls;
 mod conn;
+pub mod describe;
 pub mod exit;
 pub mod foreign;
 mod handshake;

@@ -103,6 +103,8 @@ pub struct PluginStatus {
     pub log_lines_dropped: u64,
     /// Its `[health]` check's standing (None: it has no check).
     pub health: Option<crate::health::HealthView>,
+    /// Its methods as it described them (name, description, input and output schemas).
+    pub methods: Vec<crate::describe::MethodInfo>,
 }
 
 /// Upper bounds of the call-latency buckets, in microseconds (a last bucket takes the rest).
@@ -170,6 +172,8 @@ pub(crate) struct LiveStatus {
     pub exits: std::collections::BTreeMap<crate::exit::ExitKind, u64>,
     /// The current instance's `[health]`, when the plugin has a check.
     pub health: Option<crate::health::HealthView>,
+    /// What the current instance described of its methods.
+    pub methods: Vec<crate::describe::MethodInfo>,
 }
 
 pub(crate) struct Shared {
@@ -457,6 +461,7 @@ impl PluginHandle {
             exits: live.exits,
             log_lines_dropped: s.ring.dropped(),
             health: live.health,
+            methods: live.methods,
         }
     }
 

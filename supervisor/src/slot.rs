@@ -386,10 +386,11 @@ impl Slot {
             return None; // a report from an instance we already let go of
         }
         match ev {
-            InstanceEvent::Ready { pid, sdk, lockdown } => {
+            InstanceEvent::Ready { pid, sdk, lockdown, methods } => {
                 r.pid = Some(pid);
                 r.sdk = Some(sdk);
                 self.record_lockdown(&lockdown);
+                self.shared.live.lock().methods = methods;
                 self.note(LogLevel::Info, format!("ready (pid {pid})"));
                 Some(Event::Ready)
             }
@@ -454,7 +455,7 @@ impl Slot {
         for act in acts {
             match act {
                 Act::SwitchToNew => {
-                    let InstanceEvent::Ready { pid, sdk, lockdown } = ev else { continue };
+                    let InstanceEvent::Ready { pid, sdk, lockdown, methods } = ev else { continue };
                     self.record_lockdown(lockdown);
                     if let Some(calls) = u.new.calls.clone() {
                         self.shared.set_route(Some(calls));
@@ -473,6 +474,7 @@ impl Slot {
                     let mut live = self.shared.live.lock();
                     live.pid = r.pid;
                     live.sdk = Some(sdk.clone());
+                    live.methods = methods.clone();
                     if let Some(spec) = &u.spec {
                         live.version = spec.manifest.version.to_string();
                     }

@@ -334,6 +334,7 @@ impl Supervisor {
                 updating_to: None,
                 exits: Default::default(),
                 health: None,
+                methods: Vec::new(),
             }),
             ring: LogRing::default(),
             calls: parking_lot::RwLock::new(m.calls.clone()),

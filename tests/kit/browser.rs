@@ -175,10 +175,21 @@ impl Browser {
             .to_string()
     }
 
-    /// Clicks the element `css` matches.
+    /// Clicks the element `css` matches. A live page redraws (the plugin table does, every
+    /// second): an element replaced between finding and clicking is found again.
     pub fn click(&self, css: &str) {
-        let id = self.find(css);
-        self.cmd("POST", &format!("/element/{id}/click"), json!({}));
+        for _ in 0..50 {
+            let id = self.find(css);
+            let path = format!("/session/{}/element/{id}/click", self.session);
+            match self.request("POST", &path, Some(&json!({}))) {
+                Ok(_) => return,
+                Err(e) if e.starts_with("stale element reference") => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("webdriver click {css}: {e}"),
+            }
+        }
+        panic!("webdriver click {css}: the element kept being replaced");
     }
 
     /// Types `text` into the element `css` matches (a path, for a file input).

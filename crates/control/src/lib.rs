@@ -392,6 +392,10 @@ pub struct StatusEntry {
     /// CPU time its processes used, in seconds (while it runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_seconds: Option<f64>,
+    /// Its methods as it described them (name, description, input and output JSON
+    /// Schemas); filled in when one plugin's status is asked for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<serde_json::Value>,
     /// A Python plugin's requirements (its requirements file, as pip reads it); filled in
     /// when one plugin's status is asked for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -74,6 +74,7 @@ SDK = "plugd-plugin-py/0.2.0"
 
 # Notify methods with a meaning to plugd itself (PROTOCOL.md section 5).
 _STATE_NOTIFY = "plugd.state"
+_DESCRIBE_NOTIFY = "plugd.describe"
 
 _log = logging.getLogger("plugd_plugin")
 
@@ -207,6 +208,9 @@ class _Handler:
     returns: schema.Schema | None
     # The annotated argument type: JSON arguments are converted to it (dataclasses, enums).
     arg_type: Any
+    # The annotated result type, and the first line of the docstring (`plugd.describe`).
+    ret_type: Any = None
+    doc: str | None = None
 
 
 def _from_hints(fn: Callable[..., Any], args: schema.Schema | None,
@@ -231,7 +235,24 @@ def _from_hints(fn: Callable[..., Any], args: schema.Schema | None,
         args = schema_of(arg_type)
     if returns is None and not inspect.isgeneratorfunction(fn):
         returns = schema_of(hints.get("return"))
-    return _Handler(fn, args, returns, arg_type)
+    doc = (inspect.getdoc(fn) or "").strip().splitlines()
+    return _Handler(fn, args, returns, arg_type, hints.get("return"), doc[0] if doc else None)
+
+
+def _describe(handlers: dict[str, _Handler]) -> list[dict[str, Any]]:
+    """What ``plugd.describe`` tells plugd of each method: its description and the JSON
+    Schemas of its input and result, from its docstring and type hints."""
+    out: list[dict[str, Any]] = []
+    for name, h in sorted(handlers.items()):
+        entry: dict[str, Any] = {"name": name}
+        if h.doc:
+            entry["description"] = h.doc
+        for key, tp in (("input", h.arg_type), ("output", h.ret_type)):
+            found = schema.json_schema(tp)
+            if found is not None:
+                entry[key] = found
+        out.append(entry)
+    return out
 
 
 def _handlers(plugin: Plugin) -> dict[str, _Handler]:
@@ -724,6 +745,9 @@ async def _start(conn: _Connection, plugin: Plugin, welcome: wire.Welcome) -> No
         raise refuse("cannot apply the lockdown plugd asked for: %s" % e) from None
     if layers:
         conn.send(wire.Notify("plugd.lockdown", Payload(CODEC_JSON, json.dumps(layers).encode())))
+    described = _describe(_handlers(plugin))
+    if any(len(d) > 1 for d in described):
+        conn.send(wire.Notify(_DESCRIBE_NOTIFY, Payload(CODEC_JSON, json.dumps(described).encode())))
     conn.send(wire.Ready())
 
 

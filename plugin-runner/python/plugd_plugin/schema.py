@@ -35,7 +35,7 @@ from .wire import ProtocolError, Reader, put_bytes, put_str, put_varint
 
 __all__ = ["U8", "U16", "U32", "U64", "I8", "I16", "I32", "I64", "F32", "F64", "BOOL", "STR",
            "BYTES", "UNIT", "Option", "Seq", "Tuple", "Struct", "Enum", "Schema", "of", "from_plain",
-           "to_plain", "encode", "decode"]
+           "to_plain", "encode", "decode", "json_schema"]
 
 
 class Schema:
@@ -321,6 +321,50 @@ def of(tp: Any) -> Schema:
     if origin is tuple and args and args[-1] is not Ellipsis:
         return Tuple(*[of(a) for a in args])
     raise TypeError("no bincode schema for %r; describe it with plugd_plugin.schema types" % (tp,))
+
+
+def json_schema(tp: Any) -> dict[str, Any] | None:
+    """The JSON Schema of a type annotation (what plugd checks a JSON call's input
+    against, and shows), or None where the annotation says nothing checkable.
+
+    ``int``, ``float``, ``str``, ``bool``, ``None``, ``list[T]``, ``tuple``, ``dict[str, T]``,
+    ``T | None`` and other unions, ``Literal[...]``, ``enum.Enum`` (its values), and a
+    ``@dataclass`` (an object: its fields, those without a default required, no others).
+    """
+    if tp is None or tp is Any or isinstance(tp, Schema):
+        return None
+    if typing.get_origin(tp) is typing.Annotated:
+        return json_schema(typing.get_args(tp)[0])
+    simple = {bool: "boolean", int: "integer", float: "number", str: "string",
+              type(None): "null", list: "array", tuple: "array", dict: "object"}
+    if tp in simple:
+        return {"type": simple[tp]}
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        props = {f.name: json_schema(hints.get(f.name)) or {} for f in dataclasses.fields(tp)}
+        required = [f.name for f in dataclasses.fields(tp)
+                    if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING]
+        return {"type": "object", "properties": props, "required": required,
+                "additionalProperties": False}
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return {"enum": [m.value for m in tp]}
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return {"enum": list(args)}
+    if origin in _UNIONS:
+        options = [json_schema(a) for a in args]
+        if any(o is None for o in options):
+            return None
+        return {"anyOf": options}
+    if origin in (list, tuple) or (isinstance(origin, type) and origin.__name__ == "Sequence"):
+        item = json_schema(args[0]) if args and (origin is list or len(args) == 2
+                                                  and args[1] is Ellipsis) else None
+        return {"type": "array", "items": item} if item else {"type": "array"}
+    if origin is dict:
+        value = json_schema(args[1]) if len(args) == 2 else None
+        return {"type": "object", "additionalProperties": value} if value else {"type": "object"}
+    return None
 
 
 def from_plain(tp: Any, value: Any) -> Any:

@@ -45,6 +45,9 @@ class FakeSupervisor:
             if isinstance(msg, wire.Log):
                 self.logs.append(msg)
                 continue
+            if isinstance(msg, wire.Notify) and msg.method == "plugd.describe":
+                self.described = json.loads(msg.payload.data)
+                continue
             return msg
 
     def call(self, id_, method, payload):
@@ -89,6 +92,16 @@ class Serve(unittest.TestCase):
                                      "order", "relay", "shout"])
         self.assertTrue(h.sdk.startswith("plugd-plugin-py/"))
         self.assertEqual(self.sup.ready, wire.Ready())
+        # Before Ready, the methods described from their docstrings and type hints.
+        described = {m["name"]: m for m in self.sup.described}
+        self.assertEqual(described["bumped"], {
+            "name": "bumped", "description": 'Bare @method; also the target of a Notify named "bumped".',
+            "input": {"type": "integer"}, "output": {"type": "integer"}})
+        order = described["flip"]["input"]
+        self.assertEqual(order["type"], "object")
+        self.assertEqual(order["properties"]["qty"], {"type": "integer"})
+        self.assertEqual(order["properties"]["price"], {"anyOf": [{"type": "number"}, {"type": "null"}]})
+        self.assertEqual(described["shout"], {"name": "shout"})
 
     def test_calls_errors_streams_and_pings(self):
         reply, _ = self.sup.call(1, "greet", js("bob"))

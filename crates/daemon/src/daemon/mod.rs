@@ -548,6 +548,11 @@ impl Daemon {
                         log_lines_dropped: st.log_lines_dropped,
                         rss_bytes: st.pid.and_then(supervisor::spawn::proc_usage).map(|u| u.0),
                         cpu_seconds: st.pid.and_then(supervisor::spawn::proc_usage).map(|u| u.1),
+                        methods: if only.is_some() {
+                            st.methods.iter().filter_map(|m| serde_json::to_value(m).ok()).collect()
+                        } else {
+                            Vec::new()
+                        },
                         health: st.health.map(|h| plugd_control::HealthEntry {
                             check: h.check,
                             state: h.state.to_string(),
@@ -956,15 +961,28 @@ impl Daemon {
         method: &str,
         json: String,
     ) -> Result<serde_json::Value, ApiError> {
-        if let Err(e) = serde_json::from_str::<serde_json::Value>(&json) {
-            return Err(ApiError::bad_request(format!("the argument is not valid JSON: {e}")));
-        }
+        let input = match serde_json::from_str::<serde_json::Value>(&json) {
+            Ok(v) => v,
+            Err(e) => {
+                return Err(ApiError::bad_request(format!("the argument is not valid JSON: {e}")))
+            }
+        };
         let h = self.sup.get(name).ok_or_else(|| match self.spec(name) {
             Ok(_) => {
                 ApiError::conflict(format!("plugin {name} is not running; `plugctl start {name}`"))
             }
             Err(e) => e,
         })?;
+        // A method that described its input is not sent an input that does not match.
+        let schema =
+            h.status().methods.into_iter().find(|m| m.name == method).and_then(|m| m.input);
+        if let Some(schema) = schema {
+            supervisor::describe::check(&schema, &input).map_err(|e| {
+                ApiError::bad_request(format!(
+                    "plugin {name}: the input of {method} does not match its schema: {e} (`plugctl show {name}` lists it)"
+                ))
+            })?;
+        }
         let reply = h
             .call_raw(
                 method,

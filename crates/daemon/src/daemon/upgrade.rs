@@ -34,6 +34,9 @@ pub(super) struct HandoverPlugin {
     /// The abstract name of its private health probe socket.
     #[serde(default)]
     pub(super) probe: Option<Vec<u8>>,
+    /// The methods it described.
+    #[serde(default)]
+    pub(super) methods: Vec<supervisor::describe::MethodInfo>,
 }
 
 fn proto_v1() -> u16 {
@@ -90,6 +93,7 @@ pub(super) fn thaw(h: HandoverPlugin) -> FrozenPlugin {
             lockdown: h.lockdown,
             proto: h.proto,
             probe: h.probe,
+            methods: h.methods,
         },
         restarts: h.restarts,
         sandbox: h.sandbox,
@@ -185,6 +189,7 @@ pub(super) async fn upgrade(
             sandbox: f.sandbox,
             listeners: f.listeners.iter().map(|(a, fd)| (a.clone(), raw(fd))).collect(),
             probe: i.probe,
+            methods: i.methods,
         });
         keep.extend(f.listeners.into_iter().map(|(_, fd)| fd));
         keep.push(i.pidfd);

@@ -177,12 +177,17 @@ function actionButton(name, action, label) {
   return b;
 }
 
+// One row per plugin, patched in place each second (a row replaced under the pointer
+// would swallow a click): cells get their new text, the action buttons are rebuilt only
+// when the state changes which ones there are.
 function renderPlugins(list) {
   const body = document.querySelector("#plugins tbody");
   const now = Date.now();
-  body.replaceChildren();
   $("empty").hidden = list.length > 0;
-  for (const p of list) {
+  const rows = new Map([...body.children].map((tr) => [tr.dataset.plugin, tr]));
+  const names = new Set(list.map((p) => p.name));
+  for (const [name, tr] of rows) if (!names.has(name)) tr.remove();
+  list.forEach((p, index) => {
     const h = record(p, now);
     const tr = el("tr");
     tr.dataset.plugin = p.name;
@@ -231,10 +236,38 @@ function renderPlugins(list) {
     }
     actions.appendChild(actionButton(p.name, "update"));
     actions.appendChild(actionButton(p.name, "uninstall"));
+    actions.dataset.key = [...actions.children].map((b) => b.dataset.action).join(",");
     tr.appendChild(actions);
-    body.appendChild(tr);
-  }
+    const old = rows.get(p.name);
+    if (!old) {
+      body.insertBefore(tr, body.children[index] || null);
+      return;
+    }
+    patchRow(old, tr);
+    if (body.children[index] !== old) body.insertBefore(old, body.children[index] || null);
+  });
 }
+
+// Copies a freshly built row's content into the row on the page.
+function patchRow(old, fresh) {
+  old.className = fresh.className;
+  [...fresh.children].forEach((cell, i) => {
+    const was = old.children[i];
+    if (cell.classList.contains("actions")) {
+      if (was.dataset.key !== cell.dataset.key) old.replaceChild(cell, was);
+    } else if (cell.querySelector("svg")) {
+      was.replaceChildren(...cell.childNodes);
+    } else if (cell.querySelector("a")) {
+      was.querySelector("a").textContent = cell.querySelector("a").textContent;
+    } else {
+      if (was.textContent !== cell.textContent) was.textContent = cell.textContent;
+      was.className = cell.className;
+      was.title = cell.title;
+    }
+  });
+}
+
+
 
 async function refreshPlugins() {
   const list = await api("/v1/plugins");
