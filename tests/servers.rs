@@ -486,3 +486,41 @@ fn a_unix_listen_socket_and_an_address_check_for_a_host_network_server() {
     let (code, body) = http(own_port, "GET", "/").unwrap();
     assert_eq!((code, body.as_str()), (200, "ok"));
 }
+
+/// A plugin whose `ping` stops answering once a `WEDGED` file is in its state folder.
+const WEDGING: &str = r#"
+import asyncio, os
+from plugd_plugin import Plugin, method, serve
+
+STATE = os.environ["PLUGD_STATE_DIR"]
+
+class Wedging(Plugin):
+    @method()
+    async def ping(self, _):
+        if os.path.exists(os.path.join(STATE, "WEDGED")):
+            await asyncio.sleep(3600)
+        return "pong"
+
+serve(Wedging())
+"#;
+
+#[test]
+fn a_health_probe_that_times_out_counts_as_unhealthy_not_as_a_hang() {
+    let d = Plugd::start(|dir| {
+        let w = dir.join("wedging");
+        std::fs::create_dir_all(&w).unwrap();
+        std::fs::write(w.join("main.py"), WEDGING).unwrap();
+        // The hang rule would fire after 2 missed deadlines; the health rule after 4 failed
+        // checks. Probes are the health rule's.
+        std::fs::write(
+            w.join("plugin.toml"),
+            "name = \"wedging\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"main.py\"\n\n[timeouts]\nmissed_deadlines = 2\n\n[health]\nmethod = \"ping\"\ninterval = \"200ms\"\ntimeout = \"300ms\"\nfailures = 4\n",
+        )
+        .unwrap();
+    });
+    eventually("ready", || d.all_ready(&["wedging"]));
+    std::fs::write(d.root.path().join("state/plugins/wedging/WEDGED"), "").unwrap();
+    eventually("restarted", || d.plugin("wedging")["restarts"].as_u64() >= Some(1));
+    let why = d.plugin("wedging")["last_exit"].as_str().unwrap_or_default().to_string();
+    assert!(why.starts_with("unhealthy: method ping failed 4 times in a row"), "{why}");
+}

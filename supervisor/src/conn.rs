@@ -499,12 +499,13 @@ impl Conn {
         self.settled(t);
     }
 
-    /// Call `id` missed its deadline: cancels it and counts the miss. False if its reply
-    /// (or a failure) got there first.
-    fn expire(&self, id: u64) -> bool {
+    /// Call `id` missed its deadline: cancels it and counts the miss (a health probe's miss
+    /// is the health watch's to count, not the hang rule's). False if its reply (or a
+    /// failure) got there first.
+    fn expire(&self, id: u64, probe: bool) -> bool {
         let waiting_on_host = self.host_in_flight.load(Ordering::SeqCst) > 0;
         let mut t = self.table.lock();
-        let expired = t.expire(id, !waiting_on_host);
+        let expired = t.expire(id, !waiting_on_host && !probe);
         if expired == Expired::NotPending {
             return false;
         }
@@ -607,7 +608,7 @@ impl Conn {
                     Ok(answer) => answer,
                     Err(_) => {
                         leave.id = None;
-                        if self.expire(id) {
+                        if self.expire(id, probe) {
                             return Ok(Err(self.late()));
                         }
                         // The reply won the race: it is in the channel, or about to be.
@@ -782,7 +783,7 @@ impl Conn {
                     let now = sent.take().unwrap_or_else(Instant::now);
                     let left = d.saturating_duration_since(now);
                     if left.is_zero() {
-                        self.expire(id);
+                        self.expire(id, false);
                         return Err(self.late());
                     }
                     left
