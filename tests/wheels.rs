@@ -187,6 +187,9 @@ fn a_wheel_with_two_entry_points_installs_as_two_plugins_from_a_file_and_a_url()
     assert_eq!(j["state"], "succeeded", "{j}");
     let versions = d.json(&["versions", "greet"]);
     assert_eq!(versions.as_array().map(Vec::len), Some(3), "{versions}");
+    let uploads = d.root.path().join("state/uploads");
+    let left = std::fs::read_dir(&uploads).map(|r| r.count()).unwrap_or(0);
+    assert_eq!(left, 0, "an installed upload is removed");
 
     // Uninstall one plugin of the wheel; the other is untouched.
     assert!(d.ctl(&["uninstall", "greet"]).status.success());

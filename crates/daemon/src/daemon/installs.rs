@@ -19,10 +19,19 @@ impl Daemon {
         if let Some(_slot) = self.jobs.start(id).await {
             let work = self.jobs.get(id).map(|j| j.work);
             let result = match work {
-                Some(crate::jobs::Work::Install(p)) => self
-                    .install(&p.source, p.force, p.enable, id, &cancel)
-                    .await
-                    .map_err(Into::into),
+                Some(crate::jobs::Work::Install(p)) => {
+                    let done = self.install(&p.source, p.force, p.enable, id, &cancel).await;
+                    // An upload is kept for a retry; once installed it is not needed.
+                    let upload = Path::new(&p.source);
+                    if done.is_ok() && upload.starts_with(self.uploads_dir()) {
+                        let own = upload.parent().filter(|d| *d != self.uploads_dir());
+                        let _ = match own {
+                            Some(dir) => std::fs::remove_dir_all(dir),
+                            None => std::fs::remove_file(upload),
+                        };
+                    }
+                    done.map_err(Into::into)
+                }
                 Some(crate::jobs::Work::Update { name, version: None, force }) => {
                     let _op = self.ops.lock().await;
                     // The plan first, in the job's output: what changes, dependencies too.
