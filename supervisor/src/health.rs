@@ -190,6 +190,14 @@ async fn probe(
                 Err(e) => Err(format!("{method}: {e}")),
             }
         }
+        _ => probe_net(check, target).await,
+    }
+}
+
+/// One HTTP or TCP probe of `check` at `target`.
+async fn probe_net(check: &HealthCheck, target: &Target) -> Result<(), String> {
+    match check {
+        HealthCheck::Method(_) => Err("a method check goes over the plugin's connection".into()),
         HealthCheck::Tcp { .. } => connect(target).await.map(drop),
         HealthCheck::Http { addr, path } => {
             let mut s = connect(target).await?;
@@ -268,5 +276,69 @@ async fn connect(target: &Target) -> Result<Stream, String> {
                 .map_err(|e| format!("probe socket: {e}"))
         }
         Target::Method => Err("no socket to connect to".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A server on 127.0.0.1 that answers every connection with `answer` and closes.
+    async fn answering(answer: &'static [u8]) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(answer).await;
+            }
+        });
+        addr
+    }
+
+    fn http(addr: SocketAddr) -> HealthCheck {
+        HealthCheck::Http { addr: Some(addr), path: "/health".into() }
+    }
+
+    #[tokio::test]
+    async fn an_http_check_passes_on_2xx_and_3xx_and_says_what_it_got_otherwise() {
+        for (answer, want) in [
+            (&b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"[..], Ok(())),
+            (b"HTTP/1.0 302 Found\r\n\r\n", Ok(())),
+            (
+                b"HTTP/1.1 503 Service Unavailable\r\n\r\n",
+                Err("GET /health: HTTP/1.1 503 Service Unavailable".to_string()),
+            ),
+            (
+                b"SSH-2.0-OpenSSH\r\n",
+                Err("GET /health: not an HTTP answer (\"SSH-2.0-OpenSSH\")".to_string()),
+            ),
+            (b"", Err("GET /health: closed without an answer".to_string())),
+        ] {
+            let addr = answering(answer).await;
+            assert_eq!(probe_net(&http(addr), &Target::Inet(addr)).await, want);
+        }
+        // Nobody listening: the connect error, naming the address.
+        let addr = answering(b"").await;
+        let free = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let e = probe_net(&http(addr), &Target::Inet(free)).await.unwrap_err();
+        assert!(e.starts_with(&format!("connect {free}:")), "{e}");
+        assert_eq!(probe_net(&HealthCheck::Tcp { addr: None }, &Target::Inet(addr)).await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn a_probe_socket_with_nobody_behind_it_fails_without_blocking() {
+        let (fd, name) = crate::serving::probe_socket("t").unwrap();
+        let tcp = HealthCheck::Tcp { addr: None };
+        // Listening: a connection is queued, which is a pass for a TCP check.
+        assert_eq!(probe_net(&tcp, &Target::Probe(name.clone())).await, Ok(()));
+        drop(fd);
+        let e = probe_net(&tcp, &Target::Probe(name)).await.unwrap_err();
+        assert!(e.starts_with("connect:"), "{e}");
     }
 }
