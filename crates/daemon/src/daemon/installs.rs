@@ -144,42 +144,7 @@ impl Daemon {
                 return Err(format!("{source}: the URL must end in the wheel's file name"));
             }
             let wheel = scratch.join(file);
-            let mut curl = tokio::process::Command::new("curl");
-            curl.args([
-                "--fail",
-                "--silent",
-                "--show-error",
-                "--location",
-                "--proto",
-                "=http,https",
-            ])
-            .arg("--max-filesize")
-            .arg(crate::install::MAX_BYTES.to_string())
-            .arg("--output")
-            .arg(&wheel)
-            .arg(source);
-            self.note(job, vec![format!("$ curl {source}")]);
-            fetch(
-                curl,
-                &format!("downloading {source}"),
-                "install curl to install from a URL",
-                cancel,
-                scratch,
-            )
-            .await?;
-            let sig_file = scratch.join("download.minisig");
-            let signature = if trust.has_keys() || trust.require {
-                let mut curl = tokio::process::Command::new("curl");
-                curl.args(["--fail", "--silent", "--location", "--proto", "=http,https"])
-                    .args(["--max-filesize", "65536", "--output"])
-                    .arg(&sig_file)
-                    .arg(format!("{source}.minisig"));
-                let _ =
-                    fetch(curl, "downloading the signature", "install curl", cancel, scratch).await;
-                std::fs::read_to_string(&sig_file).ok()
-            } else {
-                None
-            };
+            let signature = self.download(source, &wheel, scratch, job, cancel, &trust).await?;
             (wheel, signature)
         } else {
             let wheel = std::path::PathBuf::from(source);
@@ -196,6 +161,43 @@ impl Daemon {
             vec![format!("{} {} declares plugins: {}", info.name, info.version, names.join(", "))],
         );
         crate::wheel::plugin_folders(&wheel, &info, extra.as_ref(), &scratch.join("plugins"))
+    }
+
+    /// Downloads `url` to `to` (size-capped, http(s) only), and its detached signature
+    /// `url.minisig` when signatures are checked (a missing one is not an error unless
+    /// they are required): the signature's text, if there is one.
+    async fn download(
+        &self,
+        url: &str,
+        to: &Path,
+        scratch: &Path,
+        job: Option<u64>,
+        cancel: &Arc<crate::install::Cancel>,
+        trust: &crate::signing::Trust,
+    ) -> Result<Option<String>, String> {
+        std::fs::create_dir_all(scratch)
+            .map_err(|e| format!("create {}: {e}", scratch.display()))?;
+        let mut curl = tokio::process::Command::new("curl");
+        curl.args(["--fail", "--silent", "--show-error", "--location", "--proto", "=http,https"])
+            .arg("--max-filesize")
+            .arg(crate::install::MAX_BYTES.to_string())
+            .arg("--output")
+            .arg(to)
+            .arg(url);
+        self.note(job, vec![format!("$ curl {url}")]);
+        let what = format!("downloading {url}");
+        fetch(curl, &what, "install curl to install from a URL", cancel, scratch).await?;
+        if !(trust.has_keys() || trust.require) {
+            return Ok(None);
+        }
+        let sig_file = scratch.join("download.minisig");
+        let mut curl = tokio::process::Command::new("curl");
+        curl.args(["--fail", "--silent", "--location", "--proto", "=http,https"])
+            .args(["--max-filesize", "65536", "--output"])
+            .arg(&sig_file)
+            .arg(format!("{url}.minisig"));
+        let _ = fetch(curl, "downloading the signature", "install curl", cancel, scratch).await;
+        Ok(std::fs::read_to_string(&sig_file).ok())
     }
 
     /// A line of job `job`'s output (none for a dry run, which has no job).
@@ -268,40 +270,8 @@ impl Daemon {
                     "{source}: only .tar.gz and .zip archives can be installed from a URL"
                 ));
             }
-            std::fs::create_dir_all(scratch).map_err(|e| e.to_string())?;
             let download = scratch.join(if zip { "download.zip" } else { "download.tar.gz" });
-            let mut curl = tokio::process::Command::new("curl");
-            curl.args([
-                "--fail",
-                "--silent",
-                "--show-error",
-                "--location",
-                "--proto",
-                "=http,https",
-            ])
-            .arg("--max-filesize")
-            .arg(crate::install::MAX_BYTES.to_string())
-            .arg("--output")
-            .arg(&download)
-            .arg(source);
-            let what = format!("downloading {source}");
-            self.note(job, vec![format!("$ curl {source}")]);
-            fetch(curl, &what, "install curl to install from a URL", cancel, scratch).await?;
-            // Its detached signature, if the server has one (a missing one is not an error
-            // unless signatures are required).
-            let sig_file = scratch.join("download.minisig");
-            let mut curl = tokio::process::Command::new("curl");
-            curl.args(["--fail", "--silent", "--location", "--proto", "=http,https"])
-                .args(["--max-filesize", "65536", "--output"])
-                .arg(&sig_file)
-                .arg(format!("{source}.minisig"));
-            let signature = if trust.has_keys() || trust.require {
-                let _ =
-                    fetch(curl, "downloading the signature", "install curl", cancel, scratch).await;
-                std::fs::read_to_string(&sig_file).ok()
-            } else {
-                None
-            };
+            let signature = self.download(source, &download, scratch, job, cancel, &trust).await?;
             let signer = trust.check_archive(&download, signature.as_deref())?;
             self.note(job, vec![signed_line(source, &signer)]);
             let unpacked = scratch.join("unpacked");
