@@ -390,6 +390,23 @@ fn an_in_place_upgrade_hands_the_server_and_its_sockets_over() {
     assert_eq!(st[0]["version"], "1.2.0", "{st}");
     assert_eq!(body_json(port, "/api/clients")["version"], "1.2.0");
     assert_eq!(d.plugin("client_manager")["health"]["state"], "healthy");
+    // A second upgrade after that (the instance it adopts was started in between): same
+    // pid again, and a restart after it still gets the sockets the first plugd bound.
+    let pid = d.pid("client_manager");
+    d.signal(nix::sys::signal::Signal::SIGUSR2);
+    eventually("the third generation answers", || {
+        let out = d.ctl(&["--json", "info"]);
+        out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["generation"] == 2
+    });
+    assert_eq!(d.pid("client_manager"), pid);
+    assert_eq!(body_json(port, "/api/clients")["version"], "1.2.0");
+    assert!(d.ctl(&["restart", "client_manager"]).status.success());
+    eventually("restarted and healthy", || {
+        let st = d.plugin("client_manager");
+        st["state"] == "ready" && st["health"]["state"] == "healthy" && st["pid"] != pid
+    });
+    assert_eq!(body_json(port, "/api/clients")["version"], "1.2.0");
 }
 
 #[test]
