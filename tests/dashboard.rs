@@ -48,6 +48,19 @@ fn the_dashboard_in_a_real_browser() {
     std::fs::create_dir_all(&plugins).unwrap();
     add_plugin(&plugins, "echo", "echo", "");
     add_plugin(&plugins, "crasher", "crasher", "");
+    // A hostile plugin whose load failure is HTML: the page must show it as text.
+    let xss = plugins.join("xss");
+    std::fs::create_dir_all(&xss).unwrap();
+    std::fs::write(
+        xss.join("plugin.toml"),
+        "name = \"xss\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"main.py\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        xss.join("main.py"),
+        "from plugd_plugin import Plugin, PluginError, serve\n\nclass X(Plugin):\n    def on_load(self, config):\n        raise PluginError('<img id=pwn src=x onerror=\"document.title=1\">')\n\nserve(X())\n",
+    )
+    .unwrap();
     std::fs::write(root.path().join("token"), format!("{TOKEN}\n")).unwrap();
     std::fs::write(
         root.path().join("extra.toml"),
@@ -75,6 +88,14 @@ fn the_dashboard_in_a_real_browser() {
     b.click("#login-submit");
     b.wait("echo ready in the table", &state_is("echo", "ready"));
     b.wait("crasher ready in the table", &state_is("crasher", "ready"));
+    b.wait(
+        "the hostile plugin's failure shown as text",
+        "const c = document.querySelector('tr[data-plugin=\"xss\"] td.exit'); return !!c && c.textContent.includes('<img id=pwn');",
+    );
+    assert_eq!(
+        b.js("return document.getElementById('pwn') === null && document.title === 'plugd'"),
+        true
+    );
     assert_eq!(
         b.js("return sessionStorage.getItem('plugd-token') !== null && !location.href.includes('token')"),
         true,

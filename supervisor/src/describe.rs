@@ -165,5 +165,8 @@ mod tests {
         assert_eq!(check(&json!(true), &json!(1)), Ok(()));
         assert_eq!(parse(b"[{\"name\": \"add\"}]").unwrap()[0].name, "add");
         assert_eq!(parse(b"{}"), None);
+        // A plugin cannot make plugd hold more than DESCRIBE_MAX of descriptions.
+        let huge = format!("[{{\"name\": \"{}\"}}]", "a".repeat(DESCRIBE_MAX));
+        assert_eq!(parse(huge.as_bytes()), None);
     }
 }

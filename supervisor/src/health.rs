@@ -316,6 +316,11 @@ mod tests {
                 Err("GET /health: not an HTTP answer (\"SSH-2.0-OpenSSH\")".to_string()),
             ),
             (b"", Err("GET /health: closed without an answer".to_string())),
+            // A hostile answer is cut and its control characters replaced.
+            (
+                b"HTTP/1.1 500 \x1b[2Jgone\r\n\r\n",
+                Err("GET /health: HTTP/1.1 500 \u{fffd}[2Jgone".to_string()),
+            ),
         ] {
             let addr = answering(answer).await;
             assert_eq!(probe_net(&http(addr), &Target::Inet(addr)).await, want);
