@@ -19,7 +19,7 @@
 //! connects there.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -255,51 +255,32 @@ pub(crate) fn parse_check(
     Ok(HealthCheck::Method(method))
 }
 
-/// The listening sockets of one plugin, bound once and shared by all its instances.
-#[derive(Debug)]
-pub struct Listeners {
-    /// The sockets, in `[listen]` order.
-    pub sockets: Vec<(ListenAddr, OwnedFd)>,
-}
-
-impl Listeners {
-    /// Binds every address (a unix path left by a previous run is replaced). The error
-    /// names the address and what to do.
-    pub fn bind(addrs: &[ListenAddr]) -> Result<Listeners, String> {
-        let mut sockets = Vec::new();
-        for a in addrs {
-            let fd: OwnedFd = match a {
-                ListenAddr::Tcp(addr) => std::net::TcpListener::bind(addr)
-                    .map_err(|e| {
-                        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
-                            "; another program (or plugin) listens there: stop it or change listen.tcp"
-                        } else {
-                            ""
-                        };
-                        format!("cannot listen on {a}: {e}{hint}")
-                    })?
-                    .into(),
-                ListenAddr::Unix(path) => {
-                    if std::fs::symlink_metadata(path).is_ok_and(|m| {
-                        use std::os::unix::fs::FileTypeExt;
-                        m.file_type().is_socket()
-                    }) {
-                        let _ = std::fs::remove_file(path);
-                    }
-                    std::os::unix::net::UnixListener::bind(path)
-                        .map_err(|e| format!("cannot listen on {a}: {e}"))?
-                        .into()
-                }
-            };
-            sockets.push((a.clone(), fd));
+/// Binds one `[listen]` address (a unix path left by a previous run is replaced). The
+/// error names the address and what to do.
+pub fn bind(addr: &ListenAddr) -> Result<OwnedFd, String> {
+    Ok(match addr {
+        ListenAddr::Tcp(a) => std::net::TcpListener::bind(a)
+            .map_err(|e| {
+                let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+                    "; another program (or plugin) listens there: stop it or change listen.tcp"
+                } else {
+                    ""
+                };
+                format!("cannot listen on {addr}: {e}{hint}")
+            })?
+            .into(),
+        ListenAddr::Unix(path) => {
+            if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_socket()
+            }) {
+                let _ = std::fs::remove_file(path);
+            }
+            std::os::unix::net::UnixListener::bind(path)
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))?
+                .into()
         }
-        Ok(Listeners { sockets })
-    }
-
-    /// Raw descriptors in order, for the spawn plan.
-    pub fn raw(&self) -> Vec<std::os::fd::RawFd> {
-        self.sockets.iter().map(|(_, fd)| fd.as_raw_fd()).collect()
-    }
+    })
 }
 
 /// A private listening socket for one instance's health probe: a unix socket with an

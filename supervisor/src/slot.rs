@@ -749,16 +749,9 @@ impl Slot {
                 let fd = match bound.iter().find(|(a, _)| a == addr) {
                     Some((_, fd)) => fd.clone(),
                     None => {
-                        let fresh = crate::serving::Listeners::bind(std::slice::from_ref(addr))
+                        let fd = crate::serving::bind(addr)
                             .map_err(|e| format!("plugin {}: {e}", m.name))?;
-                        let fd = Arc::new(
-                            fresh
-                                .sockets
-                                .into_iter()
-                                .next()
-                                .map(|(_, fd)| fd)
-                                .ok_or("no socket")?,
-                        );
+                        let fd = Arc::new(fd);
                         bound.push((addr.clone(), fd.clone()));
                         fd
                     }
