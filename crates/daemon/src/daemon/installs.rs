@@ -5,7 +5,7 @@ use crate::control::ApiError;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{lock, Daemon};
+use super::{Book, Daemon};
 use crate::manifest::PluginSpec;
 use crate::spawn::entrypoint_program;
 
@@ -32,25 +32,38 @@ impl Daemon {
                     }
                     done.map_err(Into::into)
                 }
-                Some(crate::jobs::Work::Update { name, version: None, force }) => {
-                    let _op = self.ops.lock().await;
-                    // The plan first, in the job's output: what changes, dependencies too.
-                    if let Ok(plan) = self.update_one(&name, force, true).await {
-                        self.jobs.output(id, plugd_control::plan_lines(&plan));
-                    }
-                    self.update_one(&name, force, false).await
-                }
-                Some(crate::jobs::Work::Update { name, version: Some(v), force }) => {
-                    let _op = self.ops.lock().await;
-                    if let Ok(plan) = self.switch_version(&name, &v, force, true).await {
-                        self.jobs.output(id, plugd_control::plan_lines(&plan));
-                    }
-                    self.switch_version(&name, &v, force, false).await
-                }
-                Some(crate::jobs::Work::Uninstall { name, version, purge }) => {
-                    let _op = self.ops.lock().await;
-                    self.uninstall(&name, version.as_deref(), purge).await
-                }
+                // Updates and uninstalls are operations of the book's task, plan and all.
+                Some(crate::jobs::Work::Update { name, version: None, force }) => self
+                    .op(move |d, b| {
+                        Box::pin(async move {
+                            // The plan first, in the job's output: what changes, dependencies too.
+                            if let Ok(plan) = d.update_one(b, &name, force, true).await {
+                                d.jobs.output(id, plugd_control::plan_lines(&plan));
+                            }
+                            d.update_one(b, &name, force, false).await
+                        })
+                    })
+                    .await
+                    .and_then(|r| r),
+                Some(crate::jobs::Work::Update { name, version: Some(v), force }) => self
+                    .op(move |d, b| {
+                        Box::pin(async move {
+                            if let Ok(plan) = d.switch_version(b, &name, &v, force, true).await {
+                                d.jobs.output(id, plugd_control::plan_lines(&plan));
+                            }
+                            d.switch_version(b, &name, &v, force, false).await
+                        })
+                    })
+                    .await
+                    .and_then(|r| r),
+                Some(crate::jobs::Work::Uninstall { name, version, purge }) => self
+                    .op(move |d, b| {
+                        Box::pin(
+                            async move { d.uninstall(b, &name, version.as_deref(), purge).await },
+                        )
+                    })
+                    .await
+                    .and_then(|r| r),
                 None => Err(ApiError::not_found(format!("no job {id}"))),
             };
             self.jobs.finish(id, result);
@@ -133,7 +146,7 @@ impl Daemon {
         job: Option<u64>,
         cancel: &Arc<crate::install::Cancel>,
     ) -> Result<Vec<std::path::PathBuf>, String> {
-        let trust = lock(&self.config).trust.clone();
+        let trust = self.book().config.trust.clone();
         std::fs::create_dir_all(scratch)
             .map_err(|e| format!("create {}: {e}", scratch.display()))?;
         let remote = source.starts_with("http://") || source.starts_with("https://");
@@ -217,7 +230,7 @@ impl Daemon {
         job: Option<u64>,
         cancel: &Arc<crate::install::Cancel>,
     ) -> Result<Option<Result<std::path::PathBuf, String>>, String> {
-        let trust = lock(&self.config).trust.clone();
+        let trust = self.book().config.trust.clone();
         let folder = if let Some(url) = source.strip_prefix("git+") {
             let (url, reference) = match url.split_once('#') {
                 Some((u, r)) => (u, Some(r)),
@@ -317,7 +330,7 @@ impl Daemon {
                 source.display()
             ));
         }
-        let (_, defaults) = self.dirs_and_defaults();
+        let (_, defaults) = self.dirs_and_defaults(&self.book());
         // Everything but the entrypoint is checked on the source: a [build] may produce it.
         let manifest_path =
             supervisor::foreign::manifest_path(&source).map_err(|e| e.to_string())?;
@@ -330,11 +343,11 @@ impl Daemon {
         let version = manifest.version.to_string();
         // Its requirements must be met by what is already here.
         let unmet: Vec<String> = {
-            let known = lock(&self.known);
+            let book = self.book();
             manifest
                 .requires
                 .iter()
-                .filter_map(|req| match known.iter().find(|(n, _)| *n == req.name) {
+                .filter_map(|req| match book.known.iter().find(|(n, _)| *n == req.name) {
                     None => Some(format!("requires {}, which is not installed", req.name)),
                     Some((_, k)) if !req.version.matches(&k.spec.manifest.version) => {
                         Some(format!(
@@ -353,7 +366,9 @@ impl Daemon {
             ));
         }
         let root = self.installed_root();
-        let elsewhere = lock(&self.known)
+        let elsewhere = self
+            .book()
+            .known
             .iter()
             .find(|(n, k)| *n == name && !k.spec.manifest_path.starts_with(&root))
             .map(|(_, k)| k.spec.manifest_path.clone());
@@ -393,25 +408,41 @@ impl Daemon {
         self.jobs.output(job, lines);
         placed?;
         plugd_install::fault::point("install.placed");
-        // The commit: from here the plugin list changes, one operation at a time (the
-        // fetch and build above ran unlocked, so a long pip install blocks nothing).
-        let _op = self.ops.lock().await;
-        let (_, current) = crate::install::versions(&root, &name);
-        if enable && lock(&self.disabled).remove(&name) {
-            self.persist_disabled()?;
+        // The commit: from here the plugin list changes, as an operation of the book's task
+        // (the fetch and build above ran outside it, so a long pip install blocks nothing).
+        self.op(move |d, b| {
+            Box::pin(async move { d.commit_install(b, &root, &name, &version, enable).await })
+        })
+        .await
+        .map_err(|e| e.message)
+        .and_then(|r| r)
+    }
+
+    /// Makes a placed version current if the plugin had none, and starts it.
+    async fn commit_install(
+        &self,
+        book: &mut Book,
+        root: &Path,
+        name: &str,
+        version: &str,
+        enable: bool,
+    ) -> Result<serde_json::Value, String> {
+        let (_, current) = crate::install::versions(root, name);
+        if enable && book.disabled.remove(name) {
+            self.persist_disabled(book)?;
         }
         match current {
             None => {
-                crate::install::set_current(&root, &name, &version)?;
-                self.reload_locked().await;
+                crate::install::set_current(root, name, version)?;
+                self.reload_in(book).await;
                 // Installed is not done: a plugin that then fails to start fails the job,
                 // saying so (the files stay, for its logs and a fix).
-                if let Some(why) = lock(&self.start_errors).get(&name).cloned() {
+                if let Some(why) = book.start_errors.get(name).cloned() {
                     return Err(format!(
                         "installed {name} {version}, but it failed to start: {why}; `plugctl logs {name}` has its output: fix it and `plugctl start {name}`, or `plugctl uninstall {name}`"
                     ));
                 }
-                self.status(Some(&name)).map_err(|e| e.message)
+                self.status_in(book, Some(name)).map_err(|e| e.message)
             }
             Some(running) => Ok(serde_json::json!(format!(
                 "installed {name} {version} beside {running}; `plugctl update {name} {version}` switches to it"
@@ -462,7 +493,7 @@ impl Daemon {
                 "{source} is not a plugin folder (nor a .tar.gz, .zip or git+ URL)"
             )));
         }
-        let (_, defaults) = self.dirs_and_defaults();
+        let (_, defaults) = self.dirs_and_defaults(&self.book());
         let manifest_path =
             supervisor::foreign::manifest_path(folder).map_err(|e| e.to_string())?;
         let text = std::fs::read_to_string(&manifest_path)
@@ -473,7 +504,7 @@ impl Daemon {
         let dir = std::fs::canonicalize(folder).map_err(|e| format!("{source}: {e}"))?;
         let spec = PluginSpec { manifest, dir, manifest_path };
         let name = spec.name().to_string();
-        Ok(self.update_plan(&name, &spec).0)
+        Ok(self.update_plan(&self.book(), &name, &spec).0)
     }
 
     /// Installed versions of `name`.
@@ -494,6 +525,7 @@ impl Daemon {
     /// Switches `current` to `version` and hot-swaps the running plugin to it.
     pub(super) async fn switch_version(
         &self,
+        book: &mut Book,
         name: &str,
         version: &str,
         force: bool,
@@ -511,14 +543,14 @@ impl Daemon {
             )));
         }
         if dry_run {
-            return self.update_from(name, &root.join(name).join(version), force, true).await;
+            let path = root.join(name).join(version);
+            return self.update_from(book, name, &path, force, true).await;
         }
         let (_, plan) = {
-            let defaults = lock(&self.config).defaults.clone();
-            let spec =
-                PluginSpec::from_manifest_with_defaults(root.join(name).join(version), &defaults)
-                    .map_err(|e| e.to_string())?;
-            self.update_plan(name, &spec)
+            let path = root.join(name).join(version);
+            let spec = PluginSpec::from_manifest_with_defaults(path, &book.config.defaults)
+                .map_err(|e| e.to_string())?;
+            self.update_plan(book, name, &spec)
         };
         if !plan.is_empty() && !force {
             return Err(ApiError::conflict(format!(
@@ -527,7 +559,7 @@ impl Daemon {
             )));
         }
         crate::install::set_current(&root, name, version)?;
-        match self.update_one(name, true, false).await {
+        match self.update_one(book, name, true, false).await {
             Ok(v) => Ok(v),
             Err(e) => {
                 if let Some(back) = current {
@@ -541,6 +573,7 @@ impl Daemon {
     /// Stops and removes an installed plugin (or one non-current version of it).
     pub(super) async fn uninstall(
         &self,
+        book: &mut Book,
         name: &str,
         version: Option<&str>,
         purge: bool,
@@ -572,12 +605,12 @@ impl Daemon {
         }
         std::fs::remove_dir_all(root.join(name))
             .map_err(|e| format!("remove {}: {e}", root.join(name).display()))?;
-        lock(&self.known).retain(|(n, _)| n != name);
-        lock(&self.start_errors).remove(name);
+        book.known.retain(|(n, _)| n != name);
+        book.start_errors.remove(name);
         // A venv is derived from the installed files: it goes with them.
         let _ = std::fs::remove_dir_all(crate::python::venvs_of(self.sup.state_root(), name));
         if purge {
-            let state = lock(&self.config).state_dir.join("plugins").join(name);
+            let state = self.state_dir.join("plugins").join(name);
             let _ = std::fs::remove_dir_all(&state);
         }
         Ok(serde_json::json!(format!(
@@ -589,7 +622,7 @@ impl Daemon {
     /// Checks a plugin folder without running it: its manifest (with the operator's
     /// `[defaults]`) and its entrypoint. A summary, or what is wrong.
     pub fn validate_folder(&self, folder: &Path) -> Result<serde_json::Value, String> {
-        let (_, defaults) = self.dirs_and_defaults();
+        let (_, defaults) = self.dirs_and_defaults(&self.book());
         let manifest_path =
             supervisor::foreign::manifest_path(folder).map_err(|e| e.to_string())?;
         let text = std::fs::read_to_string(&manifest_path)
@@ -616,7 +649,8 @@ impl Daemon {
         if m.runtime == crate::manifest::Runtime::Python {
             notes.push("a Python plugin: its venv is built at install or first start".into());
         }
-        let known = lock(&self.known);
+        let book = self.book();
+        let known = &book.known;
         for req in &m.requires {
             match known.iter().find(|(n, _)| *n == req.name) {
                 None => notes.push(format!("requires {}, which is not installed here", req.name)),

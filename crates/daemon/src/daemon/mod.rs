@@ -11,8 +11,6 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-
 use interprocess::local_socket::tokio::prelude::*;
 use interprocess::local_socket::{GenericFilePath, ListenerOptions};
 use interprocess::os::unix::local_socket::ListenerOptionsExt;
@@ -35,9 +33,12 @@ use supervisor::{Supervisor, SupervisorConfig};
 /// The control socket listener (a Unix domain socket; its descriptor survives an upgrade).
 type Listener = interprocess::os::unix::uds_local_socket::tokio::Listener;
 
+mod book;
 mod conns;
 mod installs;
 mod upgrade;
+
+use book::{Book, BookFuture, Known, Ops};
 
 use upgrade::{inherited, thaw, upgrade, Handover, HandoverPlugin, UPGRADE_ENV};
 
@@ -74,29 +75,19 @@ pub enum DaemonError {
     Http(String),
 }
 
-struct Known {
-    spec: PluginSpec,
-    fingerprint: String,
-}
-
 /// The daemon's state beside the supervisor.
 pub struct Daemon {
     sup: Supervisor,
-    config: Mutex<DaemonConfig>,
+    /// The plugin book and the one task that writes it (see [`book`]).
+    ops: Ops,
+    /// `<state>`: fixed at start (a reload keeps it).
+    state_dir: PathBuf,
     bin_dirs: Vec<PathBuf>,
-    /// Discovered valid plugins, in start order.
-    known: Mutex<Vec<(String, Known)>>,
-    disabled: Mutex<BTreeSet<String>>,
-    start_errors: Mutex<BTreeMap<String, String>>,
     /// How many in-place upgrades this daemon's pid has been through.
     generation: std::sync::atomic::AtomicU64,
     /// Install jobs (kept under `<state>/jobs`).
     jobs: crate::jobs::Jobs,
-    /// One state-changing operation at a time: reloads, starts and stops, updates,
-    /// uninstalls and an install's commit never interleave their writes to the plugin
-    /// list (each holds this across its awaits). Reads (status, calls, logs) never take it.
-    ops: tokio::sync::Mutex<()>,
-    /// This daemon, for spawning background jobs (set by `run`).
+    /// This daemon, for spawning background jobs and book jobs (set by `run`).
     me: std::sync::OnceLock<std::sync::Weak<Daemon>>,
 }
 
@@ -119,10 +110,6 @@ pub struct ReloadReport {
     pub venvs_removed: Vec<String>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> parking_lot::MutexGuard<'_, T> {
-    m.lock()
-}
-
 impl Daemon {
     /// Builds the daemon (starts nothing yet); its plugins are forked by `spawner`.
     pub fn new(
@@ -140,40 +127,57 @@ impl Daemon {
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
+        let state_dir = config.state_dir.clone();
+        let book = Book { config, known: Vec::new(), disabled, start_errors: BTreeMap::new() };
         Ok(Daemon {
             sup: Supervisor::with_spawner(sup_config, spawner),
-            config: Mutex::new(config),
+            ops: Ops::new(book),
+            state_dir,
             bin_dirs,
-            known: Mutex::new(Vec::new()),
-            disabled: Mutex::new(disabled),
-            start_errors: Mutex::new(BTreeMap::new()),
             generation: std::sync::atomic::AtomicU64::new(0),
             jobs: crate::jobs::Jobs::load(&config_jobs_dir),
-            ops: tokio::sync::Mutex::new(()),
             me: std::sync::OnceLock::new(),
         })
     }
 
+    /// The book as the last operation left it: what readers use.
+    fn book(&self) -> Arc<Book> {
+        self.ops.published.get()
+    }
+
+    /// Runs `f` as an operation of the task that owns the book (see [`book`]): after
+    /// the operations queued before it, never beside one, and to its end.
+    async fn op<R, F>(&self, f: F) -> Result<R, ApiError>
+    where
+        R: Send + 'static,
+        F: for<'b> FnOnce(Arc<Daemon>, &'b mut Book) -> BookFuture<'b, R> + Send + 'static,
+    {
+        let me =
+            self.me.get().and_then(std::sync::Weak::upgrade).ok_or_else(|| {
+                ApiError::conflict("plugd is not running; the operation was not run")
+            })?;
+        self.ops.run(move |book| f(me, book)).await
+    }
+
     /// Configured plugin folders plus the installed plugins, and the operator defaults.
-    fn dirs_and_defaults(&self) -> (Vec<PathBuf>, toml::Table) {
-        let c = lock(&self.config);
-        let mut dirs = c.plugin_dirs.clone();
+    fn dirs_and_defaults(&self, book: &Book) -> (Vec<PathBuf>, toml::Table) {
+        let mut dirs = book.config.plugin_dirs.clone();
         // plugd's own folder of installed plugins: made here, so discovery never reports
         // it missing (the operator did not configure it and could not fix that).
-        let installed = crate::install::root(&c.state_dir);
+        let installed = self.installed_root();
         let _ = std::fs::create_dir_all(&installed);
         dirs.push(installed);
-        (dirs, c.defaults.clone())
+        (dirs, book.config.defaults.clone())
     }
 
     fn installed_root(&self) -> PathBuf {
-        crate::install::root(&lock(&self.config).state_dir)
+        crate::install::root(&self.state_dir)
     }
 
-    fn persist_disabled(&self) -> Result<(), String> {
-        let dir = lock(&self.config).state_dir.clone();
-        let list: Vec<String> = lock(&self.disabled).iter().cloned().collect();
-        std::fs::create_dir_all(&dir)
+    fn persist_disabled(&self, book: &Book) -> Result<(), String> {
+        let dir = &self.state_dir;
+        let list: Vec<&String> = book.disabled.iter().collect();
+        std::fs::create_dir_all(dir)
             .and_then(|_| {
                 std::fs::write(
                     dir.join("disabled.json"),
@@ -183,22 +187,22 @@ impl Daemon {
             .map_err(|e| format!("cannot save {}/disabled.json: {e}", dir.display()))
     }
 
-    fn fingerprint_of(&self, spec: &PluginSpec) -> String {
+    fn fingerprint_of(&self, book: &Book, spec: &PluginSpec) -> String {
         let program = entrypoint_program(spec, &self.bin_dirs).ok().map(|(p, _)| p);
         // Operator defaults are part of what the plugin runs with: a change restarts it too.
-        let defaults = lock(&self.config).defaults.to_string();
+        let defaults = book.config.defaults.to_string();
         format!("{}:{}", fingerprint(spec, program.as_deref()), defaults.len() ^ fxhash(&defaults))
     }
 
-    async fn load(&self, spec: PluginSpec) {
+    async fn load(&self, book: &mut Book, spec: PluginSpec) {
         let name = spec.name().to_string();
         match self.sup.load(spec).await {
             Ok(_) => {
-                lock(&self.start_errors).remove(&name);
+                book.start_errors.remove(&name);
             }
             Err(e) => {
                 tracing::error!(plugin = %name, "{e}");
-                lock(&self.start_errors).insert(name, e.to_string());
+                book.start_errors.insert(name, e.to_string());
             }
         }
     }
@@ -214,16 +218,28 @@ impl Daemon {
     async fn start_all_adopting(
         &self,
         strict: bool,
+        handed: Vec<HandoverPlugin>,
+        stopped: Vec<String>,
+    ) -> Result<Vec<String>, DaemonError> {
+        let done = self
+            .op(move |d, b| {
+                Box::pin(async move { d.start_all_in(b, strict, handed, stopped).await })
+            })
+            .await;
+        done.unwrap_or_else(|e| Err(DaemonError::Http(e.message)))
+    }
+
+    async fn start_all_in(
+        &self,
+        book: &mut Book,
+        strict: bool,
         mut handed: Vec<HandoverPlugin>,
         stopped: Vec<String>,
     ) -> Result<Vec<String>, DaemonError> {
         crate::install::recover(&self.installed_root());
-        let (dirs, defaults) = self.dirs_and_defaults();
-        let (instances, stage) = {
-            let c = lock(&self.config);
-            (c.instances.clone(), c.state_dir.join("single"))
-        };
-        let d = discover(&dirs, &defaults, &instances, Some(&stage));
+        let (dirs, defaults) = self.dirs_and_defaults(book);
+        let stage = self.state_dir.join("single");
+        let d = discover(&dirs, &defaults, &book.config.instances, Some(&stage));
         for p in &d.problems {
             tracing::error!("{p}");
         }
@@ -232,12 +248,13 @@ impl Daemon {
         }
         let mut known = Vec::new();
         for spec in d.plugins {
-            let fp = self.fingerprint_of(&spec);
+            let fp = self.fingerprint_of(book, &spec);
             known.push((spec.name().to_string(), Known { spec, fingerprint: fp }));
         }
-        *lock(&self.known) = known;
+        book.known = known;
+        self.ops.published.set(book);
         let order: Vec<(String, PluginSpec)> =
-            lock(&self.known).iter().map(|(n, k)| (n.clone(), k.spec.clone())).collect();
+            book.known.iter().map(|(n, k)| (n.clone(), k.spec.clone())).collect();
         for (name, spec) in order {
             if let Some(i) = handed.iter().position(|h| h.name == name) {
                 let h = handed.remove(i);
@@ -247,7 +264,7 @@ impl Daemon {
                 }
                 continue;
             }
-            if lock(&self.disabled).contains(&name) {
+            if book.disabled.contains(&name) {
                 tracing::info!(plugin = %name, "disabled; not starting");
                 continue;
             }
@@ -258,7 +275,7 @@ impl Daemon {
                 }
                 continue;
             }
-            self.load(spec).await;
+            self.load(book, spec).await;
         }
         // Handed-over plugins whose folder vanished meanwhile: adopted from their old manifest
         // if it still parses (so nothing is orphaned), else stopped.
@@ -283,48 +300,45 @@ impl Daemon {
 
     /// Re-reads the config (if from a file) and the plugin folders; applies only the difference.
     pub async fn reload(&self) -> ReloadReport {
-        let _op = self.ops.lock().await;
-        self.reload_locked().await
+        self.op(|d, b| Box::pin(async move { d.reload_in(b).await })).await.unwrap_or_else(|e| {
+            ReloadReport { problems: vec![e.message], ..ReloadReport::default() }
+        })
     }
 
-    /// [`Daemon::reload`] for a caller that holds the operation lock.
-    async fn reload_locked(&self) -> ReloadReport {
+    /// [`Daemon::reload`], as an operation of the book's task.
+    async fn reload_in(&self, book: &mut Book) -> ReloadReport {
         let mut report = ReloadReport::default();
-        let source = lock(&self.config).source.clone();
-        if let Some(path) = source {
+        if let Some(path) = book.config.source.clone() {
             match DaemonConfig::load(&path) {
                 Ok(mut fresh) => {
-                    let mut cfg = lock(&self.config);
                     // The socket and state folder stay as started; the rest takes effect now.
-                    fresh.socket = cfg.socket.clone();
-                    fresh.state_dir = cfg.state_dir.clone();
-                    *cfg = fresh;
+                    fresh.socket = book.config.socket.clone();
+                    fresh.state_dir = book.config.state_dir.clone();
+                    book.config = fresh;
                 }
                 Err(e) => report.problems.push(format!("{e}; keeping the previous config")),
             }
         }
-        let (dirs, defaults) = self.dirs_and_defaults();
-        let (instances, stage) = {
-            let c = lock(&self.config);
-            (c.instances.clone(), c.state_dir.join("single"))
-        };
-        let mut d = discover(&dirs, &defaults, &instances, Some(&stage));
-        let refused = self.refuse_breaking_edits(&mut d, &defaults);
+        let (dirs, defaults) = self.dirs_and_defaults(book);
+        let stage = self.state_dir.join("single");
+        let mut d = discover(&dirs, &defaults, &book.config.instances, Some(&stage));
+        let refused = self.refuse_breaking_edits(book, &mut d, &defaults);
         report.problems.extend(d.problems);
         let old: Vec<(String, String)> =
-            lock(&self.known).iter().map(|(n, k)| (n.clone(), k.fingerprint.clone())).collect();
+            book.known.iter().map(|(n, k)| (n.clone(), k.fingerprint.clone())).collect();
         // Plugins whose folder is gone from disk (not merely unreadable for now): their
         // virtualenvs go too, below.
         // (A single-file plugin runs from a staged copy: it is gone when its file is.)
-        let stage = lock(&self.config).state_dir.join("single");
         let stage = std::fs::canonicalize(&stage).unwrap_or(stage);
         let is_gone = |k: &Known| !k.spec.dir.exists() || !k.spec.manifest_path.exists();
-        let gone: BTreeSet<String> = lock(&self.known)
+        let gone: BTreeSet<String> = book
+            .known
             .iter()
             .filter(|(_, k)| is_gone(k))
             .map(|(_, k)| k.spec.venv_name().to_string())
             .collect();
-        let stale_stages: Vec<PathBuf> = lock(&self.known)
+        let stale_stages: Vec<PathBuf> = book
+            .known
             .iter()
             .filter(|(_, k)| is_gone(k) && k.spec.dir.starts_with(&stage))
             .map(|(_, k)| k.spec.dir.clone())
@@ -335,7 +349,7 @@ impl Daemon {
         for (name, _) in old.iter().rev() {
             if !new_names.contains(name) {
                 let _ = self.sup.unload(name).await;
-                lock(&self.start_errors).remove(name);
+                book.start_errors.remove(name);
                 report.removed.push(name.clone());
             }
         }
@@ -344,22 +358,19 @@ impl Daemon {
             let name = spec.name().to_string();
             if refused.contains(&name) {
                 // Keeps what it runs, and the fingerprint of that, until the edit is fixed.
-                let kept = lock(&self.known).iter().find(|(n, _)| *n == name).map(|(_, k)| Known {
-                    spec: k.spec.clone(),
-                    fingerprint: k.fingerprint.clone(),
-                });
+                let kept = book.known.iter().find(|(n, _)| *n == name).map(|(_, k)| k.clone());
                 if let Some(k) = kept {
                     report.unchanged.push(name.clone());
                     known.push((name, k));
                     continue;
                 }
             }
-            let fp = self.fingerprint_of(&spec);
-            let disabled = lock(&self.disabled).contains(&name);
+            let fp = self.fingerprint_of(book, &spec);
+            let disabled = book.disabled.contains(&name);
             match old.iter().find(|(n, _)| *n == name) {
                 None => {
                     if !disabled {
-                        self.load(spec.clone()).await;
+                        self.load(book, spec.clone()).await;
                     }
                     report.added.push(name.clone());
                 }
@@ -378,7 +389,7 @@ impl Daemon {
                     } else {
                         let _ = self.sup.unload(&name).await;
                         if !disabled {
-                            self.load(spec.clone()).await;
+                            self.load(book, spec.clone()).await;
                         }
                         report.restarted.push(name.clone());
                     }
@@ -387,7 +398,7 @@ impl Daemon {
             }
             known.push((name, Known { spec, fingerprint: fp }));
         }
-        *lock(&self.known) = known;
+        book.known = known;
         let stray: BTreeSet<String> = gone.difference(&venvs_in_use).cloned().collect();
         report.venvs_removed = self.remove_venvs(&stray);
         for dir in stale_stages {
@@ -414,7 +425,7 @@ impl Daemon {
     /// hold hundreds of MiB). Names what it removed; a venv it cannot remove is said in
     /// plugd's log.
     fn remove_venvs(&self, names: &BTreeSet<String>) -> Vec<String> {
-        let root = lock(&self.config).state_dir.join("plugins");
+        let root = self.state_dir.join("plugins");
         let mut removed = Vec::new();
         for name in names {
             let dir = supervisor::python::venvs_of(&root, name);
@@ -441,10 +452,11 @@ impl Daemon {
     /// say so and name the way out.
     fn refuse_breaking_edits(
         &self,
+        book: &Book,
         d: &mut crate::discovery::Discovery,
         defaults: &toml::Table,
     ) -> BTreeSet<String> {
-        let known = lock(&self.known);
+        let known = &book.known;
         let running =
             |n: &str| self.sup.get(n).is_some_and(|h| h.status().state == supervisor::State::Ready);
         let mut refused: BTreeMap<String, String> = BTreeMap::new();
@@ -502,21 +514,31 @@ impl Daemon {
 
     /// Status of every known plugin (or one), as stable JSON objects.
     pub fn status(&self, only: Option<&str>) -> Result<serde_json::Value, ApiError> {
-        let entries = self.entries(only)?;
+        self.status_in(&self.book(), only)
+    }
+
+    /// [`Daemon::status`] from `book` (an operation's own, not yet published).
+    fn status_in(&self, book: &Book, only: Option<&str>) -> Result<serde_json::Value, ApiError> {
+        let entries = self.entries_in(book, only)?;
         Ok(serde_json::to_value(entries).unwrap_or_default())
     }
 
     /// Status of every known plugin (or one): loaded ones from their handle, the others
     /// (stopped, disabled, failed to start) from what the daemon knows of them.
     pub fn entries(&self, only: Option<&str>) -> Result<Vec<StatusEntry>, ApiError> {
-        let known: Vec<(String, PluginSpec)> = lock(&self.known)
+        self.entries_in(&self.book(), only)
+    }
+
+    fn entries_in(&self, book: &Book, only: Option<&str>) -> Result<Vec<StatusEntry>, ApiError> {
+        let known: Vec<(String, PluginSpec)> = book
+            .known
             .iter()
             .filter(|(n, _)| only.is_none_or(|o| o == n))
             .map(|(n, k)| (n.clone(), k.spec.clone()))
             .collect();
         let mut out = Vec::new();
         for (name, spec) in known {
-            let enabled = !lock(&self.disabled).contains(&name);
+            let enabled = !book.disabled.contains(&name);
             let manifest = spec.manifest_path.display().to_string();
             let display_name = spec.manifest.display_name.clone();
             let manifest_extra = spec.manifest.extra.clone();
@@ -565,7 +587,7 @@ impl Daemon {
                     }
                 }
                 None => {
-                    let error = lock(&self.start_errors).get(&name).cloned();
+                    let error = book.start_errors.get(&name).cloned();
                     let state = match (enabled, &error) {
                         (false, _) => "disabled",
                         (true, Some(_)) => "failed",
@@ -593,20 +615,14 @@ impl Daemon {
             out.push(entry);
         }
         match only {
-            Some(o) if out.is_empty() => Err(self.unknown(o)),
+            Some(o) if out.is_empty() => Err(book.unknown(o)),
             _ => Ok(out),
         }
     }
 
-    fn unknown(&self, name: &str) -> ApiError {
-        let names: Vec<String> = lock(&self.known).iter().map(|(n, _)| n.clone()).collect();
-        ApiError::not_found(format!("no plugin named {name}; known plugins: {}", names.join(", ")))
-    }
-
+    /// The spec of a known plugin, or the error that lists the known ones.
     fn spec(&self, name: &str) -> Result<PluginSpec, ApiError> {
-        let found = lock(&self.known).iter().find(|(n, _)| n == name).map(|(_, k)| k.spec.clone());
-        // The lock is released above: `unknown` takes it again.
-        found.ok_or_else(|| self.unknown(name))
+        self.book().spec_or_unknown(name)
     }
 
     /// A one-line summary for systemd's STATUS=.
@@ -622,8 +638,8 @@ impl Daemon {
         )
     }
 
-    async fn start_one(&self, name: &str) -> Result<serde_json::Value, ApiError> {
-        if lock(&self.disabled).contains(name) {
+    async fn start_one(&self, book: &mut Book, name: &str) -> Result<serde_json::Value, ApiError> {
+        if book.disabled.contains(name) {
             return Err(ApiError::conflict(format!(
                 "plugin {name} is disabled; run `plugctl enable {name}` first"
             )));
@@ -631,14 +647,14 @@ impl Daemon {
         if self.sup.get(name).is_some() {
             self.sup.start(name).await.map_err(|e| e.to_string())?;
         } else {
-            let spec = self.spec(name)?;
-            self.sup.load(spec).await.map_err(|e| {
-                lock(&self.start_errors).insert(name.to_string(), e.to_string());
-                e.to_string()
-            })?;
-            lock(&self.start_errors).remove(name);
+            let spec = book.spec_or_unknown(name)?;
+            if let Err(e) = self.sup.load(spec).await {
+                book.start_errors.insert(name.to_string(), e.to_string());
+                return Err(e.to_string().into());
+            }
+            book.start_errors.remove(name);
         }
-        self.status(Some(name))
+        self.status_in(book, Some(name))
     }
 
     /// Handles one control request.
@@ -646,56 +662,97 @@ impl Daemon {
         if let Err(e) = req.check() {
             return Reply::err(e);
         }
-        // Installs and jobs take the lock themselves, around their commit only.
-        let _op = if req.changes_plugins() { Some(self.ops.lock().await) } else { None };
-        let result: Result<serde_json::Value, ApiError> = match req {
-            Request::Status { name } => self.status(name.as_deref()),
-            Request::Start { name } => self.start_one(&name).await,
+        // A request that changes the plugin list runs as an operation of the book's task;
+        // installs and jobs send only their commit there.
+        let result = if req.changes_plugins() {
+            self.op(move |d, b| Box::pin(async move { d.change(b, req).await }))
+                .await
+                .and_then(|r| r)
+        } else {
+            self.read(req).await
+        };
+        Reply::from(result)
+    }
+
+    /// The requests that change the plugin list, as an operation of the book's task.
+    async fn change(&self, book: &mut Book, req: Request) -> Result<serde_json::Value, ApiError> {
+        match req {
+            Request::Start { name } => self.start_one(book, &name).await,
             Request::Stop { name } => match self.sup.get(&name) {
                 Some(_) => match self.sup.stop(&name).await {
-                    Ok(_) => self.status(Some(&name)),
+                    Ok(_) => self.status_in(book, Some(&name)),
                     Err(e) => Err(e.to_string().into()),
                 },
-                None => self.spec(&name).and_then(|_| self.status(Some(&name))),
+                None => book.spec_or_unknown(&name).and_then(|_| self.status_in(book, Some(&name))),
             },
             Request::Restart { name } => {
                 if self.sup.get(&name).is_some() {
                     let _ = self.sup.stop(&name).await;
                 }
-                self.start_one(&name).await
+                self.start_one(book, &name).await
             }
             Request::Reload => {
-                Ok(serde_json::to_value(self.reload_locked().await).unwrap_or_default())
+                Ok(serde_json::to_value(self.reload_in(book).await).unwrap_or_default())
             }
-            Request::Enable { name } => match self.spec(&name) {
+            Request::Enable { name } => match book.spec_or_unknown(&name) {
                 Err(e) => Err(e),
                 Ok(_) => {
-                    lock(&self.disabled).remove(&name);
-                    match self.persist_disabled() {
+                    book.disabled.remove(&name);
+                    match self.persist_disabled(book) {
                         Err(e) => Err(e.into()),
-                        Ok(()) => self.start_one(&name).await,
+                        Ok(()) => self.start_one(book, &name).await,
                     }
                 }
             },
-            Request::Disable { name } => match self.spec(&name) {
+            Request::Disable { name } => match book.spec_or_unknown(&name) {
                 Err(e) => Err(e),
                 Ok(_) => {
-                    lock(&self.disabled).insert(name.clone());
+                    book.disabled.insert(name.clone());
                     if self.sup.get(&name).is_some() {
                         let _ = self.sup.unload(&name).await;
                     }
-                    self.persist_disabled()
+                    self.persist_disabled(book)
                         .map_err(ApiError::from)
-                        .and_then(|_| self.status(Some(&name)))
+                        .and_then(|_| self.status_in(book, Some(&name)))
                 }
             },
-            Request::Call { name, method, json } => self.call(&name, &method, json).await,
             Request::Update { name, version: None, force, dry_run } => {
-                self.update_one(&name, force, dry_run).await
+                self.update_one(book, &name, force, dry_run).await
             }
             Request::Update { name, version: Some(v), force, dry_run } => {
-                self.switch_version(&name, &v, force, dry_run).await
+                self.switch_version(book, &name, &v, force, dry_run).await
             }
+            Request::Rollback { name, version } => {
+                let (all, current) = crate::install::versions(&self.installed_root(), &name);
+                let target = match version {
+                    Some(v) => Some(v),
+                    None => all
+                        .iter()
+                        .rev()
+                        .find(|v| Some(*v) < current.as_ref())
+                        .map(|v| v.to_string()),
+                };
+                match target {
+                    Some(v) => self.switch_version(book, &name, &v, false, false).await,
+                    None => Err(ApiError::not_found(format!(
+                        "{name} has no installed version below the current one to roll back to"
+                    ))),
+                }
+            }
+            Request::Uninstall { name, version, purge } => {
+                self.uninstall(book, &name, version.as_deref(), purge).await
+            }
+            other => Err(ApiError::bad_request(format!(
+                "{other:?} does not change plugins; it was sent to the wrong place"
+            ))),
+        }
+    }
+
+    /// The requests that read, call, or start a job of their own.
+    async fn read(&self, req: Request) -> Result<serde_json::Value, ApiError> {
+        match req {
+            Request::Status { name } => self.status(name.as_deref()),
+            Request::Call { name, method, json } => self.call(&name, &method, json).await,
             Request::InstallPlan { source } => self.install_plan(&source).await,
             Request::Install { source, force, enable } => {
                 // The same job machinery as HTTP installs, waited for here.
@@ -756,26 +813,6 @@ impl Daemon {
                 }
             },
             Request::Versions { name } => self.versions(&name),
-            Request::Rollback { name, version } => {
-                let (all, current) = crate::install::versions(&self.installed_root(), &name);
-                let target = match version {
-                    Some(v) => Some(v),
-                    None => all
-                        .iter()
-                        .rev()
-                        .find(|v| Some(*v) < current.as_ref())
-                        .map(|v| v.to_string()),
-                };
-                match target {
-                    Some(v) => self.switch_version(&name, &v, false, false).await,
-                    None => Err(ApiError::not_found(format!(
-                        "{name} has no installed version below the current one to roll back to"
-                    ))),
-                }
-            }
-            Request::Uninstall { name, version, purge } => {
-                self.uninstall(&name, version.as_deref(), purge).await
-            }
             Request::Logs { name, n, since_ms, since_seq } => match self.sup.get(&name) {
                 Some(h) => {
                     let lines: Vec<_> = match since_seq {
@@ -796,28 +833,32 @@ impl Daemon {
                 "generation": self.generation.load(std::sync::atomic::Ordering::Relaxed),
                 "version": env!("CARGO_PKG_VERSION"),
             })),
-        };
-        Reply::from(result)
+            other => Err(ApiError::bad_request(format!(
+                "{other:?} changes plugins; it was sent to the wrong place"
+            ))),
+        }
     }
 
     /// Re-reads one plugin's folder and hot-swaps the running instance to it.
     async fn update_one(
         &self,
+        book: &mut Book,
         name: &str,
         force: bool,
         dry_run: bool,
     ) -> Result<serde_json::Value, ApiError> {
-        let path = lock(&self.known)
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, k)| k.spec.manifest_path.clone());
-        let path = path.ok_or_else(|| self.unknown(name))?;
-        self.update_from(name, &path, force, dry_run).await
+        let path = book.spec_or_unknown(name)?.manifest_path;
+        self.update_from(book, name, &path, force, dry_run).await
     }
 
     /// What would change, and which `requires` would break, if `name` became `new`.
-    fn update_plan(&self, name: &str, new: &PluginSpec) -> (serde_json::Value, Vec<String>) {
-        let known = lock(&self.known);
+    fn update_plan(
+        &self,
+        book: &Book,
+        name: &str,
+        new: &PluginSpec,
+    ) -> (serde_json::Value, Vec<String>) {
+        let known = &book.known;
         let old = known.iter().find(|(n, _)| n == name).map(|(_, k)| k.spec.clone());
         let version = &new.manifest.version;
         let mut problems = Vec::new();
@@ -913,14 +954,14 @@ impl Daemon {
     /// Hot-swaps `name` to the manifest at `path` (after checking `requires`, unless forced).
     async fn update_from(
         &self,
+        book: &mut Book,
         name: &str,
         path: &Path,
         force: bool,
         dry_run: bool,
     ) -> Result<serde_json::Value, ApiError> {
-        let defaults = lock(&self.config).defaults.clone();
-        let spec =
-            PluginSpec::from_manifest_with_defaults(path, &defaults).map_err(|e| e.to_string())?;
+        let spec = PluginSpec::from_manifest_with_defaults(path, &book.config.defaults)
+            .map_err(|e| e.to_string())?;
         if spec.name() != name {
             return Err(ApiError::conflict(format!(
                 "{} now names the plugin {:?}; use `plugctl reload` to pick up a rename",
@@ -928,7 +969,7 @@ impl Daemon {
                 spec.name()
             )));
         }
-        let (plan, problems) = self.update_plan(name, &spec);
+        let (plan, problems) = self.update_plan(book, name, &spec);
         if dry_run {
             return Ok(plan);
         }
@@ -943,16 +984,16 @@ impl Daemon {
                 "plugin {name} is not running; `plugctl start {name}` runs the new version"
             )));
         }
-        let fp = self.fingerprint_of(&spec);
+        let fp = self.fingerprint_of(book, &spec);
         self.sup.update(spec.clone()).await.map_err(|e| e.to_string())?;
         // Keep the manifest path the plugin was known by (`current/…` for installed ones).
-        if let Some((_, k)) = lock(&self.known).iter_mut().find(|(n, _)| n == name) {
+        if let Some((_, k)) = book.known.iter_mut().find(|(n, _)| n == name) {
             let keep = k.spec.manifest_path.clone();
             let mut spec = spec;
             spec.manifest_path = keep;
             *k = Known { spec, fingerprint: fp };
         }
-        self.status(Some(name))
+        self.status_in(book, Some(name))
     }
 
     async fn call(
@@ -1008,7 +1049,7 @@ impl Daemon {
 
     /// Where archives uploaded over HTTP wait for their install job.
     pub fn uploads_dir(&self) -> PathBuf {
-        lock(&self.config).state_dir.join("uploads")
+        self.state_dir.join("uploads")
     }
 
     /// The handle of a loaded plugin (for streaming calls over HTTP).

@@ -144,7 +144,7 @@ pub(super) async fn upgrade(
     }
     // An update, uninstall or install commit running as a background job finishes first
     // (held until the exec, or dropped if the upgrade gives up): nothing is frozen halfway.
-    let _op = daemon.ops.lock().await;
+    let _paused = daemon.ops.pause().await;
     // 3. Every Ready plugin finishes its in-flight calls and is handed over.
     let stopped: Vec<String> = daemon
         .sup
@@ -156,7 +156,9 @@ pub(super) async fn upgrade(
     let frozen = daemon.sup.freeze().await;
     let mut plugins = Vec::new();
     let mut keep: Vec<OwnedFd> = Vec::new();
-    let manifests: BTreeMap<String, PathBuf> = lock(&daemon.known)
+    let manifests: BTreeMap<String, PathBuf> = daemon
+        .book()
+        .known
         .iter()
         .map(|(n, k)| (n.clone(), k.spec.manifest_path.clone()))
         .collect();
@@ -208,7 +210,7 @@ pub(super) async fn upgrade(
         connections,
         http_listener: http.as_deref().map(|h| h.listener_fd().as_raw_fd()),
     };
-    let state_dir = lock(&daemon.config).state_dir.clone();
+    let state_dir = daemon.state_dir.clone();
     let file = state_dir.join("upgrade.json");
     let written = std::fs::create_dir_all(&state_dir)
         .and_then(|_| std::fs::write(&file, serde_json::to_vec(&handover).unwrap_or_default()));
