@@ -48,6 +48,11 @@ fn plugctl_drives_a_running_daemon() {
     let out = d.ctl(&["call", "echo", "nope"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown method"));
+    // A per-call cfg reaches a Rust plugin's handler (`ctx.cfg`); without one it gets None.
+    let out = d.ctl(&["call", "echo", "cfg_len", r#""api_key""#, "--cfg", r#"{"api_key":"abcd"}"#]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "4", "{out:?}");
+    let out = d.ctl(&["call", "echo", "cfg_len", r#""api_key""#]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "null", "{out:?}");
     let out = d.ctl(&["call", "ghost", "x"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no plugin named ghost"));

@@ -42,7 +42,7 @@ greet = "plugd_demo_tools.greeting:Greeter"
     .unwrap();
     std::fs::write(
         pkg.join("plugd_demo_tools/greeting.py"),
-        "class Greeter:\n    def __init__(self, config=None):\n        self.greeting = (config or {}).get('greeting', 'hello')\n\n    def greet(self, who: str) -> str:\n        return '%s, %s' % (self.greeting, who)\n",
+        "import logging\n\nclass Greeter:\n    def __init__(self, config=None):\n        self.greeting = (config or {}).get('greeting', 'hello')\n\n    def greet(self, who: str) -> str:\n        return '%s, %s' % (self.greeting, who)\n\n    def search(self, query: str, *, cfg: dict | None = None) -> str:\n        \"\"\"Searches, with the caller's API key.\"\"\"\n        logging.info('searching for %s', query)\n        key = (cfg or {}).get('api_key')\n        return '%s: %s' % (query, 'key of %d chars' % len(key) if key else 'no key')\n",
     )
     .unwrap();
     let st = std::process::Command::new("python3")
@@ -86,17 +86,24 @@ const TOKEN: &str = "wheels-test-token-0123456789";
 
 /// POSTs `body` to plugd's HTTP API with the token: the JSON answer.
 fn post(port: u16, path: &str, body: &[u8]) -> serde_json::Value {
+    let (_, body) = post_with(port, path, &[], body);
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// POSTs `body` with the token and `headers`: the response's head and body.
+fn post_with(port: u16, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (String, String) {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/octet-stream\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).unwrap();
     s.write_all(body).unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"))
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.to_string(), body.to_string())
 }
 
 fn call(d: &Plugd, name: &str, method: &str, arg: &str) -> String {
@@ -157,6 +164,49 @@ fn a_wheel_with_two_entry_points_installs_as_two_plugins_from_a_file_and_a_url()
         "{err}"
     );
     assert_eq!(call(&d, "calc", "calls", "null"), "1", "only the valid call reached the plugin");
+
+    // A per-call cfg (an API key) reaches the handler beside the input, from plugctl (inline
+    // or from a file) and over HTTP (a header), and is written nowhere by plugd.
+    const SECRET: &str = "sk-live-0123456789abcdef";
+    let cfg = format!(r#"{{"api_key":"{SECRET}"}}"#);
+    let out = d.ctl(&["call", "greet", "search", "\"rust\"", "--cfg", &cfg]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "rust: key of 24 chars");
+    let cfg_file = src.path().join("cfg.json");
+    std::fs::write(&cfg_file, &cfg).unwrap();
+    let out =
+        d.ctl(&["call", "greet", "search", "\"py\"", "--cfg-file", cfg_file.to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "py: key of 24 chars");
+    assert_eq!(call(&d, "greet", "search", "\"no\""), "no: no key");
+    let (_, body) =
+        post_with(api, "/v1/plugins/greet/call/search", &[("X-Plugd-Cfg", &cfg)], b"\"web\"");
+    assert_eq!(body, r#""web: key of 24 chars""#);
+    // The cfg is not part of the described input; a cfg that is not JSON is refused
+    // without being quoted back.
+    let shown = d.json(&["show", "greet"]);
+    let search = shown[0]["methods"].as_array().unwrap().iter().find(|m| m["name"] == "search");
+    assert_eq!(search.unwrap()["input"], serde_json::json!({"type": "string"}));
+    let out = d.ctl(&["call", "greet", "search", "\"x\"", "--cfg", "{sk-live-broken"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("cfg of the call"), "{err}");
+    assert!(!err.contains("sk-live"), "the error quotes the cfg: {err}");
+    let logs = d.ctl(&["logs", "greet", "-n", "200"]);
+    let logs = String::from_utf8_lossy(&logs.stdout);
+    assert!(logs.contains("searching for rust"), "{logs}");
+    let metrics = {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", api)).unwrap();
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    };
+    assert!(metrics.contains("plugd_plugin_calls_total"), "{metrics}");
+    let plugd_log = std::fs::read_to_string(d.root.path().join("plugd.log")).unwrap();
+    for (place, text) in
+        [("plugin logs", &*logs), ("/metrics", &metrics), ("plugd's log", &plugd_log)]
+    {
+        assert!(!text.contains("sk-live"), "the secret is in {place}");
+    }
 
     // From a URL: the next version, installed beside the running one.
     let port = serve_file(v2.clone());

@@ -24,7 +24,7 @@ pub use message::{
     Call, CallError, ErrorCode, Hello, LogLevel, LogRecord, Message, OwnStatus, Payload,
     PayloadCodec, PluginCall, Reply, Side, Welcome, PLUGD_LOG, PLUGD_STATUS, PLUGIN_CALL,
 };
-pub use version::{negotiate, MAGIC, PROTO_HOST_CALLS, PROTO_MAX, PROTO_MIN};
+pub use version::{negotiate, MAGIC, PROTO_CALL_CFG, PROTO_HOST_CALLS, PROTO_MAX, PROTO_MIN};
 
 /// The one rule for a plugin name, wherever a name comes from (a manifest, a control
 /// request, an HTTP path): 1-64 lowercase letters, digits, `-` or `_` — so a name can

@@ -88,6 +88,15 @@ pub enum Message {
         /// The text.
         message: String,
     },
+    /// Tag 15, supervisor → plugin, from protocol 3 ([`crate::PROTO_CALL_CFG`]): a `Call`
+    /// that carries the caller's per-call configuration (an API key, say) beside its
+    /// argument. Answered like a `Call`.
+    CallCfg {
+        /// The call, as a `Call` carries it.
+        call: Call,
+        /// The caller's configuration for this one call (JSON by convention).
+        cfg: Payload,
+    },
 }
 
 impl Message {
@@ -105,6 +114,9 @@ impl Message {
                     | Message::Chunk { .. }
                     | Message::Cancel { .. }
             );
+        if matches!(self, Message::CallCfg { .. }) {
+            return proto >= crate::PROTO_CALL_CFG && side == Side::Supervisor;
+        }
         // A plugin that cannot start says why with Reject (PROTOCOL.md 5.2).
         let load_failed = proto >= crate::PROTO_HOST_CALLS
             && side == Side::Plugin
@@ -127,6 +139,7 @@ impl Message {
             Message::Welcome(_)
             | Message::Reject { .. }
             | Message::Call(_)
+            | Message::CallCfg { .. }
             | Message::Cancel { .. }
             | Message::Ping { .. }
             | Message::Shutdown { .. } => Side::Supervisor,
@@ -152,6 +165,7 @@ impl Message {
             Message::State { .. } => "State",
             Message::Goodbye => "Goodbye",
             Message::Log { .. } => "Log",
+            Message::CallCfg { .. } => "CallCfg",
         }
     }
 }

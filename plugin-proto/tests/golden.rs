@@ -134,6 +134,19 @@ fn vectors() -> Vec<(&'static str, Message)> {
                 result: Ok(Payload::raw(PayloadCodec::Json, b"\"filled\"".to_vec())),
             }),
         ),
+        // Version 3: a call with the caller's per-call configuration.
+        (
+            "call_cfg",
+            Message::CallCfg {
+                call: Call {
+                    id: 5,
+                    method: "search".into(),
+                    deadline_us: 0,
+                    payload: Payload::raw(PayloadCodec::Json, b"\"q\"".to_vec()),
+                },
+                cfg: Payload::raw(PayloadCodec::Json, b"{\"key\":\"k\"}".to_vec()),
+            },
+        ),
     ]
 }
 

@@ -57,12 +57,27 @@ pub struct Ctx<'a> {
     pub(crate) io: &'a mut Io,
     /// When the supervisor stops waiting for the call being served (None: no deadline).
     pub(crate) deadline: Option<Instant>,
+    /// The caller's configuration for the call being served (protocol 3's `CallCfg`).
+    pub(crate) cfg: Option<Payload>,
 }
 
 impl Ctx<'_> {
     /// When the supervisor stops waiting for the call being served, if it set a deadline.
     pub fn deadline(&self) -> Option<Instant> {
         self.deadline
+    }
+
+    /// The caller's configuration for the call being served (an API key, say), decoded
+    /// as `T`; None when the caller sent none. Keep secrets in it out of your logs.
+    pub fn cfg<T: DeserializeOwned>(&self) -> Option<Result<T, CallError>> {
+        self.cfg.as_ref().map(|p| {
+            p.decode().map_err(|e| {
+                CallError::new(
+                    ErrorCode::BadPayload,
+                    format!("the call's cfg does not decode: {e}"),
+                )
+            })
+        })
     }
 
     /// Calls the host's `method` with a bincode-encoded argument and decodes its answer.

@@ -126,7 +126,7 @@ mod tests {
         p: &Payload,
     ) -> Result<Payload, CallError> {
         let mut io = crate::ctx::Io::detached();
-        let mut ctx = Ctx { io: &mut io, deadline: None };
+        let mut ctx = Ctx { io: &mut io, deadline: None, cfg: None };
         m.dispatch(acc, &mut ctx, method, p)
     }
 

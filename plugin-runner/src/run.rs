@@ -317,10 +317,15 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
             }
         };
         match msg {
-            Message::Call(call) => {
+            Message::Call(_) | Message::CallCfg { .. } => {
+                let (call, cfg) = match msg {
+                    Message::CallCfg { call, cfg } => (call, Some(cfg)),
+                    Message::Call(call) => (call, None),
+                    _ => continue,
+                };
                 let deadline = (call.deadline_us > 0)
                     .then(|| Instant::now() + Duration::from_micros(call.deadline_us));
-                let mut ctx = Ctx { io: &mut io, deadline };
+                let mut ctx = Ctx { io: &mut io, deadline, cfg };
                 let result = run_handler(
                     &mut methods,
                     &mut plugin,
@@ -335,7 +340,7 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
                 plugin.restore_state(&payload.data);
             }
             Message::Notify { method, payload } if methods.has(&method) => {
-                let mut ctx = Ctx { io: &mut io, deadline: None };
+                let mut ctx = Ctx { io: &mut io, deadline: None, cfg: None };
                 let _ =
                     run_handler(&mut methods, &mut plugin, &mut ctx, &method, &payload, &options);
             }

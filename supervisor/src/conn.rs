@@ -32,7 +32,9 @@ use nix::errno::Errno;
 use nix::sys::socket::MsgFlags;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use plugin_proto::frame::encode_frame;
-use plugin_proto::{Call, CallError, ErrorCode, Message, Payload, Reply, PROTO_HOST_CALLS};
+use plugin_proto::{
+    Call, CallError, ErrorCode, Message, Payload, Reply, PROTO_CALL_CFG, PROTO_HOST_CALLS,
+};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::calls::{CallTable, Completed, Expired, Gate};
@@ -459,19 +461,35 @@ impl Conn {
     /// Starts a call and appends its frame to the write buffer, in one step under the
     /// table's lock: no Shutdown or hand-over can come between the two (see `calls`'
     /// model test).
+    #[allow(clippy::too_many_arguments)]
     fn begin(
         &self,
         t: &mut CallTable<Waiter>,
         waiter: Waiter,
         method: &str,
         payload: Payload,
+        cfg: Option<&Payload>,
         deadline_us: u64,
         probe: bool,
     ) -> Result<u64, NotSent> {
+        if cfg.is_some() && self.proto() < PROTO_CALL_CFG {
+            return Err(NotSent::Failed(CallError::new(
+                ErrorCode::BadPayload,
+                format!(
+                    "plugin {} speaks protocol {}, which has no per-call cfg (protocol {PROTO_CALL_CFG} has); rebuild it with a current SDK, or call {method} without cfg",
+                    self.name,
+                    self.proto()
+                ),
+            )));
+        }
         let Ok(id) = t.begin_as(waiter, probe) else {
             return Err(NotSent::Closing(payload));
         };
-        let msg = Message::Call(Call { id, method: method.to_string(), deadline_us, payload });
+        let call = Call { id, method: method.to_string(), deadline_us, payload };
+        let msg = match cfg {
+            None => Message::Call(call),
+            Some(cfg) => Message::CallCfg { call, cfg: cfg.clone() },
+        };
         if let Err(e) = encode_frame(&msg, &mut self.out.lock().bytes) {
             t.abandon(id);
             return Err(NotSent::Failed(CallError::new(
@@ -557,7 +575,19 @@ impl Conn {
         deadline: Option<Instant>,
         chunks: Option<mpsc::UnboundedSender<Payload>>,
     ) -> Result<Result<Payload, CallError>, NotSent> {
-        self.call_as(method, payload, deadline, chunks, false).await
+        self.call_as(method, payload, None, deadline, chunks, false).await
+    }
+
+    /// [`Conn::call`] with the caller's per-call configuration (protocol 3's `CallCfg`).
+    pub async fn call_cfg(
+        &self,
+        method: &str,
+        payload: Payload,
+        cfg: &Payload,
+        deadline: Option<Instant>,
+        chunks: Option<mpsc::UnboundedSender<Payload>>,
+    ) -> Result<Result<Payload, CallError>, NotSent> {
+        self.call_as(method, payload, Some(cfg), deadline, chunks, false).await
     }
 
     /// plugd's own health check of this instance: a call that is not held back while a
@@ -568,7 +598,7 @@ impl Conn {
         payload: Payload,
         deadline: Instant,
     ) -> Result<Payload, CallError> {
-        match self.call_as(method, payload, Some(deadline), None, true).await {
+        match self.call_as(method, payload, None, Some(deadline), None, true).await {
             Ok(answer) => answer,
             Err(NotSent::Failed(e)) => Err(e),
             Err(NotSent::Closing(_)) => Err(self.gone("it is stopping")),
@@ -579,6 +609,7 @@ impl Conn {
         &self,
         method: &str,
         payload: Payload,
+        cfg: Option<&Payload>,
         deadline: Option<Instant>,
         chunks: Option<mpsc::UnboundedSender<Payload>>,
         probe: bool,
@@ -590,7 +621,7 @@ impl Conn {
                 if t.gate() != Gate::Held || probe {
                     let deadline_us = self.deadline_us(deadline, Instant::now())?;
                     let waiter = Waiter::Async { reply: tx, chunks };
-                    break self.begin(&mut t, waiter, method, payload, deadline_us, probe)?;
+                    break self.begin(&mut t, waiter, method, payload, cfg, deadline_us, probe)?;
                 }
             }
             self.wait_released(deadline).await?;
@@ -693,7 +724,7 @@ impl Conn {
         let id = {
             let mut t = self.table.lock();
             let deadline_us = self.deadline_us(deadline, now)?;
-            self.begin(&mut t, Waiter::Blocking, method, payload, deadline_us, false)?
+            self.begin(&mut t, Waiter::Blocking, method, payload, None, deadline_us, false)?
         };
         self.engine_calls.fetch_add(1, Ordering::Relaxed);
         Ok(match self.send_now() {

@@ -309,7 +309,25 @@ impl PluginHandle {
         chunks: Option<mpsc::UnboundedSender<Payload>>,
     ) -> Result<Payload, CallError> {
         let t0 = Instant::now();
-        let result = self.route(method, payload, deadline, chunks).await;
+        let result = self.route(method, payload, None, deadline, chunks).await;
+        self.account(t0.elapsed(), &result);
+        result
+    }
+
+    /// [`PluginHandle::call_streaming`] with the caller's configuration for this one call
+    /// (`cfg`: an API key, say; JSON by convention), which the plugin's handler receives
+    /// beside its argument. plugd never logs it. A plugin built with an SDK older than
+    /// protocol 3 cannot take it: the call fails with `BadPayload`, saying so.
+    pub async fn call_configured(
+        &self,
+        method: &str,
+        payload: Payload,
+        cfg: Payload,
+        deadline: Deadline,
+        chunks: Option<mpsc::UnboundedSender<Payload>>,
+    ) -> Result<Payload, CallError> {
+        let t0 = Instant::now();
+        let result = self.route(method, payload, Some(&cfg), deadline, chunks).await;
         self.account(t0.elapsed(), &result);
         result
     }
@@ -325,6 +343,7 @@ impl PluginHandle {
         &self,
         method: &str,
         payload: Payload,
+        cfg: Option<&Payload>,
         deadline: Deadline,
         chunks: Option<mpsc::UnboundedSender<Payload>>,
     ) -> Result<Payload, CallError> {
@@ -335,7 +354,11 @@ impl PluginHandle {
             let Some(conn) = self.shared.route.load_full() else {
                 break;
             };
-            match conn.call(method, payload, deadline, chunks.clone()).await {
+            let sent = match cfg {
+                None => conn.call(method, payload, deadline, chunks.clone()).await,
+                Some(cfg) => conn.call_cfg(method, payload, cfg, deadline, chunks.clone()).await,
+            };
+            match sent {
                 Ok(answer) => return answer,
                 Err(NotSent::Failed(e)) => return Err(e),
                 Err(NotSent::Closing(p)) => {

@@ -175,6 +175,10 @@ pub enum Request {
         method: String,
         /// The argument, as JSON text.
         json: String,
+        /// The caller's configuration for this one call (JSON text: an API key, say),
+        /// handed to the handler beside the argument and never logged.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cfg: Option<Secret>,
     },
     /// A plugin's recent log lines.
     Logs {
@@ -450,6 +454,30 @@ impl LatencyView {
     }
 }
 
+/// Text that must not be shown: a call's `cfg` (API keys). Its `Debug` hides it; the
+/// serialized form is the plain string (the control socket and HTTP carry it as sent).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `text`.
+    pub fn new(text: impl Into<String>) -> Secret {
+        Secret(text.into())
+    }
+
+    /// The text itself, for the one place that hands it on.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret(<{} bytes, not shown>)", self.0.len())
+    }
+}
+
 impl Request {
     /// True for requests that change which plugins run or how: the daemon runs them one
     /// at a time. Installs are not listed: they fetch and build unlocked, then commit locked.
@@ -557,7 +585,17 @@ mod tests {
     fn requests_are_json_lines_with_a_cmd_tag() {
         let r: Request =
             serde_json::from_str(r#"{"cmd":"call","name":"e","method":"m","json":"1"}"#).unwrap();
-        assert_eq!(r, Request::Call { name: "e".into(), method: "m".into(), json: "1".into() });
+        assert_eq!(
+            r,
+            Request::Call { name: "e".into(), method: "m".into(), json: "1".into(), cfg: None }
+        );
+        let r: Request = serde_json::from_str(
+            r#"{"cmd":"call","name":"e","method":"m","json":"1","cfg":"{\"key\":\"s3cret\"}"}"#,
+        )
+        .unwrap();
+        let Request::Call { cfg: Some(cfg), .. } = &r else { panic!("{r:?}") };
+        assert_eq!(cfg.expose(), r#"{"key":"s3cret"}"#);
+        assert!(!format!("{r:?}").contains("s3cret"), "a secret in Debug output: {r:?}");
         let r: Request = serde_json::from_str(r#"{"cmd":"status"}"#).unwrap();
         assert_eq!(r, Request::Status { name: None });
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"format_disk"}"#).is_err());

@@ -26,7 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use crate::control::{ErrorKind, Reply, Request, StatusEntry};
+use crate::control::{ErrorKind, Reply, Request, Secret, StatusEntry};
 use crate::daemon::Daemon;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
@@ -504,10 +504,16 @@ impl futures_core::Stream for EventStream {
 
 /// `?stream=true` on a call: each piece the plugin streams is a `chunk` event, then the
 /// `reply` (or `error`) event ends the stream.
-async fn call_streamed(api: &Api, name: String, method: String, json: String) -> Response {
-    let Some(handle) = api.daemon.plugin(&name) else {
+async fn call_streamed(
+    api: &Api,
+    name: String,
+    method: String,
+    json: String,
+    cfg: Option<Secret>,
+) -> Response {
+    if api.daemon.plugin(&name).is_none() {
         return reply_to_response(api.daemon.handle(Request::Status { name: Some(name) }).await);
-    };
+    }
     let (chunk_tx, mut chunk_rx) = tokio::sync::mpsc::unbounded_channel::<supervisor::Payload>();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
     let as_json = |p: &supervisor::Payload| match p.codec {
@@ -516,10 +522,10 @@ async fn call_streamed(api: &Api, name: String, method: String, json: String) ->
             serde_json::json!({ "bincode_bytes": p.data.len() }).to_string()
         }
     };
+    let daemon = api.daemon.clone();
     tokio::spawn(async move {
-        let payload = supervisor::Payload::raw(supervisor::PayloadCodec::Json, json.into_bytes());
-        let call =
-            handle.call_streaming(&method, payload, supervisor::Deadline::Default, Some(chunk_tx));
+        // The same path as a plain call (schema check, cfg), with the pieces sent on.
+        let call = daemon.call(&name, &method, json, cfg, Some(chunk_tx));
         tokio::pin!(call);
         let result = loop {
             tokio::select! {
@@ -534,10 +540,10 @@ async fn call_streamed(api: &Api, name: String, method: String, json: String) ->
             let _ = tx.send(Event::default().event("chunk").data(as_json(&chunk)));
         }
         let last = match result {
-            Ok(p) => Event::default().event("reply").data(as_json(&p)),
+            Ok(v) => Event::default().event("reply").data(v.to_string()),
             Err(e) => Event::default()
                 .event("error")
-                .data(serde_json::json!({ "error": e.to_string() }).to_string()),
+                .data(serde_json::json!({ "error": e.message, "kind": e.kind }).to_string()),
         };
         let _ = tx.send(last);
     });
@@ -550,12 +556,24 @@ struct CallQuery {
     stream: bool,
 }
 
+/// The header that carries a call's `cfg` (JSON: an API key, say). A header, not the
+/// query: URLs end up in access logs.
+pub const CFG_HEADER: &str = "x-plugd-cfg";
+
 async fn call(
     State(api): State<Arc<Api>>,
     Path((name, method)): Path<(String, String)>,
     Query(q): Query<CallQuery>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
+    let cfg = match headers.get(CFG_HEADER).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(text)) => Some(Secret::new(text)),
+        Some(Err(_)) => {
+            return failure(ErrorKind::BadRequest, format!("the {CFG_HEADER} header is not text"))
+        }
+    };
     let json = match std::str::from_utf8(&body) {
         Ok(t) if t.trim().is_empty() => "null".to_string(),
         Ok(t) => t.to_string(),
@@ -568,9 +586,9 @@ async fn call(
         );
     }
     if q.stream {
-        return call_streamed(&api, name, method, json).await;
+        return call_streamed(&api, name, method, json, cfg).await;
     }
-    api.run(Request::Call { name, method, json }).await
+    api.run(Request::Call { name, method, json, cfg }).await
 }
 
 /// The query of a plugin action: `?dry_run=true` on `update` answers the plan (what

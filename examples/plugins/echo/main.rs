@@ -43,6 +43,13 @@ impl Plugin for Echo {
                 ctx.log(plugin_runner::LogLevel::Info, &text, &shown).map_err(|e| e.to_string())
             },
         );
+        // How long the value under `key` is in the call's cfg (None: no cfg, or no such
+        // key): the caller's per-call configuration reaches the handler.
+        m.with_ctx("cfg_len", |_, ctx, key: String| -> Result<Option<usize>, String> {
+            let cfg = ctx.cfg::<std::collections::BTreeMap<String, String>>();
+            let cfg = cfg.transpose().map_err(|e| e.message)?;
+            Ok(cfg.and_then(|c| c.get(&key).map(String::len)))
+        });
         m.typed("pid", |_, _: ()| -> Result<u32, String> { Ok(std::process::id()) });
         // Echo tagged with the version that answered (for hot-update tests).
         m.typed("tagged", |_, n: u64| -> Result<(u64, String), String> {

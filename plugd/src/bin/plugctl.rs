@@ -134,6 +134,13 @@ enum Cmd {
         /// The argument as JSON (default: null).
         #[arg(default_value = "null", value_name = "JSON")]
         arg: String,
+        /// Configuration for this one call, as JSON (an API key, say): the handler gets it
+        /// beside the argument; plugd never logs it.
+        #[arg(long, value_name = "JSON", conflicts_with = "cfg_file")]
+        cfg: Option<String>,
+        /// Like --cfg, read from FILE (keeps a secret out of the shell's history).
+        #[arg(long, value_name = "FILE")]
+        cfg_file: Option<std::path::PathBuf>,
     },
     /// Show a plugin's recent output and supervisor notes.
     Logs {
@@ -515,7 +522,23 @@ fn main() -> ExitCode {
         Cmd::Uninstall { name, version, purge } => Request::Uninstall { name, version, purge },
         Cmd::Enable { name } => Request::Enable { name },
         Cmd::Disable { name } => Request::Disable { name },
-        Cmd::Call { name, method, arg } => Request::Call { name, method, json: arg },
+        Cmd::Call { name, method, arg, cfg, cfg_file } => {
+            let cfg = match (cfg, cfg_file) {
+                (Some(text), _) => Some(text),
+                (None, Some(file)) => match std::fs::read_to_string(&file) {
+                    Ok(text) => Some(text),
+                    Err(e) => {
+                        eprintln!(
+                            "plugctl: cannot read the cfg file {}: {e}; check the path",
+                            file.display()
+                        );
+                        return ExitCode::from(2);
+                    }
+                },
+                (None, None) => None,
+            };
+            Request::Call { name, method, json: arg, cfg: cfg.map(plugd_control::Secret::new) }
+        }
         Cmd::Logs { ref name, n, .. } => {
             Request::Logs { name: name.clone(), n, since_ms: None, since_seq: None }
         }

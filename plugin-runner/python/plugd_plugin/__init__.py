@@ -203,7 +203,7 @@ class Plugin:
 
 @dataclasses.dataclass
 class _Handler:
-    fn: Callable[[Any], Any]
+    fn: Callable[..., Any]
     args: schema.Schema | None
     returns: schema.Schema | None
     # The annotated argument type: JSON arguments are converted to it (dataclasses, enums).
@@ -211,6 +211,8 @@ class _Handler:
     # The annotated result type, and the first line of the docstring (`plugd.describe`).
     ret_type: Any = None
     doc: str | None = None
+    # Whether the function takes the caller's per-call configuration as ``cfg=``.
+    wants_cfg: bool = False
 
 
 def _from_hints(fn: Callable[..., Any], args: schema.Schema | None,
@@ -220,8 +222,11 @@ def _from_hints(fn: Callable[..., Any], args: schema.Schema | None,
         hints = typing.get_type_hints(fn, include_extras=True)
     except Exception:  # unresolvable forward references: JSON only, as without hints
         hints = {}
-    params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+    all_params = inspect.signature(fn).parameters
+    # ``cfg`` is the caller's per-call configuration, not part of the method's input.
+    params = [p for p in all_params.values() if p.name not in ("self", "cfg")]
     arg_type = hints.get(params[0].name) if params else None
+    wants_cfg = "cfg" in all_params
 
     def schema_of(tp: Any) -> schema.Schema | None:
         if tp is None:
@@ -236,7 +241,8 @@ def _from_hints(fn: Callable[..., Any], args: schema.Schema | None,
     if returns is None and not inspect.isgeneratorfunction(fn):
         returns = schema_of(hints.get("return"))
     doc = (inspect.getdoc(fn) or "").strip().splitlines()
-    return _Handler(fn, args, returns, arg_type, hints.get("return"), doc[0] if doc else None)
+    return _Handler(fn, args, returns, arg_type, hints.get("return"), doc[0] if doc else None,
+                    wants_cfg)
 
 
 def _describe(handlers: dict[str, _Handler]) -> list[dict[str, Any]]:
@@ -531,6 +537,15 @@ def _decode_arg(payload: Payload, h: _Handler) -> Any:
                      "plugd_plugin.schema types, to accept bincode calls")
 
 
+def _decode_cfg(call: wire.Call) -> Any:
+    """The caller's per-call configuration (None without one); JSON only."""
+    if not isinstance(call, wire.CallCfg):
+        return None
+    if call.cfg.codec != CODEC_JSON:
+        raise ValueError("its cfg is not JSON (the Python SDK takes JSON cfg only)")
+    return json.loads(call.cfg.data.decode("utf-8")) if call.cfg.data else None
+
+
 def _encode(value: Any, codec: int, returns: schema.Schema | None) -> Payload:
     if codec == CODEC_JSON:
         text = json.dumps(schema.to_plain(value), separators=(",", ":"))
@@ -570,10 +585,11 @@ def _start_call(conn: _Connection, handlers: dict[str, _Handler],
                          "no method %r in this plugin (it has: %s)" % (call.method, known))
     try:
         arg = _decode_arg(call.payload, h)
+        cfg = _decode_cfg(call)
     except Exception as e:
         return CallError(ErrorCode.BAD_PAYLOAD, "argument of %s: %s" % (call.method, e))
     try:
-        result = h.fn(arg)
+        result = h.fn(arg, cfg=cfg) if h.wants_cfg else h.fn(arg)
         if inspect.isawaitable(result) or isinstance(result, types.AsyncGeneratorType):
             return h, result
         if isinstance(result, types.GeneratorType):

@@ -32,17 +32,19 @@ _HOOKS = frozenset({"on_load", "on_start", "on_stop", "on_shutdown", "restore_st
                     "on_notify"})
 
 
-def _fit(fn: Callable[..., Any], *args: Any) -> Any:
+def _fit(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
     """Calls ``fn`` with as many of ``args`` as it takes (``on_load(self)`` or
-    ``on_load(self, config)``, a method with no argument or one)."""
+    ``on_load(self, config)``, a method with no argument or one), and ``kw`` (a call's
+    ``cfg``, only ever passed to a method that declares it)."""
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
-        return fn(*args)
+        return fn(*args, **kw)
     if any(p.kind == p.VAR_POSITIONAL for p in params):
-        return fn(*args)
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return fn(*args[:len(positional)])
+        return fn(*args, **kw)
+    positional = [p for p in params
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in kw]
+    return fn(*args[:len(positional)], **kw)
 
 
 def _served(cls: type) -> dict[str, tuple[str, Any, Any, Any]]:
@@ -89,22 +91,23 @@ class ClassPlugin(Plugin):
             if inspect.iscoroutinefunction(own):
                 setattr(self, hook, getattr(self, "_a" + hook))
 
-    def _delegate(self, attr: str, fn: Any, wants_ctx: bool) -> Callable[[Any], Any]:
+    def _delegate(self, attr: str, fn: Any, wants_ctx: bool) -> Callable[..., Any]:
+        # ``kw`` is the call's ``cfg``, passed only when the method declares it.
         def arg_of(arg: Any) -> Any:
             return Context(arg, self.host) if wants_ctx else arg
 
         if inspect.isasyncgenfunction(fn):
-            async def stream(arg: Any) -> Any:
-                async for piece in _fit(getattr(self.obj, attr), arg_of(arg)):
+            async def stream(arg: Any, **kw: Any) -> Any:
+                async for piece in _fit(getattr(self.obj, attr), arg_of(arg), **kw):
                     yield piece
             return stream
         if inspect.iscoroutinefunction(fn):
-            async def later(arg: Any) -> Any:
-                return await _fit(getattr(self.obj, attr), arg_of(arg))
+            async def later(arg: Any, **kw: Any) -> Any:
+                return await _fit(getattr(self.obj, attr), arg_of(arg), **kw)
             return later
 
-        def now(arg: Any) -> Any:
-            return _fit(getattr(self.obj, attr), arg_of(arg))
+        def now(arg: Any, **kw: Any) -> Any:
+            return _fit(getattr(self.obj, attr), arg_of(arg), **kw)
         return now
 
     def _make(self, config: dict[str, Any]) -> None:

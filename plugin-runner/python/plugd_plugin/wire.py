@@ -16,8 +16,9 @@ from typing import Any, Protocol, Union
 
 MAGIC = 0x4447_4C50  # "PLGD" little-endian
 PROTO_MIN = 1
-PROTO_MAX = 2  # 2: the plugin may call the host (PROTOCOL.md section 5.8)
+PROTO_MAX = 3  # 2: the plugin may call the host (section 5.8); 3: CallCfg (section 5.9)
 PROTO_HOST_CALLS = 2
+PROTO_CALL_CFG = 3
 
 #: The host method through which a plugin calls another plugin.
 PLUGIN_CALL = "plugd.call"
@@ -200,12 +201,20 @@ class Log:
     message: str
 
 
+@dataclass(frozen=True)
+class CallCfg(Call):
+    """Supervisor → plugin (protocol 3): a Call with the caller's per-call configuration
+    (JSON by convention; an API key, say). Served like a Call, which it is."""
+
+    cfg: Payload
+
+
 Message = Union[Hello, Welcome, Reject, Ready, Call, Reply, Chunk, Cancel, Notify, Ping, Pong,
-                Shutdown, State, Goodbye, Log]
+                Shutdown, State, Goodbye, Log, CallCfg]
 
 # The wire tag of a message is its index here: append only, never reorder.
 MESSAGES: list[type[Any]] = [Hello, Welcome, Reject, Ready, Call, Reply, Chunk, Cancel, Notify,
-                             Ping, Pong, Shutdown, State, Goodbye, Log]
+                             Ping, Pong, Shutdown, State, Goodbye, Log, CallCfg]
 
 # Field types, in order, of every message.
 FIELDS: dict[type[Any], tuple[str, ...]] = {
@@ -224,6 +233,7 @@ FIELDS: dict[type[Any], tuple[str, ...]] = {
     State: ("bytes",),
     Goodbye: (),
     Log: ("u8tag", "str"),
+    CallCfg: ("u64", "str", "u64", "payload", "payload"),
 }
 
 _WIDTH: dict[str, int] = {"u16": 16, "u32": 32, "u64": 64}

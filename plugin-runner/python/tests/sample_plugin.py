@@ -38,6 +38,12 @@ class Sample(Plugin):
     def on_shutdown(self):
         return str(self.count).encode()
 
+    @method
+    def keyed(self, query: str, *, cfg: dict | None = None) -> str:
+        """Uses the caller's per-call cfg: its key is not part of the input."""
+        key = (cfg or {}).get("key")
+        return "%s with %s" % (query, "a key of %d chars" % len(key) if key else "no key")
+
     @method()
     def greet(self, who):
         self.count += 1

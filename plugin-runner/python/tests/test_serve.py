@@ -86,10 +86,10 @@ class Serve(unittest.TestCase):
 
     def test_handshake(self):
         h = self.sup.hello
-        self.assertEqual((h.magic, h.proto_min, h.proto_max), (wire.MAGIC, 1, 2))
+        self.assertEqual((h.magic, h.proto_min, h.proto_max), (wire.MAGIC, 1, 3))
         self.assertEqual((h.name, h.version), ("sample", "1.2.3"))
         self.assertEqual(h.methods, ["add", "boom", "bumped", "count_to", "fail", "flip", "greet",
-                                     "order", "relay", "shout"])
+                                     "keyed", "order", "relay", "shout"])
         self.assertTrue(h.sdk.startswith("plugd-plugin-py/"))
         self.assertEqual(self.sup.ready, wire.Ready())
         # Before Ready, the methods described from their docstrings and type hints.
@@ -102,6 +102,23 @@ class Serve(unittest.TestCase):
         self.assertEqual(order["properties"]["qty"], {"type": "integer"})
         self.assertEqual(order["properties"]["price"], {"anyOf": [{"type": "number"}, {"type": "null"}]})
         self.assertEqual(described["shout"], {"name": "shout"})
+        # The per-call cfg is not part of the method's input.
+        self.assertEqual(described["keyed"]["input"], {"type": "string"})
+
+    def test_a_call_with_cfg_hands_it_to_the_handler_that_declares_it(self):
+        self.sup.send(wire.CallCfg(1, "keyed", 0, js("news"), js({"key": "s3cret"})))
+        self.assertEqual(self.sup.recv(), wire.Reply(1, js("news with a key of 6 chars")))
+        reply, _ = self.sup.call(2, "keyed", js("news"))
+        self.assertEqual(reply.result, js("news with no key"))
+        # A handler that takes no cfg is called without it.
+        self.sup.send(wire.CallCfg(3, "greet", 0, js("bob"), js({"key": "s3cret"})))
+        self.assertEqual(self.sup.recv(), wire.Reply(3, Payload(CODEC_JSON, b'"hi bob"')))
+        # A cfg that is not JSON is the caller's mistake, said as such.
+        self.sup.send(wire.CallCfg(4, "keyed", 0, js("x"), Payload(CODEC_BINCODE, b"\x01")))
+        reply = self.sup.recv()
+        self.assertEqual(reply.result.code, wire.BAD_PAYLOAD)
+        self.assertIn("cfg is not JSON", reply.result.message)
+        self.assertFalse(any("s3cret" in log.message for log in self.sup.logs), self.sup.logs)
 
     def test_calls_errors_streams_and_pings(self):
         reply, _ = self.sup.call(1, "greet", js("bob"))

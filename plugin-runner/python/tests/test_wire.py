@@ -29,6 +29,9 @@ EXPECTED = {
     "welcome_v2": wire.Welcome(2, "{}", 1000, 16777216, None),
     "host_call": wire.Call(1, "send_order", 500, Payload(CODEC_JSON, b'{"qty":1}')),
     "host_reply": wire.Reply(1, Payload(CODEC_JSON, b'"filled"')),
+    # Protocol version 3: a call with the caller's per-call configuration.
+    "call_cfg": wire.CallCfg(5, "search", 0, Payload(CODEC_JSON, b'"q"'),
+                             Payload(CODEC_JSON, b'{"key":"k"}')),
     "notify": wire.Notify("tick", Payload(CODEC_JSON, b"[]")),
     "ping": wire.Ping(7),
     "pong": wire.Pong(7),

@@ -752,7 +752,9 @@ impl Daemon {
     async fn read(&self, req: Request) -> Result<serde_json::Value, ApiError> {
         match req {
             Request::Status { name } => self.status(name.as_deref()),
-            Request::Call { name, method, json } => self.call(&name, &method, json).await,
+            Request::Call { name, method, json, cfg } => {
+                self.call(&name, &method, json, cfg, None).await
+            }
             Request::InstallPlan { source } => self.install_plan(&source).await,
             Request::Install { source, force, enable } => {
                 // The same job machinery as HTTP installs, waited for here.
@@ -996,11 +998,16 @@ impl Daemon {
         self.status_in(book, Some(name))
     }
 
-    async fn call(
+    /// Calls `method` of plugin `name` with a JSON argument (checked against the schema the
+    /// method described, if any) and the caller's `cfg`; pieces the plugin streams go to
+    /// `chunks`. The JSON result, or why not.
+    pub async fn call(
         &self,
         name: &str,
         method: &str,
         json: String,
+        cfg: Option<plugd_control::Secret>,
+        chunks: Option<tokio::sync::mpsc::UnboundedSender<Payload>>,
     ) -> Result<serde_json::Value, ApiError> {
         let input = match serde_json::from_str::<serde_json::Value>(&json) {
             Ok(v) => v,
@@ -1008,6 +1015,16 @@ impl Daemon {
                 return Err(ApiError::bad_request(format!("the argument is not valid JSON: {e}")))
             }
         };
+        // The cfg is checked for shape only; what it says is never put in an error or a log.
+        if let Some(cfg) = &cfg {
+            if let Err(e) = serde_json::from_str::<serde_json::Value>(cfg.expose()) {
+                return Err(ApiError::bad_request(format!(
+                    "the cfg of the call to {name}.{method} is not valid JSON (line {}, column {})",
+                    e.line(),
+                    e.column()
+                )));
+            }
+        }
         let h = self.sup.get(name).ok_or_else(|| match self.spec(name) {
             Ok(_) => {
                 ApiError::conflict(format!("plugin {name} is not running; `plugctl start {name}`"))
@@ -1024,18 +1041,19 @@ impl Daemon {
                 ))
             })?;
         }
-        let reply = h
-            .call_raw(
-                method,
-                Payload::raw(PayloadCodec::Json, json.into_bytes()),
-                Deadline::Default,
-            )
-            .await
-            .map_err(|e| match e.code {
-                // Not running or not ready: the daemon's state, not the plugin's answer.
-                ErrorCode::Unavailable => ApiError::conflict(e.to_string()),
-                _ => ApiError::plugin(e.to_string()),
-            })?;
+        let payload = Payload::raw(PayloadCodec::Json, json.into_bytes());
+        let reply = match cfg {
+            None => h.call_streaming(method, payload, Deadline::Default, chunks).await,
+            Some(cfg) => {
+                let cfg = Payload::raw(PayloadCodec::Json, cfg.expose().as_bytes().to_vec());
+                h.call_configured(method, payload, cfg, Deadline::Default, chunks).await
+            }
+        };
+        let reply = reply.map_err(|e| match e.code {
+            // Not running or not ready: the daemon's state, not the plugin's answer.
+            ErrorCode::Unavailable => ApiError::conflict(e.to_string()),
+            _ => ApiError::plugin(e.to_string()),
+        })?;
         match reply.codec {
             PayloadCodec::Json => serde_json::from_slice(&reply.data).map_err(|e| {
                 ApiError::plugin(format!("plugin {name} replied with invalid JSON: {e}"))
