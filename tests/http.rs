@@ -87,6 +87,17 @@ fn every_endpoint_answers_and_mutations_need_the_token() {
     assert_eq!(error["kind"], "not_found", "{body}");
     assert!(error["error"].as_str().unwrap().contains("no plugin named nope"), "{body}");
 
+    // MCP is off without [mcp], and says how to turn it on.
+    let (code, body) = http(
+        port,
+        "POST",
+        "/mcp",
+        Some(TOKEN),
+        br#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+    );
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("[mcp] expose"), "{body}");
+
     // Calls: JSON in, JSON out; only with the token.
     let (code, body) = http(port, "POST", "/v1/plugins/echo/call/echo", None, br#"{"hi":1}"#);
     assert_eq!(code, 401, "{body}");

@@ -42,7 +42,7 @@ greet = "plugd_demo_tools.greeting:Greeter"
     .unwrap();
     std::fs::write(
         pkg.join("plugd_demo_tools/greeting.py"),
-        "import logging\n\nclass Greeter:\n    def __init__(self, config=None):\n        self.greeting = (config or {}).get('greeting', 'hello')\n\n    def greet(self, who: str) -> str:\n        return '%s, %s' % (self.greeting, who)\n\n    def search(self, query: str, *, cfg: dict | None = None) -> str:\n        \"\"\"Searches, with the caller's API key.\"\"\"\n        logging.info('searching for %s', query)\n        key = (cfg or {}).get('api_key')\n        return '%s: %s' % (query, 'key of %d chars' % len(key) if key else 'no key')\n",
+        "import logging\n\nclass Greeter:\n    def __init__(self, config=None):\n        self.greeting = (config or {}).get('greeting', 'hello')\n\n    def greet(self, who: str) -> str:\n        return '%s, %s' % (self.greeting, who)\n\n    def search(self, query: str, *, cfg: dict | None = None) -> str:\n        \"\"\"Searches, with the caller's API key.\"\"\"\n        logging.info('searching for %s', query)\n        key = (cfg or {}).get('api_key')\n        return '%s: %s' % (query, 'key of %d chars' % len(key) if key else 'no key')\n\n    def count(self, n: int):\n        \"\"\"Counts to n, a piece at a time.\"\"\"\n        for i in range(n):\n            yield i\n        return 'counted %d' % n\n",
     )
     .unwrap();
     let st = std::process::Command::new("python3")
@@ -106,6 +106,44 @@ fn post_with(port: u16, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (S
     (head.to_string(), body.to_string())
 }
 
+/// One MCP JSON-RPC request to `/mcp`, with the token unless `token` is None: the head and
+/// the body of the answer.
+fn mcp_raw(port: u16, token: Option<&str>, body: &str) -> (String, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(
+        s,
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\nMCP-Protocol-Version: 2025-06-18\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.to_string(), body.to_string())
+}
+
+/// One MCP request with the token: the JSON-RPC answer (from a JSON body, or the last
+/// `data:` event of a stream).
+fn mcp(port: u16, request: serde_json::Value) -> serde_json::Value {
+    let (head, body) = mcp_raw(port, Some(TOKEN), &request.to_string());
+    let lower = head.to_ascii_lowercase();
+    let json = if lower.contains("text/event-stream") {
+        body.lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .map(str::trim)
+            .rfind(|l| l.starts_with('{'))
+            .unwrap_or_default()
+            .to_string()
+    } else if lower.contains("transfer-encoding: chunked") {
+        // One chunk: its size line, then the JSON.
+        body.lines().nth(1).unwrap_or_default().to_string()
+    } else {
+        body.clone()
+    };
+    serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {head}\n\n{body}"))
+}
+
 fn call(d: &Plugd, name: &str, method: &str, arg: &str) -> String {
     let out = d.ctl(&["call", name, method, arg]);
     assert!(out.status.success(), "{name}.{method}: {}", String::from_utf8_lossy(&out.stderr));
@@ -126,7 +164,7 @@ fn a_wheel_with_two_entry_points_installs_as_two_plugins_from_a_file_and_a_url()
     std::fs::write(root.path().join("token"), format!("{TOKEN}\n")).unwrap();
     std::fs::write(
         root.path().join("extra.toml"),
-        format!("[http]\nlisten = \"127.0.0.1:{api}\"\ntoken_file = \"token\"\n"),
+        format!("[http]\nlisten = \"127.0.0.1:{api}\"\ntoken_file = \"token\"\n\n[mcp]\nexpose = [\"greet.*\", \"calc.add\"]\n"),
     )
     .unwrap();
     let d = Plugd::start_with(root, &[]);
@@ -207,6 +245,80 @@ fn a_wheel_with_two_entry_points_installs_as_two_plugins_from_a_file_and_a_url()
     {
         assert!(!text.contains("sk-live"), "the secret is in {place}");
     }
+
+    // MCP: the exposed methods as tools, over the streamable HTTP transport (JSON-RPC
+    // POSTs to /mcp), with the schemas; a method not exposed is neither listed nor called.
+    let (head, _) = mcp_raw(api, None, r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#);
+    assert!(head.starts_with("HTTP/1.1 401"), "MCP without the token: {head}");
+    let init = mcp(
+        api,
+        serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "plugd-test", "version": "1"}}}),
+    );
+    assert_eq!(init["result"]["serverInfo"]["name"], "plugd", "{init}");
+    assert!(init["result"]["capabilities"]["tools"].is_object(), "{init}");
+    let list = mcp(api, serde_json::json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}));
+    let tools = list["result"]["tools"].as_array().unwrap_or_else(|| panic!("{list}"));
+    let mut names: Vec<&str> = tools.iter().filter_map(|t| t["name"].as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["calc.add", "greet.count", "greet.greet", "greet.search"], "{list}");
+    let add = tools.iter().find(|t| t["name"] == "calc.add").unwrap();
+    assert_eq!(add["description"], "Adds two numbers.");
+    assert_eq!(
+        add["inputSchema"],
+        serde_json::json!({"type": "object", "required": ["input"],
+            "properties": {"input": {"type": "array", "items": {"type": "number"}}}})
+    );
+    let call_tool = |id: u64, name: &str, args: serde_json::Value, meta: serde_json::Value| {
+        let mut params = serde_json::json!({"name": name, "arguments": args});
+        if !meta.is_null() {
+            params["_meta"] = meta;
+        }
+        mcp(
+            api,
+            serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params}),
+        )
+    };
+    let r = call_tool(3, "calc.add", serde_json::json!({"input": [2, 3]}), serde_json::Value::Null);
+    assert_eq!(r["result"]["content"][0]["text"], "5", "{r}");
+    assert_ne!(r["result"]["isError"], true, "{r}");
+    // Through the normal path: the schema check refuses a bad input, as a tool error.
+    let r =
+        call_tool(4, "calc.add", serde_json::json!({"input": ["two", 3]}), serde_json::Value::Null);
+    assert_eq!(r["result"]["isError"], true, "{r}");
+    assert!(
+        r["result"]["content"][0]["text"].as_str().unwrap().contains("does not match its schema"),
+        "{r}"
+    );
+    // The cfg rides in _meta.
+    let meta = serde_json::json!({"plugd/cfg": {"api_key": SECRET}});
+    let r = call_tool(5, "greet.search", serde_json::json!({"input": "mcp"}), meta);
+    assert_eq!(r["result"]["content"][0]["text"], "mcp: key of 24 chars", "{r}");
+    // A streaming method streams as progress notifications, then its result.
+    let req = serde_json::json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {
+        "name": "greet.count", "arguments": {"input": 3}, "_meta": {"progressToken": "p1"}}});
+    let (head, body) = mcp_raw(api, Some(TOKEN), &req.to_string());
+    assert!(head.to_ascii_lowercase().contains("text/event-stream"), "{head}");
+    let events: Vec<serde_json::Value> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .filter_map(|l| serde_json::from_str(l.trim()).ok())
+        .collect();
+    let progress: Vec<&serde_json::Value> =
+        events.iter().filter(|e| e["method"] == "notifications/progress").collect();
+    let pieces: Vec<&str> =
+        progress.iter().filter_map(|e| e["params"]["message"].as_str()).collect();
+    assert_eq!(pieces, ["0", "1", "2"], "{body}");
+    assert!(progress.iter().all(|e| e["params"]["progressToken"] == "p1"), "{body}");
+    let last = events.last().unwrap();
+    assert_eq!(last["id"], 7, "{body}");
+    assert_eq!(last["result"]["content"][0]["text"], "counted 3", "{body}");
+    // Not exposed: not callable either.
+    let before = call(&d, "calc", "calls", "null");
+    let r = call_tool(6, "calc.release", serde_json::json!({}), serde_json::Value::Null);
+    assert!(r["error"]["message"].as_str().is_some_and(|m| m.contains("no tool named")), "{r}");
+    assert_eq!(call(&d, "calc", "calls", "null"), before, "the unexposed tool did not run");
 
     // From a URL: the next version, installed beside the running one.
     let port = serve_file(v2.clone());

@@ -57,6 +57,8 @@ pub struct DaemonConfig {
     pub source: Option<PathBuf>,
     /// `[http]`: the admin API, if enabled.
     pub http: Option<crate::http::HttpConfig>,
+    /// `[mcp]`: plugin methods served as Model Context Protocol tools on the HTTP API.
+    pub mcp: Option<crate::mcp::McpConfig>,
     /// `[install]`: the keys trusted to sign plugins, and whether installs must be signed.
     pub trust: crate::signing::Trust,
     /// `[[instances]]`: plugins run under other names with their own config (the plugin
@@ -74,6 +76,7 @@ struct RawConfig {
     #[serde(default)]
     defaults: toml::Table,
     http: Option<RawHttp>,
+    mcp: Option<RawMcp>,
     #[serde(default)]
     install: RawInstall,
     #[serde(default)]
@@ -98,6 +101,14 @@ struct RawInstall {
     trusted_keys: Vec<String>,
     #[serde(default)]
     require_signatures: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMcp {
+    expose: Vec<String>,
+    #[serde(default)]
+    allowed_hosts: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -174,6 +185,7 @@ impl DaemonConfig {
             defaults: toml::toml! { [python] network = "host" },
             source: None,
             http: None,
+            mcp: None,
             trust: crate::signing::Trust::default(),
             instances: Vec::new(),
         }
@@ -235,6 +247,15 @@ impl DaemonConfig {
                 )?,
             }),
         };
+        let mcp = match raw.mcp {
+            None => None,
+            Some(_) if http.is_none() => {
+                return Err(
+                    "[mcp] is served on the HTTP API: add [http] listen = \"127.0.0.1:7070\" (and a token_file), or remove [mcp]".into(),
+                )
+            }
+            Some(m) => Some(crate::mcp::McpConfig::new(m.expose, m.allowed_hosts)?),
+        };
         let mut instances = Vec::new();
         for (i, inst) in raw.instances.into_iter().enumerate() {
             plugin_proto::check_plugin_name(&inst.plugin)
@@ -259,6 +280,7 @@ impl DaemonConfig {
         )?;
         Ok(DaemonConfig {
             http,
+            mcp,
             trust,
             defaults: raw.defaults,
             socket: raw.socket.map(|p| expand(&base, &p)).unwrap_or_else(default_socket),
@@ -309,6 +331,27 @@ mod tests {
         assert_eq!(c.socket, Path::new("/etc/plugd/run/p.sock"));
         assert_eq!(c.plugin_dirs, vec![PathBuf::from("/etc/plugd/plugins"), PathBuf::from("/abs")]);
         assert_eq!(c.state_dir, Path::new("/etc/plugd/state"));
+    }
+
+    #[test]
+    fn mcp_needs_http_and_patterns() {
+        let dirs = "plugin_dirs = [\"x\"]\n";
+        let alone = format!("{dirs}[mcp]\nexpose = [\"calc.*\"]\n");
+        let e = DaemonConfig::parse(&alone, Path::new("p.toml")).unwrap_err();
+        assert!(e.contains("[mcp] is served on the HTTP API"), "{e}");
+        let http = "plugin_dirs = [\"x\"]\n[http]\nlisten = \"127.0.0.1:7070\"\n";
+        let e = DaemonConfig::parse(
+            &format!("{http}[mcp]\nexpose = [\"calc\"]\n"),
+            Path::new("p.toml"),
+        )
+        .unwrap_err();
+        assert!(e.contains("`mcp.expose[0]`"), "{e}");
+        let c = DaemonConfig::parse(
+            &format!("{http}[mcp]\nexpose = [\"calc.*\"]\n"),
+            Path::new("p.toml"),
+        )
+        .unwrap();
+        assert!(c.mcp.unwrap().exposes("calc", "add"));
     }
 
     #[test]

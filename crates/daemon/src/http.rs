@@ -131,6 +131,7 @@ pub async fn bind(
         .route("/v1/jobs/{id}", get(job))
         .route("/v1/jobs/{id}/{action}", post(job_action))
         .route("/metrics", get(metrics))
+        .route_service("/mcp", crate::mcp::service(api.daemon.clone(), cfg.listen))
         .route("/", get(dashboard_page))
         .route("/assets/{file}", get(dashboard_asset))
         .fallback(|| async {
@@ -277,15 +278,23 @@ async fn guard(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let mutating = !matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+    let path = req.uri().path();
+    // MCP calls tools: the token always, whatever the method.
+    let mutating = !matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD)
+        || path == "/mcp";
     // The dashboard's page and scripts are public: it asks for the token itself and sends
     // it with every API request.
-    let path = req.uri().path();
     if !mutating && (path == "/" || path.starts_with("/assets/")) {
         return next.run(req).await;
     }
     if let Some(r) = api.check(req.headers(), mutating) {
         return r;
+    }
+    if path == "/mcp" && api.daemon.mcp_config().is_none() {
+        return failure(
+            ErrorKind::NotFound,
+            "MCP is off: add [mcp] expose = [\"plugin.*\"] to plugd.toml and reload",
+        );
     }
     // Archives are bigger than API requests.
     let (limit, key) = if matches!(path, "/v1/install" | "/v1/validate") {

@@ -16,4 +16,5 @@ pub mod config;
 pub mod daemon;
 pub mod discovery;
 pub mod http;
+pub mod mcp;
 pub mod notify;

@@ -1065,6 +1065,11 @@ impl Daemon {
         }
     }
 
+    /// `[mcp]` as the config says now (a reload may change it).
+    pub fn mcp_config(&self) -> Option<crate::mcp::McpConfig> {
+        self.book().config.mcp.clone()
+    }
+
     /// Where archives uploaded over HTTP wait for their install job.
     pub fn uploads_dir(&self) -> PathBuf {
         self.state_dir.join("uploads")
