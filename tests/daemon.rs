@@ -48,6 +48,25 @@ fn plugctl_drives_a_running_daemon() {
     let out = d.ctl(&["call", "echo", "nope"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown method"));
+    // A Rust plugin's described method (schemars): shown with its schemas, checked by plugd.
+    let shown = d.json(&["show", "echo"]);
+    let methods = shown[0]["methods"].as_array().cloned().unwrap_or_default();
+    let add = methods.iter().find(|m| m["name"] == "add").unwrap_or_else(|| panic!("{shown}"));
+    assert_eq!(add["description"], "Adds two numbers.");
+    assert_eq!(add["input"]["type"], "object", "{add}");
+    assert_eq!(add["input"]["properties"]["a"]["type"], "number", "{add}");
+    assert_eq!(add["input"]["required"], serde_json::json!(["a", "b"]), "{add}");
+    assert_eq!(add["output"]["type"], "number", "{add}");
+    let echo = methods.iter().find(|m| m["name"] == "echo").unwrap();
+    assert_eq!(echo["description"], "Answers with its argument, unchanged.");
+    let out = d.ctl(&["call", "echo", "add", r#"{"a":1,"b":2.5}"#]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3.5", "{out:?}");
+    let out = d.ctl(&["call", "echo", "add", r#"{"a":1,"b":"x"}"#]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the input of add does not match its schema: $.b: expected number"),
+        "{err}"
+    );
     // A per-call cfg reaches a Rust plugin's handler (`ctx.cfg`); without one it gets None.
     let out = d.ctl(&["call", "echo", "cfg_len", r#""api_key""#, "--cfg", r#"{"api_key":"abcd"}"#]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "4", "{out:?}");

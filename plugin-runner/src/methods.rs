@@ -13,11 +13,30 @@ type Handler<P> = Box<dyn FnMut(&mut P, &mut Ctx<'_>, &Payload) -> Result<Payloa
 /// Handlers by method name, each with typed or raw arguments.
 pub struct Methods<P> {
     handlers: HashMap<String, Handler<P>>,
+    /// What `plugd.describe` tells plugd: per method, a description and the JSON Schemas
+    /// of its input and result (JSON objects, as text).
+    described: std::collections::BTreeMap<String, Described>,
+}
+
+/// One method's description for `plugd.describe`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub(crate) struct Described {
+    name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<String>,
+    /// JSON Schema of the input.
+    #[cfg(feature = "schemars")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input: Option<serde_json::Value>,
+    /// JSON Schema of the result.
+    #[cfg(feature = "schemars")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output: Option<serde_json::Value>,
 }
 
 impl<P> Default for Methods<P> {
     fn default() -> Self {
-        Self { handlers: HashMap::new() }
+        Self { handlers: HashMap::new(), described: Default::default() }
     }
 }
 
@@ -61,6 +80,40 @@ impl<P> Methods<P> {
         self
     }
 
+    /// Attaches a one-line description to `method` (shown by `plugctl show`, the HTTP API
+    /// and MCP's `tools/list`).
+    pub fn describe(&mut self, method: &str, description: &str) -> &mut Self {
+        let d = self.described.entry(method.to_string()).or_default();
+        d.name = method.to_string();
+        d.description = Some(description.to_string());
+        self
+    }
+
+    /// [`Methods::typed`] that also tells plugd what the method takes and gives: a
+    /// description and the JSON Schemas of `A` and `R` (from `#[derive(JsonSchema)]`).
+    /// plugd then refuses a JSON call whose input does not match, before the plugin sees
+    /// it. Needs the `schemars` feature.
+    #[cfg(feature = "schemars")]
+    pub fn described<A, R, E, F>(&mut self, method: &str, description: &str, f: F) -> &mut Self
+    where
+        A: DeserializeOwned + schemars::JsonSchema,
+        R: Serialize + schemars::JsonSchema,
+        E: Display,
+        F: FnMut(&mut P, A) -> Result<R, E> + 'static,
+    {
+        self.typed(method, f);
+        self.describe(method, description);
+        let d = self.described.entry(method.to_string()).or_default();
+        d.input = Some(schema_of::<A>(true));
+        d.output = Some(schema_of::<R>(false));
+        self
+    }
+
+    /// The `plugd.describe` list, if any method is described.
+    pub(crate) fn descriptions(&self) -> Vec<Described> {
+        self.described.values().filter(|d| self.handlers.contains_key(&d.name)).cloned().collect()
+    }
+
     /// Registers a handler that sees the payload as sent and builds its own reply.
     pub fn raw<F>(&mut self, method: &str, mut f: F) -> &mut Self
     where
@@ -99,6 +152,23 @@ impl<P> Methods<P> {
             )),
         }
     }
+}
+
+/// `T`'s JSON Schema with every subschema inline (plugd's checker follows no `$ref`),
+/// for an input (`deserialize`) or a result.
+#[cfg(feature = "schemars")]
+fn schema_of<T: schemars::JsonSchema>(deserialize: bool) -> serde_json::Value {
+    let settings = schemars::generate::SchemaSettings::draft2020_12().with(|s| {
+        s.inline_subschemas = true;
+    });
+    let settings = if deserialize { settings.for_deserialize() } else { settings.for_serialize() };
+    let mut schema = settings.into_generator().into_root_schema_for::<T>().to_value();
+    if let Some(obj) = schema.as_object_mut() {
+        // Bookkeeping, not shape: plugd shows the rest.
+        obj.remove("$schema");
+        obj.remove("title");
+    }
+    schema
 }
 
 #[cfg(test)]

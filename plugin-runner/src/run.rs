@@ -290,6 +290,13 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
         let payload = Payload::json(&layers).map_err(FrameError::from)?;
         send(&Message::Notify { method: "plugd.lockdown".into(), payload })?;
     }
+    // What the methods take and give, to a supervisor that knows `plugd.describe` (one
+    // that speaks protocol 3; an older one refuses unknown Notifies before Ready).
+    let described = methods.descriptions();
+    if !described.is_empty() && welcome.proto >= plugin_proto::PROTO_CALL_CFG {
+        let payload = Payload::json(&described).map_err(FrameError::from)?;
+        send(&Message::Notify { method: "plugd.describe".into(), payload })?;
+    }
     send(&Message::Ready)?;
 
     let mut io = Io {

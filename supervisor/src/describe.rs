@@ -88,11 +88,20 @@ fn check_at(schema: &Value, value: &Value, at: &str, depth: usize) -> Result<(),
             ));
         }
     }
-    if let Some(Value::Array(any)) = s.get("anyOf") {
-        let errors: Vec<String> =
-            any.iter().filter_map(|o| check_at(o, value, at, depth + 1).err()).collect();
-        if errors.len() == any.len() && !any.is_empty() {
-            return Err(errors.join("; or "));
+    // oneOf (schemars' tagged enums) is checked as anyOf: a value must match one of them
+    // (that it matches only one is the plugin's to check).
+    for key in ["anyOf", "oneOf"] {
+        if let Some(Value::Array(any)) = s.get(key) {
+            let errors: Vec<String> =
+                any.iter().filter_map(|o| check_at(o, value, at, depth + 1).err()).collect();
+            if errors.len() == any.len() && !any.is_empty() {
+                return Err(errors.join("; or "));
+            }
+        }
+    }
+    if let Some(c) = s.get("const") {
+        if c != value {
+            return Err(format!("{at}: expected {}, got {}", cut(c), cut(value)));
         }
     }
     match value {
@@ -158,6 +167,16 @@ mod tests {
         assert!(check(&s, &json!({"pair": [], "mode": "odd"})).unwrap_err().contains("not one of"));
         assert!(check(&s, &json!({"pair": [], "x": 1})).unwrap_err().contains("not one it takes"));
         assert!(check(&s, &json!({"pair": [], "note": 3})).is_err());
+        // schemars' shapes: oneOf (tagged enums) and const.
+        let tagged = json!({"oneOf": [
+            {"type": "object", "properties": {"kind": {"const": "buy"}, "qty": {"type": "integer"}},
+             "required": ["kind", "qty"]},
+            {"type": "object", "properties": {"kind": {"const": "cancel"}}, "required": ["kind"]}
+        ]});
+        assert_eq!(check(&tagged, &json!({"kind": "buy", "qty": 3})), Ok(()));
+        assert_eq!(check(&tagged, &json!({"kind": "cancel"})), Ok(()));
+        let e = check(&tagged, &json!({"kind": "sell", "qty": 1})).unwrap_err();
+        assert!(e.contains("expected \"buy\"") && e.contains("expected \"cancel\""), "{e}");
         assert!(check(&json!({"type": "integer"}), &json!(2.5)).is_err());
         assert_eq!(check(&json!({"type": "number"}), &json!(2)), Ok(()));
         // Unknown keywords and non-object schemas check nothing.

@@ -2,6 +2,15 @@
 
 use plugin_runner::{LoadContext, Methods, Payload, Plugin};
 
+/// The argument of `add`: its JSON Schema comes from this type.
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct Pair {
+    /// The first number.
+    a: f64,
+    /// The second number.
+    b: f64,
+}
+
 #[derive(Default)]
 struct Echo {
     config: String,
@@ -10,6 +19,11 @@ struct Echo {
 impl Plugin for Echo {
     fn methods(m: &mut Methods<Self>) {
         m.raw("echo", |_, p: &Payload| Ok(p.clone()));
+        m.describe("echo", "Answers with its argument, unchanged.");
+        // Described: plugd knows its input and result shapes and checks calls against them.
+        m.described("add", "Adds two numbers.", |_, p: Pair| -> Result<f64, String> {
+            Ok(p.a + p.b)
+        });
         // Calls the host's `method` with `arg` and returns its answer, or the error as
         // "Code: message" (for host-call tests).
         m.with_ctx("host", |_, ctx, (method, arg): (String, String)| -> Result<String, String> {
