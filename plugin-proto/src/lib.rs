@@ -16,6 +16,7 @@
 pub mod codec;
 pub mod frame;
 pub mod message;
+pub mod shm;
 pub mod version;
 
 pub use codec::CodecError;
