@@ -60,13 +60,23 @@ class Served:
         self.server = server
         self.task = task
 
-    async def stop(self, drain: float = 0.5) -> None:
+    async def stop(self, drain: float = 2.0) -> None:
         """Stops accepting (connections still queued go to the next instance, which has
-        the same sockets), gives the ones just accepted ``drain`` seconds to send their
-        request, lets open requests finish, and returns when it is done."""
+        the same sockets), waits until every connection accepted just before has its
+        request under way (at most ``drain`` seconds: uvicorn's shutdown closes a
+        connection that has none at once, which its client sees as a reset), lets open
+        requests finish, and returns when it is done."""
         for server in getattr(self.server, "servers", []):
             server.close()
-        await asyncio.sleep(drain)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + drain
+        await asyncio.sleep(0.05)
+        state = getattr(self.server, "server_state", None)
+        while state is not None and loop.time() < until:
+            # uvicorn's protocols have no request cycle until the first request is read.
+            if not any(getattr(c, "cycle", True) is None for c in state.connections):
+                break
+            await asyncio.sleep(0.01)
         self.server.should_exit = True
         await self.task
 
