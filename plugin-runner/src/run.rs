@@ -158,6 +158,88 @@ pub(crate) fn next_message(
 }
 
 /// True if `buffered` starts with a whole frame: more work is already here.
+/// The plugin's side of the shared mapping (`transport = "shm"`).
+struct ShmIo {
+    calls: plugin_proto::shm::Consumer,
+    replies: plugin_proto::shm::Producer,
+    wait: plugin_proto::shm::WaitStrategy,
+    /// The memfd, kept open (a handler may map it again; the number stays taken).
+    _fd: std::os::fd::OwnedFd,
+}
+
+impl ShmIo {
+    /// Puts a reply on the replies ring, waiting for room while plugd reads (it reads one
+    /// engine call at a time, so a reply that fits half the ring finds room). A reply
+    /// larger than that becomes an error that says how to make room.
+    fn reply(&mut self, reply: Message) -> Result<(), ServeError> {
+        let mut frame = Vec::new();
+        encode_frame(&reply, &mut frame).map_err(FrameError::from)?;
+        if frame.len() > self.replies.max_frame() {
+            let Message::Reply(r) = reply else { return Ok(()) };
+            let err = CallError::new(
+                plugin_proto::ErrorCode::Internal,
+                format!(
+                    "the reply is {} bytes, more than half the shared-memory ring ({}); raise [shm] ring in plugin.toml",
+                    frame.len(),
+                    self.replies.max_frame() * 2
+                ),
+            );
+            frame.clear();
+            encode_frame(&Message::Reply(Reply { id: r.id, result: Err(err) }), &mut frame)
+                .map_err(FrameError::from)?;
+        }
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while !self.replies.push(&frame).map_err(shm_broken)? {
+            if Instant::now() > give_up {
+                return Err(shm_broken(plugin_proto::shm::ShmError::Violation(
+                    "plugd has not read the replies ring for 10 s".into(),
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        Ok(())
+    }
+}
+
+/// The shared mapping plugd handed over (`PLUGD_SHM_FD`), if any.
+fn shm_from_env() -> Option<Result<ShmIo, String>> {
+    let fd: RawFd = std::env::var("PLUGD_SHM_FD").ok()?.parse().ok()?;
+    // Only a descriptor that is open is taken (fstat fails on any other).
+    nix::sys::stat::fstat(fd).ok()?;
+    let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+    // SAFETY: an open descriptor (checked above) plugd passed to this process for the SDK
+    // alone; this is its only owner, taken once per process.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let wait = std::env::var("PLUGD_SHM_WAIT")
+        .ok()
+        .and_then(|w| plugin_proto::shm::WaitStrategy::from_word(&w))
+        .unwrap_or_default();
+    Some(plugin_proto::shm::Mapping::open(&owned).map_err(|e| e.to_string()).map(|m| {
+        let m = Arc::new(m);
+        ShmIo { calls: m.calls().consumer(), replies: m.replies().producer(), wait, _fd: owned }
+    }))
+}
+
+fn shm_broken(e: plugin_proto::shm::ShmError) -> ServeError {
+    ServeError::Protocol(FrameError::Io(std::io::Error::other(e.to_string())))
+}
+
+/// Whether the socket has bytes to read now (a poll that does not wait).
+fn socket_readable(sock: &UnixStream) -> Result<bool, ServeError> {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one pollfd on the stack, a zero timeout.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(true);
+        }
+        return Err(FrameError::Io(e).into());
+    }
+    Ok(n > 0)
+}
+
 fn whole_frame_buffered(buffered: &[u8]) -> bool {
     buffered.len() >= 4
         && buffered.len() - 4
@@ -290,6 +372,20 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
         let payload = Payload::json(&layers).map_err(FrameError::from)?;
         send(&Message::Notify { method: "plugd.lockdown".into(), payload })?;
     }
+    // transport = "shm": take the mapping plugd handed over and say so; calls may then
+    // come on its calls ring as well as on the socket. A mapping that cannot be used is
+    // said on stderr, and every call comes by the socket.
+    let mut shm = None;
+    if welcome.proto >= plugin_proto::PROTO_CALL_CFG {
+        match shm_from_env() {
+            Some(Ok(s)) => {
+                send(&Message::Notify { method: "plugd.shm".into(), payload: Payload::empty() })?;
+                shm = Some(s);
+            }
+            Some(Err(e)) => eprintln!("plugin-runner: not using the shared memory: {e}"),
+            None => {}
+        }
+    }
     // What the methods take and give, to a supervisor that knows `plugd.describe` (one
     // that speaks protocol 3; an older one refuses unknown Notifies before Ready).
     let described = methods.descriptions();
@@ -307,22 +403,54 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
         max_frame,
         proto: welcome.proto,
     };
+    // With shared memory, whether the socket may have something (at first, after the
+    // doorbell, after a wait's slice).
+    let mut check_socket = true;
     loop {
         // Frames a host call read while it waited come first, in the order they came.
-        let msg = match io.deferred.pop_front() {
-            Some(m) => m,
-            None => {
-                if !whole_frame_buffered(io.reader.buffer()) {
+        let (msg, via_ring) = match io.deferred.pop_front() {
+            Some(m) => (m, false),
+            None => match shm.as_mut() {
+                None => {
+                    if !whole_frame_buffered(io.reader.buffer()) {
+                        flush()?;
+                    }
+                    match next_message(&mut io.reader, max_frame) {
+                        Ok(m) => (m, false),
+                        // The supervisor closed the socket: it is gone or dropped us; nothing
+                        // to answer.
+                        Err(FrameError::Closed) => return Ok(()),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Some(s) => loop {
+                    if let Some(body) = s.calls.pop(max_frame as usize).map_err(shm_broken)? {
+                        break (decode_body(&body)?, true);
+                    }
+                    let buffered = whole_frame_buffered(io.reader.buffer());
+                    if buffered || (check_socket && socket_readable(io.reader.get_ref())?) {
+                        match next_message(&mut io.reader, max_frame) {
+                            Ok(m) => break (m, false),
+                            Err(FrameError::Closed) => return Ok(()),
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    check_socket = false;
                     flush()?;
-                }
-                match next_message(&mut io.reader, max_frame) {
-                    Ok(m) => m,
-                    // The supervisor closed the socket: it is gone or dropped us; nothing to answer.
-                    Err(FrameError::Closed) => return Ok(()),
-                    Err(e) => return Err(e.into()),
-                }
-            }
+                    let slice = Duration::from_millis(50);
+                    match s.calls.wait(s.wait, None, slice).map_err(shm_broken)? {
+                        plugin_proto::shm::Woken::Ring => {}
+                        plugin_proto::shm::Woken::Socket | plugin_proto::shm::Woken::Timeout => {
+                            s.calls.socket_news();
+                            check_socket = true;
+                        }
+                    }
+                },
+            },
         };
+        if !via_ring {
+            check_socket = true;
+        }
         match msg {
             Message::Call(_) | Message::CallCfg { .. } => {
                 let (call, cfg) = match msg {
@@ -341,7 +469,12 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
                     &call.payload,
                     &options,
                 );
-                answer(&Message::Reply(Reply { id: call.id, result }))?;
+                let reply = Message::Reply(Reply { id: call.id, result });
+                match shm.as_mut().filter(|_| via_ring) {
+                    // A call that came on the ring is answered on the ring.
+                    Some(s) => s.reply(reply)?,
+                    None => answer(&reply)?,
+                }
             }
             Message::Notify { method, payload } if method == "plugd.state" => {
                 plugin.restore_state(&payload.data);

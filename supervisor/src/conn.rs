@@ -32,6 +32,7 @@ use nix::errno::Errno;
 use nix::sys::socket::MsgFlags;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use plugin_proto::frame::encode_frame;
+use plugin_proto::shm;
 use plugin_proto::{
     Call, CallError, ErrorCode, Message, Payload, Reply, PROTO_CALL_CFG, PROTO_HOST_CALLS,
 };
@@ -110,7 +111,45 @@ pub(crate) struct Conn {
     /// that misses its deadline does not count toward "hung" (a cycle of plugin calls ends
     /// at the deadline; it is not a hang).
     host_in_flight: std::sync::atomic::AtomicU32,
+    /// The shared-memory rings (`transport = "shm"`): engine-thread calls go through them
+    /// once the plugin said it reads them (`plugd.shm`).
+    shm: Option<ShmSide>,
+    /// The socket reached its end or broke (an engine thread waiting on a ring gives up).
+    closed: AtomicBool,
+    /// The largest frame the plugin may send.
+    max_frame: u32,
 }
+
+/// This connection's side of a shared mapping.
+pub(crate) struct ShmSide {
+    /// Set when the plugin's SDK took the mapping (`Notify "plugd.shm"` before Ready).
+    active: AtomicBool,
+    /// The calls ring's writing end.
+    calls: Mutex<shm::Producer>,
+    /// The replies ring's reading end: an engine thread holds it for its whole call.
+    replies: Mutex<shm::Consumer>,
+    /// The calls ring, for the doorbell (the socket has news for the plugin).
+    bell: shm::Ring,
+    /// How an engine thread waits for a reply.
+    wait: shm::WaitStrategy,
+}
+
+impl ShmSide {
+    /// Our ends of `map`'s rings, waiting per `wait`.
+    pub fn new(map: Arc<shm::Mapping>, wait: shm::WaitStrategy) -> ShmSide {
+        ShmSide {
+            active: AtomicBool::new(false),
+            calls: Mutex::new(map.calls().producer()),
+            replies: Mutex::new(map.replies().consumer()),
+            bell: map.calls(),
+            wait,
+        }
+    }
+}
+
+/// How long an engine thread waiting on a ring sleeps at most before it checks that the
+/// connection is still there.
+const SHM_SLICE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Frames waiting to be written, and whether a thread is writing a batch of them now.
 struct Outbox {
@@ -151,6 +190,7 @@ impl Conn {
     /// Shares `sock` (a duplicate of the instance's socket). `hold`: a hot update's new
     /// instance, whose calls wait for [`Conn::release`]; `missed_limit`: calls in a row
     /// past their deadline that mean hung (0: never).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         sock: UnixStream,
         max_frame: u32,
@@ -159,6 +199,7 @@ impl Conn {
         name: &str,
         missed_limit: u32,
         host: Arc<HostMethods>,
+        shm: Option<ShmSide>,
     ) -> Conn {
         // Asked of the socket itself, so an instance adopted across an upgrade is right too.
         let records = matches!(
@@ -183,7 +224,32 @@ impl Conn {
             host,
             rt: tokio::runtime::Handle::try_current().ok(),
             host_in_flight: Default::default(),
+            shm,
+            closed: AtomicBool::new(false),
+            max_frame,
         }
+    }
+
+    /// The plugin said it reads the shared-memory rings: engine-thread calls go through
+    /// them from now on. False if this connection has no mapping.
+    pub fn activate_shm(&self) -> bool {
+        match &self.shm {
+            Some(s) => {
+                s.active.store(true, Ordering::Release);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether this connection was given a shared mapping (`transport = "shm"`).
+    pub fn has_shm(&self) -> bool {
+        self.shm.is_some()
+    }
+
+    /// The wait strategy, if calls go through shared memory.
+    pub fn shm_wait(&self) -> Option<shm::WaitStrategy> {
+        self.shm.as_ref().filter(|s| s.active.load(Ordering::Acquire)).map(|s| s.wait)
     }
 
     /// Records the protocol version the handshake settled on.
@@ -307,6 +373,8 @@ impl Conn {
     /// Closes, and answers every async call in flight with `code` and `why`; returns how
     /// many. (An engine thread's call ends with the socket: it reads the end of stream.)
     pub fn fail_in_flight(&self, code: ErrorCode, why: &str) -> usize {
+        // An engine thread waiting on a shared-memory ring sees this and gives up.
+        self.closed.store(true, Ordering::Release);
         let failed = {
             let mut t = self.table.lock();
             let failed = t.fail_all(|w| matches!(w, Waiter::Async { .. }));
@@ -329,6 +397,9 @@ impl Conn {
     }
 
     fn push(&self, item: Inbound) {
+        if matches!(item, Inbound::Eof | Inbound::Fault(_)) {
+            self.closed.store(true, Ordering::Release);
+        }
         self.inbox.lock().push(item);
         self.wake.notify_one();
     }
@@ -366,6 +437,20 @@ impl Conn {
     /// its reads) instead of queueing for a lock to make one each. What the socket does not
     /// take goes back in front and waits for the actor (it watches for room to write).
     fn write_out(&self) -> io::Result<()> {
+        let Some(shm) = self.shm.as_ref().filter(|s| s.active.load(Ordering::Acquire)) else {
+            return self.write_out_now();
+        };
+        if self.out.lock().bytes.is_empty() {
+            return Ok(());
+        }
+        let written = self.write_out_now();
+        // The plugin may be waiting on its calls ring rather than on the socket: told once
+        // the bytes are there to read.
+        shm.bell.doorbell();
+        written
+    }
+
+    fn write_out_now(&self) -> io::Result<()> {
         let mut batch = {
             let mut o = self.out.lock();
             if o.writing || o.bytes.is_empty() {
@@ -694,6 +779,14 @@ impl Conn {
         if self.gate.load(Ordering::SeqCst) == gate_code(Gate::Closing) {
             return Err(NotSent::Closing(payload));
         }
+        let payload = match self.shm.as_ref().filter(|s| s.active.load(Ordering::Acquire)) {
+            Some(shm) => match self.call_over_shm(shm, method, payload, deadline, now) {
+                Ok(answer) => return Ok(answer),
+                // No room in the ring (or a frame too big for it): by the socket.
+                Err(p) => p?,
+            },
+            None => payload,
+        };
         let mut read = self.read.lock();
         let outcome = self.call_holding_read(&mut read, method, payload, deadline, now);
         // Frames read together with our reply are still undecoded in the buffer.
@@ -734,6 +827,90 @@ impl Conn {
                 Err(self.gone(&why))
             }
         })
+    }
+
+    /// An engine-thread call through the shared-memory rings: the Call into the calls
+    /// ring, the Reply from the replies ring, waiting per the plugin's strategy. Err with
+    /// the payload back when the frame does not fit the ring now (the caller then uses the
+    /// socket), or when the call cannot start.
+    fn call_over_shm(
+        &self,
+        shm: &ShmSide,
+        method: &str,
+        payload: Payload,
+        deadline: Option<Instant>,
+        now: Instant,
+    ) -> Result<Result<Payload, CallError>, Result<Payload, NotSent>> {
+        let mut replies = shm.replies.lock();
+        let id = {
+            let mut t = self.table.lock();
+            let deadline_us = self.deadline_us(deadline, now).map_err(Err)?;
+            let Ok(id) = t.begin_as(Waiter::Blocking, false) else {
+                return Err(Err(NotSent::Closing(payload)));
+            };
+            let call = Call { id, method: method.to_string(), deadline_us, payload };
+            let mut frame = Vec::with_capacity(64 + call.payload.data.len());
+            let msg = Message::Call(call);
+            if let Err(e) = encode_frame(&msg, &mut frame) {
+                t.abandon(id);
+                return Err(Err(NotSent::Failed(CallError::new(
+                    ErrorCode::Internal,
+                    format!("plugin {}: cannot encode the call to {method}: {e}", self.name),
+                ))));
+            }
+            match shm.calls.lock().push(&frame) {
+                Ok(true) => id,
+                Ok(false) => {
+                    t.abandon(id);
+                    let Message::Call(call) = msg else { unreachable!("built above") };
+                    return Err(Ok(call.payload));
+                }
+                Err(e) => {
+                    t.abandon(id);
+                    drop(t);
+                    self.push(Inbound::Fault(format!("plugin {}: {e}", self.name)));
+                    return Ok(Err(self.gone("it broke its shared memory")));
+                }
+            }
+        };
+        self.engine_calls.fetch_add(1, Ordering::Relaxed);
+        let max = self.max_frame as usize;
+        loop {
+            match replies.pop(max) {
+                Ok(Some(body)) => match plugin_proto::frame::decode_body(&body) {
+                    Ok(Message::Reply(r)) if r.id == id => {
+                        let mut t = self.table.lock();
+                        t.complete(id);
+                        self.settled(&t);
+                        return Ok(r.result);
+                    }
+                    Ok(Message::Reply(r)) => {
+                        if let Err(e) = self.deliver(r) {
+                            return Ok(Err(self.broken(id, e)));
+                        }
+                    }
+                    Ok(Message::Chunk { .. }) => {}
+                    Ok(other) => {
+                        let why = format!("a {} on the replies ring", other.kind());
+                        return Ok(Err(self.broken(id, why)));
+                    }
+                    Err(e) => return Ok(Err(self.broken(id, e.to_string()))),
+                },
+                Ok(None) => {}
+                Err(e) => return Ok(Err(self.broken(id, e.to_string()))),
+            }
+            if self.closed.load(Ordering::Acquire) {
+                self.forget(id);
+                return Ok(Err(self.gone("its connection closed")));
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                self.expire(id, false);
+                return Ok(Err(self.late()));
+            }
+            if let Err(e) = replies.wait(shm.wait, deadline, SHM_SLICE) {
+                return Ok(Err(self.broken(id, e.to_string())));
+            }
+        }
     }
 
     fn wait_released_blocking(&self, deadline: Option<Instant>) -> Result<(), NotSent> {
@@ -1041,6 +1218,7 @@ mod socket_tests {
             "fake",
             missed_limit,
             Default::default(),
+            None,
         );
         (Arc::new(conn), theirs)
     }
@@ -1081,7 +1259,8 @@ mod socket_tests {
         let host = Arc::new(HostMethods::default());
         // A method that never answers: every call to it stays in flight.
         host.add_async("wait", Arc::new(|_| Box::pin(std::future::pending())));
-        let conn = Arc::new(Conn::new(ours, 1 << 20, false, Default::default(), "greedy", 3, host));
+        let conn =
+            Arc::new(Conn::new(ours, 1 << 20, false, Default::default(), "greedy", 3, host, None));
         for id in 1..=u64::from(HOST_CALLS_MAX) + 1 {
             let call =
                 Call { id, method: "wait".into(), deadline_us: 0, payload: Payload::empty() };

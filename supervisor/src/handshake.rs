@@ -49,6 +49,10 @@ pub(crate) enum Outcome {
 /// The Notify method of an SDK's report of the layers it applied to itself.
 pub(crate) const LOCKDOWN_NOTIFY: &str = "plugd.lockdown";
 
+/// Sent by an SDK before Ready when it took the shared mapping (`transport = "shm"`):
+/// from then on it reads calls from the calls ring as well as from the socket.
+pub(crate) const SHM_NOTIFY: &str = "plugd.shm";
+
 /// The next phase and what `msg` means in `phase`, for a plugin whose manifest says `name`.
 pub(crate) fn step(phase: &Phase, msg: Message, name: &str) -> (Phase, Outcome) {
     let same = phase.clone();
@@ -85,7 +89,7 @@ pub(crate) fn step(phase: &Phase, msg: Message, name: &str) -> (Phase, Outcome) 
         (_, msg @ Message::Notify { .. })
             if matches!(&msg, Message::Notify { method, .. }
                 if method == LOCKDOWN_NOTIFY || method == plugin_proto::PLUGD_LOG
-                    || method == crate::describe::DESCRIBE_NOTIFY) =>
+                    || method == crate::describe::DESCRIBE_NOTIFY || method == SHM_NOTIFY) =>
         {
             (same, Outcome::Keep(msg))
         }

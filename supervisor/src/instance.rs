@@ -672,6 +672,12 @@ impl Instance {
                     let _ = self.queue(&welcome);
                 }
                 Outcome::Ready(sdk) => {
+                    if self.conn.has_shm() && self.conn.shm_wait().is_none() {
+                        self.log(
+                            LogLevel::Warn,
+                            format!("transport = \"shm\", but its SDK ({sdk}) does not read shared memory: calls go by the socket"),
+                        );
+                    }
                     // The previous instance's state, before any call can be routed here
                     // (PROTOCOL.md 5.7): a restart hands it over as a hot update does.
                     if let Some(blob) = self.cfg.state.take() {
@@ -699,6 +705,20 @@ impl Instance {
                 self.lockdown = payload.decode().unwrap_or_default();
             }
             Message::Notify { method, payload } if method == PLUGD_LOG => self.log_record(&payload),
+            Message::Notify { method, .. } if method == crate::handshake::SHM_NOTIFY => {
+                if self.conn.activate_shm() {
+                    let wait = self.conn.shm_wait().map(|w| w.word()).unwrap_or_default();
+                    self.log(
+                        LogLevel::Info,
+                        format!("engine-thread calls go through shared memory (wait: {wait})"),
+                    );
+                } else {
+                    self.log(
+                        LogLevel::Warn,
+                        "it offered to read shared memory, but it has no mapping (transport is not \"shm\"); calls go by the socket".to_string(),
+                    );
+                }
+            }
             Message::Notify { method, payload } if method == crate::describe::DESCRIBE_NOTIFY => {
                 match crate::describe::parse(&payload.data) {
                     Some(methods) => self.methods = methods,

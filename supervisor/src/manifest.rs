@@ -164,6 +164,25 @@ pub enum Transport {
     /// Records of at most 64 KiB (`SOCK_SEQPACKET`): about 1 µs less per round trip on Linux.
     /// Every read must offer 64 KiB of room; both bundled SDKs do (PROTOCOL.md, section 1).
     SeqPacket,
+    /// A stream socket plus a shared mapping whose rings carry engine-thread calls and
+    /// their replies (`[shm]` says how to wait); an SDK that does not take the mapping
+    /// gets every call on the socket.
+    Shm,
+}
+
+/// `[shm]`: the shared-memory transport's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShmConfig {
+    /// How each side waits for the other (`wait = "spin" | "spin-then-futex" | "futex"`).
+    pub wait: plugin_proto::shm::WaitStrategy,
+    /// Bytes in each ring (`ring = "256KiB"`, a power of two).
+    pub ring: usize,
+}
+
+impl Default for ShmConfig {
+    fn default() -> Self {
+        ShmConfig { wait: Default::default(), ring: plugin_proto::shm::DEFAULT_RING }
+    }
 }
 
 /// `[build]`: how an installed copy of the plugin is built, in the plugin's build jail.
@@ -451,6 +470,8 @@ pub struct Manifest {
     pub python: PythonConfig,
     /// `transport`: the kind of socket between plugd and the plugin.
     pub transport: Transport,
+    /// `[shm]`: how `transport = "shm"` waits, and its rings' size.
+    pub shm: ShmConfig,
     /// `[calls] allow`: which methods of other plugins this one may call through the host
     /// (`plugd.call`); nothing by default.
     pub calls: Vec<CallRule>,
@@ -560,6 +581,13 @@ impl std::fmt::Display for CallRule {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+struct RawShm {
+    wait: Option<String>,
+    ring: Option<toml::Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct RawCalls {
     #[serde(default)]
     allow: Vec<String>,
@@ -606,6 +634,8 @@ struct RawManifest {
     #[serde(default)]
     python: RawPython,
     transport: Option<String>,
+    #[serde(default)]
+    shm: Option<RawShm>,
     #[serde(default)]
     calls: RawCalls,
     #[serde(default)]
@@ -895,11 +925,50 @@ impl Manifest {
         let transport = match raw.transport.as_deref() {
             None | Some("stream") => Transport::Stream,
             Some("seqpacket") => Transport::SeqPacket,
+            Some("shm") => Transport::Shm,
             Some(other) => {
                 return Err(c.bad(
                     "transport",
-                    format!("= {other:?} is not a transport; use \"stream\" or \"seqpacket\""),
+                    format!(
+                        "= {other:?} is not a transport; use \"stream\", \"seqpacket\" or \"shm\""
+                    ),
                 ))
+            }
+        };
+        let shm = match raw.shm {
+            None => ShmConfig::default(),
+            Some(_) if transport != Transport::Shm => return Err(c.bad(
+                "shm",
+                "is set but `transport` is not \"shm\"; set transport = \"shm\" or remove [shm]"
+                    .to_string(),
+            )),
+            Some(r) => {
+                let wait = match r.wait.as_deref() {
+                    None => Default::default(),
+                    Some(w) => plugin_proto::shm::WaitStrategy::from_word(w).ok_or_else(|| {
+                        c.bad("shm.wait", format!("= {w:?} is not a wait; use \"spin\", \"spin-then-futex\" or \"futex\""))
+                    })?,
+                };
+                let ring = match &r.ring {
+                    None => plugin_proto::shm::DEFAULT_RING,
+                    Some(toml::Value::Integer(n)) if *n > 0 => *n as usize,
+                    Some(toml::Value::String(t)) => {
+                        parse_size(t).map_err(|e| c.bad("shm.ring", e))? as usize
+                    }
+                    Some(other) => {
+                        return Err(c.bad(
+                            "shm.ring",
+                            format!("= {other:?} is not a size such as \"256KiB\""),
+                        ))
+                    }
+                };
+                if !ring.is_power_of_two() || !(4096..=(64 << 20)).contains(&ring) {
+                    return Err(c.bad(
+                        "shm.ring",
+                        format!("= {ring} bytes: use a power of two from 4KiB to 64MiB"),
+                    ));
+                }
+                ShmConfig { wait, ring }
             }
         };
         let entrypoint_sha256 = match raw.entrypoint_sha256 {
@@ -1194,6 +1263,7 @@ impl Manifest {
             calls,
             runtime,
             transport,
+            shm,
             python,
             build,
             name,

@@ -270,7 +270,9 @@ impl Slot {
         let cfg = self.instance_config(&self.spec, r.generation, None, target);
         match frozen.instance.socket.try_clone().map(std::os::unix::net::UnixStream::from) {
             Ok(sock) => {
-                let conn = self.connect(sock, &self.spec, false);
+                // The mapping is not handed over an upgrade: the plugin's calls go by the
+                // socket, which its SDK reads as well.
+                let conn = self.connect(sock, &self.spec, false, None);
                 let wiring = instance::Wiring {
                     conn: conn.clone(),
                     control: control_rx,
@@ -708,6 +710,22 @@ impl Slot {
         let (sockets, target) =
             self.sockets_for(spec).map_err(|detail| ExitReason::SpawnFailed { detail })?;
         let plan = plan.with_listeners(sockets);
+        // transport = "shm": a fresh mapping for every instance (a restart or an update's
+        // new instance never sees what the last one left in the rings).
+        let (plan, shm) =
+            if spec.manifest.transport == crate::manifest::Transport::Shm {
+                let (map, memfd) = plugin_proto::shm::Mapping::create(spec.manifest.shm.ring)
+                    .map_err(|e| ExitReason::SpawnFailed {
+                        detail: format!(
+                            "plugin {}: cannot create its shared memory: {e}",
+                            spec.name()
+                        ),
+                    })?;
+                let wait = spec.manifest.shm.wait;
+                (plan.with_shm(memfd, wait), Some(crate::conn::ShmSide::new(Arc::new(map), wait)))
+            } else {
+                (plan, None)
+            };
         let report: SandboxReport = plan.sandbox.report.clone();
         for missing in &report.unavailable {
             self.note(
@@ -731,7 +749,7 @@ impl Slot {
             );
             ExitReason::SpawnFailed { detail: format!("cannot share the plugin socket: {e}") }
         })?;
-        let conn = self.connect(sock, spec, hold);
+        let conn = self.connect(sock, spec, hold, shm);
         let wiring = instance::Wiring { conn: conn.clone(), control: control_rx, events };
         tokio::spawn(instance::run(raw, cfg, wiring));
         Ok(Current { generation, control: control_tx, calls: Some(conn) })
@@ -783,6 +801,7 @@ impl Slot {
         sock: std::os::unix::net::UnixStream,
         spec: &PluginSpec,
         hold: bool,
+        shm: Option<crate::conn::ShmSide>,
     ) -> Arc<Conn> {
         Arc::new(Conn::new(
             sock,
@@ -792,6 +811,7 @@ impl Slot {
             spec.name(),
             spec.manifest.timeouts.missed_deadlines,
             self.host_methods.clone(),
+            shm,
         ))
     }
 }

@@ -76,6 +76,8 @@ pub struct SpawnPlan {
     /// Listening sockets handed over from descriptor 3 on (`[listen]`, see
     /// [`crate::serving`]), with their `LISTEN_FDNAMES` names; the protocol socket follows.
     pub listen: Vec<(&'static str, OwnedFd)>,
+    /// The shared mapping's memfd (`transport = "shm"`), handed after the listeners.
+    pub shm: Option<OwnedFd>,
 }
 
 /// Host variables a plugin inherits; everything else is cleared.
@@ -201,6 +203,7 @@ impl SpawnPlan {
             sandbox: Arc::new(sandbox),
             transport: m.transport,
             listen: Vec::new(),
+            shm: None,
         })
     }
 
@@ -219,6 +222,19 @@ impl SpawnPlan {
         self.env.push(("LISTEN_FDS".into(), n.to_string()));
         self.env.push(("LISTEN_FDNAMES".into(), names.join(":")));
         self.listen = sockets;
+        self
+    }
+
+    /// Hands the shared mapping `memfd` to the plugin (`transport = "shm"`): on the
+    /// descriptor after the listeners (`PLUGD_SHM_FD`), with `PLUGD_SHM_WAIT`, and the
+    /// protocol socket after it. Call it after [`SpawnPlan::with_listeners`].
+    pub fn with_shm(mut self, memfd: OwnedFd, wait: plugin_proto::shm::WaitStrategy) -> SpawnPlan {
+        let n = self.listen.len() as RawFd;
+        self.env.retain(|(k, _)| !matches!(k.as_str(), "PLUGD_FD" | "PLUGD_SHM_FD"));
+        self.env.push(("PLUGD_SHM_FD".into(), (PLUGIN_FD + n).to_string()));
+        self.env.push(("PLUGD_SHM_WAIT".into(), wait.word().into()));
+        self.env.push(("PLUGD_FD".into(), (PLUGIN_FD + n + 1).to_string()));
+        self.shm = Some(memfd);
         self
     }
 }
@@ -744,7 +760,7 @@ fn spawn_now(plan: &SpawnPlan) -> io::Result<RawChild> {
         socketpair(
             AddressFamily::Unix,
             match plan.transport {
-                Transport::Stream => SockType::Stream,
+                Transport::Stream | Transport::Shm => SockType::Stream,
                 Transport::SeqPacket => SockType::SeqPacket,
             },
             None,
@@ -805,11 +821,17 @@ fn clone_sandboxed(plan: &SpawnPlan, socket: RawFd) -> io::Result<Cloned> {
     }
     // `LISTEN_PID=` and room for the pid the child writes itself (see `hand_listeners`).
     let mut pid_entry: Vec<u8> = b"LISTEN_PID=000000000000\0".to_vec();
-    let listen: Vec<RawFd> = plan.listen.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+    // The listeners, then the shared mapping: all moved to 3.. by `hand_listeners`.
+    let listen: Vec<RawFd> = plan
+        .listen
+        .iter()
+        .map(|(_, fd)| fd.as_raw_fd())
+        .chain(plan.shm.as_ref().map(|fd| fd.as_raw_fd()))
+        .collect();
     let argv: Vec<*const libc::c_char> =
         argv_c.iter().map(|c| c.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
     let mut envp: Vec<*const libc::c_char> = env_c.iter().map(|c| c.as_ptr()).collect();
-    let listen_pid = if listen.is_empty() {
+    let listen_pid = if plan.listen.is_empty() {
         std::ptr::null_mut()
     } else {
         envp.push(pid_entry.as_ptr().cast());

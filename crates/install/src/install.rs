@@ -243,6 +243,7 @@ impl Steps {
             sandbox: self.sandbox.clone(),
             transport: crate::manifest::Transport::Stream,
             listen: Vec::new(),
+            shm: None,
         };
         let (mut child, stdout, stderr) = JobProcess::start(&plan).map_err(|e| {
             let hint = if self.sandbox.jail.is_some() {

@@ -64,6 +64,28 @@ impl Plugin for Echo {
             let cfg = cfg.transpose().map_err(|e| e.message)?;
             Ok(cfg.and_then(|c| c.get(&key).map(String::len)))
         });
+        // Hostile (transport = "shm"): says the replies ring holds far more than it can, then
+        // stays in the handler for `ms` milliseconds while plugd waits for the reply.
+        m.typed("shm_scribble", |_, ms: u64| -> Result<(), String> {
+            let fd: i32 = std::env::var("PLUGD_SHM_FD")
+                .map_err(|e| e.to_string())?
+                .parse()
+                .map_err(|_| "bad fd")?;
+            // SAFETY: a descriptor number this process holds open (the runner owns the
+            // original); dup makes one this handler owns.
+            let dup = unsafe { libc::dup(fd) };
+            if dup < 0 {
+                return Err(std::io::Error::last_os_error().to_string());
+            }
+            // SAFETY: dup just returned this descriptor to us alone.
+            let owned =
+                unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+            let map = plugin_proto::shm::Mapping::open(&owned).map_err(|e| e.to_string())?;
+            // The replies ring's header starts at byte 192; `head` is its first word.
+            map.scribble(192, &(1u64 << 40).to_le_bytes());
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            Ok(())
+        });
         m.typed("pid", |_, _: ()| -> Result<u32, String> { Ok(std::process::id()) });
         // Echo tagged with the version that answered (for hot-update tests).
         m.typed("tagged", |_, n: u64| -> Result<(u64, String), String> {

@@ -1,0 +1,155 @@
+//! End to end: `transport = "shm"`. Engine-thread calls go through the shared-memory
+//! rings of real plugin processes in their jails; async calls keep the socket; a plugin
+//! that breaks its rings is killed and restarted with a fresh mapping; an SDK that does not
+//! read shared memory gets every call on the socket, and plugd says so.
+
+mod kit;
+
+use std::time::Duration;
+
+use kit::*;
+use supervisor::{Deadline, ErrorCode, State};
+
+fn shm_manifest(wait: &str) -> String {
+    format!("transport = \"shm\"\n[shm]\nwait = \"{wait}\"\nring = \"16KiB\"\n[restart]\nbackoff = \"10ms\"\n")
+}
+
+fn said(h: &supervisor::PluginHandle, what: &str) -> bool {
+    h.logs(200).iter().any(|l| l.text.contains(what))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_thread_calls_go_through_the_rings_with_every_wait_strategy() {
+    let sup = supervisor();
+    let dir = tempfile::tempdir().unwrap();
+    for wait in ["spin", "spin-then-futex", "futex"] {
+        let name = format!("echo-{wait}");
+        let echo = sup.load(plugin(&dir, &name, "echo", &shm_manifest(wait))).await.unwrap();
+        eventually("shm taken", || said(&echo, "go through shared memory")).await;
+        assert!(said(&echo, &format!("(wait: {wait})")), "{:?}", echo.logs(50));
+        let h = echo.clone();
+        let sizes = tokio::task::spawn_blocking(move || {
+            let mut sizes = Vec::new();
+            for i in 0..2000u64 {
+                // Around the ring's wrap, and one frame larger than half the ring (16 KiB):
+                // that one goes by the socket.
+                let len = if i == 1000 { 9000 } else { (i as usize * 7) % 700 };
+                let text = "x".repeat(len);
+                let back: String = h
+                    .call_blocking("echo", &text, Deadline::after(Duration::from_secs(20)))
+                    .unwrap();
+                assert_eq!(back.len(), len);
+                sizes.push(len);
+            }
+            #[derive(serde::Serialize)]
+            struct Pair {
+                a: f64,
+                b: f64,
+            }
+            let sum: f64 =
+                h.call_blocking("add", &Pair { a: 1.5, b: 2.0 }, Deadline::Default).unwrap();
+            assert_eq!(sum, 3.5);
+            sizes.len()
+        })
+        .await
+        .unwrap();
+        assert_eq!(sizes, 2000);
+        // Async callers keep the socket, beside the engine thread.
+        let back: String = echo.call("echo", "async").await.unwrap();
+        assert_eq!(back, "async");
+        let st = echo.status();
+        assert_eq!((st.restarts, st.calls_ok), (0, 2002), "{st:?}");
+    }
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_breaks_its_rings_is_killed_and_comes_back_with_a_fresh_mapping() {
+    let sup = supervisor();
+    let dir = tempfile::tempdir().unwrap();
+    let echo =
+        sup.load(plugin(&dir, "echo", "echo", &shm_manifest("spin-then-futex"))).await.unwrap();
+    eventually("shm taken", || said(&echo, "go through shared memory")).await;
+    let pid = echo.status().pid.unwrap();
+    let h = echo.clone();
+    let err = tokio::task::spawn_blocking(move || {
+        h.call_blocking::<_, ()>("shm_scribble", &2000u64, Deadline::after(Duration::from_secs(20)))
+    })
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert_eq!(err.code, ErrorCode::PluginExited, "{err}");
+    assert!(err.message.contains("protocol violation"), "{err}");
+    eventually("restarted", || {
+        let st = echo.status();
+        st.state == State::Ready && st.pid.is_some_and(|p| p != pid)
+    })
+    .await;
+    assert!(!alive(pid), "the hostile instance is gone");
+    let last = echo.status().last_exit.map(|e| e.to_string()).unwrap_or_default();
+    assert!(last.contains("protocol"), "{last}");
+    // The next instance has a mapping of its own, and serves through it.
+    let h = echo.clone();
+    let back: String = tokio::task::spawn_blocking(move || {
+        h.call_blocking("echo", "again", Deadline::after(Duration::from_secs(20)))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(back, "again");
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_dies_mid_call_fails_the_engine_thread_call_not_hangs_it() {
+    let sup = supervisor();
+    let dir = tempfile::tempdir().unwrap();
+    let crasher =
+        sup.load(plugin(&dir, "crasher", "crasher", &shm_manifest("futex"))).await.unwrap();
+    eventually("shm taken", || said(&crasher, "go through shared memory")).await;
+    let h = crasher.clone();
+    let err = tokio::task::spawn_blocking(move || {
+        h.call_blocking::<_, ()>("crash", &"segv", Deadline::after(Duration::from_secs(60)))
+    })
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert_eq!(err.code, ErrorCode::PluginExited, "{err}");
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sdk_without_shared_memory_is_served_by_the_socket_and_told_so() {
+    let state = tempfile::tempdir().unwrap();
+    let sup = supervisor::Supervisor::new(supervisor::SupervisorConfig {
+        bin_dirs: vec![bin_dir()],
+        state_dir: state.path().to_path_buf(),
+        prepare: Some(std::sync::Arc::new(plugd_install::python::Venvs)),
+        ..Default::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("pyecho");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(
+        folder.join("plugin.toml"),
+        "name = \"pyecho\"\nversion = \"1.0.0\"\napi_version = \"^1\"\nentrypoint = \"main.py\"\ntransport = \"shm\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        folder.join("main.py"),
+        "from plugd_plugin import Plugin, method, serve\n\nclass P(Plugin):\n    @method\n    def echo(self, x: str) -> str:\n        return x\n\nserve(P())\n",
+    )
+    .unwrap();
+    let py = sup.load(supervisor::PluginSpec::from_manifest(&folder).unwrap()).await.unwrap();
+    eventually("told", || said(&py, "does not read shared memory")).await;
+    let h = py.clone();
+    let back: String = tokio::task::spawn_blocking(move || {
+        h.call_blocking("echo", "by the socket", Deadline::after(Duration::from_secs(20)))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(back, "by the socket");
+    sup.shutdown().await;
+}
