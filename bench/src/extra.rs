@@ -31,7 +31,7 @@ pub fn temp_plugin(dir: &Path, name: &str, bin: &str, extra: &str) -> Result<Plu
 pub const SANDBOX_OFF: &str =
     "[sandbox]\nnetwork = \"host\"\nfilesystem = \"host\"\nsyscalls = \"off\"\nexecve = true\nuser = \"root\"\n";
 
-fn supervisor() -> Result<Supervisor> {
+pub fn supervisor() -> Result<Supervisor> {
     Ok(Supervisor::new(SupervisorConfig {
         bin_dirs: vec![bin_dir()?],
         prepare: Some(std::sync::Arc::new(plugd_install::python::Venvs)),

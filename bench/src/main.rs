@@ -22,6 +22,7 @@
 mod extra;
 mod plugctl_cost;
 mod proc_cost;
+mod shm_bench;
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -251,6 +252,15 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--raw-child") {
         raw_child(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(64));
+    }
+    if args.first().map(String::as_str) == Some("--raw-shm-child") {
+        shm_bench::raw_child();
+    }
+    // transport = "shm" against the raw shm and socket floors (`--shm N`, N samples a row).
+    if args.first().map(String::as_str) == Some("--shm") {
+        let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(100_000);
+        shm_bench::run(n)?;
+        return Ok(());
     }
     // plugd's /proc reads against sysinfo's, for one plugin's memory and CPU.
     if args.first().map(String::as_str) == Some("--proc-usage") {

@@ -1606,7 +1606,22 @@ symbols = ["BTC"]
         assert_eq!((py.runtime, py.transport), (Runtime::Python, Transport::SeqPacket));
         let e = parse("transport = \"udp\"\n", "\"bin/t\"").unwrap_err().to_string();
         assert!(e.contains("`transport`") && e.contains("plugin.toml"), "{e}");
-        assert!(e.contains("\"stream\" or \"seqpacket\""), "{e}");
+        assert!(e.contains("\"stream\", \"seqpacket\" or \"shm\""), "{e}");
+    }
+
+    #[test]
+    fn shm_takes_a_wait_and_a_ring_and_nothing_else() {
+        use plugin_proto::shm::WaitStrategy;
+        let m = parse("transport = \"shm\"\n").unwrap();
+        assert_eq!((m.transport, m.shm), (Transport::Shm, ShmConfig::default()));
+        let m = parse("transport = \"shm\"\n[shm]\nwait = \"spin\"\nring = \"64KiB\"\n").unwrap();
+        assert_eq!(m.shm, ShmConfig { wait: WaitStrategy::Spin, ring: 64 << 10 });
+        let e = parse("[shm]\nwait = \"spin\"\n").unwrap_err().to_string();
+        assert!(e.contains("`shm`") && e.contains("transport = \"shm\""), "{e}");
+        let e = parse("transport = \"shm\"\n[shm]\nwait = \"nap\"\n").unwrap_err().to_string();
+        assert!(e.contains("`shm.wait`") && e.contains("spin-then-futex"), "{e}");
+        let e = parse("transport = \"shm\"\n[shm]\nring = \"100KiB\"\n").unwrap_err().to_string();
+        assert!(e.contains("`shm.ring`") && e.contains("power of two"), "{e}");
     }
 
     #[test]

@@ -1,0 +1,235 @@
+//! `plugd-bench --shm N`: on_tick over `transport = "shm"` beside its baselines, in one run.
+//!
+//! - the raw shared-memory floor: two processes spinning on one cache line each way
+//!   (this binary re-executed with `--raw-shm-child`; no framing, no serde), pinned to
+//!   CPU 0 and CPU 1;
+//! - the raw socketpair floor, pinned to one CPU and unpinned (as the other tables);
+//! - plugd: `call_blocking("on_tick")` from an engine thread to the tick-strategy plugin in
+//!   its full default jail, with `transport = "shm"` and each wait strategy: `spin` with the
+//!   caller and the plugin on different CPUs, `spin-then-futex` and `futex` on one CPU and
+//!   unpinned; and the socket in engine mode, pinned, for comparison.
+//!
+//! Every row is a ratio to the floor it is compared with, measured in the same run.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use plugd_examples::{Order, Tick};
+use supervisor::Deadline;
+
+use crate::extra::{pin_to_cpu0, temp_plugin};
+use crate::{stats, with_ratio, Stats};
+
+/// Two cache lines in a memfd: the parent's counter at 0, the child's at 64.
+struct Lines {
+    base: *mut u8,
+}
+
+impl Lines {
+    fn map(fd: &OwnedFd) -> Result<Lines> {
+        // SAFETY: a fresh shared mapping of a 4 KiB memfd we hold; checked below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        anyhow::ensure!(base != libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        Ok(Lines { base: base.cast() })
+    }
+
+    fn line(&self, off: usize) -> &AtomicU64 {
+        // SAFETY: offsets 0 and 64 of a page-aligned 4 KiB mapping; only atomics touch them.
+        unsafe { &*self.base.add(off).cast::<AtomicU64>() }
+    }
+}
+
+fn pin(cpu: usize) -> Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+    Ok(())
+}
+
+/// The raw child: on CPU 1, answers every number the parent writes at line 0 by writing it
+/// at line 64, spinning; ends when the parent writes u64::MAX.
+pub fn raw_child() -> ! {
+    let _ = pin(1);
+    // SAFETY: the parent passed a memfd as fd 3 for this child alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(3) };
+    let Ok(lines) = Lines::map(&fd) else { std::process::exit(1) };
+    let mut seen = 0;
+    loop {
+        let v = lines.line(0).load(Ordering::Acquire);
+        if v == u64::MAX {
+            std::process::exit(0);
+        }
+        if v != seen {
+            seen = v;
+            lines.line(64).store(v, Ordering::Release);
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// The raw shared-memory floor: a spin ping-pong on two cache lines between this process
+/// (CPU 0) and a child (CPU 1).
+fn raw_shm_floor(warmup: usize, samples: usize) -> Result<Stats> {
+    // SAFETY: a NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"plugd-bench".as_ptr(), 0) };
+    anyhow::ensure!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: memfd_create just returned it to us.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: a valid descriptor.
+    anyhow::ensure!(unsafe { libc::ftruncate(fd.as_raw_fd(), 4096) } == 0, "ftruncate");
+    let lines = Lines::map(&fd)?;
+    let raw = fd.as_raw_fd();
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("--raw-shm-child");
+    // SAFETY: dup2 is async-signal-safe and the closure captures only an integer.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::dup2(raw, 3)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("spawn the raw shm child")?;
+    pin(0)?;
+    let mut ns = Vec::with_capacity(samples);
+    for i in 1..=(warmup + samples) as u64 {
+        let t0 = Instant::now();
+        lines.line(0).store(i, Ordering::Release);
+        while lines.line(64).load(Ordering::Acquire) != i {
+            std::hint::spin_loop();
+        }
+        if i as usize > warmup {
+            ns.push(t0.elapsed().as_nanos() as u64);
+        }
+    }
+    lines.line(0).store(u64::MAX, Ordering::Release);
+    child.wait()?;
+    Ok(stats("raw shm spin ping-pong, CPU 0 ↔ CPU 1", 8, ns))
+}
+
+/// on_tick from this thread (pinned to `caller`, if any) to tick-strategy over the rings,
+/// the plugin pinned to `plugin_cpu` (if any), waiting per `wait`.
+fn on_tick_shm(
+    warmup: usize,
+    samples: usize,
+    wait: &str,
+    caller: Option<usize>,
+    plugin_cpu: Option<usize>,
+    transport: &str,
+) -> Result<Stats> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let dir = tempfile::tempdir()?;
+    let sup = rt.block_on(async { crate::extra::supervisor() })?;
+    let mut config = format!("transport = \"{transport}\"\n");
+    if transport == "shm" {
+        config.push_str(&format!("[shm]\nwait = \"{wait}\"\n"));
+    }
+    config.push_str("[config]\nmax_position = 10\n");
+    if let Some(cpu) = plugin_cpu {
+        config.push_str(&format!("[limits]\ncpus = [{cpu}]\n"));
+    }
+    let spec = temp_plugin(dir.path(), "strat", "tick-strategy", &config)?;
+    let strat = rt.block_on(sup.load(spec))?;
+    strat.set_engine_mode(true);
+    if transport == "shm" {
+        // The runner says plugd.shm before Ready: by now calls go through the rings.
+        let taken = strat.logs(100).iter().any(|l| l.text.contains("go through shared memory"));
+        anyhow::ensure!(taken, "the plugin did not take the shared memory: {:?}", strat.logs(20));
+    }
+    if let Some(cpu) = caller {
+        pin(cpu)?;
+    }
+    let mut ns = Vec::with_capacity(samples);
+    let deadline = Duration::from_secs(5);
+    for i in 0..warmup + samples {
+        let tick = Tick { symbol: "BTC-USD".into(), bid: 100.0, ask: 100.02, ts: i as u64 };
+        let t0 = Instant::now();
+        let _: Order = strat.call_blocking("on_tick", &tick, Deadline::After(deadline))?;
+        if i >= warmup {
+            ns.push(t0.elapsed().as_nanos() as u64);
+        }
+    }
+    unpin()?;
+    rt.block_on(sup.shutdown());
+    let place = match (caller, plugin_cpu) {
+        (Some(a), Some(b)) if a != b => format!("CPU {a} ↔ CPU {b}"),
+        (Some(a), Some(_)) => format!("pinned to CPU {a}"),
+        _ => "unpinned".to_string(),
+    };
+    let name = if transport == "shm" {
+        format!("plugd on_tick, shm {wait}, {place}")
+    } else {
+        format!("plugd on_tick, socket (engine mode), {place}")
+    };
+    Ok(stats(&name, 25, ns))
+}
+
+fn unpin() -> Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    for cpu in 0..crate::extra::online_cpus() {
+        let _ = set.set(cpu);
+    }
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+    Ok(())
+}
+
+/// Runs the table: `n` samples a row.
+pub fn run(n: usize) -> Result<()> {
+    let warmup = n / 10;
+    let shm_floor = raw_shm_floor(warmup, n)?;
+    unpin()?;
+    let unpinned_floor = crate::raw_floor(64, warmup, n)?;
+    pin_to_cpu0()?;
+    let pinned_floor = crate::raw_floor(64, warmup, n)?;
+    unpin()?;
+    let two = crate::extra::online_cpus() > 1;
+    let mut rows: Vec<(Stats, &Stats)> = Vec::new();
+    if two {
+        rows.push((on_tick_shm(warmup, n, "spin", Some(0), Some(1), "shm")?, &shm_floor));
+    }
+    for wait in ["spin-then-futex", "futex"] {
+        rows.push((on_tick_shm(warmup, n, wait, Some(0), Some(0), "shm")?, &pinned_floor));
+        rows.push((on_tick_shm(warmup, n, wait, None, None, "shm")?, &unpinned_floor));
+    }
+    rows.push((on_tick_shm(warmup, n, "", Some(0), Some(0), "stream")?, &pinned_floor));
+    let show = |s: &Stats, against: &str| {
+        println!(
+            "{:<52} p50 {:>7.2} µs  p99 {:>7.2} µs  p99.9 {:>7.2} µs{}",
+            s.name,
+            s.p50_us,
+            s.p99_us,
+            s.p999_us,
+            s.ratio_p50
+                .map(|r| format!(
+                    "  ×{against} p50 {r:.2} p99.9 {:.2}",
+                    s.ratio_p999.unwrap_or(1.0)
+                ))
+                .unwrap_or_default()
+        )
+    };
+    show(&shm_floor, "");
+    show(&pinned_floor, "");
+    show(&unpinned_floor, "");
+    for (row, floor) in rows {
+        let against = if std::ptr::eq(floor, &shm_floor) {
+            "raw shm"
+        } else if std::ptr::eq(floor, &pinned_floor) {
+            "pinned socket"
+        } else {
+            "socket"
+        };
+        show(&with_ratio(row, floor), against);
+    }
+    Ok(())
+}
