@@ -73,6 +73,9 @@ pub enum DaemonError {
     /// The HTTP admin API could not start (address, token).
     #[error("{0}")]
     Http(String),
+    /// The task that owns the plugin list could not run the start (plugd is stopping).
+    #[error("cannot start the plugins: {0}")]
+    Book(String),
 }
 
 /// The daemon's state beside the supervisor.
@@ -226,7 +229,7 @@ impl Daemon {
                 Box::pin(async move { d.start_all_in(b, strict, handed, stopped).await })
             })
             .await;
-        done.unwrap_or_else(|e| Err(DaemonError::Http(e.message)))
+        done.unwrap_or_else(|e| Err(DaemonError::Book(e.message)))
     }
 
     async fn start_all_in(
