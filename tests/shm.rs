@@ -59,6 +59,9 @@ async fn engine_thread_calls_go_through_the_rings_with_every_wait_strategy() {
         assert_eq!(back, "async");
         let st = echo.status();
         assert_eq!((st.restarts, st.calls_ok), (0, 2002), "{st:?}");
+        // Every engine-thread call but the oversized one went through the rings.
+        assert_eq!(st.ring_calls, 2000, "{st:?}");
+        assert_eq!(st.transport.as_deref(), Some(&*format!("shm ({wait})")));
     }
     sup.shutdown().await;
 }
@@ -151,5 +154,70 @@ async fn an_sdk_without_shared_memory_is_served_by_the_socket_and_told_so() {
     .unwrap()
     .unwrap();
     assert_eq!(back, "by the socket");
+    let st = py.status();
+    assert_eq!(st.ring_calls, 0);
+    assert!(
+        st.transport.as_deref().is_some_and(|t| t.starts_with("stream (shm asked for")),
+        "{st:?}"
+    );
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_bytes_in_a_live_mapping_kill_only_that_plugin_and_never_misread() {
+    // A hostile plugin writes random bytes over its side of the mapping while plugd
+    // waits for its reply, 30 times: every outcome is an error that names the plugin (or,
+    // if the bytes missed what plugd reads, the right answer), never a panic or a wrong
+    // answer, and the plugin serves again afterwards.
+    let sup = supervisor();
+    let dir = tempfile::tempdir().unwrap();
+    // Every round may cost an instance: more restarts than the default intensity allows.
+    let manifest = shm_manifest("spin-then-futex") + "max_restarts = 100\nbackoff_max = \"20ms\"\n";
+    let echo = sup.load(plugin(&dir, "echo", "echo", &manifest)).await.unwrap();
+    let mut violations = 0;
+    for seed in 1..=30u64 {
+        eventually("ready with its rings", || {
+            let st = echo.status();
+            st.state == State::Ready && st.transport.as_deref() == Some("shm (spin-then-futex)")
+        })
+        .await;
+        let pid = echo.status().pid;
+        let h = echo.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            h.call_blocking::<_, ()>(
+                "shm_fuzz",
+                &(seed * 7919, 20u64),
+                Deadline::after(Duration::from_secs(5)),
+            )
+        })
+        .await
+        .unwrap();
+        eprintln!("seed {seed}: {outcome:?}");
+        match outcome {
+            Ok(()) => {}
+            Err(e) if e.code == ErrorCode::PluginExited => {
+                assert!(e.message.contains("echo"), "{e}");
+                violations += 1;
+                // The next call goes to the instance that replaces it.
+                eventually("restarted", || echo.status().pid.is_some_and(|p| Some(p) != pid)).await;
+            }
+            Err(e) => assert_eq!(e.code, ErrorCode::DeadlineExceeded, "seed {seed}: {e}"),
+        }
+        let h = echo.clone();
+        let back: String = tokio::task::spawn_blocking(move || {
+            h.call_blocking(
+                "echo",
+                &format!("after {seed}"),
+                Deadline::after(Duration::from_secs(20)),
+            )
+        })
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("seed {seed}: the next call failed: {e}"));
+        assert_eq!(back, format!("after {seed}"));
+    }
+    assert!(violations > 0, "no round was seen as a violation");
+    let last = echo.status().last_exit.map(|e| e.to_string()).unwrap_or_default();
+    assert!(last.contains("protocol"), "{last}");
     sup.shutdown().await;
 }

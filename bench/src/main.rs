@@ -256,10 +256,11 @@ fn main() -> Result<()> {
     if args.first().map(String::as_str) == Some("--raw-shm-child") {
         shm_bench::raw_child();
     }
-    // transport = "shm" against the raw shm and socket floors (`--shm N`, N samples a row).
+    // transport = "shm" against the raw shm and socket floors (`--shm N [ROWS]`, N samples
+    // a row; ROWS, if given, keeps only the plugd rows whose name contains it).
     if args.first().map(String::as_str) == Some("--shm") {
         let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(100_000);
-        shm_bench::run(n)?;
+        shm_bench::run(n, args.get(2).map(String::as_str))?;
         return Ok(());
     }
     // plugd's /proc reads against sysinfo's, for one plugin's memory and CPU.

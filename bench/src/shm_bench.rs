@@ -162,17 +162,26 @@ fn on_tick_shm(
     }
     unpin()?;
     rt.block_on(sup.shutdown());
+    Ok(stats(&row_name(wait, caller, plugin_cpu, transport), 25, ns))
+}
+
+/// The table's name for an on_tick row.
+fn row_name(
+    wait: &str,
+    caller: Option<usize>,
+    plugin_cpu: Option<usize>,
+    transport: &str,
+) -> String {
     let place = match (caller, plugin_cpu) {
         (Some(a), Some(b)) if a != b => format!("CPU {a} ↔ CPU {b}"),
         (Some(a), Some(_)) => format!("pinned to CPU {a}"),
         _ => "unpinned".to_string(),
     };
-    let name = if transport == "shm" {
+    if transport == "shm" {
         format!("plugd on_tick, shm {wait}, {place}")
     } else {
         format!("plugd on_tick, socket (engine mode), {place}")
-    };
-    Ok(stats(&name, 25, ns))
+    }
 }
 
 fn unpin() -> Result<()> {
@@ -184,8 +193,9 @@ fn unpin() -> Result<()> {
     Ok(())
 }
 
-/// Runs the table: `n` samples a row.
-pub fn run(n: usize) -> Result<()> {
+/// Runs the table: `n` samples a row; `only`: just the plugd rows whose name contains it
+/// (`spin`, `futex`, `socket`, `unpinned`, …), beside all the floors.
+pub fn run(n: usize, only: Option<&str>) -> Result<()> {
     let warmup = n / 10;
     let shm_floor = raw_shm_floor(warmup, n)?;
     unpin()?;
@@ -194,15 +204,24 @@ pub fn run(n: usize) -> Result<()> {
     let pinned_floor = crate::raw_floor(64, warmup, n)?;
     unpin()?;
     let two = crate::extra::online_cpus() > 1;
-    let mut rows: Vec<(Stats, &Stats)> = Vec::new();
+    /// One on_tick row to measure: wait strategy, caller CPU, plugin CPU, transport,
+    /// and the floor it is compared with.
+    struct Row<'a>(&'a str, Option<usize>, Option<usize>, &'a str, &'a Stats);
+    let mut plan = Vec::new();
     if two {
-        rows.push((on_tick_shm(warmup, n, "spin", Some(0), Some(1), "shm")?, &shm_floor));
+        plan.push(Row("spin", Some(0), Some(1), "shm", &shm_floor));
     }
     for wait in ["spin-then-futex", "futex"] {
-        rows.push((on_tick_shm(warmup, n, wait, Some(0), Some(0), "shm")?, &pinned_floor));
-        rows.push((on_tick_shm(warmup, n, wait, None, None, "shm")?, &unpinned_floor));
+        plan.push(Row(wait, Some(0), Some(0), "shm", &pinned_floor));
+        plan.push(Row(wait, None, None, "shm", &unpinned_floor));
     }
-    rows.push((on_tick_shm(warmup, n, "", Some(0), Some(0), "stream")?, &pinned_floor));
+    plan.push(Row("", Some(0), Some(0), "stream", &pinned_floor));
+    let mut rows: Vec<(Stats, &Stats)> = Vec::new();
+    for Row(wait, caller, plugin, transport, floor) in plan {
+        if only.is_none_or(|o| row_name(wait, caller, plugin, transport).contains(o)) {
+            rows.push((on_tick_shm(warmup, n, wait, caller, plugin, transport)?, floor));
+        }
+    }
     let show = |s: &Stats, against: &str| {
         println!(
             "{:<52} p50 {:>7.2} µs  p99 {:>7.2} µs  p99.9 {:>7.2} µs{}",

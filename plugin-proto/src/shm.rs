@@ -26,16 +26,18 @@ use std::time::{Duration, Instant};
 pub const SHM_MAGIC: u32 = u32::from_le_bytes(*b"PLSM");
 
 /// The layout version, the mapping's second word.
-pub const SHM_LAYOUT: u32 = 1;
+pub const SHM_LAYOUT: u32 = 2;
 
 /// Each ring's default data size, in bytes (a frame larger than half of it goes by the
 /// socket instead).
 pub const DEFAULT_RING: usize = 256 << 10;
 
-/// Bytes before the first ring's data: the preamble (64) and two ring headers (128 each).
+/// Bytes before the first ring's data: the preamble (64) and two ring headers (192 each).
 const DATA_START: usize = 64 + 2 * HEADER;
-/// A ring's header: the writer's cache line, then the reader's.
-const HEADER: usize = 128;
+/// A ring's header: the writer's cache line, the reader's, and the sleeper's flag on a
+/// line of its own (read by the writer after every frame, written only when the reader
+/// goes to sleep: kept off the reader's line, which moves with every frame read).
+const HEADER: usize = 192;
 
 /// Why a mapping cannot be used, or what a peer did wrong in it.
 #[derive(Debug, thiserror::Error)]
@@ -229,6 +231,53 @@ impl Mapping {
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.add(off), n) }
     }
 
+    /// For a test that plays a hostile plugin: writes `word` as the slot header plugd's
+    /// reader of the replies ring comes to next (the writer's `head` says where).
+    #[doc(hidden)]
+    pub fn poison_next_reply(self: &Arc<Self>, word: u64) {
+        let replies = self.replies();
+        replies.slot(replies.head().load(Ordering::Acquire)).store(word, Ordering::Release);
+    }
+
+    /// For a test that plays a hostile plugin: random bytes (from `seed`) over what the
+    /// plugin side writes in a live mapping. The slot plugd reads next gets a random word,
+    /// half the time one with the due frame number and random body bytes after it (so it
+    /// passes the slot checks and reaches the decoder); then random 64-byte runs over the
+    /// replies ring's data and header, and now and then random positions in the calls
+    /// ring's reader line.
+    #[doc(hidden)]
+    pub fn fuzz_plugin_side(self: &Arc<Self>, seed: u64) {
+        let mut x = seed | 1;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let replies = self.replies();
+        let head = replies.head().load(Ordering::Acquire);
+        let junk: Vec<u8> = (0..512).map(|_| next() as u8).collect();
+        let len = (next() % 512).max(1) as usize;
+        replies.copy_in(head + 8, &junk[..len]);
+        let number = if next() % 2 == 0 {
+            frame_number(replies.written().load(Ordering::Acquire))
+        } else {
+            next() as u32
+        };
+        for _ in 0..4 {
+            let at = (next() as usize) % (self.ring - 64);
+            self.scribble(replies.data + at, &junk[at % 448..at % 448 + 64]);
+        }
+        if next() % 4 == 0 {
+            self.scribble(replies.header + (next() as usize % 3) * 64, &junk[..64]);
+        }
+        if next() % 4 == 0 {
+            let calls = self.calls();
+            calls.tail().store(next() % (4 * self.ring as u64), Ordering::Release);
+        }
+        replies.slot(head).store(len as u64 | u64::from(number) << 32, Ordering::Release);
+    }
+
     /// The mapping's size in bytes.
     pub fn len(&self) -> usize {
         self.len
@@ -240,11 +289,24 @@ impl Mapping {
     }
 }
 
-/// One ring of a mapping. Header words (offsets from `header`): the writer's line holds
-/// `head` (u64, bytes written in all) at 0 and `bell` (u32, bumped after every frame and
-/// every doorbell) at 8 and `sock` (u32, bumped when the socket has news) at 12; the
-/// reader's line holds `tail` (u64, bytes consumed in all) at 64 and `sleeping` (u32,
-/// nonzero while the reader may be asleep on `bell`) at 72.
+/// One ring of a mapping. Its header is three cache lines (offsets from `header`):
+///
+/// - the writer's: `head` (u64, bytes written in all) at 0 and `frames` (u64, frames
+///   written in all) at 8; only the writer touches them (for a side that maps the ring
+///   again);
+/// - the reader's: `tail` (u64, bytes consumed in all) at 64 and `frames` (u64, frames
+///   consumed) at 72; the writer reads `tail` only when it runs short of room;
+/// - the signals: `bell` (u32, the futex word, bumped when a frame or a doorbell finds
+///   the reader maybe asleep) at 128, `sock` (u32, bumped when the socket has news) at
+///   132, `sleeping` (u32, nonzero while the reader may sleep on `bell`) at 136. They
+///   change rarely, so both sides keep the line cached.
+///
+/// A frame sits at a 64-byte-aligned position: a u64 slot header (body length in the low
+/// 32 bits, the frame's number in the high 32), then the body, padded to the next 64
+/// bytes. The writer stores the slot header last; the reader waits on that word, so a
+/// small call costs one cache line moving each way, as the raw ping-pong does. The reader
+/// zeroes the first word of every line it consumed, so a position it comes to next holds
+/// either zero or a frame just written, never an old body's bytes.
 #[derive(Clone)]
 pub struct Ring {
     map: Arc<Mapping>,
@@ -252,34 +314,64 @@ pub struct Ring {
     data: usize,
 }
 
+/// Frames start at multiples of this (a cache line).
+const SLOT: u64 = 64;
+
+/// The number a ring's `n`-th frame (counting from 0) carries: never 0, so a zeroed slot
+/// header never reads as a frame.
+fn frame_number(n: u64) -> u32 {
+    (n % u64::from(u32::MAX)) as u32 + 1
+}
+
+/// The bytes a frame with a body of `len` takes in a ring (slot header and padding in).
+fn slot_len(len: usize) -> u64 {
+    (8 + len as u64).div_ceil(SLOT) * SLOT
+}
+
 impl Ring {
     fn head(&self) -> &AtomicU64 {
         self.map.word64(self.header)
     }
-    fn bell(&self) -> &AtomicU32 {
-        self.map.word32(self.header + 8)
-    }
-    fn sock(&self) -> &AtomicU32 {
-        self.map.word32(self.header + 12)
+    fn written(&self) -> &AtomicU64 {
+        self.map.word64(self.header + 8)
     }
     fn tail(&self) -> &AtomicU64 {
         self.map.word64(self.header + 64)
     }
+    fn consumed(&self) -> &AtomicU64 {
+        self.map.word64(self.header + 72)
+    }
+    fn bell(&self) -> &AtomicU32 {
+        self.map.word32(self.header + 128)
+    }
+    fn sock(&self) -> &AtomicU32 {
+        self.map.word32(self.header + 132)
+    }
     fn sleeping(&self) -> &AtomicU32 {
-        self.map.word32(self.header + 72)
+        self.map.word32(self.header + 136)
+    }
+
+    /// The slot header word at ring position `pos` (a multiple of [`SLOT`]; a position
+    /// read from the mapping is rounded down to one, so no word is ever misaligned).
+    fn slot(&self, pos: u64) -> &AtomicU64 {
+        let at = (pos as usize) & (self.map.ring - 1) & !(SLOT as usize - 1);
+        self.map.word64(self.data + at)
     }
 
     /// The writing end (one per ring, on one side).
     pub fn producer(self) -> Producer {
-        let head = self.head().load(Ordering::Acquire);
-        Producer { ring: self, head }
+        let head = self.head().load(Ordering::Acquire) / SLOT * SLOT;
+        let frames = self.written().load(Ordering::Acquire);
+        let tail = self.tail().load(Ordering::Acquire);
+        Producer { ring: self, head, frames, tail }
     }
 
     /// The reading end (one per ring, on the other side).
     pub fn consumer(self) -> Consumer {
-        let tail = self.tail().load(Ordering::Acquire);
+        let tail = self.tail().load(Ordering::Acquire) / SLOT * SLOT;
+        let frames = self.consumed().load(Ordering::Acquire);
         let seen_sock = self.sock().load(Ordering::Acquire);
-        Consumer { ring: self, tail, seen_sock }
+        Consumer { ring: self, tail, frames, seen_sock }
     }
 
     /// Tells this ring's reader the socket has something for it (it checks the socket
@@ -290,11 +382,13 @@ impl Ring {
     }
 
     fn ring_bell(&self) {
-        self.bell().fetch_add(1, Ordering::SeqCst);
         // Pairs with the reader's store of `sleeping` and its re-check (a Dekker fence):
-        // either it sees our frame, or we see that it sleeps and wake it.
+        // either it sees our frame, or we see that it may sleep, change the futex word
+        // (so a wait about to start returns at once) and wake it. A spinning reader never
+        // sets `sleeping`, so a frame writes no shared line but its own slot.
         fence(Ordering::SeqCst);
         if self.sleeping().load(Ordering::SeqCst) != 0 {
+            self.bell().fetch_add(1, Ordering::SeqCst);
             futex_wake(self.bell());
         }
     }
@@ -332,37 +426,54 @@ impl Ring {
 /// The writing end of a ring.
 pub struct Producer {
     ring: Ring,
-    /// Our own count of bytes written (the mapping's copy is for the reader).
+    /// Our own count of bytes written (the mapping's copy is for a side that maps again).
     head: u64,
+    /// Our own count of frames written.
+    frames: u64,
+    /// The reader's `tail` as last read (read again only when it leaves too little room,
+    /// so a frame does not pull the reader's cache line over).
+    tail: u64,
 }
 
 impl Producer {
-    /// The largest frame this ring takes (a larger one goes by the socket).
+    /// The largest frame (length prefix included) this ring takes; a larger one goes by
+    /// the socket.
     pub fn max_frame(&self) -> usize {
         self.ring.map.ring / 2
     }
 
-    /// Appends one whole frame (length prefix included) and rings the bell. `Ok(false)`:
-    /// no room now (the reader is behind); Err: the reader's position is impossible.
+    /// Appends one whole frame (as the socket carries it: u32 length, then the body) and
+    /// rings the bell. `Ok(false)`: no room now (the reader is behind) or a frame over
+    /// [`Producer::max_frame`]; Err: the reader's position is impossible.
     pub fn push(&mut self, frame: &[u8]) -> Result<bool, ShmError> {
         let cap = self.ring.map.ring as u64;
-        if frame.len() > self.max_frame() {
+        if frame.len() > self.max_frame() || frame.len() <= 4 {
             return Ok(false);
         }
-        let tail = self.ring.tail().load(Ordering::Acquire);
-        let used = self.head.wrapping_sub(tail);
-        if used > cap {
-            return Err(ShmError::Violation(format!(
-                "the reader says it consumed {tail}, but {} bytes were written",
-                self.head
-            )));
+        let body = &frame[4..];
+        let need = slot_len(body.len());
+        let used = self.head.wrapping_sub(self.tail);
+        if used > cap || cap - used < need {
+            let tail = self.ring.tail().load(Ordering::Acquire);
+            let used = self.head.wrapping_sub(tail);
+            if used > cap || tail % SLOT != 0 {
+                return Err(ShmError::Violation(format!(
+                    "the reader says it consumed {tail}, but {} bytes were written",
+                    self.head
+                )));
+            }
+            self.tail = tail;
+            if cap - used < need {
+                return Ok(false);
+            }
         }
-        if cap - used < frame.len() as u64 {
-            return Ok(false);
-        }
-        self.ring.copy_in(self.head, frame);
-        self.head += frame.len() as u64;
-        self.ring.head().store(self.head, Ordering::Release);
+        self.ring.copy_in(self.head + 8, body);
+        let word = body.len() as u64 | u64::from(frame_number(self.frames)) << 32;
+        self.ring.slot(self.head).store(word, Ordering::Release);
+        self.head += need;
+        self.frames += 1;
+        self.ring.head().store(self.head, Ordering::Relaxed);
+        self.ring.written().store(self.frames, Ordering::Relaxed);
         self.ring.ring_bell();
         Ok(true)
     }
@@ -389,49 +500,51 @@ pub struct Consumer {
     ring: Ring,
     /// Our own count of bytes consumed: never read back from the mapping.
     tail: u64,
+    /// Our own count of frames consumed.
+    frames: u64,
     seen_sock: u32,
 }
 
 impl Consumer {
-    /// Bytes published and not yet consumed, checked against the ring's size.
-    fn available(&self) -> Result<u64, ShmError> {
-        let head = self.ring.head().load(Ordering::Acquire);
-        let avail = head.wrapping_sub(self.tail);
-        if avail > self.ring.map.ring as u64 {
-            return Err(ShmError::Violation(format!(
-                "the writer says it wrote {head}, but {} were consumed and the ring holds {}",
-                self.tail, self.ring.map.ring
-            )));
-        }
-        Ok(avail)
-    }
-
     /// The next whole frame's body (copied out of the mapping), None if there is none yet.
     /// Err when the writer broke the ring's rules: the frame claims more than `max_frame`
-    /// or more than the ring can hold, or a position is impossible.
+    /// or more than the ring can hold, or carries the wrong number.
     pub fn pop(&mut self, max_frame: usize) -> Result<Option<Vec<u8>>, ShmError> {
-        let avail = self.available()?;
-        if avail < 4 {
-            return Ok(None);
+        let mut body = Vec::new();
+        Ok(self.pop_into(max_frame, &mut body)?.then_some(body))
+    }
+
+    /// [`Consumer::pop`] into `body` (cleared first; its capacity is reused): true if a
+    /// whole frame's body is now in it.
+    pub fn pop_into(&mut self, max_frame: usize, body: &mut Vec<u8>) -> Result<bool, ShmError> {
+        body.clear();
+        let word = self.ring.slot(self.tail).load(Ordering::Acquire);
+        if word == 0 {
+            return Ok(false);
         }
-        let mut len = [0u8; 4];
-        self.ring.copy_out(self.tail, &mut len);
-        let len = u32::from_le_bytes(len) as usize;
-        if len > max_frame || len > self.ring.map.ring / 2 {
+        let (len, number) = (word as u32 as usize, (word >> 32) as u32);
+        let due = frame_number(self.frames);
+        if number != due {
             return Err(ShmError::Violation(format!(
-                "a frame of {len} bytes (at most {} here)",
-                max_frame.min(self.ring.map.ring / 2)
+                "frame number {number} where {due} was due (a slot written out of turn)"
             )));
         }
-        if avail < 4 + len as u64 {
-            // A writer publishes whole frames: a partial one is a lie, or a slow writer.
-            return Ok(None);
+        let most = max_frame.min(self.ring.map.ring / 2 - 4);
+        if len == 0 || len > most {
+            return Err(ShmError::Violation(format!("a frame of {len} bytes (1 to {most} here)")));
         }
-        let mut body = vec![0u8; len];
-        self.ring.copy_out(self.tail + 4, &mut body);
-        self.tail += 4 + len as u64;
+        body.resize(len, 0);
+        self.ring.copy_out(self.tail + 8, body);
+        // Every line of the slot gets a zero first word before the writer may reuse it.
+        let used = slot_len(len);
+        for line in (0..used).step_by(SLOT as usize) {
+            self.ring.slot(self.tail + line).store(0, Ordering::Relaxed);
+        }
+        self.tail += used;
+        self.frames += 1;
+        self.ring.consumed().store(self.frames, Ordering::Relaxed);
         self.ring.tail().store(self.tail, Ordering::Release);
-        Ok(Some(body))
+        Ok(true)
     }
 
     /// Whether the writer rang the doorbell since the last call (the socket has news).
@@ -457,6 +570,11 @@ impl Consumer {
             WaitStrategy::SpinThenFutex => until.min(start + SPIN_FOR),
             WaitStrategy::Futex => start,
         };
+        // The writer may share this CPU (both pinned to one): a spinner lets it run now and
+        // then. `spin` is for dedicated CPUs, so it yields rarely (a yield is a syscall a
+        // frame may arrive during); `spin-then-futex` is the default anywhere, so it yields
+        // every 64 looks.
+        let yield_every = if strategy == WaitStrategy::Spin { 1024 } else { 64 };
         let mut n = 0u32;
         loop {
             if let Some(w) = self.ready()? {
@@ -467,9 +585,9 @@ impl Consumer {
                 if Instant::now() >= spin_until {
                     break;
                 }
-                // The writer may share this CPU (both pinned to one): let it run. On
-                // another CPU this costs one cheap syscall every 64 looks.
-                std::thread::yield_now();
+                if n % yield_every == 0 {
+                    std::thread::yield_now();
+                }
             }
             std::hint::spin_loop();
         }
@@ -495,7 +613,7 @@ impl Consumer {
     }
 
     fn ready(&mut self) -> Result<Option<Woken>, ShmError> {
-        if self.available()? >= 4 {
+        if self.ring.slot(self.tail).load(Ordering::Acquire) != 0 {
             return Ok(Some(Woken::Ring));
         }
         if self.ring.sock().load(Ordering::Acquire) != self.seen_sock {
@@ -553,7 +671,7 @@ mod tests {
         let mut rx = other.calls().consumer();
         for round in 0..200u32 {
             let body: Vec<u8> =
-                (0..(round % 700) as usize).map(|i| (i as u8) ^ round as u8).collect();
+                (0..=(round % 700) as usize).map(|i| (i as u8) ^ round as u8).collect();
             assert!(tx.push(&frame(&body)).unwrap(), "room in round {round}");
             assert_eq!(rx.pop(1 << 20).unwrap().as_deref(), Some(&body[..]));
         }
@@ -566,7 +684,8 @@ mod tests {
         let map = Arc::new(map);
         let mut tx = map.replies().producer();
         let mut rx = map.replies().consumer();
-        assert!(!tx.push(&vec![0u8; 2049]).unwrap(), "over half the ring goes by the socket");
+        assert!(!tx.push(&frame(&[0u8; 2045])).unwrap(), "over half the ring goes by the socket");
+        // 1000-byte bodies take 1024 bytes each (slot header and padding in)
         let f = frame(&[7u8; 1000]);
         let mut pushed = 0;
         while tx.push(&f).unwrap() {
@@ -582,21 +701,45 @@ mod tests {
         let (map, _fd) = Mapping::create(4096).unwrap();
         let map = Arc::new(map);
         let mut rx = map.replies().consumer();
-        let ring = map.replies();
-        // head far beyond what the ring can hold
-        ring.head().store(1 << 40, Ordering::Release);
-        assert!(matches!(rx.pop(1 << 20), Err(ShmError::Violation(_))));
+        let slot = |word: u64| map.replies().slot(0).store(word, Ordering::Release);
         // a frame claiming more than the ring
-        ring.head().store(8, Ordering::Release);
-        map.scribble(DATA_START + 4096, &u32::MAX.to_le_bytes());
+        slot(u64::from(u32::MAX) | 1 << 32);
         assert!(matches!(rx.pop(1 << 20), Err(ShmError::Violation(_))));
         // a frame claiming more than max_frame
-        map.scribble(DATA_START + 4096, &100u32.to_le_bytes());
+        slot(100 | 1 << 32);
         assert!(matches!(rx.pop(10), Err(ShmError::Violation(_))));
-        // and a reader that lies about its tail to the writer
+        // a frame of no bytes
+        slot(1 << 32);
+        assert!(matches!(rx.pop(1 << 20), Err(ShmError::Violation(_))));
+        // a frame out of turn (number 7 where 1 is due)
+        slot(10 | 7 << 32);
+        assert!(matches!(rx.pop(1 << 20), Err(ShmError::Violation(_))));
+        // and a reader that lies about its tail to the writer: seen once the writer needs
+        // the room it claims to have made (the writer reads `tail` only then)
         let mut tx = map.calls().producer();
         map.calls().tail().store(u64::MAX / 2, Ordering::Release);
-        assert!(matches!(tx.push(&frame(b"x")), Err(ShmError::Violation(_))));
+        let f = frame(&[1u8; 1000]);
+        let outcome = (0..5).map(|_| tx.push(&f)).find(|r| !matches!(r, Ok(true)));
+        assert!(matches!(outcome, Some(Err(ShmError::Violation(_)))), "{outcome:?}");
+    }
+
+    #[test]
+    fn a_consumed_slot_never_reads_as_a_frame_again() {
+        // Bodies whose bytes look like slot headers (the due number, a small length):
+        // once consumed, the reader must not take them for the next frames.
+        let (map, _fd) = Mapping::create(4096).unwrap();
+        let map = Arc::new(map);
+        let mut tx = map.calls().producer();
+        let mut rx = map.calls().consumer();
+        let mut body = Vec::new();
+        for n in 1..=64u64 {
+            body.extend_from_slice(&(8 | n << 32).to_le_bytes());
+        }
+        for round in 0..40 {
+            assert!(tx.push(&frame(&body[..400 + round])).unwrap());
+            assert_eq!(rx.pop(1 << 20).unwrap().map(|b| b.len()), Some(400 + round));
+            assert_eq!(rx.pop(1 << 20).unwrap(), None, "round {round}: a stale slot was read");
+        }
     }
 
     #[test]
@@ -615,9 +758,13 @@ mod tests {
             let junk: Vec<u8> = (0..64).map(|_| next() as u8).collect();
             let at = (next() as usize) % (map.len() - 64);
             map.scribble(at, &junk);
-            // the writer's header words too, now and then
+            // the header words and a slot header that passes the number check, now and then
             if next() % 4 == 0 {
-                map.replies().head().store(next() % 10_000, Ordering::Release);
+                map.replies().tail().store(next() % 10_000 * SLOT, Ordering::Release);
+                map.replies().consumed().store(next() % 3, Ordering::Release);
+                let rx = map.replies().consumer();
+                let word = (next() % 3000) | (u64::from(frame_number(rx.frames)) << 32);
+                map.replies().slot(rx.tail).store(word, Ordering::Release);
             }
             for _ in 0..4 {
                 match rx.pop(1 << 20) {

@@ -163,6 +163,10 @@ struct ShmIo {
     calls: plugin_proto::shm::Consumer,
     replies: plugin_proto::shm::Producer,
     wait: plugin_proto::shm::WaitStrategy,
+    /// The last call's body, copied out of the ring (the buffer is reused).
+    body: Vec<u8>,
+    /// The last reply's frame (the buffer is reused).
+    frame: Vec<u8>,
     /// The memfd, kept open (a handler may map it again; the number stays taken).
     _fd: std::os::fd::OwnedFd,
 }
@@ -172,8 +176,9 @@ impl ShmIo {
     /// engine call at a time, so a reply that fits half the ring finds room). A reply
     /// larger than that becomes an error that says how to make room.
     fn reply(&mut self, reply: Message) -> Result<(), ServeError> {
-        let mut frame = Vec::new();
-        encode_frame(&reply, &mut frame).map_err(FrameError::from)?;
+        let frame = &mut self.frame;
+        frame.clear();
+        encode_frame(&reply, frame).map_err(FrameError::from)?;
         if frame.len() > self.replies.max_frame() {
             let Message::Reply(r) = reply else { return Ok(()) };
             let err = CallError::new(
@@ -185,11 +190,11 @@ impl ShmIo {
                 ),
             );
             frame.clear();
-            encode_frame(&Message::Reply(Reply { id: r.id, result: Err(err) }), &mut frame)
+            encode_frame(&Message::Reply(Reply { id: r.id, result: Err(err) }), frame)
                 .map_err(FrameError::from)?;
         }
         let give_up = Instant::now() + Duration::from_secs(10);
-        while !self.replies.push(&frame).map_err(shm_broken)? {
+        while !self.replies.push(frame).map_err(shm_broken)? {
             if Instant::now() > give_up {
                 return Err(shm_broken(plugin_proto::shm::ShmError::Violation(
                     "plugd has not read the replies ring for 10 s".into(),
@@ -216,7 +221,14 @@ fn shm_from_env() -> Option<Result<ShmIo, String>> {
         .unwrap_or_default();
     Some(plugin_proto::shm::Mapping::open(&owned).map_err(|e| e.to_string()).map(|m| {
         let m = Arc::new(m);
-        ShmIo { calls: m.calls().consumer(), replies: m.replies().producer(), wait, _fd: owned }
+        ShmIo {
+            calls: m.calls().consumer(),
+            replies: m.replies().producer(),
+            wait,
+            body: Vec::with_capacity(256),
+            frame: Vec::with_capacity(256),
+            _fd: owned,
+        }
     }))
 }
 
@@ -424,8 +436,8 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
                     }
                 }
                 Some(s) => loop {
-                    if let Some(body) = s.calls.pop(max_frame as usize).map_err(shm_broken)? {
-                        break (decode_body(&body)?, true);
+                    if s.calls.pop_into(max_frame as usize, &mut s.body).map_err(shm_broken)? {
+                        break (decode_body(&s.body)?, true);
                     }
                     let buffered = whole_frame_buffered(io.reader.buffer());
                     if buffered || (check_socket && socket_readable(io.reader.get_ref())?) {

@@ -101,6 +101,10 @@ pub(crate) struct Conn {
     pub engine: Arc<AtomicBool>,
     /// Engine-thread calls made (the actor's read tick backs off while it moves).
     pub engine_calls: AtomicU64,
+    /// Calls sent through the shared-memory rings (the rest went by the socket).
+    pub ring_calls: AtomicU64,
+    /// Whether the socket keeps message boundaries (`transport = "seqpacket"`).
+    records: bool,
     /// The protocol version the handshake settled on (host calls need 2).
     proto: AtomicU16,
     /// What the plugin may call on the host.
@@ -124,10 +128,11 @@ pub(crate) struct Conn {
 pub(crate) struct ShmSide {
     /// Set when the plugin's SDK took the mapping (`Notify "plugd.shm"` before Ready).
     active: AtomicBool,
-    /// The calls ring's writing end.
-    calls: Mutex<shm::Producer>,
-    /// The replies ring's reading end: an engine thread holds it for its whole call.
-    replies: Mutex<shm::Consumer>,
+    /// The calls ring's writing end, and the buffer a Call frame is encoded in (reused).
+    calls: Mutex<(shm::Producer, Vec<u8>)>,
+    /// The replies ring's reading end and the buffer a reply is copied into (reused): an
+    /// engine thread holds it for its whole call.
+    replies: Mutex<(shm::Consumer, Vec<u8>)>,
     /// The calls ring, for the doorbell (the socket has news for the plugin).
     bell: shm::Ring,
     /// How an engine thread waits for a reply.
@@ -139,8 +144,8 @@ impl ShmSide {
     pub fn new(map: Arc<shm::Mapping>, wait: shm::WaitStrategy) -> ShmSide {
         ShmSide {
             active: AtomicBool::new(false),
-            calls: Mutex::new(map.calls().producer()),
-            replies: Mutex::new(map.replies().consumer()),
+            calls: Mutex::new((map.calls().producer(), Vec::with_capacity(256))),
+            replies: Mutex::new((map.replies().consumer(), Vec::with_capacity(256))),
             bell: map.calls(),
             wait,
         }
@@ -220,6 +225,8 @@ impl Conn {
             wake: Notify::new(),
             engine,
             engine_calls: AtomicU64::new(0),
+            ring_calls: AtomicU64::new(0),
+            records,
             proto: AtomicU16::new(plugin_proto::PROTO_MIN),
             host,
             rt: tokio::runtime::Handle::try_current().ok(),
@@ -245,6 +252,17 @@ impl Conn {
     /// Whether this connection was given a shared mapping (`transport = "shm"`).
     pub fn has_shm(&self) -> bool {
         self.shm.is_some()
+    }
+
+    /// How calls reach the plugin, for status: `stream`, `seqpacket`, `shm (WAIT)`, or the
+    /// socket with a note when the plugin was given a mapping its SDK did not take.
+    pub fn transport(&self) -> String {
+        let socket = if self.records { "seqpacket" } else { "stream" };
+        match &self.shm {
+            Some(s) if s.active.load(Ordering::Acquire) => format!("shm ({})", s.wait.word()),
+            Some(_) => format!("{socket} (shm asked for; the plugin's SDK does not read it)"),
+            None => socket.to_string(),
+        }
     }
 
     /// The wait strategy, if calls go through shared memory.
@@ -842,6 +860,7 @@ impl Conn {
         now: Instant,
     ) -> Result<Result<Payload, CallError>, Result<Payload, NotSent>> {
         let mut replies = shm.replies.lock();
+        let (replies, body) = &mut *replies;
         let id = {
             let mut t = self.table.lock();
             let deadline_us = self.deadline_us(deadline, now).map_err(Err)?;
@@ -849,16 +868,18 @@ impl Conn {
                 return Err(Err(NotSent::Closing(payload)));
             };
             let call = Call { id, method: method.to_string(), deadline_us, payload };
-            let mut frame = Vec::with_capacity(64 + call.payload.data.len());
+            let mut calls = shm.calls.lock();
+            let (ring, frame) = &mut *calls;
+            frame.clear();
             let msg = Message::Call(call);
-            if let Err(e) = encode_frame(&msg, &mut frame) {
+            if let Err(e) = encode_frame(&msg, frame) {
                 t.abandon(id);
                 return Err(Err(NotSent::Failed(CallError::new(
                     ErrorCode::Internal,
                     format!("plugin {}: cannot encode the call to {method}: {e}", self.name),
                 ))));
             }
-            match shm.calls.lock().push(&frame) {
+            match ring.push(frame) {
                 Ok(true) => id,
                 Ok(false) => {
                     t.abandon(id);
@@ -867,17 +888,18 @@ impl Conn {
                 }
                 Err(e) => {
                     t.abandon(id);
-                    drop(t);
+                    drop((t, calls));
                     self.push(Inbound::Fault(format!("plugin {}: {e}", self.name)));
                     return Ok(Err(self.gone("it broke its shared memory")));
                 }
             }
         };
         self.engine_calls.fetch_add(1, Ordering::Relaxed);
+        self.ring_calls.fetch_add(1, Ordering::Relaxed);
         let max = self.max_frame as usize;
         loop {
-            match replies.pop(max) {
-                Ok(Some(body)) => match plugin_proto::frame::decode_body(&body) {
+            match replies.pop_into(max, body) {
+                Ok(true) => match plugin_proto::frame::decode_body(body) {
                     Ok(Message::Reply(r)) if r.id == id => {
                         let mut t = self.table.lock();
                         t.complete(id);
@@ -896,7 +918,7 @@ impl Conn {
                     }
                     Err(e) => return Ok(Err(self.broken(id, e.to_string()))),
                 },
-                Ok(None) => {}
+                Ok(false) => {}
                 Err(e) => return Ok(Err(self.broken(id, e.to_string()))),
             }
             if self.closed.load(Ordering::Acquire) {

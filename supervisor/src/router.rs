@@ -105,6 +105,11 @@ pub struct PluginStatus {
     pub health: Option<crate::health::HealthView>,
     /// Its methods as it described them (name, description, input and output schemas).
     pub methods: Vec<crate::describe::MethodInfo>,
+    /// How calls reach the current instance (`stream`, `seqpacket`, `shm (spin)`, …; with
+    /// a note when shared memory was asked for and the SDK serves the socket instead).
+    pub transport: Option<String>,
+    /// Calls the current instance was sent through the shared-memory rings.
+    pub ring_calls: u64,
 }
 
 /// Upper bounds of the call-latency buckets, in microseconds (a last bucket takes the rest).
@@ -465,6 +470,7 @@ impl PluginHandle {
     pub fn status(&self) -> PluginStatus {
         let s = &self.shared;
         let live = s.live.lock().clone();
+        let route = s.route.load();
         PluginStatus {
             name: s.name.clone(),
             version: live.version.clone(),
@@ -485,6 +491,8 @@ impl PluginHandle {
             log_lines_dropped: s.ring.dropped(),
             health: live.health,
             methods: live.methods,
+            transport: route.as_ref().map(|c| c.transport()),
+            ring_calls: route.as_ref().map_or(0, |c| c.ring_calls.load(Ordering::Relaxed)),
         }
     }
 

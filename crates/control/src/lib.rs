@@ -407,6 +407,17 @@ pub struct StatusEntry {
     /// Its `[health]` check's standing, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthEntry>,
+    /// How calls reach the running instance (`stream`, `seqpacket`, `shm (spin)`, …, with a
+    /// note when shared memory was asked for and its SDK serves the socket instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
+    /// Calls the running instance was sent through the shared-memory rings.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ring_calls: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A plugin's `[health]` check as `status` shows it.

@@ -64,25 +64,17 @@ impl Plugin for Echo {
             let cfg = cfg.transpose().map_err(|e| e.message)?;
             Ok(cfg.and_then(|c| c.get(&key).map(String::len)))
         });
-        // Hostile (transport = "shm"): says the replies ring holds far more than it can, then
-        // stays in the handler for `ms` milliseconds while plugd waits for the reply.
+        // Hostile (transport = "shm"): writes a frame out of turn where plugd reads the
+        // next reply, then stays in the handler for `ms` milliseconds while plugd waits.
         m.typed("shm_scribble", |_, ms: u64| -> Result<(), String> {
-            let fd: i32 = std::env::var("PLUGD_SHM_FD")
-                .map_err(|e| e.to_string())?
-                .parse()
-                .map_err(|_| "bad fd")?;
-            // SAFETY: a descriptor number this process holds open (the runner owns the
-            // original); dup makes one this handler owns.
-            let dup = unsafe { libc::dup(fd) };
-            if dup < 0 {
-                return Err(std::io::Error::last_os_error().to_string());
-            }
-            // SAFETY: dup just returned this descriptor to us alone.
-            let owned =
-                unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
-            let map = plugin_proto::shm::Mapping::open(&owned).map_err(|e| e.to_string())?;
-            // The replies ring's header starts at byte 192; `head` is its first word.
-            map.scribble(192, &(1u64 << 40).to_le_bytes());
+            own_mapping()?.poison_next_reply(u64::MAX);
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            Ok(())
+        });
+        // Hostile (transport = "shm"): random bytes from `seed` over the plugin's side of
+        // the live mapping (see `Mapping::fuzz_plugin_side`), then `ms` milliseconds' wait.
+        m.typed("shm_fuzz", |_, (seed, ms): (u64, u64)| -> Result<(), String> {
+            own_mapping()?.fuzz_plugin_side(seed);
             std::thread::sleep(std::time::Duration::from_millis(ms));
             Ok(())
         });
@@ -112,4 +104,20 @@ impl Plugin for Echo {
 
 fn main() {
     plugin_runner::serve(Echo::default())
+}
+
+/// The shared mapping plugd handed this process (transport = "shm"), mapped once more.
+fn own_mapping() -> Result<std::sync::Arc<plugin_proto::shm::Mapping>, String> {
+    let fd: i32 =
+        std::env::var("PLUGD_SHM_FD").map_err(|e| e.to_string())?.parse().map_err(|_| "bad fd")?;
+    // SAFETY: a descriptor number this process holds open (the runner owns the original);
+    // dup makes one this function owns.
+    let dup = unsafe { libc::dup(fd) };
+    if dup < 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    // SAFETY: dup just returned this descriptor to us alone.
+    let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+    let map = plugin_proto::shm::Mapping::open(&owned).map_err(|e| e.to_string())?;
+    Ok(std::sync::Arc::new(map))
 }

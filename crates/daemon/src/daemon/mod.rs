@@ -569,6 +569,8 @@ impl Daemon {
                         sdk: st.sdk,
                         sandbox: st.sandbox,
                         sandbox_unavailable: st.sandbox_unavailable,
+                        transport: st.transport,
+                        ring_calls: st.ring_calls,
                         exits: st.exits.into_iter().map(|(k, n)| (k.to_string(), n)).collect(),
                         log_lines_dropped: st.log_lines_dropped,
                         rss_bytes: st.pid.and_then(supervisor::spawn::proc_usage).map(|u| u.0),
