@@ -393,9 +393,21 @@ fn sigusr2_upgrades_in_place_without_restarting_plugins_or_losing_calls() {
     add_plugin(&root.path().join("plugins"), "echo", "echo", "");
     // garbage ignores a closed socket: only the parent-death signal can end it (checked below).
     add_plugin(&root.path().join("plugins"), "garbage", "garbage", "");
+    // Its shared mapping is handed over too: calls keep going through its rings.
+    add_plugin(&root.path().join("plugins"), "echo", "fast", "transport = \"shm\"\n");
     let exe = plugd_copy(root.path());
     let mut d = Plugd::start_exe(&exe, root, &[]);
-    eventually("all ready", || d.all_ready(&["echo", "garbage"]));
+    eventually("all ready", || d.all_ready(&["echo", "garbage", "fast"]));
+    let ring_calls = |d: &Plugd, n: u32| {
+        for i in 0..n {
+            let out = d.ctl(&["call", "fast", "echo", &format!("\"r{i}\"")]);
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("r{i}"));
+        }
+        let fast = d.plugin("fast");
+        assert_eq!(fast["transport"], "shm (spin-then-futex)", "{fast}");
+        fast["ring_calls"].as_u64().unwrap_or(0)
+    };
+    assert_eq!(ring_calls(&d, 3), 3);
     let before = info(&d);
     assert_eq!(before["generation"], 0);
     let pids: Vec<u64> = d.status().iter().map(|p| p["pid"].as_u64().unwrap()).collect();
@@ -449,6 +461,8 @@ fn sigusr2_upgrades_in_place_without_restarting_plugins_or_losing_calls() {
     assert!(d.status().iter().all(|p| p["state"] == "ready" && p["restarts"] == 0));
     let out = d.ctl(&["call", "echo", "echo", "\"still\""]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "still");
+    // The new plugd's counters start at 0: every call since went through the rings.
+    assert_eq!(ring_calls(&d, 4), 4);
 
     // The parent-death signal still binds the plugins to the re-executed plugd.
     d.signal(Signal::SIGKILL);

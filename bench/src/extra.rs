@@ -134,9 +134,14 @@ fn raw_pipelined(k: usize, total: usize) -> Result<f64> {
 
 /// Pipelined throughput for each `k`.
 pub async fn pipelined(ks: &[usize], total: usize) -> Result<Vec<Pipelined>> {
+    pipelined_with(ks, total, "").await
+}
+
+/// [`pipelined`] with `manifest` added to the echo plugin's manifest (a transport).
+pub async fn pipelined_with(ks: &[usize], total: usize, manifest: &str) -> Result<Vec<Pipelined>> {
     let dir = tempfile::tempdir()?;
     let sup = supervisor()?;
-    let echo = sup.load(temp_plugin(dir.path(), "echo", "echo", "")?).await?;
+    let echo = sup.load(temp_plugin(dir.path(), "echo", "echo", manifest)?).await?;
     let mut out = Vec::new();
     for &k in ks {
         let raw_per_s = raw_pipelined(k, total)?;

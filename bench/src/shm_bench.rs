@@ -118,8 +118,20 @@ fn raw_shm_floor(warmup: usize, samples: usize) -> Result<Stats> {
     Ok(stats("raw shm spin ping-pong, CPU 0 ↔ CPU 1", 8, ns))
 }
 
-/// on_tick from this thread (pinned to `caller`, if any) to tick-strategy over the rings,
-/// the plugin pinned to `plugin_cpu` (if any), waiting per `wait`.
+/// Who makes the calls in an on_tick row.
+#[derive(Clone, Copy, PartialEq)]
+enum Caller {
+    /// `call_blocking` from this thread, the plugin in engine mode.
+    Engine,
+    /// `call_with` from a task on a current-thread runtime (this thread).
+    CurrentThread,
+    /// `call_with` from a task on a multi-thread runtime with two workers.
+    MultiThread,
+}
+
+/// on_tick to tick-strategy from `who`, on `transport` (`shm` waiting per `wait`, or a
+/// socket); this thread (and with an async caller, its runtime) pinned to `caller`, the
+/// plugin to `plugin_cpu`, if any.
 fn on_tick_shm(
     warmup: usize,
     samples: usize,
@@ -127,8 +139,20 @@ fn on_tick_shm(
     caller: Option<usize>,
     plugin_cpu: Option<usize>,
     transport: &str,
+    who: Caller,
 ) -> Result<Stats> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    // An async caller's runtime is built pinned, so its threads stay on that CPU too.
+    if who != Caller::Engine {
+        if let Some(cpu) = caller {
+            pin(cpu)?;
+        }
+    }
+    let rt = match who {
+        Caller::CurrentThread => {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?
+        }
+        _ => tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?,
+    };
     let dir = tempfile::tempdir()?;
     let sup = rt.block_on(async { crate::extra::supervisor() })?;
     let mut config = format!("transport = \"{transport}\"\n");
@@ -141,28 +165,48 @@ fn on_tick_shm(
     }
     let spec = temp_plugin(dir.path(), "strat", "tick-strategy", &config)?;
     let strat = rt.block_on(sup.load(spec))?;
-    strat.set_engine_mode(true);
     if transport == "shm" {
         // The runner says plugd.shm before Ready: by now calls go through the rings.
         let taken = strat.logs(100).iter().any(|l| l.text.contains("go through shared memory"));
         anyhow::ensure!(taken, "the plugin did not take the shared memory: {:?}", strat.logs(20));
     }
-    if let Some(cpu) = caller {
-        pin(cpu)?;
-    }
+    let deadline = Deadline::After(Duration::from_secs(5));
+    let tick = |i: usize| Tick { symbol: "BTC-USD".into(), bid: 100.0, ask: 100.02, ts: i as u64 };
     let mut ns = Vec::with_capacity(samples);
-    let deadline = Duration::from_secs(5);
-    for i in 0..warmup + samples {
-        let tick = Tick { symbol: "BTC-USD".into(), bid: 100.0, ask: 100.02, ts: i as u64 };
-        let t0 = Instant::now();
-        let _: Order = strat.call_blocking("on_tick", &tick, Deadline::After(deadline))?;
-        if i >= warmup {
-            ns.push(t0.elapsed().as_nanos() as u64);
+    if who == Caller::Engine {
+        strat.set_engine_mode(true);
+        if let Some(cpu) = caller {
+            pin(cpu)?;
         }
+        for i in 0..warmup + samples {
+            let tick = tick(i);
+            let t0 = Instant::now();
+            let _: Order = strat.call_blocking("on_tick", &tick, deadline)?;
+            if i >= warmup {
+                ns.push(t0.elapsed().as_nanos() as u64);
+            }
+        }
+    } else {
+        rt.block_on(async {
+            for i in 0..warmup + samples {
+                let tick = tick(i);
+                let t0 = Instant::now();
+                let _: Order = strat.call_with("on_tick", &tick, deadline).await?;
+                if i >= warmup {
+                    ns.push(t0.elapsed().as_nanos() as u64);
+                }
+            }
+            anyhow::Ok(())
+        })?;
     }
-    unpin()?;
+    let rings = strat.status().ring_calls;
     rt.block_on(sup.shutdown());
-    Ok(stats(&row_name(wait, caller, plugin_cpu, transport), 25, ns))
+    drop(rt);
+    unpin()?;
+    if transport == "shm" {
+        anyhow::ensure!(rings >= samples as u64, "only {rings} calls went through the rings");
+    }
+    Ok(stats(&row_name(wait, caller, plugin_cpu, transport, who), 25, ns))
 }
 
 /// The table's name for an on_tick row.
@@ -171,16 +215,24 @@ fn row_name(
     caller: Option<usize>,
     plugin_cpu: Option<usize>,
     transport: &str,
+    who: Caller,
 ) -> String {
     let place = match (caller, plugin_cpu) {
         (Some(a), Some(b)) if a != b => format!("CPU {a} ↔ CPU {b}"),
         (Some(a), Some(_)) => format!("pinned to CPU {a}"),
         _ => "unpinned".to_string(),
     };
+    let how = match who {
+        Caller::Engine => "",
+        Caller::CurrentThread => "async current-thread, ",
+        Caller::MultiThread => "async multi-thread, ",
+    };
     if transport == "shm" {
-        format!("plugd on_tick, shm {wait}, {place}")
-    } else {
+        format!("plugd on_tick, {how}shm {wait}, {place}")
+    } else if who == Caller::Engine {
         format!("plugd on_tick, socket (engine mode), {place}")
+    } else {
+        format!("plugd on_tick, {how}socket, {place}")
     }
 }
 
@@ -204,22 +256,28 @@ pub fn run(n: usize, only: Option<&str>) -> Result<()> {
     let pinned_floor = crate::raw_floor(64, warmup, n)?;
     unpin()?;
     let two = crate::extra::online_cpus() > 1;
-    /// One on_tick row to measure: wait strategy, caller CPU, plugin CPU, transport,
-    /// and the floor it is compared with.
-    struct Row<'a>(&'a str, Option<usize>, Option<usize>, &'a str, &'a Stats);
+    /// One on_tick row to measure: wait strategy, caller CPU, plugin CPU, transport, who
+    /// calls, and the floor it is compared with.
+    struct Row<'a>(&'a str, Option<usize>, Option<usize>, &'a str, Caller, &'a Stats);
     let mut plan = Vec::new();
+    let engine = Caller::Engine;
     if two {
-        plan.push(Row("spin", Some(0), Some(1), "shm", &shm_floor));
+        plan.push(Row("spin", Some(0), Some(1), "shm", engine, &shm_floor));
     }
     for wait in ["spin-then-futex", "futex"] {
-        plan.push(Row(wait, Some(0), Some(0), "shm", &pinned_floor));
-        plan.push(Row(wait, None, None, "shm", &unpinned_floor));
+        plan.push(Row(wait, Some(0), Some(0), "shm", engine, &pinned_floor));
+        plan.push(Row(wait, None, None, "shm", engine, &unpinned_floor));
     }
-    plan.push(Row("", Some(0), Some(0), "stream", &pinned_floor));
+    plan.push(Row("", Some(0), Some(0), "stream", engine, &pinned_floor));
+    // The async path (#18 item 6): everything on CPU 0, against the pinned socket floor.
+    for who in [Caller::CurrentThread, Caller::MultiThread] {
+        plan.push(Row("spin-then-futex", Some(0), Some(0), "shm", who, &pinned_floor));
+        plan.push(Row("", Some(0), Some(0), "stream", who, &pinned_floor));
+    }
     let mut rows: Vec<(Stats, &Stats)> = Vec::new();
-    for Row(wait, caller, plugin, transport, floor) in plan {
-        if only.is_none_or(|o| row_name(wait, caller, plugin, transport).contains(o)) {
-            rows.push((on_tick_shm(warmup, n, wait, caller, plugin, transport)?, floor));
+    for Row(wait, caller, plugin, transport, who, floor) in plan {
+        if only.is_none_or(|o| row_name(wait, caller, plugin, transport, who).contains(o)) {
+            rows.push((on_tick_shm(warmup, n, wait, caller, plugin, transport, who)?, floor));
         }
     }
     let show = |s: &Stats, against: &str| {
@@ -249,6 +307,42 @@ pub fn run(n: usize, only: Option<&str>) -> Result<()> {
             "socket"
         };
         show(&with_ratio(row, floor), against);
+    }
+    if only.is_none_or(|o| o.contains("pipelined")) {
+        pipelined(n)?;
+    }
+    Ok(())
+}
+
+/// Pipelined echo calls (64 B) with 1, 16 and 256 in flight from a multi-thread runtime,
+/// unpinned: over the socket and over shm (`spin-then-futex`), beside the raw pipelined
+/// socketpair of the same run.
+fn pipelined(n: usize) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let ks = [1, 16, 256];
+    let total = n.max(256 * 16);
+    let socket = rt.block_on(crate::extra::pipelined_with(&ks, total, ""))?;
+    let shm = "transport = \"shm\"\n[shm]\nwait = \"spin-then-futex\"\n";
+    let ring = rt.block_on(crate::extra::pipelined_with(&ks, total, shm))?;
+    println!(
+        "{:<24} {:>12} {:>14} {:>14} {:>12} {:>12}",
+        "pipelined echo, in flight",
+        "raw msg/s",
+        "socket calls/s",
+        "shm calls/s",
+        "shm/raw",
+        "shm/socket"
+    );
+    for (s, r) in socket.iter().zip(&ring) {
+        println!(
+            "{:<24} {:>12.0} {:>14.0} {:>14.0} {:>12.2} {:>12.2}",
+            s.k,
+            r.raw_per_s,
+            s.plugd_per_s,
+            r.plugd_per_s,
+            r.plugd_per_s / r.raw_per_s,
+            r.plugd_per_s / s.plugd_per_s
+        );
     }
     Ok(())
 }

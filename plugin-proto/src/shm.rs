@@ -25,6 +25,10 @@ use std::time::{Duration, Instant};
 /// `b"PLSM"` read as a little-endian u32: the mapping's first word.
 pub const SHM_MAGIC: u32 = u32::from_le_bytes(*b"PLSM");
 
+/// The Notify a plugin sends on its socket after putting a reply in the ring, while plugd
+/// asked for it (`nudge`): plugd's waiter then hears of the reply through its socket.
+pub const NUDGE_NOTIFY: &str = "plugd.ring";
+
 /// The layout version, the mapping's second word.
 pub const SHM_LAYOUT: u32 = 2;
 
@@ -86,6 +90,11 @@ impl WaitStrategy {
         }
     }
 }
+
+/// How many times a `spin-then-futex` waiter looks before it yields the CPU (to a peer
+/// that may share it). Small: on one CPU every look before the yield is wasted, on two a
+/// yield costs one cheap syscall.
+pub const LOOKS_PER_YIELD: u32 = 16;
 
 /// How long `SpinThenFutex` spins before it sleeps.
 const SPIN_FOR: Duration = Duration::from_micros(50);
@@ -298,8 +307,9 @@ impl Mapping {
 ///   consumed) at 72; the writer reads `tail` only when it runs short of room;
 /// - the signals: `bell` (u32, the futex word, bumped when a frame or a doorbell finds
 ///   the reader maybe asleep) at 128, `sock` (u32, bumped when the socket has news) at
-///   132, `sleeping` (u32, nonzero while the reader may sleep on `bell`) at 136. They
-///   change rarely, so both sides keep the line cached.
+///   132, `sleeping` (u32, nonzero while the reader may sleep on `bell`) at 136, `nudge`
+///   (u32, nonzero while the reader wants a socket message for every new frame) at 140.
+///   They change rarely, so both sides keep the line cached.
 ///
 /// A frame sits at a 64-byte-aligned position: a u64 slot header (body length in the low
 /// 32 bits, the frame's number in the high 32), then the body, padded to the next 64
@@ -349,6 +359,19 @@ impl Ring {
     }
     fn sleeping(&self) -> &AtomicU32 {
         self.map.word32(self.header + 136)
+    }
+    fn nudge(&self) -> &AtomicU32 {
+        self.map.word32(self.header + 140)
+    }
+
+    /// The reader asks (`true`) or stops asking the writer to also say on the socket when
+    /// it puts a frame in this ring: for a reader that waits on its socket rather than on
+    /// the ring. The writer looks after every frame ([`Producer::reader_wants_nudge`]).
+    pub fn ask_nudge(&self, on: bool) {
+        self.nudge().store(u32::from(on), Ordering::SeqCst);
+        // Pairs with the writer's fence after its slot store: either it sees the request,
+        // or the reader's look at the ring after this sees the frame.
+        fence(Ordering::SeqCst);
     }
 
     /// The slot header word at ring position `pos` (a multiple of [`SLOT`]; a position
@@ -482,6 +505,12 @@ impl Producer {
     pub fn doorbell(&self) {
         self.ring.doorbell();
     }
+
+    /// Whether the reader asked to hear of new frames on the socket too ([`Ring::ask_nudge`]);
+    /// read after [`Producer::push`], whose fence orders it after the frame.
+    pub fn reader_wants_nudge(&self) -> bool {
+        self.ring.nudge().load(Ordering::SeqCst) != 0
+    }
 }
 
 /// What a reader's wait ended with.
@@ -573,21 +602,19 @@ impl Consumer {
         // The writer may share this CPU (both pinned to one): a spinner lets it run now and
         // then. `spin` is for dedicated CPUs, so it yields rarely (a yield is a syscall a
         // frame may arrive during); `spin-then-futex` is the default anywhere, so it yields
-        // every 64 looks.
-        let yield_every = if strategy == WaitStrategy::Spin { 1024 } else { 64 };
+        // every [`LOOKS_PER_YIELD`] looks.
+        let yield_every = if strategy == WaitStrategy::Spin { 1024 } else { LOOKS_PER_YIELD };
         let mut n = 0u32;
         loop {
             if let Some(w) = self.ready()? {
                 return Ok(w);
             }
             n = n.wrapping_add(1);
-            if n % 64 == 0 {
+            if n % yield_every == 0 {
                 if Instant::now() >= spin_until {
                     break;
                 }
-                if n % yield_every == 0 {
-                    std::thread::yield_now();
-                }
+                std::thread::yield_now();
             }
             std::hint::spin_loop();
         }

@@ -483,8 +483,15 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
                 );
                 let reply = Message::Reply(Reply { id: call.id, result });
                 match shm.as_mut().filter(|_| via_ring) {
-                    // A call that came on the ring is answered on the ring.
-                    Some(s) => s.reply(reply)?,
+                    // A call that came on the ring is answered on the ring (and said on the
+                    // socket too while plugd waits there rather than on the ring).
+                    Some(s) => {
+                        s.reply(reply)?;
+                        if s.replies.reader_wants_nudge() {
+                            let method = plugin_proto::shm::NUDGE_NOTIFY.into();
+                            answer(&Message::Notify { method, payload: Payload::empty() })?;
+                        }
+                    }
                     None => answer(&reply)?,
                 }
             }

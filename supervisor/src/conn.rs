@@ -22,7 +22,7 @@
 //! across a `send` (see [`Conn::write_out`]).
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -135,22 +135,64 @@ pub(crate) struct ShmSide {
     replies: Mutex<(shm::Consumer, Vec<u8>)>,
     /// The calls ring, for the doorbell (the socket has news for the plugin).
     bell: shm::Ring,
+    /// The replies ring, to ask the plugin for a socket nudge after each reply.
+    replies_ring: shm::Ring,
+    /// Async callers waiting on the socket for a ring reply (the nudge is on while any).
+    nudged: Mutex<u32>,
+    /// Set once a reply frame broke the ring's rules: no one reads it any more.
+    broken: AtomicBool,
     /// How an engine thread waits for a reply.
     wait: shm::WaitStrategy,
+    /// The mapping's memfd, kept to hand over on an in-place upgrade.
+    memfd: OwnedFd,
+}
+
+/// An async caller's request for socket nudges; dropping it withdraws the request.
+struct Nudged<'a>(&'a ShmSide);
+
+impl ShmSide {
+    /// Asks the plugin to say on the socket whenever it puts a reply in the ring.
+    fn nudge(&self) -> Nudged<'_> {
+        let mut n = self.nudged.lock();
+        *n += 1;
+        if *n == 1 {
+            self.replies_ring.ask_nudge(true);
+        }
+        Nudged(self)
+    }
+}
+
+impl Drop for Nudged<'_> {
+    fn drop(&mut self) {
+        let mut n = self.0.nudged.lock();
+        *n -= 1;
+        if *n == 0 {
+            self.0.replies_ring.ask_nudge(false);
+        }
+    }
 }
 
 impl ShmSide {
-    /// Our ends of `map`'s rings, waiting per `wait`.
-    pub fn new(map: Arc<shm::Mapping>, wait: shm::WaitStrategy) -> ShmSide {
+    /// Our ends of `map`'s rings (from the positions the mapping holds), waiting per
+    /// `wait`; `memfd` is the mapping's descriptor.
+    pub fn new(map: Arc<shm::Mapping>, wait: shm::WaitStrategy, memfd: OwnedFd) -> ShmSide {
         ShmSide {
+            memfd,
             active: AtomicBool::new(false),
             calls: Mutex::new((map.calls().producer(), Vec::with_capacity(256))),
             replies: Mutex::new((map.replies().consumer(), Vec::with_capacity(256))),
             bell: map.calls(),
+            replies_ring: map.replies(),
+            nudged: Mutex::new(0),
+            broken: AtomicBool::new(false),
             wait,
         }
     }
 }
+
+/// How long an async caller looks at the replies ring itself before it waits for the
+/// plugin's nudge on the socket (a plugin with `wait = "futex"`: not at all).
+const ASYNC_SPIN: Duration = Duration::from_micros(50);
 
 /// How long an engine thread waiting on a ring sleeps at most before it checks that the
 /// connection is still there.
@@ -247,6 +289,13 @@ impl Conn {
             }
             None => false,
         }
+    }
+
+    /// The mapping's descriptor and wait strategy, for a successor plugd (an upgrade), if
+    /// the plugin reads the rings.
+    pub fn shm_handover(&self) -> Option<(OwnedFd, shm::WaitStrategy)> {
+        let s = self.shm.as_ref().filter(|s| s.active.load(Ordering::Acquire))?;
+        Some((s.memfd.try_clone().ok()?, s.wait))
     }
 
     /// Whether this connection was given a shared mapping (`transport = "shm"`).
@@ -574,7 +623,8 @@ impl Conn {
         cfg: Option<&Payload>,
         deadline_us: u64,
         probe: bool,
-    ) -> Result<u64, NotSent> {
+        ring: Option<&ShmSide>,
+    ) -> Result<(u64, bool), NotSent> {
         if cfg.is_some() && self.proto() < PROTO_CALL_CFG {
             return Err(NotSent::Failed(CallError::new(
                 ErrorCode::BadPayload,
@@ -593,14 +643,41 @@ impl Conn {
             None => Message::Call(call),
             Some(cfg) => Message::CallCfg { call, cfg: cfg.clone() },
         };
-        if let Err(e) = encode_frame(&msg, &mut self.out.lock().bytes) {
-            t.abandon(id);
-            return Err(NotSent::Failed(CallError::new(
+        let cannot_encode = |e: plugin_proto::CodecError| {
+            NotSent::Failed(CallError::new(
                 ErrorCode::Internal,
                 format!("plugin {}: cannot encode the call to {method}: {e}", self.name),
-            )));
+            ))
+        };
+        let Some(shm) = ring else {
+            if let Err(e) = encode_frame(&msg, &mut self.out.lock().bytes) {
+                t.abandon(id);
+                return Err(cannot_encode(e));
+            }
+            return Ok((id, false));
+        };
+        let mut calls = shm.calls.lock();
+        let (producer, frame) = &mut *calls;
+        frame.clear();
+        if let Err(e) = encode_frame(&msg, frame) {
+            t.abandon(id);
+            return Err(cannot_encode(e));
         }
-        Ok(id)
+        match producer.push(frame) {
+            Ok(true) => Ok((id, true)),
+            // No room now, or too big for the ring: by the socket.
+            Ok(false) => {
+                self.out.lock().bytes.extend_from_slice(frame);
+                Ok((id, false))
+            }
+            Err(e) => {
+                t.abandon(id);
+                drop(calls);
+                shm.broken.store(true, Ordering::Release);
+                self.push(Inbound::Fault(e.to_string()));
+                Err(NotSent::Failed(self.gone("it broke its shared memory")))
+            }
+        }
     }
 
     /// Writes what the socket takes now; what is left the actor writes when there is room.
@@ -718,27 +795,47 @@ impl Conn {
         probe: bool,
     ) -> Result<Result<Payload, CallError>, NotSent> {
         let (tx, mut rx) = oneshot::channel();
-        let id = loop {
+        // Through the rings once the plugin reads them; a call that wants streamed pieces
+        // keeps the socket (the pieces come by it, and must not pass the reply).
+        let ring = self
+            .shm
+            .as_ref()
+            .filter(|s| chunks.is_none() && s.active.load(Ordering::Acquire))
+            .filter(|s| !s.broken.load(Ordering::Acquire));
+        let (id, via_ring) = loop {
             {
                 let mut t = self.table.lock();
                 if t.gate() != Gate::Held || probe {
                     let deadline_us = self.deadline_us(deadline, Instant::now())?;
                     let waiter = Waiter::Async { reply: tx, chunks };
-                    break self.begin(&mut t, waiter, method, payload, cfg, deadline_us, probe)?;
+                    break self.begin(
+                        &mut t,
+                        waiter,
+                        method,
+                        payload,
+                        cfg,
+                        deadline_us,
+                        probe,
+                        ring,
+                    )?;
                 }
             }
             self.wait_released(deadline).await?;
         };
         let mut leave = Leave { conn: self, id: Some(id) };
-        if let Err(why) = self.send_now() {
+        let ring = ring.filter(|_| via_ring);
+        if ring.is_some() {
+            self.ring_calls.fetch_add(1, Ordering::Relaxed);
+        } else if let Err(why) = self.send_now() {
             leave.id = None;
             self.forget(id);
             return Ok(Err(self.gone(&why)));
         }
         let answer = match deadline {
-            None => (&mut rx).await,
+            None => self.reply_of(&mut rx, ring).await,
             Some(d) => {
-                match tokio::time::timeout_at(tokio::time::Instant::from_std(d), &mut rx).await {
+                let until = tokio::time::Instant::from_std(d);
+                match tokio::time::timeout_at(until, self.reply_of(&mut rx, ring)).await {
                     Ok(answer) => answer,
                     Err(_) => {
                         leave.id = None;
@@ -774,6 +871,107 @@ impl Conn {
                 None => released.await,
             }
         }
+    }
+
+    /// An async call's answer: from its channel, which the reader of the socket fills, or
+    /// for a call that went through the calls ring, first by looking at the replies ring
+    /// itself (a bounded, cooperative spin: it yields to the CPU and to the runtime every
+    /// few looks), then by asking the plugin to nudge the socket and waiting there.
+    async fn reply_of(
+        &self,
+        rx: &mut oneshot::Receiver<Result<Payload, CallError>>,
+        ring: Option<&ShmSide>,
+    ) -> Result<Result<Payload, CallError>, oneshot::error::RecvError> {
+        use oneshot::error::TryRecvError;
+        let Some(shm) = ring else { return rx.await };
+        let taken = |rx: &mut oneshot::Receiver<_>| match rx.try_recv() {
+            Ok(answer) => Some(Ok(answer)),
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Closed) => Some(Err(())),
+        };
+        let futex = shm.wait == shm::WaitStrategy::Futex;
+        let spin = if futex { Duration::ZERO } else { ASYNC_SPIN };
+        let until = Instant::now() + spin;
+        let mut looks = 0u32;
+        loop {
+            self.drain_ring(shm);
+            match taken(rx) {
+                Some(Ok(answer)) => return Ok(answer),
+                Some(Err(())) => return rx.await,
+                None => {}
+            }
+            looks += 1;
+            if looks % shm::LOOKS_PER_YIELD == 0 {
+                if Instant::now() >= until {
+                    break;
+                }
+                // A plugin pinned to this CPU gets to run; so do this runtime's other tasks.
+                std::thread::yield_now();
+                tokio::task::yield_now().await;
+            }
+            std::hint::spin_loop();
+        }
+        // Slow path: the plugin also says on the socket when a reply is in the ring. One
+        // look at the ring after asking (someone else may hold it: then until it can)
+        // catches a reply put there before the plugin saw the request.
+        let _nudged = shm.nudge();
+        while !self.drain_ring(shm) && !shm.broken.load(Ordering::Acquire) {
+            tokio::task::yield_now().await;
+        }
+        rx.await
+    }
+
+    /// Takes every reply waiting in the replies ring and hands each to its caller. False
+    /// if someone else holds the ring now (an engine thread in a call, or another async
+    /// caller looking): they hand over what they read the same way. A frame that breaks
+    /// the ring's rules is a protocol violation (the actor kills the plugin).
+    fn drain_ring(&self, shm: &ShmSide) -> bool {
+        if shm.broken.load(Ordering::Acquire) {
+            return true;
+        }
+        let Some(mut replies) = shm.replies.try_lock() else { return false };
+        let (replies, body) = &mut *replies;
+        let max = self.max_frame as usize;
+        loop {
+            let why = match replies.pop_into(max, body) {
+                Ok(false) => return true,
+                Ok(true) => match plugin_proto::frame::decode_body(body) {
+                    Ok(Message::Reply(r)) => match self.deliver(r) {
+                        Ok(()) => continue,
+                        Err(e) => e,
+                    },
+                    Ok(Message::Chunk { .. }) => continue,
+                    Ok(other) => format!("a {} on the replies ring", other.kind()),
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            shm.broken.store(true, Ordering::Release);
+            self.push(Inbound::Fault(why));
+            return true;
+        }
+    }
+
+    /// The plugin nudged the socket (a reply waits in the ring): takes the replies now, or,
+    /// if someone holds the ring, soon (a task that retries until it can).
+    pub fn drain_ring_soon(self: &Arc<Self>) {
+        let Some(shm) = self.shm.as_ref() else { return };
+        if self.drain_ring(shm) {
+            return;
+        }
+        let conn = self.clone();
+        tokio::spawn(async move {
+            loop {
+                for _ in 0..64 {
+                    tokio::task::yield_now().await;
+                    let shm = conn.shm.as_ref().expect("checked above");
+                    if conn.drain_ring(shm) || conn.closed.load(Ordering::Acquire) {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
     }
 
     // ----- the engine-thread path -----
@@ -835,7 +1033,7 @@ impl Conn {
         let id = {
             let mut t = self.table.lock();
             let deadline_us = self.deadline_us(deadline, now)?;
-            self.begin(&mut t, Waiter::Blocking, method, payload, None, deadline_us, false)?
+            self.begin(&mut t, Waiter::Blocking, method, payload, None, deadline_us, false, None)?.0
         };
         self.engine_calls.fetch_add(1, Ordering::Relaxed);
         Ok(match self.send_now() {
@@ -859,6 +1057,9 @@ impl Conn {
         deadline: Option<Instant>,
         now: Instant,
     ) -> Result<Result<Payload, CallError>, Result<Payload, NotSent>> {
+        if shm.broken.load(Ordering::Acquire) {
+            return Ok(Err(self.gone("it broke its shared memory")));
+        }
         let mut replies = shm.replies.lock();
         let (replies, body) = &mut *replies;
         let id = {
@@ -889,7 +1090,8 @@ impl Conn {
                 Err(e) => {
                     t.abandon(id);
                     drop((t, calls));
-                    self.push(Inbound::Fault(format!("plugin {}: {e}", self.name)));
+                    shm.broken.store(true, Ordering::Release);
+                    self.push(Inbound::Fault(e.to_string()));
                     return Ok(Err(self.gone("it broke its shared memory")));
                 }
             }
@@ -897,6 +1099,10 @@ impl Conn {
         self.engine_calls.fetch_add(1, Ordering::Relaxed);
         self.ring_calls.fetch_add(1, Ordering::Relaxed);
         let max = self.max_frame as usize;
+        let broken = |why: String| {
+            shm.broken.store(true, Ordering::Release);
+            self.broken(id, why)
+        };
         loop {
             match replies.pop_into(max, body) {
                 Ok(true) => match plugin_proto::frame::decode_body(body) {
@@ -908,18 +1114,18 @@ impl Conn {
                     }
                     Ok(Message::Reply(r)) => {
                         if let Err(e) = self.deliver(r) {
-                            return Ok(Err(self.broken(id, e)));
+                            return Ok(Err(broken(e)));
                         }
                     }
                     Ok(Message::Chunk { .. }) => {}
                     Ok(other) => {
                         let why = format!("a {} on the replies ring", other.kind());
-                        return Ok(Err(self.broken(id, why)));
+                        return Ok(Err(broken(why)));
                     }
-                    Err(e) => return Ok(Err(self.broken(id, e.to_string()))),
+                    Err(e) => return Ok(Err(broken(e.to_string()))),
                 },
                 Ok(false) => {}
-                Err(e) => return Ok(Err(self.broken(id, e.to_string()))),
+                Err(e) => return Ok(Err(broken(e.to_string()))),
             }
             if self.closed.load(Ordering::Acquire) {
                 self.forget(id);
@@ -930,7 +1136,7 @@ impl Conn {
                 return Ok(Err(self.late()));
             }
             if let Err(e) = replies.wait(shm.wait, deadline, SHM_SLICE) {
-                return Ok(Err(self.broken(id, e.to_string())));
+                return Ok(Err(broken(e.to_string())));
             }
         }
     }

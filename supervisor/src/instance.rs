@@ -168,6 +168,8 @@ pub struct Frozen {
     pub probe: Option<Vec<u8>>,
     /// The methods it described.
     pub methods: Vec<crate::describe::MethodInfo>,
+    /// Its shared mapping (`transport = "shm"`, taken by its SDK) and wait strategy.
+    pub shm: Option<(OwnedFd, plugin_proto::shm::WaitStrategy)>,
 }
 
 /// The channels an instance talks through.
@@ -309,6 +311,7 @@ impl Instance {
             proto: self.conn.proto(),
             probe: self.probe,
             methods: self.methods,
+            shm: self.conn.shm_handover(),
         })
     }
 }
@@ -838,6 +841,10 @@ impl Instance {
                     self.lockdown = payload.decode().unwrap_or_default();
                 }
                 Message::Chunk { id, payload } => self.conn.deliver_chunk(id, payload),
+                // A reply waits in the shared-memory ring for an async caller.
+                Message::Notify { method, .. } if method == plugin_proto::shm::NUDGE_NOTIFY => {
+                    self.conn.drain_ring_soon()
+                }
                 // Plugin-initiated notifications have no consumer on this host API yet.
                 Message::Notify { .. } => {}
                 other => {

@@ -246,7 +246,7 @@ impl Slot {
     }
 
     /// Takes on a live instance a predecessor process handed over (SIGUSR2).
-    fn adopt(&mut self, r: &mut Run, frozen: FrozenPlugin) {
+    fn adopt(&mut self, r: &mut Run, mut frozen: FrozenPlugin) {
         r.generation = 1;
         // Starting: the instance reports Ready at once, and the machine routes to it.
         let adopt = Event::Adopt { restarts: frozen.restarts };
@@ -270,9 +270,24 @@ impl Slot {
         let cfg = self.instance_config(&self.spec, r.generation, None, target);
         match frozen.instance.socket.try_clone().map(std::os::unix::net::UnixStream::from) {
             Ok(sock) => {
-                // The mapping is not handed over an upgrade: the plugin's calls go by the
-                // socket, which its SDK reads as well.
-                let conn = self.connect(sock, &self.spec, false, None);
+                // Its mapping, handed over with the socket, is mapped again here: the rings
+                // go on from the positions they hold (no call was in flight at the freeze).
+                // One that cannot be mapped leaves the calls on the socket (its SDK reads
+                // both).
+                let shm = frozen.instance.shm.take().and_then(|(fd, wait)| {
+                    match plugin_proto::shm::Mapping::open(&fd) {
+                        Ok(map) => Some(crate::conn::ShmSide::new(Arc::new(map), wait, fd)),
+                        Err(e) => {
+                            self.note(
+                                LogLevel::Warn,
+                                format!("cannot map its handed-over shared memory ({e}); calls go by the socket"),
+                            );
+                            None
+                        }
+                    }
+                });
+                let conn = self.connect(sock, &self.spec, false, shm);
+                conn.activate_shm();
                 let wiring = instance::Wiring {
                     conn: conn.clone(),
                     control: control_rx,
@@ -722,7 +737,11 @@ impl Slot {
                         ),
                     })?;
                 let wait = spec.manifest.shm.wait;
-                (plan.with_shm(memfd, wait), Some(crate::conn::ShmSide::new(Arc::new(map), wait)))
+                let kept = memfd.try_clone().map_err(|e| ExitReason::SpawnFailed {
+                    detail: format!("plugin {}: cannot keep its shared memory: {e}", spec.name()),
+                })?;
+                let side = crate::conn::ShmSide::new(Arc::new(map), wait, kept);
+                (plan.with_shm(memfd, wait), Some(side))
             } else {
                 (plan, None)
             };

@@ -79,6 +79,11 @@ impl Plugin for Echo {
             Ok(())
         });
         m.typed("pid", |_, _: ()| -> Result<u32, String> { Ok(std::process::id()) });
+        // Answers `ms` after `ms` milliseconds (a call slower than any spin).
+        m.typed("nap", |_, ms: u64| -> Result<u64, String> {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            Ok(ms)
+        });
         // Echo tagged with the version that answered (for hot-update tests).
         m.typed("tagged", |_, n: u64| -> Result<(u64, String), String> {
             Ok((n, std::env::var("PLUGD_PLUGIN_VERSION").unwrap_or_default()))

@@ -37,6 +37,9 @@ pub(super) struct HandoverPlugin {
     /// The methods it described.
     #[serde(default)]
     pub(super) methods: Vec<supervisor::describe::MethodInfo>,
+    /// Its shared mapping's memfd and wait strategy (`transport = "shm"`).
+    #[serde(default)]
+    pub(super) shm: Option<(RawFd, plugin_proto::shm::WaitStrategy)>,
 }
 
 fn proto_v1() -> u16 {
@@ -94,6 +97,7 @@ pub(super) fn thaw(h: HandoverPlugin) -> FrozenPlugin {
             proto: h.proto,
             probe: h.probe,
             methods: h.methods,
+            shm: h.shm.map(|(fd, wait)| (inherited(fd), wait)),
         },
         restarts: h.restarts,
         sandbox: h.sandbox,
@@ -192,7 +196,9 @@ pub(super) async fn upgrade(
             listeners: f.listeners.iter().map(|(a, fd)| (a.clone(), raw(fd))).collect(),
             probe: i.probe,
             methods: i.methods,
+            shm: i.shm.as_ref().map(|(fd, wait)| (raw(fd), *wait)),
         });
+        keep.extend(i.shm.map(|(fd, _)| fd));
         keep.extend(f.listeners.into_iter().map(|(_, fd)| fd));
         keep.push(i.pidfd);
         keep.extend(i.status);
