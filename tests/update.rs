@@ -35,13 +35,27 @@ fn version(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_updates_under_load_lose_no_call() {
+    updates_under_load_lose_no_call("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_updates_under_load_lose_no_call_over_shared_memory() {
+    // Each new instance gets a fresh mapping; calls in the old one's rings finish there.
+    let st = updates_under_load_lose_no_call("transport = \"shm\"\n").await;
+    assert_eq!(st.transport.as_deref(), Some("shm (spin-then-futex)"), "{st:?}");
+    assert!(st.ring_calls > 0, "{st:?}");
+}
+
+/// Twenty hot updates while four async callers and an engine thread call; `transport` goes
+/// into both versions' manifests. Returns the plugin's status from just before the shutdown.
+async fn updates_under_load_lose_no_call(transport: &str) -> supervisor::PluginStatus {
     let sup = Arc::new(supervisor());
     let dir = tempfile::tempdir().unwrap();
     // No heartbeats: a reply that neither the actor nor the engine thread looks at would
     // stay stuck (and surface as a failed call) instead of being swept up by the next Pong.
-    let quiet = "[timeouts]\nheartbeat = \"0s\"\n";
-    let v1 = version(&dir, "v1", "echo", "echo", "1.0.0", quiet);
-    let v2 = version(&dir, "v2", "echo", "echo", "2.0.0", quiet);
+    let quiet = format!("{transport}[timeouts]\nheartbeat = \"0s\"\n");
+    let v1 = version(&dir, "v1", "echo", "echo", "1.0.0", &quiet);
+    let v2 = version(&dir, "v2", "echo", "echo", "2.0.0", &quiet);
     let echo = sup.load(v1.clone()).await.unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -151,7 +165,9 @@ async fn twenty_updates_under_load_lose_no_call() {
     );
     assert_eq!(echo.status().version, "1.0.0", "the last update went back to v1");
     assert_eq!(echo.status().restarts, 0, "an update is not a restart");
+    let last = echo.status();
     sup.shutdown().await;
+    last
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,6 +39,7 @@ run_all() {
   "${pin[@]}" "$root/target/release/plugd-bench" --peers-mode "$n"
   "${pin[@]}" "$here/rust/target/release/tokio_bincode" "$n"
   "${pin[@]}" "$here/rust/target/release/ipc_channel" "$n"
+  "${pin[@]}" "$here/rust/target/release/iceoryx2_rr" "$n"
   "${pin[@]}" python3 "$here/python_pipe.py" "$n"
   "${pin[@]}" "$gopath/host" netrpc "$n" "$gopath/plugin"
   "${pin[@]}" "$gopath/host" grpc "$n" "$gopath/plugin"

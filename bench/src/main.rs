@@ -411,6 +411,9 @@ fn main() -> Result<()> {
         show("plugd-on_tick-blocking-engine-mode", &engine);
         let records = extra::on_tick_blocking_with(warmup, n, false, true, true, true)?;
         show("plugd-on_tick-blocking-engine-mode-seqpacket", &records);
+        for (name, row) in shm_bench::peer_rows(warmup, n)? {
+            show(name, &row);
+        }
         return Ok(());
     }
     let quick = args.iter().any(|a| a == "--quick");

@@ -202,7 +202,10 @@ fn on_tick_shm(
     let rings = strat.status().ring_calls;
     rt.block_on(sup.shutdown());
     drop(rt);
-    unpin()?;
+    // Only what this function pinned is undone (a run under `taskset` stays where it is).
+    if caller.is_some() {
+        unpin()?;
+    }
     if transport == "shm" {
         anyhow::ensure!(rings >= samples as u64, "only {rings} calls went through the rings");
     }
@@ -243,6 +246,23 @@ fn unpin() -> Result<()> {
     }
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
     Ok(())
+}
+
+/// plugd's shm rows for `bench/peers/run.sh` (`--peers-mode`): on_tick with
+/// `spin-then-futex`, from an engine thread and from an async task, placed wherever the
+/// caller of the bench put it (pinned by `taskset`, or not).
+pub fn peer_rows(warmup: usize, n: usize) -> Result<Vec<(&'static str, Stats)>> {
+    let wait = "spin-then-futex";
+    Ok(vec![
+        (
+            "plugd-on_tick-shm-engine",
+            on_tick_shm(warmup, n, wait, None, None, "shm", Caller::Engine)?,
+        ),
+        (
+            "plugd-on_tick-shm-async",
+            on_tick_shm(warmup, n, wait, None, None, "shm", Caller::MultiThread)?,
+        ),
+    ])
 }
 
 /// Runs the table: `n` samples a row; `only`: just the plugd rows whose name contains it

@@ -915,10 +915,24 @@ impl Conn {
         // look at the ring after asking (someone else may hold it: then until it can)
         // catches a reply put there before the plugin saw the request.
         let _nudged = shm.nudge();
-        while !self.drain_ring(shm) && !shm.broken.load(Ordering::Acquire) {
-            tokio::task::yield_now().await;
-        }
+        self.drain_ring_eventually(shm).await;
         rx.await
+    }
+
+    /// [`Conn::drain_ring`] once, however long someone else holds the ring: tries again
+    /// after yielding to the runtime, and between rounds of tries sleeps a millisecond
+    /// (an engine thread may hold it for a whole slow call). Gives up if the connection
+    /// closes.
+    async fn drain_ring_eventually(&self, shm: &ShmSide) {
+        loop {
+            for _ in 0..64 {
+                if self.drain_ring(shm) || self.closed.load(Ordering::Acquire) {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// Takes every reply waiting in the replies ring and hands each to its caller. False
@@ -961,15 +975,8 @@ impl Conn {
         }
         let conn = self.clone();
         tokio::spawn(async move {
-            loop {
-                for _ in 0..64 {
-                    tokio::task::yield_now().await;
-                    let shm = conn.shm.as_ref().expect("checked above");
-                    if conn.drain_ring(shm) || conn.closed.load(Ordering::Acquire) {
-                        return;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
+            if let Some(shm) = conn.shm.as_ref() {
+                conn.drain_ring_eventually(shm).await;
             }
         });
     }
