@@ -214,6 +214,33 @@ async fn an_sdk_without_shared_memory_is_served_by_the_socket_and_told_so() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_cannot_shrink_its_mapping_under_plugd() {
+    // Were the memfd not sealed, plugd's next look at the rings would be a SIGBUS that
+    // ends this whole test process.
+    let sup = supervisor();
+    let dir = tempfile::tempdir().unwrap();
+    let echo =
+        sup.load(plugin(&dir, "echo", "echo", &shm_manifest("spin-then-futex"))).await.unwrap();
+    eventually("shm taken", || said(&echo, "go through shared memory")).await;
+    let err = echo.call::<_, ()>("shm_truncate", &()).await.unwrap_err();
+    assert!(err.message.contains("Operation not permitted"), "{err}");
+    for i in 0..100u64 {
+        let back: u64 = echo.call("nap", &0u64).await.unwrap();
+        assert_eq!(back, 0, "call {i}");
+    }
+    let h = echo.clone();
+    let back: String = tokio::task::spawn_blocking(move || {
+        h.call_blocking("echo", "still mapped", Deadline::Default)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(back, "still mapped");
+    assert!(echo.status().ring_calls >= 102);
+    sup.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_bytes_in_a_live_mapping_kill_only_that_plugin_and_never_misread() {
     // A hostile plugin writes random bytes over its side of the mapping while plugd
     // waits for its reply, 30 times: every outcome is an error that names the plugin (or,

@@ -140,8 +140,9 @@ impl Mapping {
             )));
         }
         let len = DATA_START + 2 * ring;
+        let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
         // SAFETY: a NUL-terminated name and valid flags; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"plugd-shm".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(c"plugd-shm".as_ptr(), flags) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error().into());
         }
@@ -149,6 +150,13 @@ impl Mapping {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // SAFETY: a valid descriptor and a length that fits off_t.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // The size is sealed: a plugin that could shrink the memfd would make plugd's next
+        // access to its mapping a SIGBUS. The contents stay writable (that is the point).
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: a valid memfd created with MFD_ALLOW_SEALING; F_ADD_SEALS takes an int.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
             return Err(std::io::Error::last_os_error().into());
         }
         let map = Mapping::map(&fd, len, ring)?;
@@ -836,6 +844,43 @@ mod tests {
         }
         assert_eq!(woken, [Woken::Ring, Woken::Socket]);
         writer.join().unwrap();
+    }
+
+    #[test]
+    fn a_ping_in_a_fresh_ring_is_the_slot_protocol_md_shows() {
+        let (map, _fd) = Mapping::create(4096).unwrap();
+        let map = Arc::new(map);
+        let mut tx = map.calls().producer();
+        let mut frame = Vec::new();
+        crate::frame::encode_frame(&crate::Message::Ping { seq: 7 }, &mut frame).unwrap();
+        assert!(tx.push(&frame).unwrap());
+        let mut slot = [0u8; 64];
+        // SAFETY: the calls ring's first 64 data bytes lie inside the mapping.
+        unsafe { std::ptr::copy_nonoverlapping(map.base.add(DATA_START), slot.as_mut_ptr(), 64) };
+        let hex: String = slot[..16].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, "02000000010000000907000000000000");
+        assert!(slot[10..].iter().all(|&b| b == 0), "padded with zeroes");
+        assert_eq!(map.calls().head().load(Ordering::Acquire), 64);
+        assert_eq!(map.calls().written().load(Ordering::Acquire), 1);
+        let doc = include_str!("../PROTOCOL.md");
+        assert!(doc.contains(&hex), "PROTOCOL.md quotes the slot");
+        // Once read, the slot's first word is zero again and the reader's words moved.
+        let mut rx = map.calls().consumer();
+        assert_eq!(rx.pop(1 << 20).unwrap().as_deref(), Some(&frame[4..]));
+        assert_eq!(map.calls().slot(0).load(Ordering::Acquire), 0);
+        assert_eq!(map.calls().tail().load(Ordering::Acquire), 64);
+        assert_eq!(map.calls().consumed().load(Ordering::Acquire), 1);
+    }
+
+    #[test]
+    fn the_mapping_cannot_be_shrunk_or_grown_by_either_side() {
+        let (_map, fd) = Mapping::create(4096).unwrap();
+        for len in [0, 4096, 1 << 20] {
+            // SAFETY: a valid descriptor; the call is expected to fail.
+            let r = unsafe { libc::ftruncate(fd.as_raw_fd(), len) };
+            assert_eq!(r, -1, "ftruncate to {len} went through");
+            assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+        }
     }
 
     #[test]

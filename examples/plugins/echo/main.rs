@@ -78,6 +78,20 @@ impl Plugin for Echo {
             std::thread::sleep(std::time::Duration::from_millis(ms));
             Ok(())
         });
+        // Hostile (transport = "shm"): tries to shrink the mapping to nothing under plugd
+        // (whose next access would then fault). Returns why it could not.
+        m.typed("shm_truncate", |_, _: ()| -> Result<(), String> {
+            let fd: i32 = std::env::var("PLUGD_SHM_FD")
+                .map_err(|e| e.to_string())?
+                .parse()
+                .map_err(|_| "bad fd")?;
+            // SAFETY: ftruncate on a descriptor number this process holds; no memory is
+            // touched by the call itself.
+            if unsafe { libc::ftruncate(fd, 0) } != 0 {
+                return Err(std::io::Error::last_os_error().to_string());
+            }
+            Ok(())
+        });
         m.typed("pid", |_, _: ()| -> Result<u32, String> { Ok(std::process::id()) });
         // Answers `ms` after `ms` milliseconds (a call slower than any spin).
         m.typed("nap", |_, ms: u64| -> Result<u64, String> {
