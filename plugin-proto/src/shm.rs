@@ -166,6 +166,14 @@ impl Mapping {
         Ok((map, fd))
     }
 
+    /// Whether `fd`'s size is sealed against shrinking, as [`Mapping::create`] leaves it:
+    /// plugd maps no other memfd (a shrunk one would fault under it).
+    pub fn size_sealed(fd: &OwnedFd) -> bool {
+        // SAFETY: F_GET_SEALS on a descriptor we hold reads flags and touches no memory.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        seals >= 0 && seals & libc::F_SEAL_SHRINK != 0
+    }
+
     /// Maps the region behind `fd` (the plugin's side), checking its preamble and size.
     pub fn open(fd: &OwnedFd) -> Result<Mapping, ShmError> {
         // SAFETY: a zeroed stat buffer for fstat to fill; the result is checked.
@@ -875,6 +883,12 @@ mod tests {
     #[test]
     fn the_mapping_cannot_be_shrunk_or_grown_by_either_side() {
         let (_map, fd) = Mapping::create(4096).unwrap();
+        assert!(Mapping::size_sealed(&fd));
+        // SAFETY: a NUL-terminated name; the result is checked.
+        let plain = unsafe { libc::memfd_create(c"plain".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(plain >= 0);
+        // SAFETY: memfd_create just returned it to us.
+        assert!(!Mapping::size_sealed(&unsafe { OwnedFd::from_raw_fd(plain) }));
         for len in [0, 4096, 1 << 20] {
             // SAFETY: a valid descriptor; the call is expected to fail.
             let r = unsafe { libc::ftruncate(fd.as_raw_fd(), len) };

@@ -275,7 +275,12 @@ impl Slot {
                 // One that cannot be mapped leaves the calls on the socket (its SDK reads
                 // both).
                 let shm = frozen.instance.shm.take().and_then(|(fd, wait)| {
-                    match plugin_proto::shm::Mapping::open(&fd) {
+                    let mapped = if plugin_proto::shm::Mapping::size_sealed(&fd) {
+                        plugin_proto::shm::Mapping::open(&fd)
+                    } else {
+                        Err(plugin_proto::shm::ShmError::Layout("its size is not sealed".into()))
+                    };
+                    match mapped {
                         Ok(map) => Some(crate::conn::ShmSide::new(Arc::new(map), wait, fd)),
                         Err(e) => {
                             self.note(
