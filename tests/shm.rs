@@ -154,12 +154,13 @@ async fn a_plugin_that_breaks_its_rings_is_killed_and_comes_back_with_a_fresh_ma
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_plugin_that_dies_mid_call_fails_the_engine_thread_call_not_hangs_it() {
+async fn a_plugin_that_dies_mid_call_fails_the_call_not_hangs_it() {
     let sup = supervisor();
     let dir = tempfile::tempdir().unwrap();
     let crasher =
         sup.load(plugin(&dir, "crasher", "crasher", &shm_manifest("futex"))).await.unwrap();
     eventually("shm taken", || said(&crasher, "go through shared memory")).await;
+    let pid = crasher.status().pid;
     let h = crasher.clone();
     let err = tokio::task::spawn_blocking(move || {
         h.call_blocking::<_, ()>("crash", &"segv", Deadline::after(Duration::from_secs(60)))
@@ -167,6 +168,17 @@ async fn a_plugin_that_dies_mid_call_fails_the_engine_thread_call_not_hangs_it()
     .await
     .unwrap()
     .unwrap_err();
+    assert_eq!(err.code, ErrorCode::PluginExited, "{err}");
+    // An async call through the rings fails the same way once the next instance dies
+    // under it (with `futex` it waits on the socket at once, not on the ring).
+    eventually("restarted", || {
+        let st = crasher.status();
+        st.state == State::Ready && st.pid != pid && st.transport.as_deref() == Some("shm (futex)")
+    })
+    .await;
+    let call =
+        crasher.call_with::<_, ()>("crash", &"segv", Deadline::after(Duration::from_secs(60)));
+    let err = call.await.unwrap_err();
     assert_eq!(err.code, ErrorCode::PluginExited, "{err}");
     sup.shutdown().await;
 }
