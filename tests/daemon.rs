@@ -486,9 +486,10 @@ fn three_upgrades_in_a_row_keep_every_plugin_and_a_stopped_one_stays_stopped() {
     assert!(d.ctl(&["stop", "parked"]).status.success());
     let mut names = vec!["echo".to_string(), "strat".to_string()];
     for generation in 1..=3u64 {
-        // A plugin started by this generation, before the next upgrade.
+        // A plugin started by this generation, before the next upgrade; over shared memory,
+        // so its mapping is handed over once more at every later upgrade.
         let name = format!("echo-gen{generation}");
-        add_plugin(&d.plugins(), "echo", &name, "");
+        add_plugin(&d.plugins(), "echo", &name, "transport = \"shm\"\n");
         assert!(d.ctl(&["reload"]).status.success());
         eventually("the new plugin is ready", || d.all_ready(&[name.as_str()]));
         names.push(name);
@@ -523,6 +524,14 @@ fn three_upgrades_in_a_row_keep_every_plugin_and_a_stopped_one_stays_stopped() {
             parked["state"], "stopped",
             "generation {generation}: the operator's stop holds: {parked}"
         );
+        // Every shm plugin still answers through its rings in the new generation.
+        for n in names.iter().filter(|n| n.starts_with("echo-gen")) {
+            let out = d.ctl(&["call", n, "echo", "\"ring\""]);
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ring", "{n}");
+            let p = d.plugin(n);
+            assert_eq!(p["transport"], "shm (spin-then-futex)", "generation {generation}: {p}");
+            assert!(p["ring_calls"].as_u64() >= Some(1), "generation {generation}: {p}");
+        }
     }
     let out = d.ctl(&["call", "echo-gen1", "echo", "7"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "7");
