@@ -75,6 +75,18 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     Ok(value)
 }
 
+/// Decodes exactly one value from `bytes`, borrowing its strings and byte strings from
+/// them (no allocation for those); leftover bytes are an error. For the hot path only: a
+/// borrowed value allocates nothing, so the size limit [`decode`] sets is not needed.
+pub fn decode_borrowed<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, CodecError> {
+    let (value, used) = bincode::serde::borrow_decode_from_slice::<T, _>(bytes, wire_config())
+        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(CodecError::Trailing(bytes.len() - used));
+    }
+    Ok(value)
+}
+
 /// Returns the JSON encoding of `value` (the payload codec for tooling and other languages).
 pub fn json_encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
     serde_json::to_vec(value).map_err(|e| CodecError::Encode(e.to_string()))
@@ -83,6 +95,135 @@ pub fn json_encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecErr
 /// Decodes a JSON payload.
 pub fn json_decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     serde_json::from_slice(bytes).map_err(|e| CodecError::Decode(e.to_string()))
+}
+
+/// Hand-written readers and writers for the two messages on every call's path (a
+/// `Call`, a `Reply` with a result), byte for byte what the serde path reads and writes:
+/// `plugin-proto/tests/roundtrip.rs` compares the two on every message shape and on
+/// random bytes. Through serde, bincode spends about 100 ns on a small Call or Reply here
+/// (visitors, an enum's variant seed, a varint per field); these take a few ns, a good
+/// part of a round trip over shared memory. A reader that meets anything unusual (a
+/// varint it does not know, a short body, a Reply with an error) answers `None`, and its
+/// caller decodes the body the general way, which also says what is wrong with it.
+pub(crate) mod hot {
+    use crate::message::{CallRef, PayloadCodec, PayloadRef};
+
+    /// bincode's varint markers: a u16, u32 or u64 follows, little-endian.
+    const U16: u8 = 251;
+    const U32: u8 = 252;
+    const U64: u8 = 253;
+
+    /// A message's variant tag (its index, one varint byte below 251).
+    pub const CALL: u8 = 4;
+    pub const REPLY: u8 = 5;
+
+    fn take<'a>(b: &'a [u8], at: &mut usize, n: usize) -> Option<&'a [u8]> {
+        let end = at.checked_add(n)?;
+        let v = b.get(*at..end)?;
+        *at = end;
+        Some(v)
+    }
+
+    /// A u64 varint as bincode `standard()` reads it (a wider form of a small value too).
+    fn varint(b: &[u8], at: &mut usize) -> Option<u64> {
+        let first = *b.get(*at)?;
+        *at += 1;
+        Some(match first {
+            0..=250 => u64::from(first),
+            U16 => u64::from(u16::from_le_bytes(take(b, at, 2)?.try_into().ok()?)),
+            U32 => u64::from(u32::from_le_bytes(take(b, at, 4)?.try_into().ok()?)),
+            U64 => u64::from_le_bytes(take(b, at, 8)?.try_into().ok()?),
+            _ => return None,
+        })
+    }
+
+    /// A length-prefixed byte string.
+    fn bytes<'a>(b: &'a [u8], at: &mut usize) -> Option<&'a [u8]> {
+        let len = usize::try_from(varint(b, at)?).ok()?;
+        take(b, at, len)
+    }
+
+    /// A payload: its codec (an enum index, one byte) and its bytes.
+    fn payload<'a>(b: &'a [u8], at: &mut usize) -> Option<PayloadRef<'a>> {
+        let codec = match *b.get(*at)? {
+            0 => PayloadCodec::Bincode,
+            1 => PayloadCodec::Json,
+            _ => return None,
+        };
+        *at += 1;
+        Some(PayloadRef { codec, data: bytes(b, at)? })
+    }
+
+    /// The fields of a `Call` (the body after its tag), if all of `b` is one.
+    pub fn read_call(b: &[u8]) -> Option<CallRef<'_>> {
+        let at = &mut 0;
+        let id = varint(b, at)?;
+        let method = std::str::from_utf8(bytes(b, at)?).ok()?;
+        let deadline_us = varint(b, at)?;
+        let payload = payload(b, at)?;
+        (*at == b.len()).then_some(CallRef { id, method, deadline_us, payload })
+    }
+
+    /// The id and payload of a `Reply` with a result (the body after its tag), if all of
+    /// `b` is one.
+    pub fn read_reply_ok(b: &[u8]) -> Option<(u64, PayloadRef<'_>)> {
+        let at = &mut 0;
+        let id = varint(b, at)?;
+        // Result's variant: 0 is Ok.
+        if *b.get(*at)? != 0 {
+            return None;
+        }
+        *at += 1;
+        let payload = payload(b, at)?;
+        (*at == b.len()).then_some((id, payload))
+    }
+
+    fn put_varint(v: u64, out: &mut Vec<u8>) {
+        if v <= 250 {
+            out.push(v as u8);
+        } else if let Ok(v) = u16::try_from(v) {
+            out.push(U16);
+            out.extend_from_slice(&v.to_le_bytes());
+        } else if let Ok(v) = u32::try_from(v) {
+            out.push(U32);
+            out.extend_from_slice(&v.to_le_bytes());
+        } else {
+            out.push(U64);
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    fn put_bytes(v: &[u8], out: &mut Vec<u8>) {
+        put_varint(v.len() as u64, out);
+        out.extend_from_slice(v);
+    }
+
+    fn put_payload(p: &PayloadRef<'_>, out: &mut Vec<u8>) {
+        out.push(match p.codec {
+            PayloadCodec::Bincode => 0,
+            PayloadCodec::Json => 1,
+        });
+        put_bytes(p.data, out);
+    }
+
+    /// Appends the body of `Message::Call` for `c`.
+    pub fn write_call(c: &CallRef<'_>, out: &mut Vec<u8>) {
+        out.reserve(24 + c.method.len() + c.payload.data.len());
+        out.push(CALL);
+        put_varint(c.id, out);
+        put_bytes(c.method.as_bytes(), out);
+        put_varint(c.deadline_us, out);
+        put_payload(&c.payload, out);
+    }
+
+    /// Appends the body of `Message::Reply` with the result `Ok(payload)`.
+    pub fn write_reply_ok(id: u64, payload: &PayloadRef<'_>, out: &mut Vec<u8>) {
+        out.reserve(24 + payload.data.len());
+        out.push(REPLY);
+        put_varint(id, out);
+        out.push(0);
+        put_payload(payload, out);
+    }
 }
 
 #[cfg(test)]

@@ -22,8 +22,9 @@ pub mod version;
 pub use codec::CodecError;
 pub use frame::{FrameDecoder, FrameError, DEFAULT_MAX_FRAME, HEADER_LEN, MAX_FRAME_CEILING};
 pub use message::{
-    Call, CallError, ErrorCode, Hello, LogLevel, LogRecord, Message, OwnStatus, Payload,
-    PayloadCodec, PluginCall, Reply, Side, Welcome, PLUGD_LOG, PLUGD_STATUS, PLUGIN_CALL,
+    Call, CallError, CallRef, ErrorCode, Hello, LogLevel, LogRecord, Message, OwnStatus, Payload,
+    PayloadCodec, PayloadRef, PluginCall, Reply, Side, Welcome, PLUGD_LOG, PLUGD_STATUS,
+    PLUGIN_CALL,
 };
 pub use version::{negotiate, MAGIC, PROTO_CALL_CFG, PROTO_HOST_CALLS, PROTO_MAX, PROTO_MIN};
 

@@ -219,6 +219,74 @@ pub struct Call {
     pub payload: Payload,
 }
 
+/// A [`Call`] borrowed from a frame body or about to be written into one: the method
+/// name and the argument's bytes are not copied. The same bytes on the wire as `Call`
+/// (see [`crate::frame::encode_call_frame`] and [`CallRef::read`]); the hot path of both
+/// sides uses it to spare the allocations an owned `Call` costs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CallRef<'a> {
+    /// As [`Call::id`].
+    pub id: u64,
+    /// As [`Call::method`].
+    pub method: &'a str,
+    /// As [`Call::deadline_us`].
+    pub deadline_us: u64,
+    /// As [`Call::payload`].
+    #[serde(borrow)]
+    pub payload: PayloadRef<'a>,
+}
+
+impl<'a> CallRef<'a> {
+    /// Reads `body` in place if it is a [`Message::Call`]; `Ok(None)` for any other
+    /// message (decode that one with [`crate::frame::decode_body`]). A body that is a
+    /// Call but malformed is an error, as it would be decoded whole.
+    pub fn read(body: &'a [u8]) -> Result<Option<CallRef<'a>>, CodecError> {
+        match body.split_first() {
+            Some((&codec::hot::CALL, rest)) => match codec::hot::read_call(rest) {
+                Some(c) => Ok(Some(c)),
+                // Something unusual: the general way, which says what is wrong.
+                None => codec::decode_borrowed(rest).map(Some),
+            },
+            _ => Ok(None),
+        }
+    }
+
+    /// The owned [`Call`].
+    pub fn to_call(&self) -> Call {
+        Call {
+            id: self.id,
+            method: self.method.to_string(),
+            deadline_us: self.deadline_us,
+            payload: self.payload.to_payload(),
+        }
+    }
+}
+
+/// A [`Payload`] borrowed: its codec and its bytes in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadRef<'a> {
+    /// How `data` is encoded.
+    pub codec: PayloadCodec,
+    /// The encoded value.
+    #[serde(borrow, with = "serde_bytes")]
+    pub data: &'a [u8],
+}
+
+impl PayloadRef<'_> {
+    /// The owned [`Payload`].
+    pub fn to_payload(&self) -> Payload {
+        Payload { codec: self.codec, data: self.data.to_vec() }
+    }
+
+    /// Copies the bytes into `into` (its buffer is reused: no allocation once it is big
+    /// enough).
+    pub fn copy_into(&self, into: &mut Payload) {
+        into.codec = self.codec;
+        into.data.clear();
+        into.data.extend_from_slice(self.data);
+    }
+}
+
 /// The final answer to a call.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reply {
@@ -275,6 +343,11 @@ impl Payload {
     /// The empty bincode payload (the encoding of `()` is zero bytes).
     pub fn empty() -> Self {
         Self { codec: PayloadCodec::Bincode, data: Vec::new() }
+    }
+
+    /// This payload borrowed (to write it into a [`CallRef`]).
+    pub fn as_ref(&self) -> PayloadRef<'_> {
+        PayloadRef { codec: self.codec, data: &self.data }
     }
 
     /// Decodes the payload with whichever codec it carries.

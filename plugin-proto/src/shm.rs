@@ -608,12 +608,17 @@ impl Consumer {
         deadline: Option<Instant>,
         slice: Duration,
     ) -> Result<Woken, ShmError> {
-        let start = Instant::now();
-        let until = deadline.map_or(start + slice, |d| d.min(start + slice));
-        let spin_until = match strategy {
-            WaitStrategy::Spin => until,
-            WaitStrategy::SpinThenFutex => until.min(start + SPIN_FOR),
-            WaitStrategy::Futex => start,
+        // The clock is read only once a frame is not there after the first looks: a read
+        // costs tens of ns on some machines (25–50 here), a good part of a spin round trip.
+        // The slice and the spin budget count from that first read.
+        let limits = |start: Instant| {
+            let until = deadline.map_or(start + slice, |d| d.min(start + slice));
+            let spin_until = match strategy {
+                WaitStrategy::Spin => until,
+                WaitStrategy::SpinThenFutex => until.min(start + SPIN_FOR),
+                WaitStrategy::Futex => start,
+            };
+            (until, spin_until)
         };
         // The writer may share this CPU (both pinned to one): a spinner lets it run now and
         // then. `spin` is for dedicated CPUs, so it yields rarely (a yield is a syscall a
@@ -621,19 +626,23 @@ impl Consumer {
         // every [`LOOKS_PER_YIELD`] looks.
         let yield_every = if strategy == WaitStrategy::Spin { 1024 } else { LOOKS_PER_YIELD };
         let mut n = 0u32;
+        let mut start = None;
         loop {
             if let Some(w) = self.ready()? {
                 return Ok(w);
             }
             n = n.wrapping_add(1);
             if n % yield_every == 0 {
-                if Instant::now() >= spin_until {
+                let now = Instant::now();
+                let (_, spin_until) = limits(*start.get_or_insert(now));
+                if now >= spin_until {
                     break;
                 }
                 std::thread::yield_now();
             }
             std::hint::spin_loop();
         }
+        let (until, _) = limits(start.unwrap_or_else(Instant::now));
         if strategy == WaitStrategy::Spin {
             return Ok(Woken::Timeout);
         }

@@ -169,6 +169,7 @@ fn decode_everywhere(bytes: &[u8]) {
         let _ = decode_body(&bytes[HEADER_LEN..]);
     }
     let _ = decode_body(bytes);
+    let _ = CallRef::read(bytes);
     let _ = codec::decode::<Message>(bytes);
     let _ = codec::json_decode::<Message>(bytes);
     let _ = codec::json_decode::<serde_json::Value>(bytes);

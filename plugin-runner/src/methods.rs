@@ -12,7 +12,12 @@ type Handler<P> = Box<dyn FnMut(&mut P, &mut Ctx<'_>, &Payload) -> Result<Payloa
 
 /// Handlers by method name, each with typed or raw arguments.
 pub struct Methods<P> {
-    handlers: HashMap<String, Handler<P>>,
+    handlers: Vec<(String, Handler<P>)>,
+    /// Where each method's handler is in `handlers`.
+    index: HashMap<String, usize>,
+    /// The method dispatched last: a call to the same one again (an engine calling
+    /// `on_tick` tick after tick) skips hashing its name.
+    last: usize,
     /// What `plugd.describe` tells plugd: per method, a description and the JSON Schemas
     /// of its input and result (JSON objects, as text).
     described: std::collections::BTreeMap<String, Described>,
@@ -36,7 +41,7 @@ pub(crate) struct Described {
 
 impl<P> Default for Methods<P> {
     fn default() -> Self {
-        Self { handlers: HashMap::new(), described: Default::default() }
+        Self { handlers: Vec::new(), index: HashMap::new(), last: 0, described: Default::default() }
     }
 }
 
@@ -64,8 +69,8 @@ impl<P> Methods<P> {
         F: FnMut(&mut P, &mut Ctx<'_>, A) -> Result<R, E> + 'static,
     {
         let name = method.to_string();
-        self.handlers.insert(
-            method.to_string(),
+        self.insert(
+            method,
             Box::new(move |plugin, ctx, payload| {
                 let arg: A = payload.decode().map_err(|e| {
                     CallError::new(ErrorCode::BadPayload, format!("method {name}: {e}"))
@@ -111,7 +116,7 @@ impl<P> Methods<P> {
 
     /// The `plugd.describe` list, if any method is described.
     pub(crate) fn descriptions(&self) -> Vec<Described> {
-        self.described.values().filter(|d| self.handlers.contains_key(&d.name)).cloned().collect()
+        self.described.values().filter(|d| self.has(&d.name)).cloned().collect()
     }
 
     /// Registers a handler that sees the payload as sent and builds its own reply.
@@ -119,19 +124,29 @@ impl<P> Methods<P> {
     where
         F: FnMut(&mut P, &Payload) -> Result<Payload, CallError> + 'static,
     {
-        self.handlers
-            .insert(method.to_string(), Box::new(move |plugin, _ctx, payload| f(plugin, payload)));
+        self.insert(method, Box::new(move |plugin, _ctx, payload| f(plugin, payload)));
         self
+    }
+
+    /// Registers `handler` under `method`, in place of any before it.
+    fn insert(&mut self, method: &str, handler: Handler<P>) {
+        match self.index.get(method) {
+            Some(&i) => self.handlers[i].1 = handler,
+            None => {
+                self.index.insert(method.to_string(), self.handlers.len());
+                self.handlers.push((method.to_string(), handler));
+            }
+        }
     }
 
     /// Whether a handler is registered under `method`.
     pub fn has(&self, method: &str) -> bool {
-        self.handlers.contains_key(method)
+        self.index.contains_key(method)
     }
 
     /// Names of all registered methods, sorted (sent in Hello).
     pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.handlers.keys().cloned().collect();
+        let mut names: Vec<String> = self.index.keys().cloned().collect();
         names.sort();
         names
     }
@@ -144,8 +159,15 @@ impl<P> Methods<P> {
         method: &str,
         payload: &Payload,
     ) -> Result<Payload, CallError> {
-        match self.handlers.get_mut(method) {
-            Some(h) => h(plugin, ctx, payload),
+        let at = match self.handlers.get(self.last) {
+            Some((name, _)) if name == method => Some(self.last),
+            _ => self.index.get(method).copied(),
+        };
+        match at {
+            Some(i) => {
+                self.last = i;
+                (self.handlers[i].1)(plugin, ctx, payload)
+            }
             None => Err(CallError::new(
                 ErrorCode::UnknownMethod,
                 format!("no method {method:?}; this plugin has {:?}", self.names()),
@@ -222,5 +244,31 @@ mod tests {
         assert_eq!(e.code, ErrorCode::BadPayload);
         let e = call(&mut m, &mut acc, "fail", &Payload::empty()).unwrap_err();
         assert_eq!((e.code, e.message.as_str()), (ErrorCode::Failed, "no luck"));
+    }
+
+    #[test]
+    fn each_call_reaches_its_own_handler_whatever_came_before() {
+        let mut m = methods();
+        m.typed("sub", |a: &mut Acc, x: i64| -> Result<i64, String> {
+            a.0 -= x;
+            Ok(a.0)
+        });
+        let mut acc = Acc::default();
+        let one = Payload::bincode(&1i64).unwrap();
+        let mut seen = Vec::new();
+        for method in ["add", "add", "sub", "add", "nope", "sub", "sub", "add"] {
+            seen.push(
+                call(&mut m, &mut acc, method, &one).ok().map(|r| r.decode::<i64>().unwrap()),
+            );
+        }
+        assert_eq!(seen, [Some(1), Some(2), Some(1), Some(2), None, Some(1), Some(0), Some(1)]);
+        // A handler registered again replaces the one dispatched last.
+        m.typed("add", |a: &mut Acc, x: i64| -> Result<i64, String> {
+            a.0 += 10 * x;
+            Ok(a.0)
+        });
+        assert_eq!(call(&mut m, &mut acc, "add", &one).unwrap().decode::<i64>().unwrap(), 11);
+        assert_eq!(m.names(), ["add", "fail", "sub"]);
+        assert!(m.has("sub") && !m.has("nope"));
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use plugin_proto::frame::{body_len, decode_body, encode_frame, read_frame, RECORD_MAX};
 use plugin_proto::{
-    CallError, FrameError, Hello, Message, Payload, Reply, DEFAULT_MAX_FRAME, MAGIC,
+    Call, CallError, CallRef, FrameError, Hello, Message, Payload, Reply, DEFAULT_MAX_FRAME, MAGIC,
     PROTO_HOST_CALLS, PROTO_MAX, PROTO_MIN,
 };
 use serde::de::DeserializeOwned;
@@ -165,6 +165,10 @@ struct ShmIo {
     wait: plugin_proto::shm::WaitStrategy,
     /// The last call's body, copied out of the ring (the buffer is reused).
     body: Vec<u8>,
+    /// A served ring call's method name and argument, kept for the next call's (their
+    /// buffers are reused: a call like the last ones allocates nothing to be read).
+    method: String,
+    arg: Payload,
     /// The last reply's frame (the buffer is reused).
     frame: Vec<u8>,
     /// The memfd, kept open (a handler may map it again; the number stays taken).
@@ -172,6 +176,26 @@ struct ShmIo {
 }
 
 impl ShmIo {
+    /// The message just popped into `body`: a Call read in place into the kept method and
+    /// argument buffers, any other message decoded whole.
+    fn take_message(&mut self) -> Result<Message, FrameError> {
+        let Some(c) = CallRef::read(&self.body)? else {
+            return decode_body(&self.body);
+        };
+        let mut method = std::mem::take(&mut self.method);
+        method.clear();
+        method.push_str(c.method);
+        let mut payload = std::mem::replace(&mut self.arg, Payload::empty());
+        c.payload.copy_into(&mut payload);
+        Ok(Message::Call(Call { id: c.id, method, deadline_us: c.deadline_us, payload }))
+    }
+
+    /// Keeps a served call's buffers for the next call.
+    fn give_back(&mut self, call: Call) {
+        self.method = call.method;
+        self.arg = call.payload;
+    }
+
     /// Puts a reply on the replies ring, waiting for room while plugd reads (it reads one
     /// engine call at a time, so a reply that fits half the ring finds room). A reply
     /// larger than that becomes an error that says how to make room.
@@ -193,9 +217,12 @@ impl ShmIo {
             encode_frame(&Message::Reply(Reply { id: r.id, result: Err(err) }), frame)
                 .map_err(FrameError::from)?;
         }
-        let give_up = Instant::now() + Duration::from_secs(10);
+        // The clock is read only when there is no room (a read is a good part of a spin
+        // round trip).
+        let mut give_up = None;
         while !self.replies.push(frame).map_err(shm_broken)? {
-            if Instant::now() > give_up {
+            let now = Instant::now();
+            if now > *give_up.get_or_insert(now + Duration::from_secs(10)) {
                 return Err(shm_broken(plugin_proto::shm::ShmError::Violation(
                     "plugd has not read the replies ring for 10 s".into(),
                 )));
@@ -226,6 +253,8 @@ fn shm_from_env() -> Option<Result<ShmIo, String>> {
             replies: m.replies().producer(),
             wait,
             body: Vec::with_capacity(256),
+            method: String::new(),
+            arg: Payload::empty(),
             frame: Vec::with_capacity(256),
             _fd: owned,
         }
@@ -437,7 +466,7 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
                 }
                 Some(s) => loop {
                     if s.calls.pop_into(max_frame as usize, &mut s.body).map_err(shm_broken)? {
-                        break (decode_body(&s.body)?, true);
+                        break (s.take_message()?, true);
                     }
                     let buffered = whole_frame_buffered(io.reader.buffer());
                     if buffered || (check_socket && socket_readable(io.reader.get_ref())?) {
@@ -487,6 +516,7 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
                     // socket too while plugd waits there rather than on the ring).
                     Some(s) => {
                         s.reply(reply)?;
+                        s.give_back(call);
                         if s.replies.reader_wants_nudge() {
                             let method = plugin_proto::shm::NUDGE_NOTIFY.into();
                             answer(&Message::Notify { method, payload: Payload::empty() })?;

@@ -31,10 +31,10 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::socket::MsgFlags;
 use parking_lot::{Condvar, Mutex, MutexGuard};
-use plugin_proto::frame::encode_frame;
+use plugin_proto::frame::{encode_call_frame, encode_frame};
 use plugin_proto::shm;
 use plugin_proto::{
-    Call, CallError, ErrorCode, Message, Payload, Reply, PROTO_CALL_CFG, PROTO_HOST_CALLS,
+    Call, CallError, CallRef, ErrorCode, Message, Payload, Reply, PROTO_CALL_CFG, PROTO_HOST_CALLS,
 };
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -1075,12 +1075,12 @@ impl Conn {
             let Ok(id) = t.begin_as(Waiter::Blocking, false) else {
                 return Err(Err(NotSent::Closing(payload)));
             };
-            let call = Call { id, method: method.to_string(), deadline_us, payload };
+            // Written borrowed: the owned Call would cost a copy of the method's name.
+            let call = CallRef { id, method, deadline_us, payload: payload.as_ref() };
             let mut calls = shm.calls.lock();
             let (ring, frame) = &mut *calls;
             frame.clear();
-            let msg = Message::Call(call);
-            if let Err(e) = encode_frame(&msg, frame) {
+            if let Err(e) = encode_call_frame(&call, frame) {
                 t.abandon(id);
                 return Err(Err(NotSent::Failed(CallError::new(
                     ErrorCode::Internal,
@@ -1091,8 +1091,7 @@ impl Conn {
                 Ok(true) => id,
                 Ok(false) => {
                     t.abandon(id);
-                    let Message::Call(call) = msg else { unreachable!("built above") };
-                    return Err(Ok(call.payload));
+                    return Err(Ok(payload));
                 }
                 Err(e) => {
                     t.abandon(id);
@@ -1110,6 +1109,7 @@ impl Conn {
             shm.broken.store(true, Ordering::Release);
             self.broken(id, why)
         };
+        let mut waited_out = false;
         loop {
             match replies.pop_into(max, body) {
                 Ok(true) => match plugin_proto::frame::decode_body(body) {
@@ -1138,12 +1138,15 @@ impl Conn {
                 self.forget(id);
                 return Ok(Err(self.gone("its connection closed")));
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            // The clock is read only after a wait that ended without a frame: the wait
+            // returns at the deadline, and a read is a good part of a spin round trip.
+            if waited_out && deadline.is_some_and(|d| Instant::now() >= d) {
                 self.expire(id, false);
                 return Ok(Err(self.late()));
             }
-            if let Err(e) = replies.wait(shm.wait, deadline, SHM_SLICE) {
-                return Ok(Err(broken(e.to_string())));
+            match replies.wait(shm.wait, deadline, SHM_SLICE) {
+                Ok(w) => waited_out = w != shm::Woken::Ring,
+                Err(e) => return Ok(Err(broken(e.to_string()))),
             }
         }
     }
