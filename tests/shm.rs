@@ -310,3 +310,52 @@ async fn random_bytes_in_a_live_mapping_kill_only_that_plugin_and_never_misread(
     assert!(last.contains("protocol"), "{last}");
     sup.shutdown().await;
 }
+
+/// A handler that calls the host in the middle of a ring call (on_tick placing its order)
+/// must not wait for the actor: in engine mode the actor reads the socket only on its
+/// tick, milliseconds apart. The plugin rings the replies ring's doorbell after writing its
+/// host call, and the engine thread waiting on that ring serves it itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_thread_on_the_rings_serves_the_plugins_host_call_itself() {
+    use std::sync::{Arc, Mutex};
+    let sup = supervisor();
+    let served_on = Arc::new(Mutex::new(Vec::new()));
+    {
+        let served_on = served_on.clone();
+        sup.host_method(
+            "send_order",
+            move |_: &supervisor::HostCall<'_>, symbol: String| -> Result<String, String> {
+                served_on.lock().unwrap().push(std::thread::current().id());
+                Ok(format!("filled {symbol}"))
+            },
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let echo =
+        sup.load(plugin(&dir, "echo", "echo", &shm_manifest("spin-then-futex"))).await.unwrap();
+    eventually("shm taken", || said(&echo, "go through shared memory")).await;
+    echo.set_engine_mode(true);
+    let h = echo.clone();
+    let (engine_id, answers) = tokio::task::spawn_blocking(move || {
+        let answers: Vec<String> = (0..50)
+            .map(|i| {
+                let arg = ("send_order".to_string(), format!("T{i}"));
+                h.call_blocking("host", &arg, Deadline::after(Duration::from_secs(10))).unwrap()
+            })
+            .collect();
+        (std::thread::current().id(), answers)
+    })
+    .await
+    .unwrap();
+    assert_eq!(answers.first().map(String::as_str), Some("filled T0"));
+    assert_eq!(answers.last().map(String::as_str), Some("filled T49"));
+    let threads = served_on.lock().unwrap().clone();
+    assert_eq!(threads.len(), 50);
+    // The actor may still win a race now and then (its tick falling in the few µs between
+    // the plugin's write and the engine thread's read); without the doorbell it serves all.
+    let inline = threads.iter().filter(|t| **t == engine_id).count();
+    assert!(inline >= 40, "only {inline} of 50 host calls were served on the engine thread");
+    let st = echo.status();
+    assert!(st.ring_calls >= 50, "{st:?}");
+    sup.shutdown().await;
+}

@@ -132,6 +132,7 @@ enum Caller {
 /// on_tick to tick-strategy from `who`, on `transport` (`shm` waiting per `wait`, or a
 /// socket); this thread (and with an async caller, its runtime) pinned to `caller`, the
 /// plugin to `plugin_cpu`, if any.
+#[allow(clippy::too_many_arguments)]
 fn on_tick_shm(
     warmup: usize,
     samples: usize,
@@ -140,6 +141,7 @@ fn on_tick_shm(
     plugin_cpu: Option<usize>,
     transport: &str,
     who: Caller,
+    host_call: bool,
 ) -> Result<Stats> {
     // An async caller's runtime is built pinned, so its threads stay on that CPU too.
     if who != Caller::Engine {
@@ -155,6 +157,18 @@ fn on_tick_shm(
     };
     let dir = tempfile::tempdir()?;
     let sup = rt.block_on(async { crate::extra::supervisor() })?;
+    // With a host call: on_tick_order, which places its order with send_order (answered
+    // here with a fill) before it answers.
+    let method = if host_call { "on_tick_order" } else { "on_tick" };
+    if host_call {
+        let orders = std::sync::Arc::new(AtomicU64::new(0));
+        sup.host_method(
+            "send_order",
+            move |_: &supervisor::HostCall<'_>, order: Order| -> Result<_, String> {
+                Ok(crate::extra::paper_fill(&order, orders.fetch_add(1, Ordering::Relaxed)))
+            },
+        );
+    }
     let mut config = format!("transport = \"{transport}\"\n");
     if transport == "shm" {
         config.push_str(&format!("[shm]\nwait = \"{wait}\"\n"));
@@ -181,7 +195,7 @@ fn on_tick_shm(
         for i in 0..warmup + samples {
             let tick = tick(i);
             let t0 = Instant::now();
-            let _: Order = strat.call_blocking("on_tick", &tick, deadline)?;
+            let _: Order = strat.call_blocking(method, &tick, deadline)?;
             if i >= warmup {
                 ns.push(t0.elapsed().as_nanos() as u64);
             }
@@ -191,7 +205,7 @@ fn on_tick_shm(
             for i in 0..warmup + samples {
                 let tick = tick(i);
                 let t0 = Instant::now();
-                let _: Order = strat.call_with("on_tick", &tick, deadline).await?;
+                let _: Order = strat.call_with(method, &tick, deadline).await?;
                 if i >= warmup {
                     ns.push(t0.elapsed().as_nanos() as u64);
                 }
@@ -209,7 +223,7 @@ fn on_tick_shm(
     if transport == "shm" {
         anyhow::ensure!(rings >= samples as u64, "only {rings} calls went through the rings");
     }
-    Ok(stats(&row_name(wait, caller, plugin_cpu, transport, who), 25, ns))
+    Ok(stats(&row_name(wait, caller, plugin_cpu, transport, who, host_call), 25, ns))
 }
 
 /// The table's name for an on_tick row.
@@ -219,6 +233,7 @@ fn row_name(
     plugin_cpu: Option<usize>,
     transport: &str,
     who: Caller,
+    host_call: bool,
 ) -> String {
     let place = match (caller, plugin_cpu) {
         (Some(a), Some(b)) if a != b => format!("CPU {a} ↔ CPU {b}"),
@@ -230,12 +245,13 @@ fn row_name(
         Caller::CurrentThread => "async current-thread, ",
         Caller::MultiThread => "async multi-thread, ",
     };
+    let what = if host_call { "on_tick + 1 host call" } else { "on_tick" };
     if transport == "shm" {
-        format!("plugd on_tick, {how}shm {wait}, {place}")
+        format!("plugd {what}, {how}shm {wait}, {place}")
     } else if who == Caller::Engine {
-        format!("plugd on_tick, socket (engine mode), {place}")
+        format!("plugd {what}, socket (engine mode), {place}")
     } else {
-        format!("plugd on_tick, {how}socket, {place}")
+        format!("plugd {what}, {how}socket, {place}")
     }
 }
 
@@ -256,11 +272,11 @@ pub fn peer_rows(warmup: usize, n: usize) -> Result<Vec<(&'static str, Stats)>> 
     Ok(vec![
         (
             "plugd-on_tick-shm-engine",
-            on_tick_shm(warmup, n, wait, None, None, "shm", Caller::Engine)?,
+            on_tick_shm(warmup, n, wait, None, None, "shm", Caller::Engine, false)?,
         ),
         (
             "plugd-on_tick-shm-async",
-            on_tick_shm(warmup, n, wait, None, None, "shm", Caller::MultiThread)?,
+            on_tick_shm(warmup, n, wait, None, None, "shm", Caller::MultiThread, false)?,
         ),
     ])
 }
@@ -277,27 +293,36 @@ pub fn run(n: usize, only: Option<&str>) -> Result<()> {
     unpin()?;
     let two = crate::extra::online_cpus() > 1;
     /// One on_tick row to measure: wait strategy, caller CPU, plugin CPU, transport, who
-    /// calls, and the floor it is compared with.
-    struct Row<'a>(&'a str, Option<usize>, Option<usize>, &'a str, Caller, &'a Stats);
+    /// calls, and the floor it is compared with (with a host call in the tick: the
+    /// floor's two round trips, so twice its p50).
+    struct Row<'a>(&'a str, Option<usize>, Option<usize>, &'a str, Caller, &'a Stats, bool);
     let mut plan = Vec::new();
     let engine = Caller::Engine;
     if two {
-        plan.push(Row("spin", Some(0), Some(1), "shm", engine, &shm_floor));
+        plan.push(Row("spin", Some(0), Some(1), "shm", engine, &shm_floor, false));
     }
     for wait in ["spin-then-futex", "futex"] {
-        plan.push(Row(wait, Some(0), Some(0), "shm", engine, &pinned_floor));
-        plan.push(Row(wait, None, None, "shm", engine, &unpinned_floor));
+        plan.push(Row(wait, Some(0), Some(0), "shm", engine, &pinned_floor, false));
+        plan.push(Row(wait, None, None, "shm", engine, &unpinned_floor, false));
     }
-    plan.push(Row("", Some(0), Some(0), "stream", engine, &pinned_floor));
+    plan.push(Row("", Some(0), Some(0), "stream", engine, &pinned_floor, false));
     // The async path (#18 item 6): everything on CPU 0, against the pinned socket floor.
     for who in [Caller::CurrentThread, Caller::MultiThread] {
-        plan.push(Row("spin-then-futex", Some(0), Some(0), "shm", who, &pinned_floor));
-        plan.push(Row("", Some(0), Some(0), "stream", who, &pinned_floor));
+        plan.push(Row("spin-then-futex", Some(0), Some(0), "shm", who, &pinned_floor, false));
+        plan.push(Row("", Some(0), Some(0), "stream", who, &pinned_floor, false));
     }
+    // A tick that places an order with the host (ctx.call inside on_tick), from an engine
+    // thread: the host call goes by the socket while the tick's reply waits on the ring.
+    let wait = "spin-then-futex";
+    plan.push(Row(wait, None, None, "shm", engine, &unpinned_floor, true));
+    plan.push(Row(wait, Some(0), Some(0), "shm", engine, &pinned_floor, true));
+    plan.push(Row("", Some(0), Some(0), "stream", engine, &pinned_floor, true));
     let mut rows: Vec<(Stats, &Stats)> = Vec::new();
-    for Row(wait, caller, plugin, transport, who, floor) in plan {
-        if only.is_none_or(|o| row_name(wait, caller, plugin, transport, who).contains(o)) {
-            rows.push((on_tick_shm(warmup, n, wait, caller, plugin, transport, who)?, floor));
+    for Row(wait, caller, plugin, transport, who, floor, host_call) in plan {
+        let name = row_name(wait, caller, plugin, transport, who, host_call);
+        if only.is_none_or(|o| name.contains(o)) {
+            let row = on_tick_shm(warmup, n, wait, caller, plugin, transport, who, host_call)?;
+            rows.push((row, floor));
         }
     }
     let show = |s: &Stats, against: &str| {

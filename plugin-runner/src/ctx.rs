@@ -26,6 +26,9 @@ pub(crate) struct Io {
     pub max_frame: u32,
     /// The protocol version the handshake settled on.
     pub proto: u16,
+    /// With shared memory: the replies ring, whose doorbell tells a host waiting there
+    /// (an engine thread, for the call being served) that a call to it is on the socket.
+    pub doorbell: Option<plugin_proto::shm::Ring>,
 }
 
 impl Io {
@@ -42,6 +45,7 @@ impl Io {
             next_id: 1,
             max_frame: plugin_proto::DEFAULT_MAX_FRAME,
             proto: PROTO_HOST_CALLS,
+            doorbell: None,
         }
     }
 
@@ -200,6 +204,10 @@ impl Ctx<'_> {
         self.io.next_id += 1;
         let call = Message::Call(Call { id, method: method.into(), deadline_us, payload });
         self.io.send(&call).map_err(|e| gone(method, &e))?;
+        // A host waiting on the replies ring reads the socket only when told to.
+        if let Some(ring) = &self.io.doorbell {
+            ring.doorbell();
+        }
         loop {
             if !self.wait_readable(deadline).map_err(|e| gone(method, &e))? {
                 let _ = self.io.send(&Message::Cancel { id });

@@ -162,6 +162,8 @@ pub(crate) fn next_message(
 struct ShmIo {
     calls: plugin_proto::shm::Consumer,
     replies: plugin_proto::shm::Producer,
+    /// The replies ring again, for its doorbell (see [`Io::doorbell`]).
+    bell: plugin_proto::shm::Ring,
     wait: plugin_proto::shm::WaitStrategy,
     /// The last call's body, copied out of the ring (the buffer is reused).
     body: Vec<u8>,
@@ -251,6 +253,7 @@ fn shm_from_env() -> Option<Result<ShmIo, String>> {
         ShmIo {
             calls: m.calls().consumer(),
             replies: m.replies().producer(),
+            bell: m.replies(),
             wait,
             body: Vec::with_capacity(256),
             method: String::new(),
@@ -443,6 +446,7 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
         next_id: 1,
         max_frame,
         proto: welcome.proto,
+        doorbell: shm.as_ref().map(|s| s.bell.clone()),
     };
     // With shared memory, whether the socket may have something (at first, after the
     // doorbell, after a wait's slice).

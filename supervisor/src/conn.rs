@@ -1145,6 +1145,15 @@ impl Conn {
                 return Ok(Err(self.late()));
             }
             match replies.wait(shm.wait, deadline, SHM_SLICE) {
+                Ok(shm::Woken::Socket) => {
+                    replies.socket_news();
+                    match self.read_socket_now(id) {
+                        Ok(Some(answer)) => return Ok(answer),
+                        Ok(None) => {}
+                        Err(e) => return Ok(Err(e)),
+                    }
+                    waited_out = true;
+                }
                 Ok(w) => waited_out = w != shm::Woken::Ring,
                 Err(e) => return Ok(Err(broken(e.to_string()))),
             }
@@ -1194,34 +1203,8 @@ impl Conn {
         let mut sent = Some(sent);
         loop {
             // Whole frames already read first (the actor may have left some).
-            loop {
-                let ReadSide { rbuf, decoder, .. } = &mut **read;
-                match decoder.next(rbuf) {
-                    Ok(Some(Message::Reply(r))) if r.id == id => {
-                        let mut t = self.table.lock();
-                        t.complete(id);
-                        self.settled(&t);
-                        return r.result;
-                    }
-                    Ok(Some(Message::Reply(r))) => {
-                        if let Err(e) = self.deliver(r) {
-                            return Err(self.broken(id, e));
-                        }
-                    }
-                    // The plugin calls the host while it works on ours: served right here,
-                    // on the engine thread, and then the wait goes on.
-                    Ok(Some(Message::Call(c))) if self.proto() >= PROTO_HOST_CALLS => {
-                        self.serve_host_call_inline(c)
-                    }
-                    // An engine thread has no one to stream pieces to.
-                    Ok(Some(Message::Chunk { id: cid, .. })) if cid == id => {}
-                    Ok(Some(Message::Chunk { id: cid, payload })) => {
-                        self.deliver_chunk(cid, payload)
-                    }
-                    Ok(Some(other)) => self.push(Inbound::Frame(other)),
-                    Ok(None) => break,
-                    Err(e) => return Err(self.broken(id, e.to_string())),
-                }
+            if let Some(answer) = self.take_frames(read, id)? {
+                return answer;
             }
             let wait = match deadline {
                 Some(d) => {
@@ -1268,6 +1251,82 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// Takes the whole frames in the read buffer during an engine thread's call `id`:
+    /// its Reply is returned (and the call settled), other replies and pieces go to their
+    /// callers, the plugin's calls to the host are served here, on the engine thread, and
+    /// anything else is left for the actor. Err: the plugin broke the protocol.
+    fn take_frames(
+        &self,
+        read: &mut ReadSide,
+        id: u64,
+    ) -> Result<Option<Result<Payload, CallError>>, CallError> {
+        loop {
+            let ReadSide { rbuf, decoder, .. } = read;
+            match decoder.next(rbuf) {
+                Ok(Some(Message::Reply(r))) if r.id == id => {
+                    let mut t = self.table.lock();
+                    t.complete(id);
+                    self.settled(&t);
+                    return Ok(Some(r.result));
+                }
+                Ok(Some(Message::Reply(r))) => {
+                    if let Err(e) = self.deliver(r) {
+                        return Err(self.broken(id, e));
+                    }
+                }
+                // The plugin calls the host while it works on ours: served right here, and
+                // then the wait goes on.
+                Ok(Some(Message::Call(c))) if self.proto() >= PROTO_HOST_CALLS => {
+                    self.serve_host_call_inline(c)
+                }
+                // An engine thread has no one to stream pieces to.
+                Ok(Some(Message::Chunk { id: cid, .. })) if cid == id => {}
+                Ok(Some(Message::Chunk { id: cid, payload })) => self.deliver_chunk(cid, payload),
+                Ok(Some(other)) => self.push(Inbound::Frame(other)),
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(self.broken(id, e.to_string())),
+            }
+        }
+    }
+
+    /// An engine thread waiting on the replies ring for call `id` heard the doorbell: the
+    /// plugin wrote to the socket (most often a call to the host from the handler serving
+    /// ours, which waits for its answer). Reads what is there now and takes it as
+    /// [`Conn::take_frames`] does; in engine mode the actor would see it only on its next
+    /// tick, milliseconds later. At most 16 reads: a plugin that floods its socket leaves
+    /// the rest to the actor rather than hold this thread.
+    fn read_socket_now(&self, id: u64) -> Result<Option<Result<Payload, CallError>>, CallError> {
+        let mut read = self.read.lock();
+        for _ in 0..16 {
+            let records = read.records;
+            match crate::wire::read_available(&self.sock, &mut read.rbuf, records) {
+                Ok(Filled::Drained) => break,
+                Ok(Filled::More) => {}
+                Ok(Filled::Eof) => {
+                    self.forget(id);
+                    self.push(Inbound::Eof);
+                    return Err(self.gone("closed its socket"));
+                }
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    return Err(self.broken(id, e.to_string()));
+                }
+                Err(e) => {
+                    self.forget(id);
+                    self.push(Inbound::Eof);
+                    return Err(self.gone(&e.to_string()));
+                }
+            }
+        }
+        let taken = self.take_frames(&mut read, id);
+        // A part of a frame, or frames past the 16 reads: the actor's to finish.
+        let leftover = !read.rbuf.is_empty();
+        drop(read);
+        if leftover {
+            self.wake.notify_one();
+        }
+        taken
     }
 
     /// The plugin broke the protocol during an engine thread's call.
