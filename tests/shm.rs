@@ -331,31 +331,41 @@ async fn an_engine_thread_on_the_rings_serves_the_plugins_host_call_itself() {
         );
     }
     let dir = tempfile::tempdir().unwrap();
-    let echo =
-        sup.load(plugin(&dir, "echo", "echo", &shm_manifest("spin-then-futex"))).await.unwrap();
-    eventually("shm taken", || said(&echo, "go through shared memory")).await;
-    echo.set_engine_mode(true);
-    let h = echo.clone();
-    let (engine_id, answers) = tokio::task::spawn_blocking(move || {
-        let answers: Vec<String> = (0..50)
-            .map(|i| {
-                let arg = ("send_order".to_string(), format!("T{i}"));
-                h.call_blocking("host", &arg, Deadline::after(Duration::from_secs(10))).unwrap()
-            })
-            .collect();
-        (std::thread::current().id(), answers)
-    })
-    .await
-    .unwrap();
-    assert_eq!(answers.first().map(String::as_str), Some("filled T0"));
-    assert_eq!(answers.last().map(String::as_str), Some("filled T49"));
-    let threads = served_on.lock().unwrap().clone();
-    assert_eq!(threads.len(), 50);
-    // The actor may still win a race now and then (its tick falling in the few µs between
-    // the plugin's write and the engine thread's read); without the doorbell it serves all.
-    let inline = threads.iter().filter(|t| **t == engine_id).count();
-    assert!(inline >= 40, "only {inline} of 50 host calls were served on the engine thread");
-    let st = echo.status();
-    assert!(st.ring_calls >= 50, "{st:?}");
+    // Each wait strategy: the plugin's wait for the host's answer follows it too (a spinning
+    // plugin looks at the socket before it sleeps in poll).
+    for wait in ["spin", "spin-then-futex", "futex"] {
+        served_on.lock().unwrap().clear();
+        let name = format!("echo-{wait}");
+        let echo = sup.load(plugin(&dir, &name, "echo", &shm_manifest(wait))).await.unwrap();
+        eventually("shm taken", || said(&echo, "go through shared memory")).await;
+        echo.set_engine_mode(true);
+        let h = echo.clone();
+        let (engine_id, answers) = tokio::task::spawn_blocking(move || {
+            let answers: Vec<String> = (0..50)
+                .map(|i| {
+                    let arg = ("send_order".to_string(), format!("T{i}"));
+                    h.call_blocking("host", &arg, Deadline::after(Duration::from_secs(10))).unwrap()
+                })
+                .collect();
+            (std::thread::current().id(), answers)
+        })
+        .await
+        .unwrap();
+        assert_eq!(answers.first().map(String::as_str), Some("filled T0"));
+        assert_eq!(answers.last().map(String::as_str), Some("filled T49"));
+        let threads = served_on.lock().unwrap().clone();
+        assert_eq!(threads.len(), 50, "{wait}");
+        // The actor may still win a race now and then (its tick falling in the few µs
+        // between the plugin's write and the engine thread's read); without the doorbell
+        // it serves all of them.
+        let inline = threads.iter().filter(|t| **t == engine_id).count();
+        assert!(
+            inline >= 40,
+            "{wait}: only {inline} of 50 host calls were served on the engine thread"
+        );
+        let st = echo.status();
+        assert!(st.ring_calls >= 50, "{st:?}");
+        sup.unload(&name).await.unwrap();
+    }
     sup.shutdown().await;
 }

@@ -293,8 +293,8 @@ pub fn run(n: usize, only: Option<&str>) -> Result<()> {
     unpin()?;
     let two = crate::extra::online_cpus() > 1;
     /// One on_tick row to measure: wait strategy, caller CPU, plugin CPU, transport, who
-    /// calls, and the floor it is compared with (with a host call in the tick: the
-    /// floor's two round trips, so twice its p50).
+    /// calls, the floor it is compared with, and whether the tick calls the host (then
+    /// it makes two round trips to the floor's one: compare it with the socket's row).
     struct Row<'a>(&'a str, Option<usize>, Option<usize>, &'a str, Caller, &'a Stats, bool);
     let mut plan = Vec::new();
     let engine = Caller::Engine;

@@ -29,6 +29,10 @@ pub(crate) struct Io {
     /// With shared memory: the replies ring, whose doorbell tells a host waiting there
     /// (an engine thread, for the call being served) that a call to it is on the socket.
     pub doorbell: Option<plugin_proto::shm::Ring>,
+    /// With shared memory: the plugin's wait strategy, which a host call's wait for its
+    /// answer follows too (a spinning plugin looks at the socket for a while before it
+    /// sleeps in poll, whose wake-up costs microseconds).
+    pub wait: Option<plugin_proto::shm::WaitStrategy>,
 }
 
 impl Io {
@@ -46,6 +50,7 @@ impl Io {
             max_frame: plugin_proto::DEFAULT_MAX_FRAME,
             proto: PROTO_HOST_CALLS,
             doorbell: None,
+            wait: None,
         }
     }
 
@@ -231,6 +236,9 @@ impl Ctx<'_> {
 
     /// Waits until a frame is there to read; false if `deadline` passed first.
     fn wait_readable(&self, deadline: Option<Instant>) -> Result<bool, FrameError> {
+        if self.look_a_while(deadline)? {
+            return Ok(true);
+        }
         loop {
             if !self.io.reader.buffer().is_empty() {
                 return Ok(true);
@@ -256,7 +264,45 @@ impl Ctx<'_> {
             }
         }
     }
+
+    /// A plugin on shared memory that spins (`spin`, `spin-then-futex`) looks at the socket
+    /// without sleeping for up to [`LOOK_FOR`] (or the deadline) first; `spin-then-futex`
+    /// yields the CPU between looks, which lets a host on the same CPU answer. True: a
+    /// frame is there.
+    fn look_a_while(&self, deadline: Option<Instant>) -> Result<bool, FrameError> {
+        use plugin_proto::shm::WaitStrategy;
+        let yields = match self.io.wait {
+            Some(WaitStrategy::Spin) => false,
+            Some(WaitStrategy::SpinThenFutex) => true,
+            Some(WaitStrategy::Futex) | None => return Ok(!self.io.reader.buffer().is_empty()),
+        };
+        let until =
+            deadline.map_or(Instant::now() + LOOK_FOR, |d| d.min(Instant::now() + LOOK_FOR));
+        let fd = self.io.reader.get_ref().as_fd();
+        for n in 0u32.. {
+            if !self.io.reader.buffer().is_empty() {
+                return Ok(true);
+            }
+            let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO) {
+                Ok(0) | Err(nix::errno::Errno::EINTR) => {}
+                Ok(_) => return Ok(true),
+                Err(e) => return Err(FrameError::Io(e.into())),
+            }
+            if yields {
+                std::thread::yield_now();
+            }
+            if n % 16 == 15 && Instant::now() >= until {
+                break;
+            }
+        }
+        Ok(false)
+    }
 }
+
+/// How long a spinning plugin looks at the socket for a host call's answer before it
+/// sleeps in poll.
+const LOOK_FOR: Duration = Duration::from_micros(50);
 
 fn late(method: &str, when: &str) -> CallError {
     CallError::new(

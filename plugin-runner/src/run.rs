@@ -447,6 +447,7 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
         max_frame,
         proto: welcome.proto,
         doorbell: shm.as_ref().map(|s| s.bell.clone()),
+        wait: shm.as_ref().map(|s| s.wait),
     };
     // With shared memory, whether the socket may have something (at first, after the
     // doorbell, after a wait's slice).
