@@ -1227,11 +1227,7 @@ impl Conn {
             let records = read.records;
             match recv_into(&self.sock, &mut read.rbuf, MsgFlags::empty(), records) {
                 Ok(Filled::Drained | Filled::More) => {}
-                Ok(Filled::Eof) => {
-                    self.forget(id);
-                    self.push(Inbound::Eof);
-                    return Err(self.gone("closed its socket"));
-                }
+                Ok(Filled::Eof) => return Err(self.lost_read(id, None)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // The receive timeout ran out (the deadline check above answers next) —
                     // or the socket is not in blocking mode after all. Waiting in poll for
@@ -1241,14 +1237,7 @@ impl Conn {
                         return Err(self.gone(&e.to_string()));
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                    return Err(self.broken(id, e.to_string()));
-                }
-                Err(e) => {
-                    self.forget(id);
-                    self.push(Inbound::Eof);
-                    return Err(self.gone(&e.to_string()));
-                }
+                Err(e) => return Err(self.lost_read(id, Some(e))),
             }
         }
     }
@@ -1304,19 +1293,8 @@ impl Conn {
             match crate::wire::read_available(&self.sock, &mut read.rbuf, records) {
                 Ok(Filled::Drained) => break,
                 Ok(Filled::More) => {}
-                Ok(Filled::Eof) => {
-                    self.forget(id);
-                    self.push(Inbound::Eof);
-                    return Err(self.gone("closed its socket"));
-                }
-                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                    return Err(self.broken(id, e.to_string()));
-                }
-                Err(e) => {
-                    self.forget(id);
-                    self.push(Inbound::Eof);
-                    return Err(self.gone(&e.to_string()));
-                }
+                Ok(Filled::Eof) => return Err(self.lost_read(id, None)),
+                Err(e) => return Err(self.lost_read(id, Some(e))),
             }
         }
         let taken = self.take_frames(&mut read, id);
@@ -1327,6 +1305,20 @@ impl Conn {
             self.wake.notify_one();
         }
         taken
+    }
+
+    /// Reading the socket failed (None: the plugin closed it) during an engine thread's
+    /// call `id`: a record too long is the plugin breaking the protocol; anything else ends
+    /// the connection, which the actor hears of as the end of the stream.
+    fn lost_read(&self, id: u64, e: Option<io::Error>) -> CallError {
+        match e {
+            Some(e) if e.kind() == io::ErrorKind::InvalidData => self.broken(id, e.to_string()),
+            e => {
+                self.forget(id);
+                self.push(Inbound::Eof);
+                self.gone(&e.map_or_else(|| "closed its socket".to_string(), |e| e.to_string()))
+            }
+        }
     }
 
     /// The plugin broke the protocol during an engine thread's call.
