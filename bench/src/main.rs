@@ -256,6 +256,9 @@ fn main() -> Result<()> {
     if args.first().map(String::as_str) == Some("--raw-shm-child") {
         shm_bench::raw_child();
     }
+    if args.first().map(String::as_str) == Some("--ring-shm-child") {
+        shm_bench::ring_child(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(64));
+    }
     // transport = "shm" against the raw shm and socket floors (`--shm N [ROWS]`, N samples
     // a row; ROWS, if given, keeps only the plugd rows whose name contains it).
     if args.first().map(String::as_str) == Some("--shm") {

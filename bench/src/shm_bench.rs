@@ -3,6 +3,8 @@
 //! - the raw shared-memory floor: two processes spinning on one cache line each way
 //!   (this binary re-executed with `--raw-shm-child`; no framing, no serde), pinned to
 //!   CPU 0 and CPU 1;
+//! - the ring floor: the same ping-pong through plugd's own rings (`plugin_proto::shm`),
+//!   with frames the size of an on_tick call and its reply, and nothing else of plugd;
 //! - the raw socketpair floor, pinned to one CPU and unpinned (as the other tables);
 //! - plugd: `call_blocking("on_tick")` from an engine thread to the tick-strategy plugin in
 //!   its full default jail, with `transport = "shm"` and each wait strategy: `spin` with the
@@ -116,6 +118,107 @@ fn raw_shm_floor(warmup: usize, samples: usize) -> Result<Stats> {
     lines.line(0).store(u64::MAX, Ordering::Release);
     child.wait()?;
     Ok(stats("raw shm spin ping-pong, CPU 0 ↔ CPU 1", 8, ns))
+}
+
+/// The ring child: on CPU 1, answers every frame on the calls ring of the mapping at fd 3
+/// with a frame of `reply` bytes on the replies ring, spinning; ends at a 1-byte frame.
+pub fn ring_child(reply: usize) -> ! {
+    use plugin_proto::shm::{Mapping, WaitStrategy, Woken};
+    let _ = pin(1);
+    // SAFETY: the parent passed a memfd as fd 3 for this child alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(3) };
+    let Ok(map) = Mapping::open(&fd) else { std::process::exit(1) };
+    let map = std::sync::Arc::new(map);
+    let (mut calls, mut replies) = (map.calls().consumer(), map.replies().producer());
+    let mut answer = (reply as u32).to_le_bytes().to_vec();
+    answer.resize(4 + reply, 7);
+    let mut body = Vec::new();
+    loop {
+        match calls.wait(WaitStrategy::Spin, None, Duration::from_secs(1)) {
+            Ok(Woken::Ring) => {}
+            Ok(_) => continue,
+            Err(_) => std::process::exit(2),
+        }
+        match calls.pop_into(1 << 20, &mut body) {
+            Ok(true) if body.len() == 1 => std::process::exit(0),
+            Ok(true) => {
+                if !matches!(replies.push(&answer), Ok(true)) {
+                    std::process::exit(3);
+                }
+            }
+            Ok(false) => {}
+            Err(_) => std::process::exit(2),
+        }
+    }
+}
+
+/// The ring floor: plugd's own shm rings (plugin_proto::shm, `spin`) between this process
+/// (CPU 0) and a child (CPU 1), carrying frames of an on_tick call's and reply's sizes,
+/// with no codec, call table or dispatch: what the rings cost over the raw line.
+fn ring_floor(warmup: usize, samples: usize) -> Result<Stats> {
+    use plugin_proto::shm::{Mapping, WaitStrategy, Woken, DEFAULT_RING};
+    use plugin_proto::{Call, Message, Payload, Reply};
+    let tick = Tick { symbol: "BTC-USD".into(), bid: 100.0, ask: 100.02, ts: 123_456 };
+    let order = Order::Limit { side: plugd_examples::Side::Buy, qty: 1, price: 100.02 };
+    let mut call = Vec::new();
+    let msg = Message::Call(Call {
+        id: 123_456,
+        method: "on_tick".into(),
+        deadline_us: 5_000_000,
+        payload: Payload::bincode(&tick)?,
+    });
+    plugin_proto::frame::encode_frame(&msg, &mut call)?;
+    let mut reply = Vec::new();
+    let msg = Message::Reply(Reply { id: 123_456, result: Ok(Payload::bincode(&order)?) });
+    plugin_proto::frame::encode_frame(&msg, &mut reply)?;
+    let (map, fd) = Mapping::create(DEFAULT_RING)?;
+    let map = std::sync::Arc::new(map);
+    let raw = fd.as_raw_fd();
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("--ring-shm-child").arg((reply.len() - 4).to_string());
+    // SAFETY: dup2 and fcntl are async-signal-safe and the closure captures an integer.
+    unsafe {
+        cmd.pre_exec(move || {
+            // The memfd is close-on-exec; dup2 onto another number clears that, but when it
+            // already is fd 3 dup2 does nothing, so the flag is cleared by hand.
+            if raw == 3 {
+                nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
+            } else {
+                nix::unistd::dup2(raw, 3)?;
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("spawn the ring shm child")?;
+    pin(0)?;
+    let (mut calls, mut replies) = (map.calls().producer(), map.replies().consumer());
+    let mut body = Vec::new();
+    let mut ns = Vec::with_capacity(samples);
+    for i in 0..warmup + samples {
+        let t0 = Instant::now();
+        anyhow::ensure!(calls.push(&call)?, "the calls ring is full");
+        loop {
+            if replies.wait(WaitStrategy::Spin, None, Duration::from_secs(5))? == Woken::Ring
+                && replies.pop_into(1 << 20, &mut body)?
+            {
+                break;
+            }
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!("the ring child ended: {status}");
+            }
+        }
+        if i >= warmup {
+            ns.push(t0.elapsed().as_nanos() as u64);
+        }
+    }
+    calls.push(&[1, 0, 0, 0, 0])?;
+    child.wait()?;
+    let name = format!(
+        "plugd's rings alone ({} B call, {} B reply), CPU 0 ↔ CPU 1",
+        call.len() - 4,
+        reply.len() - 4
+    );
+    Ok(stats(&name, call.len(), ns))
 }
 
 /// Who makes the calls in an on_tick row.
@@ -286,6 +389,7 @@ pub fn peer_rows(warmup: usize, n: usize) -> Result<Vec<(&'static str, Stats)>> 
 pub fn run(n: usize, only: Option<&str>) -> Result<()> {
     let warmup = n / 10;
     let shm_floor = raw_shm_floor(warmup, n)?;
+    let ring_floor = ring_floor(warmup, n)?;
     unpin()?;
     let unpinned_floor = crate::raw_floor(64, warmup, n)?;
     pin_to_cpu0()?;
@@ -341,6 +445,7 @@ pub fn run(n: usize, only: Option<&str>) -> Result<()> {
         )
     };
     show(&shm_floor, "");
+    show(&with_ratio(ring_floor, &shm_floor), "raw shm");
     show(&pinned_floor, "");
     show(&unpinned_floor, "");
     for (row, floor) in rows {
