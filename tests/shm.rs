@@ -313,8 +313,9 @@ async fn random_bytes_in_a_live_mapping_kill_only_that_plugin_and_never_misread(
 
 /// A handler that calls the host in the middle of a ring call (on_tick placing its order)
 /// must not wait for the actor: in engine mode the actor reads the socket only on its
-/// tick, milliseconds apart. The plugin rings the replies ring's doorbell after writing its
-/// host call, and the engine thread waiting on that ring serves it itself.
+/// tick, milliseconds apart. On protocol 4 the plugin puts its host call on the replies
+/// ring, the engine thread waiting there serves it itself and answers on the calls ring;
+/// a host call or an answer too big for the ring goes by the socket (and the doorbell).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_thread_on_the_rings_serves_the_plugins_host_call_itself() {
     use std::sync::{Arc, Mutex};
@@ -325,14 +326,13 @@ async fn an_engine_thread_on_the_rings_serves_the_plugins_host_call_itself() {
         sup.host_method(
             "send_order",
             move |_: &supervisor::HostCall<'_>, symbol: String| -> Result<String, String> {
-                served_on.lock().unwrap().push(std::thread::current().id());
+                served_on.lock().unwrap().push((std::thread::current().id(), symbol.len()));
                 Ok(format!("filled {symbol}"))
             },
         );
     }
     let dir = tempfile::tempdir().unwrap();
-    // Each wait strategy: the plugin's wait for the host's answer follows it too (a spinning
-    // plugin looks at the socket before it sleeps in poll).
+    // Each wait strategy: the plugin's wait for the host's answer follows it too.
     for wait in ["spin", "spin-then-futex", "futex"] {
         served_on.lock().unwrap().clear();
         let name = format!("echo-{wait}");
@@ -341,9 +341,12 @@ async fn an_engine_thread_on_the_rings_serves_the_plugins_host_call_itself() {
         echo.set_engine_mode(true);
         let h = echo.clone();
         let (engine_id, answers) = tokio::task::spawn_blocking(move || {
-            let answers: Vec<String> = (0..50)
+            // 50 small orders, then 2 whose symbol is over half the ring (16 KiB): those
+            // and their answers go by the socket.
+            let answers: Vec<String> = (0..52)
                 .map(|i| {
-                    let arg = ("send_order".to_string(), format!("T{i}"));
+                    let symbol = if i < 50 { format!("T{i}") } else { "S".repeat(9000) };
+                    let arg = ("send_order".to_string(), symbol);
                     h.call_blocking("host", &arg, Deadline::after(Duration::from_secs(10))).unwrap()
                 })
                 .collect();
@@ -352,19 +355,51 @@ async fn an_engine_thread_on_the_rings_serves_the_plugins_host_call_itself() {
         .await
         .unwrap();
         assert_eq!(answers.first().map(String::as_str), Some("filled T0"));
-        assert_eq!(answers.last().map(String::as_str), Some("filled T49"));
-        let threads = served_on.lock().unwrap().clone();
-        assert_eq!(threads.len(), 50, "{wait}");
-        // The actor may still win a race now and then (its tick falling in the few µs
-        // between the plugin's write and the engine thread's read); without the doorbell
-        // it serves all of them.
-        let inline = threads.iter().filter(|t| **t == engine_id).count();
-        assert!(
-            inline >= 40,
-            "{wait}: only {inline} of 50 host calls were served on the engine thread"
-        );
+        assert_eq!(answers[49], "filled T49");
+        assert_eq!(answers[51].len(), "filled ".len() + 9000, "{wait}");
+        let served = served_on.lock().unwrap().clone();
+        assert_eq!(served.len(), 52, "{wait}");
+        // Every ring host call is served on the engine thread: the actor never reads the
+        // replies ring of an engine-mode plugin.
+        let inline = served[..50].iter().filter(|(t, _)| *t == engine_id).count();
+        assert_eq!(inline, 50, "{wait}: only {inline} of 50 ring host calls on the engine thread");
         let st = echo.status();
         assert!(st.ring_calls >= 50, "{st:?}");
+        assert_eq!(st.ring_host_calls, 50, "{wait}: {st:?}");
+        sup.unload(&name).await.unwrap();
+    }
+    sup.shutdown().await;
+}
+
+/// An async caller's ring call whose handler calls the host: the host call on the replies
+/// ring reaches the actor (from the caller's look at the ring, or from the plugin's nudge
+/// on the socket when the caller waits there, as with `futex`), and its answer goes back on
+/// the calls ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_callers_ring_call_gets_its_host_call_answered_through_the_rings() {
+    let sup = supervisor();
+    sup.host_method(
+        "send_order",
+        |_: &supervisor::HostCall<'_>, symbol: String| -> Result<String, String> {
+            Ok(format!("filled {symbol}"))
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    for wait in ["spin", "spin-then-futex", "futex"] {
+        let name = format!("echo-{wait}");
+        let echo = sup.load(plugin(&dir, &name, "echo", &shm_manifest(wait))).await.unwrap();
+        eventually("shm taken", || said(&echo, "go through shared memory")).await;
+        for i in 0..40 {
+            let arg = ("send_order".to_string(), format!("A{i}"));
+            let back: String = echo
+                .call_with("host", &arg, Deadline::after(Duration::from_secs(10)))
+                .await
+                .unwrap();
+            assert_eq!(back, format!("filled A{i}"), "{wait}");
+        }
+        let st = echo.status();
+        assert!(st.ring_calls >= 40, "{st:?}");
+        assert_eq!(st.ring_host_calls, 40, "{wait}: {st:?}");
         sup.unload(&name).await.unwrap();
     }
     sup.shutdown().await;

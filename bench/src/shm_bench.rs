@@ -416,7 +416,10 @@ pub fn run(n: usize, only: Option<&str>) -> Result<()> {
         plan.push(Row("", Some(0), Some(0), "stream", who, &pinned_floor, false));
     }
     // A tick that places an order with the host (ctx.call inside on_tick), from an engine
-    // thread: the host call goes by the socket while the tick's reply waits on the ring.
+    // thread: on protocol 4 the host call and its answer go through the rings too.
+    if two {
+        plan.push(Row("spin", Some(0), Some(1), "shm", engine, &shm_floor, true));
+    }
     let wait = "spin-then-futex";
     plan.push(Row(wait, None, None, "shm", engine, &unpinned_floor, true));
     plan.push(Row(wait, Some(0), Some(0), "shm", engine, &pinned_floor, true));

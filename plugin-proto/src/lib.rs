@@ -26,7 +26,9 @@ pub use message::{
     PayloadCodec, PayloadRef, PluginCall, Reply, Side, Welcome, PLUGD_LOG, PLUGD_STATUS,
     PLUGIN_CALL,
 };
-pub use version::{negotiate, MAGIC, PROTO_CALL_CFG, PROTO_HOST_CALLS, PROTO_MAX, PROTO_MIN};
+pub use version::{
+    negotiate, MAGIC, PROTO_CALL_CFG, PROTO_HOST_CALLS, PROTO_MAX, PROTO_MIN, PROTO_RING_HOST_CALLS,
+};
 
 /// The one rule for a plugin name, wherever a name comes from (a manifest, a control
 /// request, an HTTP path): 1-64 lowercase letters, digits, `-` or `_` — so a name can

@@ -11,14 +11,19 @@ pub const PROTO_MIN: u16 = 1;
 
 /// Highest protocol version this crate speaks. Version 2 adds host calls: a plugin may
 /// send `Call` (and `Cancel`) to the supervisor, which answers with `Reply`. Version 3
-/// adds `CallCfg`, a call with the caller's per-call configuration.
-pub const PROTO_MAX: u16 = 3;
+/// adds `CallCfg`, a call with the caller's per-call configuration. Version 4 lets a
+/// plugin on shared memory call the host through the rings (PROTOCOL.md section 1).
+pub const PROTO_MAX: u16 = 4;
 
 /// The first protocol version in which a plugin may call the host.
 pub const PROTO_HOST_CALLS: u16 = 2;
 
 /// The first protocol version in which a call may carry a per-call configuration.
 pub const PROTO_CALL_CFG: u16 = 3;
+
+/// The first protocol version in which a plugin on shared memory may put its calls to the
+/// host on the replies ring, and the supervisor answers them on the calls ring.
+pub const PROTO_RING_HOST_CALLS: u16 = 4;
 
 /// Returns the highest version in both `ours` and `theirs`, if any.
 pub fn negotiate(ours: (u16, u16), theirs: (u16, u16)) -> Option<u16> {

@@ -9,30 +9,31 @@ use std::time::{Duration, Instant};
 
 use plugin_proto::{
     Call, CallError, ErrorCode, FrameError, LogLevel, LogRecord, Message, OwnStatus, Payload,
-    PluginCall, PLUGD_LOG, PLUGD_STATUS, PLUGIN_CALL, PROTO_HOST_CALLS,
+    PluginCall, PLUGD_LOG, PLUGD_STATUS, PLUGIN_CALL, PROTO_HOST_CALLS, PROTO_RING_HOST_CALLS,
 };
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::run::{next_message, Wire};
+use crate::run::{next_message, ring_error, socket_readable, whole_frame_buffered, ShmIo, Wire};
 
 /// The run loop's end of the socket, lent to a handler's [`Ctx`] while it runs.
 pub(crate) struct Io {
     pub reader: BufReader<UnixStream>,
     pub wire: Arc<Mutex<Wire>>,
-    /// Frames read while a host call waited for its reply, for the run loop to handle next.
-    pub deferred: VecDeque<Message>,
+    /// Frames read while a host call waited for its reply, for the run loop to handle next,
+    /// each with whether it came by the calls ring (then it is answered there).
+    pub deferred: VecDeque<(Message, bool)>,
     /// The next id of a call to the host (the plugin's own id space).
     pub next_id: u64,
     pub max_frame: u32,
     /// The protocol version the handshake settled on.
     pub proto: u16,
-    /// With shared memory: the replies ring, whose doorbell tells a host waiting there
-    /// (an engine thread, for the call being served) that a call to it is on the socket.
-    pub doorbell: Option<plugin_proto::shm::Ring>,
-    /// With shared memory: the plugin's wait strategy, which a host call's wait for its
-    /// answer follows too (a spinning plugin looks at the socket for a while before it
-    /// sleeps in poll, whose wake-up costs microseconds).
-    pub wait: Option<plugin_proto::shm::WaitStrategy>,
+    /// With shared memory: this side's rings. From protocol 4 a handler serving a ring call
+    /// calls the host through them; before, its calls go by the socket and the replies
+    /// ring's doorbell tells a host waiting on that ring to look at the socket.
+    pub shm: Option<ShmIo>,
+    /// A host call's wait took the calls ring's socket news or read the socket: the run
+    /// loop must look at the socket again before it waits on the ring.
+    pub recheck_socket: bool,
 }
 
 impl Io {
@@ -49,8 +50,8 @@ impl Io {
             next_id: 1,
             max_frame: plugin_proto::DEFAULT_MAX_FRAME,
             proto: PROTO_HOST_CALLS,
-            doorbell: None,
-            wait: None,
+            shm: None,
+            recheck_socket: false,
         }
     }
 
@@ -68,6 +69,9 @@ pub struct Ctx<'a> {
     pub(crate) deadline: Option<Instant>,
     /// The caller's configuration for the call being served (protocol 3's `CallCfg`).
     pub(crate) cfg: Option<Payload>,
+    /// The call being served came by the calls ring: plugd waits for its answer on the
+    /// replies ring, so a host call may go there too (protocol 4).
+    pub(crate) on_ring: bool,
 }
 
 impl Ctx<'_> {
@@ -208,18 +212,24 @@ impl Ctx<'_> {
         let id = self.io.next_id;
         self.io.next_id += 1;
         let call = Message::Call(Call { id, method: method.into(), deadline_us, payload });
-        self.io.send(&call).map_err(|e| gone(method, &e))?;
-        // A host waiting on the replies ring reads the socket only when told to.
-        if let Some(ring) = &self.io.doorbell {
-            ring.doorbell();
+        // With protocol 4 on shared memory the answer may come on either channel.
+        let rings = self.io.proto >= PROTO_RING_HOST_CALLS && self.io.shm.is_some();
+        let on_ring =
+            self.on_ring && rings && self.put_on_ring(&call).map_err(|e| gone(method, &e))?;
+        if !on_ring {
+            self.io.send(&call).map_err(|e| gone(method, &e))?;
+            // A host waiting on the replies ring reads the socket only when told to.
+            if let Some(s) = &self.io.shm {
+                s.bell.doorbell();
+            }
         }
         loop {
-            if !self.wait_readable(deadline).map_err(|e| gone(method, &e))? {
+            let next =
+                if rings { self.next_of_both(deadline) } else { self.next_on_socket(deadline) };
+            let Some((msg, via_ring)) = next.map_err(|e| gone(method, &e))? else {
                 let _ = self.io.send(&Message::Cancel { id });
                 return Err(late(method, "in time"));
-            }
-            let msg = next_message(&mut self.io.reader, self.io.max_frame)
-                .map_err(|e| gone(method, &e))?;
+            };
             match msg {
                 Message::Reply(r) if r.id == id => return r.result,
                 // The answer to a host call this plugin already gave up on.
@@ -229,7 +239,76 @@ impl Ctx<'_> {
                     self.io.send(&Message::Pong { seq }).map_err(|e| gone(method, &e))?
                 }
                 // Everything else (a supervisor call, a shutdown) is for after this handler.
-                other => self.io.deferred.push_back(other),
+                other => self.io.deferred.push_back((other, via_ring)),
+            }
+        }
+    }
+
+    /// Puts a host call on the replies ring (and the nudge on the socket, if plugd asked
+    /// for one); false if it does not fit there now (it then goes by the socket).
+    fn put_on_ring(&mut self, call: &Message) -> Result<bool, FrameError> {
+        let Some(s) = self.io.shm.as_mut() else { return Ok(false) };
+        s.frame.clear();
+        plugin_proto::frame::encode_frame(call, &mut s.frame)?;
+        if !s.replies.push(&s.frame).map_err(ring_error)? {
+            return Ok(false);
+        }
+        if s.replies.reader_wants_nudge() {
+            let method = plugin_proto::shm::NUDGE_NOTIFY.into();
+            self.io.send(&Message::Notify { method, payload: Payload::empty() })?;
+        }
+        Ok(true)
+    }
+
+    /// The next frame from the socket (with whether it came by the ring: never); None if
+    /// `deadline` passed first.
+    fn next_on_socket(
+        &mut self,
+        deadline: Option<Instant>,
+    ) -> Result<Option<(Message, bool)>, FrameError> {
+        if !self.wait_readable(deadline)? {
+            return Ok(None);
+        }
+        Ok(Some((next_message(&mut self.io.reader, self.io.max_frame)?, false)))
+    }
+
+    /// The next frame from the calls ring or the socket, waiting on the ring per the
+    /// plugin's strategy (plugd rings its doorbell when it writes to the socket); None if
+    /// `deadline` passed first.
+    fn next_of_both(
+        &mut self,
+        deadline: Option<Instant>,
+    ) -> Result<Option<(Message, bool)>, FrameError> {
+        let max = self.io.max_frame;
+        // Something may be on the socket already (plugd's news the run loop has not read).
+        let mut check_socket = true;
+        let io = &mut *self.io;
+        let Some(s) = io.shm.as_mut() else { return self.next_on_socket(deadline) };
+        loop {
+            if s.calls.pop_into(max as usize, &mut s.body).map_err(ring_error)? {
+                return Ok(Some((s.take_message()?, true)));
+            }
+            if whole_frame_buffered(io.reader.buffer())
+                || (check_socket && socket_readable(io.reader.get_ref())?)
+            {
+                io.recheck_socket = true;
+                return Ok(Some((next_message(&mut io.reader, max)?, false)));
+            }
+            check_socket = false;
+            let slice = Duration::from_millis(50);
+            match s.calls.wait(s.wait, deadline, slice).map_err(ring_error)? {
+                plugin_proto::shm::Woken::Ring => {}
+                plugin_proto::shm::Woken::Socket => {
+                    s.calls.socket_news();
+                    io.recheck_socket = true;
+                    check_socket = true;
+                }
+                plugin_proto::shm::Woken::Timeout => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Ok(None);
+                    }
+                    check_socket = true;
+                }
             }
         }
     }
@@ -271,7 +350,7 @@ impl Ctx<'_> {
     /// frame is there.
     fn look_a_while(&self, deadline: Option<Instant>) -> Result<bool, FrameError> {
         use plugin_proto::shm::WaitStrategy;
-        let yields = match self.io.wait {
+        let yields = match self.io.shm.as_ref().map(|s| s.wait) {
             Some(WaitStrategy::Spin) => false,
             Some(WaitStrategy::SpinThenFutex) => true,
             Some(WaitStrategy::Futex) | None => return Ok(!self.io.reader.buffer().is_empty()),

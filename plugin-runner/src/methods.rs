@@ -218,7 +218,7 @@ mod tests {
         p: &Payload,
     ) -> Result<Payload, CallError> {
         let mut io = crate::ctx::Io::detached();
-        let mut ctx = Ctx { io: &mut io, deadline: None, cfg: None };
+        let mut ctx = Ctx { io: &mut io, deadline: None, cfg: None, on_ring: false };
         m.dispatch(acc, &mut ctx, method, p)
     }
 

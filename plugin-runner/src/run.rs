@@ -157,22 +157,23 @@ pub(crate) fn next_message(
     read_frame(reader, max_frame)
 }
 
-/// True if `buffered` starts with a whole frame: more work is already here.
 /// The plugin's side of the shared mapping (`transport = "shm"`).
-struct ShmIo {
-    calls: plugin_proto::shm::Consumer,
-    replies: plugin_proto::shm::Producer,
-    /// The replies ring again, for its doorbell (see [`Io::doorbell`]).
-    bell: plugin_proto::shm::Ring,
-    wait: plugin_proto::shm::WaitStrategy,
+pub(crate) struct ShmIo {
+    pub calls: plugin_proto::shm::Consumer,
+    pub replies: plugin_proto::shm::Producer,
+    /// The replies ring again, for its doorbell: it tells a host waiting there (an engine
+    /// thread, for the call being served) that the socket has something for it.
+    pub bell: plugin_proto::shm::Ring,
+    /// How this side waits on the calls ring (and for a host call's answer).
+    pub wait: plugin_proto::shm::WaitStrategy,
     /// The last call's body, copied out of the ring (the buffer is reused).
-    body: Vec<u8>,
+    pub body: Vec<u8>,
     /// A served ring call's method name and argument, kept for the next call's (their
     /// buffers are reused: a call like the last ones allocates nothing to be read).
     method: String,
     arg: Payload,
-    /// The last reply's frame (the buffer is reused).
-    frame: Vec<u8>,
+    /// The last reply's (or host call's) frame (the buffer is reused).
+    pub frame: Vec<u8>,
     /// The memfd, kept open (a handler may map it again; the number stays taken).
     _fd: std::os::fd::OwnedFd,
 }
@@ -180,7 +181,7 @@ struct ShmIo {
 impl ShmIo {
     /// The message just popped into `body`: a Call read in place into the kept method and
     /// argument buffers, any other message decoded whole.
-    fn take_message(&mut self) -> Result<Message, FrameError> {
+    pub fn take_message(&mut self) -> Result<Message, FrameError> {
         let Some(c) = CallRef::read(&self.body)? else {
             return decode_body(&self.body);
         };
@@ -265,11 +266,16 @@ fn shm_from_env() -> Option<Result<ShmIo, String>> {
 }
 
 fn shm_broken(e: plugin_proto::shm::ShmError) -> ServeError {
-    ServeError::Protocol(FrameError::Io(std::io::Error::other(e.to_string())))
+    ServeError::Protocol(ring_error(e))
+}
+
+/// A ring's error as the socket's kind of error.
+pub(crate) fn ring_error(e: plugin_proto::shm::ShmError) -> FrameError {
+    FrameError::Io(std::io::Error::other(e.to_string()))
 }
 
 /// Whether the socket has bytes to read now (a poll that does not wait).
-fn socket_readable(sock: &UnixStream) -> Result<bool, ServeError> {
+pub(crate) fn socket_readable(sock: &UnixStream) -> Result<bool, FrameError> {
     use std::os::fd::AsRawFd;
     let mut p = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     // SAFETY: one pollfd on the stack, a zero timeout.
@@ -279,12 +285,13 @@ fn socket_readable(sock: &UnixStream) -> Result<bool, ServeError> {
         if e.kind() == std::io::ErrorKind::Interrupted {
             return Ok(true);
         }
-        return Err(FrameError::Io(e).into());
+        return Err(FrameError::Io(e));
     }
     Ok(n > 0)
 }
 
-fn whole_frame_buffered(buffered: &[u8]) -> bool {
+/// True if `buffered` starts with a whole frame: more work is already here.
+pub(crate) fn whole_frame_buffered(buffered: &[u8]) -> bool {
     buffered.len() >= 4
         && buffered.len() - 4
             >= u32::from_le_bytes([buffered[0], buffered[1], buffered[2], buffered[3]]) as usize
@@ -446,8 +453,8 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
         next_id: 1,
         max_frame,
         proto: welcome.proto,
-        doorbell: shm.as_ref().map(|s| s.bell.clone()),
-        wait: shm.as_ref().map(|s| s.wait),
+        shm,
+        recheck_socket: false,
     };
     // With shared memory, whether the socket may have something (at first, after the
     // doorbell, after a wait's slice).
@@ -455,8 +462,8 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
     loop {
         // Frames a host call read while it waited come first, in the order they came.
         let (msg, via_ring) = match io.deferred.pop_front() {
-            Some(m) => (m, false),
-            None => match shm.as_mut() {
+            Some(m) => m,
+            None => match io.shm.as_mut() {
                 None => {
                     if !whole_frame_buffered(io.reader.buffer()) {
                         flush()?;
@@ -474,7 +481,8 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
                         break (s.take_message()?, true);
                     }
                     let buffered = whole_frame_buffered(io.reader.buffer());
-                    if buffered || (check_socket && socket_readable(io.reader.get_ref())?) {
+                    let check = check_socket || std::mem::take(&mut io.recheck_socket);
+                    if buffered || (check && socket_readable(io.reader.get_ref())?) {
                         match next_message(&mut io.reader, max_frame) {
                             Ok(m) => break (m, false),
                             Err(FrameError::Closed) => return Ok(()),
@@ -506,7 +514,7 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
                 };
                 let deadline = (call.deadline_us > 0)
                     .then(|| Instant::now() + Duration::from_micros(call.deadline_us));
-                let mut ctx = Ctx { io: &mut io, deadline, cfg };
+                let mut ctx = Ctx { io: &mut io, deadline, cfg, on_ring: via_ring };
                 let result = run_handler(
                     &mut methods,
                     &mut plugin,
@@ -516,7 +524,7 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
                     &options,
                 );
                 let reply = Message::Reply(Reply { id: call.id, result });
-                match shm.as_mut().filter(|_| via_ring) {
+                match io.shm.as_mut().filter(|_| via_ring) {
                     // A call that came on the ring is answered on the ring (and said on the
                     // socket too while plugd waits there rather than on the ring).
                     Some(s) => {
@@ -534,7 +542,7 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
                 plugin.restore_state(&payload.data);
             }
             Message::Notify { method, payload } if methods.has(&method) => {
-                let mut ctx = Ctx { io: &mut io, deadline: None, cfg: None };
+                let mut ctx = Ctx { io: &mut io, deadline: None, cfg: None, on_ring: false };
                 let _ =
                     run_handler(&mut methods, &mut plugin, &mut ctx, &method, &payload, &options);
             }

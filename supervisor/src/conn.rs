@@ -35,6 +35,7 @@ use plugin_proto::frame::{encode_call_frame, encode_frame};
 use plugin_proto::shm;
 use plugin_proto::{
     Call, CallError, CallRef, ErrorCode, Message, Payload, Reply, PROTO_CALL_CFG, PROTO_HOST_CALLS,
+    PROTO_RING_HOST_CALLS,
 };
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -58,6 +59,8 @@ pub(crate) enum Waiter {
 pub(crate) enum Inbound {
     /// A frame that is not a reply (those are delivered where they belong).
     Frame(Message),
+    /// A call to the host the plugin put on the replies ring (protocol 4).
+    RingHostCall(Call),
     /// The socket reached end of stream, or broke.
     Eof,
     /// The plugin sent something that is not a valid frame.
@@ -103,6 +106,9 @@ pub(crate) struct Conn {
     pub engine_calls: AtomicU64,
     /// Calls sent through the shared-memory rings (the rest went by the socket).
     pub ring_calls: AtomicU64,
+    /// Host calls that came on the replies ring and were answered on the calls ring
+    /// (protocol 4 on shared memory).
+    pub ring_host_calls: AtomicU64,
     /// Whether the socket keeps message boundaries (`transport = "seqpacket"`).
     records: bool,
     /// The protocol version the handshake settled on (host calls need 2).
@@ -268,6 +274,7 @@ impl Conn {
             engine,
             engine_calls: AtomicU64::new(0),
             ring_calls: AtomicU64::new(0),
+            ring_host_calls: AtomicU64::new(0),
             records,
             proto: AtomicU16::new(plugin_proto::PROTO_MIN),
             host,
@@ -330,11 +337,12 @@ impl Conn {
     }
 
     /// Serves a call the plugin made to the host, from the instance actor: a sync method
-    /// on this task, an async one as a task of its own that answers when done.
-    pub fn serve_host_call(self: &Arc<Self>, call: Call) {
+    /// on this task, an async one as a task of its own that answers when done. `by_ring`:
+    /// the call came on the replies ring.
+    pub fn serve_host_call(self: &Arc<Self>, call: Call, by_ring: bool) {
         let (id, method) = (call.id, call.method.clone());
         match self.host.serve(&self.name, call) {
-            Served::Now(answer) => self.answer_host_call(id, &method, answer),
+            Served::Now(answer) => self.answer_host_call(id, &method, answer, by_ring),
             // A hostile plugin must not grow the host's tasks without bound.
             Served::Later(_) if self.host_in_flight.load(Ordering::SeqCst) >= HOST_CALLS_MAX => {
                 let err = CallError::new(
@@ -344,7 +352,7 @@ impl Conn {
                         self.name
                     ),
                 );
-                self.answer_host_call(id, &method, Err(err));
+                self.answer_host_call(id, &method, Err(err), by_ring);
             }
             Served::Later(fut) => {
                 let conn = self.clone();
@@ -352,7 +360,7 @@ impl Conn {
                 tokio::spawn(async move {
                     let answer = run_guarded(method.clone(), fut).await;
                     conn.host_in_flight.fetch_sub(1, Ordering::SeqCst);
-                    conn.answer_host_call(id, &method, answer);
+                    conn.answer_host_call(id, &method, answer, by_ring);
                 });
             }
         }
@@ -360,7 +368,7 @@ impl Conn {
 
     /// Serves a call the plugin made to the host on this (engine) thread, async methods
     /// included (run to the end on the supervisor's runtime while this thread waits).
-    fn serve_host_call_inline(&self, call: Call) {
+    fn serve_host_call_inline(&self, call: Call, by_ring: bool) {
         let (id, method) = (call.id, call.method.clone());
         let answer = match self.host.serve(&self.name, call) {
             Served::Now(answer) => answer,
@@ -380,12 +388,23 @@ impl Conn {
                 )),
             },
         };
-        self.answer_host_call(id, &method, answer);
+        self.answer_host_call(id, &method, answer, by_ring);
     }
 
-    /// Writes the Reply to the plugin's host call `id`.
-    fn answer_host_call(&self, id: u64, method: &str, answer: Result<Payload, CallError>) {
+    /// Writes the Reply to the plugin's host call `id`: on the calls ring when the plugin
+    /// speaks protocol 4 there (it then waits on the ring and the socket both), else (or
+    /// when it does not fit the ring now) on the socket.
+    fn answer_host_call(
+        &self,
+        id: u64,
+        method: &str,
+        answer: Result<Payload, CallError>,
+        by_ring: bool,
+    ) {
         let reply = Message::Reply(Reply { id, result: answer });
+        if self.answer_on_ring(&reply, by_ring) {
+            return;
+        }
         let encoded = encode_frame(&reply, &mut self.out.lock().bytes);
         if let Err(e) = encoded {
             // The answer does not fit a frame: say so instead (that always fits).
@@ -397,6 +416,41 @@ impl Conn {
             let _ = encode_frame(&reply, &mut self.out.lock().bytes);
         }
         let _ = self.send_now();
+    }
+
+    /// Puts `reply` (to a host call) on the calls ring; false if it goes by the socket.
+    /// A call that came by the ring and is answered there is counted (`ring_host_calls`).
+    fn answer_on_ring(&self, reply: &Message, by_ring: bool) -> bool {
+        if self.proto() < PROTO_RING_HOST_CALLS {
+            return false;
+        }
+        let Some(shm) = self.shm.as_ref().filter(|s| s.active.load(Ordering::Acquire)) else {
+            return false;
+        };
+        if shm.broken.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut calls = shm.calls.lock();
+        let (ring, frame) = &mut *calls;
+        frame.clear();
+        // One that does not encode goes the socket's way, which says why to the plugin.
+        if encode_frame(reply, frame).is_err() {
+            return false;
+        }
+        match ring.push(frame) {
+            Ok(pushed) => {
+                if pushed && by_ring {
+                    self.ring_host_calls.fetch_add(1, Ordering::Relaxed);
+                }
+                pushed
+            }
+            Err(e) => {
+                drop(calls);
+                shm.broken.store(true, Ordering::Release);
+                self.push(Inbound::Fault(e.to_string()));
+                true
+            }
+        }
     }
 
     /// The shared socket; use [`crate::wire::read_available`] and [`write_available`],
@@ -955,6 +1009,12 @@ impl Conn {
                         Err(e) => e,
                     },
                     Ok(Message::Chunk { .. }) => continue,
+                    // The plugin calls the host from a ring call's handler: the actor serves
+                    // it (a sync method at once, an async one as a task of its own).
+                    Ok(Message::Call(c)) if self.proto() >= PROTO_RING_HOST_CALLS => {
+                        self.push(Inbound::RingHostCall(c));
+                        continue;
+                    }
                     Ok(other) => format!("a {} on the replies ring", other.kind()),
                     Err(e) => e.to_string(),
                 },
@@ -1125,6 +1185,13 @@ impl Conn {
                         }
                     }
                     Ok(Message::Chunk { .. }) => {}
+                    // The plugin calls the host while it works on ours: served right here,
+                    // and the deadline is looked at before the wait goes on.
+                    Ok(Message::Call(c)) if self.proto() >= PROTO_RING_HOST_CALLS => {
+                        self.serve_host_call_inline(c, true);
+                        waited_out = true;
+                        continue;
+                    }
                     Ok(other) => {
                         let why = format!("a {} on the replies ring", other.kind());
                         return Ok(Err(broken(why)));
@@ -1268,7 +1335,7 @@ impl Conn {
                 // The plugin calls the host while it works on ours: served right here, and
                 // then the wait goes on.
                 Ok(Some(Message::Call(c))) if self.proto() >= PROTO_HOST_CALLS => {
-                    self.serve_host_call_inline(c)
+                    self.serve_host_call_inline(c, false)
                 }
                 // An engine thread has no one to stream pieces to.
                 Ok(Some(Message::Chunk { id: cid, .. })) if cid == id => {}
@@ -1553,7 +1620,7 @@ mod socket_tests {
         for id in 1..=u64::from(HOST_CALLS_MAX) + 1 {
             let call =
                 Call { id, method: "wait".into(), deadline_us: 0, payload: Payload::empty() };
-            Conn::serve_host_call(&conn, call);
+            Conn::serve_host_call(&conn, call, false);
         }
         // Only the one over the cap is answered, at once, with the reason.
         let got = frames(&mut theirs, 1);

@@ -799,6 +799,7 @@ impl Instance {
         for item in self.conn.take_inbox() {
             match item {
                 Inbound::Frame(msg) => self.on_message(msg)?,
+                Inbound::RingHostCall(call) => Conn::serve_host_call(&self.conn, call, true),
                 Inbound::Eof => self.eof = true,
                 Inbound::Fault(e) => return Err(Fault::Protocol(e)),
                 Inbound::Hung(detail) => return Err(Fault::Hung(detail)),
@@ -824,7 +825,7 @@ impl Instance {
             match msg {
                 Message::Reply(reply) => self.conn.deliver(reply).map_err(Fault::Protocol)?,
                 // A call to the host (protocol 2), served on this task.
-                Message::Call(call) => Conn::serve_host_call(&self.conn, call),
+                Message::Call(call) => Conn::serve_host_call(&self.conn, call, false),
                 // The plugin gave up on a host call: host methods run to the end inline, so
                 // its answer is already on the way (the plugin drops it).
                 Message::Cancel { .. } => {}

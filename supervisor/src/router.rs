@@ -110,6 +110,9 @@ pub struct PluginStatus {
     pub transport: Option<String>,
     /// Calls the current instance was sent through the shared-memory rings.
     pub ring_calls: u64,
+    /// Calls the current instance made to the host through the rings, and had answered
+    /// there (protocol 4: the SDK puts them on the replies ring while it serves a ring call).
+    pub ring_host_calls: u64,
 }
 
 /// Upper bounds of the call-latency buckets, in microseconds (a last bucket takes the rest).
@@ -493,6 +496,9 @@ impl PluginHandle {
             methods: live.methods,
             transport: route.as_ref().map(|c| c.transport()),
             ring_calls: route.as_ref().map_or(0, |c| c.ring_calls.load(Ordering::Relaxed)),
+            ring_host_calls: route
+                .as_ref()
+                .map_or(0, |c| c.ring_host_calls.load(Ordering::Relaxed)),
         }
     }
 

@@ -414,6 +414,9 @@ pub struct StatusEntry {
     /// Calls the running instance was sent through the shared-memory rings.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub ring_calls: u64,
+    /// Calls the running instance made to the host through the rings, answered there.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ring_host_calls: u64,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -571,6 +571,7 @@ impl Daemon {
                         sandbox_unavailable: st.sandbox_unavailable,
                         transport: st.transport,
                         ring_calls: st.ring_calls,
+                        ring_host_calls: st.ring_host_calls,
                         exits: st.exits.into_iter().map(|(k, n)| (k.to_string(), n)).collect(),
                         log_lines_dropped: st.log_lines_dropped,
                         rss_bytes: st.pid.and_then(supervisor::spawn::proc_usage).map(|u| u.0),

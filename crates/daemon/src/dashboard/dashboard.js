@@ -410,7 +410,7 @@ async function refreshDetail() {
   const p = Array.isArray(one) ? one[0] : one;
   const dl = $("detail-fields");
   dl.replaceChildren();
-  for (const key of ["display_name", "version", "kind", "state", "manifest", "sdk", "transport", "ring_calls", "last_exit", "health", "requirements", "exits", "manifest_extra", "sandbox", "sandbox_unavailable"]) {
+  for (const key of ["display_name", "version", "kind", "state", "manifest", "sdk", "transport", "ring_calls", "ring_host_calls", "last_exit", "health", "requirements", "exits", "manifest_extra", "sandbox", "sandbox_unavailable"]) {
     field(dl, key, p[key]);
   }
   // The histogram of every call so far.
