@@ -127,6 +127,25 @@ fn the_ported_fastapi_plugin_serves_the_socket_plugd_binds_and_is_ready_when_hea
     let metrics = api(api_port, "/metrics");
     assert!(metrics.contains("plugd_plugin_healthy{plugin=\"client_manager\"} 1"), "{metrics}");
     assert!(metrics.contains("plugd_plugin_health_failures{plugin=\"client_manager\"} 0"));
+
+    // The SDK's stop under the race it cannot see (a connection that uvicorn's shutdown
+    // finds with its request unread is served, not closed), run with the plugin's own
+    // virtualenv, where uvicorn is.
+    let venv = d.root.path().join("state/plugins/.venv/client_manager");
+    let python = std::fs::read_dir(&venv)
+        .unwrap()
+        .map(|e| e.unwrap().path().join("bin/python"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("no virtualenv python under {}", venv.display()));
+    let out = std::process::Command::new(python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/py/serving_spares_unread.py"))
+        .env("PLUGD_SDK_PATH", concat!(env!("CARGO_MANIFEST_DIR"), "/../plugin-runner/python"))
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
 }
 
 #[test]

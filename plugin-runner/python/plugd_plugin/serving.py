@@ -19,6 +19,7 @@ For plain asyncio: ``await asyncio.start_server(handle, sock=s)`` for each socke
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import socket
 import sys
@@ -70,15 +71,56 @@ class Served:
             server.close()
         loop = asyncio.get_running_loop()
         until = loop.time() + drain
-        await asyncio.sleep(0.05)
         state = getattr(self.server, "server_state", None)
+        if state is not None:
+            _spare_unread_connections(state, loop, until)
+        await asyncio.sleep(0.05)
         while state is not None and loop.time() < until:
-            # uvicorn's protocols have no request cycle until the first request is read.
-            if not any(getattr(c, "cycle", True) is None for c in state.connections):
+            if not any(_unread(c) for c in state.connections):
                 break
             await asyncio.sleep(0.01)
         self.server.should_exit = True
         await self.task
+
+
+def _unread(connection: Any) -> bool:
+    """Whether uvicorn has not read a request on ``connection`` yet (its protocols have no
+    request cycle until then)."""
+    return getattr(connection, "cycle", True) is None
+
+
+def _spare_unread_connections(state: Any, loop: asyncio.AbstractEventLoop,
+                              until: float) -> None:
+    """Makes uvicorn's shutdown of a connection whose request it has not read yet wait for
+    that request (until ``until``) instead of closing it at once. Such a connection can
+    still turn up after :meth:`Served.stop` looked: one accepted just before the server
+    closed whose protocol the event loop sets up late (a busy machine); closed with the
+    request unread, its client would see a reset. Patches the connections' protocol
+    classes in this process, which is stopping anyway."""
+    classes = {type(c) for c in state.connections}
+    # The classes of connections not made yet: uvicorn's HTTP protocols (each needs its
+    # parser installed).
+    for module, name in (("uvicorn.protocols.http.h11_impl", "H11Protocol"),
+                         ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol")):
+        try:
+            classes.add(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    for cls in classes:
+        original = cls.__dict__.get("_plugd_shutdown") or getattr(cls, "shutdown", None)
+        if original is None:
+            continue
+
+        def shutdown(self: Any, original: Any = original) -> None:
+            transport = getattr(self, "transport", None)
+            closing = transport is None or transport.is_closing()
+            if _unread(self) and not closing and loop.time() < until:
+                loop.call_later(0.01, self.shutdown)
+                return
+            original(self)
+
+        cls._plugd_shutdown = original
+        cls.shutdown = shutdown
 
 
 async def start_asgi(app: Any, **config: Any) -> Served:
