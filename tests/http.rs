@@ -596,6 +596,44 @@ fn sleeping(arg: &str) -> bool {
     })
 }
 
+/// A client that uploads failing archives in a loop cannot grow plugd's state without
+/// bound: past the limit the oldest ended jobs are forgotten, and with them the uploads
+/// they kept for a retry.
+#[test]
+fn failed_uploads_and_old_jobs_are_forgotten_past_the_limit() {
+    let (d, port) = start_with_http("");
+    let keep = plugd_install::jobs::KEEP_ENDED;
+    // The gzip magic, then nothing an archive has: each install fails at once.
+    let junk = [0x1f, 0x8b, 8, 0, 1, 2, 3, 4];
+    let upload = || {
+        let (code, body) = http(port, "POST", "/v1/install", Some(TOKEN), &junk);
+        assert_eq!(code, 202, "{body}");
+        serde_json::from_str::<Value>(&body).unwrap()["job_id"].as_u64().unwrap()
+    };
+    let listed = || -> Vec<Value> {
+        let (code, body) = http(port, "GET", "/v1/jobs", Some(TOKEN), b"");
+        assert_eq!(code, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v.as_array().cloned().unwrap_or_else(|| v["jobs"].as_array().cloned().unwrap_or_default())
+    };
+    for _ in 0..keep + 5 {
+        upload();
+    }
+    eventually("every job ended", || {
+        listed().iter().all(|j| j["state"] != "queued" && j["state"] != "running")
+    });
+    // The next job finds them all ended: it keeps the newest `keep` of them.
+    let last = upload();
+    assert_eq!(wait_job(port, last)["state"], "failed");
+    let jobs = listed();
+    assert_eq!(jobs.len(), keep + 1, "{} jobs kept", jobs.len());
+    let (code, _) = http(port, "GET", "/v1/jobs/1", Some(TOKEN), b"");
+    assert_eq!(code, 404, "the oldest job is forgotten");
+    // Each kept job still has its upload (for a retry); the forgotten ones' are gone.
+    let uploads = std::fs::read_dir(d.root.path().join("state/uploads")).unwrap().count();
+    assert_eq!(uploads, keep + 1);
+}
+
 #[test]
 fn validate_checks_a_folder_or_an_uploaded_archive_without_installing() {
     let (d, port) = start_with_http("");

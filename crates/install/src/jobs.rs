@@ -24,6 +24,10 @@ pub const CONCURRENCY: usize = 2;
 /// Lines of output kept per job.
 const MAX_OUTPUT_LINES: usize = 2000;
 
+/// How many ended jobs are kept (in memory and on disk); older ones are forgotten as new
+/// jobs come, so a client that installs in a loop cannot grow plugd's state without bound.
+pub const KEEP_ENDED: usize = 200;
+
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -282,6 +286,36 @@ impl Jobs {
         Ok(e.job.clone())
     }
 
+    /// Forgets the oldest ended jobs past [`KEEP_ENDED`] (their files too) and returns
+    /// them, for the caller to remove what they kept (an uploaded archive).
+    pub fn prune(&self) -> Vec<Job> {
+        self.prune_to(KEEP_ENDED)
+    }
+
+    /// [`Jobs::prune`] keeping `keep` ended jobs (at least one: the newest id is never
+    /// forgotten, so no id is handed out twice).
+    pub fn prune_to(&self, keep: usize) -> Vec<Job> {
+        let mut entries = lock(&self.entries);
+        let ended: Vec<u64> =
+            entries.values().filter(|e| e.job.state.is_final()).map(|e| e.job.id).collect();
+        let over = ended.len().saturating_sub(keep.max(1));
+        let mut gone = Vec::with_capacity(over);
+        for id in &ended[..over] {
+            if let Some(e) = entries.remove(id) {
+                let _ = std::fs::remove_file(self.dir.join(format!("{id}.json")));
+                gone.push(e.job);
+            }
+        }
+        gone
+    }
+
+    /// Whether a kept job (in any state) installs from `source`.
+    pub fn uses_source(&self, source: &str) -> bool {
+        lock(&self.entries)
+            .values()
+            .any(|e| matches!(&e.job.work, Work::Install(p) if p.source == source))
+    }
+
     /// One job.
     pub fn get(&self, id: u64) -> Option<Job> {
         lock(&self.entries).get(&id).map(|e| e.job.clone())
@@ -375,5 +409,27 @@ mod tests {
         assert_eq!(again.get(c).unwrap().state, JobState::Cancelled);
         let (d, _) = again.create(params(), Some(2));
         assert_eq!(d, 4, "ids continue after the kept ones");
+    }
+
+    #[tokio::test]
+    async fn the_oldest_ended_jobs_are_forgotten_past_the_limit_and_running_ones_never() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::load(dir.path());
+        let ids: Vec<u64> = (0..5).map(|_| jobs.create(params(), None).0).collect();
+        // 1 stays running; 2..=5 end.
+        let _running = jobs.start(ids[0]).await.unwrap();
+        for &id in &ids[1..] {
+            assert_eq!(jobs.cancel(id).unwrap().state, JobState::Cancelled);
+        }
+        let gone: Vec<u64> = jobs.prune_to(2).iter().map(|j| j.id).collect();
+        assert_eq!(gone, [2, 3]);
+        let kept: Vec<u64> = jobs.list().iter().map(|j| j.id).collect();
+        assert_eq!(kept, [1, 4, 5]);
+        assert!(!dir.path().join("2.json").exists() && dir.path().join("4.json").exists());
+        assert_eq!(Jobs::load(dir.path()).list().len(), 3, "forgotten on disk too");
+        // Even asked to keep none, the newest stays: its id is never handed out again.
+        assert_eq!(jobs.prune_to(0).len(), 1);
+        assert_eq!(jobs.create(params(), None).0, 6);
+        assert!(jobs.uses_source("/src") && !jobs.uses_source("/other"));
     }
 }

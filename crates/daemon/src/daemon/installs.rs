@@ -22,13 +22,8 @@ impl Daemon {
                 Some(crate::jobs::Work::Install(p)) => {
                     let done = self.install(&p.source, p.force, p.enable, id, &cancel).await;
                     // An upload is kept for a retry; once installed it is not needed.
-                    let upload = Path::new(&p.source);
-                    if done.is_ok() && upload.starts_with(self.uploads_dir()) {
-                        let own = upload.parent().filter(|d| *d != self.uploads_dir());
-                        let _ = match own {
-                            Some(dir) => std::fs::remove_dir_all(dir),
-                            None => std::fs::remove_file(upload),
-                        };
+                    if done.is_ok() {
+                        self.remove_upload(Path::new(&p.source));
                     }
                     done.map_err(Into::into)
                 }
@@ -83,10 +78,71 @@ impl Daemon {
             .and_then(std::sync::Weak::upgrade)
             .ok_or_else(|| ApiError::conflict("background jobs need the running daemon"))?;
         let (id, cancel) = self.jobs.create(params, retry_of);
+        self.forget_jobs(self.jobs.prune());
         tokio::spawn(async move {
             me.run_job(id, cancel).await;
         });
         Ok(id)
+    }
+
+    /// Removes what forgotten jobs kept under the uploads folder, unless a kept job (a
+    /// retry) still installs from it.
+    pub(super) fn forget_jobs(&self, gone: Vec<crate::jobs::Job>) {
+        for job in gone {
+            if let crate::jobs::Work::Install(p) = &job.work {
+                if !self.jobs.uses_source(&p.source) {
+                    self.remove_upload(Path::new(&p.source));
+                }
+            }
+        }
+    }
+
+    /// Removes an uploaded archive (a wheel: its own folder); a source outside the uploads
+    /// folder is left alone.
+    fn remove_upload(&self, upload: &Path) {
+        let dir = self.uploads_dir();
+        if !upload.starts_with(&dir) || upload == dir {
+            return;
+        }
+        let _ = match upload.parent().filter(|d| *d != dir) {
+            Some(own) => std::fs::remove_dir_all(own),
+            None => std::fs::remove_file(upload),
+        };
+    }
+
+    /// At start: forgets ended jobs past the limit, and removes uploads no kept job installs
+    /// from (left by a plugd that stopped between taking an upload and queueing its job, or
+    /// by one before uploads were pruned). Only those untouched for a while: a plugd handing
+    /// over to this one may be writing one now.
+    pub(super) fn tidy_uploads(&self) {
+        self.forget_jobs(self.jobs.prune());
+        let kept: Vec<std::path::PathBuf> = self
+            .jobs
+            .list()
+            .into_iter()
+            .filter_map(|j| match j.work {
+                crate::jobs::Work::Install(p) => Some(p.source.into()),
+                _ => None,
+            })
+            .collect();
+        let stale = |e: &std::fs::DirEntry| {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > std::time::Duration::from_secs(600))
+        };
+        for e in std::fs::read_dir(self.uploads_dir()).into_iter().flatten().flatten() {
+            let path = e.path();
+            let used = kept.iter().any(|k| *k == path || k.parent() == Some(path.as_path()));
+            if !used && stale(&e) {
+                let _ = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+            }
+        }
     }
 
     /// Installs a plugin from a folder, a `.tar.gz` or a `git+…` URL, as job `job`.

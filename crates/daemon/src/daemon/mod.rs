@@ -132,7 +132,7 @@ impl Daemon {
             .unwrap_or_default();
         let state_dir = config.state_dir.clone();
         let book = Book { config, known: Vec::new(), disabled, start_errors: BTreeMap::new() };
-        Ok(Daemon {
+        let daemon = Daemon {
             sup: Supervisor::with_spawner(sup_config, spawner),
             ops: Ops::new(book),
             state_dir,
@@ -140,7 +140,9 @@ impl Daemon {
             generation: std::sync::atomic::AtomicU64::new(0),
             jobs: crate::jobs::Jobs::load(&config_jobs_dir),
             me: std::sync::OnceLock::new(),
-        })
+        };
+        daemon.tidy_uploads();
+        Ok(daemon)
     }
 
     /// The book as the last operation left it: what readers use.
