@@ -31,9 +31,10 @@ pub(crate) struct Io {
     /// calls the host through them; before, its calls go by the socket and the replies
     /// ring's doorbell tells a host waiting on that ring to look at the socket.
     pub shm: Option<ShmIo>,
-    /// A host call's wait took the calls ring's socket news or read the socket: the run
-    /// loop must look at the socket again before it waits on the ring.
-    pub recheck_socket: bool,
+    /// With shared memory: the socket may hold something not read yet (plugd bumps the
+    /// calls ring's `sock` word after every write, so a look that found nothing holds
+    /// until the next bump). Shared by the run loop and a host call's wait.
+    pub socket_news: bool,
 }
 
 impl Io {
@@ -51,7 +52,7 @@ impl Io {
             max_frame: plugin_proto::DEFAULT_MAX_FRAME,
             proto: PROTO_HOST_CALLS,
             shm: None,
-            recheck_socket: false,
+            socket_news: true,
         }
     }
 
@@ -280,8 +281,6 @@ impl Ctx<'_> {
         deadline: Option<Instant>,
     ) -> Result<Option<(Message, bool)>, FrameError> {
         let max = self.io.max_frame;
-        // Something may be on the socket already (plugd's news the run loop has not read).
-        let mut check_socket = true;
         let io = &mut *self.io;
         let Some(s) = io.shm.as_mut() else { return self.next_on_socket(deadline) };
         loop {
@@ -289,25 +288,23 @@ impl Ctx<'_> {
                 return Ok(Some((s.take_message()?, true)));
             }
             if whole_frame_buffered(io.reader.buffer())
-                || (check_socket && socket_readable(io.reader.get_ref())?)
+                || (io.socket_news && socket_readable(io.reader.get_ref())?)
             {
-                io.recheck_socket = true;
                 return Ok(Some((next_message(&mut io.reader, max)?, false)));
             }
-            check_socket = false;
+            io.socket_news = false;
             let slice = Duration::from_millis(50);
             match s.calls.wait(s.wait, deadline, slice).map_err(ring_error)? {
                 plugin_proto::shm::Woken::Ring => {}
                 plugin_proto::shm::Woken::Socket => {
                     s.calls.socket_news();
-                    io.recheck_socket = true;
-                    check_socket = true;
+                    io.socket_news = true;
                 }
                 plugin_proto::shm::Woken::Timeout => {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         return Ok(None);
                     }
-                    check_socket = true;
+                    io.socket_news = true;
                 }
             }
         }

@@ -454,11 +454,8 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
         max_frame,
         proto: welcome.proto,
         shm,
-        recheck_socket: false,
+        socket_news: true,
     };
-    // With shared memory, whether the socket may have something (at first, after the
-    // doorbell, after a wait's slice).
-    let mut check_socket = true;
     loop {
         // Frames a host call read while it waited come first, in the order they came.
         let (msg, via_ring) = match io.deferred.pop_front() {
@@ -481,29 +478,28 @@ pub fn serve_with<P: Plugin>(mut plugin: P, options: ServeOptions) -> Result<(),
                         break (s.take_message()?, true);
                     }
                     let buffered = whole_frame_buffered(io.reader.buffer());
-                    let check = check_socket || std::mem::take(&mut io.recheck_socket);
-                    if buffered || (check && socket_readable(io.reader.get_ref())?) {
+                    if buffered || (io.socket_news && socket_readable(io.reader.get_ref())?) {
                         match next_message(&mut io.reader, max_frame) {
                             Ok(m) => break (m, false),
                             Err(FrameError::Closed) => return Ok(()),
                             Err(e) => return Err(e.into()),
                         }
                     }
-                    check_socket = false;
+                    io.socket_news = false;
                     flush()?;
                     let slice = Duration::from_millis(50);
                     match s.calls.wait(s.wait, None, slice).map_err(shm_broken)? {
                         plugin_proto::shm::Woken::Ring => {}
                         plugin_proto::shm::Woken::Socket | plugin_proto::shm::Woken::Timeout => {
                             s.calls.socket_news();
-                            check_socket = true;
+                            io.socket_news = true;
                         }
                     }
                 },
             },
         };
         if !via_ring {
-            check_socket = true;
+            io.socket_news = true;
         }
         match msg {
             Message::Call(_) | Message::CallCfg { .. } => {
