@@ -52,7 +52,9 @@ def _served(cls: type) -> dict[str, tuple[str, Any, Any, Any]]:
     found: dict[str, tuple[str, Any, Any, Any]] = {}
     is_plugin = isinstance(cls, type) and issubclass(cls, Plugin)
     public = not is_plugin or getattr(cls, "expose_public", False)
-    base_api = set(dir(Plugin))
+    # A Plugin subclass inherits the SDK's own API (register, schema_of, …), which is not
+    # served; a plain class's methods are its own, whatever their names.
+    base_api = set(dir(Plugin)) if is_plugin else set()
     for attr in dir(cls):
         fn = getattr(cls, attr, None)
         if not inspect.isfunction(fn):

@@ -19,6 +19,10 @@ class Plain:
     def count(self):
         return 3
 
+    # Named like the SDK's Plugin.register: a plain class's method all the same.
+    def register(self, device):
+        return "registered %s" % device
+
     def _hidden(self):
         return "no"
 
@@ -30,7 +34,8 @@ class Strat(StrategyPlugin):
 
 class Launch(unittest.TestCase):
     def test_public_methods_of_a_plain_class_and_the_kind_methods_are_served(self):
-        self.assertEqual(sorted(_handlers(launch.ClassPlugin(Plain))), ["count", "greet"])
+        self.assertEqual(sorted(_handlers(launch.ClassPlugin(Plain))),
+                         ["count", "greet", "register"])
         self.assertEqual(sorted(_handlers(launch.ClassPlugin(Strat))), ["on_tick"])
 
     def test_the_class_is_made_with_its_config_and_methods_take_what_they_take(self):
@@ -39,6 +44,7 @@ class Launch(unittest.TestCase):
         handlers = _handlers(p)
         self.assertEqual(handlers["greet"].fn("ann"), "hi ann")
         self.assertEqual(handlers["count"].fn(None), 3, "a method with no argument")
+        self.assertEqual(handlers["register"].fn("lamp"), "registered lamp")
 
     def test_an_import_the_sandbox_refuses_names_the_path_and_the_manifest_key(self):
         with tempfile.TemporaryDirectory() as d:
