@@ -246,3 +246,27 @@ async fn stopping_a_plugin_that_ignores_shutdown_and_sigterm_escalates_to_sigkil
     assert!(logs.iter().any(|l| l.contains("sending SIGTERM")), "{logs:?}");
     assert!(logs.iter().any(|l| l.contains("sending SIGKILL")), "{logs:?}");
 }
+
+/// A plugin that calls the host over and over and never reads an answer must not make
+/// plugd's memory grow without bound: past the bound it is a protocol violation, and the
+/// neighbour keeps answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_never_reads_its_host_calls_answers_is_cut_off() {
+    let sup = supervisor();
+    let echo = sup.load(example("echo")).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let g = sup.load(garbage(&dir, "host-flood")).await.unwrap();
+    let pid = g.status().pid.unwrap();
+    // Generous: a debug build serves a hundred thousand plugd.status calls before the bound.
+    let give_up = Instant::now() + Duration::from_secs(120);
+    while g.status().state != State::Exited {
+        assert!(Instant::now() < give_up, "still {:?}", g.status());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!alive(pid));
+    let reason = g.status().last_exit.unwrap();
+    assert!(matches!(reason, ExitReason::ProtocolViolation { .. }), "{reason}");
+    assert!(reason.to_string().contains("without reading the answers"), "{reason}");
+    neighbour_answers(&echo).await;
+    sup.shutdown().await;
+}

@@ -196,6 +196,12 @@ impl ShmSide {
     }
 }
 
+/// How many bytes may wait unwritten to a plugin before an answer to one of its host calls
+/// is refused and the plugin killed as a protocol violation (or four of its largest
+/// frames, if more): a plugin that calls the host without reading must not make plugd's
+/// memory grow without bound.
+const UNWRITTEN_ANSWERS_MAX: usize = 64 << 20;
+
 /// How long an async caller looks at the replies ring itself before it waits for the
 /// plugin's nudge on the socket (a plugin with `wait = "futex"`: not at all).
 const ASYNC_SPIN: Duration = Duration::from_micros(50);
@@ -403,6 +409,18 @@ impl Conn {
     ) {
         let reply = Message::Reply(Reply { id, result: answer });
         if self.answer_on_ring(&reply, by_ring) {
+            return;
+        }
+        // A plugin that calls the host without reading the answers would have them pile
+        // up here for ever: past the bound it is a protocol violation (the actor kills it).
+        let unwritten = self.out.lock().bytes.len();
+        let most = UNWRITTEN_ANSWERS_MAX.max(4 * self.max_frame as usize);
+        if unwritten > most {
+            self.push(Inbound::Fault(format!(
+                "it calls the host without reading the answers ({} MiB of them and plugd's calls unread; at most {} MiB)",
+                unwritten >> 20,
+                most >> 20
+            )));
             return;
         }
         let encoded = encode_frame(&reply, &mut self.out.lock().bytes);

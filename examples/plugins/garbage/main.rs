@@ -8,7 +8,8 @@
 //! Hello whose magic is four raw bytes instead of the varint; it prints what comes back and
 //! exits), "big-record" (with
 //! `transport = "seqpacket"`: answers the first call with a well-formed reply in a single
-//! 100 KiB record, longer than the 64 KiB a record may be).
+//! 100 KiB record, longer than the 64 KiB a record may be), "host-flood" (after Ready,
+//! calls the host's `plugd.status` over and over and never reads an answer).
 
 use std::io::{BufReader, Write};
 use std::os::fd::FromRawFd;
@@ -51,7 +52,7 @@ fn main() {
             }
             std::process::exit(2);
         }
-        "after-ready" | "wrong-way" | "call-on-v1" | "big-record" => {
+        "after-ready" | "wrong-way" | "call-on-v1" | "big-record" | "host-flood" => {
             let hello = Message::Hello(Hello {
                 magic: MAGIC,
                 proto_min: PROTO_MIN,
@@ -67,6 +68,20 @@ fn main() {
             write_frame(&mut sock, &Message::Ready, max).expect("send Ready");
             if mode == "wrong-way" {
                 let _ = write_frame(&mut sock, &Message::Shutdown { grace_ms: 0 }, max);
+            } else if mode == "host-flood" {
+                // Each answer is a few hundred bytes; none is read. The loop ends when plugd
+                // closes the socket (or kills us).
+                for id in 1u64.. {
+                    let call = Message::Call(Call {
+                        id,
+                        method: PLUGD_STATUS.into(),
+                        deadline_us: 0,
+                        payload: Payload::empty(),
+                    });
+                    if write_frame(&mut sock, &call, max).is_err() {
+                        break;
+                    }
+                }
             } else if mode == "call-on-v1" {
                 let call = Message::Call(Call {
                     id: 1,
