@@ -404,3 +404,40 @@ async fn an_async_callers_ring_call_gets_its_host_call_answered_through_the_ring
     }
     sup.shutdown().await;
 }
+
+/// A hostile plugin on protocol 4 that puts calls to the host on the replies ring without
+/// end (never reading an answer) cannot hold the engine thread waiting for its reply: the
+/// thread serves them, but the call still ends at its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_ring_host_calls_cannot_hold_an_engine_call_past_its_deadline() {
+    let sup = supervisor();
+    // A host method slower than the plugin's flood: a frame always waits in the ring.
+    sup.host_method("slow", |_: &supervisor::HostCall<'_>, _: ()| -> Result<(), String> {
+        std::thread::sleep(Duration::from_millis(2));
+        Ok(())
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = shm_manifest("spin-then-futex");
+    let echo = sup.load(plugin(&dir, "flood", "echo", &manifest)).await.unwrap();
+    eventually("shm taken", || said(&echo, "go through shared memory")).await;
+    echo.set_engine_mode(true);
+    let h = echo.clone();
+    let call = tokio::task::spawn_blocking(move || {
+        // The flood would go on for ever; the call's deadline is 300 ms.
+        let arg = ("slow".to_string(), u64::MAX);
+        h.call_blocking::<_, u64>(
+            "shm_host_flood",
+            &arg,
+            Deadline::after(Duration::from_millis(300)),
+        )
+    });
+    // Only a guard against a hang: the call ends at its deadline, long before this.
+    let err = tokio::time::timeout(Duration::from_secs(60), call)
+        .await
+        .expect("the engine call is still held by the flood")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::DeadlineExceeded, "{err}");
+    assert!(echo.status().ring_host_calls > 0, "the flood reached plugd: {:?}", echo.status());
+    sup.shutdown().await;
+}

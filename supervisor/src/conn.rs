@@ -554,9 +554,10 @@ impl Conn {
         encode_frame(msg, &mut self.out.lock().bytes)
     }
 
-    /// Writes what the socket takes now of the write buffer (see [`Conn::write_out`]).
+    /// Writes what the socket takes now of the write buffer (see [`Conn::write_out`]); for
+    /// the instance actor, which watches for room to write itself.
     pub fn flush(&self) -> io::Result<()> {
-        self.write_out()
+        self.write_out(false)
     }
 
     /// Drops what was never written (the socket broke).
@@ -574,22 +575,24 @@ impl Conn {
     /// one writing leaves its frames to it, and the writer takes every batch appended
     /// meanwhile before it stops. Concurrent callers so share `send` calls (and the plugin
     /// its reads) instead of queueing for a lock to make one each. What the socket does not
-    /// take goes back in front and waits for the actor (it watches for room to write).
-    fn write_out(&self) -> io::Result<()> {
+    /// take goes back in front and waits for the actor (it watches for room to write):
+    /// `wake_actor` tells it, unless the actor is the writer (it would wake itself at once,
+    /// for as long as the plugin does not read: a busy loop that starves its timers).
+    fn write_out(&self, wake_actor: bool) -> io::Result<()> {
         let Some(shm) = self.shm.as_ref().filter(|s| s.active.load(Ordering::Acquire)) else {
-            return self.write_out_now();
+            return self.write_out_now(wake_actor);
         };
         if self.out.lock().bytes.is_empty() {
             return Ok(());
         }
-        let written = self.write_out_now();
+        let written = self.write_out_now(wake_actor);
         // The plugin may be waiting on its calls ring rather than on the socket: told once
         // the bytes are there to read.
         shm.bell.doorbell();
         written
     }
 
-    fn write_out_now(&self) -> io::Result<()> {
+    fn write_out_now(&self, wake_actor: bool) -> io::Result<()> {
         let mut batch = {
             let mut o = self.out.lock();
             if o.writing || o.bytes.is_empty() {
@@ -612,7 +615,9 @@ impl Conn {
                     o.bytes = batch;
                     o.writing = false;
                     drop(o);
-                    self.wake.notify_one();
+                    if wake_actor {
+                        self.wake.notify_one();
+                    }
                     return Ok(());
                 }
                 Ok(()) => {
@@ -755,7 +760,7 @@ impl Conn {
     /// Writes what the socket takes now; what is left the actor writes when there is room.
     /// Err: the socket is broken (the actor hears of it as the end of the stream).
     fn send_now(&self) -> Result<(), String> {
-        self.write_out().map_err(|e| {
+        self.write_out(true).map_err(|e| {
             self.push(Inbound::Eof);
             e.to_string()
         })
@@ -1203,11 +1208,19 @@ impl Conn {
                         }
                     }
                     Ok(Message::Chunk { .. }) => {}
-                    // The plugin calls the host while it works on ours: served right here,
-                    // and the deadline is looked at before the wait goes on.
+                    // The plugin calls the host while it works on ours: served right here.
+                    // A plugin that keeps calling must not hold this thread past the call's
+                    // deadline, or past the end of its connection.
                     Ok(Message::Call(c)) if self.proto() >= PROTO_RING_HOST_CALLS => {
                         self.serve_host_call_inline(c, true);
-                        waited_out = true;
+                        if deadline.is_some_and(|d| Instant::now() >= d) {
+                            self.expire(id, false);
+                            return Ok(Err(self.late()));
+                        }
+                        if self.closed.load(Ordering::Acquire) {
+                            self.forget(id);
+                            return Ok(Err(self.gone("its connection closed")));
+                        }
                         continue;
                     }
                     Ok(other) => {

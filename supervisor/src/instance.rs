@@ -1006,21 +1006,6 @@ impl Instance {
                         break self.fault(fault).await;
                     }
                 }
-                // A blocking caller left frames or events, bytes it did not read, or unwritten
-                // bytes; or it finished while we wait to stop.
-                _ = &mut woken => {
-                    woken.set(conn.wake.notified());
-                    if !self.eof {
-                        match self.fill() {
-                            Ok(true) => {}
-                            Ok(false) | Err(_) => self.eof = true,
-                        }
-                    }
-                    let done = self.on_inbox().and_then(|_| self.on_frames());
-                    if let Err(fault) = done {
-                        break self.fault(fault).await;
-                    }
-                }
                 why = async { self.unhealthy.as_mut().expect("guarded").await }, if self.unhealthy.is_some() && !self.stop.stopping() && self.freeze.is_none() => {
                     match why {
                         Ok(detail) => break self.fault(Fault::Unhealthy(detail)).await,
@@ -1040,6 +1025,23 @@ impl Instance {
                 }
                 _ = sleep_until(eof_until.unwrap_or(far)), if eof_until.is_some() => {
                     break self.fault(Fault::Protocol("closed its socket but did not exit".into())).await;
+                }
+                // A blocking caller left frames or events, bytes it did not read, or unwritten
+                // bytes; or it finished while we wait to stop. Last: callers that keep
+                // waking the actor must not starve its timers (the stop sequence, the memory
+                // watch, the health check).
+                _ = &mut woken => {
+                    woken.set(conn.wake.notified());
+                    if !self.eof {
+                        match self.fill() {
+                            Ok(true) => {}
+                            Ok(false) | Err(_) => self.eof = true,
+                        }
+                    }
+                    let done = self.on_inbox().and_then(|_| self.on_frames());
+                    if let Err(fault) = done {
+                        break self.fault(fault).await;
+                    }
                 }
             }
         };

@@ -78,6 +78,31 @@ impl Plugin for Echo {
             std::thread::sleep(std::time::Duration::from_millis(ms));
             Ok(())
         });
+        // Hostile (transport = "shm", protocol 4): puts calls to the host's `method` on
+        // the replies ring as fast as there is room, for `ms` milliseconds, never reading
+        // an answer; plugd must still end the call being served at its deadline. Its own
+        // ring writer leaves the SDK's behind: what the SDK writes after is out of turn.
+        m.typed("shm_host_flood", |_, (method, ms): (String, u64)| -> Result<u64, String> {
+            let map = own_mapping()?;
+            let mut ring = map.replies().producer();
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+            let mut sent = 0u64;
+            let mut frame = Vec::new();
+            while std::time::Instant::now() < until {
+                let call = plugin_proto::Message::Call(plugin_proto::Call {
+                    id: 1_000_000 + sent,
+                    method: method.clone(),
+                    deadline_us: 0,
+                    payload: plugin_proto::Payload::empty(),
+                });
+                frame.clear();
+                plugin_proto::frame::encode_frame(&call, &mut frame).map_err(|e| e.to_string())?;
+                if ring.push(&frame).map_err(|e| e.to_string())? {
+                    sent += 1;
+                }
+            }
+            Ok(sent)
+        });
         // Hostile (transport = "shm"): tries to shrink the mapping to nothing under plugd
         // (whose next access would then fault). Returns why it could not.
         m.typed("shm_truncate", |_, _: ()| -> Result<(), String> {
