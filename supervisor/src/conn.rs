@@ -416,6 +416,10 @@ impl Conn {
         let unwritten = self.out.lock().bytes.len();
         let most = UNWRITTEN_ANSWERS_MAX.max(4 * self.max_frame as usize);
         if unwritten > most {
+            // Said once: the actor ends the connection on the first.
+            if self.closed.load(Ordering::Acquire) {
+                return;
+            }
             self.push(Inbound::Fault(format!(
                 "it calls the host without reading the answers ({} MiB of them and plugd's calls unread; at most {} MiB)",
                 unwritten >> 20,
